@@ -1,0 +1,80 @@
+"""The answer: a chat-completion response body turned into the row's result fields.
+
+Reasoning arrives three ways (see ../shared/notes/api-facts.md): a `<think>...</think>` block in
+`content` (sometimes only the closing tag, when the template opened it), `reasoning_content`,
+or `reasoning`. A response with `finish_reason == "length"` and no answer after the reasoning
+is a truncated answer, not an empty one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import RequestError
+
+__all__ = ["Answer", "parse_response", "split_think"]
+
+_OPEN, _CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Answer:
+    answer: str | None
+    reasoning: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    model: str | None
+    finish_reason: str | None
+
+
+def split_think(content: str) -> tuple[str | None, str | None]:
+    """(answer, reasoning) from content that may hold a think block. answer None: cut off."""
+    close = content.find(_CLOSE)
+    if close >= 0:
+        head = content[:close]
+        open_ = head.find(_OPEN)
+        reasoning = head[open_ + len(_OPEN):] if open_ >= 0 else head
+        return content[close + len(_CLOSE):].strip(), reasoning.strip() or None
+    open_ = content.find(_OPEN)
+    if open_ >= 0:  # thinking never finished: there is no answer
+        return None, content[open_ + len(_OPEN):].strip() or None
+    return content.strip(), None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_response(body: Any) -> Answer:
+    """Parse a decoded response body; an unusable one raises RequestError(kind=invalid_response)."""
+    if not isinstance(body, dict):
+        raise RequestError("response is JSON but not an object", kind="invalid_response")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RequestError("response has no choices", kind="invalid_response")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    if not isinstance(message, dict):
+        raise RequestError("response choice has no message object", kind="invalid_response")
+    content = message.get("content")
+    if isinstance(content, list):  # some servers return content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    answer, reasoning = split_think(content) if isinstance(content, str) else (None, None)
+    for key in ("reasoning_content", "reasoning"):
+        field = message.get(key)
+        if isinstance(field, str) and field.strip():
+            reasoning = field.strip()
+            break
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    finish = choice.get("finish_reason")
+    return Answer(
+        answer=answer,
+        reasoning=reasoning,
+        prompt_tokens=_int(usage.get("prompt_tokens")),
+        completion_tokens=_int(usage.get("completion_tokens")),
+        total_tokens=_int(usage.get("total_tokens")),
+        model=body.get("model") if isinstance(body.get("model"), str) else None,
+        finish_reason=finish if isinstance(finish, str) else None,
+    )

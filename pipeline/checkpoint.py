@@ -1,0 +1,168 @@
+"""The checkpoint: what a job has done, kept beside the output, read without sending anything.
+
+    <checkpoint>/lock            flock held by the running process (pid, host, start inside)
+    <checkpoint>/job.json        the request shape the answers were made with
+    <checkpoint>/plan.json       the manifest's shards (boundaries, digests, file size and mtime)
+    <checkpoint>/journal/        shard-NNNNNN.jsonl: every result, appended as it arrives
+    <checkpoint>/commits.jsonl   one line per committed part file, written after its rename:
+                                 the source of truth for what the output folder holds
+    <checkpoint>/last_run.json   the last run's summary (counts, tokens, times, exit code)
+
+The default checkpoint folder is `<output's parent>/.pipeline/<job name>`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import JobError, LockedError
+from .manifest import Plan, load_plan_dict
+
+__all__ = ["Checkpoint", "write_json_atomic"]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise JobError(f"checkpoint file {path} is damaged; run with --restart to start over") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Checkpoint:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.journal_dir = folder / "journal"
+        self.commits_path = folder / "commits.jsonl"
+        self.plan_path = folder / "plan.json"
+        self.job_path = folder / "job.json"
+        self.summary_path = folder / "last_run.json"
+        self.lock_path = folder / "lock"
+        self.took_over_from: int | None = None
+
+    @contextmanager
+    def locked(self, job_name: str) -> Iterator[None]:
+        """One run per job. The kernel drops a flock when its process dies, so a lock left by a
+        killed run is taken over without any guessing about stale pids."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+                raise LockedError(f"job {job_name!r} is already running ({holder}); this run exits without sending") from None
+            previous = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            if previous.startswith("pid "):
+                try:
+                    old = int(previous.split()[1])
+                except (IndexError, ValueError):
+                    old = None
+                if old is not None and old != os.getpid() and not _pid_alive(old):
+                    self.took_over_from = old
+            stamp = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, stamp.encode(), 0)
+            yield
+            os.ftruncate(fd, 0)  # a clean exit leaves no pid behind; a killed run's pid stays
+        finally:
+            os.close(fd)  # releases the flock
+
+    # -- the job's identity --------------------------------------------------------------
+
+    def check_job(self, shape: dict[str, Any], shard_rows: int) -> None:
+        """Refuse to mix answers made with a different request shape (exit 2 unless --restart)."""
+        saved = _read_json(self.job_path)
+        record = {"shape": shape, "shard_rows": shard_rows}
+        if saved is None:
+            write_json_atomic(self.job_path, record)
+            return
+        changed = sorted(k for k in set(shape) | set(saved.get("shape", {})) if shape.get(k) != saved["shape"].get(k))
+        if saved.get("shard_rows") != shard_rows:
+            changed.append("[run] shard_rows")
+        if changed:
+            raise JobError(
+                f"the job changed since its checkpoint was made ({', '.join(changed)}); answers would mix; "
+                f"revert the change or run again with --restart to start over"
+            )
+
+    def has_history(self) -> bool:
+        return self.job_path.exists()
+
+    def reset(self, output: Path) -> None:
+        """--restart: forget every answer and remove the part files made from them."""
+        for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        if output.is_dir():
+            for p in output.glob("part-*.parquet"):
+                p.unlink()
+
+    # -- the plan ------------------------------------------------------------------------
+
+    def load_plan(self) -> Plan | None:
+        data = _read_json(self.plan_path)
+        return load_plan_dict(data) if data else None
+
+    def save_plan(self, plan: Plan) -> None:
+        write_json_atomic(self.plan_path, plan.to_dict())
+
+    # -- commits -------------------------------------------------------------------------
+
+    def commits(self) -> dict[int, dict[str, Any]]:
+        """Latest commit record per shard; a torn last line (crash mid-append) is cut off."""
+        try:
+            data = self.commits_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(self.commits_path, "r+b") as f:
+                f.truncate(end)
+        out: dict[int, dict[str, Any]] = {}
+        for line in data[:end].splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["shard"]] = rec
+        return out
+
+    def record_commit(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        with open(self.commits_path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+    def last_summary(self) -> dict[str, Any] | None:
+        return _read_json(self.summary_path)

@@ -1,0 +1,110 @@
+"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline serve`.
+
+Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
+3 stopped by the provider (quota, key refused, endpoint down), resumable; 75 the job is already
+running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from .errors import ERROR_KINDS, JobError, LockedError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="Bulk vision-LLM jobs: manifest in, Parquet out.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job (resumes where the last run stopped)")
+    r.add_argument("job", type=Path, help="the job file (TOML)")
+    r.add_argument("--retry-failed", nargs="?", const="", default=None, metavar="KINDS",
+                   help="send again the rows whose status is error (optionally only these kinds, comma-separated)")
+    r.add_argument("--restart", action="store_true", help="forget the checkpoint and start over")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+
+    s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
+    s.add_argument("job", type=Path)
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("serve", help="run the built-in OpenAI-compatible endpoint")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--latency-ms", type=float, default=0.0)
+    v.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    v.add_argument("--rate-limit", type=int, default=0, help="requests per --rate-window-s (0: unlimited)")
+    v.add_argument("--rate-window-s", type=float, default=60.0)
+    v.add_argument("--rate-headers", default="retry-after")
+    v.add_argument("--fault", action="append", default=[], metavar="NAME=P",
+                   help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03")
+    v.add_argument("--answer-bytes", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--options-json", default=None, help="all options as a JSON object (as a job's [serve] table)")
+    return p
+
+
+def _retry_kinds(value: str | None) -> frozenset[str] | None:
+    if value is None:
+        return None
+    kinds = frozenset(k.strip() for k in value.split(",") if k.strip())
+    unknown = kinds - set(ERROR_KINDS)
+    if unknown:
+        raise JobError(f"--retry-failed: unknown kind {sorted(unknown)[0]!r}; kinds: {', '.join(ERROR_KINDS)}")
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from .config import load_job
+            from .runner import RunOptions, run
+
+            options = RunOptions(retry_failed=_retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress)
+            return run(load_job(args.job), options)
+        if args.command == "status":
+            from .config import load_job
+            from .status import job_status, render
+
+            report = job_status(load_job(args.job, require_key=False))
+            print(json.dumps(report, indent=1) if args.json else render(report))
+            return 0
+        return _serve(args)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 75
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ServeOptions, serve_forever
+
+    if args.options_json:
+        opts = ServeOptions.from_dict(json.loads(args.options_json))
+    else:
+        faults = {}
+        for spec in args.fault:
+            name, _, p = spec.partition("=")
+            try:
+                faults[name] = float(p)
+            except ValueError:
+                raise JobError(f"--fault {spec!r}: use NAME=PROBABILITY, e.g. 500=0.05") from None
+        opts = ServeOptions(
+            host=args.host, port=args.port, latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms,
+            rate_limit=args.rate_limit, rate_window_s=args.rate_window_s, rate_headers=args.rate_headers,
+            faults=faults, answer_bytes=args.answer_bytes, seed=args.seed,
+        )
+    try:
+        asyncio.run(serve_forever(opts))
+    except KeyboardInterrupt:
+        pass
+    return 0

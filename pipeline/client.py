@@ -1,0 +1,145 @@
+"""The client: one keep-alive aiohttp session, one POST per attempt, foreign errors translated.
+
+`translate` is the single boundary where aiohttp exceptions, asyncio timeouts and HTTP statuses
+become RequestError kinds; the rest of the pipeline only sees RequestError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+from .errors import RequestError
+from .retry import DASHSCOPE_THROTTLE
+
+__all__ = ["Client", "translate", "classify_status"]
+
+# 429 bodies that mean "no money left", not "too fast": retrying cannot help.
+QUOTA_CODES = frozenset(
+    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "spend_limit_reached", "quota_exceeded"}
+)
+_MESSAGE_CAP = 500
+
+
+def classify_status(status: int, code: str | None) -> str:
+    if status == 429:
+        if code == DASHSCOPE_THROTTLE:  # quota wording, but a transient per-minute throttle
+            return "rate_limit"
+        return "quota" if code in QUOTA_CODES else "rate_limit"
+    if status in (401, 403):
+        return "auth"
+    if status == 402:
+        return "quota"
+    if status == 408:
+        return "timeout"
+    if status == 409 or status >= 500:
+        return "server"
+    return "bad_request"
+
+
+def _error_fields(raw: bytes) -> tuple[str, str | None]:
+    """(message, code) from an OpenAI- or DashScope-shaped error body, or its text."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:_MESSAGE_CAP] or "(empty body)", None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = err.get("message") or text
+        code = err.get("code") or err.get("type")
+    elif isinstance(body, dict):
+        message = body.get("message") or (err if isinstance(err, str) else text)
+        code = body.get("code") or body.get("type")
+    else:
+        return text[:_MESSAGE_CAP], None
+    return str(message)[:_MESSAGE_CAP], str(code) if code is not None else None
+
+
+def translate(
+    exc: BaseException | None = None,
+    *,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    secret: str | None = None,
+) -> RequestError:
+    """The one place foreign failures become RequestError. The key is scrubbed from messages."""
+    headers = headers or {}
+    should = headers.get("x-should-retry")
+    should_retry = {"true": True, "false": False}.get(should.lower()) if should else None
+    if exc is not None:
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            kind, message = "timeout", "no answer within the timeout"
+        elif isinstance(exc, aiohttp.ClientPayloadError):
+            kind, message = "connection", f"response body cut off ({type(exc).__name__})"
+        elif isinstance(exc, (aiohttp.ClientConnectionError, ConnectionError)):
+            kind, message = "connection", f"connection failed ({type(exc).__name__}: {exc})"
+        elif isinstance(exc, ValueError):
+            kind, message = "invalid_response", f"response body is not JSON ({exc})"
+        elif isinstance(exc, aiohttp.ClientError):
+            kind, message = "connection", f"{type(exc).__name__}: {exc}"
+        else:
+            raise exc
+        return RequestError(_scrub(message, secret), kind=kind, status=status, headers=headers, should_retry=should_retry)
+    assert status is not None
+    message, code = _error_fields(body)
+    return RequestError(
+        _scrub(message, secret),
+        kind=classify_status(status, code),
+        status=status,
+        headers=headers,
+        code=code,
+        should_retry=should_retry,
+    )
+
+
+def _scrub(message: str, secret: str | None) -> str:
+    return message.replace(secret, "[key]") if secret else message
+
+
+class Client:
+    """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
+
+    def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int) -> None:
+        self.url = url
+        self._key = api_key
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "Client":
+        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def post(self, body: bytes) -> tuple[Any, dict[str, str], float]:
+        """(decoded JSON body, lower-cased headers, latency in ms); raises RequestError."""
+        assert self._session is not None, "use the client as an async context manager"
+        started = time.monotonic()
+        status: int | None = None
+        headers: dict[str, str] = {}
+        try:
+            async with self._session.post(self.url, data=body, headers=self._headers) as resp:
+                status = resp.status
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                raw = await resp.read()
+            if status != 200:
+                raise translate(status=status, headers=headers, body=raw, secret=self._key)
+            decoded = json.loads(raw)
+        except RequestError:
+            raise
+        except Exception as exc:  # only translate() decides what a foreign error means
+            raise translate(exc, status=status, headers=headers, secret=self._key) from None
+        return decoded, headers, (time.monotonic() - started) * 1000.0

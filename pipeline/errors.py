@@ -1,0 +1,111 @@
+"""The pipeline's errors: one root, a small tree.
+
+    PipelineError
+    ├── JobError            bad job file, bad flag, changed job: exit 2 before anything is sent
+    ├── LockedError         another run of the same job holds the lock: exit 75
+    ├── RowError            one row failed; becomes an error row, the run goes on
+    │   ├── InputError      kind "input": missing/unreadable/refused image, bad template
+    │   └── RequestError    kinds "rate_limit", "quota", "auth", "bad_request", "server",
+    │                       "timeout", "connection", "invalid_response", "truncated",
+    │                       "invalid_output"
+    └── StopJob             sending more is pointless (quota, auth, endpoint down, budget):
+                            commit what arrived and exit 3, resumable
+
+Foreign errors (aiohttp, asyncio timeouts, HTTP statuses) become `RequestError` in exactly one
+place, `pipeline.client.translate`; nothing else matches on foreign types or on error text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PipelineError",
+    "JobError",
+    "LockedError",
+    "RowError",
+    "InputError",
+    "RequestError",
+    "StopJob",
+    "ERROR_KINDS",
+]
+
+ERROR_KINDS = (
+    "input",
+    "rate_limit",
+    "quota",
+    "auth",
+    "bad_request",
+    "server",
+    "timeout",
+    "connection",
+    "invalid_response",
+    "truncated",
+    "invalid_output",
+)
+
+
+class PipelineError(Exception):
+    """Root of every error the pipeline raises on purpose."""
+
+
+class JobError(PipelineError):
+    """The job file, a flag or the checkpoint's record of the job is not usable (exit 2)."""
+
+
+class LockedError(PipelineError):
+    """Another live process runs this job (exit 75, EX_TEMPFAIL: try again later)."""
+
+
+class RowError(PipelineError):
+    """One row failed. `kind` is one of ERROR_KINDS; `message` never holds the API key."""
+
+    kind = "input"
+
+    def __init__(self, message: str, *, kind: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+        self.status = status
+        self.message = message
+
+    def describe(self) -> str:
+        return f"HTTP {self.status}: {self.message}" if self.status else self.message
+
+
+class InputError(RowError):
+    """The row cannot be sent: its image or prompt is missing, refused or broken."""
+
+    kind = "input"
+
+
+class RequestError(RowError):
+    """An attempt at the endpoint failed.
+
+    `should_retry` is the server's `x-should-retry` verdict (None when absent);
+    `headers` are the response headers, lower-cased, for the retry policy and the limiter;
+    `raw` keeps a failed answer (e.g. an invalid label) so it is not lost.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        status: int | None = None,
+        should_retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+        result: object | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind, status=status)
+        self.code = code  # the provider's error code or type, e.g. "insufficient_quota"
+        self.should_retry = should_retry
+        self.headers = headers or {}
+        self.result = result
+
+
+class StopJob(PipelineError):
+    """Stop sending: the cause applies to every remaining row. The run commits and exits 3."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind

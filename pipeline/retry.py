@@ -1,0 +1,113 @@
+"""Retry: a pure policy. Should this failed attempt be retried, and after how long?
+
+    retry = should_retry(err, attempt=2, max_attempts=5)
+    delay = retry_delay(err, attempt=2, now=time.time(), jitter=random.random())
+
+No I/O, no clock of its own: the caller passes `now` and the jitter draw, so tests are tables.
+Constants mirror the OpenAI SDK's policy (see ../shared/notes/api-facts.md) where it is right.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+from .errors import RequestError
+
+__all__ = [
+    "RETRYABLE_KINDS",
+    "STOP_KINDS",
+    "BASE_DELAY_S",
+    "MAX_DELAY_S",
+    "RATE_LIMIT_BASE_DELAY_S",
+    "LONG_BACKOFF_BASE_S",
+    "should_retry",
+    "retry_delay",
+    "server_delay",
+    "parse_duration",
+]
+
+RETRYABLE_KINDS = frozenset({"rate_limit", "server", "timeout", "connection", "invalid_response"})
+STOP_KINDS = frozenset({"quota", "auth"})  # apply to every row: stop the job, no row fails
+BASE_DELAY_S = 0.5
+MAX_DELAY_S = 8.0
+RATE_LIMIT_BASE_DELAY_S = 1.0
+LONG_BACKOFF_BASE_S = 5.0  # DashScope's Throttling.AllocationQuota: a per-minute throttle
+LONG_BACKOFF_MAX_S = 60.0
+JITTER_LOW = 0.75  # delay *= JITTER_LOW + (1 - JITTER_LOW) * jitter draw
+DEFAULT_MAX_SERVER_DELAY_S = 120.0
+DASHSCOPE_THROTTLE = "Throttling.AllocationQuota"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def should_retry(err: RequestError, attempt: int, max_attempts: int) -> bool:
+    """`attempt` is the number of the attempt that just failed (1-based)."""
+    if attempt >= max_attempts or err.kind in STOP_KINDS:
+        return False
+    if err.should_retry is not None:  # x-should-retry overrides the status-based verdict
+        return err.should_retry
+    return err.kind in RETRYABLE_KINDS
+
+
+def parse_duration(text: str) -> float | None:
+    """'1s', '6m0s', '12ms', '0.5' (seconds) -> seconds; None when unparseable."""
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNIT[u] for n, u in parts)
+
+
+def server_delay(headers: dict[str, str], now: float) -> float | None:
+    """The delay the server asked for, in seconds, from any header style; None when it gave none.
+
+    `headers` keys are lower-case. `now` is the Unix time, for Retry-After given as an HTTP date.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra is not None:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(ra)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                return max(0.0, when.timestamp() - now)
+    resets = [parse_duration(headers[k]) for k in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens") if k in headers]
+    resets = [r for r in resets if r is not None]
+    return max(resets) if resets else None
+
+
+def retry_delay(
+    err: RequestError,
+    attempt: int,
+    *,
+    now: float,
+    jitter: float,
+    max_server_delay: float = DEFAULT_MAX_SERVER_DELAY_S,
+) -> float:
+    """Seconds to wait before the next attempt. `jitter` is a draw in [0, 1)."""
+    asked = server_delay(err.headers, now)
+    if asked is not None:
+        return min(asked, max_server_delay)
+    if err.kind == "rate_limit" and err.code == DASHSCOPE_THROTTLE:
+        base, cap = LONG_BACKOFF_BASE_S, LONG_BACKOFF_MAX_S
+    elif err.kind == "rate_limit":
+        base, cap = RATE_LIMIT_BASE_DELAY_S, MAX_DELAY_S * 2
+    else:
+        base, cap = BASE_DELAY_S, MAX_DELAY_S
+    delay = min(base * 2 ** (attempt - 1), cap)
+    return delay * (JITTER_LOW + (1 - JITTER_LOW) * jitter)

@@ -1,0 +1,572 @@
+"""The runner: wires reader, request builder, limiter, client, parser, journal and writer.
+
+    code = run(load_job("jobs/demo.toml"), RunOptions())     # the process exit code
+
+Shape of a run:
+  1. lock the job, check the request shape, plan the manifest's shards, check committed parts;
+  2. a producer reads pending shards one at a time into a bounded queue (memory stays flat);
+  3. `max_concurrency` workers take rows, pace on the limiter, send, retry, and journal results;
+  4. a shard whose last row is journaled is committed: part file, rename, commit record;
+  5. a stop (signal, quota, auth, endpoint down) lets in-flight requests finish within the grace
+     period, commits what arrived (partial shards included) and leaves the rest pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .answer import parse_response
+from .breaker import Breaker
+from .checkpoint import Checkpoint
+from .client import Client
+from .config import Job
+from .crashpoints import crash_point
+from .errors import InputError, JobError, RequestError, RowError, StopJob
+from .journal import Journal, read_journal
+from .limiter import Limiter
+from .manifest import Plan, Shard, plan_manifest, read_shard, row_ids
+from .request import RequestBuilder, placeholders
+from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
+from .writer import build_part, remove_leftovers, write_part
+
+__all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCKED"]
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCKED = 0, 1, 2, 3, 75
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+PROGRESS_EVERY_S = 0.25
+DEFAULT_OUTPUT_TOKENS = 1024  # for tokens_per_minute when max_tokens is unset
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    retry_failed: frozenset[str] | None = None  # None: no retry; empty set: every failed kind
+    restart: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+@dataclass
+class _ShardWork:
+    shard: Shard
+    table: pa.Table
+    ids: list[str]
+    pending: int
+    enqueued: bool = False
+
+
+@dataclass
+class _Counts:
+    ok: int = 0
+    failed: int = 0
+    sent: int = 0  # HTTP requests made this run
+    by_kind: Counter = field(default_factory=Counter)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(job: Job, options: RunOptions = RunOptions()) -> int:
+    """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
+    ckpt = Checkpoint(job.output.checkpoint)
+    with ckpt.locked(job.name):
+        if ckpt.took_over_from is not None:
+            _say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running")
+        if options.restart:
+            ckpt.reset(job.output.path)
+        ckpt.check_job(job.request_shape(), job.run.shard_rows)
+        plan = _current_plan(job, ckpt)
+        commits = _verified_commits(job, ckpt, plan)
+        todo = _shards_to_run(plan, commits, options.retry_failed)
+        started = time.time()
+        if not todo:
+            return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
+        return asyncio.run(_run_async(job, ckpt, plan, todo, options, started))
+
+
+def _current_plan(job: Job, ckpt: Checkpoint) -> Plan:
+    old = ckpt.load_plan()
+    if old is not None and old.matches_file(job.input.path):
+        return old  # the fast path of a finished job's rerun: no manifest scan
+    plan = plan_manifest(job.input, job.run.shard_rows)
+    if old is not None:
+        _check_append_only(job, old, plan)
+    ckpt.save_plan(plan)
+    return plan
+
+
+def _check_append_only(job: Job, old: Plan, new: Plan) -> None:
+    """Rows already processed must be unchanged; rows may only be appended."""
+    for s in old.shards:
+        n = new.shards[s.index] if s.index < len(new.shards) else None
+        if n is not None and n.digest == s.digest:
+            continue
+        if n is not None and n.rows > s.rows and n.start == s.start and _prefix_digest(job, new, n, s) == s.digest:
+            continue  # the last shard grew: rows were appended
+        raise JobError(
+            f"[input] path: manifest rows {s.first_row}-{s.first_row + s.rows - 1} changed since they were processed "
+            f"(only appending rows is allowed); run with --restart to start over"
+        )
+
+
+def _prefix_digest(job: Job, plan: Plan, shard: Shard, old: Shard) -> str:
+    import hashlib
+
+    if plan.format == "parquet":
+        from .manifest import _parquet_rows
+
+        table = _parquet_rows(pq.ParquetFile(job.input.path), old.start, old.end)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        return hashlib.blake2b(sink.getvalue().to_pybytes(), digest_size=12).hexdigest()
+    with open(job.input.path, "rb") as f:
+        f.seek(old.start)
+        return hashlib.blake2b(f.read(old.end - old.start), digest_size=12).hexdigest()
+
+
+def _verified_commits(job: Job, ckpt: Checkpoint, plan: Plan) -> dict[int, dict[str, Any]]:
+    """Commit records whose part file is in place as recorded; leftovers removed."""
+    for name in remove_leftovers(job.output.path):
+        _say(f"note: removed {name}, a temporary file left by an interrupted run")
+    good = {}
+    for index, rec in ckpt.commits().items():
+        path = job.output.path / rec["file"]
+        try:
+            ok = path.stat().st_size == rec["size"] and pq.read_metadata(path).num_rows == rec["rows"]
+        except (OSError, pa.ArrowInvalid):
+            ok = False
+        if ok:
+            good[index] = rec
+        else:
+            _say(f"note: {path.name} does not match its commit record; it is rebuilt from the journal")
+    return good
+
+
+def _shards_to_run(plan: Plan, commits: dict[int, dict[str, Any]], retry: frozenset[str] | None) -> list[Shard]:
+    todo = []
+    for shard in plan.shards:
+        rec = commits.get(shard.index)
+        complete = rec is not None and rec["rows"] == shard.rows and rec["digest"] == shard.digest
+        wants_retry = retry is not None and rec is not None and any(
+            n and (not retry or kind in retry) for kind, n in rec["failed"].items()
+        )
+        if not complete or wants_retry:
+            todo.append(shard)
+    return todo
+
+
+async def _run_async(job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], options: RunOptions, started: float) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        if job.serve is not None:
+            from .server import start_subprocess
+
+            base_url = await stack.enter_async_context(start_subprocess(job.serve))
+            job = _with_base_url(job, base_url)
+        engine = _Engine(job, ckpt, plan, options)
+        stopped = await engine.run(todo)
+    return _finish(job, ckpt, plan, started, engine.counts, stopped)
+
+
+def _with_base_url(job: Job, base_url: str) -> Job:
+    from dataclasses import replace
+
+    return replace(job, endpoint=replace(job.endpoint, base_url=base_url))
+
+
+class _Engine:
+    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, options: RunOptions) -> None:
+        self.job = job
+        self.ckpt = ckpt
+        self.plan = plan
+        self.options = options
+        self.limits = job.limits
+        self.builder = RequestBuilder(job, plan.columns)
+        self.limiter = Limiter(
+            job.limits.requests_per_minute,
+            job.limits.tokens_per_minute,
+            burst=job.limits.burst,
+            max_pause_s=job.limits.max_retry_after_s,
+        )
+        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds)
+        self.journal = Journal(ckpt.journal_dir)
+        self.counts = _Counts()
+        self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(maxsize=2 * job.limits.max_concurrency)
+        self.work: dict[int, _ShardWork] = {}
+        self.stop_reason: StopJob | None = None
+        self.stop_signal: int | None = None
+        self.stopping = asyncio.Event()
+        self.finalize_lock = asyncio.Lock()
+        self.finalizing: set[asyncio.Task[None]] = set()
+        self.rng = random.Random()
+        self.done_before = 0
+        self.columns = self._request_columns()
+
+    def _request_columns(self) -> list[str]:
+        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column) if c}
+        cols.update(placeholders(self.job.request.prompt or ""))
+        return [c for c in self.plan.columns if c in cols]
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self, todo: list[Shard]) -> StopJob | int | None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        bar = self._bar()
+        ticker = asyncio.create_task(self._tick(bar))
+        syncer = asyncio.create_task(self.journal.sync_forever())
+        try:
+            async with Client(
+                self.job.endpoint.url,
+                self.job.api_key(),
+                timeout_s=self.limits.timeout_s,
+                max_connections=self.limits.max_concurrency,
+            ) as self.client:
+                producer = asyncio.create_task(self._produce(todo))
+                workers = [asyncio.create_task(self._worker()) for _ in range(self.limits.max_concurrency)]
+                await self._wait(producer, workers)
+            await self._commit_partial()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            syncer.cancel()
+            ticker.cancel()
+            self.journal.close()
+            self._update_bar(bar)
+            if bar is not None:
+                bar.close()
+        return self.stop_signal if self.stop_signal is not None else self.stop_reason
+
+    async def _wait(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+        everything = asyncio.gather(producer, *workers)
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait([everything, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not everything.done():
+            producer.cancel()
+            # In-flight requests may be answers already paid for: give them the grace period.
+            await asyncio.wait([everything], timeout=self.limits.grace_s)
+            for w in workers:
+                w.cancel()
+        stop.cancel()
+        results = await asyncio.gather(everything, return_exceptions=True)
+        for r in results if isinstance(results, list) else []:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r
+        if self.finalizing:
+            await asyncio.gather(*self.finalizing)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.stop_signal is not None:  # the second Ctrl-C: stop at once
+            _say("stopping now; everything journaled so far is kept")
+            self.journal.sync()
+            os._exit(EXIT_SIGNAL[sig])
+        self.stop_signal = sig
+        _say(f"\nstopping: finishing requests in flight (up to {self.limits.grace_s:g}s), then committing; "
+             f"press Ctrl-C again to stop at once")
+        self.stopping.set()
+
+    def _stop(self, reason: StopJob) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stopping.set()
+
+    # -- producer ------------------------------------------------------------------------
+
+    async def _produce(self, todo: list[Shard]) -> None:
+        retry = self.options.retry_failed
+        try:
+            for shard in todo:
+                table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
+                ids = row_ids(self.job.input, table, shard)
+                done = await asyncio.to_thread(read_journal, self.ckpt.journal_dir, shard.index, repair=True)
+                send = [
+                    i
+                    for i, row_id in enumerate(ids)
+                    if (rec := done.get(row_id)) is None
+                    or (retry is not None and rec["status"] == "error" and (not retry or rec["error_kind"] in retry))
+                ]
+                self.done_before += len(ids) - len(send)
+                work = _ShardWork(shard, table, ids, pending=len(send))
+                self.work[shard.index] = work
+                rows = table.select(self.columns).take(pa.array(send, pa.int64())).to_pylist() if send else []
+                for i, row in zip(send, rows):
+                    await self.queue.put((work, i, row))
+                work.enqueued = True
+                if work.pending == 0:
+                    self._schedule_commit(work)
+            for _ in range(self.limits.max_concurrency):
+                await self.queue.put(None)  # one "no more rows" per worker
+        except asyncio.CancelledError:
+            # A stop: wake idle workers (a full queue means none is idle).
+            for _ in range(self.limits.max_concurrency):
+                with contextlib.suppress(asyncio.QueueFull):
+                    self.queue.put_nowait(None)
+            raise
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while not self.stopping.is_set():
+            item = await self.queue.get()
+            if item is None:
+                return
+            work, index, row = item
+            try:
+                record = await self._process(work.ids[index], row)
+            except StopJob as stop:
+                self._stop(stop)
+                return
+            if record is None:  # stopped before an answer: the row stays pending
+                return
+            crash_point("after_response")
+            self.journal.append(work.shard.index, record)
+            if record["status"] == "ok":
+                self.counts.ok += 1
+            else:
+                self.counts.failed += 1
+                self.counts.by_kind[record["error_kind"]] += 1
+            work.pending -= 1
+            if work.pending == 0 and work.enqueued:
+                self._schedule_commit(work)
+
+    async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            prompt = self.builder.prompt(row)
+            if self.builder.needs_files(row):
+                urls = await asyncio.to_thread(self.builder.image_urls, row)
+            else:
+                urls = self.builder.image_urls(row)
+            body = self.builder.encode(self.builder.body(prompt, urls))
+        except InputError as err:
+            return _error_record(row_id, err, attempts=0)
+        estimate = self._estimate(prompt, len(urls))
+        attempt = 0
+        while True:
+            if self.stopping.is_set():
+                return None
+            attempt += 1
+            await self.limiter.acquire(estimate)
+            if self.stopping.is_set():
+                return None
+            self.counts.sent += 1
+            try:
+                data, headers, latency = await self.client.post(body)
+                self.limiter.observe(headers)
+                answer = parse_response(data)
+                if answer.answer is None and answer.finish_reason != "length":
+                    raise RequestError("response has no answer content", kind="invalid_response")
+            except RequestError as err:
+                if err.kind in STOP_KINDS:
+                    raise StopJob(_stop_message(err), kind=err.kind) from None
+                if err.kind == "rate_limit":
+                    self.limiter.slow_down(server_delay(err.headers, time.time()))
+                if self.breaker.failure(err.kind):
+                    raise StopJob(
+                        f"the endpoint looks down ({self.breaker.streak} failed attempts in a row, last: {err.describe()})",
+                        kind="endpoint_down",
+                    ) from None
+                if not should_retry(err, attempt, self.limits.max_attempts):
+                    return _error_record(row_id, err, attempts=attempt)
+                await asyncio.sleep(
+                    retry_delay(err, attempt, now=time.time(), jitter=self.rng.random(), max_server_delay=self.limits.max_retry_after_s)
+                )
+                continue
+            self.breaker.success()
+            self.limiter.settle(estimate, answer.total_tokens)
+            record = {
+                "id": row_id,
+                "answer": answer.answer,
+                "reasoning": answer.reasoning,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "total_tokens": answer.total_tokens,
+                "model": answer.model,
+                "finish_reason": answer.finish_reason,
+                "status": "ok",
+                "error": None,
+                "error_kind": None,
+                "attempts": attempt,
+                "latency_ms": round(latency),
+            }
+            if answer.answer is None:  # finish_reason "length" before the thinking ended
+                record.update(status="error", error_kind="truncated",
+                              error="cut off by max_tokens before the answer began (finish_reason: length)")
+            return record
+
+    def _estimate(self, prompt: str, images: int) -> float:
+        if self.limits.tokens_per_minute <= 0:
+            return 0.0
+        out = self.job.request.max_tokens or DEFAULT_OUTPUT_TOKENS
+        return len(prompt) / 3 + images * self.limits.image_token_estimate + out
+
+    # -- commits -------------------------------------------------------------------------
+
+    def _schedule_commit(self, work: _ShardWork) -> None:
+        task = asyncio.create_task(self._commit(work))
+        self.finalizing.add(task)
+        task.add_done_callback(self.finalizing.discard)
+
+    async def _commit(self, work: _ShardWork) -> None:
+        async with self.finalize_lock:
+            if self.work.get(work.shard.index) is not work:
+                return
+            del self.work[work.shard.index]
+            self.journal.close_shard(work.shard.index)
+            await asyncio.to_thread(commit_shard, self.job, self.ckpt, work.shard, work.table, work.ids)
+
+    async def _commit_partial(self) -> None:
+        """After a stop: write what arrived for shards still open, so the output holds it now."""
+        self.journal.sync()
+        for work in list(self.work.values()):
+            await self._commit(work)
+
+    # -- progress ------------------------------------------------------------------------
+
+    def _bar(self) -> tqdm | None:
+        show = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
+        if not show:
+            return None
+        return tqdm(total=self.plan.total_rows, unit="row", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+
+    async def _tick(self, bar: tqdm | None) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            self._update_bar(bar)
+
+    def _update_bar(self, bar: tqdm | None) -> None:
+        if bar is None:
+            return
+        done = self.done_before + self.counts.ok + self.counts.failed
+        bar.update(done - bar.n)
+        bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, refresh=False)
+
+
+def _stop_message(err: RequestError) -> str:
+    if err.kind == "quota":
+        return (f"the provider says the account is out of quota or credit (HTTP {err.status}: {err.message}); "
+                f"top it up, then run the same command again to continue")
+    return (f"the provider refused the API key (HTTP {err.status}: {err.message}); "
+            f"check the key variable named in [endpoint] api_key_env, then run again to continue")
+
+
+def _error_record(row_id: str, err: RowError, *, attempts: int) -> dict[str, Any]:
+    return {
+        "id": row_id,
+        "answer": None,
+        "reasoning": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "model": None,
+        "finish_reason": None,
+        "status": "error",
+        "error": err.describe(),
+        "error_kind": err.kind,
+        "attempts": attempts,
+        "latency_ms": None,
+    }
+
+
+def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids: list[str]) -> dict[str, Any] | None:
+    """Journal -> part file -> rename -> commit record. Blocking; runs in a thread."""
+    records = read_journal(ckpt.journal_dir, shard.index)
+    part = build_part(table, ids, records, job.input.id_column)
+    if part.num_rows == 0:
+        return None
+    name, size = write_part(job.output.path, shard.index, part)
+    status = part.column("status").to_pylist()
+    kinds = Counter(k for k, s in zip(part.column("error_kind").to_pylist(), status) if s == "error")
+    tokens = {
+        key: int(pc.sum(part.column(key)).as_py() or 0)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    record = {
+        "shard": shard.index,
+        "file": name,
+        "size": size,
+        "rows": part.num_rows,
+        "shard_rows": shard.rows,
+        "digest": shard.digest,
+        "ok": status.count("ok"),
+        "failed": dict(kinds),
+        "tokens": tokens,
+        "at": time.time(),
+    }
+    ckpt.record_commit(record)
+    return record
+
+
+def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Counts, stopped: StopJob | int | None) -> int:
+    commits = ckpt.commits()
+    state = dataset_state(plan, commits)
+    if isinstance(stopped, int):
+        code = EXIT_SIGNAL[stopped]
+    elif stopped is not None:
+        code = EXIT_STOPPED
+    elif state["failed"]:
+        code = EXIT_FAILED_ROWS
+    else:
+        code = EXIT_OK
+    ended = time.time()
+    summary = {
+        "job": job.name,
+        "started": started,
+        "ended": ended,
+        "duration_s": round(ended - started, 3),
+        "exit_code": code,
+        "output": str(job.output.path),
+        "this_run": {"requests_sent": counts.sent, "ok": counts.ok, "failed": counts.failed, "failed_by_kind": dict(counts.by_kind)},
+        **state,
+    }
+    if isinstance(stopped, StopJob):
+        summary["stopped"] = {"kind": stopped.kind, "message": str(stopped)}
+    ckpt.write_summary(summary)
+    failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
+    _say(
+        f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
+        f"{counts.sent} requests this run in {ended - started:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
+        f"results in {job.output.path}"
+    )
+    if isinstance(stopped, StopJob):
+        _say(f"stopped: {stopped}")
+    if code in (EXIT_STOPPED, *EXIT_SIGNAL.values()) or state["pending"]:
+        _say(f"to continue: pipeline run {job.source}")
+    elif state["failed"]:
+        _say(f"to send the failed rows again: pipeline run {job.source} --retry-failed")
+    return code
+
+
+def dataset_state(plan: Plan, commits: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Counts over the whole output, from the commit records alone (no answer is read)."""
+    by_kind: Counter = Counter()
+    ok = rows = 0
+    tokens: Counter = Counter()
+    for rec in commits.values():
+        ok += rec["ok"]
+        rows += rec["rows"]
+        by_kind.update(rec["failed"])
+        tokens.update(rec["tokens"])
+    total = plan.total_rows
+    return {
+        "rows": total,
+        "ok": ok,
+        "failed": sum(by_kind.values()),
+        "failed_by_kind": dict(by_kind),
+        "pending": max(0, total - rows),
+        "tokens": {k: tokens.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    }

@@ -1,0 +1,368 @@
+"""The built-in endpoint: an OpenAI-compatible /v1/chat/completions to rehearse a job for free.
+
+    pipeline serve --port 8000 --latency-ms 200
+    python -c "from pipeline.server import ServeOptions, make_app"   # tests start it in-process
+
+It answers in the seed's response shape, a `<think>` block first, describing what it can really
+see: for inlined images their format, size and main colours (Pillow); for URLs only the URL, as
+it has no network. It can behave like a real provider under load or failing:
+
+- `rate_limit` requests per `rate_window_s`, enforced over a sliding window: over it, a 429 whose
+  delay is given in the `rate_headers` style, with x-ratelimit-* headers on every answer;
+- faults by seeded chance (`faults = {"500": 0.05, "drop": 0.03, ...}`) or by row
+  (`row_faults = {"text in the prompt": "400"}`, or `"503:2"` for the first two requests only).
+  Fault names: 400, 401, 500, 503, 429 (Retry-After seconds), 429ms, 429date, 429reset,
+  quota, throttle (DashScope's AllocationQuota), drop (connection closed, no answer), cut (body
+  cut midway), broken (200, not JSON), nochoices, slow (answer after `slow_ms`), length (thinking
+  cut off by max_tokens);
+- GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.utils
+import io
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field, fields
+from typing import Any, AsyncIterator
+
+from aiohttp import web
+
+from .errors import JobError
+
+__all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess", "FAULTS"]
+
+FAULTS = (
+    "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "quota", "throttle",
+    "drop", "cut", "broken", "nochoices", "slow", "length",
+)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 0
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    model: str | None = None  # the model the server says it served; None: the one asked for
+    reasoning_field: str = "content"  # "content" (<think> block), "reasoning_content" or "reasoning"
+    answer_bytes: int = 0  # >0: pad each answer to about this size (benchmarks)
+    analyze_images: bool = True
+    api_key: str | None = None  # set: requests without this bearer key get 401
+    rate_limit: int = 0  # requests per rate_window_s; 0 = unlimited
+    rate_window_s: float = 60.0
+    rate_headers: str = "retry-after"  # retry-after, retry-after-ms, http-date, reset, none
+    seed: int = 0
+    faults: dict[str, float] = field(default_factory=dict)
+    row_faults: dict[str, str] = field(default_factory=dict)
+    slow_ms: float = 5000.0
+
+    def __post_init__(self) -> None:
+        for name in list(self.faults) + [v.split(":")[0] for v in self.row_faults.values()]:
+            if name not in FAULTS:
+                raise JobError(f"[serve] unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        if self.reasoning_field not in ("content", "reasoning_content", "reasoning"):
+            raise JobError(f"[serve] reasoning_field must be content, reasoning_content or reasoning")
+        if self.rate_headers not in ("retry-after", "retry-after-ms", "http-date", "reset", "none"):
+            raise JobError(f"[serve] rate_headers must be retry-after, retry-after-ms, http-date, reset or none")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServeOptions":
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise JobError(f"[serve] {key}: unknown key (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+
+class _State:
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.rng = random.Random(opts.seed)
+        self.window: deque[float] = deque()
+        self.per_row: Counter[str] = Counter()
+        self.statuses: Counter[str] = Counter()
+        self.faults_fired: Counter[str] = Counter()
+        self.requests = 0
+        self.over_limit = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "per_row": dict(self.per_row),
+            "statuses": dict(self.statuses),
+            "faults": dict(self.faults_fired),
+            "over_limit": self.over_limit,
+            "max_in_flight": self.max_in_flight,
+        }
+
+    def rate_check(self) -> tuple[bool, dict[str, str], float]:
+        """(allowed, headers, seconds until a place frees) under the sliding window."""
+        o = self.opts
+        if o.rate_limit <= 0:
+            return True, {}, 0.0
+        now = time.monotonic()
+        while self.window and self.window[0] <= now - o.rate_window_s:
+            self.window.popleft()
+        allowed = len(self.window) < o.rate_limit
+        if allowed:
+            self.window.append(now)
+        free_in = (self.window[0] + o.rate_window_s - now) if self.window else 0.0
+        headers = {
+            "x-ratelimit-limit-requests": str(o.rate_limit),
+            "x-ratelimit-remaining-requests": str(max(0, o.rate_limit - len(self.window))),
+            "x-ratelimit-reset-requests": f"{max(free_in, 0.001):.3f}s",
+        }
+        return allowed, headers, max(free_in, 0.001)
+
+
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": code, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _retry_headers(style: str, delay: float) -> dict[str, str]:
+    if style == "retry-after":
+        return {"retry-after": str(max(1, math.ceil(delay)))}
+    if style == "retry-after-ms":
+        return {"retry-after-ms": str(max(1, math.ceil(delay * 1000)))}
+    if style == "http-date":
+        return {"retry-after": email.utils.formatdate(time.time() + max(1.0, delay), usegmt=True)}
+    if style == "reset":
+        return {"x-ratelimit-reset-requests": f"{max(delay, 0.001):.3f}s"}
+    return {}
+
+
+def describe_image(url: str, analyze: bool) -> str:
+    if not url.startswith("data:"):
+        return f"an image at {url[:200]} (not fetched: the built-in endpoint has no network)"
+    head, _, payload = url.partition(",")
+    mime = head[5:].split(";")[0] or "unknown type"
+    if not analyze:
+        return f"an inlined {mime} image of {len(payload) * 3 // 4} bytes"
+    try:
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(base64.b64decode(payload)))
+        w, h = img.size
+        small = img.convert("RGB").resize((24, 24))
+        colours = small.quantize(colors=3).convert("RGB").getcolors(24 * 24) or []
+        top = ", ".join("#%02x%02x%02x" % c for _, c in sorted(colours, reverse=True)[:3])
+        return f"a {img.format or mime} image, {w}x{h} pixels, main colours {top}"
+    except Exception as exc:  # a broken image is an answer too: say so, as a model would
+        return f"an inlined {mime} that could not be decoded ({type(exc).__name__})"
+
+
+def _pick_fault(state: _State, key: str) -> str | None:
+    for needle, spec in state.opts.row_faults.items():
+        if needle in key:
+            name, _, limit = spec.partition(":")
+            if not limit or state.per_row[key] <= int(limit):
+                return name
+    roll = state.rng.random()
+    for name, p in state.opts.faults.items():
+        if roll < p:
+            return name
+        roll -= p
+    return None
+
+
+def make_app(opts: ServeOptions) -> web.Application:
+    state = _State(opts)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["state"] = state
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        state.requests += 1
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            resp = await _answer(request)
+        finally:
+            state.in_flight -= 1
+        state.statuses[str(resp.status)] += 1
+        return resp
+
+    async def _answer(request: web.Request) -> web.StreamResponse:
+        if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        try:
+            body = await request.json()
+            messages = body["messages"]
+            model = body["model"]
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "body must be JSON with model and messages", "invalid_request_error")
+        prompt, urls = _user_parts(messages)
+        key = prompt
+        state.per_row[key] += 1
+        allowed, rate_headers, free_in = state.rate_check()
+        if not allowed:
+            state.over_limit += 1
+            headers = {**rate_headers, **_retry_headers(opts.rate_headers, free_in)}
+            return _error(429, "Rate limit reached for requests", "rate_limit_exceeded", headers)
+        fault = _pick_fault(state, key)
+        if fault:
+            state.faults_fired[fault] += 1
+        delay = opts.latency_ms + (state.rng.random() * opts.latency_jitter_ms if opts.latency_jitter_ms else 0)
+        if fault == "slow":
+            delay += opts.slow_ms
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        if fault in ("400", "401", "500", "503", "quota", "throttle") or (fault or "").startswith("429"):
+            return _fault_response(fault, rate_headers)
+        if fault == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=599)  # never reaches the client
+        max_tokens = body.get("max_tokens")
+        content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length")
+        message: dict[str, Any] = {"content": content, "refusal": None, "role": "assistant", "annotations": None,
+                                   "audio": None, "function_call": None, "tool_calls": None}
+        if opts.reasoning_field != "content":
+            message[opts.reasoning_field] = reasoning
+        prompt_tokens = len(prompt) // 4 + 8 + 85 * len(urls)
+        completion_tokens = max(1, (len(content) + len(reasoning if opts.reasoning_field != "content" else "")) // 4)
+        if fault == "length" and isinstance(max_tokens, int):
+            completion_tokens = max_tokens
+        payload = {
+            "id": f"chatcmpl-{state.requests}",
+            "choices": [] if fault == "nochoices" else [
+                {"finish_reason": "length" if fault == "length" else "stop", "index": 0, "logprobs": None, "message": message}
+            ],
+            "created": int(time.time()),
+            "model": opts.model or model,
+            "object": "chat.completion",
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": {
+                "completion_tokens": completion_tokens,
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens_details": None,
+                "prompt_tokens_details": None,
+            },
+        }
+        raw = json.dumps(payload, ensure_ascii=False).encode()
+        if fault == "broken":
+            return web.Response(body=b"<html><body>502 Bad Gateway</body></html>", status=200,
+                                content_type="application/json", headers=rate_headers)
+        if fault == "cut":
+            resp = web.StreamResponse(status=200, headers={**rate_headers, "Content-Type": "application/json",
+                                                           "Content-Length": str(len(raw))})
+            await resp.prepare(request)
+            await resp.write(raw[: len(raw) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        return web.Response(body=raw, content_type="application/json", headers=rate_headers)
+
+    def _fault_response(fault: str, rate_headers: dict[str, str]) -> web.Response:
+        if fault == "400":
+            return _error(400, "Invalid image: the provider could not read it", "invalid_request_error")
+        if fault == "401":
+            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        if fault == "500":
+            return _error(500, "The server had an error processing your request", "server_error")
+        if fault == "503":
+            return _error(503, "The engine is currently overloaded", "server_error")
+        if fault == "quota":
+            return _error(429, "You exceeded your current quota, please check your plan and billing details.",
+                          "insufficient_quota")
+        if fault == "throttle":
+            return web.json_response({"code": "Throttling.AllocationQuota", "message": "Allocated quota exceeded, please increase your quota limit."},
+                                     status=429)
+        style = {"429": "retry-after", "429ms": "retry-after-ms", "429date": "http-date", "429reset": "reset"}[fault]
+        return _error(429, "Rate limit reached for requests", "rate_limit_exceeded",
+                      {**rate_headers, **_retry_headers(style, 1.0)})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(state.stats())
+
+    async def reset(request: web.Request) -> web.Response:
+        app["state"] = fresh = _State(opts)
+        state.__dict__.update(fresh.__dict__)
+        return web.json_response({"reset": True})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": opts.model or "builtin", "object": "model"}]})
+
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/stats/reset", reset)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def _user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    texts, urls = [], []
+    for m in messages:
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+            continue
+        for part in content or []:
+            if part.get("type") == "text":
+                texts.append(part.get("text", ""))
+            elif part.get("type") == "image_url":
+                urls.append((part.get("image_url") or {}).get("url", ""))
+    return "\n".join(texts), urls
+
+
+def _compose(prompt: str, urls: list[str], opts: ServeOptions, *, length_cut: bool) -> tuple[str, str]:
+    seen = [describe_image(u, opts.analyze_images) for u in urls]
+    reasoning = f"The user asks: {prompt!r}. I am shown {len(urls)} image(s); I describe each briefly."
+    if length_cut:
+        content = f"<think>\n{reasoning} Let me look more closely at" if opts.reasoning_field == "content" else ""
+        return content, reasoning
+    answer = f"Answer to {prompt!r}: " + ("; ".join(f"image {i + 1} is {d}" for i, d in enumerate(seen)) or "no image given") + "."
+    if opts.answer_bytes and len(answer.encode()) < opts.answer_bytes:
+        answer += " " + "x" * (opts.answer_bytes - len(answer.encode()) - 1)
+    if opts.reasoning_field == "content":
+        return f"<think>\n{reasoning}\n</think>\n\n{answer}", reasoning
+    return answer, reasoning
+
+
+async def serve_forever(opts: ServeOptions) -> None:
+    runner = web.AppRunner(make_app(opts), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"serving on http://{opts.host}:{port}/v1", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def start_subprocess(options: dict[str, Any]) -> AsyncIterator[str]:
+    """Start `pipeline serve` in its own process for a job's `[serve]` table; yields its base URL."""
+    ServeOptions.from_dict(options)  # report a bad [serve] table before starting anything
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        if not line.startswith("serving on "):
+            raise JobError(f"[serve] the built-in endpoint did not start ({line or 'no output'})")
+        yield line.removeprefix("serving on ")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                await proc.wait()

@@ -1,0 +1,59 @@
+"""Status: a job's progress read from its checkpoint alone; nothing is sent, nothing is locked."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .config import Job
+from .journal import read_journal
+from .runner import dataset_state
+
+__all__ = ["job_status", "render"]
+
+
+def job_status(job: Job) -> dict[str, Any]:
+    ckpt = Checkpoint(job.output.checkpoint)
+    plan = ckpt.load_plan()
+    if plan is None:
+        return {"job": job.name, "started": False, "checkpoint": str(ckpt.folder)}
+    commits = ckpt.commits()
+    state = dataset_state(plan, commits)
+    # Answers journaled but not yet in a part file (a killed run): count them as done-uncommitted.
+    journaled = 0
+    for shard in plan.shards:
+        rec = commits.get(shard.index)
+        if rec is None or rec["rows"] < shard.rows:
+            journaled += max(0, len(read_journal(ckpt.journal_dir, shard.index)) - (rec["rows"] if rec else 0))
+    return {
+        "job": job.name,
+        "started": True,
+        "checkpoint": str(ckpt.folder),
+        "output": str(job.output.path),
+        **state,
+        "journaled_uncommitted": journaled,
+        "last_run": ckpt.last_summary(),
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    if not report["started"]:
+        return f"{report['job']}: not started (no checkpoint at {report['checkpoint']})"
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(report["failed_by_kind"].items())) or "none"
+    lines = [
+        f"{report['job']}: {report['ok']} ok, {report['failed']} failed ({kinds}), {report['pending']} pending of {report['rows']} rows",
+        f"tokens: {report['tokens']['prompt_tokens']} prompt, {report['tokens']['completion_tokens']} completion, "
+        f"{report['tokens']['total_tokens']} total",
+    ]
+    if report["journaled_uncommitted"]:
+        lines.append(f"answers kept but not yet written to the output: {report['journaled_uncommitted']} (the next run writes them)")
+    last = report.get("last_run")
+    if last:
+        fmt = "%Y-%m-%d %H:%M:%S"
+        lines.append(
+            f"last run: {time.strftime(fmt, time.localtime(last['started']))} to {time.strftime(fmt, time.localtime(last['ended']))}, "
+            f"exit code {last['exit_code']}"
+        )
+    lines.append(f"output: {report['output']}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""The writer: a shard's rows and results into one Parquet part file, atomically.
+
+A part is written under a hidden temporary name (`.part-000003.parquet.tmp`: ignored by
+pyarrow.dataset, pandas and a DuckDB `*.parquet` glob), fsynced, renamed over its final name and
+the folder fsynced, so a reader sees either the old complete file or the new complete file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .crashpoints import crash_point
+
+__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "write_part", "remove_leftovers", "output_columns"]
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("answer", pa.string()),
+        ("reasoning", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("model", pa.string()),
+        ("finish_reason", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("attempts", pa.int32()),
+        ("latency_ms", pa.int64()),
+    ]
+)
+RESERVED = {"id", *RESULT_SCHEMA.names}
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:06d}.parquet"
+
+
+def output_columns(input_columns: list[str], id_column: str | None) -> list[tuple[str, str]]:
+    """(input column, output name) pairs: the id column is `id`; clashes get an `input_` prefix."""
+    pairs = []
+    for col in input_columns:
+        if col == id_column and col == "id":
+            continue
+        pairs.append((col, f"input_{col}" if col in RESERVED else col))
+    return pairs
+
+
+def build_part(
+    table: pa.Table, ids: list[str], records: dict[str, dict[str, Any]], id_column: str | None
+) -> pa.Table:
+    """Rows of `table` that have a result, in manifest order, with the result columns added."""
+    keep = [i for i, row_id in enumerate(ids) if row_id in records]
+    recs = [records[ids[i]] for i in keep]
+    rows = table.take(pa.array(keep, pa.int64())) if len(keep) != table.num_rows else table
+    arrays: list[pa.Array] = [pa.array([ids[i] for i in keep], pa.string())]
+    names = ["id"]
+    for col, name in output_columns(table.column_names, id_column):
+        arrays.append(rows.column(col))
+        names.append(name)
+    for field in RESULT_SCHEMA:
+        arrays.append(pa.array([r.get(field.name) for r in recs], field.type))
+        names.append(field.name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(folder: Path, shard: int, table: pa.Table) -> tuple[str, int]:
+    """Write atomically; returns (file name, size in bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = part_name(shard)
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    crash_point("after_part_write")
+    size = tmp.stat().st_size
+    os.replace(tmp, folder / name)
+    _fsync_dir(folder)
+    crash_point("after_rename")
+    return name, size
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete temporary files a crash left behind; returns their names."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".part-") and p.name.endswith(".tmp"):
+                p.unlink()
+                removed.append(p.name)
+    return removed
