@@ -64,6 +64,7 @@ class ServeOptions:
     faults: dict[str, float] = field(default_factory=dict)
     row_faults: dict[str, str] = field(default_factory=dict)
     slow_ms: float = 5000.0
+    record: bool = False  # keep every request (headers and body) for GET /requests: tests only
 
     def __post_init__(self) -> None:
         for name in list(self.faults) + [v.split(":")[0] for v in self.row_faults.values()]:
@@ -95,6 +96,7 @@ class _State:
         self.over_limit = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.recorded: list[dict[str, Any]] = []
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -194,8 +196,12 @@ def make_app(opts: ServeOptions) -> web.Application:
         return resp
 
     async def _answer(request: web.Request) -> web.StreamResponse:
+        if opts.record:
+            state.recorded.append({"headers": dict(request.headers), "body": await request.text()})
         if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
-            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+            # Like some providers, echo what was presented: the client must scrub it from its messages.
+            presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return _error(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
         try:
             body = await request.json()
             messages = body["messages"]
@@ -293,6 +299,9 @@ def make_app(opts: ServeOptions) -> web.Application:
         state.__dict__.update(fresh.__dict__)
         return web.json_response({"reset": True})
 
+    async def recorded(request: web.Request) -> web.Response:
+        return web.json_response(state.recorded)
+
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": opts.model or "builtin", "object": "model"}]})
 
@@ -300,6 +309,7 @@ def make_app(opts: ServeOptions) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_post("/stats/reset", reset)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/requests", recorded)
     return app
 
 

@@ -1,0 +1,156 @@
+"""Shared fixtures: the built-in endpoint in its own process, job files, manifests, CLI runs.
+
+Everything is real: the endpoint is `python -m pipeline serve` over loopback HTTP, the pipeline
+writes real Parquet, and process tests start and kill real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data" / "demo"
+SEED = ROOT.parent / "shared" / "seed" / "000_4400dc17c2af3cde.txt"
+
+
+@dataclass
+class Endpoint:
+    base_url: str
+    proc: subprocess.Popen
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.root + "/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def requests(self) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.root + "/requests", timeout=10) as r:
+            return json.loads(r.read())
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.root + "/stats/reset", method="POST", data=b"")
+        urllib.request.urlopen(req, timeout=10).read()
+
+
+def start_endpoint(**options: Any) -> Endpoint:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().strip()
+    assert line.startswith("serving on "), line
+    return Endpoint(line.removeprefix("serving on "), proc)
+
+
+@pytest.fixture
+def endpoint_factory() -> Iterator[Any]:
+    started: list[Endpoint] = []
+
+    def make(**options: Any) -> Endpoint:
+        ep = start_endpoint(**options)
+        started.append(ep)
+        return ep
+
+    yield make
+    for ep in started:
+        ep.proc.terminate()
+        ep.proc.wait(10)
+
+
+@pytest.fixture
+def endpoint(endpoint_factory: Any) -> Endpoint:
+    return endpoint_factory(record=True)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(v)
+
+
+def write_job(path: Path, sections: dict[str, Any]) -> Path:
+    """Write a TOML job file from nested dicts: top-level scalars first, then [tables]."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    for name, table in sections.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def job_dict(manifest: Path, base_url: str, out: Path, **overrides: dict[str, Any]) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "name": "t",
+        "input": {"path": str(manifest), "id_column": "id", "image_column": "image", "prompt_column": "prompt"},
+        "endpoint": {"base_url": base_url, "model": "test-vl"},
+        "request": {"max_tokens": 64},
+        "limits": {"requests_per_minute": 60000, "max_concurrency": 8, "max_attempts": 4, "timeout_s": 10},
+        "output": {"path": str(out)},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(job.get(section), dict):
+            job[section] = {**job[section], **values}
+            job[section] = {k: v for k, v in job[section].items() if v is not None}
+        else:
+            job[section] = values
+    return job
+
+
+def url_manifest(path: Path, n: int, *, fmt: str = "csv", prefix: str = "row") -> Path:
+    """n rows, each with its own id, a distinct image URL and a prompt naming the row."""
+    rows = [
+        {"id": f"{prefix}-{i:05d}", "image": f"https://images.example/{prefix}/{i}.png", "prompt": f"Describe picture {prefix}-{i:05d}"}
+        for i in range(n)
+    ]
+    write_rows(path, rows, fmt)
+    return path
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "csv":
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=timeout
+    )
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist() if any(path.glob("*.parquet")) else []
