@@ -208,6 +208,7 @@ class _Engine:
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(maxsize=2 * job.limits.max_concurrency)
         self.work: dict[int, _ShardWork] = {}
         self.stop_reason: StopJob | None = None
+        self.failure: BaseException | None = None
         self.stop_signal: int | None = None
         self.stopping = asyncio.Event()
         self.finalize_lock = asyncio.Lock()
@@ -241,6 +242,8 @@ class _Engine:
                 workers = [asyncio.create_task(self._worker()) for _ in range(self.limits.max_concurrency)]
                 await self._wait(producer, workers)
             await self._commit_partial()
+            if self.failure is not None:
+                raise self.failure
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
@@ -253,22 +256,29 @@ class _Engine:
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
 
     async def _wait(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
-        everything = asyncio.gather(producer, *workers)
+        """Until the workers run out of rows, or a stop: then the in-flight grace period."""
+        workers_done = asyncio.gather(*workers)
         stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([everything, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not everything.done():
+        waiting: set[asyncio.Future[Any]] = {workers_done, stop, producer}
+        while True:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if workers_done in done or stop in done:
+                break
+            if producer.exception() is not None:  # e.g. a later shard is unreadable: stop cleanly
+                self.stopping.set()
+        if self.stopping.is_set():
             producer.cancel()
-            # In-flight requests may be answers already paid for: give them the grace period.
-            await asyncio.wait([everything], timeout=self.limits.grace_s)
+            # Requests in flight may be answers already paid for: give them the grace period.
+            await asyncio.wait(workers, timeout=self.limits.grace_s)
             for w in workers:
                 w.cancel()
         stop.cancel()
-        results = await asyncio.gather(everything, return_exceptions=True)
-        for r in results if isinstance(results, list) else []:
-            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                raise r
+        results = await asyncio.gather(producer, *workers, return_exceptions=True)
         if self.finalizing:
             await asyncio.gather(*self.finalizing)
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+        if errors:
+            self.failure = errors[0]  # raised after what arrived is committed
 
     def _on_signal(self, sig: int) -> None:
         if self.stop_signal is not None:  # the second Ctrl-C: stop at once
