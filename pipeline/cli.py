@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .runner import event_loop_runner
     from .server import ServeOptions, serve_forever
 
     if args.options_json:
@@ -104,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
             faults=faults, answer_bytes=args.answer_bytes, seed=args.seed,
         )
     try:
-        asyncio.run(serve_forever(opts))
+        event_loop_runner()(serve_forever(opts))
     except KeyboardInterrupt:
         pass
     return 0

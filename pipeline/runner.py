@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -95,7 +95,16 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
         started = time.time()
         if not todo:
             return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
-        return asyncio.run(_run_async(job, ckpt, plan, todo, options, started))
+        return event_loop_runner()(_run_async(job, ckpt, plan, todo, options, started))
+
+
+def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """uvloop where installed: the benchmarks show it cuts the event loop's cost per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 def _current_plan(job: Job, ckpt: Checkpoint) -> Plan:

@@ -1,0 +1,135 @@
+"""Shared bench helpers: the built-in endpoint in its own process, job files, process sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+
+
+@contextmanager
+def endpoint(**options: Any) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options)],
+        stdout=subprocess.PIPE, cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode().strip()
+    assert line.startswith("serving on "), line
+    try:
+        yield line.removeprefix("serving on ")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def stats(base_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def write_job(path: Path, manifest: Path, base_url: str, out: Path, *, concurrency: int, rpm: float = 1e7,
+              shard_rows: int = 10_000, extra: str = "", name: str = "bench") -> Path:
+    path.write_text(f"""name = "{name}"
+[input]
+path = "{manifest}"
+id_column = "id"
+image_column = "image"
+prompt_column = "prompt"
+[endpoint]
+base_url = "{base_url}"
+model = "bench-vl"
+[request]
+max_tokens = 256
+[limits]
+requests_per_minute = {rpm}
+max_concurrency = {concurrency}
+max_attempts = 3
+timeout_s = 60
+[output]
+path = "{out}"
+[run]
+shard_rows = {shard_rows}
+{extra}
+""")
+    return path
+
+
+def url_manifest(path: Path, n: int) -> Path:
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            if sum(1 for _ in f) == n + 1:
+                return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("id,image,prompt\n")
+        for i in range(n):
+            f.write(f"r{i:08d},https://images.example/photos/{i % 5000}/{i}.jpg,\"Describe image {i}, in one sentence.\"\n")
+    return path
+
+
+def run_pipeline(job: Path, *, sample: bool = False, base_url: str | None = None) -> dict[str, Any]:
+    """Run `pipeline run JOB` as a process; wall time, child CPU time, peak RSS, and optionally
+    (rows answered, RSS) samples every 0.5 s (rows read from the endpoint's own count)."""
+    start = time.perf_counter()
+    before = os.times()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[int, int]] = []
+    peak = 0
+    while proc.poll() is None:
+        rss = _rss_kb(proc.pid)
+        peak = max(peak, rss)
+        if sample and base_url:
+            try:
+                samples.append((stats(base_url)["requests"], rss))
+            except OSError:
+                pass
+        time.sleep(0.5 if sample else 0.05)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return {"exit_code": proc.returncode, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak / 1024,
+            "samples": samples, "stderr": err[-2000:]}
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    pkgs = {}
+    for name in ("aiohttp", "aiolimiter", "pyarrow", "pandas", "pillow", "tqdm", "orjson", "uvloop", "ray"):
+        try:
+            pkgs[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "platform": platform.platform(),
+            "packages": pkgs}

@@ -1,0 +1,61 @@
+"""Engine throughput and memory scenarios (issue 7), each against the built-in endpoint."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from .common import WORK, endpoint, run_pipeline, stats, url_manifest, write_job
+
+ANSWER = {"answer_bytes": 300, "analyze_images": False}
+
+
+def _fresh(name: str):
+    folder = WORK / name
+    shutil.rmtree(folder / "out", ignore_errors=True)
+    shutil.rmtree(folder / ".pipeline", ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def instant(rows: int = 20_000, concurrency: int = 64) -> dict[str, Any]:
+    folder = _fresh("instant")
+    manifest = url_manifest(WORK / f"urls-{rows}.csv", rows)
+    with endpoint(**ANSWER) as url:
+        job = write_job(folder / "job.toml", manifest, url, folder / "out", concurrency=concurrency)
+        r = run_pipeline(job)
+        sent = stats(url)["requests"]
+    assert r["exit_code"] == 0, r["stderr"]
+    return {"rows": rows, "in_flight": concurrency, "rows_per_s": rows / r["wall_s"], "wall_s": r["wall_s"],
+            "cpu_ms_per_row": 1000 * r["cpu_s"] / rows, "requests": sent}
+
+
+def latency(rows: int = 3_000, concurrency: int = 128, latency_ms: float = 500) -> dict[str, Any]:
+    folder = _fresh("latency")
+    manifest = url_manifest(WORK / f"urls-{rows}.csv", rows)
+    with endpoint(latency_ms=latency_ms, **ANSWER) as url:
+        job = write_job(folder / "job.toml", manifest, url, folder / "out", concurrency=concurrency)
+        r = run_pipeline(job)
+    assert r["exit_code"] == 0, r["stderr"]
+    ideal = concurrency / (latency_ms / 1000)
+    return {"rows": rows, "in_flight": concurrency, "latency_ms": latency_ms, "rows_per_s": rows / r["wall_s"],
+            "ideal_rows_per_s": ideal, "pct_of_ideal": 100 * rows / r["wall_s"] / ideal, "wall_s": r["wall_s"]}
+
+
+def million(rows: int = 1_000_000, concurrency: int = 64) -> dict[str, Any]:
+    folder = _fresh("million")
+    manifest = url_manifest(WORK / f"urls-{rows}.csv", rows)
+    with endpoint(**ANSWER) as url:
+        job = write_job(folder / "job.toml", manifest, url, folder / "out", concurrency=concurrency)
+        r = run_pipeline(job, sample=True, base_url=url)
+        assert r["exit_code"] == 0, r["stderr"]
+        at_100k = next((rss for done, rss in r["samples"] if done >= rows // 10), 0)
+        at_end = max((rss for done, rss in r["samples"] if done >= rows * 9 // 10), default=0)
+        again = run_pipeline(job)
+        sent_again = stats(url)["requests"] - rows
+    return {
+        "rows": rows, "rows_per_s": rows / r["wall_s"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+        "rss_at_10pct_mb": at_100k / 1024, "rss_at_end_mb": at_end / 1024,
+        "rss_growth_pct": 100 * (at_end - at_100k) / at_100k if at_100k else None,
+        "rerun_s": again["wall_s"], "rerun_exit_code": again["exit_code"], "rerun_requests": sent_again,
+    }
