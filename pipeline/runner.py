@@ -42,7 +42,7 @@ from .limiter import Limiter
 from .manifest import Plan, Shard, plan_manifest, read_shard, row_ids
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
-from .writer import build_part, remove_leftovers, write_part
+from .writer import RESULT_SCHEMA, build_part, part_name, remove_leftovers, write_part
 
 __all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCKED"]
 
@@ -95,7 +95,7 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
         started = time.time()
         if not todo:
             return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
-        return event_loop_runner()(_run_async(job, ckpt, plan, todo, options, started))
+        return event_loop_runner()(_run_async(job, ckpt, plan, todo, commits, options, started))
 
 
 def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -179,14 +179,16 @@ def _shards_to_run(plan: Plan, commits: dict[int, dict[str, Any]], retry: frozen
     return todo
 
 
-async def _run_async(job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], options: RunOptions, started: float) -> int:
+async def _run_async(
+    job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], commits: dict[int, dict[str, Any]], options: RunOptions, started: float
+) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if job.serve is not None:
             from .server import start_subprocess
 
             base_url = await stack.enter_async_context(start_subprocess(job.serve))
             job = _with_base_url(job, base_url)
-        engine = _Engine(job, ckpt, plan, options)
+        engine = _Engine(job, ckpt, plan, options, committed_rows={i: c["rows"] for i, c in commits.items()})
         stopped = await engine.run(todo)
     return _finish(job, ckpt, plan, started, engine.counts, stopped)
 
@@ -198,8 +200,11 @@ def _with_base_url(job: Job, base_url: str) -> Job:
 
 
 class _Engine:
-    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, options: RunOptions) -> None:
+    def __init__(
+        self, job: Job, ckpt: Checkpoint, plan: Plan, options: RunOptions, committed_rows: dict[int, int] | None = None
+    ) -> None:
         self.job = job
+        self.committed_rows = committed_rows or {}
         self.ckpt = ckpt
         self.plan = plan
         self.options = options
@@ -312,7 +317,9 @@ class _Engine:
             for shard in todo:
                 table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
                 ids = row_ids(self.job.input, table, shard)
-                done = await asyncio.to_thread(read_journal, self.ckpt.journal_dir, shard.index, repair=True)
+                done, restored = await asyncio.to_thread(self._answers_so_far, shard)
+                for rec in restored:  # written back: the journal is whole again
+                    self.journal.append(shard.index, rec)
                 send = [
                     i
                     for i, row_id in enumerate(ids)
@@ -336,6 +343,19 @@ class _Engine:
                 with contextlib.suppress(asyncio.QueueFull):
                     self.queue.put_nowait(None)
             raise
+
+    def _answers_so_far(self, shard: Shard) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """The shard's results: its journal, or its committed part file if the journal was lost
+        (a deleted checkpoint folder must not make --retry-failed buy the whole shard again)."""
+        done = read_journal(self.ckpt.journal_dir, shard.index, repair=True)
+        path = self.job.output.path / part_name(shard.index)
+        restored = []
+        if len(done) < self.committed_rows.get(shard.index, 0) and path.exists():
+            for rec in pq.read_table(path, columns=["id", *RESULT_SCHEMA.names]).to_pylist():
+                if rec["id"] not in done:
+                    done[rec["id"]] = rec
+                    restored.append(rec)
+        return done, restored
 
     # -- workers -------------------------------------------------------------------------
 

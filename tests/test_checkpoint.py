@@ -239,3 +239,16 @@ def test_checkpoint_location_is_configurable(tmp_path: Path, endpoint) -> None:
     job.write_text(job.read_text().replace("[output]\n", f"[output]\ncheckpoint = \"{tmp_path / 'ck'}\"\n"))
     assert run_cli("run", str(job)).returncode == 0
     assert (tmp_path / "ck" / "commits.jsonl").exists() and not (tmp_path / ".pipeline").exists()
+
+
+def test_lost_journal_falls_back_to_part_files(tmp_path: Path, endpoint_factory) -> None:
+    import shutil
+
+    ep = endpoint_factory(row_faults={"picture row-00005": "400:1"})
+    job = make_job(tmp_path, ep.base_url, n=60)
+    assert run_cli("run", str(job)).returncode == 1
+    shutil.rmtree(tmp_path / ".pipeline" / "t" / "journal")  # someone cleaned up the wrong folder
+    r = run_cli("run", str(job), "--retry-failed")
+    assert r.returncode == 0, r.stderr
+    assert ep.stats()["requests"] == 61  # only the failed row was bought again
+    assert_exactly_once(tmp_path, 60)

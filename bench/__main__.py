@@ -1,0 +1,81 @@
+"""`make bench`: every benchmark scenario, a table on stdout, figures in bench/results.json.
+
+    python -m bench                 # all scenarios (about 15 minutes on 2 cores)
+    python -m bench instant latency # only these
+
+Each scenario runs the pipeline as its own process against the built-in endpoint in another
+process; "end to end" is from process start to exit, Parquet written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .common import ROOT, machine
+
+RESULTS = ROOT / "bench" / "results.json"
+
+
+def _optional(module: str, func: str) -> Callable[[], dict[str, Any]] | None:
+    try:
+        return getattr(importlib.import_module(f"bench.{module}"), func)
+    except (ImportError, AttributeError):
+        return None
+
+
+def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
+    from . import throughput
+
+    return {
+        "instant": throughput.instant,
+        "latency": throughput.latency,
+        "rate": _optional("rate", "run_rate_bench"),
+        "million": throughput.million,
+        "images": _optional("images", "run_image_bench"),
+        "ray": _optional("ray_bench", "run_ray_bench"),
+    }
+
+
+TARGETS = {
+    "instant": lambda r: f"{r['rows_per_s']:.0f} rows/s (target >= 3000); {r['cpu_ms_per_row']:.3f} ms CPU/row (target <= 0.3)",
+    "latency": lambda r: f"{r['pct_of_ideal']:.1f}% of in-flight/latency = {r['ideal_rows_per_s']:.0f} rows/s (target >= 97%)",
+    "rate": lambda r: f"{r.get('pct_of_limit', 0):.1f}% of the limit, {r.get('429s', r.get('rate_limited', '?'))} x 429 (target >= 97%, 0)",
+    "million": lambda r: (f"peak RSS {r['peak_rss_mb']:.0f} MB (target <= 200); RSS {r['rss_at_10pct_mb']:.0f} MB at 10% vs "
+                          f"{r['rss_at_end_mb']:.0f} MB at the end (target within 20%); {r['rows_per_s']:.0f} rows/s; rerun "
+                          f"{r['rerun_s']:.2f}s, {r['rerun_requests']} requests (target <= 2 s, 0)"),
+    "images": lambda r: f"{r.get('images_per_s', 0):.1f} images/s; worst event-loop stall {r.get('worst_stall_ms', 0):.0f} ms (target < 100)",
+    "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
+}
+
+
+def main(argv: list[str]) -> int:
+    chosen = argv or list(scenarios())
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "scenarios": old.get("scenarios", {})}
+    table = []
+    for name in chosen:
+        fn = scenarios().get(name)
+        if fn is None:
+            table.append((name, "not available in this checkout"))
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        figures = fn()
+        figures["bench_seconds"] = round(time.perf_counter() - started, 1)
+        results["scenarios"][name] = figures
+        table.append((name, TARGETS[name](figures)))
+        RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    width = max(len(n) for n, _ in table)
+    print(f"machine: {results['machine']['cores']} cores, {results['machine']['cpu']}, Python {results['machine']['python']}")
+    for name, line in table:
+        print(f"{name:<{width}}  {line}")
+    print(f"figures written to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+sys.exit(main(sys.argv[1:]))
