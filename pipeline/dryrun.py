@@ -103,38 +103,43 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 else:
                     where = f"row {number} (id {row_id})"
                 seen.add(row_id)
+            chars = 0
             try:
                 prompt = builder.prompt(row)
                 if not prompt.strip():
                     raise InputError("the prompt is empty")
-                report.text_chars += len(prompt) + len(job.request.system_prompt or "")
+                chars = len(prompt) + len(job.request.system_prompt or "")
             except InputError as err:
                 report.problem("empty_prompt", where, err.message)
                 bad = True
+            count = 0
             if image_col is not None:
-                bad = _check_images(row.get(image_col), images, image_col, where, report) or bad
-            report.bad_rows += bad
+                count = _check_images(row.get(image_col), images, image_col, where, report)
+                bad = bad or count < 0
+            if bad:  # the estimates count only the rows that would be sent
+                report.bad_rows += 1
+            else:
+                report.text_chars += chars
+                report.images += count
 
 
-def _check_images(cell: Any, images: ImageSource, column: str, where: str, report: Report) -> bool:
-    """True when the row's images would make it fail."""
+def _check_images(cell: Any, images: ImageSource, column: str, where: str, report: Report) -> int:
+    """The row's number of images, or -1 when its images would make it fail."""
     try:
         values = image_values(cell)
     except InputError as err:
         report.problem("bad_image_cell", where, err.message)
-        return True
+        return -1
     if not values:
         report.problem("missing_image", where, f"no image in {column!r}")
-        return True
+        return -1
     bad = False
     for value in values:
         problem = image_problem(value, images)
-        if problem is None:
-            report.images += 1
-        else:
+        if problem is not None:
             report.problem(problem[0], where, problem[1])
             bad = True
-    return bad
+    return -1 if bad else len(values)
 
 
 def image_problem(value: str, images: ImageSource) -> tuple[str, str] | None:

@@ -33,7 +33,14 @@ FORBIDDEN_NAMES = frozenset({
     "finish_reason", "status", "error", "error_kind", "attempts", "latency_ms", "cost",
 })
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)```", re.DOTALL)
-_MESSAGE_CAP = 300
+_MESSAGE_CAP = 200
+_ERRORS_SHOWN = 3
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = "/".join(str(p) for p in error.absolute_path)
+    message = error.message if len(error.message) <= _MESSAGE_CAP else error.message[:_MESSAGE_CAP] + "..."
+    return message + (f" (at {where})" if where else "")
 
 
 def schema_problem(schema: Any) -> str | None:
@@ -127,6 +134,13 @@ class Labels:
         self._validator = cls(config.schema, format_checker=cls.FORMAT_CHECKER)
         self._types = {name: column_type(sub) for name, sub in config.schema["properties"].items()}
 
+    def _field_order(self, error: jsonschema.ValidationError) -> int:
+        """Errors about the whole object first, then in the schema's order of properties."""
+        path = list(error.absolute_path)
+        if not path:
+            return -1
+        return self.names.index(path[0]) if path[0] in self._types else len(self._types)
+
     @property
     def names(self) -> list[str]:
         return list(self._types)
@@ -144,12 +158,12 @@ class Labels:
             data = extract_json(answer)
         except ValueError as exc:
             raise RequestError(f"the answer is not JSON ({exc})", kind="invalid_output", result=answer) from None
-        error = best_match(self._validator.iter_errors(data))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path)
-            message = error.message if len(error.message) <= _MESSAGE_CAP else error.message[:_MESSAGE_CAP] + "..."
+        errors = sorted(self._validator.iter_errors(data), key=self._field_order)
+        if errors:
+            shown = [best_match([e]) for e in errors[:_ERRORS_SHOWN]]  # best_match: the telling branch of an anyOf
+            more = f"; and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
             raise RequestError(
-                f"the answer does not follow the [labels] schema: {message}" + (f" (at {where})" if where else ""),
+                "the answer does not follow the [labels] schema: " + "; ".join(map(_describe, shown)) + more,
                 kind="invalid_output",
                 result=answer,
             )

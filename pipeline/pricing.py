@@ -1,9 +1,9 @@
 """Pricing: what each answer cost, and a budget the run never passes.
 
     cost = row_cost(job, answer.model, prompt_tokens, completion_tokens, total_tokens)
-    budget = Budget.for_run(job, ckpt, plan, todo)     # the job's spend so far, from the checkpoint
-    held = budget.hold(worst)                           # StopJob(kind="budget") if it could pass
-    budget.settle(held, cost)                           # when the answer (or the failure) is in
+    budget = Budget.for_run(job, journal_dir, commits, todo)  # the job's spend so far (checkpoint)
+    held = await budget.hold(worst)                  # StopJob(kind="budget") if it could pass
+    budget.settle(held, cost)                        # when the answer (or the failure) is in
 
 Prices are per million tokens, from `[pricing]`: the answering model's price when listed, else the
 asked-for model's, else the default. Reasoning tokens are billed as output: providers count them
@@ -15,11 +15,14 @@ so a resumed run reads only the journals of shards it still works on.
 
 The budget holds, for every request in flight, its worst case: the estimated input plus
 `max_tokens` of output. A request is sent only when spend + holds + its own worst case stay within
-the budget; otherwise the run stops sending, commits and exits 3 (raise the budget to continue).
+the budget. When they do not, it waits for the requests in flight to settle (their real cost is
+usually far below the worst case); when nothing is in flight and it still does not fit, the run
+stops sending, commits and exits 3 (raise the budget to continue).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,7 @@ class Budget:
         self.spent_now = 0.0  # this run's spend
         self.held = 0.0
         self.in_flight = 0
+        self._settled = asyncio.Event()
 
     @classmethod
     def for_run(cls, job: Job, journal_dir: Path, commits: dict[int, dict[str, Any]], todo: list[int]) -> "Budget":
@@ -108,15 +112,18 @@ class Budget:
         """The job's spend so far, earlier runs included."""
         return self.spent_before + self.spent_now
 
-    def hold(self, worst: float) -> float:
-        """Hold `worst` for a request about to be sent; StopJob(kind="budget") if it could pass."""
+    async def hold(self, worst: float) -> float:
+        """Hold `worst` for a request about to be sent, waiting while requests in flight may free
+        room; StopJob(kind="budget") when even with none in flight it could pass the budget."""
         if self.limit is None:
             return 0.0
+        while self.spent + self.held + worst > self.limit and self.in_flight > 0:
+            self._settled.clear()
+            await self._settled.wait()
         if self.spent + self.held + worst > self.limit:
             raise StopJob(
-                f"the budget of {self.limit:g} could be passed: {self.spent:.4f} spent so far, "
-                f"{self.held:.4f} held for {self.in_flight} request(s) in flight, and the next one may cost up to "
-                f"{worst:.4f}; raise [pricing] budget in {self.job.source} and run again to continue",
+                f"the budget of {self.limit:g} could be passed: {self.spent:.4f} spent so far and the next request "
+                f"may cost up to {worst:.4f}; raise [pricing] budget in {self.job.source} and run again to continue",
                 kind="budget",
             )
         self.held += worst
@@ -130,3 +137,4 @@ class Budget:
             self.in_flight -= 1
         if cost:
             self.spent_now += cost
+        self._settled.set()

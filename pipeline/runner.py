@@ -375,14 +375,15 @@ class _Engine:
                 return invalid  # a paid answer that failed the schema is kept; else the row stays pending
             attempt += 1
             await self.limiter.acquire(estimate)
-            if self.stopping.is_set():
-                return invalid
             try:
-                held = self.budget.hold(worst)
+                held = await self.budget.hold(worst)  # may wait for requests in flight to settle
             except StopJob as stop:
                 if invalid is None:
                     raise
                 self._stop(stop)
+                return invalid
+            if self.stopping.is_set():
+                self.budget.settle(held, None)
                 return invalid
             self.counts.sent += 1
             try:
