@@ -3,6 +3,8 @@
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
 3 stopped by the provider (quota, key refused, endpoint down), resumable; 75 the job is already
 running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
+`pipeline run JOB --dry-run` sends nothing: 0 the job is ready, 1 rows would fail or the job has a
+problem (see pipeline/dryrun.py), 2 the job file cannot be read.
 """
 
 from __future__ import annotations

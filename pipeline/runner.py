@@ -7,8 +7,12 @@ Shape of a run:
   2. a producer reads pending shards one at a time into a bounded queue (memory stays flat);
   3. `max_concurrency` workers take rows, pace on the limiter, send, retry, and journal results;
   4. a shard whose last row is journaled is committed: part file, rename, commit record;
-  5. a stop (signal, quota, auth, endpoint down) lets in-flight requests finish within the grace
-     period, commits what arrived (partial shards included) and leaves the rest pending.
+  5. a stop (signal, quota, auth, endpoint down, budget) lets in-flight requests finish within the
+     grace period, commits what arrived (partial shards included) and leaves the rest pending.
+
+With `[request] stream` answers are read as SSE (pipeline.stream); with `[labels]` an answer must
+pass the schema (pipeline.labels) or is asked again; with `[pricing]` each row gets a cost and a
+budget holds each request's worst case before it is sent (pipeline.pricing).
 """
 
 from __future__ import annotations

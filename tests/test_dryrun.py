@@ -117,3 +117,9 @@ def test_a_job_file_that_cannot_be_read_is_still_exit_2(tmp_path: Path) -> None:
     job.write_text("name = 'x'\n[input]\npath = 'm.csv'\nfoo = 1\n", encoding="utf-8")
     result = run_cli("run", str(job), "--dry-run")
     assert result.returncode == 2 and "error:" in result.stderr
+
+
+def test_the_shipped_labeling_job_is_ready() -> None:
+    result = run_cli("run", "jobs/labels.toml", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 ready, 0 would fail" in result.stdout and "cost (estimate" in result.stdout
