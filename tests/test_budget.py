@@ -123,3 +123,28 @@ def test_bad_pricing_sections_are_one_line_errors(tmp_path: Path, pricing: dict[
     result = run_cli("run", str(job))
     assert result.returncode == 2
     assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_budget_stop_between_label_retries_keeps_the_paid_answer(tmp_path: Path, endpoint_factory: Any) -> None:
+    ep = endpoint_factory(row_faults={"row-00000": "invalid_json:1"})
+    manifest = url_manifest(tmp_path / "m.csv", 1)
+    schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
+
+    def job(budget: float) -> Path:
+        path, _ = _job(tmp_path, ep.base_url, manifest, labels={"schema": schema}, pricing={**PRICING, "budget": budget},
+                       request={"max_tokens": 200}, limits={"image_token_estimate": 100})
+        return path
+
+    out = tmp_path / "out"
+    worst = worst_case_cost(load_job(job(1.0)), "Describe picture row-00000", 1)
+    first = run_cli("run", str(job(worst * 1.1)))  # room for one worst case, not for a second after an answer
+    assert first.returncode == 3, first.stderr
+    [row] = read_output(out)
+    assert (row["status"], row["error_kind"], row["attempts"]) == ("error", "invalid_output", 1)
+    assert row["answer"] and row["cost"] > 0  # the answer paid for is kept, with what it cost
+    again = run_cli("run", str(job(10.0)), "--retry-failed")
+    assert again.returncode == 0, again.stderr
+    [fixed] = read_output(out)
+    assert fixed["status"] == "ok" and fixed["label"] == "a"
+    # The job's spend counts both answers, though the row now shows only the second one's cost.
+    assert _summary(out)["spend"] == pytest.approx(row["cost"] + fixed["cost"])
