@@ -193,7 +193,7 @@ def _run(tmp_path: Path, name: str, base_url: str, manifest: Path, **sections: A
     return result, sorted(read_output(out), key=lambda r: r["id"])
 
 
-@pytest.mark.parametrize("reasoning_field", ["content", "reasoning_content", "reasoning"])
+@pytest.mark.parametrize("reasoning_field", ["content", "reasoning_content"])  # "reasoning": see the pure tests
 def test_a_streamed_run_writes_the_same_rows_as_a_plain_one(tmp_path: Path, endpoint_factory: Any, reasoning_field: str) -> None:
     ep = endpoint_factory(reasoning_field=reasoning_field, model="qvq-max-2025-03-25", record=True)
     manifest = url_manifest(tmp_path / "m.csv", 6)
