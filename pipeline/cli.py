@@ -3,6 +3,8 @@
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
 3 stopped by the provider (quota, key refused, endpoint down), resumable; 75 the job is already
 running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
+`pipeline run JOB --dry-run` sends nothing: 0 the job is ready, 1 rows would fail or the job has a
+problem (see pipeline/dryrun.py), 2 the job file cannot be read.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true", help="forget the checkpoint and start over")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="send nothing: check the job and every row, estimate tokens, cost and time (exit 0 ready, 1 not)")
 
     s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
     s.add_argument("job", type=Path)
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_job
             from .runner import RunOptions, run
 
+            if args.dry_run:
+                from .dryrun import dry_run
+
+                return dry_run(load_job(args.job, require_key=False))
             options = RunOptions(retry_failed=_retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress)
             return run(load_job(args.job), options)
         if args.command == "status":

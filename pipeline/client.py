@@ -15,6 +15,7 @@ import aiohttp
 
 from .errors import RequestError
 from .retry import DASHSCOPE_THROTTLE
+from .stream import StreamAssembler, StreamError
 
 __all__ = ["Client", "translate", "classify_status"]
 
@@ -73,6 +74,10 @@ def translate(
     should = headers.get("x-should-retry")
     should_retry = {"true": True, "false": False}.get(should.lower()) if should else None
     if exc is not None:
+        if isinstance(exc, StreamError):  # a stream cut, or an error sent mid-stream: transient
+            kind = {"cut": "connection", "error_chunk": "server"}.get(exc.reason, "invalid_response")
+            return RequestError(_scrub(str(exc), secret), kind=kind, status=status, headers=headers,
+                                code=exc.code, should_retry=should_retry)
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             kind, message = "timeout", "no answer within the timeout"
         elif isinstance(exc, aiohttp.ClientPayloadError):
@@ -138,6 +143,34 @@ class Client:
             if status != 200:
                 raise translate(status=status, headers=headers, body=raw, secret=self._key)
             decoded = json.loads(raw)
+        except RequestError:
+            raise
+        except Exception as exc:  # only translate() decides what a foreign error means
+            raise translate(exc, status=status, headers=headers, secret=self._key) from None
+        return decoded, headers, (time.monotonic() - started) * 1000.0
+
+    async def post_stream(self, body: bytes) -> tuple[Any, dict[str, str], float]:
+        """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
+        response body a non-streamed answer has (see pipeline.stream); raises RequestError."""
+        assert self._session is not None, "use the client as an async context manager"
+        started = time.monotonic()
+        status: int | None = None
+        headers: dict[str, str] = {}
+        try:
+            async with self._session.post(self.url, data=body, headers=self._headers) as resp:
+                status = resp.status
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                if status != 200:
+                    raise translate(status=status, headers=headers, body=await resp.read(), secret=self._key)
+                if not headers.get("content-type", "").startswith("text/event-stream"):
+                    decoded = json.loads(await resp.read())  # a server that ignored `stream: true`
+                else:
+                    assembler = StreamAssembler()
+                    async for data in resp.content.iter_any():
+                        assembler.feed_bytes(data)
+                        if assembler.done:
+                            break
+                    decoded = assembler.result()
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means

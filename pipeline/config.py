@@ -29,6 +29,8 @@ __all__ = [
     "LimitsConfig",
     "OutputConfig",
     "RunConfig",
+    "LabelsConfig",
+    "PricingConfig",
     "load_job",
     "parse_job",
 ]
@@ -117,6 +119,7 @@ class RequestConfig:
     max_tokens: int | None = None
     image_detail: str | None = None
     params: dict[str, Any] = field(default_factory=dict)  # passed into the body as is
+    stream: bool = False  # send `stream: true` and assemble the SSE answer (pipeline.stream)
 
     def __post_init__(self) -> None:
         if self.image_detail not in (None, "low", "high", "auto"):
@@ -155,6 +158,44 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """A labeling job: the answer must be JSON following `schema`; its top-level fields are columns."""
+
+    schema: dict[str, Any]
+    max_invalid_retries: int = 2  # answers that fail the schema are asked again this many times
+    send_response_format: bool = True  # False for endpoints that refuse `response_format`
+    name: str = "labels"  # the json_schema name sent in response_format
+
+    def __post_init__(self) -> None:
+        from .labels import schema_problem
+
+        problem = schema_problem(self.schema)
+        if problem:
+            raise JobError(f"[labels] schema: {problem}")
+        if self.max_invalid_retries < 0:
+            raise JobError(f"[labels] max_invalid_retries must be zero or more, not {self.max_invalid_retries}")
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    """Prices per million tokens; reasoning tokens are output tokens (they are in completion_tokens)."""
+
+    input_per_million: float | None = None  # the default, for a model not in `models`
+    output_per_million: float | None = None
+    models: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (input, output)
+    budget: float | None = None  # stop sending before the job's spend could pass this
+
+    def price(self, model: str | None, asked: str) -> tuple[float, float] | None:
+        """(input, output) per million for the model that answered, else the one asked for."""
+        for name in (model, asked):
+            if name is not None and name in self.models:
+                return self.models[name]
+        if self.input_per_million is None or self.output_per_million is None:
+            return None
+        return self.input_per_million, self.output_per_million
+
+
+@dataclass(frozen=True)
 class Job:
     name: str
     source: Path  # the job file
@@ -165,6 +206,8 @@ class Job:
     output: OutputConfig
     run: RunConfig
     serve: dict[str, Any] | None = None  # present: the run starts the built-in endpoint itself
+    labels: LabelsConfig | None = None
+    pricing: PricingConfig | None = None
 
     def request_shape(self) -> dict[str, Any]:
         """What shapes a request's answer; a change here invalidates the checkpoint's answers.
@@ -182,6 +225,10 @@ class Job:
             "image_column": self.input.image_column,
             "prompt_column": self.input.prompt_column,
             "id_column": self.input.id_column,
+            # `stream` is left out: a streamed answer makes the same row as a non-streamed one.
+            "labels": None if self.labels is None else {
+                "schema": self.labels.schema, "response_format": self.labels.send_response_format, "name": self.labels.name,
+            },
         }
 
     def shape_digest(self) -> str:
@@ -261,6 +308,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         prompt=sec.get("prompt", str, None),
         max_tokens=max_tokens,
         image_detail=sec.get("image_detail", str, None),
+        stream=sec.get("stream", bool, False),
         params={},
     )
     params = sec.rest()
@@ -304,6 +352,11 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
     _positive(sec, "shard_rows", run.shard_rows)
     sec.finish()
 
+    labels = _labels(_Section(src, "labels", top.get("labels", dict, None)), base) if "labels" in data else None
+    if labels is not None and labels.send_response_format and "response_format" in request.params:
+        raise JobError(f"{src}: [request] response_format: [labels] sends it; remove one of them")
+    pricing = _pricing(_Section(src, "pricing", top.get("pricing", dict, None)), endpoint, request) if "pricing" in data else None
+
     top.finish()
     return Job(
         name=name,
@@ -315,4 +368,62 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         output=output,
         run=run,
         serve=serve,
+        labels=labels,
+        pricing=pricing,
     )
+
+
+def _labels(sec: _Section, base: Path) -> LabelsConfig:
+    schema = sec.get("schema", (dict, str), required=True)
+    if isinstance(schema, str):  # a path to a JSON file, relative to the job file
+        path = (base / schema).resolve()
+        try:
+            schema = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise JobError(f"{sec.where('schema')}: cannot read {path} ({exc.strerror})") from None
+        except ValueError as exc:
+            raise JobError(f"{sec.where('schema')}: {path} is not valid JSON ({exc})") from None
+        if not isinstance(schema, dict):
+            raise JobError(f"{sec.where('schema')}: {path} must hold a JSON object (a JSON Schema)")
+    d = LabelsConfig.__dataclass_fields__
+    cfg = LabelsConfig(
+        schema=schema,
+        max_invalid_retries=sec.get("max_invalid_retries", int, d["max_invalid_retries"].default),
+        send_response_format=sec.get("send_response_format", bool, d["send_response_format"].default),
+        name=sec.get("name", str, d["name"].default),
+    )
+    sec.finish()
+    return cfg
+
+
+def _pricing(sec: _Section, endpoint: EndpointConfig, request: RequestConfig) -> PricingConfig:
+    def price(s: _Section, key: str) -> float | None:
+        value = s.get(key, float, None)
+        if value is not None:
+            _positive(s, key, value, allow_zero=True)
+        return value
+
+    default_in, default_out = price(sec, "input_per_million"), price(sec, "output_per_million")
+    if (default_in is None) != (default_out is None):
+        raise JobError(f"{sec.where('input_per_million')}: give both input_per_million and output_per_million, or neither")
+    models: dict[str, tuple[float, float]] = {}
+    for model, table in sec.get("models", dict, {}).items():
+        m = _Section(sec.source, f"pricing.models.{json.dumps(model)}", table)
+        p_in, p_out = price(m, "input_per_million"), price(m, "output_per_million")
+        if p_in is None or p_out is None:
+            raise JobError(f"{m.where('input_per_million')}: both input_per_million and output_per_million are required")
+        m.finish()
+        models[model] = (p_in, p_out)
+    budget = price(sec, "budget")
+    sec.finish()
+    cfg = PricingConfig(input_per_million=default_in, output_per_million=default_out, models=models, budget=budget)
+    if cfg.price(None, endpoint.model) is None:
+        raise JobError(
+            f"{sec.source}: [pricing] has no price for the model {endpoint.model!r}; set input_per_million and "
+            f"output_per_million, or add [pricing.models.\"{endpoint.model}\"]"
+        )
+    if budget is not None and request.max_tokens is None:
+        raise JobError(
+            f"{sec.where('budget')}: needs [request] max_tokens (without it a request's worst-case cost has no bound)"
+        )
+    return cfg

@@ -46,6 +46,13 @@ class RequestBuilder:
         self._tail: dict[str, Any] = {}
         if req.max_tokens is not None:
             self._tail["max_tokens"] = req.max_tokens
+        if req.stream:  # usage comes only when asked for, in a last chunk (pipeline.stream)
+            self._tail["stream"] = True
+            self._tail["stream_options"] = {"include_usage": True}
+        if job.labels is not None and job.labels.send_response_format:
+            from .labels import Labels
+
+            self._tail["response_format"] = Labels(job.labels).response_format()
         self._tail.update(req.params)
 
     def prompt(self, row: dict[str, Any]) -> str:

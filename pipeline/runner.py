@@ -7,8 +7,12 @@ Shape of a run:
   2. a producer reads pending shards one at a time into a bounded queue (memory stays flat);
   3. `max_concurrency` workers take rows, pace on the limiter, send, retry, and journal results;
   4. a shard whose last row is journaled is committed: part file, rename, commit record;
-  5. a stop (signal, quota, auth, endpoint down) lets in-flight requests finish within the grace
-     period, commits what arrived (partial shards included) and leaves the rest pending.
+  5. a stop (signal, quota, auth, endpoint down, budget) lets in-flight requests finish within the
+     grace period, commits what arrived (partial shards included) and leaves the rest pending.
+
+With `[request] stream` answers are read as SSE (pipeline.stream); with `[labels]` an answer must
+pass the schema (pipeline.labels) or is asked again; with `[pricing]` each row gets a cost and a
+budget holds each request's worst case before it is sent (pipeline.pricing).
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from .config import Job
 from .crashpoints import crash_point
 from .errors import InputError, JobError, RequestError, RowError, StopJob
 from .journal import Journal, read_journal
+from .labels import Labels
 from .limiter import Limiter
 from .manifest import Plan, Shard, plan_manifest, read_shard, row_ids
+from .pricing import Budget, row_cost, shard_spend, worst_case_cost
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from .writer import RESULT_SCHEMA, build_part, part_name, remove_leftovers, write_part
@@ -73,6 +79,7 @@ class _Counts:
     ok: int = 0
     failed: int = 0
     sent: int = 0  # HTTP requests made this run
+    spent: float = 0.0  # cost of this run's answers, from [pricing]
     by_kind: Counter = field(default_factory=Counter)
 
 
@@ -230,6 +237,8 @@ class _Engine:
         self.rng = random.Random()
         self.done_before = 0
         self.columns = self._request_columns()
+        self.labels = Labels(job.labels) if job.labels is not None else None
+        self.budget = Budget(job, 0.0)  # replaced in run() by one that knows the job's spend so far
 
     def _request_columns(self) -> list[str]:
         cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column) if c}
@@ -242,6 +251,10 @@ class _Engine:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.job.pricing is not None:
+            self.budget = await asyncio.to_thread(
+                Budget.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in todo]
+            )
         bar = self._bar()
         ticker = asyncio.create_task(self._tick(bar))
         syncer = asyncio.create_task(self.journal.sync_forever())
@@ -264,6 +277,7 @@ class _Engine:
             syncer.cancel()
             ticker.cancel()
             self.journal.close()
+            self.counts.spent = self.budget.spent_now
             self._update_bar(bar)
             if bar is not None:
                 bar.close()
@@ -394,22 +408,36 @@ class _Engine:
         except InputError as err:
             return _error_record(row_id, err, attempts=0)
         estimate = self._estimate(prompt, len(urls))
+        worst = worst_case_cost(self.job, prompt, len(urls)) if self.budget.limit is not None else 0.0
+        spent: float | None = None  # this row's cost over its attempts
+        invalid: dict[str, Any] | None = None  # the last answer that failed the [labels] schema
+        invalid_count = 0
         attempt = 0
         while True:
             if self.stopping.is_set():
-                return None
+                return invalid  # a paid answer that failed the schema is kept; else the row stays pending
             attempt += 1
             await self.limiter.acquire(estimate)
+            try:
+                held = await self.budget.hold(worst)  # may wait for requests in flight to settle
+            except StopJob as stop:
+                if invalid is None:
+                    raise
+                self._stop(stop)
+                return invalid
             if self.stopping.is_set():
-                return None
+                self.budget.settle(held, None)
+                return invalid
             self.counts.sent += 1
             try:
-                data, headers, latency = await self.client.post(body)
+                post = self.client.post_stream if self.job.request.stream else self.client.post
+                data, headers, latency = await post(body)
                 self.limiter.observe(headers)
                 answer = parse_response(data)
                 if answer.answer is None and answer.finish_reason != "length":
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
+                self.budget.settle(held, None)
                 if err.kind in STOP_KINDS:
                     raise StopJob(_stop_message(err), kind=err.kind) from None
                 if err.kind == "rate_limit":
@@ -420,11 +448,14 @@ class _Engine:
                         kind="endpoint_down",
                     ) from None
                 if not should_retry(err, attempt, self.limits.max_attempts):
-                    return _error_record(row_id, err, attempts=attempt)
+                    return {**_error_record(row_id, err, attempts=attempt), "cost": spent}
                 await asyncio.sleep(
                     retry_delay(err, attempt, now=time.time(), jitter=self.rng.random(), max_server_delay=self.limits.max_retry_after_s)
                 )
                 continue
+            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+            self.budget.settle(held, cost)
+            spent = cost if spent is None else spent + (cost or 0.0)
             self.breaker.success()
             self.limiter.settle(estimate, answer.total_tokens)
             record = {
@@ -441,10 +472,20 @@ class _Engine:
                 "error_kind": None,
                 "attempts": attempt,
                 "latency_ms": round(latency),
+                "cost": spent,
             }
             if answer.answer is None:  # finish_reason "length" before the thinking ended
                 record.update(status="error", error_kind="truncated",
                               error="cut off by max_tokens before the answer began (finish_reason: length)")
+            elif self.labels is not None:
+                try:
+                    record.update(self.labels.check(answer.answer))
+                except RequestError as err:  # invalid_output: ask again, up to max_invalid_retries
+                    invalid = {**record, "status": "error", "error_kind": err.kind, "error": err.describe()}
+                    invalid_count += 1
+                    if invalid_count > self.labels.config.max_invalid_retries:
+                        return invalid
+                    continue
             return record
 
     def _estimate(self, prompt: str, images: int) -> float:
@@ -492,7 +533,8 @@ class _Engine:
             return
         done = self.done_before + self.counts.ok + self.counts.failed
         bar.update(done - bar.n)
-        bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, refresh=False)
+        spend = {"spent": f"{self.budget.spent:.4f}"} if self.job.pricing is not None else {}
+        bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, **spend, refresh=False)
 
 
 def _stop_message(err: RequestError) -> str:
@@ -524,7 +566,8 @@ def _error_record(row_id: str, err: RowError, *, attempts: int) -> dict[str, Any
 def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids: list[str]) -> dict[str, Any] | None:
     """Journal -> part file -> rename -> commit record. Blocking; runs in a thread."""
     records = read_journal(ckpt.journal_dir, shard.index)
-    part = build_part(table, ids, records, job.input.id_column)
+    extra = Labels(job.labels).fields() if job.labels is not None else ()
+    part = build_part(table, ids, records, job.input.id_column, extra)
     if part.num_rows == 0:
         return None
     name, size = write_part(job.output.path, shard.index, part)
@@ -546,6 +589,8 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         "tokens": tokens,
         "at": time.time(),
     }
+    if job.pricing is not None:  # every attempt paid for in this shard, superseded ones included
+        record["spend"] = shard_spend(ckpt.journal_dir, shard.index)
     ckpt.record_commit(record)
     return record
 
@@ -574,6 +619,9 @@ def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Cou
     }
     if isinstance(stopped, StopJob):
         summary["stopped"] = {"kind": stopped.kind, "message": str(stopped)}
+    if job.pricing is not None:
+        summary["this_run"]["spent"] = round(counts.spent, 6)
+        summary["budget"] = job.pricing.budget
     ckpt.write_summary(summary)
     failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
     _say(
@@ -581,6 +629,9 @@ def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Cou
         f"{counts.sent} requests this run in {ended - started:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
         f"results in {job.output.path}"
     )
+    if job.pricing is not None:
+        limit = f" of a budget of {job.pricing.budget:g}" if job.pricing.budget is not None else ""
+        _say(f"spent {state['spend']:.4f}{limit} in all ({counts.spent:.4f} this run)")
     if isinstance(stopped, StopJob):
         _say(f"stopped: {stopped}")
     if code in (EXIT_STOPPED, *EXIT_SIGNAL.values()) or state["pending"]:
@@ -595,7 +646,9 @@ def dataset_state(plan: Plan, commits: dict[int, dict[str, Any]]) -> dict[str, A
     by_kind: Counter = Counter()
     ok = rows = 0
     tokens: Counter = Counter()
+    spend = 0.0
     for rec in commits.values():
+        spend += rec.get("spend") or 0.0
         ok += rec["ok"]
         rows += rec["rows"]
         by_kind.update(rec["failed"])
@@ -608,4 +661,5 @@ def dataset_state(plan: Plan, commits: dict[int, dict[str, Any]]) -> dict[str, A
         "failed_by_kind": dict(by_kind),
         "pending": max(0, total - rows),
         "tokens": {k: tokens.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "spend": round(spend, 6),  # from [pricing]; 0 without it
     }

@@ -15,6 +15,15 @@ it has no network. It can behave like a real provider under load or failing:
   quota, throttle (DashScope's AllocationQuota), drop (connection closed, no answer), cut (body
   cut midway), broken (200, not JSON), nochoices, slow (answer after `slow_ms`), length (thinking
   cut off by max_tokens);
+- streaming (`"stream": true` in the request): the same answer as SSE with `:` comment lines and,
+  when `stream_options.include_usage`, a last usage chunk; faults `cut` (connection closed midway),
+  `stream_end` (the stream ends cleanly before finish_reason and [DONE]), `stream_error` (an OpenAI
+  `{"error": ...}` chunk midway), `stream_error_vllm` (vLLM's `{"object": "error"}`), `no_usage` (no
+  usage chunk; without streaming, no usage field). `reasoning_only_stream` refuses requests without
+  streaming with a 400, as DashScope does for its QVQ models;
+- labeling: a request with a `json_schema` response_format is answered with a JSON object built from
+  the schema (first enum value, 0.5, a short text...), after the think block, in a ```json fence with
+  `fence_json`; fault `invalid_json` answers values of the wrong kinds instead;
 - GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit.
 """
 
@@ -37,13 +46,16 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from .errors import JobError
+from .stream import to_sse
 
 __all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess", "FAULTS"]
 
 FAULTS = (
     "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "quota", "throttle",
     "drop", "cut", "broken", "nochoices", "slow", "length",
+    "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
 )
+ONLY_STREAM_MESSAGE = "This model only support stream mode, please enable the stream parameter to access the model."
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class ServeOptions:
     row_faults: dict[str, str] = field(default_factory=dict)
     slow_ms: float = 5000.0
     record: bool = False  # keep every request (headers and body) for GET /requests: tests only
+    reasoning_only_stream: bool = False  # refuse requests without `stream: true` (like DashScope's QVQ)
+    fence_json: bool = False  # JSON answers (labeling) inside a ```json fence
 
     def __post_init__(self) -> None:
         for name in list(self.faults) + [v.split(":")[0] for v in self.row_faults.values()]:
@@ -211,6 +225,9 @@ def make_app(opts: ServeOptions) -> web.Application:
         prompt, urls = _user_parts(messages)
         key = prompt
         state.per_row[key] += 1
+        stream = body.get("stream") is True
+        if opts.reasoning_only_stream and not stream:
+            return _error(400, ONLY_STREAM_MESSAGE, "invalid_parameter_error")
         allowed, rate_headers, free_in = state.rate_check()
         if not allowed:
             state.over_limit += 1
@@ -226,12 +243,15 @@ def make_app(opts: ServeOptions) -> web.Application:
             await asyncio.sleep(delay / 1000)
         if fault in ("400", "401", "500", "503", "quota", "throttle") or (fault or "").startswith("429"):
             return _fault_response(fault, rate_headers)
+        if not stream and fault in ("stream_error", "stream_error_vllm"):
+            return _fault_response("500", rate_headers)
         if fault == "drop":
             assert request.transport is not None
             request.transport.close()
             return web.Response(status=599)  # never reaches the client
         max_tokens = body.get("max_tokens")
-        content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length")
+        content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length",
+                                      answer=_json_answer(body, prompt, opts, valid=fault != "invalid_json"))
         message: dict[str, Any] = {"content": content, "refusal": None, "role": "assistant", "annotations": None,
                                    "audio": None, "function_call": None, "tool_calls": None}
         if opts.reasoning_field != "content":
@@ -258,6 +278,12 @@ def make_app(opts: ServeOptions) -> web.Application:
                 "prompt_tokens_details": None,
             },
         }
+        if stream and fault != "broken":
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True and fault != "no_usage"
+            return await _stream(request, payload, fault, usage, rate_headers)
+        if fault == "no_usage":
+            del payload["usage"]
         raw = json.dumps(payload, ensure_ascii=False).encode()
         if fault == "broken":
             return web.Response(body=b"<html><body>502 Bad Gateway</body></html>", status=200,
@@ -313,6 +339,50 @@ def make_app(opts: ServeOptions) -> web.Application:
     return app
 
 
+async def _stream(
+    request: web.Request, payload: dict[str, Any], fault: str | None, usage: bool, rate_headers: dict[str, str]
+) -> web.StreamResponse:
+    events = to_sse(payload, include_usage=usage)
+    resp = web.StreamResponse(status=200, headers={**rate_headers, "Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(b": keep-alive\n\n")
+    finish = len(events) - (2 if usage else 1) - 1  # the finish_reason chunk
+    midway = max(1, finish // 2)
+    if fault in ("cut", "stream_end", "stream_error", "stream_error_vllm"):
+        events = events[:midway]
+    for i, event in enumerate(events):
+        await resp.write(event)
+        if i == 0:
+            await resp.write(b": still thinking\n\n")  # comments may come between events too
+    if fault == "cut":
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    if fault == "stream_error":
+        error = {"error": {"message": "The server had an error while processing your request", "type": "server_error",
+                           "param": None, "code": "server_error"}}
+        await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+    elif fault == "stream_error_vllm":
+        error = {"object": "error", "message": "Internal server error while generating", "type": "InternalServerError",
+                 "param": None, "code": 500}
+        await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _json_answer(body: dict[str, Any], prompt: str, opts: ServeOptions, *, valid: bool) -> str | None:
+    """For a labeling request (response_format json_schema): a JSON answer built from its schema."""
+    rf = body.get("response_format")
+    if not isinstance(rf, dict) or rf.get("type") != "json_schema":
+        return None
+    from .labels import example_for_schema  # here: the server starts without pyarrow and jsonschema
+
+    schema = (rf.get("json_schema") or {}).get("schema")
+    text = json.dumps(example_for_schema(schema, valid=valid, text=f"about {prompt[:60]}"), ensure_ascii=False)
+    return f"```json\n{text}\n```" if opts.fence_json else text
+
+
 def _user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     texts, urls = [], []
     for m in messages:
@@ -330,13 +400,16 @@ def _user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return "\n".join(texts), urls
 
 
-def _compose(prompt: str, urls: list[str], opts: ServeOptions, *, length_cut: bool) -> tuple[str, str]:
+def _compose(
+    prompt: str, urls: list[str], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
+) -> tuple[str, str]:
     seen = [describe_image(u, opts.analyze_images) for u in urls]
     reasoning = f"The user asks: {prompt!r}. I am shown {len(urls)} image(s); I describe each briefly."
     if length_cut:
         content = f"<think>\n{reasoning} Let me look more closely at" if opts.reasoning_field == "content" else ""
         return content, reasoning
-    answer = f"Answer to {prompt!r}: " + ("; ".join(f"image {i + 1} is {d}" for i, d in enumerate(seen)) or "no image given") + "."
+    if answer is None:
+        answer = f"Answer to {prompt!r}: " + ("; ".join(f"image {i + 1} is {d}" for i, d in enumerate(seen)) or "no image given") + "."
     if opts.answer_bytes and len(answer.encode()) < opts.answer_bytes:
         answer += " " + "x" * (opts.answer_bytes - len(answer.encode()) - 1)
     if opts.reasoning_field == "content":

@@ -46,6 +46,8 @@ def render(report: dict[str, Any]) -> str:
         f"tokens: {report['tokens']['prompt_tokens']} prompt, {report['tokens']['completion_tokens']} completion, "
         f"{report['tokens']['total_tokens']} total",
     ]
+    if report.get("spend"):
+        lines.append(f"spent: {report['spend']:.4f} (from [pricing])")
     if report["journaled_uncommitted"]:
         lines.append(f"answers kept but not yet written to the output: {report['journaled_uncommitted']} (the next run writes them)")
     last = report.get("last_run")

@@ -32,6 +32,7 @@ RESULT_SCHEMA = pa.schema(
         ("error_kind", pa.string()),
         ("attempts", pa.int32()),
         ("latency_ms", pa.int64()),
+        ("cost", pa.float64()),  # from [pricing]; null without it or without usage
     ]
 )
 RESERVED = {"id", *RESULT_SCHEMA.names}
@@ -41,29 +42,37 @@ def part_name(shard: int) -> str:
     return f"part-{shard:06d}.parquet"
 
 
-def output_columns(input_columns: list[str], id_column: str | None) -> list[tuple[str, str]]:
-    """(input column, output name) pairs: the id column is `id`; clashes get an `input_` prefix."""
+def output_columns(
+    input_columns: list[str], id_column: str | None, extra: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """(input column, output name) pairs: the id column is `id`; clashes get an `input_` prefix.
+    `extra`: names of further result columns (labels), reserved like the fixed ones."""
     pairs = []
     for col in input_columns:
         if col == id_column and col == "id":
             continue
-        pairs.append((col, f"input_{col}" if col in RESERVED else col))
+        pairs.append((col, f"input_{col}" if col in RESERVED or col in extra else col))
     return pairs
 
 
 def build_part(
-    table: pa.Table, ids: list[str], records: dict[str, dict[str, Any]], id_column: str | None
+    table: pa.Table,
+    ids: list[str],
+    records: dict[str, dict[str, Any]],
+    id_column: str | None,
+    extra_fields: list[pa.Field] | tuple[pa.Field, ...] = (),
 ) -> pa.Table:
-    """Rows of `table` that have a result, in manifest order, with the result columns added."""
+    """Rows of `table` that have a result, in manifest order, with the result columns added.
+    `extra_fields` (label columns) come after the input columns, read from the records' keys."""
     keep = [i for i, row_id in enumerate(ids) if row_id in records]
     recs = [records[ids[i]] for i in keep]
     rows = table.take(pa.array(keep, pa.int64())) if len(keep) != table.num_rows else table
     arrays: list[pa.Array] = [pa.array([ids[i] for i in keep], pa.string())]
     names = ["id"]
-    for col, name in output_columns(table.column_names, id_column):
+    for col, name in output_columns(table.column_names, id_column, frozenset(f.name for f in extra_fields)):
         arrays.append(rows.column(col))
         names.append(name)
-    for field in RESULT_SCHEMA:
+    for field in (*extra_fields, *RESULT_SCHEMA):
         arrays.append(pa.array([r.get(field.name) for r in recs], field.type))
         names.append(field.name)
     return pa.Table.from_arrays(arrays, names=names)

@@ -1,0 +1,272 @@
+"""The dry run: `pipeline run JOB --dry-run` checks a job and every manifest row, sends nothing.
+
+    code = dry_run(job)      # prints a short report on stdout; 0 ready, 1 rows would fail
+
+It reads the manifest one shard at a time (memory stays flat) and checks each row as the run would
+build it, without reading whole image files: ids (missing, repeated within a shard), prompts
+(empty, with no fallback), image cells (none, a bad JSON list), URLs (scheme, host), data URIs,
+local files (missing, unreadable, not an image by its first bytes, too large, outside the allowed
+folder). It counts the rows, estimates the tokens (text at ~4 characters a token, each image at
+`[limits] image_token_estimate`, output at most `max_tokens`), the cost from `[pricing]` and the
+time the rate limits imply, and lists the first few problems of each kind with their counts.
+
+Job-level problems (the key's variable unset, a column the job names but the manifest lacks, a
+prompt placeholder that is not a column) are listed too, and make the job not ready (exit 1).
+A job file that cannot be read at all is a JobError (exit 2), as for a run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from .checkpoint import Checkpoint
+from .config import Job
+from .errors import InputError, JobError
+from .manifest import Plan, plan_manifest, read_shard
+from .media import ImageSource, image_values, sniff_mime
+from .pricing import CHARS_PER_TOKEN
+from .request import RequestBuilder
+
+__all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
+
+SHOW_PER_KIND = 3  # examples printed per kind of problem
+DEFAULT_OUTPUT_TOKENS = 1024  # as the runner assumes for tokens_per_minute when max_tokens is unset
+
+
+class Report:
+    """What the dry run found: counts, estimates and problems by kind (first few kept)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bad_rows = 0
+        self.images = 0
+        self.text_chars = 0
+        self.problems: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = defaultdict(list)
+        self.job_problems: list[str] = []
+
+    def problem(self, kind: str, where: str, message: str) -> None:
+        self.problems[kind] += 1
+        if len(self.examples[kind]) < SHOW_PER_KIND:
+            self.examples[kind].append(f"{where}: {message}")
+
+
+def dry_run(job: Job, out: TextIO = sys.stdout) -> int:
+    report = Report()
+    if job.endpoint.api_key_env and not os.environ.get(job.endpoint.api_key_env):
+        report.job_problems.append(
+            f"[endpoint] api_key_env: the variable {job.endpoint.api_key_env} is not set; export it before the run"
+        )
+    plan: Plan | None = None
+    try:
+        plan = plan_manifest(job.input, job.run.shard_rows)
+    except JobError as exc:  # a missing column, an unreadable manifest: nothing more can be checked
+        report.job_problems.append(str(exc))
+    if plan is not None:
+        try:
+            check_rows(job, plan, report)
+        except JobError as exc:  # a placeholder that is not a column, a shard that cannot be read
+            report.job_problems.append(str(exc))
+    _print(job, plan, report, out)
+    return 0 if not report.job_problems and not report.bad_rows else 1
+
+
+def check_rows(job: Job, plan: Plan, report: Report) -> None:
+    builder = RequestBuilder(job, plan.columns)  # JobError for a placeholder that is not a column
+    images = builder.images
+    id_col, image_col = job.input.id_column, job.input.image_column
+    for shard in plan.shards:
+        table = read_shard(job.input, plan, shard)
+        seen: set[str] = set()
+        for i, row in enumerate(table.to_pylist()):
+            number = shard.first_row + i
+            where = f"row {number}"
+            report.rows += 1
+            bad = False
+            if id_col is not None:
+                value = row.get(id_col)
+                row_id = "" if value is None else str(value)
+                if not row_id:
+                    report.problem("missing_id", where, f"no {id_col!r}; every row needs an id")
+                    bad = True
+                elif row_id in seen:
+                    report.problem("duplicate_id", where, f"id {row_id!r} appears twice")
+                    bad = True
+                else:
+                    where = f"row {number} (id {row_id})"
+                seen.add(row_id)
+            chars = 0
+            try:
+                prompt = builder.prompt(row)
+                if not prompt.strip():
+                    raise InputError("the prompt is empty")
+                chars = len(prompt) + len(job.request.system_prompt or "")
+            except InputError as err:
+                report.problem("empty_prompt", where, err.message)
+                bad = True
+            count = 0
+            if image_col is not None:
+                count = _check_images(row.get(image_col), images, image_col, where, report)
+                bad = bad or count < 0
+            if bad:  # the estimates count only the rows that would be sent
+                report.bad_rows += 1
+            else:
+                report.text_chars += chars
+                report.images += count
+
+
+def _check_images(cell: Any, images: ImageSource, column: str, where: str, report: Report) -> int:
+    """The row's number of images, or -1 when its images would make it fail."""
+    try:
+        values = image_values(cell)
+    except InputError as err:
+        report.problem("bad_image_cell", where, err.message)
+        return -1
+    if not values:
+        report.problem("missing_image", where, f"no image in {column!r}")
+        return -1
+    bad = False
+    for value in values:
+        problem = image_problem(value, images)
+        if problem is not None:
+            report.problem(problem[0], where, problem[1])
+            bad = True
+    return -1 if bad else len(values)
+
+
+def image_problem(value: str, images: ImageSource) -> tuple[str, str] | None:
+    """(kind, message) when this image value would fail the row, else None. Reads at most a few
+    bytes of a local file: the run reads it whole."""
+    shown = repr(value[:120])
+    if value.startswith(("http://", "https://")):
+        parts = urlsplit(value)
+        if not parts.hostname or any(c.isspace() for c in value):
+            return "bad_url", f"not a usable URL: {shown}"
+        return None
+    if value.startswith("data:"):
+        head, comma, payload = value.partition(",")
+        if not comma or not head[5:].startswith("image/") or not head.endswith(";base64"):
+            return "bad_url", f"a data URI must be data:image/...;base64,...: {shown}"
+        try:
+            base64.b64decode(payload[:4096 - 4096 % 4], validate=True)
+        except (binascii.Error, ValueError):
+            return "bad_url", f"the data URI's payload is not base64: {shown}"
+        return None
+    if "://" in value:
+        return "bad_url", f"unsupported URL scheme (use http, https, data: or a local path): {shown}"
+    path = Path(value) if Path(value).is_absolute() else images.base / value
+    real = Path(os.path.realpath(path))
+    if not any(real == root or root in real.parents for root in images.roots):
+        return "outside_roots", f"the image path is outside the manifest's folder: {shown}"
+    try:
+        size = real.stat().st_size
+        with open(real, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return "missing_file", f"image file not found: {shown}"
+    except IsADirectoryError:
+        return "unreadable_file", f"a folder, not an image file: {shown}"
+    except OSError as exc:
+        return "unreadable_file", f"cannot read the image ({exc.strerror}): {shown}"
+    if sniff_mime(head) is None:
+        return "not_an_image", f"not an image (PNG, JPEG, WEBP or GIF) by its content: {shown}"
+    if size * 4 / 3 > images.max_b64_bytes:
+        return "too_large", f"image too large ({size} bytes, over {images.max_b64_bytes} as base64): {shown}"
+    return None
+
+
+def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
+    say = lambda line="": print(line, file=out)  # noqa: E731
+    say(f"dry run of {job.name} ({job.source}): nothing was sent")
+    for problem in report.job_problems:
+        say(f"job problem: {problem}")
+    if plan is None:
+        say("not ready: fix the job problem above")
+        return
+    good = report.rows - report.bad_rows
+    say(f"manifest: {job.input.path}, {report.rows} rows in {len(plan.shards)} shard(s); "
+        f"{good} ready, {report.bad_rows} would fail")
+    done = _rows_done(Checkpoint(job.output.checkpoint))
+    if done:
+        say(f"checkpoint: {done} rows already have a result; a run sends only the others (the estimates cover all rows)")
+    if report.problems:
+        say("problems:")
+        for kind, n in sorted(report.problems.items(), key=lambda kv: (-kv[1], kv[0])):
+            say(f"  {kind}: {n} row(s)")
+            for example in report.examples[kind]:
+                say(f"    {example}")
+            if n > len(report.examples[kind]):
+                say(f"    ... and {n - len(report.examples[kind])} more")
+    # Estimates cover the rows that would be sent.
+    text_tokens = report.text_chars // CHARS_PER_TOKEN
+    image_tokens = report.images * job.limits.image_token_estimate
+    per_row_out = job.request.max_tokens or DEFAULT_OUTPUT_TOKENS
+    out_tokens = good * per_row_out
+    in_tokens = text_tokens + image_tokens
+    out_note = f"max_tokens {per_row_out}" if job.request.max_tokens else f"no max_tokens: {per_row_out} assumed"
+    say(f"tokens (estimate): input about {in_tokens:,} (text {text_tokens:,}, {report.images} image(s) x "
+        f"{job.limits.image_token_estimate}), output at most {out_tokens:,} ({out_note} per row)")
+    if job.pricing is not None:
+        price = job.pricing.price(None, job.endpoint.model)
+        assert price is not None
+        cost_in, cost_out = in_tokens * price[0] / 1e6, out_tokens * price[1] / 1e6
+        say(f"cost (estimate, [pricing] for {job.endpoint.model}): input about {cost_in:.4f}, output at most "
+            f"{cost_out:.4f}, total at most {cost_in + cost_out:.4f}")
+        if job.pricing.budget is not None:
+            fits = "within it" if cost_in + cost_out <= job.pricing.budget else "the run may stop at the budget"
+            say(f"budget: {job.pricing.budget:g} ({fits})")
+    else:
+        say("cost: no [pricing] in the job")
+    say(f"time (estimate): at least {_duration(_minutes(job, good, in_tokens + out_tokens))} "
+        f"at the job's rate limits ({_limits(job)})")
+    reasons = [f"{report.bad_rows} row(s) would fail"] if report.bad_rows else []
+    if report.job_problems:
+        reasons.append("fix the job problem(s) above")
+    say(f"not ready: {'; '.join(reasons)}" if reasons else "ready")
+
+
+def _rows_done(ckpt: Checkpoint) -> int:
+    """Rows with a result, from the commit records; read only (Checkpoint.commits may repair)."""
+    latest: dict[int, int] = {}
+    try:
+        lines = ckpt.commits_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            latest[int(rec["shard"])] = int(rec["rows"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sum(latest.values())
+
+
+def _minutes(job: Job, requests: int, tokens: int) -> float:
+    minutes = requests / job.limits.requests_per_minute
+    if job.limits.tokens_per_minute > 0:
+        minutes = max(minutes, tokens / job.limits.tokens_per_minute)
+    return minutes
+
+
+def _limits(job: Job) -> str:
+    text = f"requests_per_minute {job.limits.requests_per_minute:g}"
+    if job.limits.tokens_per_minute > 0:
+        text += f", tokens_per_minute {job.limits.tokens_per_minute:g}"
+    return text
+
+
+def _duration(minutes: float) -> str:
+    seconds = minutes * 60
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if minutes < 90:
+        return f"{minutes:.1f} min"
+    return f"{minutes / 60:.1f} h"

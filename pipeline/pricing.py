@@ -1,0 +1,140 @@
+"""Pricing: what each answer cost, and a budget the run never passes.
+
+    cost = row_cost(job, answer.model, prompt_tokens, completion_tokens, total_tokens)
+    budget = Budget.for_run(job, journal_dir, commits, todo)  # the job's spend so far (checkpoint)
+    held = await budget.hold(worst)                  # StopJob(kind="budget") if it could pass
+    budget.settle(held, cost)                        # when the answer (or the failure) is in
+
+Prices are per million tokens, from `[pricing]`: the answering model's price when listed, else the
+asked-for model's, else the default. Reasoning tokens are billed as output: providers count them
+inside `completion_tokens`. An answer without usage has an unknown cost (None), never a guess.
+
+The job's spend is the sum of `cost` over every line of the journal, superseded attempts included
+(a row sent again with --retry-failed was paid for twice). Commit records keep each shard's spend,
+so a resumed run reads only the journals of shards it still works on.
+
+The budget holds, for every request in flight, its worst case: the estimated input plus
+`max_tokens` of output. A request is sent only when spend + holds + its own worst case stay within
+the budget. When they do not, it waits for the requests in flight to settle (their real cost is
+usually far below the worst case); when nothing is in flight and it still does not fit, the run
+stops sending, commits and exits 3 (raise the budget to continue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import Job
+from .errors import StopJob
+from .journal import journal_path
+
+__all__ = ["row_cost", "worst_case_cost", "estimate_input_tokens", "shard_spend", "Budget", "CHARS_PER_TOKEN"]
+
+CHARS_PER_TOKEN = 4  # a rough average over English and code; CJK text runs nearer 1-2
+_ROUND = 10  # decimals kept on costs: no float dust in the output
+
+
+def row_cost(job: Job, model: str | None, prompt: int | None, completion: int | None, total: int | None) -> float | None:
+    """The cost of one answer, or None when unknown (no [pricing], no price, or no usage)."""
+    if job.pricing is None:
+        return None
+    price = job.pricing.price(model, job.endpoint.model)
+    if price is None:
+        return None
+    if completion is None and total is not None and prompt is not None:
+        completion = total - prompt
+    if prompt is None or completion is None:
+        return None
+    return round((prompt * price[0] + completion * price[1]) / 1e6, _ROUND)
+
+
+def estimate_input_tokens(job: Job, prompt: str, images: int) -> int:
+    text = len(prompt) + len(job.request.system_prompt or "")
+    return int(text / CHARS_PER_TOKEN) + 1 + images * job.limits.image_token_estimate
+
+
+def worst_case_cost(job: Job, prompt: str, images: int) -> float:
+    """The most one request may cost: estimated input, all of max_tokens as output."""
+    assert job.pricing is not None
+    price = job.pricing.price(None, job.endpoint.model)
+    assert price is not None  # checked when the job was loaded
+    out = job.request.max_tokens or 0
+    return (estimate_input_tokens(job, prompt, images) * price[0] + out * price[1]) / 1e6
+
+
+def shard_spend(journal_dir: Path, shard: int) -> float:
+    """The sum of `cost` over every journal line of a shard (superseded attempts included)."""
+    try:
+        data = journal_path(journal_dir, shard).read_bytes()
+    except FileNotFoundError:
+        return 0.0
+    total = 0.0
+    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        try:
+            cost = json.loads(line).get("cost")
+        except ValueError:
+            continue  # a torn line: its row is sent again
+        if isinstance(cost, (int, float)):
+            total += cost
+    return round(total, _ROUND)
+
+
+class Budget:
+    """The run's running spend and its holds on requests in flight. Single-threaded (asyncio)."""
+
+    def __init__(self, job: Job, spent_before: float) -> None:
+        self.job = job
+        self.limit = job.pricing.budget if job.pricing is not None else None
+        self.spent_before = spent_before
+        self.spent_now = 0.0  # this run's spend
+        self.held = 0.0
+        self.in_flight = 0
+        self._settled = asyncio.Event()
+
+    @classmethod
+    def for_run(cls, job: Job, journal_dir: Path, commits: dict[int, dict[str, Any]], todo: list[int]) -> "Budget":
+        """`todo`: indices of the shards this run works on (their journal is read in full)."""
+        spent = 0.0
+        if job.pricing is not None:
+            todo_set = set(todo)
+            for index, rec in commits.items():
+                if index not in todo_set:
+                    spent += rec.get("spend") or 0.0
+            for index in todo_set:
+                spent += shard_spend(journal_dir, index)
+        return cls(job, spent)
+
+    @property
+    def spent(self) -> float:
+        """The job's spend so far, earlier runs included."""
+        return self.spent_before + self.spent_now
+
+    async def hold(self, worst: float) -> float:
+        """Hold `worst` for a request about to be sent, waiting while requests in flight may free
+        room; StopJob(kind="budget") when even with none in flight it could pass the budget."""
+        if self.limit is None:
+            return 0.0
+        while self.spent + self.held + worst > self.limit and self.in_flight > 0:
+            self._settled.clear()
+            await self._settled.wait()
+        if self.spent + self.held + worst > self.limit:
+            raise StopJob(
+                f"the budget of {self.limit:g} could be passed: {self.spent:.4f} spent so far and the next request "
+                f"may cost up to {worst:.4f}; raise [pricing] budget in {self.job.source} and run again to continue",
+                kind="budget",
+            )
+        self.held += worst
+        self.in_flight += 1
+        return worst
+
+    def settle(self, held: float, cost: float | None) -> None:
+        """The request is over: release its hold, add what it really cost (None: unknown, 0)."""
+        if self.limit is not None:
+            self.held = max(0.0, self.held - held)
+            self.in_flight -= 1
+        if cost:
+            self.spent_now += cost
+        self._settled.set()
