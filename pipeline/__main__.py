@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main
 
-sys.exit(main())
+    sys.exit(main())
+except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (start-up, planning)
+    print("interrupted before sending began; nothing was lost", file=sys.stderr)
+    sys.exit(130)

@@ -154,7 +154,9 @@ def test_signal_stops_commits_what_arrived_and_resumes(tmp_path: Path, endpoint_
     ep = endpoint_factory(latency_ms=50)
     job = make_job(tmp_path, ep.base_url, n=300, limits={"max_concurrency": 4, "grace_s": 5})
     proc = start_run(job)
-    time.sleep(2.0)
+    deadline = time.monotonic() + 60
+    while ep.stats()["requests"] < 30 and time.monotonic() < deadline:  # mid-run, whatever the load
+        time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
