@@ -27,11 +27,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from .config import Job
 from .errors import StopJob
 from .journal import journal_path
 
-__all__ = ["row_cost", "worst_case_cost", "estimate_input_tokens", "shard_spend", "Budget", "CHARS_PER_TOKEN"]
+__all__ = ["total_cost", "row_cost", "worst_case_cost", "estimate_input_tokens", "shard_spend", "Budget", "CHARS_PER_TOKEN"]
 
 CHARS_PER_TOKEN = 4  # a rough average over English and code; CJK text runs nearer 1-2
 _ROUND = 10  # decimals kept on costs: no float dust in the output
@@ -63,6 +66,11 @@ def worst_case_cost(job: Job, prompt: str, images: int) -> float:
     assert price is not None  # checked when the job was loaded
     out = job.request.max_tokens or 0
     return (estimate_input_tokens(job, prompt, images) * price[0] + out * price[1]) / 1e6
+
+
+def total_cost(lines: pa.Table) -> float:
+    """The sum of `cost` over journal lines read as a table (superseded attempts included)."""
+    return round(pc.sum(lines.column("cost")).as_py() or 0.0, _ROUND)
 
 
 def shard_spend(journal_dir: Path, shard: int) -> float:

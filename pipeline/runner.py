@@ -41,20 +41,22 @@ from .client import Client
 from .config import Job
 from .crashpoints import crash_point
 from .errors import InputError, JobError, RequestError, RowError, StopJob
-from .journal import Journal, read_journal
+from .journal import Journal, latest_per_id, read_journal_table, repair_tail
 from .labels import Labels
 from .limiter import Limiter
 from .manifest import Plan, Shard, plan_manifest, read_shard, row_ids
-from .pricing import Budget, row_cost, shard_spend, worst_case_cost
+from .pricing import Budget, row_cost, total_cost, worst_case_cost
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
-from .writer import RESULT_SCHEMA, build_part, part_name, remove_leftovers, write_part
+from .writer import RESULT_SCHEMA, build_part, journal_schema, part_name, remove_leftovers, write_part
 
 __all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCKED"]
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCKED = 0, 1, 2, 3, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 PROGRESS_EVERY_S = 0.25
+ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
+DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
 DEFAULT_OUTPUT_TOKENS = 1024  # for tokens_per_minute when max_tokens is unset
 
 
@@ -338,14 +340,17 @@ class _Engine:
                     i
                     for i, row_id in enumerate(ids)
                     if (rec := done.get(row_id)) is None
-                    or (retry is not None and rec["status"] == "error" and (not retry or rec["error_kind"] in retry))
+                    or (retry is not None and rec[0] == "error" and (not retry or rec[1] in retry))
                 ]
+                del done
                 self.done_before += len(ids) - len(send)
                 work = _ShardWork(shard, table, ids, pending=len(send))
                 self.work[shard.index] = work
-                rows = table.select(self.columns).take(pa.array(send, pa.int64())).to_pylist() if send else []
-                for i, row in zip(send, rows):
-                    await self.queue.put((work, i, row))
+                needed = table.select(self.columns)
+                for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
+                    batch = send[start : start + ROWS_PER_BATCH]
+                    for i, row in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
+                        await self.queue.put((work, i, row))
                 work.enqueued = True
                 if work.pending == 0:
                     self._schedule_commit(work)
@@ -358,16 +363,21 @@ class _Engine:
                     self.queue.put_nowait(None)
             raise
 
-    def _answers_so_far(self, shard: Shard) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-        """The shard's results: its journal, or its committed part file if the journal was lost
-        (a deleted checkpoint folder must not make --retry-failed buy the whole shard again)."""
-        done = read_journal(self.ckpt.journal_dir, shard.index, repair=True)
+    def _answers_so_far(self, shard: Shard) -> tuple[dict[str, tuple[str, str | None]], list[dict[str, Any]]]:
+        """(id -> (status, error_kind)) of the shard's answered rows, from its journal, or from
+        its committed part file if the journal was lost (a deleted checkpoint folder must not
+        make --retry-failed buy the whole shard again); plus the records to restore."""
+        repair_tail(self.ckpt.journal_dir, shard.index)
+        latest = latest_per_id(read_journal_table(self.ckpt.journal_dir, shard.index, DONE_SCHEMA))
+        done = dict(zip(latest.column("id").to_pylist(),
+                        zip(latest.column("status").to_pylist(), latest.column("error_kind").to_pylist())))
         path = self.job.output.path / part_name(shard.index)
         restored = []
         if len(done) < self.committed_rows.get(shard.index, 0) and path.exists():
-            for rec in pq.read_table(path, columns=["id", *RESULT_SCHEMA.names]).to_pylist():
+            columns = journal_schema(self.labels.fields() if self.labels is not None else ()).names
+            for rec in pq.read_table(path, columns=columns).to_pylist():
                 if rec["id"] not in done:
-                    done[rec["id"]] = rec
+                    done[rec["id"]] = (rec["status"], rec["error_kind"])
                     restored.append(rec)
         return done, restored
 
@@ -565,9 +575,9 @@ def _error_record(row_id: str, err: RowError, *, attempts: int) -> dict[str, Any
 
 def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids: list[str]) -> dict[str, Any] | None:
     """Journal -> part file -> rename -> commit record. Blocking; runs in a thread."""
-    records = read_journal(ckpt.journal_dir, shard.index)
     extra = Labels(job.labels).fields() if job.labels is not None else ()
-    part = build_part(table, ids, records, job.input.id_column, extra)
+    lines = read_journal_table(ckpt.journal_dir, shard.index, journal_schema(extra))
+    part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra)
     if part.num_rows == 0:
         return None
     name, size = write_part(job.output.path, shard.index, part)
@@ -590,7 +600,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         "at": time.time(),
     }
     if job.pricing is not None:  # every attempt paid for in this shard, superseded ones included
-        record["spend"] = shard_spend(ckpt.journal_dir, shard.index)
+        record["spend"] = total_cost(lines)
     ckpt.record_commit(record)
     return record
 

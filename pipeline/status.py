@@ -7,10 +7,14 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .config import Job
-from .journal import read_journal
+import pyarrow as pa
+
+from .journal import latest_per_id, read_journal_table
 from .runner import dataset_state
 
 __all__ = ["job_status", "render"]
+
+_IDS = pa.schema([("id", pa.string())])
 
 
 def job_status(job: Job) -> dict[str, Any]:
@@ -25,7 +29,8 @@ def job_status(job: Job) -> dict[str, Any]:
     for shard in plan.shards:
         rec = commits.get(shard.index)
         if rec is None or rec["rows"] < shard.rows:
-            journaled += max(0, len(read_journal(ckpt.journal_dir, shard.index)) - (rec["rows"] if rec else 0))
+            answered = latest_per_id(read_journal_table(ckpt.journal_dir, shard.index, _IDS)).num_rows
+            journaled += max(0, answered - (rec["rows"] if rec else 0))
     return {
         "job": job.name,
         "started": True,

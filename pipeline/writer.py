@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .crashpoints import crash_point
 
-__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "write_part", "remove_leftovers", "output_columns"]
+__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "remove_leftovers", "output_columns"]
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -58,24 +59,35 @@ def output_columns(
 def build_part(
     table: pa.Table,
     ids: list[str],
-    records: dict[str, dict[str, Any]],
+    results: pa.Table,
     id_column: str | None,
     extra_fields: list[pa.Field] | tuple[pa.Field, ...] = (),
 ) -> pa.Table:
     """Rows of `table` that have a result, in manifest order, with the result columns added.
-    `extra_fields` (label columns) come after the input columns, read from the records' keys."""
-    keep = [i for i, row_id in enumerate(ids) if row_id in records]
-    recs = [records[ids[i]] for i in keep]
-    rows = table.take(pa.array(keep, pa.int64())) if len(keep) != table.num_rows else table
-    arrays: list[pa.Array] = [pa.array([ids[i] for i in keep], pa.string())]
+
+    `results` has one row per id (see journal.latest_per_id) with `extra_fields` (label columns)
+    and RESULT_SCHEMA's columns; rows are matched by id, never by position.
+    """
+    row_ids = pa.array(ids, pa.string())
+    where = pc.index_in(row_ids, value_set=results.column("id"))
+    has = pc.is_valid(where)
+    if not pc.all(has).as_py():
+        row_ids, where, table = row_ids.filter(has), where.filter(has), table.filter(has)
+    matched = results.take(where)
+    arrays: list[pa.Array | pa.ChunkedArray] = [row_ids]
     names = ["id"]
     for col, name in output_columns(table.column_names, id_column, frozenset(f.name for f in extra_fields)):
-        arrays.append(rows.column(col))
+        arrays.append(table.column(col))
         names.append(name)
     for field in (*extra_fields, *RESULT_SCHEMA):
-        arrays.append(pa.array([r.get(field.name) for r in recs], field.type))
+        arrays.append(matched.column(field.name).cast(field.type))
         names.append(field.name)
     return pa.Table.from_arrays(arrays, names=names)
+
+
+def journal_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """The columns a journal line holds, typed as the part file wants them."""
+    return pa.schema([pa.field("id", pa.string()), *extra_fields, *RESULT_SCHEMA])
 
 
 def _fsync_dir(folder: Path) -> None:
