@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .crashpoints import crash_point
@@ -68,13 +67,16 @@ def build_part(
     `results` has one row per id (see journal.latest_per_id) with `extra_fields` (label columns)
     and RESULT_SCHEMA's columns; rows are matched by id, never by position.
     """
-    row_ids = pa.array(ids, pa.string())
-    where = pc.index_in(row_ids, value_set=results.column("id"))
-    has = pc.is_valid(where)
-    if not pc.all(has).as_py():
-        row_ids, where, table = row_ids.filter(has), where.filter(has), table.filter(has)
-    matched = results.take(where)
-    arrays: list[pa.Array | pa.ChunkedArray] = [row_ids]
+    # Plain dicts, not pc.index_in: its hash table reserves ~40 MB that the allocator then keeps.
+    position = {row_id: i for i, row_id in enumerate(results.column("id").to_pylist())}
+    where = [position.get(row_id) for row_id in ids]
+    if None in where:
+        keep = [i for i, w in enumerate(where) if w is not None]
+        table = table.take(pa.array(keep, pa.int64()))
+        ids = [ids[i] for i in keep]
+        where = [where[i] for i in keep]
+    matched = results.take(pa.array(where, pa.int64()))
+    arrays: list[pa.Array | pa.ChunkedArray] = [pa.array(ids, pa.string())]
     names = ["id"]
     for col, name in output_columns(table.column_names, id_column, frozenset(f.name for f in extra_fields)):
         arrays.append(table.column(col))
