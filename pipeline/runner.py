@@ -208,7 +208,6 @@ class _Engine:
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(maxsize=2 * job.limits.max_concurrency)
         self.work: dict[int, _ShardWork] = {}
         self.stop_reason: StopJob | None = None
-        self.posting: set[asyncio.Task[Any]] = set()  # workers waiting on an HTTP answer
         self.held: list[tuple[_ShardWork, dict[str, Any]]] = []  # endpoint-fault errors during a failure streak
         self.stop_signal: int | None = None
         self.stopping = asyncio.Event()
@@ -260,12 +259,7 @@ class _Engine:
         await asyncio.wait([everything, stop], return_when=asyncio.FIRST_COMPLETED)
         if not everything.done():
             producer.cancel()
-            # Workers waiting for a place, a backoff or a row have nothing to lose: stop them now
-            # (their rows stay pending). In-flight requests may be answers already paid for: give
-            # them the grace period.
-            for w in workers:
-                if w not in self.posting:
-                    w.cancel()
+            # In-flight requests may be answers already paid for: give them the grace period.
             await asyncio.wait([everything], timeout=self.limits.grace_s)
             for w in workers:
                 w.cancel()
@@ -374,6 +368,21 @@ class _Engine:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
+    async def _acquire(self, estimate: float) -> float | None:
+        """A place from the limiter (its grant time), or None when a stop comes first: a worker
+        waiting out a 429's pause must not hold a stop for the whole grace period."""
+        if self.stopping.is_set():
+            return None
+        place = asyncio.ensure_future(self.limiter.acquire(estimate))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((place, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not place.done():
+                place.cancel()
+        return place.result() if place.done() else None
+
     async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
         try:
             prompt = self.builder.prompt(row)
@@ -390,18 +399,12 @@ class _Engine:
             if self.stopping.is_set():
                 return None
             attempt += 1
-            sent_at = await self.limiter.acquire(estimate)
-            if self.stopping.is_set():
+            sent_at = await self._acquire(estimate)
+            if sent_at is None or self.stopping.is_set():
                 return None
             self.counts.sent += 1
-            task = asyncio.current_task()
-            assert task is not None
-            self.posting.add(task)
             try:
-                try:
-                    data, headers, latency = await self.client.post(body)
-                finally:
-                    self.posting.discard(task)
+                data, headers, latency = await self.client.post(body)
                 self.limiter.observe(headers)
                 answer = parse_response(data)
                 if answer.answer is None and answer.finish_reason != "length":
