@@ -8,6 +8,7 @@ come back early if it honoured the server), never "took less than".
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -103,3 +104,43 @@ def test_rate_limited_endpoint_without_any_header(tmp_path: Path, endpoint_facto
     stats = ep.stats()
     assert stats["statuses"].get("429", 0) > 0  # the limit was really met
     assert stats["over_limit"] <= 0.5 * stats["requests"], stats
+
+
+def test_serve_command_line_enforces_a_limit_and_row_faults() -> None:
+    """`pipeline serve` flags, not a JSON table: the limit with its headers, a row fault, /stats."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--port", "0", "--rate-limit", "2", "--rate-window-s", "60",
+         "--rate-headers", "retry-after-ms", "--row-fault", "picture bad=400"],
+        stdout=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        base = proc.stdout.readline().decode().strip().removeprefix("serving on ")
+
+        def post(prompt: str) -> tuple[int, dict[str, str]]:
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]}).encode()
+            req = urllib.request.Request(base + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, {k.lower(): v for k, v in r.headers.items()}
+            except urllib.error.HTTPError as e:
+                return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+        status, headers = post("Describe picture good")
+        assert status == 200 and headers["x-ratelimit-remaining-requests"] == "1"
+        assert post("Describe picture bad")[0] == 400
+        status, headers = post("Describe picture good")
+        assert status == 429 and float(headers["retry-after-ms"]) > 50_000  # the window frees in about a minute
+        with urllib.request.urlopen(base.removesuffix("/v1") + "/stats", timeout=10) as r:
+            stats = json.loads(r.read())
+        assert stats["over_limit"] == 1 and stats["per_row"]["Describe picture good"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(10)
