@@ -111,12 +111,18 @@ class Limiter:
     def interval(self) -> float:
         return 1.0 / self.rate_per_s
 
-    async def acquire(self, estimated_tokens: float = 0.0) -> float:
-        """Wait for a place to send; returns the time (on `clock`) the place was granted."""
+    async def acquire(self, estimated_tokens: float = 0.0, *, stop: asyncio.Event | None = None) -> float | None:
+        """Wait for a place to send; returns the time (on `clock`) the place was granted.
+
+        With `stop`, the wait ends when that event is set and None is returned (nothing granted):
+        a worker waiting out a 429's pause must not hold up a stop.
+        """
         while True:
+            if stop is not None and stop.is_set():
+                return None
             now = self.clock()
             if self.paused_until > now:
-                await asyncio.sleep(self.paused_until - now)
+                await _sleep(self.paused_until - now, stop)
                 continue
             self._recover(now)
             generation = self.generation
@@ -124,8 +130,10 @@ class Limiter:
             cost = estimated_tokens if self.tokens is not None and estimated_tokens > 0 else 0.0
             if cost:
                 slot = self.tokens.reserve(cost, slot)
-            if slot > now:
-                await asyncio.sleep(slot - now)
+            if slot > now and not await _sleep(slot - now, stop):
+                if cost:
+                    self.tokens.adjust(-cost)
+                return None
             now = self.clock()
             if self.paused_until <= now and self.generation == generation:
                 return now
@@ -192,6 +200,18 @@ class Limiter:
         if steps > 0:
             self.factor = min(1.0, self.factor + RECOVER_STEP * steps)
             self.recovered_at += steps * RECOVER_EVERY_S
+
+
+async def _sleep(seconds: float, stop: asyncio.Event | None) -> bool:
+    """Sleep; False when `stop` was set first."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return True
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        return True
+    return False
 
 
 def _loop_clock() -> float:

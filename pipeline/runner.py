@@ -368,21 +368,6 @@ class _Engine:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
-    async def _acquire(self, estimate: float) -> float | None:
-        """A place from the limiter (its grant time), or None when a stop comes first: a worker
-        waiting out a 429's pause must not hold a stop for the whole grace period."""
-        if self.stopping.is_set():
-            return None
-        place = asyncio.ensure_future(self.limiter.acquire(estimate))
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait((place, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not place.done():
-                place.cancel()
-        return place.result() if place.done() else None
-
     async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
         try:
             prompt = self.builder.prompt(row)
@@ -399,7 +384,7 @@ class _Engine:
             if self.stopping.is_set():
                 return None
             attempt += 1
-            sent_at = await self._acquire(estimate)
+            sent_at = await self.limiter.acquire(estimate, stop=self.stopping)  # None: a stop came first
             if sent_at is None or self.stopping.is_set():
                 return None
             self.counts.sent += 1

@@ -16,6 +16,7 @@ it has no network. It can behave like a real provider under load or failing:
   (connection closed, no answer), cut (body cut midway), broken (200, not JSON), nochoices, slow
   (answer after `slow_ms`), length (thinking cut off by max_tokens). Injected 429s ask for
   `fault_retry_after_s`; `x_should_retry = {"500": "false"}` adds that header to a fault's answers;
+  `row_latency_ms = {"text in the prompt": 500}` answers those rows (any answer) that much later;
 - GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit;
   with `record`, GET /requests lists each request with its arrival time, row and status.
 """
@@ -66,6 +67,7 @@ class ServeOptions:
     faults: dict[str, float] = field(default_factory=dict)
     row_faults: dict[str, str] = field(default_factory=dict)
     slow_ms: float = 5000.0
+    row_latency_ms: dict[str, float] = field(default_factory=dict)  # prompt text -> extra delay for those rows
     fault_retry_after_s: float = 1.0  # the delay injected 429s ask for
     x_should_retry: dict[str, str] = field(default_factory=dict)  # fault name -> "true"/"false"
     record: bool = False  # keep every request (headers and body) for GET /requests: tests only
@@ -241,6 +243,7 @@ def make_app(opts: ServeOptions) -> web.Application:
         delay = opts.latency_ms + (state.rng.random() * opts.latency_jitter_ms if opts.latency_jitter_ms else 0)
         if fault == "slow":
             delay += opts.slow_ms
+        delay += sum(ms for needle, ms in opts.row_latency_ms.items() if needle in key)
         if delay:
             await asyncio.sleep(delay / 1000)
         if fault in ("400", "401", "500", "503", "quota", "throttle") or (fault or "").startswith("429"):

@@ -139,16 +139,21 @@ def test_quota_stops_the_job_and_a_rerun_after_topping_up_finishes(tmp_path: Pat
 
 
 def test_a_stop_does_not_wait_out_pauses_and_backoffs(tmp_path: Path, endpoint_factory: Any) -> None:
-    """Row 1 gets a 429 asking for 30 s (the pool pauses, row 1 backs off) while row 2's quota 429
-    is on its way: the job stops at once, not after the pause or the grace period (10 s)."""
+    """Row 1 gets a 429 asking for 30 s: row 1 backs off and the pool pauses, so the next rows
+    wait for a place. Row 2's quota 429, sent before and answered after (0.5 s), stops the job:
+    at once, not after the pause or the grace period (10 s)."""
     ep = endpoint_factory(row_faults={prompt_of(rid(1)): "429", prompt_of(rid(2)): "quota"},
-                          fault_retry_after_s=30, latency_ms=50)
+                          row_latency_ms={prompt_of(rid(2)): 500}, fault_retry_after_s=30, latency_ms=20, record=True)
     path = make_job(tmp_path, ep.base_url, 30, limits={"max_concurrency": 3})
     assert run_job(path) == EXIT_STOPPED
     s = summary(tmp_path)
     assert s["stopped"]["kind"] == "quota"
-    assert s["duration_s"] < 8.0, s  # the paused workers were let go, not waited for
+    assert s["duration_s"] < 8.0, s  # the waiting workers were let go, not waited for
     assert s["failed"] == 0 and s["pending"] == 30 - s["ok"]
+    # the stop came while the pool was paused: nothing was sent after the 429
+    log = ep.requests()
+    refused = next(e["t"] for e in log if e["row"] == prompt_of(rid(1)))
+    assert [e["row"] for e in log if e["t"] > refused + 0.2] == []
 
 
 def test_401_stops_at_once_without_error_rows_or_the_key_anywhere(tmp_path: Path, endpoint_factory: Any) -> None:

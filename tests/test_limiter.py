@@ -324,3 +324,22 @@ def test_without_tokens_per_minute_estimates_are_ignored() -> None:
         return grants
 
     assert len(run_virtual(main)) >= 95
+
+
+def test_a_stop_ends_the_wait_for_a_place() -> None:
+    async def main() -> tuple[list[Any], float]:
+        loop = asyncio.get_running_loop()
+        limiter = Limiter(60, 60_000, burst=1)
+        stop = asyncio.Event()
+        assert await limiter.acquire(10.0, stop=stop) is not None  # the first place is free
+        limiter.pause(3600.0)
+        t0 = loop.time()
+        waiting = [asyncio.create_task(limiter.acquire(5_000.0, stop=stop)) for _ in range(3)]
+        await asyncio.sleep(5.0)
+        stop.set()
+        got = await asyncio.gather(*waiting)
+        return got, loop.time() - t0
+
+    got, waited = run_virtual(main)
+    assert got == [None, None, None]  # nothing granted
+    assert waited < 6.0  # not the hour's pause
