@@ -177,6 +177,8 @@ class Limiter:
     def pause(self, seconds: float) -> None:
         """No request starts for `seconds` (capped by max_pause_s)."""
         self.paused_until = max(self.paused_until, self.clock() + min(seconds, self.max_pause_s))
+        if self.factor < 1.0:  # a slowed pace recovers from the end of the pause, not during it
+            self.recovered_at = max(self.recovered_at, self.paused_until)
 
     def observe(self, headers: dict[str, str]) -> None:
         """Keep under the server's real limit when it says so (x-ratelimit-remaining-*)."""

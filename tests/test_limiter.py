@@ -343,3 +343,22 @@ def test_a_stop_ends_the_wait_for_a_place() -> None:
     got, waited = run_virtual(main)
     assert got == [None, None, None]  # nothing granted
     assert waited < 6.0  # not the hour's pause
+
+
+def test_recovery_does_not_run_down_during_a_later_pause() -> None:
+    rpm = 600
+    full = rpm / 60 * SAFETY * RECOVER_EVERY_S
+    limiter = Limiter(rpm, burst=1)
+
+    def second_429() -> None:  # a later 429 of the same burst asks for a longer pause
+        limiter.slow_down(20.0, sent_at=-1.0)
+
+    async def main() -> list[float]:
+        return await drive(limiter, until=50.0, workers=8,
+                           events={10.0: lambda: limiter.slow_down(1.0), 10.5: second_429})
+
+    grants = run_virtual(main)
+    assert limiter.slowdowns == 1
+    assert count_between(grants, 10.0 + 1e-6, 30.5) == 0
+    # back at half the pace after the long pause, not at full pace recovered during it
+    assert count_between(grants, 30.5, 30.5 + RECOVER_EVERY_S) <= 0.55 * full + 1
