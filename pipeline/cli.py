@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--rate-headers", default="retry-after")
     v.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                    help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03")
+    v.add_argument("--row-fault", action="append", default=[], metavar="TEXT=FAULT[:N]",
+                   help="rows whose prompt contains TEXT always get FAULT (or only their first N requests)")
+    v.add_argument("--slow-ms", type=float, default=5000.0, help="how late the 'slow' fault answers")
+    v.add_argument("--fault-retry-after-s", type=float, default=1.0, help="the delay injected 429s ask for")
     v.add_argument("--answer-bytes", type=int, default=0)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--options-json", default=None, help="all options as a JSON object (as a job's [serve] table)")
@@ -111,9 +115,20 @@ def _serve(args: argparse.Namespace) -> int:
             host=args.host, port=args.port, latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms,
             rate_limit=args.rate_limit, rate_window_s=args.rate_window_s, rate_headers=args.rate_headers,
             faults=faults, answer_bytes=args.answer_bytes, seed=args.seed,
+            row_faults=_row_faults(args.row_fault), slow_ms=args.slow_ms, fault_retry_after_s=args.fault_retry_after_s,
         )
     try:
         event_loop_runner()(serve_forever(opts))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _row_faults(specs: list[str]) -> dict[str, str]:
+    faults = {}
+    for spec in specs:
+        text, _, fault = spec.rpartition("=")
+        if not text or not fault:
+            raise JobError(f"--row-fault {spec!r}: use TEXT=FAULT, e.g. --row-fault 'row-00007=400' or 'row-00003=503:2'")
+        faults[text] = fault
+    return faults

@@ -20,17 +20,20 @@ from .stream import StreamAssembler, StreamError
 __all__ = ["Client", "translate", "classify_status"]
 
 # 429 bodies that mean "no money left", not "too fast": retrying cannot help.
+# Checked on any 4xx: OpenAI sends billing_hard_limit_reached as a 400, DashScope "Arrearage"
+# (account in arrears) as a 400; either way every further row would fail the same way.
 QUOTA_CODES = frozenset(
-    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "spend_limit_reached", "quota_exceeded"}
+    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "spend_limit_reached", "quota_exceeded",
+     "Arrearage"}
 )
 _MESSAGE_CAP = 500
 
 
 def classify_status(status: int, code: str | None) -> str:
-    if status == 429:
-        if code == DASHSCOPE_THROTTLE:  # quota wording, but a transient per-minute throttle
-            return "rate_limit"
-        return "quota" if code in QUOTA_CODES else "rate_limit"
+    if 400 <= status < 500 and code in QUOTA_CODES:
+        return "quota"
+    if status == 429:  # any other 429, DashScope's quota-worded AllocationQuota included, clears by itself
+        return "rate_limit"
     if status in (401, 403):
         return "auth"
     if status == 402:
@@ -52,13 +55,17 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
         message = err.get("message") or text
-        code = err.get("code") or err.get("type")
+        fields = (err.get("code"), err.get("type"))
     elif isinstance(body, dict):
         message = body.get("message") or (err if isinstance(err, str) else text)
-        code = body.get("code") or body.get("type")
+        fields = (body.get("code"), body.get("type"))
     else:
         return text[:_MESSAGE_CAP], None
-    return str(message)[:_MESSAGE_CAP], str(code) if code is not None else None
+    names = [str(f) for f in fields if f not in (None, "")]
+    # A quota may be named in `type` while `code` holds something generic: the telling one wins.
+    telling = [n for n in names if n in QUOTA_CODES or n == DASHSCOPE_THROTTLE]
+    code = (telling or names or [None])[0]
+    return str(message)[:_MESSAGE_CAP], code
 
 
 def translate(

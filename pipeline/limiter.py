@@ -1,29 +1,38 @@
 """The limiter: requests per minute and tokens per minute, paced smoothly, adapting to 429s.
 
     limiter = Limiter(requests_per_minute=600, tokens_per_minute=0)
-    await limiter.acquire(estimated_tokens)      # before each attempt
-    limiter.settle(estimated_tokens, actual)     # after usage comes back
-    limiter.slow_down(server_delay)              # on a 429: pauses and slows the whole pool
+    sent_at = await limiter.acquire(estimated_tokens)   # before each attempt
+    limiter.settle(estimated_tokens, actual)            # after usage comes back
+    limiter.slow_down(server_delay, sent_at=sent_at)    # on a 429: pauses and slows the whole pool
+    limiter.observe(headers)                            # x-ratelimit-remaining-* from any answer
 
-Requests are paced with aiolimiter as a leaky bucket of `burst` places draining at
-(rpm - burst) / 60 per second, trimmed by `SAFETY`: in any window of T seconds at most
-burst + rate*T requests start, so never more than rpm in any sixty seconds and about rpm/60
-in any one second. A minute's quota is never fired in its first second.
+Requests are paced by a slot schedule (GCRA, the "virtual scheduling" form of a leaky bucket):
+each acquire reserves the next start time, `interval` after the previous one, and up to `burst`
+may start together after an idle spell. In any window of T seconds at most burst + T/interval
+requests start; the interval is set from (rpm - burst) / 60 per second, trimmed by `SAFETY`, so
+never more than rpm start in any sixty seconds and about rpm/60 (+ burst) in any one second: a
+minute's quota is never fired in its first second.
 
+Why a schedule and not aiolimiter's bucket: the adaptive rate changes while workers wait. A
+schedule changes its spacing in place for every later reservation; replacing a bucket object
+would let the waiters on the old one and the new one both go (twice the rate) and re-grant the
+burst. A pause (a 429's Retry-After, a spent x-ratelimit-remaining) is checked again after each
+reserved wait, so a worker that reserved a slot before the 429 arrived does not send during it.
+
+The clock is a parameter (the event loop's clock by default) so tests drive it virtually.
 Concurrency (requests in flight) is not this module's business: it is the runner's worker count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Callable
 
-from aiolimiter import AsyncLimiter
-
 from .retry import parse_duration
 
-__all__ = ["Limiter", "TokenBucket"]
+__all__ = ["Limiter", "TokenBucket", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S"]
 
 SAFETY = 0.995  # a hair under the limit: clocks and network jitter differ between us and the server
 SLOWDOWN_FACTOR = 0.5  # a 429 halves the pace ...
@@ -35,21 +44,33 @@ RECOVER_EVERY_S = 2.0
 class TokenBucket:
     """Tokens per minute as a debt clock: each request pushes `free_at` forward by its cost.
 
-    Estimates are corrected when usage arrives (`settle`), so an underestimate slows later requests
+    One second's worth of tokens (`capacity`) may start at once; the steady rate is what is left
+    of the minute after it, so the estimates started in any sixty seconds never exceed the limit.
+    Estimates are corrected when usage arrives (`adjust`): an underestimate slows later requests
     and an overestimate gives the difference back.
     """
 
     def __init__(self, per_minute: float, clock: Callable[[], float]) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = per_minute / 60.0  # one second's worth may start at once
+        self.per_minute = per_minute
+        self.capacity = per_minute / 60.0
+        self.rate = (per_minute - self.capacity) / 60.0 * SAFETY  # tokens per second
         self.clock = clock
         self.free_at = clock()
 
+    def reserve(self, cost: float, not_before: float) -> float:
+        """Charge `cost`; returns the time (>= not_before) at which the request may start.
+
+        A request dearer than one second's worth waits for an empty bucket, then goes: else a
+        big max_tokens could never start at all.
+        """
+        slack = max(self.capacity, cost) / self.rate
+        start = max(self.free_at, not_before - slack)
+        self.free_at = start + cost / self.rate
+        return max(not_before, self.free_at - slack)
+
     def delay_for(self, cost: float) -> float:
         now = self.clock()
-        start = max(self.free_at, now - self.capacity / self.rate)
-        self.free_at = start + cost / self.rate
-        return max(0.0, self.free_at - self.capacity / self.rate - now)
+        return self.reserve(cost, now) - now
 
     def adjust(self, delta: float) -> None:
         self.free_at += delta / self.rate
@@ -63,55 +84,101 @@ class Limiter:
         *,
         burst: int = 1,
         max_pause_s: float = 120.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.rpm = requests_per_minute
         self.burst = max(1, burst)
         self.max_pause_s = max_pause_s
-        self.clock = clock
+        self.clock = clock or _loop_clock
         self.factor = 1.0
-        self.paused_until = 0.0
-        self.last_slowdown = -1e18
+        self.paused_until = -math.inf
+        self.last_slowdown = -math.inf
+        self.recovered_at = -math.inf  # the last slowdown or recovery step
         self.slowdowns = 0
-        self._pace = self._make_pace()
-        self.tokens = TokenBucket(tokens_per_minute, clock) if tokens_per_minute > 0 else None
+        self.next_slot = -math.inf  # GCRA's theoretical arrival time of the next request
+        self.generation = 0  # bumped by each slowdown: slots reserved before it are given up
+        self.tokens = TokenBucket(tokens_per_minute, self.clock) if tokens_per_minute > 0 else None
 
     @property
     def rate_per_s(self) -> float:
         """The pace now, in requests per second."""
-        steady = max(self.rpm - self.burst, self.rpm * 0.5) / 60.0
+        # With a schedule of spacing 60/rpm, a sixty-second window holds rpm starts; the burst's
+        # extra (burst - 1) places come off the steady rate so the window still holds rpm.
+        steady = max(self.rpm - (self.burst - 1), self.rpm * 0.5) / 60.0
         return steady * SAFETY * self.factor
 
-    def _make_pace(self) -> AsyncLimiter:
-        return AsyncLimiter(self.burst, self.burst / self.rate_per_s)
+    @property
+    def interval(self) -> float:
+        return 1.0 / self.rate_per_s
 
-    async def acquire(self, estimated_tokens: float = 0.0) -> None:
+    async def acquire(self, estimated_tokens: float = 0.0, *, stop: asyncio.Event | None = None) -> float | None:
+        """Wait for a place to send; returns the time (on `clock`) the place was granted.
+
+        With `stop`, the wait ends when that event is set and None is returned (nothing granted):
+        a worker waiting out a 429's pause must not hold up a stop.
+        """
         while True:
-            wait = self.paused_until - self.clock()
-            if wait <= 0:
-                break
-            await asyncio.sleep(wait)
-        self._recover()
-        await self._pace.acquire()
-        if self.tokens is not None and estimated_tokens > 0:
-            delay = self.tokens.delay_for(estimated_tokens)
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if stop is not None and stop.is_set():
+                return None
+            now = self.clock()
+            if self.paused_until > now:
+                await _sleep(self.paused_until - now, stop)
+                continue
+            self._recover(now)
+            generation = self.generation
+            slot = self._reserve(now)
+            cost = estimated_tokens if self.tokens is not None and estimated_tokens > 0 else 0.0
+            if cost:
+                slot = self.tokens.reserve(cost, slot)
+            if slot > now and not await _sleep(slot - now, stop):
+                if cost:
+                    self.tokens.adjust(-cost)
+                return None
+            now = self.clock()
+            if self.paused_until <= now and self.generation == generation:
+                return now
+            # A 429 came while this one waited: its slot was spaced for the old pace (or falls in
+            # the pause). Give its tokens back and queue again at the new pace.
+            if cost:
+                self.tokens.adjust(-cost)
+
+    def _reserve(self, now: float) -> float:
+        tolerance = (self.burst - 1) * self.interval
+        slot = max(now, self.next_slot - tolerance)
+        self.next_slot = max(self.next_slot, slot) + self.interval
+        return slot
 
     def settle(self, estimated_tokens: float, actual_tokens: int | None) -> None:
-        if self.tokens is not None and actual_tokens is not None:
+        if self.tokens is not None and actual_tokens is not None and estimated_tokens > 0:
             self.tokens.adjust(actual_tokens - estimated_tokens)
 
-    def slow_down(self, pause_s: float | None) -> None:
-        """A 429 anywhere: pause everyone for the server's delay (capped), then go slower."""
+    def slow_down(self, pause_s: float | None, *, sent_at: float | None = None) -> None:
+        """A 429 anywhere: pause everyone for the server's delay (capped), then go slower.
+
+        `sent_at` is what `acquire` returned for the refused request. A request sent before the
+        last slowdown was paced at the old rate: its 429 is part of the same burst and does not
+        halve the rate again (without it, eight 429s in flight at once would cut the pace 256x).
+        """
         now = self.clock()
         if pause_s is not None and pause_s > 0:
-            self.paused_until = max(self.paused_until, now + min(pause_s, self.max_pause_s))
-        if now - self.last_slowdown > 1.0 / max(self.rate_per_s, 1e-9):  # one 429 burst = one step
+            self.pause(pause_s)
+        same_burst = (sent_at <= self.last_slowdown) if sent_at is not None else (now - self.last_slowdown <= self.interval)
+        if not same_burst:
             self.factor = max(MIN_FACTOR, self.factor * SLOWDOWN_FACTOR)
-            self._pace = self._make_pace()
             self.slowdowns += 1
-        self.last_slowdown = now
+            self.generation += 1
+            self.last_slowdown = now
+            resume = max(now, self.paused_until)
+            self.recovered_at = resume  # recovery counts from the end of the pause
+            self.next_slot = resume + self.interval
+        elif sent_at is None:  # no send times: a burst lasts while 429s keep coming
+            self.last_slowdown = now
+
+    def pause(self, seconds: float) -> None:
+        """No request starts for `seconds` (capped by max_pause_s)."""
+        self.paused_until = max(self.paused_until, self.clock() + min(seconds, self.max_pause_s))
+        if self.factor < 1.0:  # a slowed pace recovers from the end of the pause, not during it
+            self.recovered_at = max(self.recovered_at, self.paused_until)
 
     def observe(self, headers: dict[str, str]) -> None:
         """Keep under the server's real limit when it says so (x-ratelimit-remaining-*)."""
@@ -126,14 +193,32 @@ class Limiter:
                 continue
             wait = parse_duration(reset)
             if left <= 0 and wait:
-                self.paused_until = max(self.paused_until, self.clock() + min(wait, self.max_pause_s))
+                self.pause(wait)
 
-    def _recover(self) -> None:
+    def _recover(self, now: float) -> None:
         if self.factor >= 1.0:
             return
-        now = self.clock()
-        steps = int((now - self.last_slowdown) / RECOVER_EVERY_S)
+        steps = int((now - self.recovered_at) / RECOVER_EVERY_S)
         if steps > 0:
             self.factor = min(1.0, self.factor + RECOVER_STEP * steps)
-            self.last_slowdown = now - (now - self.last_slowdown) % RECOVER_EVERY_S
-            self._pace = self._make_pace()
+            self.recovered_at += steps * RECOVER_EVERY_S
+
+
+async def _sleep(seconds: float, stop: asyncio.Event | None) -> bool:
+    """Sleep; False when `stop` was set first."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return True
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def _loop_clock() -> float:
+    """The running event loop's clock (time.monotonic outside a loop): what asyncio.sleep waits on."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()

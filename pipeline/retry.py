@@ -10,6 +10,7 @@ Constants mirror the OpenAI SDK's policy (see ../shared/notes/api-facts.md) wher
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 
 from .errors import RequestError
@@ -54,41 +55,59 @@ def should_retry(err: RequestError, attempt: int, max_attempts: int) -> bool:
 def parse_duration(text: str) -> float | None:
     """'1s', '6m0s', '12ms', '0.5' (seconds) -> seconds; None when unparseable."""
     text = text.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
+    seconds = _number(text)
+    if seconds is not None:
+        return max(0.0, seconds)
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return None
     return sum(float(n) * _UNIT[u] for n, u in parts)
 
 
-def server_delay(headers: dict[str, str], now: float) -> float | None:
+def _number(text: str) -> float | None:
+    """A finite float, or None ("nan" and "inf" are not delays)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def server_delay(headers: dict[str, str], now: float, *, rate_limited: bool = False) -> float | None:
     """The delay the server asked for, in seconds, from any header style; None when it gave none.
 
     `headers` keys are lower-case. `now` is the Unix time, for Retry-After given as an HTTP date.
+    `x-ratelimit-reset-*` say when a window refills and ride on every answer (a 200, a 500), so
+    they mean "wait" only where that limit is spent (remaining 0) or the answer is a 429
+    (`rate_limited`), where the spent ones are preferred.
     """
     ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+    if ms is not None and (value := _number(ms)) is not None:
+        return max(0.0, value / 1000.0)
     ra = headers.get("retry-after")
     if ra is not None:
+        value = _number(ra)
+        if value is not None:
+            return max(0.0, value)
         try:
-            return max(0.0, float(ra))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(ra)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None:
-                return max(0.0, when.timestamp() - now)
-    resets = [parse_duration(headers[k]) for k in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens") if k in headers]
-    resets = [r for r in resets if r is not None]
-    return max(resets) if resets else None
+            when = email.utils.parsedate_to_datetime(ra)
+        except (TypeError, ValueError, IndexError):
+            when = None
+        if when is not None:
+            return max(0.0, when.timestamp() - now)
+    spent, others = [], []
+    for kind in ("requests", "tokens"):
+        reset = headers.get(f"x-ratelimit-reset-{kind}")
+        wait = parse_duration(reset) if reset is not None else None
+        if wait is None:
+            continue
+        left = _number(headers.get(f"x-ratelimit-remaining-{kind}", ""))
+        (spent if left is not None and left <= 0 else others).append(wait)
+    if spent:
+        return max(spent)
+    if rate_limited and others:
+        return max(others)
+    return None
 
 
 def retry_delay(
@@ -100,7 +119,7 @@ def retry_delay(
     max_server_delay: float = DEFAULT_MAX_SERVER_DELAY_S,
 ) -> float:
     """Seconds to wait before the next attempt. `jitter` is a draw in [0, 1)."""
-    asked = server_delay(err.headers, now)
+    asked = server_delay(err.headers, now, rate_limited=err.kind == "rate_limit")
     if asked is not None:
         return min(asked, max_server_delay)
     if err.kind == "rate_limit" and err.code == DASHSCOPE_THROTTLE:

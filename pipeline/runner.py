@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .answer import parse_response
-from .breaker import Breaker
+from .breaker import ENDPOINT_FAULTS, Breaker
 from .checkpoint import Checkpoint
 from .client import Client
 from .config import Job
@@ -239,6 +239,7 @@ class _Engine:
         self.work: dict[int, _ShardWork] = {}
         self.stop_reason: StopJob | None = None
         self.failure: BaseException | None = None
+        self.held: list[tuple[_ShardWork, dict[str, Any]]] = []  # endpoint-fault errors during a failure streak
         self.stop_signal: int | None = None
         self.stopping = asyncio.Event()
         self.finalize_lock = asyncio.Lock()
@@ -311,6 +312,8 @@ class _Engine:
                 w.cancel()
         stop.cancel()
         results = await asyncio.gather(producer, *workers, return_exceptions=True)
+        if self.stop_reason is None and self.stop_signal is None:
+            self._release_held()  # the run ended with the endpoint up: those rows really failed
         if self.finalizing:
             await asyncio.gather(*self.finalizing)
         errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
@@ -404,15 +407,36 @@ class _Engine:
             if record is None:  # stopped before an answer: the row stays pending
                 return
             crash_point("after_response")
-            self.journal.append(work.shard.index, record)
-            if record["status"] == "ok":
-                self.counts.ok += 1
-            else:
-                self.counts.failed += 1
-                self.counts.by_kind[record["error_kind"]] += 1
-            work.pending -= 1
-            if work.pending == 0 and work.enqueued:
-                self._schedule_commit(work)
+            if record["status"] == "error" and record["error_kind"] in ENDPOINT_FAULTS and self.breaker.streak:
+                # Out of attempts while nothing succeeds: the endpoint may be down rather than the
+                # row bad. Hold the error until a success shows the endpoint up; if the breaker
+                # trips instead, the row stays pending for the next run.
+                self.held.append((work, record))
+                continue
+            self._deliver(work, record)
+            if self.held and not self.breaker.streak:
+                self._release_held()
+
+    def _deliver(self, work: _ShardWork, record: dict[str, Any]) -> None:
+        self.journal.append(work.shard.index, record)
+        if record["status"] == "ok":
+            self.counts.ok += 1
+        else:
+            self.counts.failed += 1
+            self.counts.by_kind[record["error_kind"]] += 1
+        work.pending -= 1
+        if work.pending == 0 and work.enqueued:
+            self._schedule_commit(work)
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, []
+        for work, record in held:
+            self._deliver(work, record)
+
+    async def _backoff(self, seconds: float) -> None:
+        """Wait before a retry; a stop ends the wait at once (the row then stays pending)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
         try:
@@ -434,7 +458,9 @@ class _Engine:
             if self.stopping.is_set():
                 return invalid  # a paid answer that failed the schema is kept; else the row stays pending
             attempt += 1
-            await self.limiter.acquire(estimate)
+            sent_at = await self.limiter.acquire(estimate, stop=self.stopping)  # None: a stop came first
+            if sent_at is None:
+                return invalid
             try:
                 held = await self.budget.hold(worst)  # may wait for requests in flight to settle
             except StopJob as stop:
@@ -456,9 +482,10 @@ class _Engine:
             except RequestError as err:
                 self.budget.settle(held, None)
                 if err.kind in STOP_KINDS:
-                    raise StopJob(_stop_message(err), kind=err.kind) from None
-                if err.kind == "rate_limit":
-                    self.limiter.slow_down(server_delay(err.headers, time.time()))
+                    raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
+                self.limiter.observe(err.headers)
+                if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
+                    self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
                 if self.breaker.failure(err.kind):
                     raise StopJob(
                         f"the endpoint looks down ({self.breaker.streak} failed attempts in a row, last: {err.describe()})",
@@ -466,7 +493,7 @@ class _Engine:
                     ) from None
                 if not should_retry(err, attempt, self.limits.max_attempts):
                     return {**_error_record(row_id, err, attempts=attempt), "cost": spent}
-                await asyncio.sleep(
+                await self._backoff(
                     retry_delay(err, attempt, now=time.time(), jitter=self.rng.random(), max_server_delay=self.limits.max_retry_after_s)
                 )
                 continue
@@ -554,12 +581,13 @@ class _Engine:
         bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, **spend, refresh=False)
 
 
-def _stop_message(err: RequestError) -> str:
+def _stop_message(err: RequestError, key_env: str | None) -> str:
     if err.kind == "quota":
         return (f"the provider says the account is out of quota or credit (HTTP {err.status}: {err.message}); "
                 f"top it up, then run the same command again to continue")
-    return (f"the provider refused the API key (HTTP {err.status}: {err.message}); "
-            f"check the key variable named in [endpoint] api_key_env, then run again to continue")
+    where = (f"check the key in the variable {key_env} ([endpoint] api_key_env)" if key_env
+             else "no key was sent: set [endpoint] api_key_env to the variable that holds it")
+    return f"the provider refused the API key (HTTP {err.status}: {err.message}); {where}, then run again to continue"
 
 
 def _error_record(row_id: str, err: RowError, *, attempts: int) -> dict[str, Any]:

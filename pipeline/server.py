@@ -12,9 +12,11 @@ it has no network. It can behave like a real provider under load or failing:
 - faults by seeded chance (`faults = {"500": 0.05, "drop": 0.03, ...}`) or by row
   (`row_faults = {"text in the prompt": "400"}`, or `"503:2"` for the first two requests only).
   Fault names: 400, 401, 500, 503, 429 (Retry-After seconds), 429ms, 429date, 429reset,
-  quota, throttle (DashScope's AllocationQuota), drop (connection closed, no answer), cut (body
-  cut midway), broken (200, not JSON), nochoices, slow (answer after `slow_ms`), length (thinking
-  cut off by max_tokens);
+  429bare (no delay header at all), quota, throttle (DashScope's AllocationQuota), drop
+  (connection closed, no answer), cut (body cut midway), broken (200, not JSON), nochoices, slow
+  (answer after `slow_ms`), length (thinking cut off by max_tokens). Injected 429s ask for
+  `fault_retry_after_s`; `x_should_retry = {"500": "false"}` adds that header to a fault's answers;
+  `row_latency_ms = {"text in the prompt": 500}` answers those rows (any answer) that much later;
 - streaming (`"stream": true` in the request): the same answer as SSE with `:` comment lines and,
   when `stream_options.include_usage`, a last usage chunk; faults `cut` (connection closed midway),
   `stream_end` (the stream ends cleanly before finish_reason and [DONE]), `stream_error` (an OpenAI
@@ -24,7 +26,8 @@ it has no network. It can behave like a real provider under load or failing:
 - labeling: a request with a `json_schema` response_format is answered with a JSON object built from
   the schema (first enum value, 0.5, a short text...), after the think block, in a ```json fence with
   `fence_json`; fault `invalid_json` answers values of the wrong kinds instead;
-- GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit.
+- GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit;
+  with `record`, GET /requests lists each request with its arrival time, row and status.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from .stream import to_sse
 __all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess", "FAULTS"]
 
 FAULTS = (
-    "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "quota", "throttle",
+    "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "429bare", "quota", "throttle",
     "drop", "cut", "broken", "nochoices", "slow", "length",
     "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
 )
@@ -76,6 +79,9 @@ class ServeOptions:
     faults: dict[str, float] = field(default_factory=dict)
     row_faults: dict[str, str] = field(default_factory=dict)
     slow_ms: float = 5000.0
+    row_latency_ms: dict[str, float] = field(default_factory=dict)  # prompt text -> extra delay for those rows
+    fault_retry_after_s: float = 1.0  # the delay injected 429s ask for
+    x_should_retry: dict[str, str] = field(default_factory=dict)  # fault name -> "true"/"false"
     record: bool = False  # keep every request (headers and body) for GET /requests: tests only
     reasoning_only_stream: bool = False  # refuse requests without `stream: true` (like DashScope's QVQ)
     fence_json: bool = False  # JSON answers (labeling) inside a ```json fence
@@ -88,6 +94,9 @@ class ServeOptions:
             raise JobError(f"[serve] reasoning_field must be content, reasoning_content or reasoning")
         if self.rate_headers not in ("retry-after", "retry-after-ms", "http-date", "reset", "none"):
             raise JobError(f"[serve] rate_headers must be retry-after, retry-after-ms, http-date, reset or none")
+        for name, value in self.x_should_retry.items():
+            if name not in FAULTS or value not in ("true", "false"):
+                raise JobError(f"[serve] x_should_retry maps a fault name to \"true\" or \"false\", not {name!r} = {value!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeOptions":
@@ -133,13 +142,20 @@ class _State:
         allowed = len(self.window) < o.rate_limit
         if allowed:
             self.window.append(now)
-        free_in = (self.window[0] + o.rate_window_s - now) if self.window else 0.0
+        free_in = max((self.window[0] + o.rate_window_s - now) if self.window else 0.0, 0.001)
+        if o.rate_headers == "none":  # like vLLM and many gateways: nothing to go by
+            return allowed, {}, free_in
         headers = {
             "x-ratelimit-limit-requests": str(o.rate_limit),
             "x-ratelimit-remaining-requests": str(max(0, o.rate_limit - len(self.window))),
-            "x-ratelimit-reset-requests": f"{max(free_in, 0.001):.3f}s",
+            "x-ratelimit-reset-requests": _ms(free_in),
         }
-        return allowed, headers, max(free_in, 0.001)
+        return allowed, headers, free_in
+
+
+def _ms(seconds: float) -> str:
+    """A duration in whole milliseconds, rounded up: a client waiting this long finds a place."""
+    return f"{max(1, math.ceil(seconds * 1000))}ms"
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -153,9 +169,10 @@ def _retry_headers(style: str, delay: float) -> dict[str, str]:
     if style == "retry-after-ms":
         return {"retry-after-ms": str(max(1, math.ceil(delay * 1000)))}
     if style == "http-date":
-        return {"retry-after": email.utils.formatdate(time.time() + max(1.0, delay), usegmt=True)}
+        # whole seconds, rounded up: a client that waits until then finds a place
+        return {"retry-after": email.utils.formatdate(math.ceil(time.time() + max(1.0, delay)), usegmt=True)}
     if style == "reset":
-        return {"x-ratelimit-reset-requests": f"{max(delay, 0.001):.3f}s"}
+        return {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": _ms(delay)}
     return {}
 
 
@@ -202,16 +219,20 @@ def make_app(opts: ServeOptions) -> web.Application:
         state.requests += 1
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        entry: dict[str, Any] = {"t": time.time()}
+        if opts.record:
+            state.recorded.append(entry)
         try:
-            resp = await _answer(request)
+            resp = await _answer(request, entry)
         finally:
             state.in_flight -= 1
         state.statuses[str(resp.status)] += 1
+        entry["status"] = resp.status
         return resp
 
-    async def _answer(request: web.Request) -> web.StreamResponse:
+    async def _answer(request: web.Request, entry: dict[str, Any]) -> web.StreamResponse:
         if opts.record:
-            state.recorded.append({"headers": dict(request.headers), "body": await request.text()})
+            entry.update(headers=dict(request.headers), body=await request.text())
         if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
             # Like some providers, echo what was presented: the client must scrub it from its messages.
             presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -223,7 +244,7 @@ def make_app(opts: ServeOptions) -> web.Application:
         except (ValueError, KeyError, TypeError):
             return _error(400, "body must be JSON with model and messages", "invalid_request_error")
         prompt, urls = _user_parts(messages)
-        key = prompt
+        key = entry["row"] = prompt
         state.per_row[key] += 1
         stream = body.get("stream") is True
         if opts.reasoning_only_stream and not stream:
@@ -239,10 +260,14 @@ def make_app(opts: ServeOptions) -> web.Application:
         delay = opts.latency_ms + (state.rng.random() * opts.latency_jitter_ms if opts.latency_jitter_ms else 0)
         if fault == "slow":
             delay += opts.slow_ms
+        delay += sum(ms for needle, ms in opts.row_latency_ms.items() if needle in key)
         if delay:
             await asyncio.sleep(delay / 1000)
         if fault in ("400", "401", "500", "503", "quota", "throttle") or (fault or "").startswith("429"):
-            return _fault_response(fault, rate_headers)
+            resp = _fault_response(fault, rate_headers)
+            if fault in opts.x_should_retry:
+                resp.headers["x-should-retry"] = opts.x_should_retry[fault]
+            return resp
         if not stream and fault in ("stream_error", "stream_error_vllm"):
             return _fault_response("500", rate_headers)
         if fault == "drop":
@@ -304,7 +329,7 @@ def make_app(opts: ServeOptions) -> web.Application:
         if fault == "401":
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
         if fault == "500":
-            return _error(500, "The server had an error processing your request", "server_error")
+            return _error(500, "The server had an error processing your request", "server_error", rate_headers)
         if fault == "503":
             return _error(503, "The engine is currently overloaded", "server_error")
         if fault == "quota":
@@ -313,9 +338,10 @@ def make_app(opts: ServeOptions) -> web.Application:
         if fault == "throttle":
             return web.json_response({"code": "Throttling.AllocationQuota", "message": "Allocated quota exceeded, please increase your quota limit."},
                                      status=429)
-        style = {"429": "retry-after", "429ms": "retry-after-ms", "429date": "http-date", "429reset": "reset"}[fault]
+        style = {"429": "retry-after", "429ms": "retry-after-ms", "429date": "http-date", "429reset": "reset",
+                 "429bare": "none"}[fault]
         return _error(429, "Rate limit reached for requests", "rate_limit_exceeded",
-                      {**rate_headers, **_retry_headers(style, 1.0)})
+                      {**rate_headers, **_retry_headers(style, opts.fault_retry_after_s)})
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(state.stats())
