@@ -3,12 +3,14 @@
     from pipeline import load_job, run, RunOptions
     code = run(load_job("jobs/demo.toml"), RunOptions())
 
-See ARCHITECTURE.md for how the modules fit together.
+See ARCHITECTURE.md for how the modules fit together. Names are imported on first use, so
+`pipeline serve` and `pipeline status` start without loading the engine's dependencies.
 """
 
-from .config import Job, load_job
-from .errors import InputError, JobError, LockedError, PipelineError, RequestError, RowError, StopJob
-from .runner import RunOptions, run
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "Job",
@@ -24,3 +26,14 @@ __all__ = [
     "StopJob",
 ]
 __version__ = "0.1.0"
+
+_HOME = {
+    "Job": "config", "load_job": "config", "run": "runner", "RunOptions": "runner",
+    **{name: "errors" for name in ("PipelineError", "JobError", "LockedError", "RowError", "InputError", "RequestError", "StopJob")},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
