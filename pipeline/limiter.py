@@ -34,6 +34,10 @@ from .retry import parse_duration
 
 __all__ = ["Limiter", "TokenBucket", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S"]
 
+# A place due this soon is granted now: at high rates a sleep per request cost more than the
+# request itself (20k-row bench). It adds at most rate x 2 ms to any window's count: under one
+# request below 30,000 requests per minute.
+SLACK_S = 0.002
 SAFETY = 0.995  # a hair under the limit: clocks and network jitter differ between us and the server
 SLOWDOWN_FACTOR = 0.5  # a 429 halves the pace ...
 MIN_FACTOR = 0.1
@@ -130,7 +134,7 @@ class Limiter:
             cost = estimated_tokens if self.tokens is not None and estimated_tokens > 0 else 0.0
             if cost:
                 slot = self.tokens.reserve(cost, slot)
-            if slot > now and not await _sleep(slot - now, stop):
+            if slot > now + SLACK_S and not await _sleep(slot - now, stop):
                 if cost:
                     self.tokens.adjust(-cost)
                 return None
