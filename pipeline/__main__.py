@@ -1,9 +1,16 @@
+import os
 import sys
 
 try:
     from .cli import main
 
-    sys.exit(main())
+    code = main()
 except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (start-up, planning)
     print("interrupted before sending began; nothing was lost", file=sys.stderr)
-    sys.exit(130)
+    code = 130
+# Everything the run wrote is already fsynced; skip interpreter teardown, where Arrow's thread
+# pool has been seen to abort (SIGABRT, "terminate called without an active exception") and
+# turn a clean exit code into -6.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
