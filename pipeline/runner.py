@@ -217,7 +217,7 @@ class _Engine:
         self.columns = self._request_columns()
 
     def _request_columns(self) -> list[str]:
-        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column) if c}
+        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column, self.job.input.video_column) if c}
         cols.update(placeholders(self.job.request.prompt or ""))
         return [c for c in self.plan.columns if c in cols]
 
@@ -250,6 +250,7 @@ class _Engine:
             self._update_bar(bar)
             if bar is not None:
                 bar.close()
+            await self.builder.aclose()  # the fetcher's session and the image threads
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
 
     async def _wait(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
@@ -346,15 +347,11 @@ class _Engine:
 
     async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            prompt = self.builder.prompt(row)
-            if self.builder.needs_files(row):
-                urls = await asyncio.to_thread(self.builder.image_urls, row)
-            else:
-                urls = self.builder.image_urls(row)
-            body = self.builder.encode(self.builder.body(prompt, urls))
+            built = await self.builder.build(row)  # files, fetches and Pillow work run off the loop
         except InputError as err:
             return _error_record(row_id, err, attempts=0)
-        estimate = self._estimate(prompt, len(urls))
+        body = built.body
+        estimate = self._estimate(built.prompt, built.media)
         attempt = 0
         while True:
             if self.stopping.is_set():
