@@ -220,13 +220,13 @@ class LocalFiles:
             if info.st_size > cap:
                 raise InputError(f"{what} file too large ({info.st_size} bytes; {too_big}): {show(value)}")
             with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(cap + 1)
+                data = f.read(info.st_size + 1)
         except OSError as exc:
             raise InputError(f"cannot read {what} file ({exc.strerror}): {show(value)}") from None
         finally:
             os.close(fd)
-        if len(data) > cap:  # grew since fstat
-            raise InputError(f"{what} file too large (over {cap} bytes; {too_big}): {show(value)}")
+        if len(data) != info.st_size:  # a file being written: what was checked is not what was read
+            raise InputError(f"{what} file changed while being read (try again when it is complete): {show(value)}")
         return data
 
 
@@ -270,7 +270,8 @@ def prepare_image(
         img.load()
         img = _normalised(img, keep_alpha=not jpeg)
         if img.size != target:
-            img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            # Bicubic, as Qwen-VL's own image processor; a third cheaper than Lanczos on 2 cores.
+            img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
         if orientation in _TRANSPOSE:
             img = img.transpose(_TRANSPOSE[orientation])
         out = io.BytesIO()
