@@ -1,6 +1,6 @@
 """Benchmark: inline 1,000 local 12-megapixel JPEGs with max_side = 1024 against the built-in endpoint.
 
-    python -m bench.images            # or: from bench.images import run_image_bench; run_image_bench(200)
+    python -m bench.images [N [process|thread]]    # or: from bench.images import run_image_bench
 
 Reports images per second and the event loop's worst stall while the job runs (target: under
 100 ms). The stall is measured inside the running pipeline process: a monitor task on the very
@@ -116,7 +116,7 @@ class _MonitoredPolicy(asyncio.DefaultEventLoopPolicy):
 # -- the run -------------------------------------------------------------------------------
 
 
-def _write_job(n: int, max_side: int, concurrency: int) -> Path:
+def _write_job(n: int, max_side: int, concurrency: int, pool: str) -> Path:
     manifest = WORK / f"images-{n}.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -142,6 +142,7 @@ max_tokens = 64
 [images]
 image_mode = "inline"
 max_side = {max_side}
+pool = "{pool}"
 
 [limits]
 requests_per_minute = 1000000
@@ -160,7 +161,7 @@ analyze_images = false
     return job
 
 
-def run_image_bench(n: int = 1000, *, max_side: int = 1024, concurrency: int = 8) -> dict[str, Any]:
+def run_image_bench(n: int = 1000, *, max_side: int = 1024, concurrency: int = 8, pool: str = "process") -> dict[str, Any]:
     """Run the benchmark; returns the figures (images/s, worst loop stall, ...)."""
     from PIL import __version__ as pillow_version
 
@@ -175,7 +176,7 @@ def run_image_bench(n: int = 1000, *, max_side: int = 1024, concurrency: int = 8
 
     paths = make_images(n)
     source_mb = sum(p.stat().st_size for p in paths) / (1 << 20)
-    job = load_job(_write_job(n, max_side, concurrency))
+    job = load_job(_write_job(n, max_side, concurrency, pool))
     monitor = _Monitor()
     old_policy = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_MonitoredPolicy(monitor))
@@ -195,6 +196,7 @@ def run_image_bench(n: int = 1000, *, max_side: int = 1024, concurrency: int = 8
         "exit_code": code,
         "max_side": max_side,
         "max_concurrency": concurrency,
+        "pool": pool,
         "source_mb": round(source_mb, 1),
         "seconds": round(elapsed, 2),
         "images_per_s": round(ok / elapsed, 2) if elapsed else None,
@@ -226,10 +228,11 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     n = int(args[0]) if args else 1000
-    result = run_image_bench(n)
+    pool = args[1] if len(args) > 1 else "process"  # or "thread", to compare
+    result = run_image_bench(n, pool=pool)
     print(json.dumps(result, indent=1))
     print(
-        f"images: {result['ok']}/{n} 12-MP JPEGs inlined at max_side {result['max_side']} in {result['seconds']} s: "
+        f"images: {result['ok']}/{n} 12-MP JPEGs inlined at max_side {result['max_side']} ({pool} pool) in {result['seconds']} s: "
         f"{result['images_per_s']} images/s; event loop worst stall {result['loop_worst_stall_ms']} ms "
         f"(p99 {result['loop_p99_stall_ms']} ms; target < {TARGET_STALL_MS:g} ms: "
         f"{'met' if result['stall_target_met'] else 'NOT met'}) on {result['machine']}"

@@ -159,13 +159,16 @@ class ImagesConfig:
     max_redirects: int = 5
     block_private_addresses: bool = False  # refuse loopback, private, link-local hosts (untrusted manifests)
     video_frames_format: str = "vllm"  # a list of frames: "vllm" (data:video/jpeg) or "dashscope" ({"type":"video"})
-    workers: int = 0  # threads decoding and encoding images; 0 = one per CPU
+    workers: int = 0  # processes (or threads) decoding and encoding images; 0 = one per CPU
+    pool: str = "process"  # "process": low-priority worker processes (the loop never waits); "thread": threads
 
     def __post_init__(self) -> None:
         if self.image_mode not in ("url", "inline"):
             raise JobError(f"[images] image_mode must be \"url\" or \"inline\", not {self.image_mode!r}")
         if self.video_frames_format not in ("vllm", "dashscope"):
             raise JobError(f"[images] video_frames_format must be \"vllm\" or \"dashscope\", not {self.video_frames_format!r}")
+        if self.pool not in ("process", "thread"):
+            raise JobError(f"[images] pool must be \"process\" or \"thread\", not {self.pool!r}")
         if not 1 <= self.jpeg_quality <= 95:
             raise JobError(f"[images] jpeg_quality must be between 1 and 95, not {self.jpeg_quality}")
         if self.max_aspect_ratio < 1:
@@ -396,6 +399,7 @@ def _images_config(sec: _Section, base: Path) -> ImagesConfig:
             block_private_addresses=sec.get("block_private_addresses", bool, d.block_private_addresses),
             video_frames_format=sec.get("video_frames_format", str, d.video_frames_format),
             workers=sec.get("workers", int, d.workers),
+            pool=sec.get("pool", str, d.pool),
         )
     except JobError as exc:  # the dataclass names the table; add the file
         raise JobError(f"{sec.source}: {exc}") from None

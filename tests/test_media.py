@@ -87,8 +87,9 @@ def cfg(**kw: Any) -> ImagesConfig:
 
 def builder(root: Path, *, image_column: str | None = "image", video_column: str | None = None,
             detail: str | None = None, **images: Any) -> MediaBuilder:
+    """Threads unless asked (starting worker processes costs a second); end-to-end runs use the default."""
     inp = InputConfig(path=root / "manifest.csv", format="csv", image_column=image_column, video_column=video_column)
-    return MediaBuilder(inp, ImagesConfig(**images), detail=detail)
+    return MediaBuilder(inp, ImagesConfig(**{"pool": "thread", **images}), detail=detail)
 
 
 async def parts_of(b: MediaBuilder, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -243,6 +244,21 @@ async def test_inside_the_roots_files_and_links_are_read_and_roots_can_be_widene
     widened = builder(tree["root"], allowed_roots=(tree["outside"],))
     parts = await parts_of(widened, {"image": "escape.jpg"})
     assert decode_uri(parts[0]["image_url"]["url"])[1] == (tree["outside"] / "secret.jpg").read_bytes()
+
+
+async def test_worker_processes_return_parts_and_errors_and_survive_a_dead_worker(tree: dict[str, Path]) -> None:
+    b = builder(tree["root"], pool="process", workers=1, max_side=32)
+    try:
+        parts = await b.parts({"image": ["a.jpg", "sub/b.png"]})
+        assert [uri_image(p["image_url"]["url"]).size for p in parts] == [(32, 24), (32, 32)]
+        with pytest.raises(InputError, match="not an image .*'notes.png'"):
+            await b.parts({"image": "notes.png"})  # an error raised in the worker reaches the row
+        with pytest.raises(InputError, match="image worker process died.*'boom'"):
+            await b._run("boom", os._exit, 1)  # a worker killed twice: the row fails, not the run
+        parts = await b.parts({"image": "a.jpg"})  # a fresh pool took over
+        assert uri_image(parts[0]["image_url"]["url"]).size == (32, 24)
+    finally:
+        await b.aclose()
 
 
 @pytest.mark.parametrize(
