@@ -395,13 +395,6 @@ def local_video(files: LocalFiles, value: str, cfg: ImagesConfig) -> tuple[str, 
 WORKER_NICE = 10  # image worker processes yield the CPU to the process that runs the requests
 
 
-def _lower_priority() -> None:
-    try:
-        os.nice(WORKER_NICE)
-    except OSError:  # not permitted here: run at normal priority
-        pass
-
-
 def _make_pool(cfg: ImagesConfig) -> Executor:
     workers = cfg.workers or os.cpu_count() or 1
     if cfg.pool == "thread":
@@ -410,7 +403,14 @@ def _make_pool(cfg: ImagesConfig) -> Executor:
     # batch of large images cannot delay requests in flight (threads measured 100-300 ms stalls
     # on 2 cores where processes stayed far lower: bench/images.py). "spawn": never fork a process
     # that runs threads and an event loop. Processes start on first use: a URL-only job starts none.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority)
+    # The initializer is os.nice itself, not a function of this package, so a new worker lowers its
+    # priority before it imports the pipeline (a second of CPU that must not compete with the loop).
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=os.nice,
+        initargs=(WORKER_NICE,),
+    )
 
 
 class MediaBuilder:
