@@ -15,7 +15,6 @@ import json
 import os
 import threading
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -538,6 +537,8 @@ def test_images_table_is_checked_and_shapes_the_request(tmp_path: Path) -> None:
         parse_job(_job(tmp_path, max_sid=10), tmp_path / "j.toml")
     with pytest.raises(JobError, match=r"image_mode must be \"url\" or \"inline\""):
         parse_job(_job(tmp_path, image_mode="fetch"), tmp_path / "j.toml")
+    with pytest.raises(JobError, match=r"pool must be \"process\" or \"thread\""):
+        parse_job(_job(tmp_path, pool="fork"), tmp_path / "j.toml")
     with pytest.raises(JobError, match=r"\[images\] max_image_mb must be more than zero"):
         parse_job(_job(tmp_path, max_image_mb=0), tmp_path / "j.toml")
     plain = parse_job(_job(tmp_path), tmp_path / "j.toml")
