@@ -31,6 +31,7 @@ __all__ = [
     "RunConfig",
     "LabelsConfig",
     "PricingConfig",
+    "ImagesConfig",
     "load_job",
     "parse_job",
 ]
@@ -95,6 +96,7 @@ class InputConfig:
     id_column: str | None = None
     image_column: str | None = None
     prompt_column: str | None = None
+    video_column: str | None = None  # a video (URL, data: URI, local file) or a list of frame images
 
     def __post_init__(self) -> None:
         if self.format not in ("csv", "jsonl", "parquet"):
@@ -139,6 +141,54 @@ class LimitsConfig:
     breaker_failures: int = 50  # consecutive failed attempts that mean "endpoint down"
     breaker_seconds: float = 120.0  # ... or this long with no success while failing
     grace_s: float = 10.0  # Ctrl-C/SIGTERM: how long in-flight requests may finish
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """The `[images]` table: how image and video values become request parts (see media.py)."""
+
+    image_mode: str = "url"  # "url": URLs go as they are; "inline": fetched here, sent as data URIs
+    max_side: int = 0  # >0: downscale so the longer side is at most this (0 = off)
+    max_pixels: int = 0  # >0: downscale so width*height is at most this (0 = off)
+    jpeg_quality: int = 85  # for re-encoded images
+    max_image_mb: float = 20.0  # per image, counted on the base64 text (OpenAI's limit)
+    max_request_mb: float = 50.0  # all images and video of one request, base64
+    max_aspect_ratio: float = 200.0  # longer side / shorter side (Qwen's resizer refuses more)
+    max_source_mb: float = 50.0  # bytes read from one file or URL before decoding, at most
+    allowed_roots: tuple[Path, ...] = ()  # besides the manifest's folder, where local files may be read
+    fetch_concurrency: int = 8
+    fetch_timeout_s: float = 30.0  # per attempt, redirects and body included
+    fetch_retries: int = 2  # extra attempts on timeouts, connection errors, 5xx, 429
+    max_redirects: int = 5
+    block_private_addresses: bool = False  # refuse loopback, private, link-local hosts (untrusted manifests)
+    video_frames_format: str = "vllm"  # a list of frames: "vllm" (data:video/jpeg) or "dashscope" ({"type":"video"})
+    workers: int = 0  # processes (or threads) decoding and encoding images; 0 = one per CPU
+    pool: str = "process"  # "process": low-priority worker processes (the loop never waits); "thread": threads
+
+    def __post_init__(self) -> None:
+        if self.image_mode not in ("url", "inline"):
+            raise JobError(f"[images] image_mode must be \"url\" or \"inline\", not {self.image_mode!r}")
+        if self.video_frames_format not in ("vllm", "dashscope"):
+            raise JobError(f"[images] video_frames_format must be \"vllm\" or \"dashscope\", not {self.video_frames_format!r}")
+        if self.pool not in ("process", "thread"):
+            raise JobError(f"[images] pool must be \"process\" or \"thread\", not {self.pool!r}")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise JobError(f"[images] jpeg_quality must be between 1 and 95, not {self.jpeg_quality}")
+        if self.max_aspect_ratio < 1:
+            raise JobError(f"[images] max_aspect_ratio must be 1 or more, not {self.max_aspect_ratio}")
+
+    @property
+    def preprocess(self) -> bool:
+        """Rotate by EXIF, downscale and re-encode: only when a size bound is set."""
+        return self.max_side > 0 or self.max_pixels > 0
+
+    def request_shape(self) -> dict[str, Any] | None:
+        """The settings that change what the model is shown; None when all are at their defaults
+        (so checkpoints made before these settings existed stay valid)."""
+        d = ImagesConfig()
+        keys = ("image_mode", "max_side", "max_pixels", "jpeg_quality", "video_frames_format")
+        shape = {k: getattr(self, k) for k in keys if getattr(self, k) != getattr(d, k)}
+        return shape or None
 
 
 @dataclass(frozen=True)
@@ -208,6 +258,7 @@ class Job:
     serve: dict[str, Any] | None = None  # present: the run starts the built-in endpoint itself
     labels: LabelsConfig | None = None
     pricing: PricingConfig | None = None
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     def request_shape(self) -> dict[str, Any]:
         """What shapes a request's answer; a change here invalidates the checkpoint's answers.
@@ -229,6 +280,8 @@ class Job:
             "labels": None if self.labels is None else {
                 "schema": self.labels.schema, "response_format": self.labels.send_response_format, "name": self.labels.name,
             },
+            "video_column": self.input.video_column,
+            "images": self.images.request_shape(),
         }
 
     def shape_digest(self) -> str:
@@ -277,6 +330,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         id_column=sec.get("id_column", str, None),
         image_column=sec.get("image_column", str, None),
         prompt_column=sec.get("prompt_column", str, None),
+        video_column=sec.get("video_column", str, None),
     )
     sec.finish()
 
@@ -340,6 +394,8 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         _positive(sec, key, getattr(limits, key), allow_zero=True)
     sec.finish()
 
+    images = _images_config(_Section(src, "images", top.get("images", dict, {})), base)
+
     sec = _Section(src, "output", top.get("output", dict, required=True))
     out_path = (base / sec.get("path", str, required=True)).resolve()
     ckpt = sec.get("checkpoint", str, None)
@@ -370,6 +426,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         serve=serve,
         labels=labels,
         pricing=pricing,
+        images=images,
     )
 
 
@@ -427,3 +484,39 @@ def _pricing(sec: _Section, endpoint: EndpointConfig, request: RequestConfig) ->
             f"{sec.where('budget')}: needs [request] max_tokens (without it a request's worst-case cost has no bound)"
         )
     return cfg
+
+
+def _images_config(sec: _Section, base: Path) -> ImagesConfig:
+    d = ImagesConfig()
+    roots = sec.get("allowed_roots", list, [])
+    for r in roots:
+        if not isinstance(r, str) or not r:
+            raise JobError(f"{sec.where('allowed_roots')} must be a list of folder paths, not {roots!r}")
+    try:
+        images = ImagesConfig(
+            image_mode=sec.get("image_mode", str, d.image_mode),
+            max_side=sec.get("max_side", int, d.max_side),
+            max_pixels=sec.get("max_pixels", int, d.max_pixels),
+            jpeg_quality=sec.get("jpeg_quality", int, d.jpeg_quality),
+            max_image_mb=sec.get("max_image_mb", float, d.max_image_mb),
+            max_request_mb=sec.get("max_request_mb", float, d.max_request_mb),
+            max_aspect_ratio=sec.get("max_aspect_ratio", float, d.max_aspect_ratio),
+            max_source_mb=sec.get("max_source_mb", float, d.max_source_mb),
+            allowed_roots=tuple((base / r).resolve() for r in roots),
+            fetch_concurrency=sec.get("fetch_concurrency", int, d.fetch_concurrency),
+            fetch_timeout_s=sec.get("fetch_timeout_s", float, d.fetch_timeout_s),
+            fetch_retries=sec.get("fetch_retries", int, d.fetch_retries),
+            max_redirects=sec.get("max_redirects", int, d.max_redirects),
+            block_private_addresses=sec.get("block_private_addresses", bool, d.block_private_addresses),
+            video_frames_format=sec.get("video_frames_format", str, d.video_frames_format),
+            workers=sec.get("workers", int, d.workers),
+            pool=sec.get("pool", str, d.pool),
+        )
+    except JobError as exc:  # the dataclass names the table; add the file
+        raise JobError(f"{sec.source}: {exc}") from None
+    for key in ("max_image_mb", "max_request_mb", "max_source_mb", "fetch_concurrency", "fetch_timeout_s"):
+        _positive(sec, key, getattr(images, key))
+    for key in ("max_side", "max_pixels", "fetch_retries", "max_redirects", "workers"):
+        _positive(sec, key, getattr(images, key), allow_zero=True)
+    sec.finish()
+    return images

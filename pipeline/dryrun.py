@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint
 from .config import Job
 from .errors import InputError, JobError
 from .manifest import Plan, plan_manifest, read_shard
-from .media import ImageSource, image_values, sniff_mime
+from .media import LocalFiles, image_values, sniff_mime
 from .pricing import CHARS_PER_TOKEN
 from .request import RequestBuilder
 
@@ -81,7 +81,10 @@ def dry_run(job: Job, out: TextIO = sys.stdout) -> int:
 
 def check_rows(job: Job, plan: Plan, report: Report) -> None:
     builder = RequestBuilder(job, plan.columns)  # JobError for a placeholder that is not a column
-    images = builder.images
+    images = builder.media.files
+    # The run's cap on a file: its base64 under max_image_mb, or with downscaling the source cap.
+    resizing = bool(job.images.max_side or job.images.max_pixels)
+    max_bytes = int((job.images.max_source_mb if resizing else job.images.max_image_mb * 3 / 4) * 1024 * 1024)
     id_col, image_col = job.input.id_column, job.input.image_column
     for shard in plan.shards:
         table = read_shard(job.input, plan, shard)
@@ -114,7 +117,7 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 bad = True
             count = 0
             if image_col is not None:
-                count = _check_images(row.get(image_col), images, image_col, where, report)
+                count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report)
                 bad = bad or count < 0
             if bad:  # the estimates count only the rows that would be sent
                 report.bad_rows += 1
@@ -123,7 +126,7 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 report.images += count
 
 
-def _check_images(cell: Any, images: ImageSource, column: str, where: str, report: Report) -> int:
+def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report) -> int:
     """The row's number of images, or -1 when its images would make it fail."""
     try:
         values = image_values(cell)
@@ -135,14 +138,14 @@ def _check_images(cell: Any, images: ImageSource, column: str, where: str, repor
         return -1
     bad = False
     for value in values:
-        problem = image_problem(value, images)
+        problem = image_problem(value, images, max_bytes)
         if problem is not None:
             report.problem(problem[0], where, problem[1])
             bad = True
     return -1 if bad else len(values)
 
 
-def image_problem(value: str, images: ImageSource) -> tuple[str, str] | None:
+def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, str] | None:
     """(kind, message) when this image value would fail the row, else None. Reads at most a few
     bytes of a local file: the run reads it whole."""
     shown = repr(value[:120])
@@ -165,7 +168,7 @@ def image_problem(value: str, images: ImageSource) -> tuple[str, str] | None:
     path = Path(value) if Path(value).is_absolute() else images.base / value
     real = Path(os.path.realpath(path))
     if not any(real == root or root in real.parents for root in images.roots):
-        return "outside_roots", f"the image path is outside the manifest's folder: {shown}"
+        return "outside_roots", f"the image path is outside the allowed roots: {shown}"
     try:
         size = real.stat().st_size
         with open(real, "rb") as f:
@@ -178,8 +181,8 @@ def image_problem(value: str, images: ImageSource) -> tuple[str, str] | None:
         return "unreadable_file", f"cannot read the image ({exc.strerror}): {shown}"
     if sniff_mime(head) is None:
         return "not_an_image", f"not an image (PNG, JPEG, WEBP or GIF) by its content: {shown}"
-    if size * 4 / 3 > images.max_b64_bytes:
-        return "too_large", f"image too large ({size} bytes, over {images.max_b64_bytes} as base64): {shown}"
+    if size > max_bytes:
+        return "too_large", f"image too large ({size} bytes, over {max_bytes}): {shown}"
     return None
 
 

@@ -2,26 +2,39 @@
 
     {"model": ..., "messages": [{"role": "system", "content": ...},
         {"role": "user", "content": [{"type": "text", "text": prompt},
-                                     {"type": "image_url", "image_url": {"url": ...}}]}],
+                                     {"type": "image_url", "image_url": {"url": ...}}, ...,
+                                     {"type": "video_url", "video_url": {"url": ...}}]}],
      "max_tokens": ..., **other [request] keys}
 
+    built = await builder.build(row)      # Built(prompt, media count, body bytes); InputError
+    await builder.aclose()
+
 Prompts may hold `{column}` placeholders filled from the row; other braces (JSON examples in a
-prompt) are left alone.
+prompt) are left alone. The image and video parts come from media.py (files read, images
+fetched and resized off the event loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import Job
 from .errors import InputError, JobError
-from .media import ImageSource, image_values
+from .media import MediaBuilder
 
-__all__ = ["RequestBuilder", "placeholders"]
+__all__ = ["RequestBuilder", "Built", "placeholders"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENCODE_OFF_LOOP_BYTES = 1 << 20  # bodies with more inlined media than this are JSON-encoded in a thread
+
+
+class Built(NamedTuple):
+    prompt: str
+    media: int  # image and video parts, for the token estimate
+    body: bytes
 
 
 def placeholders(template: str) -> list[str]:
@@ -31,7 +44,7 @@ def placeholders(template: str) -> list[str]:
 class RequestBuilder:
     def __init__(self, job: Job, columns: list[str]) -> None:
         self.job = job
-        self.images = ImageSource.for_manifest(job.input.path)
+        self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]
@@ -66,34 +79,23 @@ class RequestBuilder:
         template = self.job.request.prompt or ""
         return _PLACEHOLDER.sub(lambda m: _cell(row, m.group(1)), template)
 
-    def image_urls(self, row: dict[str, Any]) -> list[str]:
-        """Blocking (reads local files): the runner calls it in a thread when files are involved."""
-        col = self.job.input.image_column
-        if col is None:
-            return []
-        values = image_values(row.get(col))
-        if not values:
-            raise InputError(f"row has no image in {col!r}")
-        return [self.images.resolve(v) for v in values]
+    async def build(self, row: dict[str, Any]) -> Built:
+        """The row's request body. Raises InputError for a row that cannot be sent."""
+        prompt = self.prompt(row)
+        parts = await self.media.parts(row)
+        body = self.body(prompt, parts)
+        if sum(_url_chars(p) for p in parts) > ENCODE_OFF_LOOP_BYTES:
+            encoded = await asyncio.to_thread(self.encode, body)  # megabytes of base64: not on the loop
+        else:
+            encoded = self.encode(body)
+        return Built(prompt, len(parts), encoded)
 
-    def needs_files(self, row: dict[str, Any]) -> bool:
-        """True when building this row reads local files (so it belongs off the event loop)."""
-        col = self.job.input.image_column
-        if col is None:
-            return False
-        try:
-            return any(self.images.is_local(v) for v in image_values(row.get(col)))
-        except InputError:
-            return False
+    async def aclose(self) -> None:
+        await self.media.aclose()
 
-    def body(self, prompt: str, urls: list[str]) -> dict[str, Any]:
-        parts: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
-        detail = self.job.request.image_detail
-        for url in urls:
-            image: dict[str, Any] = {"url": url}
-            if detail:
-                image["detail"] = detail
-            parts.append({"type": "image_url", "image_url": image})
+    def body(self, prompt: str, media: list[dict[str, Any]]) -> dict[str, Any]:
+        """`media`: the row's image/video parts (from media.py), after the text, in order."""
+        parts: list[dict[str, Any]] = [{"type": "text", "text": prompt}, *media]
         return {
             "model": self.job.endpoint.model,
             "messages": [*self._head, {"role": "user", "content": parts}],
@@ -102,6 +104,15 @@ class RequestBuilder:
 
     def encode(self, body: dict[str, Any]) -> bytes:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _url_chars(part: dict[str, Any]) -> int:
+    inner = part.get(part.get("type", ""))
+    if isinstance(inner, dict):
+        return len(inner.get("url", ""))
+    if isinstance(inner, list):  # DashScope's {"type": "video", "video": [frames]}
+        return sum(len(u) for u in inner)
+    return 0
 
 
 def _cell(row: dict[str, Any], name: str) -> str:

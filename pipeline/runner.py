@@ -251,7 +251,7 @@ class _Engine:
         self.budget = Budget(job, 0.0)  # replaced in run() by one that knows the job's spend so far
 
     def _request_columns(self) -> list[str]:
-        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column) if c}
+        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column, self.job.input.video_column) if c}
         cols.update(placeholders(self.job.request.prompt or ""))
         return [c for c in self.plan.columns if c in cols]
 
@@ -291,6 +291,7 @@ class _Engine:
             self._update_bar(bar)
             if bar is not None:
                 bar.close()
+            await self.builder.aclose()  # the fetcher's session and the image threads
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
 
     async def _wait(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
@@ -440,16 +441,12 @@ class _Engine:
 
     async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            prompt = self.builder.prompt(row)
-            if self.builder.needs_files(row):
-                urls = await asyncio.to_thread(self.builder.image_urls, row)
-            else:
-                urls = self.builder.image_urls(row)
-            body = self.builder.encode(self.builder.body(prompt, urls))
+            built = await self.builder.build(row)  # files, fetches and Pillow work run off the loop
         except InputError as err:
             return _error_record(row_id, err, attempts=0)
-        estimate = self._estimate(prompt, len(urls))
-        worst = worst_case_cost(self.job, prompt, len(urls)) if self.budget.limit is not None else 0.0
+        body = built.body
+        estimate = self._estimate(built.prompt, built.media)
+        worst = worst_case_cost(self.job, built.prompt, built.media) if self.budget.limit is not None else 0.0
         spent: float | None = None  # this row's cost over its attempts
         invalid: dict[str, Any] | None = None  # the last answer that failed the [labels] schema
         invalid_count = 0

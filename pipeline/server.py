@@ -5,7 +5,7 @@
 
 It answers in the seed's response shape, a `<think>` block first, describing what it can really
 see: for inlined images their format, size and main colours (Pillow); for URLs only the URL, as
-it has no network. It can behave like a real provider under load or failing:
+it has no network; for video parts (`video_url`, DashScope's `video`) their kind and size. It can behave like a real provider under load or failing:
 
 - `rate_limit` requests per `rate_window_s`, enforced over a sliding window: over it, a 429 whose
   delay is given in the `rate_headers` style, with x-ratelimit-* headers on every answer;
@@ -44,7 +44,7 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
 from aiohttp import web
 
@@ -194,6 +194,27 @@ def describe_image(url: str, analyze: bool) -> str:
         return f"a {img.format or mime} image, {w}x{h} pixels, main colours {top}"
     except Exception as exc:  # a broken image is an answer too: say so, as a model would
         return f"an inlined {mime} that could not be decoded ({type(exc).__name__})"
+
+
+class Video(NamedTuple):
+    """A video part: a URL or data URI (`video_url`), or a list of frames (DashScope's `video`)."""
+
+    value: str | list[str]
+
+
+def describe_video(video: Video, analyze: bool) -> str:
+    v = video.value
+    if isinstance(v, list):
+        return f"a video of {len(v)} frames given one by one"
+    if not v.startswith("data:"):
+        return f"a video at {v[:200]} (not fetched: the built-in endpoint has no network)"
+    head, _, payload = v.partition(",")
+    mime = head[5:].split(";")[0] or "unknown type"
+    if mime == "video/jpeg":  # vLLM's frames, base64 JPEGs joined by commas
+        frames = payload.split(",")
+        first = describe_image("data:image/jpeg;base64," + frames[0], analyze) if analyze else "not analysed"
+        return f"a video of {len(frames)} JPEG frames (the first: {first})"
+    return f"an inlined {mime} video of {len(payload) * 3 // 4} bytes"
 
 
 def _pick_fault(state: _State, key: str) -> str | None:
@@ -409,7 +430,7 @@ def _json_answer(body: dict[str, Any], prompt: str, opts: ServeOptions, *, valid
     return f"```json\n{text}\n```" if opts.fence_json else text
 
 
-def _user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
+def _user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str | Video]]:
     texts, urls = [], []
     for m in messages:
         if m.get("role") != "user":
@@ -423,13 +444,18 @@ def _user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str]]:
                 texts.append(part.get("text", ""))
             elif part.get("type") == "image_url":
                 urls.append((part.get("image_url") or {}).get("url", ""))
+            elif part.get("type") == "video_url":
+                urls.append(Video((part.get("video_url") or {}).get("url", "")))
+            elif part.get("type") == "video":
+                urls.append(Video([str(f) for f in part.get("video") or []]))
     return "\n".join(texts), urls
 
 
 def _compose(
-    prompt: str, urls: list[str], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
+    prompt: str, urls: list[str | Video], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
 ) -> tuple[str, str]:
-    seen = [describe_image(u, opts.analyze_images) for u in urls]
+    seen = [describe_video(u, opts.analyze_images) if isinstance(u, Video) else describe_image(u, opts.analyze_images)
+            for u in urls]
     reasoning = f"The user asks: {prompt!r}. I am shown {len(urls)} image(s); I describe each briefly."
     if length_cut:
         content = f"<think>\n{reasoning} Let me look more closely at" if opts.reasoning_field == "content" else ""
