@@ -82,6 +82,8 @@ def _say(message: str) -> None:
 
 def run(job: Job, options: RunOptions = RunOptions()) -> int:
     """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
+    if job.run.engine == "ray":
+        from .ray_engine import run_on_ray  # the optional extra: a JobError naming it when Ray is missing
     ckpt = Checkpoint(job.output.checkpoint)
     with ckpt.locked(job.name):
         if ckpt.took_over_from is not None:
@@ -95,6 +97,9 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
         started = time.time()
         if not todo:
             return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
+        if job.run.engine == "ray":  # the same shards and _Engine, run as Ray tasks (ray_engine.py)
+            counts, stopped = run_on_ray(job, ckpt, plan, todo, options)
+            return _finish(job, ckpt, plan, started, counts, stopped)
         return asyncio.run(_run_async(job, ckpt, plan, todo, options, started))
 
 
@@ -189,14 +194,15 @@ def _with_base_url(job: Job, base_url: str) -> Job:
 
 
 class _Engine:
-    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, options: RunOptions) -> None:
+    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, options: RunOptions, limiter: Limiter | None = None) -> None:
         self.job = job
         self.ckpt = ckpt
         self.plan = plan
         self.options = options
         self.limits = job.limits
         self.builder = RequestBuilder(job, plan.columns)
-        self.limiter = Limiter(
+        # `limiter`: the Ray engine's workers share one cluster-wide budget (lease.LeasedLimiter).
+        self.limiter = limiter if limiter is not None else Limiter(
             job.limits.requests_per_minute,
             job.limits.tokens_per_minute,
             burst=job.limits.burst,

@@ -1,0 +1,152 @@
+"""The cluster's one rate limit (issue 8), as a table of times: no Ray, no sleeping, a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+
+import pytest
+
+from pipeline.config import LimitsConfig
+from pipeline.errors import StopJob
+from pipeline.lease import SLOT_EXPIRY_S, LeasedLimiter, RateBudget
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def most_in_window(starts: list[float], window: float) -> int:
+    starts = sorted(starts)
+    return max(bisect.bisect_left(starts, s + window) - i for i, s in enumerate(starts))
+
+
+def simulate(budget: RateBudget, clock: Clock, workers: int, seconds: float, *, rng: random.Random, want: int = 5) -> list[float]:
+    """Workers lease at random moments and use every slot exactly at its time, as a greedy worker does."""
+    starts: list[float] = []
+    held = [0.0] * workers  # when each worker's last slot runs out
+    end = clock.t + seconds
+    while clock.t < end:
+        clock.t += rng.uniform(0.0, 0.05)
+        w = rng.randrange(workers)
+        if held[w] <= clock.t:  # out of slots: lease more
+            grant = budget.lease(want)
+            times = [clock.t + d for d in grant["slots"]]
+            starts += times
+            held[w] = times[-1]
+    return [s for s in starts if s < end]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 16])
+def test_many_workers_together_never_pass_the_limit_in_any_window(workers: int) -> None:
+    clock = Clock()
+    budget = RateBudget(600, clock=clock)
+    starts = simulate(budget, clock, workers, 180.0, rng=random.Random(workers))
+    assert most_in_window(starts, 60.0) <= 600
+    assert most_in_window(starts, 1.0) <= 10  # about rpm/60 in any second: no minute fired at once
+    assert len(starts) >= 0.98 * 600 * 3  # and the budget is not starved: close to the limit
+
+
+def test_burst_is_shared_too() -> None:
+    clock = Clock()
+    budget = RateBudget(120, burst=5, clock=clock)
+    first = [budget.lease(1)["slots"][0] for _ in range(8)]  # eight workers ask at the same instant
+    assert first[:5] == [0.0] * 5 and all(d > 0 for d in first[5:])
+    starts = simulate(budget, clock, 4, 120.0, rng=random.Random(7))
+    assert most_in_window(starts, 60.0) <= 120
+
+
+def test_a_429_anywhere_pauses_and_slows_everyone_then_recovers() -> None:
+    clock = Clock()
+    budget = RateBudget(600, clock=clock)
+    budget.lease(10)
+    epoch = budget.epoch
+    clock.t += 1.0
+    budget.slow_down(3.0)  # one worker saw a 429 with retry-after 3
+    assert budget.epoch == epoch + 1  # holders are told to drop their slots
+    grant = budget.lease(10)
+    assert grant["epoch"] == budget.epoch
+    assert grant["slots"][0] >= 3.0  # nobody starts before the server's delay
+    gaps = [b - a for a, b in zip(grant["slots"], grant["slots"][1:])]
+    assert min(gaps) == pytest.approx(2 * 60 / (599 * 0.995), rel=1e-6)  # half the pace
+    budget.slow_down(3.0)  # the same burst of 429s: one step, not two
+    assert budget.factor == 0.5
+    clock.t += 60.0  # a quiet minute: back to full pace
+    grant = budget.lease(3)
+    gaps = [b - a for a, b in zip(grant["slots"], grant["slots"][1:])]
+    assert gaps[0] == pytest.approx(60 / (599 * 0.995), rel=1e-6)
+
+
+def test_server_saying_none_left_pauses_everyone() -> None:
+    clock = Clock()
+    budget = RateBudget(600, clock=clock)
+    budget.pause(5.0)
+    assert budget.lease(1)["slots"][0] == pytest.approx(5.0)
+    budget.pause(1.0)  # a shorter pause does not shorten the longer one
+    assert budget.lease(1)["slots"][0] > 5.0
+
+
+def test_tokens_per_minute_hold_across_leases_and_are_corrected_by_usage() -> None:
+    clock = Clock()
+    budget = RateBudget(100_000, tokens_per_minute=60_000, clock=clock)  # 1000 tokens/s
+    delays = [budget.lease(0, tokens=500)["token_delay"] for _ in range(10)]  # 5000 tokens asked at once
+    assert delays[0] == 0.0 and delays[-1] == pytest.approx(4.0)  # one second's worth at once, then paced
+    late = budget.lease(0, tokens=500, token_debt=2000)["token_delay"]  # they really used 2000 more
+    assert late == pytest.approx(6.5)
+
+
+def limits(**kw) -> LimitsConfig:
+    return LimitsConfig(**{"requests_per_minute": 600, "max_concurrency": 4, **kw})
+
+
+class LocalBudget:
+    """A RateBudget in this process with the face of the actor's handle."""
+
+    def __init__(self, budget: RateBudget) -> None:
+        self.budget = budget
+        self.slowdowns: list[float | None] = []
+
+    async def lease(self, want: int, tokens: float, token_debt: float) -> dict:
+        return self.budget.lease(want, tokens, token_debt)
+
+    def slow_down(self, pause_s: float | None) -> None:
+        self.slowdowns.append(pause_s)
+        self.budget.slow_down(pause_s)
+
+    def pause(self, seconds: float) -> None:
+        self.budget.pause(seconds)
+
+
+async def test_worker_drops_stale_slots_and_slots_of_an_old_pace() -> None:
+    clock = Clock()
+    shared = LocalBudget(RateBudget(600, clock=clock))
+    limiter = LeasedLimiter(shared, limits(requests_per_minute=6000), clock=clock)
+    await limiter.acquire()  # first slot: now; three more held (a lease is max_concurrency slots at most)
+    assert len(limiter.slots) == 3
+    clock.t += 1.0  # the worker had no rows for a second: those slots would now bunch with others'
+    leases = limiter.leases
+    clock.t += SLOT_EXPIRY_S
+    task = asyncio.ensure_future(limiter.acquire())
+    await asyncio.sleep(0)
+    assert limiter.leases == leases + 1  # it leased afresh instead of sending on stale slots
+    task.cancel()
+    limiter.hear(limiter.epoch + 1)  # a 429 elsewhere: what it holds is at the old pace
+    assert not limiter.slots
+
+
+async def test_worker_429_goes_to_the_budget_and_a_stop_ends_acquire() -> None:
+    clock = Clock()
+    shared = LocalBudget(RateBudget(600, clock=clock))
+    limiter = LeasedLimiter(shared, limits(), clock=clock)
+    await limiter.acquire()
+    limiter.slow_down(2.0)
+    assert shared.slowdowns == [2.0] and not limiter.slots and shared.budget.factor == 0.5
+    limiter.stop(StopJob("the provider says the account is out of quota", kind="quota"))
+    with pytest.raises(StopJob) as err:
+        await limiter.acquire()
+    assert err.value.kind == "quota"
