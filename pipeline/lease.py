@@ -113,8 +113,8 @@ class LeasedLimiter(Limiter):
         super().__init__(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
                          max_pause_s=limits.max_retry_after_s, clock=clock)
         self.budget = budget
-        # Enough slots per lease for about LEASE_S of the cluster's pace, never more than this
-        # worker can start at once (more would sit idle and expire).
+        # At most about LEASE_S of the cluster's pace per lease, and never more than this worker
+        # can start at once (more would sit idle and expire).
         self.want = max(1, min(limits.max_concurrency, math.floor(self.rate_per_s * LEASE_S)))
         self.token_chunk = limits.tokens_per_minute / 60.0 * TOKEN_LEASE_S
         self.slots: deque[float] = deque()
@@ -125,6 +125,7 @@ class LeasedLimiter(Limiter):
         self.stop_reason: StopJob | None = None
         self._stopped = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._waiting = 0  # requests in acquire(): the most slots worth leasing now
         self.leases = 0
 
     def _make_pace(self) -> None:  # type: ignore[override]
@@ -133,10 +134,14 @@ class LeasedLimiter(Limiter):
     # -- the Limiter face ----------------------------------------------------------------
 
     async def acquire(self, estimated_tokens: float = 0.0) -> None:
-        async with self._lock:  # slots are taken in order, and one lease is asked for at a time
-            start = await self._slot()
-            if self.tokens is not None and estimated_tokens > 0:
-                start = max(start, await self._tokens(estimated_tokens))
+        self._waiting += 1
+        try:
+            async with self._lock:  # slots are taken in order, and one lease is asked for at a time
+                start = await self._slot()
+                if self.tokens is not None and estimated_tokens > 0:
+                    start = max(start, await self._tokens(estimated_tokens))
+        finally:
+            self._waiting -= 1
         await self._sleep(start - self.clock())
 
     def settle(self, estimated_tokens: float, actual_tokens: int | None) -> None:
@@ -179,7 +184,8 @@ class LeasedLimiter(Limiter):
             if self.slots:
                 return self.slots.popleft()
             await self._sleep(self.paused_until - now)
-            await self._lease(self.want, 0.0)
+            # Only as many slots as requests are waiting: a slot nobody takes is lost to everyone.
+            await self._lease(min(self.want, self._waiting), 0.0)
 
     async def _tokens(self, estimate: float) -> float:
         if self.tokens_left < estimate:

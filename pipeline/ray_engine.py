@@ -99,8 +99,16 @@ class Coordinator:
             self.stopped = (kind, message)
 
     def state(self) -> dict[str, Any]:
-        return {"reports": list(self.reports.values()), "stop": self.stopped,
-                "slowdowns": self.budget.slowdowns}
+        """This run's counts over every attempt, rows done per shard, and the stop if any."""
+        counts: Counter[str] = Counter()
+        by_kind: Counter[str] = Counter()
+        done: dict[int, int] = {}
+        for r in self.reports.values():
+            counts.update({k: r[k] for k in ("ok", "failed", "sent")})
+            by_kind.update(r["by_kind"])
+            # A rerun of a shard starts from its journal: the furthest attempt is the shard's progress.
+            done[r["shard"]] = max(done.get(r["shard"], 0), r["done"])
+        return {"counts": dict(counts), "by_kind": dict(by_kind), "done": sum(done.values()), "stop": self.stopped}
 
 
 class _ActorBudget:
@@ -140,7 +148,7 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
-            await _report(engine, limiter, coordinator, attempt, shard, final=True)
+            await _report(engine, limiter, coordinator, attempt, shard)  # the last counts
     return {
         "shard": shard.index,
         "signal": stopped if isinstance(stopped, int) else None,
@@ -166,14 +174,14 @@ async def _report_forever(engine: _Engine, limiter: LeasedLimiter, coordinator: 
         await _report(engine, limiter, coordinator, attempt, shard)
 
 
-async def _report(engine: _Engine, limiter: LeasedLimiter, coordinator: Any, attempt: str, shard: Shard,
-                  *, final: bool = False) -> None:
+async def _report(engine: _Engine, limiter: LeasedLimiter, coordinator: Any, attempt: str, shard: Shard) -> None:
+    """Counts to the coordinator; back come the budget's epoch and the stop flag."""
     c = engine.counts
     own = engine.stop_reason if limiter.stop_reason is None else None  # quota, auth, endpoint down here
     if own is not None:
         limiter.stop(own)
-    counts = {"shard": shard.index, "pid": os.getpid(), "done": engine.done_before + c.ok + c.failed,
-              "ok": c.ok, "failed": c.failed, "sent": c.sent, "by_kind": dict(c.by_kind), "final": final}
+    counts = {"shard": shard.index, "done": engine.done_before + c.ok + c.failed,
+              "ok": c.ok, "failed": c.failed, "sent": c.sent, "by_kind": dict(c.by_kind)}
     try:
         if own is not None:
             coordinator.stop.remote(own.kind, str(own))
@@ -222,10 +230,11 @@ class _Driver:
         self.stop_signal: int | None = None
         self.failure: BaseException | None = None
         self.counts = _Counts()
-        self.done: dict[int, int] = {}
+        self.base_done = 0  # rows of shards committed before this run, set by run()
         self.coordinator: Any = None
 
     async def run(self, todo: list[Shard]) -> tuple[_Counts, StopJob | int | None]:
+        self.base_done = self.plan.total_rows - sum(s.rows for s in todo)
         async with contextlib.AsyncExitStack() as stack:
             job = self.job
             if job.serve is not None:  # the built-in endpoint, on this machine: reachable by local workers
@@ -313,24 +322,16 @@ class _Driver:
 
     async def _poll(self, bar: tqdm | None) -> None:
         state = await self.coordinator.state.remote()
-        counts = _Counts()
-        done: dict[int, int] = {}
-        for r in state["reports"]:
-            counts.ok += r["ok"]
-            counts.failed += r["failed"]
-            counts.sent += r["sent"]
-            counts.by_kind.update(r["by_kind"])
-            done[r["shard"]] = max(done.get(r["shard"], 0), r["done"])  # a rerun starts from its journal
-        self.counts, self.done = counts, done
+        c = state["counts"]
+        self.counts = _Counts(ok=c.get("ok", 0), failed=c.get("failed", 0), sent=c.get("sent", 0),
+                              by_kind=Counter(state["by_kind"]))
         if state["stop"] is not None and not self.stopping:
             self._halt(*state["stop"])
         if bar is not None:
-            bar.update(self.base_done + sum(done.values()) - bar.n)
-            bar.set_postfix(ok=counts.ok, failed=counts.failed, refresh=False)
+            bar.update(self.base_done + state["done"] - bar.n)
+            bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, refresh=False)
 
     def _bar(self, todo: list[Shard]) -> tqdm | None:
-        todo_rows = sum(s.rows for s in todo)
-        self.base_done = self.plan.total_rows - todo_rows  # shards committed before this run
         show = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
         if not show:
             return None

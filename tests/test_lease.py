@@ -105,13 +105,16 @@ def limits(**kw) -> LimitsConfig:
 
 
 class LocalBudget:
-    """A RateBudget in this process with the face of the actor's handle."""
+    """A RateBudget in this process with the face of the actor's handle; a lease yields once, as a call would."""
 
     def __init__(self, budget: RateBudget) -> None:
         self.budget = budget
         self.slowdowns: list[float | None] = []
+        self.asked: list[int] = []
 
     async def lease(self, want: int, tokens: float, token_debt: float) -> dict:
+        self.asked.append(want)
+        await asyncio.sleep(0)
         return self.budget.lease(want, tokens, token_debt)
 
     def slow_down(self, pause_s: float | None) -> None:
@@ -122,20 +125,31 @@ class LocalBudget:
         self.budget.pause(seconds)
 
 
-async def test_worker_drops_stale_slots_and_slots_of_an_old_pace() -> None:
+async def leave_one_slot_over(limiter: LeasedLimiter, shared: LocalBudget) -> None:
+    """Three requests wait; the second leases for itself and the third, which then stops waiting."""
+    first, second, gives_up = (asyncio.ensure_future(limiter.acquire()) for _ in range(3))
+    asked = len(shared.asked)
+    while len(shared.asked) < asked + 2:
+        await asyncio.sleep(0)
+    gives_up.cancel()  # e.g. its run is stopping
+    await asyncio.gather(first, second)
+    assert len(limiter.slots) == 1
+
+
+async def test_worker_leases_for_waiting_requests_only_and_never_sends_on_stale_slots() -> None:
     clock = Clock()
-    shared = LocalBudget(RateBudget(600, clock=clock))
+    shared = LocalBudget(RateBudget(6000, clock=clock))
     limiter = LeasedLimiter(shared, limits(requests_per_minute=6000), clock=clock)
-    await limiter.acquire()  # first slot: now; three more held (a lease is max_concurrency slots at most)
-    assert len(limiter.slots) == 3
-    clock.t += 1.0  # the worker had no rows for a second: those slots would now bunch with others'
-    leases = limiter.leases
-    clock.t += SLOT_EXPIRY_S
-    task = asyncio.ensure_future(limiter.acquire())
-    await asyncio.sleep(0)
-    assert limiter.leases == leases + 1  # it leased afresh instead of sending on stale slots
-    task.cancel()
-    limiter.hear(limiter.epoch + 1)  # a 429 elsewhere: what it holds is at the old pace
+    await asyncio.gather(*(limiter.acquire() for _ in range(4)))
+    assert shared.asked == [1, 3] and not limiter.slots  # the first alone, then the three that queued behind it
+
+    await leave_one_slot_over(limiter, shared)
+    clock.t += 1.0 + SLOT_EXPIRY_S  # a second later that slot would bunch with others' slots
+    await limiter.acquire()
+    assert shared.asked[-1] == 1 and not limiter.slots  # so it was dropped and a fresh one leased
+
+    await leave_one_slot_over(limiter, shared)
+    limiter.hear(limiter.epoch + 1)  # a 429 elsewhere: what is held is at the old pace
     assert not limiter.slots
 
 
