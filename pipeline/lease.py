@@ -10,7 +10,8 @@ however many workers there are, in any window of T seconds at most burst + rate*
 never more than requests_per_minute in sixty seconds, about rpm/60 in any one second. A slot not
 used within `SLOT_EXPIRY_S` of its time is thrown away (a worker that died, or ran out of rows,
 returns nothing: its slots just pass). Tokens per minute are leased the same way, as a budget of
-tokens usable after a delay, corrected later by what the server reports.
+tokens usable after a delay, corrected by what the server reports as soon as a worker next
+leases or reports (every few hundred milliseconds).
 
 A 429 seen by any worker is sent to the budget: it pauses and slows the pace for everyone (the
 same policy as the local `Limiter`), and bumps an epoch that tells every worker to drop the
@@ -62,8 +63,7 @@ class RateBudget(Limiter):
         """
         now = self.clock()
         self._recover()
-        if self.tokens is not None and token_debt:
-            self.tokens.adjust(token_debt)
+        self.correct(token_debt)
         rate = self.rate_per_s
         floor = max(now, self.paused_until)
         # A bucket of `burst` places: up to `burst` slots may share the first start time.
@@ -77,6 +77,11 @@ class RateBudget(Limiter):
         if tokens > 0 and self.tokens is not None:
             token_delay = max(floor - now, self.tokens.delay_for(tokens))
         return {"slots": slots, "token_delay": token_delay, "epoch": self.epoch}
+
+    def correct(self, token_debt: float) -> None:
+        """Tokens really used beyond the estimates leased for them (negative: fewer)."""
+        if self.tokens is not None and token_debt:
+            self.tokens.adjust(token_debt)
 
     def slow_down(self, pause_s: float | None) -> None:
         before = (self.factor, self.paused_until)
@@ -162,6 +167,11 @@ class LeasedLimiter(Limiter):
 
     # -- news from the budget --------------------------------------------------------------
 
+    def take_token_debt(self) -> float:
+        """What usage corrected since the last lease, for a report to carry to the budget now."""
+        debt, self.token_debt = self.token_debt, 0.0
+        return debt
+
     def hear(self, epoch: int) -> None:
         """The budget's epoch moved (a 429 or a pause elsewhere): slots held are at the old pace."""
         if epoch != self.epoch:
@@ -196,7 +206,7 @@ class LeasedLimiter(Limiter):
         return self.tokens_at
 
     async def _lease(self, want: int, tokens: float) -> None:
-        debt, self.token_debt = self.token_debt, 0.0
+        debt = self.take_token_debt()
         try:
             grant = await self.budget.lease(want, tokens, debt)
         except Exception as exc:  # the budget is gone (its actor died): sending on would be blind

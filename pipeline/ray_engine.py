@@ -90,8 +90,9 @@ class Coordinator:
     def pause(self, seconds: float) -> None:
         self.budget.pause(seconds)
 
-    def report(self, attempt: str, counts: dict[str, Any]) -> dict[str, Any]:
+    def report(self, attempt: str, counts: dict[str, Any], token_debt: float = 0.0) -> dict[str, Any]:
         self.reports[attempt] = counts
+        self.budget.correct(token_debt)
         return {"epoch": self.budget.epoch, "stop": self.stopped}
 
     def stop(self, kind: str, message: str) -> None:
@@ -185,7 +186,7 @@ async def _report(engine: _Engine, limiter: LeasedLimiter, coordinator: Any, att
     try:
         if own is not None:
             coordinator.stop.remote(own.kind, str(own))
-        reply = await coordinator.report.remote(attempt, counts)
+        reply = await coordinator.report.remote(attempt, counts, limiter.take_token_debt())
     except ray.exceptions.RayError as exc:  # the coordinator is gone: so is the driver, or soon
         limiter.stop(StopJob(f"lost the run's coordinator ({type(exc).__name__}); run again to continue", kind="coordinator_lost"))
         return
@@ -212,7 +213,8 @@ def _connect(job: Job) -> bool:
         return False
     address = job.run.ray_address
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        # Workers' own output stays in Ray's session logs: the driver prints what a local run prints.
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         raise JobError(f"[run] ray_address: cannot connect to {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "

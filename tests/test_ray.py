@@ -115,8 +115,8 @@ def test_the_whole_cluster_stays_within_one_rate_limit(tmp_path: Path, endpoint_
     # workers that each paced themselves at 25/s (as Ray's own HTTP processor does) would try 75/s.
     ep = endpoint_factory(rate_limit=15, rate_window_s=0.5, latency_ms=150)
     n = 80
-    job = make_job(tmp_path, ep.base_url, n, address=ray_address, limits={"requests_per_minute": 1500, "max_concurrency": 3},
-                   run={"ray_workers": 3, "shard_rows": 16})
+    job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 3, "shard_rows": 16},
+                   limits={"requests_per_minute": 1500, "tokens_per_minute": 5e6, "max_concurrency": 3})  # tokens: leased too
     assert run(load_job(job)) == 0
     assert_exactly_once(tmp_path / "out-t", n)
     stats = ep.stats()
@@ -198,3 +198,10 @@ def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: [run] engine = \"ray\" needs the extra: pip install 'pipeline[ray]'"]
     assert not (tmp_path / ".pipeline").exists()  # refused before anything was planned or sent
+
+
+def test_output_url_is_refused_naming_the_key(tmp_path: Path) -> None:
+    job = make_job(tmp_path, "http://127.0.0.1:9/v1", 5)
+    job.write_text(job.read_text().replace(f'path = "{tmp_path / "out-t"}"', 'path = "s3://bucket/captions"'))
+    r = run_cli("run", str(job))
+    assert r.returncode == 2 and "[output] path: URLs (s3://...) are not supported yet" in r.stderr
