@@ -167,6 +167,12 @@ class LeasedLimiter(Limiter):
 
     # -- news from the budget --------------------------------------------------------------
 
+    def release(self) -> None:
+        """The worker is done: tokens leased and not spent go back with the next report."""
+        self.token_debt -= self.tokens_left
+        self.tokens_left = 0.0
+        self.slots.clear()
+
     def take_token_debt(self) -> float:
         """What usage corrected since the last lease, for a report to carry to the budget now."""
         debt, self.token_debt = self.token_debt, 0.0
@@ -199,7 +205,8 @@ class LeasedLimiter(Limiter):
 
     async def _tokens(self, estimate: float) -> float:
         if self.tokens_left < estimate:
-            more = max(estimate - self.tokens_left, self.token_chunk)
+            # Enough for the requests waiting now (one call for them all), or a slice of the minute.
+            more = max(estimate * max(1, min(self.want, self._waiting)) - self.tokens_left, self.token_chunk)
             await self._lease(0, more)
             self.tokens_left += more
         self.tokens_left -= estimate

@@ -149,7 +149,8 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
-            await _report(engine, limiter, coordinator, attempt, shard)  # the last counts
+            limiter.release()
+            await _report(engine, limiter, coordinator, attempt, shard)  # the last counts, unspent tokens back
     return {
         "shard": shard.index,
         "signal": stopped if isinstance(stopped, int) else None,

@@ -164,3 +164,19 @@ async def test_worker_429_goes_to_the_budget_and_a_stop_ends_acquire() -> None:
     with pytest.raises(StopJob) as err:
         await limiter.acquire()
     assert err.value.kind == "quota"
+
+
+async def test_worker_leases_tokens_for_the_waiting_requests_and_gives_back_what_it_did_not_spend() -> None:
+    clock = Clock()
+    shared = LocalBudget(RateBudget(60_000, tokens_per_minute=600_000, clock=clock))  # 10 000 tokens/s
+    limiter = LeasedLimiter(shared, limits(requests_per_minute=60_000, tokens_per_minute=600_000), clock=clock)
+    await asyncio.gather(*(limiter.acquire(1000) for _ in range(4)))
+    free_at = shared.budget.tokens.free_at
+    limiter.settle(1000, 400)  # a request used 600 fewer tokens than estimated
+    limiter.release()  # and the worker ends with tokens leased but unspent
+    # One token lease served all four (a slice of 5000: 4000 spent, 1000 left over).
+    assert len([a for a in shared.asked if a == 0]) == 1
+    debt = limiter.take_token_debt()
+    assert debt == -600 - 1000
+    shared.budget.correct(debt)
+    assert shared.budget.tokens.free_at == pytest.approx(free_at - 0.16)  # the cluster's schedule got them back
