@@ -30,6 +30,11 @@ Storage: the output and checkpoint folders must be the same path on every node: 
 a shared POSIX filesystem (NFS, ...) with flock and O_APPEND; object stores (s3://) are not
 supported. `max_concurrency` is per worker: up to ray_workers * max_concurrency requests are in
 flight, all paced by the one rate limit. `pipeline` must be installed on every node.
+
+Planning: rows/s = min(requests_per_minute / 60, workers x rows/s per worker core, what the
+endpoint serves); `python -m bench.ray_bench` measures the middle term. A shard is the unit of
+retry and of balancing: size it to take minutes (each costs a task start and a tail of one
+request latency).
 """
 
 from __future__ import annotations
