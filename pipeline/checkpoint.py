@@ -138,25 +138,36 @@ class Checkpoint:
     # -- commits -------------------------------------------------------------------------
 
     def commits(self) -> dict[int, dict[str, Any]]:
-        """Latest commit record per shard; a torn last line (crash mid-append) is cut off."""
+        """Latest commit record per shard; a torn last line (crash mid-append) is cut off.
+
+        Several processes may append at once (the Ray engine's workers): each append is one write
+        under an exclusive flock, so a reader holding the lock sees whole lines, and a torn tail
+        can only be a dead writer's, safe to cut.
+        """
         try:
-            data = self.commits_path.read_bytes()
+            f = open(self.commits_path, "rb")
         except FileNotFoundError:
             return {}
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            with open(self.commits_path, "r+b") as f:
-                f.truncate(end)
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end < len(data):
+                os.truncate(self.commits_path, end)
         out: dict[int, dict[str, Any]] = {}
         for line in data[:end].splitlines():
             if line.strip():
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn line (power cut) with a later append glued on: that shard is re-committed from its journal
                 out[rec["shard"]] = rec
         return out
 
     def record_commit(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         with open(self.commits_path, "ab") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # appends from several worker processes never interleave
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

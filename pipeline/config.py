@@ -200,11 +200,15 @@ class OutputConfig:
 @dataclass(frozen=True)
 class RunConfig:
     shard_rows: int = 10_000
-    engine: str = "local"
+    engine: str = "local"  # "local": this process; "ray": the shards run as Ray tasks
+    ray_address: str | None = None  # engine "ray": a running cluster ("auto", "host:port"); None starts a local Ray
+    ray_workers: int = 0  # engine "ray": shards running at once; 0 = one per CPU of the cluster
 
     def __post_init__(self) -> None:
-        if self.engine not in ("local",):
-            raise JobError(f"[run] engine {self.engine!r} is not available; use \"local\"")
+        if self.engine not in ("local", "ray"):
+            raise JobError(f"[run] engine {self.engine!r} is not available; use \"local\" or \"ray\"")
+        if self.ray_workers < 0:
+            raise JobError(f"[run] ray_workers must be zero (one per CPU) or more, not {self.ray_workers}")
 
 
 @dataclass(frozen=True)
@@ -397,14 +401,23 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
     images = _images_config(_Section(src, "images", top.get("images", dict, {})), base)
 
     sec = _Section(src, "output", top.get("output", dict, required=True))
-    out_path = (base / sec.get("path", str, required=True)).resolve()
+    out_text = sec.get("path", str, required=True)
+    if "://" in out_text:  # fsspec URLs: the checkpoint needs appends, flock and atomic renames
+        raise JobError(f"{sec.where('path')}: URLs ({out_text.split('://')[0]}://...) are not supported yet; "
+                       f"use a folder on a filesystem every worker can reach (a local disk, or an NFS mount for a cluster)")
+    out_path = (base / out_text).resolve()
     ckpt = sec.get("checkpoint", str, None)
     checkpoint = (base / ckpt).resolve() if ckpt else out_path.parent / ".pipeline" / name
     output = OutputConfig(path=out_path, checkpoint=checkpoint)
     sec.finish()
 
     sec = _Section(src, "run", top.get("run", dict, {}))
-    run = RunConfig(shard_rows=sec.get("shard_rows", int, RunConfig.shard_rows), engine=sec.get("engine", str, "local"))
+    run = RunConfig(
+        shard_rows=sec.get("shard_rows", int, RunConfig.shard_rows),
+        engine=sec.get("engine", str, "local"),
+        ray_address=sec.get("ray_address", str, None),
+        ray_workers=sec.get("ray_workers", int, 0),
+    )
     _positive(sec, "shard_rows", run.shard_rows)
     sec.finish()
 

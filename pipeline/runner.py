@@ -92,6 +92,8 @@ def _say(message: str) -> None:
 def run(job: Job, options: RunOptions = RunOptions()) -> int:
     """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
     _return_freed_memory()
+    if job.run.engine == "ray":
+        from .ray_engine import run_on_ray  # the optional extra: a JobError naming it when Ray is missing
     ckpt = Checkpoint(job.output.checkpoint)
     with ckpt.locked(job.name):
         if ckpt.took_over_from is not None:
@@ -105,6 +107,9 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
         started = time.time()
         if not todo:
             return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
+        if job.run.engine == "ray":  # the same shards and _Engine, run as Ray tasks (ray_engine.py)
+            counts, stopped = run_on_ray(job, ckpt, plan, todo, options)
+            return _finish(job, ckpt, plan, started, counts, stopped)
         return event_loop_runner()(_run_async(job, ckpt, plan, todo, commits, options, started))
 
 
@@ -217,7 +222,13 @@ def _with_base_url(job: Job, base_url: str) -> Job:
 
 class _Engine:
     def __init__(
-        self, job: Job, ckpt: Checkpoint, plan: Plan, options: RunOptions, committed_rows: dict[int, int] | None = None
+        self,
+        job: Job,
+        ckpt: Checkpoint,
+        plan: Plan,
+        options: RunOptions,
+        committed_rows: dict[int, int] | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.job = job
         self.committed_rows = committed_rows or {}
@@ -226,7 +237,8 @@ class _Engine:
         self.options = options
         self.limits = job.limits
         self.builder = RequestBuilder(job, plan.columns)
-        self.limiter = Limiter(
+        # `limiter`: the Ray engine's workers share one cluster-wide budget (lease.LeasedLimiter).
+        self.limiter = limiter if limiter is not None else Limiter(
             job.limits.requests_per_minute,
             job.limits.tokens_per_minute,
             burst=job.limits.burst,
@@ -305,8 +317,9 @@ class _Engine:
                 break
             if producer.exception() is not None:  # e.g. a later shard is unreadable: stop cleanly
                 self.stopping.set()
+        if not producer.done():
+            producer.cancel()  # workers are gone (a stop, or one failed): nobody takes its rows
         if self.stopping.is_set():
-            producer.cancel()
             # Requests in flight may be answers already paid for: give them the grace period.
             await asyncio.wait(workers, timeout=self.limits.grace_s)
             for w in workers:

@@ -1,0 +1,207 @@
+"""Scale out on Ray (issue 8): the same job over many workers, one global rate limit, same output.
+
+A local Ray (num_cpus=2) is started once for this module, against the built-in endpoint. Runs are
+either a real `pipeline run` process connecting to it through `[run] ray_address` (the user's
+path: bar, summary, exit codes, a driver to kill) or `run()` in this process, which reuses this
+process's Ray workers and so skips their few seconds of start-up. Skipped, saying why, when the
+Ray extra is not installed (except the test of that very error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import load_job
+from pipeline.runner import RunOptions, run
+
+from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job
+
+TASK_TITLE = "ray::_shard_task"  # Ray titles a worker process after the task it runs
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'pipeline[ray]')")
+    ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+def make_job(tmp_path: Path, base_url: str, n: int, *, name: str = "t", engine: str = "ray", address: str | None = None,
+             limits: dict | None = None, run: dict | None = None) -> Path:
+    manifest = tmp_path / "m.csv"
+    if not manifest.exists():
+        url_manifest(manifest, n)
+    run_table = {"engine": engine, "shard_rows": 50, **(run or {})}
+    if address is not None:
+        run_table["ray_address"] = address
+    return write_job(tmp_path / f"{name}.toml", job_dict(
+        manifest, base_url, tmp_path / f"out-{name}", name=name,
+        limits={"max_concurrency": 4, **(limits or {})}, run=run_table,
+    ))
+
+
+def start_run(job: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_exactly_once(out: Path, n: int) -> list[dict]:
+    rows = read_output(out)
+    assert Counter(r["id"] for r in rows) == Counter(f"row-{i:05d}" for i in range(n)), "every id exactly once"
+    return rows
+
+
+def shard_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [""])[0] == TASK_TITLE:
+            found.append(p)
+    return found
+
+
+def journal_lines(checkpoint: Path) -> dict[int, int]:
+    out = {}
+    for p in (checkpoint / "journal").glob("shard-*.jsonl"):
+        out[int(p.stem.split("-")[1])] = p.read_bytes().count(b"\n")
+    return out
+
+
+def committed(checkpoint: Path) -> set[int]:
+    path = checkpoint / "commits.jsonl"
+    return {json.loads(line)["shard"] for line in path.read_text().splitlines()} if path.exists() else set()
+
+
+def test_ray_gives_the_same_rows_as_local(tmp_path: Path, endpoint_factory, ray_address: str, capsys) -> None:
+    faults = {"picture row-00007": "400", "picture row-00042": "500:1", "picture row-00142": "500:1"}
+    ep_local, ep = endpoint_factory(latency_ms=5, row_faults=faults), endpoint_factory(latency_ms=5, row_faults=faults)
+    n = 160
+    local = make_job(tmp_path, ep_local.base_url, n, name="local", engine="local")
+    on_ray = make_job(tmp_path, ep.base_url, n, name="ray", address=ray_address)
+    assert run_cli("run", str(local)).returncode == 1  # one failed row
+    assert run(load_job(on_ray), RunOptions(progress=True)) == 1  # the same exit code
+    err = capsys.readouterr().err
+    assert f"{n}/{n}" in err  # the driver's one bar for the whole job, fed by the workers
+    assert "159 ok, 1 failed (bad_request 1), 0 pending of 160 rows" in err
+    assert "to send the failed rows again: pipeline run" in err
+
+    key = lambda r: (r["id"], r["answer"], r["status"], r["error_kind"], r["attempts"], r["prompt"], r["image"])
+    rows_local = sorted(map(key, assert_exactly_once(tmp_path / "out-local", n)))
+    rows_ray = sorted(map(key, assert_exactly_once(tmp_path / "out-ray", n)))
+    assert rows_ray == rows_local
+    assert sorted(p.name for p in (tmp_path / "out-ray").iterdir()) == [f"part-{i:06d}.parquet" for i in range(4)]
+
+    status = json.loads(run_cli("status", str(on_ray), "--json").stdout)
+    assert status["ok"] == 159 and status["failed_by_kind"] == {"bad_request": 1} and status["pending"] == 0
+    assert status["last_run"]["exit_code"] == 1 and status["last_run"]["this_run"]["requests_sent"] == n + 2
+    assert run(load_job(on_ray), RunOptions(retry_failed=frozenset({"bad_request"}))) == 1  # resent on Ray: still refused
+    assert ep.stats()["per_row"]["Describe picture row-00007"] == 2 and ep.stats()["requests"] == n + 3
+
+
+def test_the_whole_cluster_stays_within_one_rate_limit(tmp_path: Path, endpoint_factory, ray_address: str) -> None:
+    # The endpoint allows 15 requests in any 0.5 s; the job asks 25/s for the whole cluster. Three
+    # workers that each paced themselves at 25/s (as Ray's own HTTP processor does) would try 75/s.
+    ep = endpoint_factory(rate_limit=15, rate_window_s=0.5, latency_ms=150)
+    n = 80
+    job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 3, "shard_rows": 16},
+                   limits={"requests_per_minute": 1500, "tokens_per_minute": 5e6, "max_concurrency": 3})  # tokens: leased too
+    assert run(load_job(job)) == 0
+    assert_exactly_once(tmp_path / "out-t", n)
+    stats = ep.stats()
+    assert stats["over_limit"] == 0 and "429" not in stats["statuses"], stats
+    assert stats["requests"] == n
+    assert stats["max_in_flight"] > 3  # more than one worker was sending at once
+
+
+def test_killed_worker_mid_shard_is_rerun_from_its_journal(tmp_path: Path, endpoint_factory, ray_address: str) -> None:
+    ep = endpoint_factory(latency_ms=80)
+    n = 160
+    job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 2, "shard_rows": 40})
+    checkpoint = tmp_path / ".pipeline" / "t"
+    killed: list[int] = []
+
+    def kill_one_worker_mid_shard() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            partial = [s for s, lines in journal_lines(checkpoint).items() if 5 <= lines < 35 and s not in committed(checkpoint)]
+            workers = shard_workers()
+            if partial and workers:
+                workers[0].send_signal(signal.SIGKILL)
+                killed.append(workers[0].pid)
+                return
+
+    killer = threading.Thread(target=kill_one_worker_mid_shard)
+    killer.start()
+    code = run(load_job(job))
+    killer.join()
+    assert killed, "no worker was caught mid-shard"
+    assert code == 0
+    assert_exactly_once(tmp_path / "out-t", n)
+    extra = ep.stats()["requests"] - n
+    assert 0 <= extra <= 4, f"{extra} rows bought twice; at most the killed worker's 4 in flight may be"
+
+
+def test_resume_after_the_driver_is_killed(tmp_path: Path, endpoint_factory, ray_address: str, capsys) -> None:
+    ep = endpoint_factory(latency_ms=100)
+    n = 200
+    job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 2})
+    checkpoint = tmp_path / ".pipeline" / "t"
+    proc = start_run(job)
+    deadline = time.monotonic() + 60
+    while not committed(checkpoint) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert committed(checkpoint), "the first run never committed a shard"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_output(tmp_path / "out-t")) < n
+    assert run(load_job(job)) == 0
+    assert f"took over the lock left by pid {proc.pid}" in capsys.readouterr().err
+    assert_exactly_once(tmp_path / "out-t", n)
+    extra = ep.stats()["requests"] - n
+    assert 0 <= extra <= 2 * 4, f"{extra} rows bought twice; at most the two workers' 4 in flight each may be"
+
+
+def test_a_stop_on_one_worker_stops_the_cluster_and_resumes(tmp_path: Path, endpoint_factory, ray_address: str, capsys) -> None:
+    # Out of quota, seen by whichever worker sends row 60 first: every worker stops, exit 3.
+    ep = endpoint_factory(latency_ms=50, row_faults={"picture row-00060": "quota:1"})
+    n = 200
+    job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 2})
+    assert run(load_job(job)) == 3
+    err = capsys.readouterr().err
+    assert "out of quota" in err and "to continue: pipeline run" in err
+    sent = ep.stats()["requests"]
+    kept = read_output(tmp_path / "out-t")
+    assert len(kept) < n and sent < n  # the other worker stopped too instead of running on
+    assert len(kept) == sent - 1  # every answer that arrived was committed (the quota 429 is not a row)
+    assert run(load_job(job)) == 0
+    assert_exactly_once(tmp_path / "out-t", n)
+    assert ep.stats()["requests"] == n + 1
+
+
+def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
+    job = make_job(tmp_path, "http://127.0.0.1:9/v1", 5)
+    code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "run", str(job)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: [run] engine = \"ray\" needs the extra: pip install 'pipeline[ray]'"]
+    assert not (tmp_path / ".pipeline").exists()  # refused before anything was planned or sent
+
+
+def test_output_url_is_refused_naming_the_key(tmp_path: Path) -> None:
+    job = make_job(tmp_path, "http://127.0.0.1:9/v1", 5)
+    job.write_text(job.read_text().replace(f'path = "{tmp_path / "out-t"}"', 'path = "s3://bucket/captions"'))
+    r = run_cli("run", str(job))
+    assert r.returncode == 2 and "[output] path: URLs (s3://...) are not supported yet" in r.stderr
