@@ -120,12 +120,18 @@ def _return_freed_memory() -> None:
 
 
 def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
-    """uvloop where installed: the benchmarks show it cuts the event loop's cost per request."""
+    """uvloop where installed: the benchmarks show it cuts the event loop's cost per request.
+
+    Set as the event loop policy, and only over the default one: a policy the host process chose
+    (an embedding application, the image benchmark's stall monitor) is respected.
+    """
     try:
         import uvloop
     except ImportError:
         return asyncio.run
-    return uvloop.run
+    if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run
 
 
 def _current_plan(job: Job, ckpt: Checkpoint) -> Plan:
