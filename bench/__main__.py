@@ -48,7 +48,8 @@ TARGETS = {
     "million": lambda r: (f"peak RSS {r['peak_rss_mb']:.0f} MB (target <= 200); RSS {r['rss_at_10pct_mb']:.0f} MB at 10% vs "
                           f"{r['rss_at_end_mb']:.0f} MB at the end (target within 20%); {r['rows_per_s']:.0f} rows/s; rerun "
                           f"{r['rerun_s']:.2f}s, {r['rerun_requests']} requests (target <= 2 s, 0)"),
-    "images": lambda r: f"{r.get('images_per_s', 0):.1f} images/s; worst event-loop stall {r.get('worst_stall_ms', 0):.0f} ms (target < 100)",
+    "images": lambda r: (f"{r['images_per_s']:.1f} images/s; worst event-loop stall {r['loop_stall']['worst_ms']:.0f} ms "
+                         f"over {r['loop_stall']['samples']} ticks (target < 100)"),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 
