@@ -118,7 +118,7 @@ def _rss_kb(pid: int) -> int:
 
 def machine() -> dict[str, Any]:
     pkgs = {}
-    for name in ("aiohttp", "aiolimiter", "pyarrow", "pandas", "pillow", "tqdm", "orjson", "uvloop", "ray"):
+    for name in ("aiohttp", "pyarrow", "pandas", "pillow", "tqdm", "orjson", "uvloop", "ray"):
         try:
             pkgs[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -52,9 +52,6 @@ class RateBudget(Limiter):
         self.next_free = -math.inf  # the bucket starts full: `burst` slots may start at once
         self.epoch = 0  # bumped on every slowdown or pause: workers drop the slots they hold
 
-    def _make_pace(self) -> None:  # type: ignore[override]
-        return None  # the schedule is `next_free`, not an aiolimiter bucket
-
     def lease(self, want: int, tokens: float = 0.0, token_debt: float = 0.0) -> dict[str, Any]:
         """`want` slots (delays from now, in order); with `tokens`, the delay before they may be spent.
 
@@ -134,9 +131,6 @@ class LeasedLimiter(Limiter):
         self._lock = asyncio.Lock()
         self._waiting = 0  # requests in acquire(): the most slots worth leasing now
         self.leases = 0
-
-    def _make_pace(self) -> None:  # type: ignore[override]
-        return None
 
     # -- the Limiter face ----------------------------------------------------------------
 
