@@ -114,9 +114,6 @@ class Checkpoint:
                 f"revert the change or run again with --restart to start over"
             )
 
-    def has_history(self) -> bool:
-        return self.job_path.exists()
-
     def reset(self, output: Path) -> None:
         """--restart: forget every answer and remove the part files made from them."""
         for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path):

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from .config import InputConfig
 from .errors import JobError
 
-__all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict"]
+__all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest"]
 
 _CHUNK = 8 << 20
 
@@ -196,13 +196,24 @@ def _plan_parquet(path: Path, st: os.stat_result, shard_rows: int) -> Plan:
     shards = []
     for i, start in enumerate(range(0, total, shard_rows)):
         end = min(start + shard_rows, total)
-        table = _parquet_rows(pf, start, end)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as w:
-            w.write_table(table)
-        digest = hashlib.blake2b(sink.getvalue().to_pybytes(), digest_size=12).hexdigest()
-        shards.append(Shard(i, start, end - start, start, end, digest))
+        shards.append(Shard(i, start, end - start, start, end, _table_digest(_parquet_rows(pf, start, end))))
     return Plan("parquet", st.st_size, st.st_mtime_ns, shard_rows, pf.schema_arrow.names, "", shards)
+
+
+def _table_digest(table: pa.Table) -> str:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.blake2b(sink.getvalue().to_pybytes(), digest_size=12).hexdigest()
+
+
+def range_digest(cfg: InputConfig, start: int, end: int) -> str:
+    """The digest a shard spanning [start, end) would have in this manifest (bytes, or Parquet
+    rows): how a resume tells rows appended to a shard from rows edited in it."""
+    if cfg.format == "parquet":
+        return _table_digest(_parquet_rows(pq.ParquetFile(cfg.path), start, end))
+    with open(cfg.path, "rb") as f:
+        return _digest_range(f, start, end)
 
 
 def _parquet_rows(pf: pq.ParquetFile, start: int, end: int) -> pa.Table:

@@ -44,7 +44,7 @@ from .errors import InputError, JobError, RequestError, RowError, StopJob
 from .journal import Journal, latest_per_id, read_journal_table, repair_tail
 from .labels import Labels
 from .limiter import Limiter
-from .manifest import Plan, Shard, plan_manifest, read_shard, row_ids
+from .manifest import Plan, Shard, plan_manifest, range_digest, read_shard, row_ids
 from .pricing import Budget, row_cost, total_cost, worst_case_cost
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
@@ -151,28 +151,12 @@ def _check_append_only(job: Job, old: Plan, new: Plan) -> None:
         n = new.shards[s.index] if s.index < len(new.shards) else None
         if n is not None and n.digest == s.digest:
             continue
-        if n is not None and n.rows > s.rows and n.start == s.start and _prefix_digest(job, new, n, s) == s.digest:
+        if n is not None and n.rows > s.rows and n.start == s.start and range_digest(job.input, s.start, s.end) == s.digest:
             continue  # the last shard grew: rows were appended
         raise JobError(
             f"[input] path: manifest rows {s.first_row}-{s.first_row + s.rows - 1} changed since they were processed "
             f"(only appending rows is allowed); run with --restart to start over"
         )
-
-
-def _prefix_digest(job: Job, plan: Plan, shard: Shard, old: Shard) -> str:
-    import hashlib
-
-    if plan.format == "parquet":
-        from .manifest import _parquet_rows
-
-        table = _parquet_rows(pq.ParquetFile(job.input.path), old.start, old.end)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as w:
-            w.write_table(table)
-        return hashlib.blake2b(sink.getvalue().to_pybytes(), digest_size=12).hexdigest()
-    with open(job.input.path, "rb") as f:
-        f.seek(old.start)
-        return hashlib.blake2b(f.read(old.end - old.start), digest_size=12).hexdigest()
 
 
 def _verified_commits(job: Job, ckpt: Checkpoint, plan: Plan) -> dict[int, dict[str, Any]]:
