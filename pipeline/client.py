@@ -1,22 +1,29 @@
-"""The client: one keep-alive aiohttp session, one POST per attempt, foreign errors translated.
+"""The client: one POST per attempt, foreign errors translated.
 
-`translate` is the single boundary where aiohttp exceptions, asyncio timeouts and HTTP statuses
-become RequestError kinds; the rest of the pipeline only sees RequestError.
+Plain answers go through `connection.ConnectionPool` (lean keep-alive HTTP/1.1: the per-request
+CPU of aiohttp's client was most of the engine's per-row cost); streamed answers through one
+aiohttp session, opened on first use. `translate` is the single boundary where connection
+errors (builtin or aiohttp's), timeouts and HTTP statuses become RequestError kinds; the rest of
+the pipeline only sees RequestError.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
+from .connection import ConnectionPool, MalformedResponse, ResponseCut
 from .errors import RequestError
 from .retry import DASHSCOPE_THROTTLE
 from .stream import StreamAssembler, StreamError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["Client", "translate", "classify_status"]
 
@@ -86,18 +93,10 @@ def translate(
             kind = {"cut": "connection", "error_chunk": "server"}.get(exc.reason, "invalid_response")
             return RequestError(_scrub(str(exc), secret), kind=kind, status=status, headers=headers,
                                 code=exc.code, should_retry=should_retry)
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            kind, message = "timeout", "no answer within the timeout"
-        elif isinstance(exc, aiohttp.ClientPayloadError):
-            kind, message = "connection", f"response body cut off ({type(exc).__name__})"
-        elif isinstance(exc, (aiohttp.ClientConnectionError, ConnectionError)):
-            kind, message = "connection", f"connection failed ({type(exc).__name__}: {exc})"
-        elif isinstance(exc, ValueError):
-            kind, message = "invalid_response", f"response body is not JSON ({exc})"
-        elif isinstance(exc, aiohttp.ClientError):
-            kind, message = "connection", f"{type(exc).__name__}: {exc}"
-        else:
+        found = _kind_of(exc)
+        if found is None:
             raise exc
+        kind, message = found
         return RequestError(_scrub(message, secret), kind=kind, status=status, headers=headers, should_retry=should_retry)
     assert status is not None
     message, code = _error_fields(body)
@@ -109,6 +108,26 @@ def translate(
         code=code,
         should_retry=should_retry,
     )
+
+
+def _kind_of(exc: BaseException) -> tuple[str, str] | None:
+    """(kind, message) of a connection-level failure; None for what is not one (a bug: re-raised)."""
+    # aiohttp is only imported for streamed answers and image fetches; if it was never imported,
+    # no exception can be one of its.
+    http = sys.modules.get("aiohttp")
+    if isinstance(exc, asyncio.TimeoutError) or (http is not None and isinstance(exc, http.ServerTimeoutError)):
+        return "timeout", "no answer within the timeout"
+    if isinstance(exc, ResponseCut) or (http is not None and isinstance(exc, http.ClientPayloadError)):
+        return "connection", f"response body cut off ({type(exc).__name__}: {exc})"
+    if isinstance(exc, MalformedResponse):
+        return "invalid_response", f"not an HTTP response ({exc})"
+    if isinstance(exc, OSError) or (http is not None and isinstance(exc, http.ClientConnectionError)):
+        return "connection", f"connection failed ({type(exc).__name__}: {exc})"
+    if isinstance(exc, ValueError):
+        return "invalid_response", f"response body is not JSON ({exc})"
+    if http is not None and isinstance(exc, http.ClientError):
+        return "connection", f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _scrub(message: str, secret: str | None) -> str:
@@ -123,11 +142,8 @@ OBSERVED_HEADERS = (
 )
 
 
-def _headers(resp: aiohttp.ClientResponse, *, full: bool) -> dict[str, str]:
-    if full:
-        return {k.lower(): v for k, v in resp.headers.items()}
-    found = resp.headers
-    return {k: v for k in OBSERVED_HEADERS if (v := found.get(k)) is not None}
+def _observed(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k in OBSERVED_HEADERS if (v := headers.get(k)) is not None}
 
 
 class Client:
@@ -139,32 +155,32 @@ class Client:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
         self._max_connections = max_connections
+        self._pool: ConnectionPool | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Client":
-        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        self._pool = ConnectionPool(self.url, self._headers, max_connections=self._max_connections, timeout_s=self._timeout_s)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         if self._session is not None:
             await self._session.close()
 
     async def post(self, body: bytes) -> tuple[Any, dict[str, str], float]:
         """(decoded JSON body, lower-cased headers, latency in ms); raises RequestError."""
-        assert self._session is not None, "use the client as an async context manager"
+        assert self._pool is not None, "use the client as an async context manager"
         started = time.monotonic()
         status: int | None = None
         headers: dict[str, str] = {}
         try:
-            async with self._session.post(self.url, data=body, headers=self._headers) as resp:
-                status = resp.status
-                headers = _headers(resp, full=status != 200)
-                raw = await resp.read()
+            status, headers, raw = await self._pool.post(body)
             if status != 200:
                 raise translate(status=status, headers=headers, body=raw, secret=self._key)
+            headers = _observed(headers)  # only these are read from a success; the rest is not kept
             decoded = orjson.loads(raw)
         except RequestError:
             raise
@@ -172,15 +188,24 @@ class Client:
             raise translate(exc, status=status, headers=headers, secret=self._key) from None
         return decoded, headers, (time.monotonic() - started) * 1000.0
 
+    def _streaming_session(self) -> "aiohttp.ClientSession":
+        if self._session is None:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+        return self._session
+
     async def post_stream(self, body: bytes) -> tuple[Any, dict[str, str], float]:
         """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
         response body a non-streamed answer has (see pipeline.stream); raises RequestError."""
-        assert self._session is not None, "use the client as an async context manager"
+        assert self._pool is not None, "use the client as an async context manager"
+        session = self._streaming_session()
         started = time.monotonic()
         status: int | None = None
         headers: dict[str, str] = {}
         try:
-            async with self._session.post(self.url, data=body, headers=self._headers) as resp:
+            async with session.post(self.url, data=body, headers=self._headers) as resp:
                 status = resp.status
                 headers = {k.lower(): v for k, v in resp.headers.items()}
                 if status != 200:

@@ -85,11 +85,15 @@ class ServeOptions:
     record: bool = False  # keep every request (headers and body) for GET /requests: tests only
     reasoning_only_stream: bool = False  # refuse requests without `stream: true` (like DashScope's QVQ)
     fence_json: bool = False  # JSON answers (labeling) inside a ```json fence
+    transfer: str = "length"  # how plain answers are framed: "length", "chunked" or "gzip" (chunked, compressed)
+    keepalive_s: float = 75.0  # idle connections are closed after this (uvicorn/vLLM: 5 s)
 
     def __post_init__(self) -> None:
         for name in list(self.faults) + [v.split(":")[0] for v in self.row_faults.values()]:
             if name not in FAULTS:
                 raise JobError(f"[serve] unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        if self.transfer not in ("length", "chunked", "gzip"):
+            raise JobError("[serve] transfer must be length, chunked or gzip")
         if self.reasoning_field not in ("content", "reasoning_content", "reasoning"):
             raise JobError(f"[serve] reasoning_field must be content, reasoning_content or reasoning")
         if self.rate_headers not in ("retry-after", "retry-after-ms", "http-date", "reset", "none"):
@@ -120,6 +124,7 @@ class _State:
         self.in_flight = 0
         self.max_in_flight = 0
         self.recorded: list[dict[str, Any]] = []
+        self.peers: set[Any] = set()  # (host, port) of each client connection seen
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -129,6 +134,7 @@ class _State:
             "faults": dict(self.faults_fired),
             "over_limit": self.over_limit,
             "max_in_flight": self.max_in_flight,
+            "connections": len(self.peers),
         }
 
     def rate_check(self) -> tuple[bool, dict[str, str], float]:
@@ -240,6 +246,8 @@ def make_app(opts: ServeOptions) -> web.Application:
         state.requests += 1
         state.in_flight += 1
         state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        if request.transport is not None:
+            state.peers.add(request.transport.get_extra_info("peername"))
         entry: dict[str, Any] = {"t": time.time()}
         if opts.record:
             state.recorded.append(entry)
@@ -342,7 +350,12 @@ def make_app(opts: ServeOptions) -> web.Application:
             assert request.transport is not None
             request.transport.close()
             return resp
-        return web.Response(body=raw, content_type="application/json", headers=rate_headers)
+        resp = web.Response(body=raw, content_type="application/json", headers=rate_headers)
+        if opts.transfer != "length":
+            resp.enable_chunked_encoding()
+        if opts.transfer == "gzip":
+            resp.enable_compression(web.ContentCoding.gzip)  # only when the request accepts gzip
+        return resp
 
     def _fault_response(fault: str, rate_headers: dict[str, str]) -> web.Response:
         if fault == "400":
@@ -470,7 +483,7 @@ def _compose(
 
 
 async def serve_forever(opts: ServeOptions) -> None:
-    runner = web.AppRunner(make_app(opts), access_log=None)
+    runner = web.AppRunner(make_app(opts), access_log=None, keepalive_timeout=opts.keepalive_s)
     await runner.setup()
     site = web.TCPSite(runner, opts.host, opts.port)
     await site.start()
