@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
+if TYPE_CHECKING:  # imported where used: it takes ~70 ms, and most jobs have no [labels]
+    import jsonschema
+
 import pyarrow as pa
-from jsonschema.exceptions import best_match
 
 from .answer import split_think
 from .errors import RequestError
@@ -47,6 +48,8 @@ def schema_problem(schema: Any) -> str | None:
     """Why this schema cannot drive a labeling job, or None when it can."""
     if not isinstance(schema, dict):
         return "must be a JSON Schema object"
+    import jsonschema
+
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -129,6 +132,8 @@ class Labels:
     """The checker of one job's labels (compiled once, used for every answer)."""
 
     def __init__(self, config: Any) -> None:  # a config.LabelsConfig
+        import jsonschema
+
         self.config = config
         cls = jsonschema.validators.validator_for(config.schema)
         self._validator = cls(config.schema, format_checker=cls.FORMAT_CHECKER)
@@ -160,6 +165,8 @@ class Labels:
             raise RequestError(f"the answer is not JSON ({exc})", kind="invalid_output", result=answer) from None
         errors = sorted(self._validator.iter_errors(data), key=self._field_order)
         if errors:
+            from jsonschema.exceptions import best_match
+
             shown = [best_match([e]) for e in errors[:_ERRORS_SHOWN]]  # best_match: the telling branch of an anyOf
             more = f"; and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
             raise RequestError(

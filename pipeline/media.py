@@ -42,13 +42,15 @@ import multiprocessing
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from PIL import Image
 
 from .config import ImagesConfig, InputConfig
 from .errors import InputError
-from .fetch import Fetcher
+
+if TYPE_CHECKING:
+    from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
 
 __all__ = [
     "MediaBuilder",
@@ -427,6 +429,8 @@ class MediaBuilder:
     @property
     def fetcher(self) -> Fetcher:
         if self._fetcher is None:
+            from .fetch import Fetcher
+
             c = self.cfg
             self._fetcher = Fetcher(
                 concurrency=c.fetch_concurrency,
@@ -454,6 +458,8 @@ class MediaBuilder:
             raise InputError(f"row has no image in {where}")
         if video_col and not image_col and not has_video:
             raise InputError(f"row has no video in {video_col!r}")
+        if not has_video and self.cfg.image_mode != "inline" and all(_kind_of(v) == "url" for v in images):
+            return [self._image_part(v) for v in images]  # sent as they are: nothing to read or wait for
         jobs: list[Awaitable[tuple[dict[str, Any], int]]] = [self._image(v) for v in images]
         if has_video:
             jobs.append(self._video(video_cell))
@@ -541,6 +547,8 @@ class MediaBuilder:
 
 async def _all_in_order(jobs: list[Awaitable[T]]) -> list[T]:
     """Run concurrently; on failure raise the first one in the row's order (a stable message)."""
+    if len(jobs) == 1:  # the common row: no tasks to make
+        return [await jobs[0]]
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .config import Job
 from .errors import StopJob
@@ -70,7 +69,7 @@ def worst_case_cost(job: Job, prompt: str, images: int) -> float:
 
 def total_cost(lines: pa.Table) -> float:
     """The sum of `cost` over journal lines read as a table (superseded attempts included)."""
-    return round(pc.sum(lines.column("cost")).as_py() or 0.0, _ROUND)
+    return round(sum(filter(None, lines.column("cost").to_pylist())), _ROUND)
 
 
 def shard_spend(journal_dir: Path, shard: int) -> float:

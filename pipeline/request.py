@@ -17,9 +17,10 @@ fetched and resized off the event loop).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any, NamedTuple
+
+import orjson
 
 from .config import Job
 from .errors import InputError, JobError
@@ -103,7 +104,7 @@ class RequestBuilder:
         }
 
     def encode(self, body: dict[str, Any]) -> bytes:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return orjson.dumps(body)  # compact UTF-8, as json.dumps(ensure_ascii=False) but ~10x faster
 
 
 def _url_chars(part: dict[str, Any]) -> int:
