@@ -227,7 +227,7 @@ def _parquet_rows(pf: pq.ParquetFile, start: int, end: int) -> pa.Table:
                 first_offset = offset
         offset += n
     if not groups:
-        return pf.schema_arrow.empty_table()
+        return pa.Table.from_batches([], schema=pf.schema_arrow)  # not empty_table(): it imports pandas
     table = pf.read_row_groups(groups)
     return table.slice(start - (first_offset or 0), end - start)
 

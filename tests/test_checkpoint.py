@@ -56,13 +56,15 @@ def resends(endpoint, runs: int) -> int:
 
 
 def test_kill_loop_every_row_exactly_once_and_no_answer_bought_twice(tmp_path: Path, endpoint_factory) -> None:
-    ep = endpoint_factory(latency_ms=20, latency_jitter_ms=30, seed=3)
+    # ~4 s of sending in all: five kills 0.4-1.2 s after each start (start-up is ~0.5 s) leave rows to
+    # finish, so most kills land mid-run, some before the first request.
+    ep = endpoint_factory(latency_ms=60, latency_jitter_ms=30, seed=3)
     job = make_job(tmp_path, ep.base_url)
     rng = random.Random(1)
     kills = 0
     for _ in range(5):
         proc = start_run(job)
-        time.sleep(rng.uniform(0.6, 1.6))  # includes start-up: some kills land early, some mid-shard
+        time.sleep(rng.uniform(0.4, 1.2))  # includes start-up: some kills land early, some mid-shard
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
