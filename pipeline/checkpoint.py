@@ -8,7 +8,9 @@
                                  the source of truth for what the output folder holds
     <checkpoint>/last_run.json   the last run's summary (counts, tokens, times, exit code)
 
-The default checkpoint folder is `<output's parent>/.pipeline/<job name>`.
+The default checkpoint folder is `<output's parent>/.pipeline/<job name>`, or, when the output is
+a URL (pipeline.storage), `<job file's folder>/.pipeline/<job name>`: the checkpoint is always a
+POSIX path, for its appends, fsync and flock.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any, Iterator
 
 from .errors import JobError, LockedError
 from .manifest import Plan, load_plan_dict
+from .storage import PartStore
+from .writer import remove_parts
 
 __all__ = ["Checkpoint", "write_json_atomic"]
 
@@ -114,14 +118,12 @@ class Checkpoint:
                 f"revert the change or run again with --restart to start over"
             )
 
-    def reset(self, output: Path) -> None:
+    def reset(self, output: PartStore) -> None:
         """--restart: forget every answer and remove the part files made from them."""
         for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path):
             p.unlink(missing_ok=True)
         shutil.rmtree(self.journal_dir, ignore_errors=True)
-        if output.is_dir():
-            for p in output.glob("part-*.parquet"):
-                p.unlink()
+        remove_parts(output)
 
     # -- the plan ------------------------------------------------------------------------
 

@@ -193,8 +193,9 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    path: Path
-    checkpoint: Path
+    path: Path | str  # a str is an fsspec URL (s3://bucket/prefix): see pipeline.storage
+    checkpoint: Path  # always a POSIX path: appends, fsync, flock
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
 
 
 @dataclass(frozen=True)
@@ -401,14 +402,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
     images = _images_config(_Section(src, "images", top.get("images", dict, {})), base)
 
     sec = _Section(src, "output", top.get("output", dict, required=True))
-    out_text = sec.get("path", str, required=True)
-    if "://" in out_text:  # fsspec URLs: the checkpoint needs appends, flock and atomic renames
-        raise JobError(f"{sec.where('path')}: URLs ({out_text.split('://')[0]}://...) are not supported yet; "
-                       f"use a folder on a filesystem every worker can reach (a local disk, or an NFS mount for a cluster)")
-    out_path = (base / out_text).resolve()
-    ckpt = sec.get("checkpoint", str, None)
-    checkpoint = (base / ckpt).resolve() if ckpt else out_path.parent / ".pipeline" / name
-    output = OutputConfig(path=out_path, checkpoint=checkpoint)
+    output = _output(sec, base, name)
     sec.finish()
 
     sec = _Section(src, "run", top.get("run", dict, {}))
@@ -441,6 +435,29 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         pricing=pricing,
         images=images,
     )
+
+
+def _output(sec: _Section, base: Path, name: str) -> OutputConfig:
+    """The part files may be a local folder or an fsspec URL; the checkpoint is always local."""
+    from .storage import check_url, is_url
+
+    out_text = sec.get("path", str, required=True)
+    ckpt = sec.get("checkpoint", str, None)
+    options = sec.get("storage_options", dict, {})
+    if ckpt is not None and is_url(ckpt):
+        raise JobError(f"{sec.where('checkpoint')}: must be a folder, not a URL (it needs appends, fsync and flock); "
+                       f"put the checkpoint on a local disk or a filesystem every worker mounts, e.g. NFS")
+    if out_text.startswith("file://"):
+        out_text = out_text.removeprefix("file://")  # a local folder: written with rename and fsync
+    if is_url(out_text):
+        check_url(out_text, sec.where("path"))
+        checkpoint = (base / ckpt).resolve() if ckpt else base / ".pipeline" / name
+        return OutputConfig(path=out_text, checkpoint=checkpoint, storage_options=options)
+    if options:
+        raise JobError(f"{sec.where('storage_options')}: only used when [output] path is a URL (s3://...); remove it")
+    out_path = (base / out_text).resolve()
+    checkpoint = (base / ckpt).resolve() if ckpt else out_path.parent / ".pipeline" / name
+    return OutputConfig(path=out_path, checkpoint=checkpoint)
 
 
 def _labels(sec: _Section, base: Path) -> LabelsConfig:

@@ -11,7 +11,8 @@ folder). It counts the rows, estimates the tokens (text at ~4 characters a token
 time the rate limits imply, and lists the first few problems of each kind with their counts.
 
 Job-level problems (the key's variable unset, a column the job names but the manifest lacks, a
-prompt placeholder that is not a column) are listed too, and make the job not ready (exit 1).
+prompt placeholder that is not a column, an output URL whose storage cannot be listed) are listed
+too, and make the job not ready (exit 1).
 A job file that cannot be read at all is a JobError (exit 2), as for a run.
 """
 
@@ -34,6 +35,7 @@ from .manifest import Plan, plan_manifest, read_shard
 from .media import LocalFiles, image_values, sniff_mime
 from .pricing import CHARS_PER_TOKEN
 from .request import RequestBuilder
+from .storage import PartStore
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
@@ -65,6 +67,11 @@ def dry_run(job: Job, out: TextIO = sys.stdout) -> int:
         report.job_problems.append(
             f"[endpoint] api_key_env: the variable {job.endpoint.api_key_env} is not set; export it before the run"
         )
+    if isinstance(job.output.path, str):  # a URL: can its storage be reached? (a listing, nothing written)
+        try:
+            PartStore.for_output(job.output).names()
+        except JobError as exc:
+            report.job_problems.append(str(exc))
     plan: Plan | None = None
     try:
         plan = plan_manifest(job.input, job.run.shard_rows)

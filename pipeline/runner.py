@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .answer import parse_response
 from .breaker import ENDPOINT_FAULTS, Breaker
@@ -45,6 +44,7 @@ from .manifest import Plan, Shard, plan_manifest, range_digest, read_shard, row_
 from .pricing import Budget, row_cost, total_cost, worst_case_cost
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
+from .storage import PartStore, display
 from .writer import RESULT_SCHEMA, build_part, journal_schema, part_name, remove_leftovers, write_part
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
         if ckpt.took_over_from is not None:
             _say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running")
         if options.restart:
-            ckpt.reset(job.output.path)
+            ckpt.reset(PartStore.for_output(job.output))
         ckpt.check_job(job.request_shape(), job.run.shard_rows)
         plan = _current_plan(job, ckpt)
         commits = _verified_commits(job, ckpt, plan)
@@ -191,19 +191,17 @@ def _check_append_only(job: Job, old: Plan, new: Plan) -> None:
 
 def _verified_commits(job: Job, ckpt: Checkpoint, plan: Plan) -> dict[int, dict[str, Any]]:
     """Commit records whose part file is in place as recorded; leftovers removed."""
-    for name in remove_leftovers(job.output.path):
+    store = PartStore.for_output(job.output)  # a URL's storage is first reached here, before anything is sent
+    for name in remove_leftovers(store):
         _say(f"note: removed {name}, a temporary file left by an interrupted run")
     good = {}
-    for index, rec in ckpt.commits().items():
-        path = job.output.path / rec["file"]
-        try:
-            ok = path.stat().st_size == rec["size"] and pq.read_metadata(path).num_rows == rec["rows"]
-        except (OSError, pa.ArrowInvalid):
-            ok = False
-        if ok:
+    commits = ckpt.commits()
+    in_place = store.in_place({rec["file"]: (rec["size"], rec["rows"]) for rec in commits.values()})
+    for index, rec in commits.items():
+        if rec["file"] in in_place:
             good[index] = rec
         else:
-            _say(f"note: {path.name} does not match its commit record; it is rebuilt from the journal")
+            _say(f"note: {rec['file']} does not match its commit record; it is rebuilt from the journal")
     return good
 
 
@@ -415,11 +413,11 @@ class _Engine:
         latest = latest_per_id(read_journal_table(self.ckpt.journal_dir, shard.index, DONE_SCHEMA))
         done = dict(zip(latest.column("id").to_pylist(),
                         zip(latest.column("status").to_pylist(), latest.column("error_kind").to_pylist())))
-        path = self.job.output.path / part_name(shard.index)
         restored = []
-        if len(done) < self.committed_rows.get(shard.index, 0) and path.exists():
+        if len(done) < self.committed_rows.get(shard.index, 0):
             columns = journal_schema(self.labels.fields() if self.labels is not None else ()).names
-            for rec in pq.read_table(path, columns=columns).to_pylist():
+            part = PartStore.for_output(self.job.output).read_table(part_name(shard.index), columns)
+            for rec in part.to_pylist() if part is not None else ():
                 if rec["id"] not in done:
                     done[rec["id"]] = (rec["status"], rec["error_kind"])
                     restored.append(rec)
@@ -658,7 +656,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra)
     if part.num_rows == 0:
         return None
-    name, size = write_part(job.output.path, shard.index, part)
+    name, size = write_part(PartStore.for_output(job.output), shard.index, part)
     status = part.column("status").to_pylist()
     kinds = Counter(k for k, s in zip(part.column("error_kind").to_pylist(), status) if s == "error")
     tokens = {
@@ -701,7 +699,7 @@ def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Cou
         "ended": ended,
         "duration_s": round(ended - started, 3),
         "exit_code": code,
-        "output": str(job.output.path),
+        "output": display(job.output.path),
         "this_run": {"requests_sent": counts.sent, "ok": counts.ok, "failed": counts.failed, "failed_by_kind": dict(counts.by_kind)},
         **state,
     }
@@ -715,7 +713,7 @@ def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Cou
     _say(
         f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
         f"{counts.sent} requests this run in {ended - started:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
-        f"results in {job.output.path}"
+        f"results in {display(job.output.path)}"
     )
     if job.pricing is not None:
         limit = f" of a budget of {job.pricing.budget:g}" if job.pricing.budget is not None else ""

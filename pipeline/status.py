@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from .journal import latest_per_id, read_journal_table
 from .runner import dataset_state
+from .storage import display
 
 __all__ = ["job_status", "render"]
 
@@ -35,7 +36,7 @@ def job_status(job: Job) -> dict[str, Any]:
         "job": job.name,
         "started": True,
         "checkpoint": str(ckpt.folder),
-        "output": str(job.output.path),
+        "output": display(job.output.path),
         **state,
         "journaled_uncommitted": journaled,
         "last_run": ckpt.last_summary(),

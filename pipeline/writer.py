@@ -3,6 +3,8 @@
 A part is written under a hidden temporary name (`.part-000003.parquet.tmp`: ignored by
 pyarrow.dataset, pandas and a DuckDB `*.parquet` glob), fsynced, renamed over its final name and
 the folder fsynced, so a reader sees either the old complete file or the new complete file.
+On an object store (an fsspec URL, pipeline.storage) the complete file is one put instead: an
+object is visible whole or not at all.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .crashpoints import crash_point
+from .storage import PartStore
 
-__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "remove_leftovers", "output_columns"]
+__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "remove_leftovers", "remove_parts", "output_columns"]
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -100,10 +103,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_part(folder: Path, shard: int, table: pa.Table) -> tuple[str, int]:
+def write_part(store: PartStore, shard: int, table: pa.Table) -> tuple[str, int]:
     """Write atomically; returns (file name, size in bytes)."""
-    folder.mkdir(parents=True, exist_ok=True)
     name = part_name(shard)
+    if store.local is None:  # an object store: one put of the whole file, nothing to rename
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        size = store.write(name, sink.getvalue().to_pybytes())
+        crash_point("after_rename")  # the part is in place, no commit record yet
+        return name, size
+    folder = store.local
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
     with open(tmp, "wb") as f:
         pq.write_table(table, f, compression="zstd")
@@ -117,12 +127,19 @@ def write_part(folder: Path, shard: int, table: pa.Table) -> tuple[str, int]:
     return name, size
 
 
-def remove_leftovers(folder: Path) -> list[str]:
-    """Delete temporary files a crash left behind; returns their names."""
+def remove_leftovers(store: PartStore) -> list[str]:
+    """Delete temporary files a crash left behind; returns their names (none on an object store,
+    where nothing is written under a temporary name)."""
     removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".part-") and p.name.endswith(".tmp"):
-                p.unlink()
-                removed.append(p.name)
+    for name in store.names():
+        if name.startswith(".part-") and name.endswith(".tmp"):
+            store.remove(name)
+            removed.append(name)
     return removed
+
+
+def remove_parts(store: PartStore) -> None:
+    """--restart: the part files go with the answers they were made from."""
+    for name in store.names():
+        if name.startswith("part-") and name.endswith(".parquet"):
+            store.remove(name)

@@ -156,3 +156,66 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
 
 def read_output(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if any(path.glob("*.parquet")) else []
+
+
+@dataclass
+class S3:
+    """A real S3 (moto's server) in its own process, for outputs on `s3://` URLs (pipeline.storage)."""
+
+    url: str
+    proc: subprocess.Popen
+    key: str = "AKIATESTKEY0000"  # moto accepts any credentials
+    secret: str = "secret-0123456789abcdef"
+
+    def env(self) -> dict[str, str]:
+        """How a user points s3fs at an S3-compatible store: the usual environment variables."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_ENDPOINT_URL": self.url,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def options(self) -> dict[str, str]:
+        """The same as `[output] storage_options`: travels with the job (to Ray workers too)."""
+        return {"key": self.key, "secret": self.secret, "endpoint_url": self.url}
+
+    def fs(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options(), skip_instance_cache=True)
+
+    def new_bucket(self) -> str:
+        name = f"b-{os.urandom(6).hex()}"
+        self.fs().mkdir(name)
+        return name
+
+    def names(self, prefix: str) -> list[str]:
+        fs = self.fs()
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(prefix)) if fs.exists(prefix) else []
+
+    def read(self, prefix: str) -> list[dict[str, Any]]:
+        fs = self.fs()
+        return pq.read_table(prefix, filesystem=fs).to_pylist() if fs.exists(prefix) else []
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
+            time.sleep(0.1)
+    yield S3(url, proc)
+    proc.terminate()
+    proc.wait(10)

@@ -200,8 +200,21 @@ def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / ".pipeline").exists()  # refused before anything was planned or sent
 
 
-def test_output_url_is_refused_naming_the_key(tmp_path: Path) -> None:
-    job = make_job(tmp_path, "http://127.0.0.1:9/v1", 5)
-    job.write_text(job.read_text().replace(f'path = "{tmp_path / "out-t"}"', 'path = "s3://bucket/captions"'))
-    r = run_cli("run", str(job))
-    assert r.returncode == 2 and "[output] path: URLs (s3://...) are not supported yet" in r.stderr
+def test_ray_workers_write_their_parts_to_s3(tmp_path: Path, endpoint_factory, ray_address: str, s3) -> None:
+    ep_local, ep = endpoint_factory(latency_ms=5), endpoint_factory(latency_ms=5)
+    n, bucket = 150, s3.new_bucket()
+    local = make_job(tmp_path, ep_local.base_url, n, name="local", engine="local")
+    on_ray = make_job(tmp_path, ep.base_url, n, name="ray", address=ray_address, run={"ray_workers": 2})
+    # The workers reach S3 with what travels in the job ([output] storage_options), not the driver's env.
+    options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in s3.options().items())
+    on_ray.write_text(on_ray.read_text().replace(f'path = "{tmp_path / "out-ray"}"',
+                                                 f'path = "s3://{bucket}/out"\nstorage_options = {{ {options} }}'))
+    assert run(load_job(local)) == 0
+    assert run(load_job(on_ray)) == 0
+    assert s3.names(f"{bucket}/out") == [f"part-{i:06d}.parquet" for i in range(3)]
+    key = lambda r: (r["id"], r["answer"], r["status"], r["error_kind"], r["attempts"], r["prompt"], r["image"])
+    rows = s3.read(f"{bucket}/out")
+    assert Counter(r["id"] for r in rows) == Counter(f"row-{i:05d}" for i in range(n)), "every id exactly once"
+    assert sorted(map(key, rows)) == sorted(map(key, assert_exactly_once(tmp_path / "out-local", n)))
+    assert ep.stats()["requests"] == n
+    assert not (tmp_path / "out-ray").exists()
