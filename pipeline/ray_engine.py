@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import signal
 import sys
@@ -141,7 +142,18 @@ def _shard_task(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordin
     return asyncio.run(_run_shard(job, plan, shard, options, coordinator))
 
 
+def _sized_for_task(job: Job) -> Job:
+    """The image pool of a shard task gets the CPUs Ray gave the task, not every core of its node:
+    with one image process per core in every task, two tasks on a 2-core node ran no faster than
+    one (bench: ray). An explicit [images] workers is kept."""
+    if job.images.workers:
+        return job
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return replace(job, images=replace(job.images, workers=max(1, math.ceil(cpus))))
+
+
 async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
+    job = _sized_for_task(job)
     ckpt = Checkpoint(job.output.checkpoint)
     attempt = f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     async with _shard_lock(ckpt, shard):
