@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from typing import Any
 
-from .common import WORK, endpoint, run_pipeline, stats, url_manifest, write_job
+from .common import WORK, endpoint, recorded_times, run_pipeline, stats, url_manifest, write_job
 
 ANSWER = {"answer_bytes": 300, "analyze_images": False}
 
@@ -33,13 +34,22 @@ def instant(rows: int = 20_000, concurrency: int = 64) -> dict[str, Any]:
 def latency(rows: int = 3_000, concurrency: int = 128, latency_ms: float = 500) -> dict[str, Any]:
     folder = _fresh("latency")
     manifest = url_manifest(WORK / f"urls-{rows}.csv", rows)
-    with endpoint(latency_ms=latency_ms, **ANSWER) as url:
+    with endpoint(latency_ms=latency_ms, record=True, **ANSWER) as url:
         job = write_job(folder / "job.toml", manifest, url, folder / "out", concurrency=concurrency)
         r = run_pipeline(job)
+        times = recorded_times(url)
     assert r["exit_code"] == 0, r["stderr"]
-    ideal = concurrency / (latency_ms / 1000)
+    latency_s = latency_ms / 1000
+    ideal = concurrency / latency_s
+    sending_s = times[-1] + latency_s - times[0]  # first request sent to last answer received
+    # Requests cannot be split: at best ceil(rows / in flight) back-to-back rounds of `latency`.
+    floor_s = math.ceil(rows / concurrency) * latency_s
     return {"rows": rows, "in_flight": concurrency, "latency_ms": latency_ms, "rows_per_s": rows / r["wall_s"],
-            "ideal_rows_per_s": ideal, "pct_of_ideal": 100 * rows / r["wall_s"] / ideal, "wall_s": r["wall_s"]}
+            "ideal_rows_per_s": ideal, "pct_of_ideal": 100 * rows / r["wall_s"] / ideal, "wall_s": r["wall_s"],
+            "first_request_after_s": times[0] - r["started_at"], "sending_s": sending_s,
+            "sending_pct_of_ideal": 100 * rows / sending_s / ideal,
+            "rounds_floor_s": floor_s, "ceiling_pct_of_ideal": 100 * rows / floor_s / ideal,
+            "sending_pct_of_floor": 100 * floor_s / sending_s}
 
 
 def million(rows: int = 1_000_000, concurrency: int = 64) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import random
 import signal
@@ -306,8 +307,12 @@ class _Engine:
                 max_connections=self.limits.max_concurrency,
             ) as self.client:
                 producer = asyncio.create_task(self._produce(todo))
+                # Shard commits need pyarrow.compute (~0.1 s to import): load it in a thread while
+                # the first requests are out, not before them and not when the last answer is in.
+                warm = loop.run_in_executor(None, importlib.import_module, "pyarrow.compute")
                 workers = [asyncio.create_task(self._worker()) for _ in range(self.limits.max_concurrency)]
                 await self._wait(producer, workers)
+                await warm
             await self._commit_partial()
             if self.failure is not None:
                 raise self.failure
@@ -391,7 +396,11 @@ class _Engine:
                 needed = table.select(self.columns)
                 for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
                     batch = send[start : start + ROWS_PER_BATCH]
-                    for i, row in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
+                    if batch[-1] - batch[0] + 1 == len(batch):  # the usual case: no Arrow kernel, no import
+                        rows = needed.slice(batch[0], len(batch)).to_pylist()
+                    else:
+                        rows = needed.take(pa.array(batch, pa.int64())).to_pylist()
+                    for i, row in zip(batch, rows):
                         await self.queue.put((work, i, row))
                 work.enqueued = True
                 if work.pending == 0:
