@@ -56,9 +56,9 @@ def resends(endpoint, runs: int) -> int:
 
 
 def test_kill_loop_every_row_exactly_once_and_no_answer_bought_twice(tmp_path: Path, endpoint_factory) -> None:
-    # ~4 s of sending in all: five kills 0.4-1.2 s after each start (start-up is ~0.5 s) leave rows to
-    # finish, so most kills land mid-run, some before the first request.
-    ep = endpoint_factory(latency_ms=60, latency_jitter_ms=30, seed=3)
+    # ~6 s of sending in all (400 rows, 8 in flight, ~125 ms each): five kills 0.4-1.2 s after each
+    # start (start-up is ~0.5 s) cannot finish the job, so every run is killed, most mid-shard.
+    ep = endpoint_factory(latency_ms=100, latency_jitter_ms=50, seed=3)
     job = make_job(tmp_path, ep.base_url)
     rng = random.Random(1)
     kills = 0
@@ -71,7 +71,7 @@ def test_kill_loop_every_row_exactly_once_and_no_answer_bought_twice(tmp_path: P
         proc.wait()
     r = run_cli("run", str(job))
     assert r.returncode == 0, r.stderr
-    assert kills >= 3
+    assert kills == 5
     assert_exactly_once(tmp_path)
     resends(ep, kills)
     assert sum(ep.stats()["per_row"].values()) >= N_ROWS
