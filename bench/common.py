@@ -34,8 +34,9 @@ def endpoint(**options: Any) -> Iterator[str]:
         proc.wait(10)
 
 
-def stats(base_url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=30) as r:
+def stats(base_url: str, *, brief: bool = True) -> dict[str, Any]:
+    query = "?brief=1" if brief else ""
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats" + query, timeout=30) as r:
         return json.loads(r.read())
 
 

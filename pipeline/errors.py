@@ -11,8 +11,10 @@
     └── StopJob             sending more is pointless (quota, auth, endpoint down, budget):
                             commit what arrived and exit 3, resumable
 
-Foreign errors (aiohttp, asyncio timeouts, HTTP statuses) become `RequestError` in exactly one
-place, `pipeline.client.translate`; nothing else matches on foreign types or on error text.
+Foreign errors (socket and TLS errors, the connection pool's ResponseCut/MalformedResponse,
+aiohttp's, timeouts, HTTP statuses) become `RequestError` in exactly one place,
+`pipeline.client.translate`; nothing else matches on foreign types or on error text. Storage
+failures (fsspec backends) become `JobError` in one place, `pipeline.storage`.
 """
 
 from __future__ import annotations
