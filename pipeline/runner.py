@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import os
 import random
 import signal
@@ -296,6 +295,10 @@ class _Engine:
             self.budget = await asyncio.to_thread(
                 Budget.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in todo]
             )
+        # Shard commits need pyarrow.compute (~0.1 s of import, holding the GIL): imported now, not
+        # by the first commit's thread while requests are out, where it would stall the loop and
+        # let the requests due meanwhile leave together.
+        import pyarrow.compute  # noqa: F401
         bar = self._bar()
         ticker = asyncio.create_task(self._tick(bar))
         syncer = asyncio.create_task(self.journal.sync_forever())
@@ -307,12 +310,8 @@ class _Engine:
                 max_connections=self.limits.max_concurrency,
             ) as self.client:
                 producer = asyncio.create_task(self._produce(todo))
-                # Shard commits need pyarrow.compute (~0.1 s to import): load it in a thread while
-                # the first requests are out, not before them and not when the last answer is in.
-                warm = loop.run_in_executor(None, importlib.import_module, "pyarrow.compute")
                 workers = [asyncio.create_task(self._worker()) for _ in range(self.limits.max_concurrency)]
                 await self._wait(producer, workers)
-                await warm
             await self._commit_partial()
             if self.failure is not None:
                 raise self.failure
