@@ -295,10 +295,15 @@ class _Engine:
             self.budget = await asyncio.to_thread(
                 Budget.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in todo]
             )
-        # Shard commits need pyarrow.compute (~0.1 s of import, holding the GIL): imported now, not
-        # by the first commit's thread while requests are out, where it would stall the loop and
-        # let the requests due meanwhile leave together.
+        # Imports that hold the GIL for 0.1-0.5 s happen now, before the first request, not in the
+        # first commit's thread while requests are out: there they stalled the loop, and the
+        # requests due meanwhile left together (429s from an endpoint counting per half second,
+        # tests/test_ray.py). Shard commits need pyarrow.compute; pyarrow's first pa.array of
+        # Python objects imports pandas where it is installed and not marked absent (cli.py does
+        # that for `pipeline run`; a Ray worker process, which may serve other tasks, keeps it).
         import pyarrow.compute  # noqa: F401
+
+        pa.array([0])
         bar = self._bar()
         ticker = asyncio.create_task(self._tick(bar))
         syncer = asyncio.create_task(self.journal.sync_forever())
