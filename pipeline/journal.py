@@ -96,7 +96,10 @@ class Journal:
     Lines arriving in one turn of the event loop are gathered and written with one `write` per
     shard at the end of that turn (`loop.call_soon`): a per-row syscall costs more than the
     row's parsing, and the few microseconds a line waits are no different from a request in
-    flight. `flush()` writes at once (the crash-point tests and shutdown use it).
+    flight. `flush()` writes at once (the crash-point tests and shutdown use it); the engine calls
+    `flush_before_send()` before each request, so no new request leaves while an answer already
+    received is only in memory (a kill then would lose it and buy it again, beyond the requests
+    in flight).
     """
 
     def __init__(self, folder: Path) -> None:
@@ -116,6 +119,10 @@ class Journal:
                 self._flush_scheduled = True
             except RuntimeError:  # no loop (tests, tools): write now
                 self.flush()
+
+    def flush_before_send(self) -> None:
+        if self._pending:
+            self.flush()
 
     def flush(self) -> None:
         self._flush_scheduled = False

@@ -513,6 +513,7 @@ class _Engine:
                 self.budget.settle(held, None)
                 return invalid
             self.counts.sent += 1
+            self.journal.flush_before_send()
             try:
                 post = self.client.post_stream if self.job.request.stream else self.client.post
                 data, headers, latency = await post(body)
