@@ -19,19 +19,27 @@ WORK = ROOT / "bench" / "work"
 
 
 @contextmanager
-def endpoint(**options: Any) -> Iterator[str]:
+def serving(**options: Any) -> Iterator[tuple[str, int]]:
+    """The built-in endpoint in its own process: (base URL, its pid, for its CPU time)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options)],
         stdout=subprocess.PIPE, cwd=ROOT,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline().decode().strip()
-    assert line.startswith("serving on "), line
     try:
-        yield line.removeprefix("serving on ")
+        if not line.startswith("serving on "):
+            raise RuntimeError(f"the built-in endpoint did not start: {line!r}")
+        yield line.removeprefix("serving on "), proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextmanager
+def endpoint(**options: Any) -> Iterator[str]:
+    with serving(**options) as (base_url, _pid):
+        yield base_url
 
 
 def stats(base_url: str, *, brief: bool = True) -> dict[str, Any]:

@@ -26,23 +26,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .common import serving
+
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 3000  # requests per minute: 50 a second
 CONCURRENCY = 16
 LATENCY_MS, JITTER_MS = 100.0, 50.0
 
 __all__ = ["run_rate_bench", "LIMIT"]
-
-
-def _endpoint(options: dict[str, Any]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options)],
-                            stdout=subprocess.PIPE, cwd=ROOT)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    if not line.startswith("serving on "):
-        proc.terminate()
-        raise RuntimeError(f"the built-in endpoint did not start: {line!r}")
-    return proc, line.removeprefix("serving on ")
 
 
 def _get(base_url: str, path: str) -> Any:
@@ -53,10 +44,9 @@ def _get(base_url: str, path: str) -> Any:
 def run_rate_bench(seconds: float = 60.0, limit: int = LIMIT) -> dict[str, Any]:
     rows = max(2, round(limit * seconds / 60.0))
     folder = Path(tempfile.mkdtemp(prefix="bench-rate-"))
-    proc, base_url = _endpoint({"rate_limit": limit, "rate_window_s": 60.0, "rate_headers": "retry-after",
-                                "latency_ms": LATENCY_MS - JITTER_MS, "latency_jitter_ms": 2 * JITTER_MS,
-                                "analyze_images": False, "record": True})
-    try:
+    with serving(rate_limit=limit, rate_window_s=60.0, rate_headers="retry-after",
+                 latency_ms=LATENCY_MS - JITTER_MS, latency_jitter_ms=2 * JITTER_MS,
+                 analyze_images=False, record=True) as (base_url, _pid):
         manifest = folder / "manifest.csv"
         with open(manifest, "w", newline="") as f:
             w = csv.writer(f)
@@ -87,10 +77,7 @@ path = "{folder / 'out'}"
         wall = time.perf_counter() - started
         stats = _get(base_url, "/stats")
         arrivals = sorted(e["t"] for e in _get(base_url, "/requests") if e.get("status") == 200)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     if run.returncode != 0:
         raise RuntimeError(f"the pipeline exited {run.returncode}: {run.stderr[-2000:]}")
     span = arrivals[-1] - arrivals[0]

@@ -11,19 +11,17 @@ Each figure is a whole run, Parquet written, timed after a warm-up run has start
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray  # at import time: without the extra, `python -m bench` sees no ray scenario at all
+
+from .common import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "ray"
@@ -45,7 +43,7 @@ def run_ray_bench(rows: int = 1200, workers: tuple[int, ...] = (1, 2), concurren
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     ray_start_s = time.perf_counter() - started
     try:
-        with _endpoint(analyze_images=False, answer_bytes=300) as (base_url, server_pid):
+        with serving(analyze_images=False, answer_bytes=300) as (base_url, server_pid):
             resized = _images_table_supported(base_url, manifest)
 
             def timed(name: str, engine: str, n_workers: int = 0, rows_from: Path = manifest) -> tuple[float, float, float]:
@@ -169,20 +167,6 @@ def _manifest(rows: int) -> Path:
 def _image_bytes() -> int:
     sizes = [p.stat().st_size for p in (WORK / "images").glob("*.jpg")]
     return sum(sizes) // max(1, len(sizes))
-
-
-@contextlib.contextmanager
-def _endpoint(**options: Any) -> Iterator[tuple[str, int]]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options)],
-                            stdout=subprocess.PIPE, cwd=ROOT)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    assert line.startswith("serving on "), line
-    try:
-        yield line.removeprefix("serving on "), proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 if __name__ == "__main__":
