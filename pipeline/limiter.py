@@ -32,12 +32,16 @@ from typing import Callable
 
 from .retry import parse_duration
 
-__all__ = ["Limiter", "TokenBucket", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S"]
+__all__ = ["Limiter", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S"]
 
 # A place due this soon is granted now: at high rates a sleep per request cost more than the
 # request itself (20k-row bench). It adds at most rate x 2 ms to any window's count: under one
 # request below 30,000 requests per minute.
 SLACK_S = 0.002
+# A place whose wait ended later than this (the loop was blocked: an import or a thread holding
+# the GIL) is given up and the request queues again, once: else every request due during the
+# block would start together when it ends, a burst an endpoint counting per second refuses.
+LATE_S = 0.05
 SAFETY = 0.995  # a hair under the limit: clocks and network jitter differ between us and the server
 SLOWDOWN_FACTOR = 0.5  # a 429 halves the pace ...
 MIN_FACTOR = 0.1
@@ -121,6 +125,7 @@ class Limiter:
         With `stop`, the wait ends when that event is set and None is returned (nothing granted):
         a worker waiting out a 429's pause must not hold up a stop.
         """
+        requeued = False
         while True:
             if stop is not None and stop.is_set():
                 return None
@@ -139,10 +144,13 @@ class Limiter:
                     self.tokens.adjust(-cost)
                 return None
             now = self.clock()
-            if self.paused_until <= now and self.generation == generation:
+            late = now - slot > LATE_S and not requeued
+            if self.paused_until <= now and self.generation == generation and not late:
                 return now
             # A 429 came while this one waited: its slot was spaced for the old pace (or falls in
-            # the pause). Give its tokens back and queue again at the new pace.
+            # the pause). Or the loop was blocked past it (LATE_S). Give its tokens back and queue
+            # again at the current pace.
+            requeued = requeued or late
             if cost:
                 self.tokens.adjust(-cost)
 

@@ -362,3 +362,22 @@ def test_recovery_does_not_run_down_during_a_later_pause() -> None:
     assert count_between(grants, 10.0 + 1e-6, 30.5) == 0
     # back at half the pace after the long pause, not at full pace recovered during it
     assert count_between(grants, 30.5, 30.5 + RECOVER_EVERY_S) <= 0.55 * full + 1
+
+
+def test_requests_due_while_the_loop_was_blocked_do_not_start_together() -> None:
+    # 600/min = one every 0.1 s. At t=2 the loop is blocked for 0.5 s (an import or a thread holding
+    # the GIL): the five requests due meanwhile must not all start the moment it ends.
+    async def main() -> list[float]:
+        limiter = Limiter(600)
+        loop = asyncio.get_running_loop()
+
+        def block() -> None:
+            loop._now += 0.5  # type: ignore[attr-defined]  # time passes, no task runs
+
+        return await drive(limiter, 6.0, workers=8, events={2.0: block})
+
+    grants = run_virtual(main)
+    worst = max(sum(1 for g in grants if t <= g < t + 0.2) for t in grants)
+    assert worst <= 3, f"{worst} requests started within 0.2 s at 10/s"
+    after = [g for g in grants if g >= 2.5]
+    assert len(after) >= 0.95 * 10 * (6.0 - 2.5)  # the pace resumes at once
