@@ -55,7 +55,9 @@ def recorded_times(base_url: str) -> list[float]:
 
 
 def write_job(path: Path, manifest: Path, base_url: str, out: Path, *, concurrency: int, rpm: float = 1e7,
-              shard_rows: int = 10_000, extra: str = "", name: str = "bench") -> Path:
+              shard_rows: int = 10_000, extra: str = "", name: str = "bench", max_tokens: int = 256,
+              max_attempts: int = 3, timeout_s: float = 60) -> Path:
+    """A bench job file; `extra` is appended after `[run] shard_rows` (more [run] keys, then tables)."""
     path.write_text(f"""name = "{name}"
 [input]
 path = "{manifest}"
@@ -66,12 +68,12 @@ prompt_column = "prompt"
 base_url = "{base_url}"
 model = "bench-vl"
 [request]
-max_tokens = 256
+max_tokens = {max_tokens}
 [limits]
 requests_per_minute = {rpm}
 max_concurrency = {concurrency}
-max_attempts = 3
-timeout_s = 60
+max_attempts = {max_attempts}
+timeout_s = {timeout_s}
 [output]
 path = "{out}"
 [run]

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .common import serving
+from .common import serving, write_job
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 3000  # requests per minute: 50 a second
@@ -52,26 +52,8 @@ def run_rate_bench(seconds: float = 60.0, limit: int = LIMIT) -> dict[str, Any]:
             w = csv.writer(f)
             w.writerow(["id", "image", "prompt"])
             w.writerows([f"r{i:06d}", f"https://images.example/{i}.png", f"Describe picture r{i:06d}"] for i in range(rows))
-        job = folder / "job.toml"
-        job.write_text(f"""name = "rate"
-[input]
-path = "{manifest}"
-id_column = "id"
-image_column = "image"
-prompt_column = "prompt"
-[endpoint]
-base_url = "{base_url}"
-model = "bench-vl"
-[request]
-max_tokens = 64
-[limits]
-requests_per_minute = {limit}
-max_concurrency = {CONCURRENCY}
-max_attempts = 5
-timeout_s = 30
-[output]
-path = "{folder / 'out'}"
-""")
+        job = write_job(folder / "job.toml", manifest, base_url, folder / "out", concurrency=CONCURRENCY, rpm=limit,
+                        name="rate", max_tokens=64, max_attempts=5, timeout_s=30)
         started = time.perf_counter()
         run = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - started

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray  # at import time: without the extra, `python -m bench` sees no ray scenario at all
 
-from .common import serving
+from .common import serving, write_job
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "ray"
@@ -117,29 +117,10 @@ def _images_table_supported(base_url: str, manifest: Path) -> bool:
 def _job(name: str, manifest: Path, base_url: str, *, engine: str, ray_workers: int, concurrency: int, resized: bool) -> Path:
     # Shards of 300 rows: 4 shards, so 2 workers stay busy; each shard task starts its own image
     # process (~1 s of CPU), negligible at the 10,000+ rows a real shard has.
-    run_table = f'engine = "{engine}"\nshard_rows = 300\n' + (f"ray_workers = {ray_workers}\n" if engine == "ray" else "")
+    run_table = f'engine = "{engine}"\n' + (f"ray_workers = {ray_workers}\n" if engine == "ray" else "")
     images = f"\n[images]\nmax_side = {MAX_SIDE}\n" if resized else ""
-    path = WORK / f"{name}.toml"
-    path.write_text(f"""name = "{name}"
-[input]
-path = "{manifest}"
-id_column = "id"
-image_column = "image"
-prompt_column = "prompt"
-[endpoint]
-base_url = "{base_url}"
-model = "bench-vl"
-[request]
-max_tokens = 256
-[limits]
-requests_per_minute = 1000000
-max_concurrency = {concurrency}
-timeout_s = 120
-[output]
-path = "{WORK / name}"
-[run]
-{run_table}{images}""")
-    return path
+    return write_job(WORK / f"{name}.toml", manifest, base_url, WORK / name, concurrency=concurrency, rpm=1_000_000,
+                     shard_rows=300, extra=run_table + images, name=name, timeout_s=120)
 
 
 def _manifest(rows: int) -> Path:
