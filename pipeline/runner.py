@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -122,6 +123,7 @@ def _return_freed_memory() -> None:
     pa.set_memory_pool(pa.system_memory_pool())
 
 
+@functools.cache  # loaded once, not at every shard commit
 def _libc() -> Any:
     import ctypes
 
