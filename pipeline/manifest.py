@@ -269,10 +269,7 @@ def row_ids(cfg: InputConfig, table: pa.Table, shard: Shard) -> list[str]:
     """Each row's id: the id column as text, or else its manifest row number (stable on append)."""
     if cfg.id_column is None:
         return [str(shard.first_row + i) for i in range(table.num_rows)]
-    column = table.column(cfg.id_column)
-    if not pa.types.is_string(column.type):  # CSV columns are read as text already; cast imports pyarrow.compute
-        column = column.cast(pa.string())
-    ids = column.to_pylist()
+    ids = table.column(cfg.id_column).cast(pa.string()).to_pylist()
     seen: set[str] = set()
     for i, value in enumerate(ids):
         if value is None or value == "":

@@ -95,7 +95,6 @@ def _say(message: str) -> None:
 def run(job: Job, options: RunOptions = RunOptions()) -> int:
     """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
     _return_freed_memory()
-    _lean_allocator()
     if job.run.engine == "ray":
         from .ray_engine import run_on_ray  # the optional extra: a JobError naming it when Ray is missing
     ckpt = Checkpoint(job.output.checkpoint)
@@ -118,9 +117,16 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
 
 
 def _return_freed_memory() -> None:
-    """Arrow on the system allocator: each shard commit allocates tens of MB for a moment, and
-    jemalloc (Arrow's default pool) kept them, raising a long run's RSS by ~40 MB (bench: million)."""
+    """Each shard commit allocates tens of MB for a moment; a long run's RSS must not keep them
+    (bench: million). Arrow on the system allocator: jemalloc, its default pool, kept them (~40
+    MB). glibc's malloc kept them too, with an arena per thread (reads and commits run in threads)
+    and a mmap threshold that grows after large frees: two arenas, large buffers always mmapped
+    (returned on free), and `_trim` after each commit. Must run before the threads start."""
     pa.set_memory_pool(pa.system_memory_pool())
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MB
 
 
 @functools.cache  # loaded once, not at every shard commit
@@ -131,17 +137,6 @@ def _libc() -> Any:
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return None
-
-
-def _lean_allocator() -> None:
-    """glibc's malloc kept what each shard commit freed: with an arena per thread (reads and
-    commits run in threads) and a mmap threshold that grows after large frees, RSS rose by tens of
-    MB per shard and stayed (bench: million). Two arenas, large buffers always mmapped (returned
-    on free). Must run before the threads start."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MB
 
 
 def _trim() -> None:
@@ -402,11 +397,7 @@ class _Engine:
                 needed = table.select(self.columns)
                 for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
                     batch = send[start : start + ROWS_PER_BATCH]
-                    if batch[-1] - batch[0] + 1 == len(batch):  # the usual case: no Arrow kernel, no import
-                        rows = needed.slice(batch[0], len(batch)).to_pylist()
-                    else:
-                        rows = needed.take(pa.array(batch, pa.int64())).to_pylist()
-                    for i, row in zip(batch, rows):
+                    for i, row in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
                         await self.queue.put((work, i, row))
                 work.enqueued = True
                 if work.pending == 0:
