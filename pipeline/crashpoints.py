@@ -1,11 +1,15 @@
-"""Crash points: make the process die hard at a named point, for the crash-safety tests.
+"""Crash and fault points: make the process die hard, or raise, at a named point, for the tests
+of crash safety and of supervision. Off (one string compare) unless a variable is set.
 
-    PIPELINE_CRASH_AT=after_rename        # die the first time that point is reached
+    PIPELINE_CRASH_AT=after_rename        # die (os._exit 99) the first time that point is reached
     PIPELINE_CRASH_AT=after_response:25   # die the 25th time
+    PIPELINE_FAULT_AT=row:3               # raise InjectedFault (a RuntimeError) at the 3rd row
 
-Points: after_response (answer in hand, not journaled), mid_journal_line (half a line written),
-after_part_write (part file written and fsynced, not renamed), after_rename (renamed, no commit
-record yet). Off (one dict lookup) unless the variable is set.
+Crash points: after_response (answer in hand, not journaled), mid_journal_line (half a line
+written), after_part_write (part file written and fsynced, not renamed), after_rename (renamed, no
+commit record yet). Fault points stand for a bug: row (inside one row's processing, after its
+request is built), commit (a shard commit, before its part file is written), produce (the
+producer, after reading a shard).
 """
 
 from __future__ import annotations
@@ -13,13 +17,24 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-__all__ = ["crash_point", "POINTS"]
+__all__ = ["crash_point", "fault_point", "InjectedFault", "POINTS", "FAULT_POINTS"]
 
 POINTS = ("after_response", "mid_journal_line", "after_part_write", "after_rename")
-_spec = os.environ.get("PIPELINE_CRASH_AT", "")
-_name, _, _nth = _spec.partition(":")
-_left = int(_nth) if _nth else 1
+FAULT_POINTS = ("row", "commit", "produce")
 EXIT_CODE = 99
+
+
+def _armed(variable: str) -> tuple[str, int]:
+    name, _, nth = os.environ.get(variable, "").partition(":")
+    return name, int(nth) if nth else 1
+
+
+_name, _left = _armed("PIPELINE_CRASH_AT")
+_fault, _fault_left = _armed("PIPELINE_FAULT_AT")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an armed fault point: an exception the pipeline did not plan for."""
 
 
 def crash_point(point: str, last_act: Callable[[], object] | None = None) -> None:
@@ -32,3 +47,13 @@ def crash_point(point: str, last_act: Callable[[], object] | None = None) -> Non
         if last_act is not None:
             last_act()
         os._exit(EXIT_CODE)
+
+
+def fault_point(point: str) -> None:
+    """Raise InjectedFault here if armed for this point and this is the chosen hit (only that hit)."""
+    global _fault_left
+    if _fault != point:
+        return
+    _fault_left -= 1
+    if _fault_left == 0:
+        raise InjectedFault(f"injected fault at {point} (PIPELINE_FAULT_AT)")

@@ -7,9 +7,13 @@
     │   ├── InputError      kind "input": missing/unreadable/refused image, bad template
     │   └── RequestError    kinds "rate_limit", "quota", "auth", "bad_request", "server",
     │                       "timeout", "connection", "invalid_response", "truncated",
-    │                       "invalid_output"
-    └── StopJob             sending more is pointless (quota, auth, endpoint down, budget):
-                            commit what arrived and exit 3, resumable
+    │                       "invalid_output"; kind "internal": an unexpected exception while
+    │                       processing the row (a bug), its type and message kept
+    ├── StopJob             sending more is pointless (quota, auth, endpoint down, budget):
+    │                       commit what arrived and exit 3, resumable
+    └── LocalFailure        this machine failed the run: disk full, output unwritable, an
+                            unexpected exception in shared machinery (journal, commit,
+                            storage): commit what can be, exit 4, resumable
 
 Foreign errors (socket and TLS errors, the connection pool's ResponseCut/MalformedResponse,
 aiohttp's, timeouts, HTTP statuses) become `RequestError` in exactly one place,
@@ -19,6 +23,8 @@ failures (fsspec backends) become `JobError` in one place, `pipeline.storage`.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "PipelineError",
     "JobError",
@@ -27,6 +33,8 @@ __all__ = [
     "InputError",
     "RequestError",
     "StopJob",
+    "LocalFailure",
+    "local_failure",
     "ERROR_KINDS",
 ]
 
@@ -42,6 +50,7 @@ ERROR_KINDS = (
     "invalid_response",
     "truncated",
     "invalid_output",
+    "internal",
 )
 
 
@@ -111,3 +120,36 @@ class StopJob(PipelineError):
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class LocalFailure(PipelineError):
+    """The run cannot go on because of this machine, not the provider or a row: ENOSPC, an
+    unwritable output, an exception in shared machinery. The run stops sending, commits what it
+    can and exits 4; nothing journaled is lost, and the next run continues once the cause is fixed.
+    `kind` is "disk_full", "io" or "internal"."""
+
+    def __init__(self, message: str, *, kind: str = "internal") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_RESUME = "then run the same command again (every answer journaled so far is kept)"
+
+
+def local_failure(exc: BaseException, doing: str) -> LocalFailure:
+    """The one place a failure of this machine's side (an OSError, a bug in shared machinery)
+    becomes a LocalFailure with a one-line message: what was being done, where, and the fix."""
+    if isinstance(exc, LocalFailure):
+        return exc
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in _FULL:
+            return LocalFailure(f"{doing}: no space left on the device{where}; free some space, {_RESUME}", kind="disk_full")
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return LocalFailure(f"{doing}: {reason}{where}; fix that, {_RESUME}", kind="io")
+    if isinstance(exc, PipelineError):  # e.g. a storage JobError mid-run: already one line with its fix
+        return LocalFailure(f"{doing}: {exc}", kind="io")
+    detail = " ".join(str(exc).split())[:300]
+    return LocalFailure(f"{doing}: internal error ({type(exc).__name__}: {detail}); please report it, {_RESUME}",
+                        kind="internal")

@@ -10,9 +10,11 @@ Later lines win: a retried row's new result replaces its old one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import orjson
 import pyarrow as pa
@@ -100,74 +102,143 @@ class Journal:
     `flush_before_send()` before each request, so no new request leaves while an answer already
     received is only in memory (a kill then would lose it and buy it again, beyond the requests
     in flight).
+
+    Failure contract: a write or fsync that fails (ENOSPC, EIO) is never retried or ignored. The
+    first failure is kept in `failure` (an OSError naming the journal file) and handed to
+    `on_failure` (the engine stops the run); every later `append`, `flush` or `sync` raises it
+    again, so no caller can believe a line was stored. Lines already written stay valid: a torn
+    last line is cut by `repair_tail` on the next run.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, on_failure: Callable[[OSError], None] | None = None) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        self.on_failure = on_failure
+        self.failure: OSError | None = None
         self._fds: dict[int, int] = {}
         self._dirty: set[int] = set()
         self._pending: dict[int, list[bytes]] = {}
         self._flush_scheduled = False
 
     def append(self, shard: int, record: dict[str, Any]) -> None:
+        if self.failure is not None:
+            raise self.failure
         line = orjson.dumps(record) + b"\n"
         self._pending.setdefault(shard, []).append(line)
         if not self._flush_scheduled:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_soon(self._flush_soon)
                 self._flush_scheduled = True
             except RuntimeError:  # no loop (tests, tools): write now
                 self.flush()
 
     def flush_before_send(self) -> None:
-        if self._pending:
+        if self._pending or self.failure is not None:
             self.flush()
+
+    def _flush_soon(self) -> None:
+        """The end-of-turn flush: a loop callback has no caller to raise to, so a failure is
+        recorded and reported (on_failure) instead of lost in the loop's exception handler."""
+        try:
+            self.flush()
+        except OSError:
+            pass  # recorded by flush
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        if self.failure is not None:
+            raise self.failure
         pending, self._pending = self._pending, {}
         for shard, lines in pending.items():
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = os.open(journal_path(self.folder, shard), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                self._fds[shard] = fd
-            for i, line in enumerate(lines):  # the crash test: earlier lines whole, this one torn
-                crash_point("mid_journal_line", lambda: os.write(fd, b"".join(lines[:i]) + line[: len(line) // 2]))
-            os.write(fd, b"".join(lines))
-            self._dirty.add(fd)
+            path = journal_path(self.folder, shard)
+            try:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                    self._fds[shard] = fd
+                for i, line in enumerate(lines):  # the crash test: earlier lines whole, this one torn
+                    crash_point("mid_journal_line", lambda: os.write(fd, b"".join(lines[:i]) + line[: len(line) // 2]))
+                _write_all(fd, b"".join(lines))
+                self._dirty.add(fd)
+            except OSError as exc:
+                self._failed(exc, path)
+
+    def _failed(self, exc: OSError, path: Path) -> NoReturn:
+        if self.failure is None:
+            self.failure = exc if exc.filename else OSError(exc.errno, exc.strerror, str(path))
+            if self.on_failure is not None:
+                self.on_failure(self.failure)
+        raise self.failure
 
     def sync(self) -> None:
         self.flush()
         dirty, self._dirty = self._dirty, set()
         for fd in dirty:
+            self._fsync(fd)
+
+    def _fsync(self, fd: int) -> None:
+        try:
             os.fsync(fd)
+        except OSError as exc:  # the data may not be on disk (the page cache may already be clean)
+            self._failed(exc, self._path_of(fd))
+
+    def _path_of(self, fd: int) -> Path:
+        shard = next((s for s, f in self._fds.items() if f == fd), None)
+        return journal_path(self.folder, shard) if shard is not None else self.folder
 
     async def sync_forever(self) -> None:
         while True:
             await asyncio.sleep(SYNC_INTERVAL_S)
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                return  # recorded and reported: nothing more can be made durable
             if self._dirty:
                 dirty, self._dirty = self._dirty, set()
-                await asyncio.to_thread(_fsync_all, dirty)
+                failed = await asyncio.to_thread(_fsync_all, dirty)
+                if failed is not None:
+                    with contextlib.suppress(OSError):
+                        self._failed(failed[1], self._path_of(failed[0]))
+                    return
 
     def close_shard(self, shard: int) -> None:
         self.flush()
-        fd = self._fds.pop(shard, None)
+        fd = self._fds.get(shard)
         if fd is not None:
-            os.fsync(fd)
+            self._fsync(fd)
+            del self._fds[shard]
             self._dirty.discard(fd)
             os.close(fd)
 
     def close(self) -> None:
-        self.sync()
-        for shard in list(self._fds):
-            self.close_shard(shard)
+        """Sync and close every file. After a failure the files are closed and the failure raised."""
+        try:
+            self.sync()
+            for shard in list(self._fds):
+                self.close_shard(shard)
+        finally:
+            for fd in self._fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds.clear()
 
 
-def _fsync_all(fds: set[int]) -> None:
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a disk filling up): go on until all is written or it
+    raises, so a short write is never taken for a stored line."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_all(fds: set[int]) -> tuple[int, OSError] | None:
+    """fsync each; the first real failure is returned (EBADF: closed meanwhile by close_shard,
+    which fsyncs it itself)."""
     for fd in fds:
         try:
             os.fsync(fd)
-        except OSError:  # closed meanwhile by close_shard, which fsyncs it itself
-            pass
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                return fd, exc
+    return None
