@@ -21,8 +21,11 @@ failures become a one-line JobError in ONE place, `_translate`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 
 from .errors import JobError
 
-__all__ = ["PartStore", "is_url", "check_url", "display"]
+__all__ = ["PartStore", "is_url", "check_url", "display", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
 
 # Keys of storage_options that name a place, not a secret: kept in messages (they help the fix).
 PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
@@ -41,6 +44,24 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
               "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
 _USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
 T = TypeVar("T")
+# Which job owns the folder. The leading underscore hides it from pyarrow.dataset and pandas
+# (they skip "_" and "." names) and a DuckDB `*.parquet` glob does not match it.
+OWNER_FILE = "_pipeline_job.json"
+DIGEST_BYTES = 16
+_READ_BLOCK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """The digest a commit record keeps of a part file's bytes (blake2b, streamed)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bytes_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()
 
 
 def is_url(text: str) -> bool:
@@ -139,31 +160,118 @@ class PartStore:
             return [p.name for p in self.local.iterdir()] if self.local.is_dir() else []
         return list(self._listing())
 
-    def in_place(self, expected: Mapping[str, tuple[int, int]]) -> set[str]:
-        """Names of the parts that are as recorded: {name: (size in bytes, rows)}.
+    def in_place(self, expected: Mapping[str, Mapping[str, Any]]) -> set[str]:
+        """Names of the parts that are as their commit records say: {name: record}.
 
-        A local part is checked by size and by the rows its Parquet footer records (a torn or
-        truncated file fails). A remote part by the size one listing gives: an object is written
-        whole or not at all, and reading every footer would cost a request per part per run.
+        A local part must have the recorded size and the recorded digest of its bytes (a part
+        written over by anything else fails, even with the same size and row count); records from
+        before digests were kept are checked by size and the rows in the Parquet footer. A remote
+        part by the size and ETag one listing gives: reading every part back would cost a
+        download per part per run, and an object is written whole or not at all.
         """
         if self.local is None:
-            sizes = self._listing()
-            return {name for name, (size, _) in expected.items() if sizes.get(name) == size}
+            listing = self._listing(detail=True)
+            return {name for name, rec in expected.items()
+                    if (got := listing.get(name)) is not None and got["size"] == rec["size"]
+                    and (rec.get("etag") is None or got.get("etag") == rec["etag"])}
         good = set()
-        for name, (size, rows) in expected.items():
+        for name, rec in expected.items():
             path = self.local / name
             try:
-                if path.stat().st_size == size and pq.read_metadata(path).num_rows == rows:
-                    good.add(name)
+                if path.stat().st_size != rec["size"]:
+                    continue
+                if rec.get("part_digest") is not None:
+                    ok = file_digest(path) == rec["part_digest"]
+                else:
+                    ok = pq.read_metadata(path).num_rows == rec["rows"]
             except (OSError, pa.ArrowInvalid):
-                pass
+                continue
+            if ok:
+                good.add(name)
         return good
 
-    def _listing(self) -> dict[str, int]:
-        """name -> size of every object directly in the remote folder."""
+    def etag(self, name: str) -> str | None:
+        """A remote object's ETag as the store reports it (None locally, or when it has none)."""
+        if self.local is not None:
+            return None
+        fs, root = self._remote()
+        info = self._call(f"look up {name} in", lambda: fs.info(f"{root}/{name}", refresh=True))
+        return _etag_of(info)
+
+    # -- which job owns the folder ---------------------------------------------------------
+
+    def claim(self, job_name: str, checkpoint: Path) -> None:
+        """Make sure this folder belongs to this job (recording it on first use); a folder that
+        another job writes is refused, before anything is sent or removed: two jobs in one folder
+        delete each other's temporary files and take each other's part files for their own."""
+        # The name is the identity: a job whose files moved (and its checkpoint path with them)
+        # still owns its folder; the checkpoint is recorded to tell the user where the owner lives.
+        text = json.dumps({"job": job_name, "checkpoint": str(checkpoint),
+                           "claimed": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n"
+        # Remotely, one listing first: it names a missing bucket plainly, and spares a GET.
+        found = self._read_owner() if self.local is not None or OWNER_FILE in self._listing() else None
+        if found is None:
+            found = self._create_owner(text)
+        if found is None:
+            return
+        if found.get("job") != job_name:
+            raise JobError(
+                f"[output] path: {self} belongs to the job {found.get('job')!r} (checkpoint {found.get('checkpoint')}); "
+                f"two jobs cannot share an output folder: choose another [output] path, or delete "
+                f"{OWNER_FILE} there if that job and its checkpoint are gone"
+            )
+
+    def _read_owner(self) -> dict[str, Any] | None:
+        if self.local is not None:
+            try:
+                raw = (self.local / OWNER_FILE).read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise JobError(f"[output] path: cannot read {self.local / OWNER_FILE} ({exc.strerror})") from None
+        else:
+            fs, root = self._remote()
+
+            def read() -> bytes | None:
+                try:
+                    return fs.cat_file(f"{root}/{OWNER_FILE}")
+                except FileNotFoundError:
+                    return None
+
+            raw = self._call(f"read {OWNER_FILE} in", read)
+            if raw is None:
+                return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise JobError(f"[output] path: {OWNER_FILE} in {self} is damaged; delete it if this folder is this job's")
+        return data
+
+    def _create_owner(self, text: str) -> dict[str, Any] | None:
+        """Write the owner file; None when this call made it, else the owner another process
+        recorded first (locally O_EXCL decides; an object store has no such thing: last put wins)."""
+        if self.local is None:
+            self.write(OWNER_FILE, text.encode())
+            return None
+        self.local.mkdir(parents=True, exist_ok=True)
+        path = self.local / OWNER_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return self._read_owner()
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+
+    def _listing(self, detail: bool = False) -> dict[str, Any]:
+        """name -> size (or, with `detail`, {"size", "etag"}) of every object directly in the remote folder."""
         fs, root = self._remote()
 
-        def listing() -> dict[str, int]:
+        def listing() -> dict[str, Any]:
             try:  # refresh: another process (a Ray worker) may have written since the last listing
                 entries = fs.ls(root, detail=True, refresh=True)
             except FileNotFoundError:
@@ -172,8 +280,13 @@ class PartStore:
                     raise JobError(f"[output] path: {bucket} does not exist at {self}; create it (or fix the URL), "
                                    f"then run again") from None
                 return {}  # the folder is made by the first write
-            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                    for e in entries if e.get("type") == "file"}
+            out: dict[str, Any] = {}
+            for e in entries:
+                if e.get("type") == "file":
+                    name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+                    size = int(e.get("size") or 0)
+                    out[name] = {"size": size, "etag": _etag_of(e)} if detail else size
+            return out
 
         return self._call("list", listing)
 
@@ -218,6 +331,14 @@ class PartStore:
         for secret in self.secrets():
             message = message.replace(secret, "[secret]")
         return message
+
+
+def _etag_of(info: Mapping[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "e_tag"):
+        value = info.get(key)
+        if value:
+            return str(value).strip('"')
+    return None
 
 
 def _translate(store: PartStore, what: str, exc: BaseException) -> JobError:

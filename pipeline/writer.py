@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .crashpoints import crash_point
-from .storage import PartStore
+from .storage import PartStore, bytes_digest, file_digest
 
-__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "remove_leftovers", "remove_parts", "output_columns"]
+__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -103,28 +103,52 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_part(store: PartStore, shard: int, table: pa.Table) -> tuple[str, int]:
-    """Write atomically; returns (file name, size in bytes)."""
+class WrittenPart(NamedTuple):
+    name: str
+    size: int
+    digest: str  # of the file's bytes: a resume trusts a part only if it still has them
+    etag: str | None  # an object store's ETag for the part (None for a local folder)
+
+
+def write_part(store: PartStore, shard: int, table: pa.Table) -> WrittenPart:
+    """Write atomically; returns what the commit record keeps of the file."""
     name = part_name(shard)
     if store.local is None:  # an object store: one put of the whole file, nothing to rename
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        size = store.write(name, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        size = store.write(name, data)
         crash_point("after_rename")  # the part is in place, no commit record yet
-        return name, size
+        return WrittenPart(name, size, bytes_digest(data), store.etag(name))
     folder = store.local
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a full disk: give back what the torn file took
+        if isinstance(exc, OSError) and not exc.filename:  # Arrow's write errors name no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(folder / name)) from None
+        raise
     crash_point("after_part_write")
     size = tmp.stat().st_size
+    digest = file_digest(tmp)  # read back from the page cache: what is on disk, not what was meant
     os.replace(tmp, folder / name)
     _fsync_dir(folder)
     crash_point("after_rename")
-    return name, size
+    return WrittenPart(name, size, digest, None)
+
+
+def write_empty_part(store: PartStore, table: pa.Table, id_column: str | None,
+                     extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> None:
+    """A manifest with no rows: one part with no rows and every output column, so the output is
+    a readable (empty) dataset. Not a shard's part: no commit record; the first shard's commit
+    replaces it once rows are appended."""
+    results = pa.Table.from_batches([], schema=journal_schema(extra_fields))
+    write_part(store, 0, build_part(table, [], results, id_column, extra_fields))
 
 
 def remove_leftovers(store: PartStore) -> list[str]:
