@@ -15,6 +15,7 @@ POSIX path, for its appends, fsync and flock.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import JobError, LockedError
+from .errors import JobError, LockedError, local_failure
 from .manifest import Plan, load_plan_dict
 from .storage import PartStore
 from .writer import remove_parts
@@ -76,8 +77,11 @@ class Checkpoint:
     def locked(self, job_name: str) -> Iterator[None]:
         """One run per job. The kernel drops a flock when its process dies, so a lock left by a
         killed run is taken over without any guessing about stale pids."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise local_failure(exc, "locking the job") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -93,10 +97,14 @@ class Checkpoint:
                 if old is not None and old != os.getpid() and not _pid_alive(old):
                     self.took_over_from = old
             stamp = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, stamp.encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, stamp.encode(), 0)
+            except OSError as exc:  # the flock is held all the same; the stamp only informs
+                raise local_failure(exc, "locking the job") from None
             yield
-            os.ftruncate(fd, 0)  # a clean exit leaves no pid behind; a killed run's pid stays
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # a clean exit leaves no pid behind; a killed run's pid stays
         finally:
             os.close(fd)  # releases the flock
 

@@ -1,8 +1,9 @@
 """The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline serve`.
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
-3 stopped by the provider (quota, key refused, endpoint down), resumable; 75 the job is already
-running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
+3 stopped by the provider (quota, key refused, endpoint down, budget), resumable; 4 stopped by a
+local failure (disk full, output unwritable, an internal error in shared machinery), resumable
+once the cause is fixed; 75 the job is already running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
 `pipeline run JOB --dry-run` sends nothing: 0 the job is ready, 1 rows would fail or the job has a
 problem (see pipeline/dryrun.py), 2 the job file cannot be read.
 """
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ERROR_KINDS, JobError, LockedError
+from .errors import ERROR_KINDS, JobError, LocalFailure, LockedError
 
 __all__ = ["main"]
 
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except LockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 75
+    except LocalFailure as exc:  # before sending began: a full disk, an unwritable checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
 
 
 def _without_pandas() -> None:

@@ -52,7 +52,7 @@ from collections import Counter, deque
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
-from .errors import JobError, StopJob
+from .errors import JobError, LocalFailure, StopJob, local_failure
 
 try:
     import ray
@@ -174,6 +174,7 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
         "shard": shard.index,
         "signal": stopped if isinstance(stopped, int) else None,
         "stop": [stopped.kind, str(stopped)] if isinstance(stopped, StopJob) else None,
+        "failure": [stopped.kind, str(stopped)] if isinstance(stopped, LocalFailure) else None,
     }
 
 
@@ -218,7 +219,9 @@ async def _report(engine: _Engine, limiter: LeasedLimiter, coordinator: Any, att
 # -- the driver ---------------------------------------------------------------------------------
 
 
-def run_on_ray(job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], options: RunOptions) -> tuple[_Counts, StopJob | int | None]:
+def run_on_ray(
+    job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], options: RunOptions
+) -> tuple[_Counts, StopJob | LocalFailure | int | None]:
     """Run the `todo` shards on Ray; returns this run's counts and why it stopped (as `_Engine.run`)."""
     connected_here = _connect(job)
     try:
@@ -250,12 +253,12 @@ class _Driver:
         self.stopping = False
         self.stop_reason: StopJob | None = None
         self.stop_signal: int | None = None
-        self.failure: BaseException | None = None
+        self.failure: LocalFailure | None = None
         self.counts = _Counts()
         self.base_done = 0  # rows of shards committed before this run, set by run()
         self.coordinator: Any = None
 
-    async def run(self, todo: list[Shard]) -> tuple[_Counts, StopJob | int | None]:
+    async def run(self, todo: list[Shard]) -> tuple[_Counts, StopJob | LocalFailure | int | None]:
         self.base_done = self.plan.total_rows - sum(s.rows for s in todo)
         async with contextlib.AsyncExitStack() as stack:
             job = self.job
@@ -272,7 +275,7 @@ class _Driver:
             stack.callback(lambda: bar.close() if bar is not None else None)
             await self._drive(job, todo, bar)
         if self.failure is not None:
-            raise self.failure
+            return self.counts, self.failure
         return self.counts, self.stop_signal if self.stop_signal is not None else self.stop_reason
 
     async def _drive(self, job: Job, todo: list[Shard], bar: tqdm | None) -> None:
@@ -303,18 +306,18 @@ class _Driver:
     def _settle(self, fut: asyncio.Future[Any], shard: Shard, queue: deque[Shard], rerun: Counter[int]) -> None:
         try:
             result = fut.result()
-        except ray.exceptions.RayTaskError as err:  # the task raised: e.g. an unreadable shard
-            cause = err.cause if isinstance(err.cause, JobError) else err
-            if self.failure is None:
-                self.failure = cause
-            self._halt("failed", f"shard {shard.index} failed: {str(cause).splitlines()[0]}")
+        except ray.exceptions.RayTaskError as err:  # the task raised: e.g. the manifest changed under it
+            cause = err.cause if isinstance(err.cause, Exception) else err
+            self._failed(local_failure(cause, f"shard {shard.index}"))
             return
         except ray.exceptions.RayError as err:  # its worker died TASK_RETRIES + 1 times, or its node is gone
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             self._halt("worker_lost", f"shard {shard.index} could not be finished on Ray "
                                       f"({type(err).__name__}: {first[:200]}); run again to continue")
             return
-        if result["stop"] is not None:
+        if result["failure"] is not None:
+            self._failed(LocalFailure(result["failure"][1], kind=result["failure"][0]))
+        elif result["stop"] is not None:
             self._halt(*result["stop"])
         elif result["signal"] is not None and not self.stopping:
             # That worker alone was stopped (its node drained, say): the shard goes on elsewhere.
@@ -323,6 +326,12 @@ class _Driver:
                 queue.append(shard)
             else:
                 self._halt("worker_lost", f"the workers running shard {shard.index} were stopped {rerun[shard.index]} times")
+
+    def _failed(self, failure: LocalFailure) -> None:
+        if self.failure is None:
+            self.failure = failure
+            _say(f"error: {failure}")
+        self._halt("failed", str(failure))
 
     def _halt(self, kind: str, message: str) -> None:
         """Stop the whole run: the first cause wins; every worker hears it on its next report."""

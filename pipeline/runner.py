@@ -24,7 +24,9 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +39,8 @@ from .breaker import ENDPOINT_FAULTS, Breaker
 from .checkpoint import Checkpoint
 from .client import Client
 from .config import Job
-from .crashpoints import crash_point
-from .errors import InputError, JobError, RequestError, RowError, StopJob
+from .crashpoints import crash_point, fault_point
+from .errors import InputError, JobError, LocalFailure, RequestError, RowError, StopJob, local_failure
 from .journal import Journal, latest_per_id, read_journal_table, repair_tail
 from .limiter import Limiter
 from .manifest import Plan, Shard, plan_manifest, range_digest, read_shard, row_ids
@@ -46,17 +48,19 @@ from .pricing import Budget, row_cost, total_cost, worst_case_cost
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from .storage import PartStore, display
-from .writer import RESULT_SCHEMA, build_part, journal_schema, part_name, remove_leftovers, write_part
+from .writer import RESULT_SCHEMA, build_part, journal_schema, part_name, remove_leftovers, write_empty_part, write_part
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
     from .labels import Labels
 
-__all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCKED"]
+__all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
+           "EXIT_LOCKED"]
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCKED = 0, 1, 2, 3, 75
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_DEADLINE_S = 15.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
 PROGRESS_EVERY_S = 0.25
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
@@ -101,19 +105,32 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
     with ckpt.locked(job.name):
         if ckpt.took_over_from is not None:
             _say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running")
-        if options.restart:
-            ckpt.reset(PartStore.for_output(job.output))
-        ckpt.check_job(job.request_shape(), job.run.shard_rows)
-        plan = _current_plan(job, ckpt)
-        commits = _verified_commits(job, ckpt, plan)
-        todo = _shards_to_run(plan, commits, options.retry_failed)
-        started = time.time()
+        try:  # a full or read-only disk is one line and exit 4, before anything is sent
+            plan, commits, todo = _prepare(job, ckpt, options)
+            started = time.time()
+            if plan.total_rows == 0:
+                return _finish_empty(job, ckpt, plan, started)
+        except OSError as exc:
+            raise local_failure(exc, "preparing the run") from None
         if not todo:
             return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
         if job.run.engine == "ray":  # the same shards and _Engine, run as Ray tasks (ray_engine.py)
             counts, stopped = run_on_ray(job, ckpt, plan, todo, options)
             return _finish(job, ckpt, plan, started, counts, stopped)
         return event_loop_runner()(_run_async(job, ckpt, plan, todo, commits, options, started))
+
+
+def _prepare(job: Job, ckpt: Checkpoint, options: RunOptions) -> tuple[Plan, dict[int, dict[str, Any]], list[Shard]]:
+    """Under the lock, before anything is sent: the output folder is this job's, the request shape
+    is the checkpoint's, the plan is current and the committed parts are as recorded."""
+    store = PartStore.for_output(job.output)
+    store.claim(job.name, ckpt.folder)  # before --restart may remove anything there
+    if options.restart:
+        ckpt.reset(store)
+    ckpt.check_job(job.request_shape(), job.run.shard_rows)
+    plan = _current_plan(job, ckpt)
+    commits = _verified_commits(job, ckpt, plan)
+    return plan, commits, _shards_to_run(plan, commits, options.retry_failed)
 
 
 def _return_freed_memory() -> None:
@@ -193,7 +210,7 @@ def _verified_commits(job: Job, ckpt: Checkpoint, plan: Plan) -> dict[int, dict[
         _say(f"note: removed {name}, a temporary file left by an interrupted run")
     good = {}
     commits = ckpt.commits()
-    in_place = store.in_place({rec["file"]: (rec["size"], rec["rows"]) for rec in commits.values()})
+    in_place = store.in_place({rec["file"]: rec for rec in commits.values()})
     for index, rec in commits.items():
         if rec["file"] in in_place:
             good[index] = rec
@@ -218,15 +235,24 @@ def _shards_to_run(plan: Plan, commits: dict[int, dict[str, Any]], retry: frozen
 async def _run_async(
     job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], commits: dict[int, dict[str, Any]], options: RunOptions, started: float
 ) -> int:
-    async with contextlib.AsyncExitStack() as stack:
-        if job.serve is not None:
-            from .server import start_subprocess
+    counts = _Counts()
+    stopped: StopJob | LocalFailure | int | None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if job.serve is not None:
+                from .server import start_subprocess
 
-            base_url = await stack.enter_async_context(start_subprocess(job.serve))
-            job = _with_base_url(job, base_url)
-        engine = _Engine(job, ckpt, plan, options, committed_rows={i: c["rows"] for i, c in commits.items()})
-        stopped = await engine.run(todo)
-    return _finish(job, ckpt, plan, started, engine.counts, stopped)
+                base_url = await stack.enter_async_context(start_subprocess(job.serve))
+                job = _with_base_url(job, base_url)
+            engine = _Engine(job, ckpt, plan, options, committed_rows={i: c["rows"] for i, c in commits.items()})
+            counts = engine.counts
+            stopped = await engine.run(todo)
+    except JobError:
+        raise  # before anything was sent (a bad [serve] table, a prompt placeholder): exit 2
+    except Exception as exc:  # noqa: BLE001 - the supervisor itself failed: still a truthful end
+        stopped = local_failure(exc, "running the job")
+        _say(f"error: {stopped}")
+    return _finish(job, ckpt, plan, started, counts, stopped)
 
 
 def _with_base_url(job: Job, base_url: str) -> Job:
@@ -235,7 +261,30 @@ def _with_base_url(job: Job, base_url: str) -> Job:
     return replace(job, endpoint=replace(job.endpoint, base_url=base_url))
 
 
+class _RowState:
+    """What one row's processing has done so far, for an error row should it fail unexpectedly."""
+
+    __slots__ = ("row_id", "attempts", "spent")
+
+    def __init__(self, row_id: str) -> None:
+        self.row_id = row_id
+        self.attempts = 0
+        self.spent: float | None = None  # this row's cost over its attempts
+
+
 class _Engine:
+    """One process's worker pool over some shards, supervised.
+
+    Every task (producer, workers, shard commits, journal syncer, progress) belongs to one
+    `asyncio.TaskGroup`: none outlives the run, none fails unseen. A worker never dies of a row:
+    an exception the pipeline did not plan for while processing one row makes that row an error
+    row of kind "internal" (type and message; traceback in the checkpoint's errors.log) and the
+    worker goes on. A failure of shared machinery (journal, commit, storage, the producer) is a
+    `LocalFailure`: the run stops as for a provider's stop (requests in flight get the grace
+    period, what arrived is committed where possible) and exits 4. Every stop is bounded: once
+    stopping, the process ends within grace_s + STOP_DEADLINE_S whatever else hangs.
+    """
+
     def __init__(
         self,
         job: Job,
@@ -260,17 +309,20 @@ class _Engine:
             max_pause_s=job.limits.max_retry_after_s,
         )
         self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds)
-        self.journal = Journal(ckpt.journal_dir)
+        self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
         self.counts = _Counts()
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(maxsize=2 * job.limits.max_concurrency)
         self.work: dict[int, _ShardWork] = {}
         self.stop_reason: StopJob | None = None
-        self.failure: BaseException | None = None
+        self.failure: LocalFailure | None = None
         self.held: list[tuple[_ShardWork, dict[str, Any]]] = []  # endpoint-fault errors during a failure streak
         self.stop_signal: int | None = None
         self.stopping = asyncio.Event()
         self.finalize_lock = asyncio.Lock()
-        self.finalizing: set[asyncio.Task[None]] = set()
+        self.idle: set[asyncio.Task[None]] = set()  # workers waiting for a row: nothing in flight
+        self.tasks: asyncio.TaskGroup | None = None
+        self.deadline: threading.Timer | None = None
+        self.internal_errors = 0
         self.rng = random.Random()
         self.done_before = 0
         self.columns = self._request_columns()
@@ -284,132 +336,163 @@ class _Engine:
 
     # -- the run -------------------------------------------------------------------------
 
-    async def run(self, todo: list[Shard]) -> StopJob | int | None:
+    async def run(self, todo: list[Shard]) -> StopJob | LocalFailure | int | None:
+        """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        if self.job.pricing is not None:
-            self.budget = await asyncio.to_thread(
-                Budget.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in todo]
-            )
-        # Imports that hold the GIL for 0.1-0.5 s happen now, before the first request, not in the
-        # first commit's thread while requests are out: there they stalled the loop, and the
-        # requests due meanwhile left together (429s from an endpoint counting per half second,
-        # tests/test_ray.py). Shard commits need pyarrow.compute; pyarrow's first pa.array of
-        # Python objects imports pandas where it is installed and not marked absent (cli.py does
-        # that for `pipeline run`; a Ray worker process, which may serve other tasks, keeps it).
-        import pyarrow.compute  # noqa: F401
-
-        pa.array([0])
-        bar = self._bar()
-        ticker = asyncio.create_task(self._tick(bar))
-        syncer = asyncio.create_task(self.journal.sync_forever())
+        bar = None
         try:
+            if self.job.pricing is not None:
+                self.budget = await asyncio.to_thread(
+                    Budget.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in todo]
+                )
+            _warm_imports()
+            bar = self._bar()
             async with Client(
                 self.job.endpoint.url,
                 self.job.api_key(),
                 timeout_s=self.limits.timeout_s,
                 max_connections=self.limits.max_concurrency,
             ) as self.client:
-                producer = asyncio.create_task(self._produce(todo))
-                workers = [asyncio.create_task(self._worker()) for _ in range(self.limits.max_concurrency)]
-                await self._wait(producer, workers)
+                await self._supervise(todo, bar)
             await self._commit_partial()
-            if self.failure is not None:
-                raise self.failure
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            syncer.cancel()
-            ticker.cancel()
-            self.journal.close()
-            self.counts.spent = self.budget.spent_now
-            self._update_bar(bar)
-            if bar is not None:
-                bar.close()
-            await self.builder.aclose()  # the fetcher's session and the image threads
+            await self._close(bar)
+        if self.failure is not None:
+            return self.failure
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
 
-    async def _wait(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+    async def _close(self, bar: tqdm | None) -> None:
+        """Release everything the run holds; a failure here is recorded, never raised over the run's."""
+        try:
+            self.journal.close()
+        except OSError as exc:
+            self._fail(local_failure(exc, "closing the journal"))
+        self.counts.spent = self.budget.spent_now
+        self._update_bar(bar)
+        if bar is not None:
+            bar.close()
+        try:
+            await self.builder.aclose()  # the fetcher's session and the image workers
+        except Exception as exc:  # noqa: BLE001 - nothing is lost by a failed close; say so and go on
+            _say(f"note: could not close the image workers cleanly ({type(exc).__name__}: {exc})")
+        if self.deadline is not None:
+            self.deadline.cancel()
+
+    async def _supervise(self, todo: list[Shard], bar: tqdm | None) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            self.tasks = tasks
+            ticker = tasks.create_task(self._tick(bar))
+            syncer = tasks.create_task(self.journal.sync_forever())
+            producer = tasks.create_task(self._guarded(self._produce(todo), "reading the manifest"))
+            workers = [tasks.create_task(self._worker()) for _ in range(self.limits.max_concurrency)]
+            await self._until_done(producer, workers)
+            if self.stop_reason is None and self.stop_signal is None and self.failure is None:
+                self._release_held()  # the run ended with the endpoint up: those rows really failed
+            ticker.cancel()
+            syncer.cancel()
+        # the group has waited for every shard commit it started
+
+    async def _until_done(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
         """Until the workers run out of rows, or a stop: then the in-flight grace period."""
-        workers_done = asyncio.gather(*workers)
-        stop = asyncio.create_task(self.stopping.wait())
-        waiting: set[asyncio.Future[Any]] = {workers_done, stop, producer}
-        while True:
-            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if workers_done in done or stop in done:
-                break
-            if producer.exception() is not None:  # e.g. a later shard is unreadable: stop cleanly
-                self.stopping.set()
-        if not producer.done():
-            producer.cancel()  # workers are gone (a stop, or one failed): nobody takes its rows
-        if self.stopping.is_set():
-            # Requests in flight may be answers already paid for: give them the grace period.
-            await asyncio.wait(workers, timeout=self.limits.grace_s)
-            for w in workers:
-                w.cancel()
-        stop.cancel()
-        results = await asyncio.gather(producer, *workers, return_exceptions=True)
-        if self.stop_reason is None and self.stop_signal is None:
-            self._release_held()  # the run ended with the endpoint up: those rows really failed
-        if self.finalizing:
-            await asyncio.gather(*self.finalizing)
-        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
-        if errors:
-            self.failure = errors[0]  # raised after what arrived is committed
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            pending = set(workers)
+            while pending and not stop.done():
+                await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+                pending = {w for w in workers if not w.done()}
+        finally:
+            stop.cancel()
+        producer.cancel()  # the workers are gone or stopping: nobody takes its rows any more
+        if not pending:
+            return
+        for worker in list(self.idle):
+            worker.cancel()  # waiting for a row: nothing in flight to wait for
+        # Requests in flight may be answers already paid for: give them the grace period.
+        await asyncio.wait(pending, timeout=self.limits.grace_s)
+        for worker in pending:
+            worker.cancel()
+        await asyncio.wait(pending)
+
+    async def _guarded(self, work: Coroutine[Any, Any, None], doing: str) -> None:
+        """Run shared machinery; its failure stops the run (LocalFailure) instead of killing the group."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the run stops cleanly and says why
+            self._fail(local_failure(exc, doing))
 
     def _on_signal(self, sig: int) -> None:
         if self.stop_signal is not None:  # the second Ctrl-C: stop at once
             _say("stopping now; everything journaled so far is kept")
-            self.journal.sync()
+            with contextlib.suppress(OSError):
+                self.journal.sync()
             os._exit(EXIT_SIGNAL[sig])
         self.stop_signal = sig
         _say(f"\nstopping: finishing requests in flight (up to {self.limits.grace_s:g}s), then committing; "
              f"press Ctrl-C again to stop at once")
-        self.stopping.set()
+        self._stopping(EXIT_SIGNAL[sig])
 
     def _stop(self, reason: StopJob) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+        self._stopping(EXIT_STOPPED)
+
+    def _fail(self, failure: LocalFailure) -> None:
+        """A failure of this machine's side: stop sending; the first one is the run's reason."""
+        if self.failure is None:
+            self.failure = failure
+            _say(f"error: {failure}")
+        self._stopping(EXIT_LOCAL_FAILURE)
+
+    def _journal_failed(self, exc: OSError) -> None:
+        self._fail(local_failure(exc, "journaling answers"))
+
+    def _stopping(self, code: int) -> None:
+        """Stop taking rows, and make sure the process ends even if something below hangs: a
+        thread, not the loop (a blocked loop is one of the things it guards against)."""
         self.stopping.set()
+        if self.deadline is None:
+            limit = self.limits.grace_s + STOP_DEADLINE_S
+            self.deadline = threading.Timer(limit, _exit_hard, args=(code, limit))
+            self.deadline.daemon = True
+            self.deadline.start()
 
     # -- producer ------------------------------------------------------------------------
 
     async def _produce(self, todo: list[Shard]) -> None:
         retry = self.options.retry_failed
-        try:
-            for shard in todo:
-                table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
-                ids = row_ids(self.job.input, table, shard)
-                done, restored = await asyncio.to_thread(self._answers_so_far, shard)
-                for rec in restored:  # written back: the journal is whole again
-                    self.journal.append(shard.index, rec)
-                send = [
-                    i
-                    for i, row_id in enumerate(ids)
-                    if (rec := done.get(row_id)) is None
-                    or (retry is not None and rec[0] == "error" and (not retry or rec[1] in retry))
-                ]
-                del done
-                self.done_before += len(ids) - len(send)
-                work = _ShardWork(shard, table, ids, pending=len(send))
-                self.work[shard.index] = work
-                needed = table.select(self.columns)
-                for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
-                    batch = send[start : start + ROWS_PER_BATCH]
-                    for i, row in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
-                        await self.queue.put((work, i, row))
-                work.enqueued = True
-                if work.pending == 0:
-                    self._schedule_commit(work)
-            for _ in range(self.limits.max_concurrency):
-                await self.queue.put(None)  # one "no more rows" per worker
-        except asyncio.CancelledError:
-            # A stop: wake idle workers (a full queue means none is idle).
-            for _ in range(self.limits.max_concurrency):
-                with contextlib.suppress(asyncio.QueueFull):
-                    self.queue.put_nowait(None)
-            raise
+        for shard in todo:
+            table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
+            ids = row_ids(self.job.input, table, shard)
+            done, restored = await asyncio.to_thread(self._answers_so_far, shard)
+            fault_point("produce")
+            for rec in restored:  # written back: the journal is whole again
+                self.journal.append(shard.index, rec)
+            send = [
+                i
+                for i, row_id in enumerate(ids)
+                if (rec := done.get(row_id)) is None
+                or (retry is not None and rec[0] == "error" and (not retry or rec[1] in retry))
+            ]
+            del done
+            self.done_before += len(ids) - len(send)
+            work = _ShardWork(shard, table, ids, pending=len(send))
+            self.work[shard.index] = work
+            needed = table.select(self.columns)
+            for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
+                batch = send[start : start + ROWS_PER_BATCH]
+                for i, row in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
+                    await self.queue.put((work, i, row))
+            work.enqueued = True
+            if work.pending == 0:
+                self._schedule_commit(work)
+        for _ in range(self.limits.max_concurrency):
+            await self.queue.put(None)  # one "no more rows" per worker
 
     def _answers_so_far(self, shard: Shard) -> tuple[dict[str, tuple[str, str | None]], list[dict[str, Any]]]:
         """(id -> (status, error_kind)) of the shard's answered rows, from its journal, or from
@@ -432,28 +515,63 @@ class _Engine:
     # -- workers -------------------------------------------------------------------------
 
     async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while not self.stopping.is_set():
-            item = await self.queue.get()
+            self.idle.add(me)
+            try:
+                item = await self.queue.get()
+            finally:
+                self.idle.discard(me)
             if item is None:
                 return
             work, index, row = item
-            try:
-                record = await self._process(work.ids[index], row)
-            except StopJob as stop:
-                self._stop(stop)
-                return
+            record = await self._row(work.ids[index], row)
             if record is None:  # stopped before an answer: the row stays pending
                 return
-            crash_point("after_response")
-            if record["status"] == "error" and record["error_kind"] in ENDPOINT_FAULTS and self.breaker.streak:
-                # Out of attempts while nothing succeeds: the endpoint may be down rather than the
-                # row bad. Hold the error until a success shows the endpoint up; if the breaker
-                # trips instead, the row stays pending for the next run.
-                self.held.append((work, record))
-                continue
-            self._deliver(work, record)
-            if self.held and not self.breaker.streak:
-                self._release_held()
+            try:
+                self._settle_row(work, record)
+            except Exception as exc:  # noqa: BLE001 - the journal or a commit failed: the run stops
+                self._fail(local_failure(exc, "journaling an answer"))
+                return
+
+    async def _row(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
+        """The row's record; None when a stop came first. Raises only CancelledError."""
+        state = _RowState(row_id)
+        try:
+            return await self._process(state, row)
+        except StopJob as stop:
+            self._stop(stop)
+        except LocalFailure as failure:
+            self._fail(failure)
+        except Exception as exc:  # noqa: BLE001 - a bug met by this row: an error row, the run goes on
+            return self._internal_error(state, exc)
+        return None
+
+    def _internal_error(self, state: _RowState, exc: Exception) -> dict[str, Any]:
+        self.internal_errors += 1
+        log = self.ckpt.folder / "errors.log"
+        text = "".join(traceback.format_exception(exc))
+        with contextlib.suppress(OSError):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
+        if self.internal_errors == 1:
+            _say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is written as "
+                 f"error_kind \"internal\" and the run goes on; traceback in {log}")
+        err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
+        return {**_error_record(state.row_id, err, attempts=state.attempts), "cost": state.spent}
+
+    def _settle_row(self, work: _ShardWork, record: dict[str, Any]) -> None:
+        crash_point("after_response")
+        if record["status"] == "error" and record["error_kind"] in ENDPOINT_FAULTS and self.breaker.streak:
+            # Out of attempts while nothing succeeds: the endpoint may be down rather than the
+            # row bad. Hold the error until a success shows the endpoint up; if the breaker
+            # trips instead, the row stays pending for the next run.
+            self.held.append((work, record))
+            return
+        self._deliver(work, record)
+        if self.held and not self.breaker.streak:
+            self._release_held()
 
     def _deliver(self, work: _ShardWork, record: dict[str, Any]) -> None:
         self.journal.append(work.shard.index, record)
@@ -476,22 +594,20 @@ class _Engine:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
-    async def _process(self, row_id: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    async def _process(self, state: _RowState, row: dict[str, Any]) -> dict[str, Any] | None:
         try:
             built = await self.builder.build(row)  # files, fetches and Pillow work run off the loop
         except InputError as err:
-            return _error_record(row_id, err, attempts=0)
-        body = built.body
+            return _error_record(state.row_id, err, attempts=0)
+        fault_point("row")
         estimate = self._estimate(built.prompt, built.media)
         worst = worst_case_cost(self.job, built.prompt, built.media) if self.budget.limit is not None else 0.0
-        spent: float | None = None  # this row's cost over its attempts
         invalid: dict[str, Any] | None = None  # the last answer that failed the [labels] schema
         invalid_count = 0
-        attempt = 0
         while True:
             if self.stopping.is_set():
                 return invalid  # a paid answer that failed the schema is kept; else the row stays pending
-            attempt += 1
+            state.attempts += 1
             sent_at = await self.limiter.acquire(estimate, stop=self.stopping)  # None: a stop came first
             if sent_at is None:
                 return invalid
@@ -502,11 +618,38 @@ class _Engine:
                     raise
                 self._stop(stop)
                 return invalid
+            outcome = await self._attempt(state, built.body, held, sent_at, estimate)
+            if outcome is None:
+                return invalid  # stopped before sending
+            if isinstance(outcome, float):
+                await self._backoff(outcome)
+                continue
+            if outcome["status"] == "ok" and self.labels is not None:
+                try:
+                    outcome.update(self.labels.check(outcome["answer"]))
+                except RequestError as err:  # invalid_output: ask again, up to max_invalid_retries
+                    invalid = {**outcome, "status": "error", "error_kind": err.kind, "error": err.describe()}
+                    invalid_count += 1
+                    if invalid_count > self.labels.config.max_invalid_retries:
+                        return invalid
+                    continue
+            return outcome
+
+    async def _attempt(
+        self, state: _RowState, body: bytes, held: float, sent_at: float, estimate: float
+    ) -> dict[str, Any] | float | None:
+        """One request. Returns the row's record (an answer, or an error out of attempts), the
+        seconds to wait before trying again, or None when a stop came before sending. The
+        budget's hold is released on every path (a leaked hold would make later rows wait forever)."""
+        settled = False
+        try:
             if self.stopping.is_set():
-                self.budget.settle(held, None)
-                return invalid
+                return None
             self.counts.sent += 1
-            self.journal.flush_before_send()
+            try:
+                self.journal.flush_before_send()
+            except OSError as exc:
+                raise local_failure(exc, "journaling answers") from None
             try:
                 post = self.client.post_stream if self.job.request.stream else self.client.post
                 data, headers, latency = await post(body)
@@ -516,56 +659,56 @@ class _Engine:
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
                 self.budget.settle(held, None)
-                if err.kind in STOP_KINDS:
-                    raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
-                self.limiter.observe(err.headers)
-                if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
-                    self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
-                if self.breaker.failure(err.kind):
-                    raise StopJob(
-                        f"the endpoint looks down ({self.breaker.streak} failed attempts in a row, last: {err.describe()})",
-                        kind="endpoint_down",
-                    ) from None
-                if not should_retry(err, attempt, self.limits.max_attempts):
-                    return {**_error_record(row_id, err, attempts=attempt), "cost": spent}
-                await self._backoff(
-                    retry_delay(err, attempt, now=time.time(), jitter=self.rng.random(), max_server_delay=self.limits.max_retry_after_s)
-                )
-                continue
+                settled = True
+                return self._failed_attempt(state, err, sent_at)
             cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
             self.budget.settle(held, cost)
-            spent = cost if spent is None else spent + (cost or 0.0)
+            settled = True
+            state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
             self.breaker.success()
             self.limiter.settle(estimate, answer.total_tokens)
-            record = {
-                "id": row_id,
-                "answer": answer.answer,
-                "reasoning": answer.reasoning,
-                "prompt_tokens": answer.prompt_tokens,
-                "completion_tokens": answer.completion_tokens,
-                "total_tokens": answer.total_tokens,
-                "model": answer.model,
-                "finish_reason": answer.finish_reason,
-                "status": "ok",
-                "error": None,
-                "error_kind": None,
-                "attempts": attempt,
-                "latency_ms": round(latency),
-                "cost": spent,
-            }
-            if answer.answer is None:  # finish_reason "length" before the thinking ended
-                record.update(status="error", error_kind="truncated",
-                              error="cut off by max_tokens before the answer began (finish_reason: length)")
-            elif self.labels is not None:
-                try:
-                    record.update(self.labels.check(answer.answer))
-                except RequestError as err:  # invalid_output: ask again, up to max_invalid_retries
-                    invalid = {**record, "status": "error", "error_kind": err.kind, "error": err.describe()}
-                    invalid_count += 1
-                    if invalid_count > self.labels.config.max_invalid_retries:
-                        return invalid
-                    continue
-            return record
+            return self._answer_record(state, answer, latency)
+        finally:
+            if not settled:
+                self.budget.settle(held, None)
+
+    def _failed_attempt(self, state: _RowState, err: RequestError, sent_at: float) -> dict[str, Any] | float:
+        if err.kind in STOP_KINDS:
+            raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
+        self.limiter.observe(err.headers)
+        if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
+            self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
+        if self.breaker.failure(err.kind):
+            raise StopJob(
+                f"the endpoint looks down ({self.breaker.streak} failed attempts in a row, last: {err.describe()})",
+                kind="endpoint_down",
+            ) from None
+        if not should_retry(err, state.attempts, self.limits.max_attempts):
+            return {**_error_record(state.row_id, err, attempts=state.attempts), "cost": state.spent}
+        return float(retry_delay(err, state.attempts, now=time.time(), jitter=self.rng.random(),
+                           max_server_delay=self.limits.max_retry_after_s))
+
+    def _answer_record(self, state: _RowState, answer: Any, latency: float) -> dict[str, Any]:
+        record = {
+            "id": state.row_id,
+            "answer": answer.answer,
+            "reasoning": answer.reasoning,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.total_tokens,
+            "model": answer.model,
+            "finish_reason": answer.finish_reason,
+            "status": "ok",
+            "error": None,
+            "error_kind": None,
+            "attempts": state.attempts,
+            "latency_ms": round(latency),
+            "cost": state.spent,
+        }
+        if answer.answer is None:  # finish_reason "length" before the thinking ended
+            record.update(status="error", error_kind="truncated",
+                          error="cut off by max_tokens before the answer began (finish_reason: length)")
+        return record
 
     def _estimate(self, prompt: str, images: int) -> float:
         if self.limits.tokens_per_minute <= 0:
@@ -576,24 +719,28 @@ class _Engine:
     # -- commits -------------------------------------------------------------------------
 
     def _schedule_commit(self, work: _ShardWork) -> None:
-        task = asyncio.create_task(self._commit(work))
-        self.finalizing.add(task)
-        task.add_done_callback(self.finalizing.discard)
+        assert self.tasks is not None
+        self.tasks.create_task(self._guarded(self._commit(work), f"committing shard {work.shard.index}"))
 
     async def _commit(self, work: _ShardWork) -> None:
         async with self.finalize_lock:
             if self.work.get(work.shard.index) is not work:
                 return
             del self.work[work.shard.index]
-            self.journal.close_shard(work.shard.index)
+            if self.journal.failure is None:
+                self.journal.close_shard(work.shard.index)
+            # else: the journal file holds what could be written; the part is made from that
             await asyncio.to_thread(commit_shard, self.job, self.ckpt, work.shard, work.table, work.ids)
             _trim()
 
     async def _commit_partial(self) -> None:
-        """After a stop: write what arrived for shards still open, so the output holds it now."""
-        self.journal.sync()
+        """After a stop: write what arrived for shards still open, so the output holds it now.
+        Each shard is tried on its own: one that cannot be written stays in the journal."""
+        if self.journal.failure is None:
+            with contextlib.suppress(OSError):  # recorded by the journal, reported through _fail
+                self.journal.sync()
         for work in list(self.work.values()):
-            await self._commit(work)
+            await self._guarded(self._commit(work), f"committing shard {work.shard.index}")
 
     # -- progress ------------------------------------------------------------------------
 
@@ -617,6 +764,25 @@ class _Engine:
         bar.update(done - bar.n)
         spend = {"spent": f"{self.budget.spent:.4f}"} if self.job.pricing is not None else {}
         bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, **spend, refresh=False)
+
+
+def _warm_imports() -> None:
+    """Imports that hold the GIL for 0.1-0.5 s happen now, before the first request, not in the
+    first commit's thread while requests are out: there they stalled the loop, and the requests
+    due meanwhile left together (429s from an endpoint counting per half second, tests/test_ray.py).
+    Shard commits need pyarrow.compute; pyarrow's first pa.array of Python objects imports pandas
+    where it is installed and not marked absent (cli.py does that for `pipeline run`; a Ray worker
+    process, which may serve other tasks, keeps it)."""
+    import pyarrow.compute  # noqa: F401
+
+    pa.array([0])
+
+
+def _exit_hard(code: int, limit: float) -> None:
+    """The stop's deadline passed (a thread or a request that ignores cancellation): end now.
+    Everything journaled is on disk or in the OS's hands already."""
+    _say(f"error: the run did not end within {limit:g}s of the stop; exiting now (everything journaled is kept)")
+    os._exit(code)
 
 
 def _stop_message(err: RequestError, key_env: str | None) -> str:
@@ -663,7 +829,8 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra)
     if part.num_rows == 0:
         return None
-    name, size = write_part(PartStore.for_output(job.output), shard.index, part)
+    fault_point("commit")
+    written = write_part(PartStore.for_output(job.output), shard.index, part)
     status = part.column("status").to_pylist()
     kinds = Counter(k for k, s in zip(part.column("error_kind").to_pylist(), status) if s == "error")
     tokens = {
@@ -672,8 +839,9 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     }
     record = {
         "shard": shard.index,
-        "file": name,
-        "size": size,
+        "file": written.name,
+        "size": written.size,
+        "part_digest": written.digest,
         "rows": part.num_rows,
         "shard_rows": shard.rows,
         "digest": shard.digest,
@@ -682,23 +850,37 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         "tokens": tokens,
         "at": time.time(),
     }
+    if written.etag is not None:
+        record["etag"] = written.etag
     if job.pricing is not None:  # every attempt paid for in this shard, superseded ones included
         record["spend"] = total_cost(lines)
     ckpt.record_commit(record)
     return record
 
 
-def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Counts, stopped: StopJob | int | None) -> int:
-    commits = ckpt.commits()
-    state = dataset_state(plan, commits)
+def _exit_code(stopped: StopJob | LocalFailure | int | None, state: dict[str, Any]) -> int:
+    if isinstance(stopped, LocalFailure):
+        return EXIT_LOCAL_FAILURE
     if isinstance(stopped, int):
-        code = EXIT_SIGNAL[stopped]
-    elif stopped is not None:
-        code = EXIT_STOPPED
-    elif state["failed"]:
-        code = EXIT_FAILED_ROWS
-    else:
-        code = EXIT_OK
+        return EXIT_SIGNAL[stopped]
+    if stopped is not None:
+        return EXIT_STOPPED
+    return EXIT_FAILED_ROWS if state["failed"] else EXIT_OK
+
+
+def _finish(
+    job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Counts, stopped: StopJob | LocalFailure | int | None
+) -> int:
+    """The run's end: exit code, last_run.json and the summary lines, all from the commit records,
+    so the summary, `pipeline status` and last_run.json agree."""
+    try:
+        state = dataset_state(plan, ckpt.commits())
+    except OSError as exc:
+        stopped = local_failure(exc, "reading the commit records")
+        state = dataset_state(plan, {})
+    if stopped is None and state["pending"]:  # never 0 (or 1) while a row has no result
+        stopped = LocalFailure(f"{state['pending']} rows have no result although the run ended; run again to send them")
+    code = _exit_code(stopped, state)
     ended = time.time()
     summary = {
         "job": job.name,
@@ -710,16 +892,27 @@ def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Cou
         "this_run": {"requests_sent": counts.sent, "ok": counts.ok, "failed": counts.failed, "failed_by_kind": dict(counts.by_kind)},
         **state,
     }
-    if isinstance(stopped, StopJob):
-        summary["stopped"] = {"kind": stopped.kind, "message": str(stopped)}
+    if isinstance(stopped, (StopJob, LocalFailure)):
+        summary["stopped"] = {"kind": stopped.kind, "message": str(stopped), "local": isinstance(stopped, LocalFailure)}
     if job.pricing is not None:
         summary["this_run"]["spent"] = round(counts.spent, 6)
         summary["budget"] = job.pricing.budget
-    ckpt.write_summary(summary)
+    try:
+        ckpt.write_summary(summary)
+    except OSError as exc:
+        _say(f"error: could not write {ckpt.summary_path} ({exc.strerror}); the summary is only printed below")
+        code = max(code, EXIT_LOCAL_FAILURE) if code in (EXIT_OK, EXIT_FAILED_ROWS) else code
+    _say_summary(job, state, counts, ended - started, stopped, code)
+    return code
+
+
+def _say_summary(
+    job: Job, state: dict[str, Any], counts: _Counts, seconds: float, stopped: StopJob | LocalFailure | int | None, code: int
+) -> None:
     failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
     _say(
         f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
-        f"{counts.sent} requests this run in {ended - started:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
+        f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
         f"results in {display(job.output.path)}"
     )
     if job.pricing is not None:
@@ -727,11 +920,36 @@ def _finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: _Cou
         _say(f"spent {state['spend']:.4f}{limit} in all ({counts.spent:.4f} this run)")
     if isinstance(stopped, StopJob):
         _say(f"stopped: {stopped}")
-    if code in (EXIT_STOPPED, *EXIT_SIGNAL.values()) or state["pending"]:
+    elif isinstance(stopped, LocalFailure):
+        _say(f"stopped by a local failure: {stopped}")
+    if code in (EXIT_STOPPED, EXIT_LOCAL_FAILURE, *EXIT_SIGNAL.values()) or state["pending"]:
         _say(f"to continue: pipeline run {job.source}")
     elif state["failed"]:
         _say(f"to send the failed rows again: pipeline run {job.source} --retry-failed")
-    return code
+
+
+def _finish_empty(job: Job, ckpt: Checkpoint, plan: Plan, started: float) -> int:
+    """A manifest without rows: an empty dataset with every column, so a reader of the output
+    finds a table (with no rows) rather than no folder."""
+    extra = _labels(job).fields() if job.labels is not None else ()  # type: ignore[union-attr]
+    write_empty_part(PartStore.for_output(job.output), _empty_input(job, plan), job.input.id_column, extra)
+    _say(f"{job.name}: the manifest {job.input.path} has no rows; nothing to send")
+    return _finish(job, ckpt, plan, started, _Counts(), stopped=None)
+
+
+def _empty_input(job: Job, plan: Plan) -> pa.Table:
+    """The manifest's columns with no rows, typed as its shards would be read."""
+    import base64
+
+    import pyarrow.parquet as pq
+
+    if plan.format == "parquet":
+        schema = pq.ParquetFile(job.input.path).schema_arrow
+    elif plan.format == "jsonl" and plan.header:
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
+    else:  # csv cells are read as text; an empty JSON Lines file has no columns at all
+        schema = pa.schema([(c, pa.string()) for c in plan.columns])
+    return pa.Table.from_batches([], schema=schema)
 
 
 def dataset_state(plan: Plan, commits: dict[int, dict[str, Any]]) -> dict[str, Any]:

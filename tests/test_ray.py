@@ -26,6 +26,8 @@ import pytest
 from pipeline.config import load_job
 from pipeline.runner import RunOptions, run
 
+from pipeline.storage import OWNER_FILE
+
 from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job
 
 TASK_TITLE = "ray::_shard_task"  # Ray titles a worker process after the task it runs
@@ -101,7 +103,7 @@ def test_ray_gives_the_same_rows_as_local(tmp_path: Path, endpoint_factory, ray_
     rows_local = sorted(map(key, assert_exactly_once(tmp_path / "out-local", n)))
     rows_ray = sorted(map(key, assert_exactly_once(tmp_path / "out-ray", n)))
     assert rows_ray == rows_local
-    assert sorted(p.name for p in (tmp_path / "out-ray").iterdir()) == [f"part-{i:06d}.parquet" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "out-ray").iterdir()) == [OWNER_FILE] + [f"part-{i:06d}.parquet" for i in range(4)]
 
     status = json.loads(run_cli("status", str(on_ray), "--json").stdout)
     assert status["ok"] == 159 and status["failed_by_kind"] == {"bad_request": 1} and status["pending"] == 0
@@ -211,7 +213,7 @@ def test_ray_workers_write_their_parts_to_s3(tmp_path: Path, endpoint_factory, r
                                                  f'path = "s3://{bucket}/out"\nstorage_options = {{ {options} }}'))
     assert run(load_job(local)) == 0
     assert run(load_job(on_ray)) == 0
-    assert s3.names(f"{bucket}/out") == [f"part-{i:06d}.parquet" for i in range(3)]
+    assert s3.names(f"{bucket}/out") == [OWNER_FILE] + [f"part-{i:06d}.parquet" for i in range(3)]
     key = lambda r: (r["id"], r["answer"], r["status"], r["error_kind"], r["attempts"], r["prompt"], r["image"])
     rows = s3.read(f"{bucket}/out")
     assert Counter(r["id"] for r in rows) == Counter(f"row-{i:05d}" for i in range(n)), "every id exactly once"

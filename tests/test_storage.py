@@ -26,6 +26,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.storage import PartStore
 
+from pipeline.storage import OWNER_FILE
+
 from conftest import ROOT, S3, job_dict, read_output, run_cli, url_manifest, write_job
 
 CONCURRENCY = 4
@@ -77,7 +79,7 @@ def test_s3_output_holds_the_same_rows_as_local_and_status_reads_it(tmp_path: Pa
     assert code == 1, err
     assert f"results in s3://{bucket}/captions" in err
 
-    assert aws.names(f"{bucket}/captions") == [f"part-{i:06d}.parquet" for i in range(3)]  # and nothing else
+    assert aws.names(f"{bucket}/captions") == [OWNER_FILE] + [f"part-{i:06d}.parquet" for i in range(3)]  # and nothing else
     rows = aws.read(f"{bucket}/captions")
     assert_exactly_once(rows, n)
     assert sorted(map(key, rows)) == sorted(map(key, read_output(tmp_path / "out")))
@@ -121,7 +123,7 @@ def test_crash_after_the_put_before_the_commit_record(tmp_path: Path, endpoint, 
     job = make_job(tmp_path, endpoint.base_url, f"s3://{bucket}/out", 100)
     crashed = run_cli("run", str(job), env={"PIPELINE_CRASH_AT": "after_rename"})
     assert crashed.returncode == 99, crashed.stderr  # died with the part on S3 and no commit record
-    assert aws.names(f"{bucket}/out") == ["part-000000.parquet"]
+    assert aws.names(f"{bucket}/out") == [OWNER_FILE, "part-000000.parquet"]
     assert not (tmp_path / ".pipeline" / "t" / "commits.jsonl").exists()
     code, _, err = cli(capsys, "run", str(job))
     assert code == 0, err
