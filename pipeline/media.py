@@ -25,7 +25,8 @@ type and size are checked on the opened descriptor. A path outside the roots is 
 
 Workers. Reading, decoding, resizing and base64 run in a pool of low-priority worker processes
 (`pool = "process"`, the default) or threads (`"thread"`), never on the event loop, so a batch
-of large images does not stall the requests in flight.
+of large images does not stall the requests in flight. Worker processes die with the process
+that started them, even when it is killed with -9 (lifeline.py).
 
 Every refusal is an InputError (kind "input") naming the cause and the value.
 """
@@ -52,6 +53,7 @@ from PIL import Image
 
 from .config import ImagesConfig, InputConfig
 from .errors import InputError
+from .lifeline import start_worker
 
 if TYPE_CHECKING:
     from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
@@ -499,13 +501,14 @@ def _make_pool(cfg: ImagesConfig) -> Executor:
     # batch of large images cannot delay requests in flight (threads measured 100-300 ms stalls
     # on 2 cores where processes stayed far lower: bench/images.py). "spawn": never fork a process
     # that runs threads and an event loop. Processes start on first use: a URL-only job starts none.
-    # The initializer is os.nice itself, not a function of this package, so a new worker lowers its
-    # priority before it imports the pipeline (a second of CPU that must not compete with the loop).
+    # The initializer lives in a module that imports nothing heavy, so a new worker lowers its
+    # priority before it imports the pipeline (a second of CPU that must not compete with the loop),
+    # and ties itself to this process: a run killed with -9 leaves no worker behind (lifeline.py).
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=os.nice,
-        initargs=(WORKER_NICE,),
+        initializer=start_worker,
+        initargs=(os.getpid(), WORKER_NICE),
     )
 
 
