@@ -27,7 +27,6 @@ from PIL import Image
 from pipeline.config import ImagesConfig, InputConfig, parse_job
 from pipeline.errors import InputError, JobError
 from pipeline.fetch import Fetcher, is_blocked_address
-from pipeline.dryrun import image_problem
 from pipeline.media import MB, LocalFiles, MediaBuilder, PathError, b64_size, image_values, prepare_image, sniff_video
 
 from conftest import job_dict, read_output, run_cli, write_job, write_rows
@@ -487,14 +486,19 @@ def test_local_files_and_their_errors_cross_to_worker_processes() -> None:
 def test_the_dry_run_checks_images_with_the_same_confined_open(tree: dict[str, Path]) -> None:
     root = tree["root"]
     os.symlink("a.jpg", root / "good-link.jpg")
-    os.mkfifo(root / "pipe.jpg")
-    files = files_of(root)
-    assert image_problem("good-link.jpg", files, MB) is None
-    assert image_problem("escape.jpg", files, MB)[0] == "outside_roots"
-    assert image_problem("missing.jpg", files, MB) == ("missing_file", "image file not found: 'missing.jpg'")
-    assert image_problem("pipe.jpg", files, MB) == ("unreadable_file", "image path is not a regular file (a FIFO): 'pipe.jpg'")
-    assert image_problem("notes.png", files, MB)[0] == "not_an_image"
-    assert image_problem("a.jpg", files, 10)[0] == "too_large"
+    os.mkfifo(root / "pipe.jpg")  # the old check opened it and waited for a writer for good
+    rows = [{"id": name.split(".")[0], "image": name, "prompt": "p"}
+            for name in ("a.jpg", "good-link.jpg", "escape.jpg", "missing.jpg", "pipe.jpg", "notes.png")]
+    write_rows(root / "m.csv", rows, "csv")
+    job = write_job(root / "job.toml", job_dict(root / "m.csv", "http://127.0.0.1:1/v1", root / "out"))
+    done = run_cli("run", str(job), "--dry-run")  # in its own process: nothing is sent, it must end
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "6 rows in 1 shard(s); 2 ready, 4 would fail" in done.stdout
+    for line in ["outside_roots: 1 row(s)", "row 2 (id escape): image path is outside the allowed roots",
+                 "missing_file: 1 row(s)", "row 3 (id missing): image file not found: 'missing.jpg'",
+                 "unreadable_file: 1 row(s)", "row 4 (id pipe): image path is not a regular file (a FIFO): 'pipe.jpg'",
+                 "not_an_image: 1 row(s)"]:
+        assert line in done.stdout, line
 
 
 # -- the static HTTP server ------------------------------------------------------------------
