@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--answer-bytes", type=int, default=0)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--options-json", default=None, help="all options as a JSON object (as a job's [serve] table)")
+    v.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="exit when process PID ends (a run's [serve] endpoint dies with the run, even after kill -9)")
     return p
 
 
@@ -120,6 +122,10 @@ class _NoPandas:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.parent_pid is not None:
+        from .lifeline import die_with_parent
+
+        die_with_parent(args.parent_pid)  # first: a parent already gone must not get a server
     from .runner import event_loop_runner
     from .server import ServeOptions, serve_forever
 

@@ -24,7 +24,6 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -32,7 +31,7 @@ from .checkpoint import Checkpoint
 from .config import Job
 from .errors import InputError, JobError
 from .manifest import Plan, plan_manifest, read_shard
-from .media import LocalFiles, image_values, sniff_mime
+from .media import LocalFiles, PathError, image_values, sniff_mime
 from .pricing import CHARS_PER_TOKEN
 from .request import RequestBuilder
 from .storage import PartStore
@@ -172,20 +171,17 @@ def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, 
         return None
     if "://" in value:
         return "bad_url", f"unsupported URL scheme (use http, https, data: or a local path): {shown}"
-    path = Path(value) if Path(value).is_absolute() else images.base / value
-    real = Path(os.path.realpath(path))
-    if not any(real == root or root in real.parents for root in images.roots):
-        return "outside_roots", f"the image path is outside the allowed roots: {shown}"
     try:
-        size = real.stat().st_size
-        with open(real, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
-        return "missing_file", f"image file not found: {shown}"
-    except IsADirectoryError:
-        return "unreadable_file", f"a folder, not an image file: {shown}"
+        fd = images.open(value)  # the run's own confined open: beneath the allowed roots, no race
+    except PathError as err:
+        return err.problem, err.message
+    try:
+        size = os.fstat(fd).st_size
+        head = os.read(fd, 16)
     except OSError as exc:
         return "unreadable_file", f"cannot read the image ({exc.strerror}): {shown}"
+    finally:
+        os.close(fd)
     if sniff_mime(head) is None:
         return "not_an_image", f"not an image (PNG, JPEG, WEBP or GIF) by its content: {shown}"
     if size > max_bytes:

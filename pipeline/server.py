@@ -39,6 +39,7 @@ import email.utils
 import io
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -500,10 +501,12 @@ async def serve_forever(opts: ServeOptions) -> None:
 
 @contextlib.asynccontextmanager
 async def start_subprocess(options: dict[str, Any]) -> AsyncIterator[str]:
-    """Start `pipeline serve` in its own process for a job's `[serve]` table; yields its base URL."""
+    """Start `pipeline serve` in its own process for a job's `[serve]` table; yields its base URL.
+    The endpoint dies with this process, even when it is killed with -9 (`--parent-pid`)."""
     ServeOptions.from_dict(options)  # report a bad [serve] table before starting anything
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options),
+        "--parent-pid", str(os.getpid()),
         stdout=asyncio.subprocess.PIPE,
     )
     try:

@@ -13,6 +13,8 @@ import base64
 import io
 import json
 import os
+import pickle
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -25,7 +27,7 @@ from PIL import Image
 from pipeline.config import ImagesConfig, InputConfig, parse_job
 from pipeline.errors import InputError, JobError
 from pipeline.fetch import Fetcher, is_blocked_address
-from pipeline.media import MediaBuilder, b64_size, image_values, prepare_image, sniff_video
+from pipeline.media import MB, LocalFiles, MediaBuilder, PathError, b64_size, image_values, prepare_image, sniff_video
 
 from conftest import job_dict, read_output, run_cli, write_job, write_rows
 
@@ -232,12 +234,13 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_paths_outside_the_roots_are_refused_without_being_opened(tree: dict[str, Path], opened: list[str], value: str) -> None:
     message = await error_of(builder(tree["root"]), {"image": value})
     assert "outside the allowed roots" in message and repr(value) in message
-    assert opened == []  # refused before any open: not one byte read
+    # Refused without opening anything but the root folder (to find that escape.jpg is a link out).
+    assert set(opened) <= {str(tree["root"])}
 
 
 async def test_inside_the_roots_files_and_links_are_read_and_roots_can_be_widened(tree: dict[str, Path], opened: list[str]) -> None:
     parts = await parts_of(builder(tree["root"]), {"image": ["a.jpg", "sub/inside-link.jpg", str(tree["root"] / "sub" / "b.png")]})
-    assert str(tree["root"] / "a.jpg") in opened  # the recorder sees the reads the pool threads make
+    assert "a.jpg" in opened  # the recorder sees the opens (relative to the root's descriptor) the pool threads make
     assert [decode_uri(p["image_url"]["url"])[0] for p in parts] == ["image/jpeg", "image/jpeg", "image/png"]
     assert decode_uri(parts[0]["image_url"]["url"])[1] == (tree["root"] / "a.jpg").read_bytes()  # as it is
     widened = builder(tree["root"], allowed_roots=(tree["outside"],))
@@ -325,6 +328,177 @@ async def test_video_cells(tree: dict[str, Path]) -> None:
     b = builder(root, image_column=None, video_column="video", video_frames_format="dashscope")
     parts = await parts_of(b, {"video": ["f0.png", "https://v.example/f1.jpg"]})
     assert parts == [{"type": "video", "video": [data_uri("image/png", (root / "f0.png").read_bytes()), "https://v.example/f1.jpg"]}]
+
+
+# -- confinement without a window: the walk from the root's descriptor ------------------------
+
+
+def files_of(root: Path, *extra: Path) -> LocalFiles:
+    return LocalFiles.for_manifest(root / "manifest.csv", extra)
+
+
+def read_error(files: LocalFiles, value: str) -> PathError:
+    with pytest.raises(PathError) as info:
+        files.read(value, 10 * MB, "image", "too big")
+    assert info.value.kind == "input" and repr(value) in info.value.message
+    assert "\n" not in info.value.message
+    return info.value
+
+
+def test_symlinks_within_the_root_are_followed_relative_absolute_and_through_folders(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    a = (root / "a.jpg").read_bytes()
+    os.symlink("../a.jpg", root / "sub" / "rel.jpg")
+    os.symlink("sub", root / "alias")  # a folder link
+    os.symlink(root / "alias" / "rel.jpg", root / "chain.jpg")  # absolute, through two more links
+    files = files_of(root)
+    for value in ["sub/rel.jpg", "sub/inside-link.jpg", "alias/rel.jpg", "chain.jpg", str(root / "chain.jpg"),
+                  "sub/../a.jpg", "./alias/../a.jpg"]:
+        assert files.read(value, 10 * MB, "image", "too big") == a, value
+    assert files.read("alias/b.png", 10 * MB, "image", "too big") == (root / "sub" / "b.png").read_bytes()
+
+
+def test_links_and_dots_leading_out_of_the_roots_are_refused(tree: dict[str, Path]) -> None:
+    root, outside = tree["root"], tree["outside"]
+    os.symlink("../outside/secret.jpg", root / "rel-out.jpg")
+    os.symlink(outside, root / "outdir")
+    os.symlink("../../outside", root / "sub" / "up")
+    files = files_of(root)
+    for value in ["escape.jpg", "rel-out.jpg", "outdir/secret.jpg", "sub/up/secret.jpg", "../outside/secret.jpg",
+                  "sub/../../outside/secret.jpg", str(outside / "secret.jpg"), "/etc/passwd"]:
+        err = read_error(files, value)
+        assert "outside the allowed roots" in err.message and err.problem == "outside_roots", value
+    # A link into another allowed root is within the roots.
+    widened = files_of(root, outside)
+    assert widened.read("outdir/secret.jpg", 10 * MB, "image", "x") == (outside / "secret.jpg").read_bytes()
+
+
+def test_loops_folders_fifos_sockets_and_missing_files_are_refused_with_their_cause(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    os.symlink("loop2", root / "loop1")
+    os.symlink("loop1", root / "loop2")
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would block: it must never be waited on
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.jpg"))
+    files = files_of(root)
+    try:
+        causes = {
+            "loop1": "more than 40 symbolic links",
+            "sub": "not a regular file (a folder)",
+            ".": "not a regular file (a folder)",
+            "pipe.jpg": "not a regular file (a FIFO)",
+            "sock.jpg": "not a regular file (a socket)",
+            "missing.jpg": "image file not found",
+            "a.jpg/b.jpg": "image file not found (a part of its path is not a folder)",
+            "bad\udcff\ud800.jpg": "not a valid file name",
+        }
+        for value, cause in causes.items():
+            assert cause in read_error(files, value).message, value
+    finally:
+        sock.close()
+    assert read_error(files, "missing.jpg").problem == "missing_file"
+
+
+def test_a_folder_swapped_for_a_link_out_never_yields_the_outside_file(tree: dict[str, Path]) -> None:
+    """A thread swaps root/pics (a real folder) and a symlink to outside/pics in a loop while
+    reads of pics/x.jpg run: each read returns the inside bytes or is refused, never the outside."""
+    root, outside = tree["root"], tree["outside"]
+    known = {b"INSIDE" * 100: "inside", b"OUTSIDE" * 100: "OUTSIDE"}
+    for folder, content in zip((root / "pics", outside / "pics"), known):
+        folder.mkdir()
+        (folder / "x.jpg").write_bytes(content)
+    files = files_of(root)
+    outcomes: Counter[str] = Counter()
+    done = threading.Event()
+
+    def swap() -> None:
+        while not done.is_set():
+            os.rename(root / "pics", root / "pics.real")
+            os.symlink(outside / "pics", root / "pics")
+            os.unlink(root / "pics")
+            os.rename(root / "pics.real", root / "pics")
+
+    def read() -> None:
+        # Until both outcomes were seen often enough (or a cap): no timing in the assertion.
+        for _ in range(20_000):
+            try:
+                outcomes[known.get(files.read("pics/x.jpg", MB, "image", "too big"), "other bytes")] += 1
+            except PathError as err:  # counted, not asserted: an assert in a thread fails no test
+                outcomes["refused" if "'pics/x.jpg'" in err.message else f"bad message: {err.message}"] += 1
+            if outcomes["inside"] >= 200 and outcomes["refused"] >= 200:
+                return
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    try:
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(120)
+    finally:
+        done.set()
+        swapper.join(30)
+    assert set(outcomes) == {"inside", "refused"}, outcomes  # not once the outside file, nor anything else
+
+
+def test_a_file_deleted_during_reads_is_an_input_error_never_anything_else(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    whole = (root / "a.jpg").read_bytes()
+    os.link(root / "a.jpg", root / "stash.jpg")
+    files = files_of(root)
+    outcomes: Counter[str] = Counter()
+    done = threading.Event()
+
+    def flicker() -> None:  # the file disappears and comes back whole (a hard link), over and over
+        while not done.is_set():
+            os.unlink(root / "a.jpg")
+            os.link(root / "stash.jpg", root / "a.jpg")
+
+    def read() -> None:
+        for _ in range(20_000):
+            try:
+                assert files.read("a.jpg", MB, "image", "too big") == whole
+                outcomes["read"] += 1
+            except PathError as err:
+                assert err.message == "image file not found: 'a.jpg'" and err.problem == "missing_file"
+                outcomes["not found"] += 1
+            if min(outcomes["read"], outcomes["not found"]) >= 200:
+                return
+
+    flickering = threading.Thread(target=flicker)
+    flickering.start()
+    try:
+        read()
+    finally:
+        done.set()
+        flickering.join(30)
+    assert outcomes["read"] > 0 and outcomes["not found"] > 0, outcomes
+
+
+def test_local_files_and_their_errors_cross_to_worker_processes() -> None:
+    files = LocalFiles.for_manifest(Path("/data/m.csv"), (Path("/srv/images"),))
+    assert pickle.loads(pickle.dumps(files)) == files
+    err = pickle.loads(pickle.dumps(PathError("image file not found: 'x'", "missing_file")))
+    assert (type(err), err.kind, err.message, err.problem) == (PathError, "input", "image file not found: 'x'", "missing_file")
+
+
+def test_the_dry_run_checks_images_with_the_same_confined_open(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    os.symlink("a.jpg", root / "good-link.jpg")
+    os.mkfifo(root / "pipe.jpg")  # the old check opened it and waited for a writer for good
+    rows = [{"id": name.split(".")[0], "image": name, "prompt": "p"}
+            for name in ("a.jpg", "good-link.jpg", "escape.jpg", "missing.jpg", "pipe.jpg", "notes.png")]
+    write_rows(root / "m.csv", rows, "csv")
+    job = write_job(root / "job.toml", job_dict(root / "m.csv", "http://127.0.0.1:1/v1", root / "out"))
+    done = run_cli("run", str(job), "--dry-run")  # in its own process: nothing is sent, it must end
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "6 rows in 1 shard(s); 2 ready, 4 would fail" in done.stdout
+    for line in ["outside_roots: 1 row(s)", "row 2 (id escape): image path is outside the allowed roots",
+                 "missing_file: 1 row(s)", "row 3 (id missing): image file not found: 'missing.jpg'",
+                 "unreadable_file: 1 row(s)", "row 4 (id pipe): image path is not a regular file (a FIFO): 'pipe.jpg'",
+                 "not_an_image: 1 row(s)"]:
+        assert line in done.stdout, line
 
 
 # -- the static HTTP server ------------------------------------------------------------------
