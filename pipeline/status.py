@@ -63,5 +63,7 @@ def render(report: dict[str, Any]) -> str:
             f"last run: {time.strftime(fmt, time.localtime(last['started']))} to {time.strftime(fmt, time.localtime(last['ended']))}, "
             f"exit code {last['exit_code']}"
         )
+        if last.get("stopped"):
+            lines.append(f"last run stopped: {last['stopped']['message']}")
     lines.append(f"output: {report['output']}")
     return "\n".join(lines)

@@ -50,7 +50,8 @@ class Endpoint:
 
 def start_endpoint(**options: Any) -> Endpoint:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options)],
+        # --parent-pid: a killed pytest leaves no endpoint behind
+        [sys.executable, "-m", "pipeline", "serve", "--options-json", json.dumps(options), "--parent-pid", str(os.getpid())],
         stdout=subprocess.PIPE,
         cwd=ROOT,
     )

@@ -104,6 +104,7 @@ def test_an_unexpected_exception_in_shared_machinery_stops_cleanly(tmp_path: Pat
     status = json.loads(run_cli("status", str(job), "--json").stdout)
     assert (status["ok"], status["pending"]) == (summary["ok"], summary["pending"])
     assert status["last_run"]["exit_code"] == 4
+    assert "last run stopped: " in run_cli("status", str(job)).stdout  # and why, in the plain report
 
     # the lock was released; the next run finishes and buys nothing twice
     again = run_cli("run", str(job), timeout=RUN_TIMEOUT_S)
