@@ -66,7 +66,7 @@ from .checkpoint import Checkpoint
 from .config import Job, LimitsConfig
 from .lease import LeasedLimiter, RateBudget
 from .manifest import Plan, Shard
-from .runner import EXIT_SIGNAL, PROGRESS_EVERY_S, RunOptions, _Counts, _Engine, _say, _with_base_url
+from .runner import EXIT_SIGNAL, PROGRESS_EVERY_S, RunOptions, _Counts, _Engine, _say
 
 __all__ = ["run_on_ray", "Coordinator", "TASK_RETRIES", "REPORT_EVERY_S"]
 
@@ -265,7 +265,7 @@ class _Driver:
             if job.serve is not None:  # the built-in endpoint, on this machine: reachable by local workers
                 from .server import start_subprocess
 
-                job = _with_base_url(job, await stack.enter_async_context(start_subprocess(job.serve)))
+                job = job.with_base_url(await stack.enter_async_context(start_subprocess(job.serve)))
             self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_restarts=0).remote(job.limits)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

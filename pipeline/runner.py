@@ -38,7 +38,7 @@ from .answer import parse_response
 from .breaker import ENDPOINT_FAULTS, Breaker
 from .checkpoint import Checkpoint
 from .client import Client
-from .config import Job
+from .config import DEFAULT_OUTPUT_TOKENS, Job
 from .crashpoints import crash_point, fault_point
 from .errors import InputError, JobError, LocalFailure, RequestError, RowError, StopJob, local_failure
 from .journal import Journal, latest_per_id, read_journal_table, repair_tail
@@ -64,7 +64,6 @@ STOP_DEADLINE_S = 15.0  # after a stop: grace_s for requests in flight, then thi
 PROGRESS_EVERY_S = 0.25
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
-DEFAULT_OUTPUT_TOKENS = 1024  # for tokens_per_minute when max_tokens is unset
 
 
 @dataclass(frozen=True)
@@ -243,7 +242,7 @@ async def _run_async(
                 from .server import start_subprocess
 
                 base_url = await stack.enter_async_context(start_subprocess(job.serve))
-                job = _with_base_url(job, base_url)
+                job = job.with_base_url(base_url)
             engine = _Engine(job, ckpt, plan, options, committed_rows={i: c["rows"] for i, c in commits.items()})
             counts = engine.counts
             stopped = await engine.run(todo)
@@ -253,12 +252,6 @@ async def _run_async(
         stopped = local_failure(exc, "running the job")
         _say(f"error: {stopped}")
     return _finish(job, ckpt, plan, started, counts, stopped)
-
-
-def _with_base_url(job: Job, base_url: str) -> Job:
-    from dataclasses import replace
-
-    return replace(job, endpoint=replace(job.endpoint, base_url=base_url))
 
 
 class _RowState:

@@ -104,12 +104,13 @@ class ServeOptions:
                 raise JobError(f"[serve] x_should_retry maps a fault name to \"true\" or \"false\", not {name!r} = {value!r}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ServeOptions":
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                raise JobError(f"[serve] {key}: unknown key (known: {', '.join(sorted(known))})")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], source: str = "pipeline serve") -> "ServeOptions":
+        """Read by the job file's machinery: types, unknown keys and the file named in errors."""
+        from pathlib import Path
+
+        from .config.fields import read_table
+
+        return read_table(cls, data, source=source, base=Path.cwd(), table="serve")  # type: ignore[type-var]
 
 
 class _State:

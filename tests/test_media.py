@@ -89,7 +89,7 @@ def cfg(**kw: Any) -> ImagesConfig:
 def builder(root: Path, *, image_column: str | None = "image", video_column: str | None = None,
             detail: str | None = None, **images: Any) -> MediaBuilder:
     """Threads unless asked (starting worker processes costs a second); end-to-end runs use the default."""
-    inp = InputConfig(path=root / "manifest.csv", format="csv", image_column=image_column, video_column=video_column)
+    inp = InputConfig(path=root / "manifest.csv", image_column=image_column, video_column=video_column)
     return MediaBuilder(inp, ImagesConfig(**{"pool": "thread", **images}), detail=detail)
 
 

@@ -1,0 +1,18 @@
+"""The job's configuration: frozen tables declared once (fields.py), read from a TOML job file.
+
+    job = load_job("jobs/captions.toml")     # raises JobError naming the file, the table and the key
+    job.limits.requests_per_minute
+"""
+
+from .fields import Table, keys_markdown, read_table, setting
+from .job import Job, job_keys_markdown, load_job, parse_job
+from .sections import (
+    DEFAULT_OUTPUT_TOKENS, MANIFEST_FORMATS, EndpointConfig, ImagesConfig, InputConfig, LabelsConfig, LimitsConfig,
+    ModelPrice, OutputConfig, PricingConfig, RequestConfig, RunConfig,
+)
+
+__all__ = [
+    "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
+    "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig", "RunConfig",
+    "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
+]

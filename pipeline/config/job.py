@@ -1,0 +1,186 @@
+"""The job: a TOML job file (or a dict shaped like one) read into frozen tables, checked before
+anything is sent.
+
+    job = load_job("jobs/captions.toml")     # JobError naming the file, the table and the key
+    job.limits.requests_per_minute
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobError
+from .fields import Table, keys_markdown, read_table, setting
+from .sections import (
+    EndpointConfig, ImagesConfig, InputConfig, LabelsConfig, LimitsConfig, ModelPrice, OutputConfig, PricingConfig,
+    RequestConfig, RunConfig,
+)
+
+__all__ = ["Job", "load_job", "parse_job", "job_keys_markdown"]
+
+
+def _plain_name(value: str) -> str | None:
+    if not value or any(c in value for c in "/\\\0") or value.startswith("."):
+        return f"must be a plain non-empty name without slashes, not {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class _TopLevel(Table):
+    """The job file's top-level keys besides its tables (for the key list)."""
+
+    name: str = setting(doc="names the job; its checkpoint and lock live under it", check=_plain_name)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    source: Path  # the job file (for a job given as a dict: <working directory>/<name>.toml, never read)
+    input: InputConfig
+    endpoint: EndpointConfig
+    request: RequestConfig
+    limits: LimitsConfig
+    output: OutputConfig
+    run: RunConfig
+    serve: dict[str, Any] | None = None  # present: the run starts the built-in endpoint itself
+    labels: LabelsConfig | None = None
+    pricing: PricingConfig | None = None
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+
+    def request_shape(self) -> dict[str, Any]:
+        """What shapes a request's answer; a change here invalidates the checkpoint's answers.
+
+        Limits, paths and the base URL (the built-in endpoint's port changes per run) are left
+        out on purpose: they may change freely between runs.
+        """
+        return {
+            "model": self.endpoint.model,
+            "system_prompt": self.request.system_prompt,
+            "prompt": self.request.prompt,
+            "max_tokens": self.request.max_tokens,
+            "image_detail": self.request.image_detail,
+            "params": self.request.params,
+            "image_column": self.input.image_column,
+            "prompt_column": self.input.prompt_column,
+            "id_column": self.input.id_column,
+            # `stream` is left out: a streamed answer makes the same row as a non-streamed one.
+            "labels": None if self.labels is None else {
+                "schema": self.labels.schema, "response_format": self.labels.send_response_format, "name": self.labels.name,
+            },
+            "video_column": self.input.video_column,
+            "images": self.images.request_shape(),
+        }
+
+    def shape_digest(self) -> str:
+        blob = json.dumps(self.request_shape(), sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def api_key(self) -> str | None:
+        """The key from the environment; never stored anywhere by the pipeline."""
+        if not self.endpoint.api_key_env:
+            return None
+        return os.environ.get(self.endpoint.api_key_env) or None
+
+    def with_base_url(self, base_url: str) -> Job:
+        """The same job sent to another address (the built-in endpoint, once started)."""
+        return replace(self, endpoint=replace(self.endpoint, base_url=base_url))
+
+
+def load_job(path: str | os.PathLike[str], *, require_key: bool = True) -> Job:
+    """Read and check a job file. Every problem is a JobError with one line naming file and key."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{source}: job file not found") from None
+    except OSError as exc:
+        raise JobError(f"{source}: cannot read the job file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"{source}: not valid TOML ({exc})") from None
+    return parse_job(data, source, require_key=require_key)
+
+
+_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve")
+
+
+def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -> Job:
+    """A job from the parsed TOML (or a dict of the same shape). Relative paths resolve against
+    the folder of `source`."""
+    src = str(source)
+    base = source.resolve().parent
+    top = read_table(_TopLevel, {k: v for k, v in data.items() if k not in _TABLES}, source=src, base=base)
+    for name in _TABLES:
+        if name in data and not isinstance(data[name], dict):
+            raise JobError(f"{src}: [{name}] must be a table")
+    for name in ("input", "endpoint", "output"):
+        if name not in data:
+            raise JobError(f"{src}: {name} is required")
+
+    def table(cls: type[Any], **kw: Any) -> Any:
+        return read_table(cls, data.get(cls.TABLE), source=src, base=base, **kw)
+
+    serve = data.get("serve")
+    endpoint = _endpoint(table(EndpointConfig), serve, src, require_key)
+    request = table(RequestConfig, rest="params")
+    input_cfg = table(InputConfig)
+    if request.prompt is None and input_cfg.prompt_column is None:
+        raise JobError(f"{src}: [request] prompt is required when [input] has no prompt_column")
+    labels = table(LabelsConfig) if "labels" in data else None
+    if labels is not None and labels.send_response_format and "response_format" in request.params:
+        raise JobError(f"{src}: [request] response_format: [labels] sends it; remove one of them")
+    pricing = _pricing(table(PricingConfig), endpoint, request, src) if "pricing" in data else None
+    if serve is not None:
+        from ..server import ServeOptions
+
+        ServeOptions.from_dict(serve, source=src)  # a bad [serve] table is reported now, not at start
+    return Job(
+        name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=table(LimitsConfig),
+        output=_output(table(OutputConfig), base, top.name), run=table(RunConfig), serve=serve, labels=labels,
+        pricing=pricing, images=table(ImagesConfig),
+    )
+
+
+def _endpoint(endpoint: EndpointConfig, serve: Any, src: str, require_key: bool) -> EndpointConfig:
+    if endpoint.base_url is None:
+        if serve is None:
+            raise JobError(f"{src}: [endpoint] base_url is required")
+        endpoint = replace(endpoint, base_url="http://127.0.0.1:0/v1")  # replaced by the started endpoint's address
+    if require_key and endpoint.api_key_env and not os.environ.get(endpoint.api_key_env):
+        raise JobError(f"{src}: [endpoint] api_key_env: the variable {endpoint.api_key_env} is not set; "
+                       f"export {endpoint.api_key_env}=... before running")
+    return endpoint
+
+
+def _output(output: OutputConfig, base: Path, name: str) -> OutputConfig:
+    """The checkpoint's default: beside a local output, beside the job file for a URL."""
+    if output.checkpoint is not None:
+        return output
+    folder = base if isinstance(output.path, str) else output.path.parent
+    return replace(output, checkpoint=folder / ".pipeline" / name)
+
+
+def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestConfig, src: str) -> PricingConfig:
+    if pricing.price(None, endpoint.model) is None:
+        raise JobError(
+            f"{src}: [pricing] has no price for the model {endpoint.model!r}; set input_per_million and "
+            f"output_per_million, or add [pricing.models.\"{endpoint.model}\"]"
+        )
+    if pricing.budget is not None and request.max_tokens is None:
+        raise JobError(f"{src}: [pricing] budget: needs [request] max_tokens (without it a request's worst-case cost has no bound)")
+    return pricing
+
+
+def job_keys_markdown() -> str:
+    """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
+    from ..server import ServeOptions
+
+    return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
+                          RunConfig, LabelsConfig, PricingConfig, ModelPrice])

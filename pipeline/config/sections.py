@@ -1,0 +1,263 @@
+"""The job file's tables, each a frozen dataclass declared once (see fields.py): type, default,
+check and doc of every key live on its field.
+
+Relative paths resolve against the job file's folder (or the working directory for a job given
+as a dict). `[request]` is the one table whose undeclared keys are not errors: they go into the
+request body as they are (`params`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import JobError
+from .fields import Table, at_least, between, one_of, positive, read_table, setting, zero_or_more
+
+__all__ = [
+    "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
+    "RunConfig", "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
+]
+
+MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
+
+
+def _manifest_format(path: Path) -> str | None:
+    fmt = MANIFEST_FORMATS.get(path.suffix.lower())
+    return None if fmt is not None else f"unsupported manifest type {path.suffix!r}; use .csv, .jsonl or .parquet"
+
+
+@dataclass(frozen=True)
+class InputConfig(Table):
+    TABLE = "input"
+    path: Path = setting(doc="the manifest: .csv, .jsonl or .parquet", check=_manifest_format)
+    id_column: str | None = setting(None, doc="a row's id; without it, its row number (stable on append)")
+    image_column: str | None = setting(None, doc="an http(s) URL, data: URI or local path (relative to the manifest), or a list of them")
+    prompt_column: str | None = setting(None, doc="a row's own prompt")
+    video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
+
+    @property
+    def format(self) -> str:
+        return MANIFEST_FORMATS[self.path.suffix.lower()]
+
+
+@dataclass(frozen=True)
+class EndpointConfig(Table):
+    TABLE = "endpoint"
+    model: str = setting(doc="the model asked for")
+    base_url: str | None = setting(None, doc="e.g. https://api.openai.com/v1; required unless the job has [serve]",
+                                   check=lambda v: None if v is None or v.startswith(("http://", "https://"))
+                                   else f"must start with http:// or https://, not {v!r}")
+    api_key_env: str | None = setting(None, doc="the environment variable holding the key (never the key itself)")
+
+    @property
+    def url(self) -> str:
+        assert self.base_url is not None, "a [serve] job's base_url is set when its endpoint starts"
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+@dataclass(frozen=True)
+class RequestConfig(Table):
+    TABLE = "request"
+    system_prompt: str | None = setting(None, doc="the system message")
+    prompt: str | None = setting(None, doc="the user text when there is no prompt_column; may hold {column} placeholders")
+    max_tokens: int | None = setting(None, doc="output tokens per answer, reasoning included", check=positive)
+    image_detail: str | None = setting(None, doc='"low", "high" or "auto", passed with each image',
+                                       check=one_of("low", "high", "auto"))
+    stream: bool = setting(False, doc="send `stream: true` and assemble the answer (models that only stream)")
+    params: dict[str, Any] = setting(default_factory=dict, key=False,
+                                     doc="every other key: into the request body as is (temperature, top_p, ...)")
+
+    def validate(self) -> None:
+        for reserved in ("model", "messages"):
+            if reserved in self.params:
+                raise JobError(f"[request] {reserved}: set by the pipeline; remove it from [request]")
+
+
+@dataclass(frozen=True)
+class LimitsConfig(Table):
+    TABLE = "limits"
+    requests_per_minute: float = setting(60.0, doc="paced smoothly: never a minute's quota in one second", check=positive)
+    tokens_per_minute: float = setting(0.0, doc="0: no token limit", check=zero_or_more)
+    burst: int = setting(1, doc="requests allowed at once on top of the smooth pace", check=positive)
+    max_concurrency: int = setting(8, doc="requests in flight", check=positive)
+    max_attempts: int = setting(5, doc="per row, the first included", check=positive)
+    timeout_s: float = setting(120.0, doc="per attempt", check=positive)
+    max_retry_after_s: float = setting(120.0, doc="the longest server-asked delay honoured", check=zero_or_more)
+    image_token_estimate: int = setting(1000, doc="tokens per image, for tokens_per_minute and cost estimates before usage is known",
+                                        check=zero_or_more)
+    breaker_failures: int = setting(50, doc='failed attempts in a row that mean "the endpoint is down" (exit 3)', check=positive)
+    breaker_seconds: float = setting(120.0, doc="... or this long failing with no success", check=positive)
+    grace_s: float = setting(10.0, doc="on Ctrl-C/SIGTERM, how long requests in flight may finish", check=zero_or_more)
+
+
+@dataclass(frozen=True)
+class ImagesConfig(Table):
+    """How image and video values become request parts (see rows/media.py)."""
+
+    TABLE = "images"
+    image_mode: str = setting("url", doc='"url": URLs go as they are; "inline": fetched here, sent as data URIs',
+                              check=one_of("url", "inline"))
+    max_side: int = setting(0, doc="> 0: downscale so the longer side is at most this", check=zero_or_more)
+    max_pixels: int = setting(0, doc="> 0: downscale so width x height is at most this", check=zero_or_more)
+    jpeg_quality: int = setting(85, doc="for re-encoded images", check=between(1, 95))
+    max_image_mb: float = setting(20.0, doc="per image, counted on the base64 text (OpenAI's limit)", check=positive)
+    max_request_mb: float = setting(50.0, doc="all images and video of one request, base64", check=positive)
+    max_aspect_ratio: float = setting(200.0, doc="longer side / shorter side (Qwen's resizer refuses more)", check=at_least(1))
+    max_source_mb: float = setting(50.0, doc="bytes read from one file or URL before decoding, at most", check=positive)
+    allowed_roots: tuple[Path, ...] = setting((), doc="besides the manifest's folder, where local files may be read")
+    fetch_concurrency: int = setting(8, doc="inline fetches at once", check=positive)
+    fetch_timeout_s: float = setting(30.0, doc="per fetch attempt, redirects and body included", check=positive)
+    fetch_retries: int = setting(2, doc="extra attempts on timeouts, connection errors, 5xx, 429", check=zero_or_more)
+    max_redirects: int = setting(5, doc="per fetch", check=zero_or_more)
+    block_private_addresses: bool = setting(False, doc="refuse loopback, private and link-local hosts (untrusted manifests)")
+    video_frames_format: str = setting("vllm", doc='a list of frames: "vllm" (data:video/jpeg) or "dashscope" ({"type": "video"})',
+                                       check=one_of("vllm", "dashscope"))
+    workers: int = setting(0, doc="processes (or threads) preparing images; 0: one per CPU", check=zero_or_more)
+    pool: str = setting("process", doc='"process": low-priority worker processes; "thread": threads',
+                        check=one_of("process", "thread"))
+
+    @property
+    def preprocess(self) -> bool:
+        """Rotate by EXIF, downscale and re-encode: only when a size bound is set."""
+        return self.max_side > 0 or self.max_pixels > 0
+
+    def request_shape(self) -> dict[str, Any] | None:
+        """The settings that change what the model is shown; None when all are at their defaults
+        (so checkpoints made before these settings existed stay valid)."""
+        d = ImagesConfig()
+        keys = ("image_mode", "max_side", "max_pixels", "jpeg_quality", "video_frames_format")
+        shape = {k: getattr(self, k) for k in keys if getattr(self, k) != getattr(d, k)}
+        return shape or None
+
+
+def _output_path(value: Any, where: str, base: Path) -> Path | str:
+    from ..storage import check_url, is_url
+
+    if not isinstance(value, str) or not value:
+        raise JobError(f"{where} must be a folder path or a URL, not {value!r}")
+    value = value.removeprefix("file://")  # a local folder: written with rename and fsync
+    if is_url(value):
+        check_url(value, where)
+        return value
+    return (base / value).resolve()
+
+
+def _checkpoint_path(value: Any, where: str, base: Path) -> Path:
+    from ..storage import is_url
+
+    if isinstance(value, str) and is_url(value):
+        raise JobError(f"{where}: must be a folder, not a URL (it needs appends, fsync and flock); "
+                       f"put the checkpoint on a local disk or a filesystem every worker mounts, e.g. NFS")
+    if not isinstance(value, str) or not value:
+        raise JobError(f"{where} must be a folder path, not {value!r}")
+    return (base / value).resolve()
+
+
+@dataclass(frozen=True)
+class OutputConfig(Table):
+    TABLE = "output"
+    path: Path | str = setting(doc="a folder of Parquet part files, or an fsspec URL (s3://bucket/prefix)", parse=_output_path)
+    checkpoint: Path | None = setting(None, parse=_checkpoint_path,
+                                      doc="a folder (never a URL); none: <output's parent>/.pipeline/<name>, or "
+                                          "<job file's folder>/.pipeline/<name> for a URL output")
+    storage_options: dict[str, Any] = setting(default_factory=dict, doc="a URL output only: passed to fsspec (may hold credentials)")
+
+    def validate(self) -> None:
+        if self.storage_options and not isinstance(self.path, str):
+            raise JobError("[output] storage_options: only used when [output] path is a URL (s3://...); remove it")
+
+    def __repr__(self) -> str:  # storage_options may hold credentials
+        return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
+
+
+@dataclass(frozen=True)
+class RunConfig(Table):
+    TABLE = "run"
+    shard_rows: int = setting(10_000, doc="rows per shard: the unit of work and of commit", check=positive)
+    engine: str = setting("local", doc='"local": this process; "ray": the shards run as Ray tasks', check=one_of("local", "ray"))
+    ray_address: str | None = setting(None, doc='engine "ray": a running cluster ("auto", "host:port"); none: a local Ray')
+    ray_workers: int = setting(0, doc='engine "ray": shards running at once; 0: one per CPU of the cluster', check=zero_or_more)
+
+
+def _schema(value: Any, where: str, base: Path) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise JobError(f"{where} must be a table (a JSON Schema) or the path of a JSON file, not {type(value).__name__}")
+    path = (base / value).resolve()
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise JobError(f"{where}: cannot read {path} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise JobError(f"{where}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise JobError(f"{where}: {path} must hold a JSON object (a JSON Schema)")
+    return schema
+
+
+@dataclass(frozen=True)
+class LabelsConfig(Table):
+    """A labeling job: the answer must be JSON following `schema`; its top-level fields are columns."""
+
+    TABLE = "labels"
+    schema: dict[str, Any] = setting(doc="a JSON Schema (a table, or the path of a JSON file); its properties are columns",
+                                     parse=_schema)
+    max_invalid_retries: int = setting(2, doc="answers failing the schema are asked again this many times", check=zero_or_more)
+    send_response_format: bool = setting(True, doc="false for endpoints that refuse `response_format`")
+    name: str = setting("labels", doc="the json_schema name sent in response_format")
+
+    def validate(self) -> None:
+        from ..labels import schema_problem
+
+        problem = schema_problem(self.schema)
+        if problem:
+            raise JobError(f"[labels] schema: {problem}")
+
+
+@dataclass(frozen=True)
+class ModelPrice(Table):
+    TABLE = "pricing.models"
+    input_per_million: float = setting(doc="price of a million input tokens", check=zero_or_more)
+    output_per_million: float = setting(doc="price of a million output tokens (reasoning included)", check=zero_or_more)
+
+
+def _models(value: Any, where: str, base: Path) -> dict[str, tuple[float, float]]:
+    if not isinstance(value, dict):
+        raise JobError(f"{where} must be a table of models, not {type(value).__name__}")
+    source = where.split(": [", 1)[0]
+    prices = {}
+    for model, table in value.items():
+        p = read_table(ModelPrice, table, source=source, base=base, table=f"pricing.models.{json.dumps(model)}")
+        prices[model] = (p.input_per_million, p.output_per_million)
+    return prices
+
+
+@dataclass(frozen=True)
+class PricingConfig(Table):
+    """Prices per million tokens; reasoning tokens are output tokens (they are in completion_tokens)."""
+
+    TABLE = "pricing"
+    input_per_million: float | None = setting(None, doc="the default input price, for a model not in `models`", check=zero_or_more)
+    output_per_million: float | None = setting(None, doc="the default output price", check=zero_or_more)
+    models: dict[str, tuple[float, float]] = setting(default_factory=dict, parse=_models,
+                                                     doc='per model: [pricing.models."name"] input_per_million, output_per_million')
+    budget: float | None = setting(None, doc="stop sending before the job's spend could pass this (needs max_tokens)",
+                                   check=zero_or_more)
+
+    def validate(self) -> None:
+        if (self.input_per_million is None) != (self.output_per_million is None):
+            raise JobError("[pricing] input_per_million: give both input_per_million and output_per_million, or neither")
+
+    def price(self, model: str | None, asked: str) -> tuple[float, float] | None:
+        """(input, output) per million for the model that answered, else the one asked for."""
+        for name in (model, asked):
+            if name is not None and name in self.models:
+                return self.models[name]
+        if self.input_per_million is None or self.output_per_million is None:
+            return None
+        return self.input_per_million, self.output_per_million

@@ -1,0 +1,93 @@
+"""Config declared once (issue 13): each table's fields drive reading, checks and the README's key
+list. Tables of TOML values and the one-line errors they give."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import ImagesConfig, LimitsConfig, job_keys_markdown, parse_job
+from pipeline.errors import JobError
+from pipeline.server import ServeOptions
+
+from conftest import ROOT
+
+BASE: dict[str, Any] = {
+    "name": "t",
+    "input": {"path": "m.csv", "image_column": "image"},
+    "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+    "request": {"prompt": "Describe"},
+    "output": {"path": "out"},
+}
+
+
+def job(**tables: Any) -> Any:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    for name, value in tables.items():
+        if isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    return parse_job(data, Path("/jobs/a.toml"))
+
+
+@pytest.mark.parametrize("tables, message", [
+    ({"limits": {"max_concurency": 3}}, "/jobs/a.toml: [limits] max_concurency: unknown key"),
+    ({"colour": "blue"}, "/jobs/a.toml: colour: unknown key"),
+    ({"limits": {"requests_per_minute": True}}, "[limits] requests_per_minute must be a number, not a boolean"),
+    ({"limits": {"requests_per_minute": "fast"}}, "[limits] requests_per_minute must be a number, not str"),
+    ({"limits": {"max_concurrency": 2.5}}, "[limits] max_concurrency must be an integer, not float"),
+    ({"limits": {"max_concurrency": 0}}, "/jobs/a.toml: [limits] max_concurrency must be more than zero, not 0"),
+    ({"limits": {"grace_s": -1}}, "[limits] grace_s must be zero or more, not -1.0"),
+    ({"limits": {"timeout_s": float("inf")}}, "[limits] timeout_s must be more than zero, not inf"),
+    ({"images": {"image_mode": "base64"}}, '[images] image_mode must be "url" or "inline", not \'base64\''),
+    ({"images": {"jpeg_quality": 100}}, "[images] jpeg_quality must be between 1 and 95, not 100"),
+    ({"images": {"allowed_roots": "/data"}}, "[images] allowed_roots must be a list, not str"),
+    ({"request": {"image_detail": "max"}}, '[request] image_detail must be "low", "high" or "auto"'),
+    ({"request": {"model": "x"}}, "[request] model: set by the pipeline; remove it from [request]"),
+    ({"endpoint": {"base_url": "ftp://x"}}, "[endpoint] base_url must start with http:// or https://"),
+    ({"input": {"path": "m.xlsx"}}, "[input] path unsupported manifest type '.xlsx'"),
+    ({"run": {"engine": "spark"}}, '[run] engine must be "local" or "ray", not \'spark\''),
+    ({"name": "../x"}, "name must be a plain non-empty name without slashes"),
+    ({"limits": 3}, "[limits] must be a table"),
+    ({"serve": {"latency": 5}}, "/jobs/a.toml: [serve] latency: unknown key"),
+    ({"serve": {"faults": {"teapot": 0.5}}}, "[serve] unknown fault 'teapot'"),
+    ({"output": {"path": "out", "storage_options": {"key": "k"}}}, "[output] storage_options: only used when"),
+    ({"pricing": {"input_per_million": 1.0}}, "give both input_per_million and output_per_million"),
+    ({"pricing": {"models": {"m": {"input_per_million": 1.0}}}}, '[pricing.models."m"] output_per_million is required'),
+])
+def test_bad_values_are_one_line_errors_naming_file_table_and_key(tables: dict[str, Any], message: str) -> None:
+    with pytest.raises(JobError) as caught:
+        job(**tables)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_values_are_read_by_their_declared_types() -> None:
+    j = job(limits={"requests_per_minute": 120, "burst": 2}, images={"allowed_roots": ["imgs", "/data/x"]},
+            request={"temperature": 0.2, "max_tokens": 9}, run={"shard_rows": 50})
+    assert j.limits.requests_per_minute == 120.0 and isinstance(j.limits.requests_per_minute, float)
+    assert j.images.allowed_roots == (Path("/jobs/imgs"), Path("/data/x"))  # relative to the job file
+    assert j.request.params == {"temperature": 0.2} and j.request.max_tokens == 9  # undeclared keys go to the body
+    assert j.input.path == Path("/jobs/m.csv") and j.input.format == "csv"
+    assert j.output.checkpoint == Path("/jobs/.pipeline/t")
+    assert j.limits.max_concurrency == LimitsConfig().max_concurrency  # defaults come from the one declaration
+
+
+def test_checks_run_on_construction_from_code_too() -> None:
+    with pytest.raises(JobError, match=r"\[images\] max_image_mb must be more than zero"):
+        ImagesConfig(max_image_mb=0)
+    with pytest.raises(JobError, match=r"\[serve\] transfer must be"):
+        ServeOptions(transfer="pigeon")
+
+
+def test_the_readme_lists_every_key_as_declared() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"<!-- keys:start -->\n(.*)<!-- keys:end -->", readme, re.S)
+    assert listed is not None, "README has no generated key list"
+    assert listed.group(1) == job_keys_markdown(), "README's key list is stale: paste `python -m pipeline.config` into it"
+    for key in ("max_concurrency", "allowed_roots", "shard_rows", "send_response_format", "input_per_million"):
+        assert f"| `{key}` |" in listed.group(1)
