@@ -141,6 +141,11 @@ class LimitsConfig:
     breaker_failures: int = 50  # consecutive failed attempts that mean "endpoint down"
     breaker_seconds: float = 120.0  # ... or this long with no success while failing
     grace_s: float = 10.0  # Ctrl-C/SIGTERM: how long in-flight requests may finish
+    max_response_mb: float = 64.0  # an answer larger than this (as sent or decompressed) is a failed attempt
+
+    @property
+    def max_response_bytes(self) -> int:
+        return int(self.max_response_mb * (1 << 20))
 
 
 @dataclass(frozen=True)
@@ -392,8 +397,10 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         breaker_failures=sec.get("breaker_failures", int, d.breaker_failures),
         breaker_seconds=sec.get("breaker_seconds", float, d.breaker_seconds),
         grace_s=sec.get("grace_s", float, d.grace_s),
+        max_response_mb=sec.get("max_response_mb", float, d.max_response_mb),
     )
-    for key in ("requests_per_minute", "max_concurrency", "max_attempts", "timeout_s", "burst", "breaker_failures", "breaker_seconds"):
+    for key in ("requests_per_minute", "max_concurrency", "max_attempts", "timeout_s", "burst", "breaker_failures",
+                "breaker_seconds", "max_response_mb"):
         _positive(sec, key, getattr(limits, key))
     for key in ("tokens_per_minute", "max_retry_after_s", "image_token_estimate", "grace_s"):
         _positive(sec, key, getattr(limits, key), allow_zero=True)

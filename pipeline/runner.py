@@ -509,7 +509,7 @@ class _Engine:
             self.journal.flush_before_send()
             try:
                 post = self.client.post_stream if self.job.request.stream else self.client.post
-                data, headers, latency = await post(body)
+                data, headers, latency, warning = await post(body, max_bytes=self.limits.max_response_bytes)
                 self.limiter.observe(headers)
                 answer = parse_response(data)
                 if answer.answer is None and answer.finish_reason != "length":
@@ -547,7 +547,7 @@ class _Engine:
                 "model": answer.model,
                 "finish_reason": answer.finish_reason,
                 "status": "ok",
-                "error": None,
+                "error": warning,  # on an ok row, a warning: the answer held bad text, replaced
                 "error_kind": None,
                 "attempts": attempt,
                 "latency_ms": round(latency),
