@@ -197,7 +197,9 @@ def _observed(headers: dict[str, str]) -> dict[str, str]:
 
 async def _read_body(resp: "aiohttp.ClientResponse", decoder: BoundedDecoder) -> bytes:
     """A whole aiohttp body through `decoder` (bounded: ResponseTooLarge past its cap)."""
-    pieces = [decoder.decode(data) async for data in resp.content.iter_any()]
+    pieces: list[bytes | bytearray] = []
+    async for data in resp.content.iter_any():
+        pieces += decoder.decode(data)
     decoder.finish()
     return b"".join(pieces)
 
@@ -288,7 +290,8 @@ class Client:
             return _decode(await _read_body(resp, decoder))  # a server that ignored `stream: true`
         assembler = StreamAssembler(self.redactor)
         async for data in resp.content.iter_any():
-            assembler.feed_bytes(decoder.decode(data))
+            for piece in decoder.decode(data):
+                assembler.feed_bytes(piece)
             if assembler.done:
                 break
         else:

@@ -43,6 +43,7 @@ MAX_HEAD_BYTES = 64 * 1024  # a response head (or a chunk-size or trailer line) 
 USER_AGENT = "pipeline (bulk vision-LLM jobs)"
 ACCEPT_ENCODING = "gzip, deflate"  # what BoundedDecoder decodes; asked for on both paths
 _COMPRESSED = frozenset({"gzip", "x-gzip", "deflate"})
+DECODE_STEP = 1 << 20  # zlib's output per call: no transient copy of a whole big answer
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _TO_EOF = range(7)
 
@@ -75,27 +76,32 @@ class BoundedDecoder:
         # wbits 47: a zlib or a gzip header, detected (servers label either as "deflate")
         self._zlib = zlib.decompressobj(wbits=47) if coding in _COMPRESSED else None
 
-    def decode(self, data: bytes | bytearray) -> bytes | bytearray:
-        """The decoded bytes `data` gives; ResponseTooLarge past the cap, MalformedResponse on bad data."""
+    def decode(self, data: bytes | bytearray) -> list[bytes | bytearray]:
+        """The decoded pieces `data` gives (a list: joining them here would copy a big answer once
+        more); ResponseTooLarge past the cap, MalformedResponse on bad data."""
         self.raw += len(data)
         if self.raw > self.cap:  # padding that decodes to nothing is bounded too
             raise ResponseTooLarge(self.cap)
         if self._zlib is None:
             self.size = self.raw
-            return data
-        out: list[bytes] = []
+            return [data]
+        out: list[bytes | bytearray] = []
         pending: bytes | bytearray = data
-        while pending and not self._zlib.eof:  # bytes after the end of the stream are ignored
+        while not self._zlib.eof:  # bytes after the end of the stream are ignored
+            room = min(self.cap - self.size + 1, DECODE_STEP)  # at most one byte past the cap, a step at a time
             try:
-                piece = self._zlib.decompress(pending, self.cap - self.size + 1)  # max_length: at most one past the cap
+                piece = self._zlib.decompress(pending, room)
             except zlib.error as exc:
                 raise MalformedResponse(f"unreadable compressed answer ({exc})") from None
             self.size += len(piece)
             if self.size > self.cap:
+                out.clear()  # the traceback keeps this frame: it must not keep the answer too
                 raise ResponseTooLarge(self.cap)
             out.append(piece)
             pending = self._zlib.unconsumed_tail
-        return b"".join(out)
+            if not pending and len(piece) < room:  # input used up, and zlib holds nothing more back
+                break
+        return out
 
     def finish(self) -> None:
         """The body ended: a compressed one must have reached its end."""
@@ -182,6 +188,10 @@ class _Connection(asyncio.Protocol):
         self._fail(TimeoutError("no answer within the timeout"))
 
     def _fail(self, exc: BaseException) -> None:
+        # What arrived is dropped now: the exception's traceback refers to this connection (a cycle
+        # through the waiter), which only the garbage collector would free, an answer's worth later.
+        self.pieces = []
+        del self.buf[:]
         self.reusable = False
         if self.timer is not None:
             self.timer.cancel()
@@ -203,10 +213,8 @@ class _Connection(asyncio.Protocol):
     def _take(self, n: int) -> None:
         """Move n bytes from the front of the buffer into the body."""
         buf = self.buf
-        piece = self.decoder.decode(buf[:n] if n < len(buf) else bytes(buf))
+        self.pieces += self.decoder.decode(buf[:n] if n < len(buf) else bytes(buf))
         del buf[:n]
-        if piece:
-            self.pieces.append(piece)
 
     def _line(self) -> bytes | None:
         """A CRLF-ended line from the front of the buffer (consumed), or None while incomplete."""
