@@ -134,7 +134,8 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.remaining = 0
         self.pieces: list[bytes | bytearray] = []
-        self.decoder = BoundedDecoder(None, self.cap)
+        self.decoder: BoundedDecoder | None = None  # for an encoded body (the head says so)
+        self.taken = 0  # body bytes as sent
         self.received = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -201,7 +202,8 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()  # an answer over the cap: stop reading, drop the connection
 
     def _complete(self) -> None:
-        self.decoder.finish()
+        if self.decoder is not None:
+            self.decoder.finish()
         if self.timer is not None:
             self.timer.cancel()
         body = b"".join(self.pieces)
@@ -213,8 +215,15 @@ class _Connection(asyncio.Protocol):
     def _take(self, n: int) -> None:
         """Move n bytes from the front of the buffer into the body."""
         buf = self.buf
-        self.pieces += self.decoder.decode(buf[:n] if n < len(buf) else bytes(buf))
+        piece = buf[:n] if n < len(buf) else bytes(buf)
         del buf[:n]
+        self.taken += n
+        if self.taken > self.cap:  # chunked or until-close: nothing said how long it would be
+            raise ResponseTooLarge(self.cap)
+        if self.decoder is None:
+            self.pieces.append(piece)
+        else:
+            self.pieces += self.decoder.decode(piece)
 
     def _line(self) -> bytes | None:
         """A CRLF-ended line from the front of the buffer (consumed), or None while incomplete."""
@@ -288,12 +297,12 @@ class _Connection(asyncio.Protocol):
                     self._take(len(buf))
                 return
 
-    def _head(self, head: bytes) -> bool:
+    def _head(self, head: bytes | bytearray) -> bool:
         """Parse a response head; True for an interim (1xx) response."""
         status_line, _, rest = head.partition(b"\r\n")
         version, _, rest_of_line = status_line.partition(b" ")
         if not version.startswith(b"HTTP/1."):
-            raise MalformedResponse(f"not an HTTP/1.x response: {status_line[:60]!r}")
+            raise MalformedResponse(f"not an HTTP/1.x response: {bytes(status_line[:60])!r}")
         status = int(rest_of_line[:3])
         if 100 <= status < 200:
             if status == 101:
@@ -304,13 +313,14 @@ class _Connection(asyncio.Protocol):
             for line in rest.split(b"\r\n"):
                 name, sep, value = line.partition(b":")
                 if not sep:
-                    raise MalformedResponse(f"bad header line {line[:60]!r}")
+                    raise MalformedResponse(f"bad header line {bytes(line[:60])!r}")
                 key = name.strip().lower().decode("latin-1")
                 text = value.strip().decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
         self.status = status
         self.headers = headers
-        self.decoder = BoundedDecoder(headers.get("content-encoding"), self.cap)
+        encoding = headers.get("content-encoding")
+        self.decoder = BoundedDecoder(encoding, self.cap) if encoding else None
         connection = headers.get("connection", "").lower()
         if "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in connection):
             self.reusable = False
