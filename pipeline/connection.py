@@ -112,8 +112,9 @@ class BoundedDecoder:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: sends a request, parses its one response.
 
-    Bytes are appended to one bytearray and consumed from its front (CPython makes that O(1)),
-    and body bytes go through a BoundedDecoder as they arrive: linear time, at most the cap held.
+    Bytes are appended to one bytearray and consumed from its front (CPython makes that O(1));
+    body bytes are counted against the cap as they arrive, and an encoded body is decoded as it
+    arrives by a BoundedDecoder: linear time, never more than the cap held.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
