@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--rate-window-s", type=float, default=60.0)
     v.add_argument("--rate-headers", default="retry-after")
     v.add_argument("--fault", action="append", default=[], metavar="NAME=P",
-                   help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03")
+                   help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03; hostile answers: null_text, "
+                        "gzip_bomb, huge, bad_utf8, echo_key, redirect (all names and what they do: pipeline/server.py; "
+                        "an unknown name lists them)")
     v.add_argument("--row-fault", action="append", default=[], metavar="TEXT=FAULT[:N]",
                    help="rows whose prompt contains TEXT always get FAULT (or only their first N requests)")
     v.add_argument("--slow-ms", type=float, default=5000.0, help="how late the 'slow' fault answers")

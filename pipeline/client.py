@@ -5,27 +5,43 @@ CPU of aiohttp's client was most of the engine's per-row cost); streamed answers
 aiohttp session, opened on first use. `translate` is the single boundary where connection
 errors (builtin or aiohttp's), timeouts and HTTP statuses become RequestError kinds; the rest of
 the pipeline only sees RequestError.
+
+    async with Client(url, key, timeout_s=60, max_connections=8) as client:
+        reply = await client.post(body, max_bytes=64 << 20)   # Reply(body, headers, latency_ms, warning)
+
+What a hostile or broken endpoint cannot do here:
+- send more than `max_bytes` (as sent or decompressed; [limits] max_response_mb): reading stops,
+  the connection is dropped and the attempt fails as `invalid_response`, naming the cap;
+- redirect the request (and its Authorization header) elsewhere: redirects are never followed on
+  either path; a 3xx fails the row as `bad_request` (not retried: the same URL redirects again),
+  telling the user to set [endpoint] base_url to the final URL;
+- get a paid answer bought again for invalid UTF-8: it is decoded with U+FFFD and kept, and the
+  Reply's `warning` says so (the runner puts it in the ok row's `error` column);
+- see the key in a message: every text from the endpoint is scrubbed by a Redactor before it is
+  cut (pipeline.redact).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from .connection import ConnectionPool, MalformedResponse, ResponseCut
+from .answer import loads_json, text_warning
+from .config import LimitsConfig
+from .connection import ACCEPT_ENCODING, BoundedDecoder, ConnectionPool, MalformedResponse, ResponseCut, ResponseTooLarge
 from .errors import RequestError
+from .redact import Redactor
 from .retry import DASHSCOPE_THROTTLE
 from .stream import StreamAssembler, StreamError
 
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["Client", "translate", "classify_status"]
+__all__ = ["Client", "Reply", "translate", "classify_status", "DEFAULT_MAX_RESPONSE_BYTES"]
 
 # 429 bodies that mean "no money left", not "too fast": retrying cannot help.
 # Checked on any 4xx: OpenAI sends billing_hard_limit_reached as a 400, DashScope "Arrearage"
@@ -35,6 +51,19 @@ QUOTA_CODES = frozenset(
      "Arrearage"}
 )
 _MESSAGE_CAP = 500
+_LOCATION_CAP = 200
+MB = 1 << 20
+DEFAULT_MAX_RESPONSE_BYTES = LimitsConfig().max_response_bytes
+
+
+class Reply(NamedTuple):
+    """A successful answer: its decoded JSON body, the headers the limiter reads, the latency, and
+    a warning for the row (bad text replaced) or None."""
+
+    body: Any
+    headers: dict[str, str]
+    latency_ms: float
+    warning: str | None
 
 
 def classify_status(status: int, code: str | None) -> str:
@@ -54,12 +83,12 @@ def classify_status(status: int, code: str | None) -> str:
 
 
 def _error_fields(raw: bytes) -> tuple[str, str | None]:
-    """(message, code) from an OpenAI- or DashScope-shaped error body, or its text."""
+    """(message, code) from an OpenAI- or DashScope-shaped error body, or its text; not cut."""
     text = raw.decode("utf-8", "replace").strip()
     try:
-        body = json.loads(text)
-    except ValueError:
-        return text[:_MESSAGE_CAP] or "(empty body)", None
+        body = orjson.loads(text)  # not json.loads: a deeply nested body must not raise RecursionError
+    except orjson.JSONDecodeError:
+        return text or "(empty body)", None
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
         message = err.get("message") or text
@@ -68,12 +97,13 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
         message = body.get("message") or (err if isinstance(err, str) else text)
         fields = (body.get("code"), body.get("type"))
     else:
-        return text[:_MESSAGE_CAP], None
-    names = [str(f) for f in fields if f not in (None, "")]
+        return text, None
+    names = [f for f in fields if isinstance(f, (str, int)) and not isinstance(f, bool) and f != ""]
+    names = [str(n) for n in names]
     # A quota may be named in `type` while `code` holds something generic: the telling one wins.
     telling = [n for n in names if n in QUOTA_CODES or n == DASHSCOPE_THROTTLE]
     code = (telling or names or [None])[0]
-    return str(message)[:_MESSAGE_CAP], code
+    return message if isinstance(message, str) else text, code
 
 
 def translate(
@@ -83,31 +113,45 @@ def translate(
     headers: dict[str, str] | None = None,
     body: bytes = b"",
     secret: str | None = None,
+    redactor: Redactor | None = None,
 ) -> RequestError:
-    """The one place foreign failures become RequestError. The key is scrubbed from messages."""
+    """The one place foreign failures become RequestError. Messages are scrubbed of the key
+    (`redactor`, or one made from `secret`) before they are cut."""
     headers = headers or {}
+    hide = redactor if redactor is not None else Redactor([secret])
     should = headers.get("x-should-retry")
     should_retry = {"true": True, "false": False}.get(should.lower()) if should else None
     if exc is not None:
         if isinstance(exc, StreamError):  # a stream cut, or an error sent mid-stream: transient
             kind = {"cut": "connection", "error_chunk": "server"}.get(exc.reason, "invalid_response")
-            return RequestError(_scrub(str(exc), secret), kind=kind, status=status, headers=headers,
+            return RequestError(hide.cut(str(exc), _MESSAGE_CAP), kind=kind, status=status, headers=headers,
                                 code=exc.code, should_retry=should_retry)
         found = _kind_of(exc)
         if found is None:
             raise exc
         kind, message = found
-        return RequestError(_scrub(message, secret), kind=kind, status=status, headers=headers, should_retry=should_retry)
+        return RequestError(hide.cut(message, _MESSAGE_CAP), kind=kind, status=status, headers=headers,
+                            should_retry=should_retry)
     assert status is not None
+    if 300 <= status < 400:
+        return RequestError(_redirect_message(headers, hide), kind="bad_request", status=status, headers=headers,
+                            should_retry=False)
     message, code = _error_fields(body)
     return RequestError(
-        _scrub(message, secret),
+        hide.cut(message, _MESSAGE_CAP),
         kind=classify_status(status, code),
         status=status,
         headers=headers,
-        code=code,
+        code=hide.cut(code, _MESSAGE_CAP) if code is not None else None,
         should_retry=should_retry,
     )
+
+
+def _redirect_message(headers: dict[str, str], hide: Redactor) -> str:
+    location = headers.get("location")
+    where = f" to {hide.cut(location, _LOCATION_CAP)}" if location else ""
+    return (f"the endpoint redirected the request{where}; redirects are not followed (they would carry the "
+            f"request and its key elsewhere): set [endpoint] base_url to the final URL")
 
 
 def _kind_of(exc: BaseException) -> tuple[str, str] | None:
@@ -115,6 +159,9 @@ def _kind_of(exc: BaseException) -> tuple[str, str] | None:
     # aiohttp is only imported for streamed answers and image fetches; if it was never imported,
     # no exception can be one of its.
     http = sys.modules.get("aiohttp")
+    if isinstance(exc, ResponseTooLarge):
+        return "invalid_response", (f"the answer is larger than the {exc.cap / MB:g} MB cap; raise [limits] "
+                                    f"max_response_mb if answers this large are expected")
     if isinstance(exc, asyncio.TimeoutError) or (http is not None and isinstance(exc, http.ServerTimeoutError)):
         return "timeout", "no answer within the timeout"
     if isinstance(exc, ResponseCut) or (http is not None and isinstance(exc, http.ClientPayloadError)):
@@ -130,8 +177,10 @@ def _kind_of(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
-def _scrub(message: str, secret: str | None) -> str:
-    return message.replace(secret, "[key]") if secret else message
+def _decode(raw: bytes) -> tuple[Any, str | None]:
+    """(JSON value, warning) of a 200's body; bad text is replaced and flagged, not refused."""
+    value, bad, surrogates = loads_json(raw)
+    return value, text_warning(bad, surrogates)
 
 
 # What a successful answer's headers are read for (the limiter's view of the server's budget);
@@ -146,12 +195,21 @@ def _observed(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k in OBSERVED_HEADERS if (v := headers.get(k)) is not None}
 
 
+async def _read_body(resp: "aiohttp.ClientResponse", decoder: BoundedDecoder) -> bytes:
+    """A whole aiohttp body through `decoder` (bounded: ResponseTooLarge past its cap)."""
+    pieces: list[bytes | bytearray] = []
+    async for data in resp.content.iter_any():
+        pieces += decoder.decode(data)
+    decoder.finish()
+    return b"".join(pieces)
+
+
 class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int) -> None:
         self.url = url
-        self._key = api_key
+        self.redactor = Redactor([api_key])
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -170,33 +228,38 @@ class Client:
         if self._session is not None:
             await self._session.close()
 
-    async def post(self, body: bytes) -> tuple[Any, dict[str, str], float]:
-        """(decoded JSON body, lower-cased headers, latency in ms); raises RequestError."""
+    def __repr__(self) -> str:  # never the headers: they hold the key
+        return f"Client({self.url!r})"
+
+    async def post(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
+        """The answer to one POST of `body`, at most `max_bytes` of it; raises RequestError."""
         assert self._pool is not None, "use the client as an async context manager"
         started = time.monotonic()
         status: int | None = None
         headers: dict[str, str] = {}
         try:
-            status, headers, raw = await self._pool.post(body)
+            status, headers, raw = await self._pool.post(body, max_bytes=max_bytes)
             if status != 200:
-                raise translate(status=status, headers=headers, body=raw, secret=self._key)
+                raise translate(status=status, headers=headers, body=raw, redactor=self.redactor)
             headers = _observed(headers)  # only these are read from a success; the rest is not kept
-            decoded = orjson.loads(raw)
+            decoded, warning = _decode(raw)
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, headers=headers, secret=self._key) from None
-        return decoded, headers, (time.monotonic() - started) * 1000.0
+            raise translate(exc, status=status, headers=headers, redactor=self.redactor) from None
+        return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
 
     def _streaming_session(self) -> "aiohttp.ClientSession":
         if self._session is None:
             import aiohttp
 
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout_s))
+            # auto_decompress off: bodies are decoded by BoundedDecoder, within the cap
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  timeout=aiohttp.ClientTimeout(total=self._timeout_s))
         return self._session
 
-    async def post_stream(self, body: bytes) -> tuple[Any, dict[str, str], float]:
+    async def post_stream(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
         """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
         response body a non-streamed answer has (see pipeline.stream); raises RequestError."""
         assert self._pool is not None, "use the client as an async context manager"
@@ -205,22 +268,32 @@ class Client:
         status: int | None = None
         headers: dict[str, str] = {}
         try:
-            async with session.post(self.url, data=body, headers=self._headers) as resp:
+            async with session.post(self.url, data=body, allow_redirects=False,
+                                    headers={**self._headers, "Accept-Encoding": ACCEPT_ENCODING}) as resp:
                 status = resp.status
                 headers = {k.lower(): v for k, v in resp.headers.items()}
-                if status != 200:
-                    raise translate(status=status, headers=headers, body=await resp.read(), secret=self._key)
-                if not headers.get("content-type", "").startswith("text/event-stream"):
-                    decoded = json.loads(await resp.read())  # a server that ignored `stream: true`
-                else:
-                    assembler = StreamAssembler()
-                    async for data in resp.content.iter_any():
-                        assembler.feed_bytes(data)
-                        if assembler.done:
-                            break
-                    decoded = assembler.result()
+                decoded, warning = await self._stream_body(resp, status, headers, max_bytes)
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, headers=headers, secret=self._key) from None
-        return decoded, headers, (time.monotonic() - started) * 1000.0
+            raise translate(exc, status=status, headers=headers, redactor=self.redactor) from None
+        return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
+
+    async def _stream_body(self, resp: "aiohttp.ClientResponse", status: int, headers: dict[str, str],
+                           max_bytes: int) -> tuple[Any, str | None]:
+        decoder = BoundedDecoder(headers.get("content-encoding"), max_bytes)
+        if resp.content_length is not None and resp.content_length > max_bytes:
+            raise ResponseTooLarge(max_bytes)  # refused before reading a byte of it
+        if status != 200:
+            raise translate(status=status, headers=headers, body=await _read_body(resp, decoder), redactor=self.redactor)
+        if not headers.get("content-type", "").startswith("text/event-stream"):
+            return _decode(await _read_body(resp, decoder))  # a server that ignored `stream: true`
+        assembler = StreamAssembler(self.redactor)
+        async for data in resp.content.iter_any():
+            for piece in decoder.decode(data):
+                assembler.feed_bytes(piece)
+            if assembler.done:
+                break
+        else:
+            decoder.finish()
+        return assembler.result(), assembler.warning

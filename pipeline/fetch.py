@@ -11,14 +11,17 @@ Why the care: a manifest may come from anyone, and one URL may appear in thousan
 - `block_private_addresses`: hosts that are (or resolve to) loopback, private, link-local or
   otherwise non-global addresses are refused. The check sits in the resolver the connection
   really uses (a second lookup could not be answered differently) and on IP literals;
-- the body is read in chunks and abandoned past `max_bytes` (Content-Length is not trusted);
+- the body is read in chunks and abandoned past `max_bytes`: a declared Content-Length over it is
+  refused before reading, and a lying or absent one gets no further than the cap (aiohttp
+  decompresses in bounded steps as the body is read, so the cap holds for gzip too);
 - one timeout covers a whole attempt (every hop and the body);
 - retries follow the pipeline's retry policy (timeouts, connection errors, 5xx, 429);
 - a per-run cache: concurrent fetches of a URL share one download, finished ones are kept (LRU,
   bounded in bytes), and failures are remembered so a dead URL in many rows costs one fetch.
 
-Every failure is an InputError (kind "input") naming the cause and the URL. What the bytes are
-is not decided here: the caller sniffs them (a Content-Type is only what the server claims).
+Every failure is an InputError (kind "input") naming the cause and the URL; what a server said
+is scrubbed by the `redactor` (pipeline.redact) before it is cut. What the bytes are is not
+decided here: the caller sniffs them (a Content-Type is only what the server claims).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from yarl import URL
 
 from .client import translate
 from .errors import InputError, RequestError
+from .redact import Redactor
 from .retry import should_retry, retry_delay
 
 __all__ = ["Fetcher", "Fetched", "CACHE_BYTES", "is_blocked_address"]
@@ -97,7 +101,9 @@ class Fetcher:
         max_redirects: int = 5,
         block_private: bool = False,
         cache_bytes: int = CACHE_BYTES,
+        redactor: Redactor | None = None,
     ) -> None:
+        self.redactor = redactor or Redactor()
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.retries = retries
@@ -168,7 +174,7 @@ class Fetcher:
             except InputError:
                 raise  # refused by policy (scheme, address, size, redirects): trying again cannot help
             except Exception as exc:
-                err = exc if isinstance(exc, RequestError) else translate(exc)
+                err = exc if isinstance(exc, RequestError) else translate(exc, redactor=self.redactor)
                 if not should_retry(err, attempt, self.retries + 1):
                     tries = f", {attempt} attempts" if attempt > 1 else ""
                     raise InputError(f"fetch failed ({err.describe()}{tries}): {url}") from None
@@ -194,7 +200,7 @@ class Fetcher:
                         if resp.status != 200:
                             body = await resp.content.read(ERROR_BODY_BYTES)
                             headers = {k.lower(): v for k, v in resp.headers.items()}
-                            raise translate(status=resp.status, headers=headers, body=body)
+                            raise translate(status=resp.status, headers=headers, body=body, redactor=self.redactor)
                         return Fetched(await self._body(resp, url), resp.headers.get("Content-Type"), current)
                 except _Blocked as blocked:
                     raise InputError(f"refused to fetch ({blocked.message}; block_private_addresses is on): {url}") from None

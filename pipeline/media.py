@@ -15,7 +15,8 @@ What is sent. A URL goes as it is (`image_mode = "url"`) or is fetched here and 
 by decoding them (a text file named .png is refused, so is a truncated JPEG), then sent as data
 URIs. With `max_side`/`max_pixels` set, images are also rotated by their EXIF orientation,
 downscaled and re-encoded (JPEG, or PNG when there is transparency); without, their bytes go as
-they are. Sizes are checked on the base64 text before anything is sent.
+they are. Sizes are checked on the base64 text before anything is sent; a data: URI is checked
+on its declared length (caps as for a local file) before it is decoded or handed to a worker.
 
 Safety. A local path is read only beneath the allowed roots (the manifest's folder and
 `[images] allowed_roots`), and only if it is a regular file. It is opened by walking down from
@@ -66,6 +67,9 @@ __all__ = [
     "sniff_mime",
     "sniff_video",
     "prepare_image",
+    "check_data_uri",
+    "data_uri_size",
+    "parse_data_uri",
     "b64_size",
     "MB",
 ]
@@ -174,11 +178,43 @@ def _kind_of(value: str) -> str:
     return "path"
 
 
-def parse_data_uri(value: str) -> tuple[str, bytes]:
-    """(declared MIME type, bytes) of a base64 `data:` URI."""
-    head, sep, payload = value.partition(",")
-    if not sep or not head.endswith(";base64"):
+def data_uri_size(value: str) -> int:
+    """The bytes a base64 `data:` URI declares, from its length alone (nothing copied or decoded)."""
+    comma = value.find(",")
+    if comma < 0 or not value[:comma].endswith(";base64"):
         raise InputError(f"data: URI must be base64 (data:<type>;base64,<data>): {show(value)}")
+    length = len(value) - comma - 1
+    padding = 2 if value.endswith("==") else 1 if value.endswith("=") else 0
+    return max(0, length * 3 // 4 - padding)
+
+
+def _data_uri_cap(cfg: ImagesConfig, video: bool) -> tuple[int, str]:
+    """(cap on the decoded bytes, the setting that sets it) for an image or video data: URI,
+    as for a local file: what could never be sent is refused before it is decoded."""
+    if video or cfg.preprocess:
+        return int(cfg.max_source_mb * MB), f"over [images] max_source_mb = {cfg.max_source_mb:g}"
+    return int(cfg.max_image_mb * MB) * 3 // 4, (
+        f"over {cfg.max_image_mb:g} MB as base64, the per-image limit [images] max_image_mb; "
+        f"set [images] max_side to downscale it")
+
+
+def check_data_uri(value: str, cfg: ImagesConfig, *, video: bool = False) -> None:
+    """InputError when a data: URI declares more bytes than it may hold; checked on its length,
+    before it is decoded (or handed to a worker process)."""
+    cap, why = _data_uri_cap(cfg, video)
+    size = data_uri_size(value)
+    if size > cap:
+        what = "video" if video else "image"
+        raise InputError(f"data: URI {what} too large ({size} bytes once decoded; {why}): {show(value)}")
+
+
+def parse_data_uri(value: str, cfg: ImagesConfig | None = None) -> tuple[str, bytes]:
+    """(declared MIME type, bytes) of a base64 `data:` URI; with `cfg`, its size is checked first."""
+    if cfg is not None:
+        check_data_uri(value, cfg)
+    else:
+        data_uri_size(value)  # the shape: data:<type>;base64,<data>
+    head, _, payload = value.partition(",")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -463,7 +499,7 @@ def local_image(files: LocalFiles, value: str, cfg: ImagesConfig, jpeg: bool = F
 
 
 def data_uri_image(value: str, cfg: ImagesConfig, jpeg: bool = False) -> tuple[str, int]:
-    _, data = parse_data_uri(value)
+    _, data = parse_data_uri(value, cfg)
     mime, out = prepare_image(data, value, cfg, jpeg=jpeg)
     return _image_uri(mime, out, value, cfg)
 
@@ -609,6 +645,7 @@ class MediaBuilder:
             got = await self.fetcher.fetch(value)
             return await self._run(value, bytes_image, got.data, value, self.cfg, got.content_type, jpeg)
         if kind == "data":
+            check_data_uri(value, self.cfg)  # a huge one is refused here, not copied to a worker first
             return await self._run(value, data_uri_image, value, self.cfg, jpeg)
         return await self._run(value, local_image, self.files, value, self.cfg, jpeg)
 
@@ -626,6 +663,7 @@ class MediaBuilder:
         elif kind == "data":
             if not value.lower().startswith("data:video/"):
                 raise InputError(f"a data: URI in the video column must be data:video/...: {show(value)}")
+            check_data_uri(value, self.cfg, video=True)  # capped like a local video file, on its length
             url, size = value, len(value)
         else:
             url, size = await self._run(value, local_video, self.files, value, self.cfg)

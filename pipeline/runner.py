@@ -645,7 +645,7 @@ class _Engine:
                 raise local_failure(exc, "journaling answers") from None
             try:
                 post = self.client.post_stream if self.job.request.stream else self.client.post
-                data, headers, latency = await post(body)
+                data, headers, latency, warning = await post(body, max_bytes=self.limits.max_response_bytes)
                 self.limiter.observe(headers)
                 answer = parse_response(data)
                 if answer.answer is None and answer.finish_reason != "length":
@@ -660,7 +660,7 @@ class _Engine:
             state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
             self.breaker.success()
             self.limiter.settle(estimate, answer.total_tokens)
-            return self._answer_record(state, answer, latency)
+            return self._answer_record(state, answer, latency, warning)
         finally:
             if not settled:
                 self.budget.settle(held, None)
@@ -681,7 +681,7 @@ class _Engine:
         return float(retry_delay(err, state.attempts, now=time.time(), jitter=self.rng.random(),
                            max_server_delay=self.limits.max_retry_after_s))
 
-    def _answer_record(self, state: _RowState, answer: Any, latency: float) -> dict[str, Any]:
+    def _answer_record(self, state: _RowState, answer: Any, latency: float, warning: str | None) -> dict[str, Any]:
         record = {
             "id": state.row_id,
             "answer": answer.answer,
@@ -692,7 +692,7 @@ class _Engine:
             "model": answer.model,
             "finish_reason": answer.finish_reason,
             "status": "ok",
-            "error": None,
+            "error": warning,  # on an ok row, a warning: the answer held bad text, replaced
             "error_kind": None,
             "attempts": state.attempts,
             "latency_ms": round(latency),

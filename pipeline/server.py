@@ -23,6 +23,16 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
   `{"error": ...}` chunk midway), `stream_error_vllm` (vLLM's `{"object": "error"}`), `no_usage` (no
   usage chunk; without streaming, no usage field). `reasoning_only_stream` refuses requests without
   streaming with a 400, as DashScope does for its QVQ models;
+- hostile answers, to prove the client's bounds (`pipeline/client.py`): `null_text` (content parts,
+  one with `"text": null`, then the answer's text part; streamed: a delta whose content is such a
+  list), `gzip_bomb` (a ~1 MB gzip body, sent whatever the request accepts, that inflates to
+  `bomb_mb` MB of zeros inside a JSON string; built once, in a thread), `huge` (an answer of
+  `huge_mb` MB, over the client's default cap, written in 64 KB pieces: chunked, or with its
+  Content-Length under `transfer = "length"`), `bad_utf8` (a 200 whose answer text ends with the
+  invalid bytes FF FE FD), `echo_key` (a 400 whose message echoes the presented Authorization
+  header, padded so it straddles the 500th character, where clients cut messages), `redirect` (a
+  307 to /redirected/... on this server, which counts in /stats `redirects_followed` whoever
+  follows it);
 - labeling: a request with a `json_schema` response_format is answered with a JSON object built from
   the schema (first enum value, 0.5, a short text...), after the think block, in a ```json fence with
   `fence_json`; fault `invalid_json` answers values of the wrong kinds instead;
@@ -41,8 +51,10 @@ import json
 import math
 import os
 import random
+import struct
 import sys
 import time
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator, NamedTuple
@@ -58,7 +70,13 @@ FAULTS = (
     "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "429bare", "quota", "throttle",
     "drop", "cut", "broken", "nochoices", "slow", "length",
     "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
+    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "redirect",
 )
+HOSTILE_ANSWERS = frozenset({"null_text", "gzip_bomb", "huge", "bad_utf8"})  # a 200 the client must survive
+BAD_UTF8_MARK = "\ue000"  # one character (so no SSE piece splits it), swapped for BAD_UTF8 in the bytes sent
+BAD_UTF8 = b"\xff\xfe\xfd"  # three invalid bytes: a client keeping the answer replaces 3 bytes
+MESSAGE_CUT = 500  # where clients commonly cut error messages: echo_key puts the key across it
+PIECE = 64 * 1024
 ONLY_STREAM_MESSAGE = "This model only support stream mode, please enable the stream parameter to access the model."
 
 
@@ -88,6 +106,8 @@ class ServeOptions:
     fence_json: bool = False  # JSON answers (labeling) inside a ```json fence
     transfer: str = "length"  # how plain answers are framed: "length", "chunked" or "gzip" (chunked, compressed)
     keepalive_s: float = 75.0  # idle connections are closed after this (uvicorn/vLLM: 5 s)
+    bomb_mb: int = 1024  # what the gzip_bomb fault inflates to
+    huge_mb: float = 80.0  # the size of the huge fault's answer (the client's default cap is 64 MB)
 
     def __post_init__(self) -> None:
         for name in list(self.faults) + [v.split(":")[0] for v in self.row_faults.values()]:
@@ -127,6 +147,9 @@ class _State:
         self.max_in_flight = 0
         self.recorded: list[dict[str, Any]] = []
         self.peers: set[Any] = set()  # (host, port) of each client connection seen
+        self.redirects_followed = 0  # requests that arrived at a redirect fault's Location
+        self.bombs: dict[bool, bytes] = {}  # the gzip bomb, plain and streamed: built once
+        self.bomb_lock = asyncio.Lock()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -137,6 +160,7 @@ class _State:
             "over_limit": self.over_limit,
             "max_in_flight": self.max_in_flight,
             "connections": len(self.peers),
+            "redirects_followed": self.redirects_followed,
         }
 
     def rate_check(self) -> tuple[bool, dict[str, str], float]:
@@ -301,6 +325,8 @@ def make_app(opts: ServeOptions) -> web.Application:
             return resp
         if not stream and fault in ("stream_error", "stream_error_vllm"):
             return _fault_response("500", rate_headers)
+        if fault in ("echo_key", "redirect"):
+            return _refusal(request, fault)
         if fault == "drop":
             assert request.transport is not None
             request.transport.close()
@@ -334,6 +360,8 @@ def make_app(opts: ServeOptions) -> web.Application:
                 "prompt_tokens_details": None,
             },
         }
+        if fault in HOSTILE_ANSWERS:
+            return await _hostile_answer(request, state, fault, payload, stream)
         if stream and fault != "broken":
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True and fault != "no_usage"
@@ -396,12 +424,106 @@ def make_app(opts: ServeOptions) -> web.Application:
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": opts.model or "builtin", "object": "model"}]})
 
+    async def followed(request: web.Request) -> web.Response:
+        state.redirects_followed += 1
+        return web.json_response({"error": {"message": "a client followed a redirect", "type": "followed"}}, status=418)
+
     app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/redirected/{tail:.*}", followed)
     app.router.add_get("/stats", stats)
     app.router.add_post("/stats/reset", reset)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/requests", recorded)
     return app
+
+
+def _refusal(request: web.Request, fault: str) -> web.Response:
+    """echo_key: a 400 echoing the presented Authorization across the message cut; redirect: a 307."""
+    if fault == "redirect":
+        return web.Response(status=307, headers={"Location": f"http://{request.host}/redirected{request.path}"})
+    presented = request.headers.get("Authorization", "")
+    lead = "The request was refused for the credentials presented: "
+    filler = max(0, MESSAGE_CUT - len(lead) - len(presented) // 2)
+    return _error(400, ("Refused. " * (filler // 9 + 1))[:filler] + lead + presented, "invalid_request_error")
+
+
+async def _hostile_answer(
+    request: web.Request, state: _State, fault: str, payload: dict[str, Any], stream: bool
+) -> web.StreamResponse:
+    """A 200 that is hard to read: see HOSTILE_ANSWERS and the module docstring."""
+    message = payload["choices"][0]["message"] if payload["choices"] else {}
+    kind = "text/event-stream" if stream else "application/json"
+    if fault == "gzip_bomb":
+        async with state.bomb_lock:
+            if stream not in state.bombs:
+                state.bombs[stream] = await asyncio.to_thread(_bomb, stream, state.opts.bomb_mb)
+        return web.Response(body=state.bombs[stream], headers={"Content-Type": kind, "Content-Encoding": "gzip"})
+    if fault == "huge":
+        return await _huge(request, stream, int(state.opts.huge_mb * 1024 * 1024), state.opts.transfer == "length")
+    if fault == "bad_utf8":
+        message["content"] = f"{message.get('content') or ''} {BAD_UTF8_MARK}"
+    elif not stream:  # null_text
+        message["content"] = [{"type": "text", "text": None}, {"type": "image_url", "image_url": None},
+                              {"type": "text", "text": message.get("content")}]
+    if not stream:
+        raw = json.dumps(payload, ensure_ascii=False).encode().replace(BAD_UTF8_MARK.encode(), BAD_UTF8)
+        return web.Response(body=raw, headers={"Content-Type": kind})
+    events = to_sse(payload)
+    if fault == "null_text":
+        nulls = {"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": None}]}, "finish_reason": None}]}
+        events.insert(1, b"data: " + json.dumps(nulls).encode() + b"\n\n")
+    resp = web.StreamResponse(status=200, headers={"Content-Type": kind})
+    await resp.prepare(request)
+    await resp.write(b"".join(events).replace(BAD_UTF8_MARK.encode(), BAD_UTF8))
+    await resp.write_eof()
+    return resp
+
+
+def _bomb(stream: bool, mb: int) -> bytes:
+    """A gzip body of ~1 KB per MB that inflates to `mb` MB of zeros inside an answer's JSON string.
+    After a full flush deflate starts afresh, so one compressed MB of zeros is repeated `mb` times
+    (built in a second, not compressed for minutes); the trailer's CRC is computed over it all."""
+    if stream:
+        head, tail = b'data: {"choices":[{"index":0,"delta":{"content":"', b'"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    else:
+        head, tail = b'{"object":"chat.completion","choices":[{"index":0,"finish_reason":"stop","message":{"content":"', b'"}}]}'
+    zeros = b"0" * (1024 * 1024)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = deflate.compress(head) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    last = deflate.compress(tail) + deflate.flush()
+    crc = zlib.crc32(head)
+    for _ in range(mb):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(tail, crc)
+    size = (len(head) + mb * len(zeros) + len(tail)) & 0xFFFFFFFF
+    gzip_header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return gzip_header + first + block * mb + last + struct.pack("<II", crc, size)
+
+
+async def _huge(request: web.Request, stream: bool, size: int, declared: bool) -> web.StreamResponse:
+    """An answer of `size` bytes of text, written piece by piece (never held whole here)."""
+    if stream:
+        head = b'data: {"choices":[{"index":0,"delta":{"content":"'
+        tail = b'"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    else:
+        head, tail = b'{"object":"chat.completion","choices":[{"index":0,"finish_reason":"stop","message":{"content":"', b'"}}]}'
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream" if stream else "application/json"})
+    if declared:
+        resp.content_length = len(head) + size + len(tail)
+    else:
+        resp.enable_chunked_encoding()
+    piece = b"x" * PIECE
+    try:
+        await resp.prepare(request)
+        await resp.write(head)
+        for start in range(0, size, PIECE):
+            await resp.write(piece[: min(PIECE, size - start)])
+        await resp.write(tail)
+        await resp.write_eof()
+    except ConnectionError:  # the client stopped reading at its cap and dropped the connection
+        pass
+    return resp
 
 
 async def _stream(

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import JobError
+from .redact import Redactor
 
 __all__ = ["PartStore", "is_url", "check_url", "display", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
 
@@ -328,9 +329,7 @@ class PartStore:
         return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
 
     def scrub(self, message: str) -> str:
-        for secret in self.secrets():
-            message = message.replace(secret, "[secret]")
-        return message
+        return Redactor(self.secrets(), placeholder="[secret]").scrub(message)
 
 
 def _etag_of(info: Mapping[str, Any]) -> str | None:

@@ -20,7 +20,10 @@ What the stream may hold (see ../shared/notes/api-facts.md):
 
 A stream is complete when `[DONE]` or a `finish_reason` arrived. Anything else (cut before both, an
 error chunk, a chunk that is not JSON) raises StreamError; `pipeline.client.translate` turns it into
-a retryable RequestError like any other transient failure.
+a retryable RequestError like any other transient failure. What a StreamError quotes of the stream is
+scrubbed by the assembler's Redactor before it is cut (a provider may echo the key). Invalid UTF-8
+in a line is decoded with U+FFFD and counted in `replaced` (the answer is kept, and flagged), and
+`feed_bytes` splits lines in linear time; the caller bounds how many bytes it feeds.
 
 `to_sse` goes the other way, a full response into SSE lines: the built-in endpoint streams with it.
 """
@@ -30,11 +33,15 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from .answer import decode_utf8, loads_json, text_warning
+from .redact import Redactor
+
 __all__ = ["StreamAssembler", "StreamError", "assemble", "to_sse", "DONE"]
 
 DONE = "[DONE]"
 REASONING_KEYS = ("reasoning_content", "reasoning")
 _MESSAGE_CAP = 500
+_SNIPPET_CHARS = 80  # of a chunk quoted in an error
 
 
 class StreamError(Exception):
@@ -52,8 +59,10 @@ class StreamError(Exception):
 class StreamAssembler:
     """Feeds SSE lines one at a time; `result()` is the assembled response body."""
 
-    def __init__(self) -> None:
+    def __init__(self, redactor: Redactor | None = None) -> None:
         self.done = False  # `data: [DONE]` arrived
+        self.replaced = 0  # invalid UTF-8 bytes decoded as U+FFFD
+        self.surrogates = 0  # escaped lone surrogates read as U+FFFD
         self._data: list[str] = []  # `data:` lines of the event being read (an event may span lines)
         self._content: list[str] | None = None  # None: no content delta at all
         self._reasoning: dict[str, list[str]] = {}
@@ -62,21 +71,38 @@ class StreamAssembler:
         self._usage: dict[str, Any] | None = None
         self._meta: dict[str, Any] = {}
         self._role = "assistant"
-        self._tail = b""  # a line not yet ended, from feed_bytes
+        self._tail: list[bytes] = []  # the pieces of a line not yet ended, from feed_bytes
+        self._redactor = redactor or Redactor()
 
     # -- reading -------------------------------------------------------------------------
 
     def feed_bytes(self, data: bytes) -> None:
-        """Raw bytes as they arrive, lines split here (no cap on a line's length); stops at [DONE]."""
-        lines = (self._tail + data).split(b"\n")
-        self._tail = lines.pop()
-        for line in lines:
-            self.feed(line)
-            if self.done:
+        """Raw bytes as they arrive, lines split here; stops at [DONE]. Each byte is copied a
+        bounded number of times (a line's pieces are joined once, when its end arrives)."""
+        end = data.find(b"\n")
+        if end < 0:
+            if data:
+                self._tail.append(data)
+            return
+        first = b"".join([*self._tail, data[:end]]) if self._tail else data[:end]
+        self._tail = []
+        start = end + 1
+        self.feed(first)
+        while not self.done:
+            end = data.find(b"\n", start)
+            if end < 0:
+                if start < len(data):
+                    self._tail.append(data[start:])
                 return
+            self.feed(data[start:end])
+            start = end + 1
 
     def feed(self, line: bytes | str) -> None:
-        text = line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line
+        if isinstance(line, (bytes, bytearray)):
+            text, bad = decode_utf8(line)
+            self.replaced += bad
+        else:
+            text = line
         text = text.rstrip("\r\n")
         if not text:  # a blank line ends an event
             self._dispatch()
@@ -103,15 +129,18 @@ class StreamAssembler:
             self.done = True
             return
         try:
-            chunk = json.loads(data)
+            chunk, _, surrogates = loads_json(data)
         except ValueError:
-            raise StreamError(f"stream chunk is not JSON: {data[:80]!r}", reason="not_json") from None
+            snippet = self._redactor.cut(data, _SNIPPET_CHARS)
+            raise StreamError(f"stream chunk is not JSON: {snippet!r}", reason="not_json") from None
+        self.surrogates += surrogates
         self._chunk(chunk)
 
     def _chunk(self, chunk: Any) -> None:
         if not isinstance(chunk, dict):
-            raise StreamError(f"stream chunk is JSON but not an object: {str(chunk)[:80]!r}", reason="not_json")
-        _raise_if_error(chunk)
+            snippet = self._redactor.cut(_shown(chunk), _SNIPPET_CHARS)
+            raise StreamError(f"stream chunk is JSON but not an object: {snippet!r}", reason="not_json")
+        _raise_if_error(chunk, self._redactor)
         for key in ("id", "created", "model", "object", "system_fingerprint", "service_tier"):
             if chunk.get(key) is not None and key not in self._meta:
                 self._meta[key] = chunk[key]
@@ -141,10 +170,15 @@ class StreamAssembler:
 
     # -- the result ----------------------------------------------------------------------
 
+    @property
+    def warning(self) -> str | None:
+        """What the row's `error` column says when the stream held bad text (None: it did not)."""
+        return text_warning(self.replaced, self.surrogates)
+
     def result(self) -> dict[str, Any]:
         """The assembled body; raises StreamError when the stream stopped before its end."""
         if self._tail and not self.done:
-            tail, self._tail = self._tail, b""
+            tail, self._tail = b"".join(self._tail), []
             self.feed(tail)
         self._dispatch()  # a last event without its blank line
         if not self.done and self._finish is None:
@@ -161,24 +195,34 @@ class StreamAssembler:
         return {**self._meta, "object": "chat.completion", "choices": choices, "usage": self._usage}
 
 
-def _raise_if_error(chunk: dict[str, Any]) -> None:
+def _raise_if_error(chunk: dict[str, Any], redactor: Redactor) -> None:
     err = chunk.get("error")
     if chunk.get("object") == "error":  # vLLM: {"object": "error", "message": ..., "code": 500}
         err = chunk
     if not err:
         return
     if isinstance(err, dict):
-        message = err.get("message") or json.dumps(err)[:_MESSAGE_CAP]
+        message = err.get("message") or err
         code = err.get("code") if err.get("code") is not None else err.get("type")
     else:
-        message, code = str(err), None
-    raise StreamError(f"error in the stream: {str(message)[:_MESSAGE_CAP]}", reason="error_chunk",
-                      code=str(code) if code is not None else None)
+        message, code = err, None
+    raise StreamError(f"error in the stream: {redactor.cut(_shown(message), _MESSAGE_CAP)}", reason="error_chunk",
+                      code=redactor.cut(_shown(code), _MESSAGE_CAP) if code is not None else None)
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as text for a message; str() of a hostile, deeply nested one would recurse too far."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        return f"(a {type(value).__name__} too deeply nested to show)"
 
 
 def _is_json(text: str) -> bool:
     try:
-        json.loads(text)
+        loads_json(text)
     except ValueError:
         return False
     return True

@@ -18,6 +18,7 @@ from pipeline.client import Client
 from pipeline.connection import ConnectionPool, MalformedResponse, ResponseCut
 from pipeline.errors import RequestError
 
+CAP = 1 << 20
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Describe it."}]}).encode()
 
 
@@ -27,7 +28,7 @@ async def test_answers_read_whole_however_framed(endpoint_factory: Any, transfer
     pool = ConnectionPool(ep.base_url + "/chat/completions", {"Content-Type": "application/json"},
                           max_connections=4, timeout_s=10)
     try:
-        answers = [await pool.post(BODY) for _ in range(3)]
+        answers = [await pool.post(BODY, max_bytes=CAP) for _ in range(3)]
     finally:
         await pool.close()
     for status, headers, raw in answers:
@@ -58,7 +59,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(endpoint_fa
     async with Client(ep.base_url + "/chat/completions", None, timeout_s=10, max_connections=2) as client:
         await client.post(BODY)
         await asyncio.sleep(1.0)  # the server closes the idle connection meanwhile
-        data, _, _ = await client.post(BODY)  # no spurious "connection" error: a fresh connection
+        data = (await client.post(BODY)).body  # no spurious "connection" error: a fresh connection
     assert data["choices"][0]["message"]["content"]
     assert ep.stats()["connections"] == 2
 
@@ -66,7 +67,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(endpoint_fa
 async def test_the_key_is_sent_but_never_shown(endpoint_factory: Any) -> None:
     ep = endpoint_factory(api_key="sk-right")
     async with Client(ep.base_url + "/chat/completions", "sk-right", timeout_s=10, max_connections=1) as client:
-        data, _, _ = await client.post(BODY)
+        data = (await client.post(BODY)).body
         assert data["choices"]
         assert "sk-right" not in repr(client._pool)
     async with Client(ep.base_url + "/chat/completions", "sk-wrong", timeout_s=10, max_connections=1) as client:
@@ -129,7 +130,7 @@ async def _post_all(raw: RawServer, count: int, *, timeout_s: float = 5) -> list
     try:
         for _ in range(count):
             try:
-                results.append(await pool.post(b'{"x": 1}'))
+                results.append(await pool.post(b'{"x": 1}', max_bytes=CAP))
             except Exception as exc:  # noqa: BLE001 - the failure is the result under test
                 results.append(exc)
     finally:

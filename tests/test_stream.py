@@ -155,10 +155,10 @@ def _body(prompt: str, *, stream: bool = True, usage: bool = True) -> bytes:
 async def test_client_assembles_the_built_in_endpoints_stream(endpoint_factory: Any) -> None:
     ep = endpoint_factory(reasoning_field="reasoning_content", row_faults={"bare": "no_usage"})
     async with Client(ep.base_url + "/chat/completions", None, timeout_s=10, max_connections=2) as client:
-        streamed, headers, _ = await client.post_stream(_body("hello"))
-        plain, _, _ = await client.post(_body("hello", stream=False))
-        bare, _, _ = await client.post_stream(_body("bare"))
-        not_asked, _, _ = await client.post_stream(_body("hello", usage=False))
+        streamed, headers, _, _ = await client.post_stream(_body("hello"))
+        plain = (await client.post(_body("hello", stream=False))).body
+        bare = (await client.post_stream(_body("bare"))).body
+        not_asked = (await client.post_stream(_body("hello", usage=False))).body
     assert headers["content-type"].startswith("text/event-stream")
     s, p = parse_response(streamed), parse_response(plain)
     assert (s.answer, s.reasoning, s.total_tokens, s.finish_reason) == (p.answer, p.reasoning, p.total_tokens, p.finish_reason)
@@ -176,7 +176,7 @@ async def test_client_turns_broken_streams_into_retryable_errors(endpoint_factor
     async with Client(ep.base_url + "/chat/completions", None, timeout_s=10, max_connections=2) as client:
         with pytest.raises(RequestError) as exc:
             await client.post_stream(_body("faulty row"))
-        ok, _, _ = await client.post_stream(_body("a healthy row"))  # the client is still usable
+        ok = (await client.post_stream(_body("a healthy row"))).body  # the client is still usable
     assert exc.value.kind == kind
     assert should_retry(exc.value, attempt=1, max_attempts=3)
     assert parse_response(ok).answer

@@ -92,6 +92,12 @@ class LimitsConfig(Table):
     breaker_failures: int = setting(50, doc='failed attempts in a row that mean "the endpoint is down" (exit 3)', check=positive)
     breaker_seconds: float = setting(120.0, doc="... or this long failing with no success", check=positive)
     grace_s: float = setting(10.0, doc="on Ctrl-C/SIGTERM, how long requests in flight may finish", check=zero_or_more)
+    max_response_mb: float = setting(64.0, doc="an answer larger than this (as sent or decompressed) is a failed attempt",
+                                     check=positive)
+
+    @property
+    def max_response_bytes(self) -> int:
+        return int(self.max_response_mb * (1 << 20))
 
 
 @dataclass(frozen=True)

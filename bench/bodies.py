@@ -1,0 +1,123 @@
+"""Benchmark: the time to take in one big answer body, 64 KB at a time (issue 12: linear buffering).
+
+    python -m bench.bodies                  # this tree: a 100 MB body, plain and streamed
+    python -m bench.bodies --ref 17be255    # also the code of that commit, for a before/after
+    python -m bench.bodies --mb 25          # another size
+
+What is timed is the event loop's own work, without the network: the plain path's protocol
+(`connection._Connection.data_received`) fed a Content-Length answer, and the streamed path's
+`stream.StreamAssembler.feed_bytes` fed one SSE event whose content is the whole body (the line
+only ends at the last chunk, the worst case for a line buffer). Both come in 64 KB chunks, the
+way the event loop hands them over. Linear code takes about the same time per MB at any size;
+the buffering it replaced (`buf = buf + data`) copied the whole buffer again for every chunk.
+With `--ref`, those two modules are read from the given commit with `git show` and timed the
+same way (they must import nothing else from the package, as before issue 12 they did not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 64 * 1024
+
+__all__ = ["time_plain", "time_stream", "main"]
+
+
+class _Transport:
+    """Stands in for the socket: the protocol only closes or aborts it."""
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def time_plain(connection: ModuleType, size: int) -> float:
+    """Seconds for `connection._Connection` to take in a `size`-byte answer in 64 KB chunks."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn = connection._Connection(loop)
+        conn.transport = _Transport()
+        conn.cap = size + 1  # an attribute the older code simply does not read
+        conn._reset()
+        conn.waiter = loop.create_future()
+        chunk = b"x" * CHUNK
+        started = time.perf_counter()
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size)
+        for offset in range(0, size, CHUNK):
+            conn.data_received(chunk if size - offset >= CHUNK else chunk[: size - offset])
+        elapsed = time.perf_counter() - started
+        status, _, body = conn.waiter.result()
+        assert status == 200 and len(body) == size, "the body did not arrive whole"
+        return elapsed
+    finally:
+        loop.close()
+
+
+def time_stream(stream: ModuleType, size: int) -> float:
+    """Seconds for `stream.StreamAssembler.feed_bytes` to take in one `size`-byte SSE event."""
+    head = b'data: {"choices":[{"index":0,"delta":{"content":"'
+    tail = b'"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    chunk = b"x" * CHUNK
+    asm = stream.StreamAssembler()
+    started = time.perf_counter()
+    asm.feed_bytes(head)
+    for offset in range(0, size, CHUNK):
+        asm.feed_bytes(chunk if size - offset >= CHUNK else chunk[: size - offset])
+    asm.feed_bytes(tail)
+    elapsed = time.perf_counter() - started
+    content = asm.result()["choices"][0]["message"]["content"]
+    assert len(content) == size, "the answer did not arrive whole"
+    return elapsed
+
+
+def _from_git(ref: str, name: str, folder: Path) -> ModuleType:
+    source = subprocess.run(["git", "show", f"{ref}:pipeline/{name}.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = folder / f"{name}_{ref}.py"
+    path.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_{ref}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(label: str, modules: tuple[ModuleType, ModuleType], size: int) -> dict[str, Any]:
+    plain, streamed = time_plain(modules[0], size), time_stream(modules[1], size)
+    mb = size / (1 << 20)
+    print(f"{label:>12}: plain {plain:7.2f} s ({mb / plain:7.0f} MB/s)   streamed {streamed:7.2f} s ({mb / streamed:7.0f} MB/s)",
+          flush=True)
+    return {"plain_s": round(plain, 3), "streamed_s": round(streamed, 3)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.bodies", description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="the body's size in MB (default 100)")
+    parser.add_argument("--ref", help="also time the code of this git commit (before/after)")
+    args = parser.parse_args(argv)
+    size = int(args.mb * (1 << 20))
+    print(f"a {args.mb:g} MB body in {CHUNK // 1024} KB chunks ({size // CHUNK} chunks)")
+    from pipeline import connection, stream
+
+    results = {"this tree": _report("this tree", (connection, stream), size)}
+    if args.ref:
+        with tempfile.TemporaryDirectory() as tmp:
+            old = (_from_git(args.ref, "connection", Path(tmp)), _from_git(args.ref, "stream", Path(tmp)))
+            results[args.ref] = _report(args.ref, old, size)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

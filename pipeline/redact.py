@@ -1,0 +1,99 @@
+"""The redactor: secrets hidden from every text before it is cut, stored or printed.
+
+    redactor = Redactor([api_key])
+    redactor.scrub("Incorrect API key provided: sk-...")    # "Incorrect API key provided: [key]"
+    redactor.cut(message, 500)                             # scrub first, then cut
+    redactor.scrub_record({"error": "...sk-..."})         # a new dict, every text value scrubbed
+
+Why scrub before cutting: a provider that echoes the key in a long message may have it
+straddle the cut, and half a key left after a cut is no longer found by a scrub that comes later.
+A secret is hidden in the forms a message can carry it in: as is, JSON-escaped (a body echoed in
+an error text) and percent-encoded (a URL), hex digits of either case. A text that ends with the
+first characters of a secret (someone upstream cut it) has that tail hidden too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+__all__ = ["Redactor", "KEY_PLACEHOLDER", "MIN_PARTIAL"]
+
+KEY_PLACEHOLDER = "[key]"
+MIN_PARTIAL = 6  # a text ending with this many first characters of a secret has them hidden
+
+
+def _forms(secret: str) -> set[str]:
+    """The spellings of `secret` a message may hold."""
+    escaped = json.dumps(secret)[1:-1]
+    return {secret, escaped, escaped.replace("/", "\\/"), json.dumps(secret, ensure_ascii=False)[1:-1],
+            quote(secret, safe=""), quote_plus(secret, safe="")}
+
+
+def _pattern(form: str) -> str:
+    """A regex for one form; the hex digits of a %XX escape match in either case."""
+    out: list[str] = []
+    i = 0
+    while i < len(form):
+        if form[i] == "%" and re.fullmatch(r"[0-9A-F]{2}", form[i + 1 : i + 3]):
+            out.append("%" + "".join(f"[{c}{c.lower()}]" if c.isalpha() else c for c in form[i + 1 : i + 3]))
+            i += 3
+        else:
+            out.append(re.escape(form[i]))
+            i += 1
+    return "".join(out)
+
+
+class Redactor:
+    """Hides `secrets` (empty or None ones are ignored) behind `placeholder`."""
+
+    def __init__(self, secrets: Iterable[str | None] = (), placeholder: str = KEY_PLACEHOLDER) -> None:
+        forms = {form for s in secrets if s for form in _forms(s)}
+        self.placeholder = placeholder
+        # Longest first: a secret inside a longer one must not leave the longer one's rest behind.
+        self._forms = sorted(forms, key=len, reverse=True)
+        self._regex = re.compile("|".join(_pattern(f) for f in self._forms)) if self._forms else None
+
+    def __bool__(self) -> bool:
+        return self._regex is not None
+
+    def __repr__(self) -> str:  # never the secrets themselves
+        return f"Redactor({len(self._forms)} forms)"
+
+    def scrub(self, text: str) -> str:
+        """`text` with every form of every secret, and a trailing start of one, replaced."""
+        if self._regex is None or not text:
+            return text
+        text = self._regex.sub(self.placeholder, text)
+        return self._hide_partial_tail(text)
+
+    def _hide_partial_tail(self, text: str) -> str:
+        for form in self._forms:
+            start = text.rfind(form[:MIN_PARTIAL], max(0, len(text) - len(form)))
+            if start >= 0 and form.startswith(text[start:]):
+                return text[:start] + self.placeholder
+        return text
+
+    def cut(self, text: str, limit: int) -> str:
+        """Scrubbed, then at most `limit` characters: a cut can never split a secret."""
+        return self.scrub(text)[:limit]
+
+    def scrub_record(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `record` with every text in it (nested lists and dicts too) scrubbed."""
+        if self._regex is None:
+            return record
+        return {k: self._scrub_value(v) for k, v in record.items()}
+
+    def _scrub_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {k: self._scrub_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub_value(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self._scrub_value(v) for v in value)
+        return value
