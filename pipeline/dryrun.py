@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from .checkpoint import Checkpoint
 from .config import Job
 from .errors import InputError, JobError
-from .manifest import Plan, plan_manifest, read_shard
+from .manifest import SHOW, Plan, plan_manifest, read_shard
 from .media import LocalFiles, image_values, sniff_mime
 from .pricing import CHARS_PER_TOKEN
 from .request import RequestBuilder
@@ -42,7 +42,7 @@ from .storage import PartStore
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
-SHOW_PER_KIND = 3  # examples printed per kind of problem
+SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
 DEFAULT_OUTPUT_TOKENS = 1024  # as the runner assumes for tokens_per_minute when max_tokens is unset
 
 

@@ -24,8 +24,9 @@ rows with the wrong number of fields, JSON lines that cannot be read, rows witho
 that repeat anywhere in the manifest are reported together in one JobError that names the rows
 (manifest row numbers from 0, as everywhere; the first few of each kind and a count). Repeated
 ids are found by a 64-bit hash per row (8 bytes a row), and the ids are read again only when a
-hash repeats. The longest record is kept in the plan: pyarrow reads in blocks, and a block must
-hold at least half a record.
+hash repeats. The longest record is kept in the plan: pyarrow reads in blocks (1 MiB by default)
+and fails on a record spread over more than two, so a block as long as the longest record is
+always enough (rows of 64 MB and more).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _PIECE = 4 << 20  # bytes scanned at a time: numpy's scratch arrays stay within 
 _DIGEST_BLOCK = 8 << 20
 DEFAULT_BLOCK = 1 << 20  # pyarrow's own default block size
 MAX_BLOCK = (1 << 31) - 1  # pyarrow's block_size is a 32-bit int
-SHOW = 3  # rows named per kind of problem
+SHOW = 3  # rows named per kind of problem (here and in the dry run)
 DIAGNOSE_READS = 256  # pyarrow reads spent, per plan, naming the lines of JSON shards that fail
 TRACK_IDS = 1000  # ids whose hash repeats that are read back to name their rows
 MESSAGE_CHARS = 160  # of a reader's message quoted in a problem
