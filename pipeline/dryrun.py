@@ -2,17 +2,20 @@
 
     code = dry_run(job)      # prints a short report on stdout; 0 ready, 1 rows would fail
 
-It reads the manifest one shard at a time (memory stays flat) and checks each row as the run would
-build it, without reading whole image files: ids (missing, repeated within a shard), prompts
-(empty, with no fallback), image cells (none, a bad JSON list), URLs (scheme, host), data URIs,
-local files (missing, unreadable, not an image by its first bytes, too large, outside the allowed
-folder). It counts the rows, estimates the tokens (text at ~4 characters a token, each image at
+It plans the manifest as a run does, which checks the whole file as the run will read it (invalid
+UTF-8, CSV rows with the wrong number of fields, broken JSON lines, missing or repeated ids: see
+pipeline.manifest). Then it reads the manifest one shard at a time (memory stays flat) and checks
+each row as the run would build it, without reading whole image files: prompts (empty, with no
+fallback), image cells (none, a bad JSON list), URLs (scheme, host), data URIs, local files
+(missing, unreadable, not an image by its first bytes, too large, outside the allowed folder). It
+counts the rows, estimates the tokens (text at ~4 characters a token, each image at
 `[limits] image_token_estimate`, output at most `max_tokens`), the cost from `[pricing]` and the
 time the rate limits imply, and lists the first few problems of each kind with their counts.
 
-Job-level problems (the key's variable unset, a column the job names but the manifest lacks, a
-prompt placeholder that is not a column, an output URL whose storage cannot be listed) are listed
-too, and make the job not ready (exit 1).
+Job-level problems (the key's variable unset, a manifest the planner refuses, a column the job
+names but the manifest lacks, a prompt placeholder that is not a column, an output URL whose
+storage cannot be listed) are listed too, and make the job not ready (exit 1). A manifest without
+rows is said to be one (a run would send nothing), exit 0.
 A job file that cannot be read at all is a JobError (exit 2), as for a run.
 """
 
@@ -30,7 +33,7 @@ from urllib.parse import urlsplit
 from .checkpoint import Checkpoint
 from .config import Job
 from .errors import InputError, JobError
-from .manifest import Plan, plan_manifest, read_shard
+from .manifest import SHOW, Plan, plan_manifest, read_shard
 from .media import LocalFiles, PathError, image_values, sniff_mime
 from .pricing import CHARS_PER_TOKEN
 from .request import RequestBuilder
@@ -38,7 +41,7 @@ from .storage import PartStore
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
-SHOW_PER_KIND = 3  # examples printed per kind of problem
+SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
 DEFAULT_OUTPUT_TOKENS = 1024  # as the runner assumes for tokens_per_minute when max_tokens is unset
 
 
@@ -74,7 +77,7 @@ def dry_run(job: Job, out: TextIO = sys.stdout) -> int:
     plan: Plan | None = None
     try:
         plan = plan_manifest(job.input, job.run.shard_rows)
-    except JobError as exc:  # a missing column, an unreadable manifest: nothing more can be checked
+    except JobError as exc:  # bad rows, repeated ids, a missing column: nothing more can be checked
         report.job_problems.append(str(exc))
     if plan is not None:
         try:
@@ -94,24 +97,12 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
     id_col, image_col = job.input.id_column, job.input.image_column
     for shard in plan.shards:
         table = read_shard(job.input, plan, shard)
-        seen: set[str] = set()
         for i, row in enumerate(table.to_pylist()):
             number = shard.first_row + i
-            where = f"row {number}"
+            # Planning has refused missing and repeated ids: every row has its own here.
+            where = f"row {number}" if id_col is None else f"row {number} (id {row.get(id_col)})"
             report.rows += 1
             bad = False
-            if id_col is not None:
-                value = row.get(id_col)
-                row_id = "" if value is None else str(value)
-                if not row_id:
-                    report.problem("missing_id", where, f"no {id_col!r}; every row needs an id")
-                    bad = True
-                elif row_id in seen:
-                    report.problem("duplicate_id", where, f"id {row_id!r} appears twice")
-                    bad = True
-                else:
-                    where = f"row {number} (id {row_id})"
-                seen.add(row_id)
             chars = 0
             try:
                 prompt = builder.prompt(row)
@@ -196,6 +187,10 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
         say(f"job problem: {problem}")
     if plan is None:
         say("not ready: fix the job problem above")
+        return
+    if not plan.shards:
+        say(f"manifest: {job.input.path} has no rows; a run would send nothing")
+        say("not ready: fix the job problem(s) above" if report.job_problems else "nothing to do")
         return
     good = report.rows - report.bad_rows
     say(f"manifest: {job.input.path}, {report.rows} rows in {len(plan.shards)} shard(s); "
