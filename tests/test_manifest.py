@@ -32,7 +32,7 @@ BAD_BYTE = "\ue000"  # stands for a byte that is not UTF-8 (0xff) in generated t
 
 
 def _cfg(path: Path, **kw: Any) -> InputConfig:
-    return InputConfig(path=path, format=path.suffix[1:], **kw)
+    return InputConfig(path=path, **kw)
 
 
 def _sharded(cfg: InputConfig, plan: Plan) -> list[dict[str, Any]]:
