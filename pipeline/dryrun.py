@@ -63,7 +63,8 @@ class Report:
             self.examples[kind].append(f"{where}: {message}")
 
 
-def dry_run(job: Job, out: TextIO = sys.stdout) -> int:
+def dry_run(job: Job, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout  # looked up now: a test's captured stdout, a redirect
     report = Report()
     if job.endpoint.api_key_env and not os.environ.get(job.endpoint.api_key_env):
         report.job_problems.append(

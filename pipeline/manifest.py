@@ -86,6 +86,7 @@ class Plan:
     header: str  # csv: the header record, base64; jsonl: the Arrow schema, base64
     shards: list[Shard] = field(default_factory=list)
     max_record: int = 0  # csv/jsonl: bytes of the longest record; 0 in a plan.json of an earlier version
+    checked: bool = False  # every row was checked while planning (ids, encoding, fields); False in older plans
 
     @property
     def total_rows(self) -> int:
@@ -425,7 +426,7 @@ def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
         plan = Plan(cfg.format, st.st_size, st.st_mtime_ns, shard_rows, list(columns), head, [], layout.max_record)
         shards = _check_shards(f, cfg, plan, layout, problems)
     problems.raise_if_any()
-    return replace(plan, shards=shards)
+    return replace(plan, shards=shards, checked=True)
 
 
 def _read_range(f: BinaryIO, start: int, end: int) -> bytes:
@@ -699,7 +700,7 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
             (_parquet_rows(pf, s.start, s.end, columns=col, cache=cache).column(0), np.arange(s.start, s.end)) for s in shards
         ))
     problems.raise_if_any()
-    return Plan("parquet", st.st_size, st.st_mtime_ns, shard_rows, pf.schema_arrow.names, "", shards)
+    return Plan("parquet", st.st_size, st.st_mtime_ns, shard_rows, pf.schema_arrow.names, "", shards, checked=True)
 
 
 def _table_digest(table: pa.Table) -> str:

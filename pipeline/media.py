@@ -58,6 +58,7 @@ from .lifeline import start_worker
 
 if TYPE_CHECKING:
     from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
+    from .redact import Redactor
 
 __all__ = [
     "MediaBuilder",
@@ -551,10 +552,12 @@ def _make_pool(cfg: ImagesConfig) -> Executor:
 class MediaBuilder:
     """Builds a row's media parts. Owns the thread pool and, when needed, the fetcher."""
 
-    def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None) -> None:
+    def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
+                 redactor: Redactor | None = None) -> None:
         self.inp = inp
         self.cfg = cfg
         self.detail = detail
+        self.redactor = redactor  # an image host's error text may echo a secret, too
         self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots)
         self._pool = _make_pool(cfg)
         self._fetcher: Fetcher | None = None
@@ -572,6 +575,7 @@ class MediaBuilder:
                 retries=c.fetch_retries,
                 max_redirects=c.max_redirects,
                 block_private=c.block_private_addresses,
+                redactor=self.redactor,
             )
         return self._fetcher
 

@@ -25,6 +25,7 @@ import orjson
 from .config import Job
 from .errors import InputError, JobError
 from .media import MediaBuilder
+from .redact import Redactor
 
 __all__ = ["RequestBuilder", "Built", "placeholders"]
 
@@ -43,9 +44,9 @@ def placeholders(template: str) -> list[str]:
 
 
 class RequestBuilder:
-    def __init__(self, job: Job, columns: list[str]) -> None:
+    def __init__(self, job: Job, columns: list[str], *, redactor: Redactor | None = None) -> None:
         self.job = job
-        self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail)
+        self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]

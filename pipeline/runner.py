@@ -45,6 +45,7 @@ from .journal import Journal, latest_per_id, read_journal_table, repair_tail
 from .limiter import Limiter
 from .manifest import Plan, Shard, plan_manifest, range_digest, read_shard, row_ids
 from .pricing import Budget, row_cost, total_cost, worst_case_cost
+from .redact import Redactor
 from .request import RequestBuilder, placeholders
 from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from .storage import PartStore, display
@@ -91,13 +92,25 @@ class _Counts:
     by_kind: Counter = field(default_factory=Counter)
 
 
+_redactor = Redactor()  # the run's secrets (the key, storage credentials): set by run()
+
+
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A line for the person running the job; never with a secret in it."""
+    print(_redactor.scrub(message), file=sys.stderr, flush=True)
+
+
+def _hide_secrets(job: Job) -> Redactor:
+    """Every message, journal line, log and summary of this run is scrubbed of these."""
+    global _redactor
+    _redactor = Redactor([job.api_key(), *PartStore.for_output(job.output).secrets()])
+    return _redactor
 
 
 def run(job: Job, options: RunOptions = RunOptions()) -> int:
     """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
     _return_freed_memory()
+    _hide_secrets(job)
     if job.run.engine == "ray":
         from .ray_engine import run_on_ray  # the optional extra: a JobError naming it when Ray is missing
     ckpt = Checkpoint(job.output.checkpoint)
@@ -179,8 +192,9 @@ def event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def _current_plan(job: Job, ckpt: Checkpoint) -> Plan:
     old = ckpt.load_plan()
-    if old is not None and old.matches_file(job.input.path):
+    if old is not None and old.checked and old.matches_file(job.input.path):
         return old  # the fast path of a finished job's rerun: no manifest scan
+    # (a plan made before every row was checked while planning is made again, checks included)
     plan = plan_manifest(job.input, job.run.shard_rows)
     if old is not None:
         _check_append_only(job, old, plan)
@@ -293,7 +307,8 @@ class _Engine:
         self.plan = plan
         self.options = options
         self.limits = job.limits
-        self.builder = RequestBuilder(job, plan.columns)
+        self.redactor = _hide_secrets(job)  # what a provider or a bug may echo never reaches a file
+        self.builder = RequestBuilder(job, plan.columns, redactor=self.redactor)
         # `limiter`: the Ray engine's workers share one cluster-wide budget (lease.LeasedLimiter).
         self.limiter = limiter if limiter is not None else Limiter(
             job.limits.requests_per_minute,
@@ -544,7 +559,7 @@ class _Engine:
     def _internal_error(self, state: _RowState, exc: Exception) -> dict[str, Any]:
         self.internal_errors += 1
         log = self.ckpt.folder / "errors.log"
-        text = "".join(traceback.format_exception(exc))
+        text = self.redactor.scrub("".join(traceback.format_exception(exc)))
         with contextlib.suppress(OSError):
             with open(log, "a", encoding="utf-8") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
@@ -567,7 +582,7 @@ class _Engine:
             self._release_held()
 
     def _deliver(self, work: _ShardWork, record: dict[str, Any]) -> None:
-        self.journal.append(work.shard.index, record)
+        self.journal.append(work.shard.index, self.redactor.scrub_record(record))
         if record["status"] == "ok":
             self.counts.ok += 1
         else:
@@ -886,7 +901,8 @@ def _finish(
         **state,
     }
     if isinstance(stopped, (StopJob, LocalFailure)):
-        summary["stopped"] = {"kind": stopped.kind, "message": str(stopped), "local": isinstance(stopped, LocalFailure)}
+        summary["stopped"] = {"kind": stopped.kind, "message": _redactor.scrub(str(stopped)),
+                              "local": isinstance(stopped, LocalFailure)}
     if job.pricing is not None:
         summary["this_run"]["spent"] = round(counts.spent, 6)
         summary["budget"] = job.pricing.budget

@@ -29,7 +29,8 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
   `bomb_mb` MB of zeros inside a JSON string; built once, in a thread), `huge` (an answer of
   `huge_mb` MB, over the client's default cap, written in 64 KB pieces: chunked, or with its
   Content-Length under `transfer = "length"`), `bad_utf8` (a 200 whose answer text ends with the
-  invalid bytes FF FE FD), `echo_key` (a 400 whose message echoes the presented Authorization
+  invalid bytes FF FE FD), `answer_echoes_key` (a 200 whose answer quotes the presented Authorization header),
+  `echo_key` (a 400 whose message echoes the presented Authorization
   header, padded so it straddles the 500th character, where clients cut messages), `redirect` (a
   307 to /redirected/... on this server, which counts in /stats `redirects_followed` whoever
   follows it);
@@ -70,7 +71,7 @@ FAULTS = (
     "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "429bare", "quota", "throttle",
     "drop", "cut", "broken", "nochoices", "slow", "length",
     "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
-    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "redirect",
+    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "answer_echoes_key", "redirect",
 )
 HOSTILE_ANSWERS = frozenset({"null_text", "gzip_bomb", "huge", "bad_utf8"})  # a 200 the client must survive
 BAD_UTF8_MARK = "\ue000"  # one character (so no SSE piece splits it), swapped for BAD_UTF8 in the bytes sent
@@ -332,8 +333,10 @@ def make_app(opts: ServeOptions) -> web.Application:
             request.transport.close()
             return web.Response(status=599)  # never reaches the client
         max_tokens = body.get("max_tokens")
-        content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length",
-                                      answer=_json_answer(body, prompt, opts, valid=fault != "invalid_json"))
+        answer = _json_answer(body, prompt, opts, valid=fault != "invalid_json")
+        if fault == "answer_echoes_key":  # a model that repeats what it was sent, headers included
+            answer = f"Answer to {prompt!r}: your request said Authorization: {request.headers.get('Authorization', '')}"
+        content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length", answer=answer)
         message: dict[str, Any] = {"content": content, "refusal": None, "role": "assistant", "annotations": None,
                                    "audio": None, "function_call": None, "tool_calls": None}
         if opts.reasoning_field != "content":

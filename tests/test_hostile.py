@@ -41,7 +41,7 @@ from pipeline.stream import StreamAssembler, StreamError
 
 KEY = "sk-hostile-" + "7f3a9c2e51b84d6f0a1e9b7c3d5f2a8e"
 KEY_ENV = "PIPELINE_HOSTILE_KEY"
-FAULTS = ("null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "redirect")
+FAULTS = ("null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "answer_echoes_key", "redirect")
 MEMORY_BOUND_MB = 400  # the bomb inflates to 1 GB, huge sends 80 MB; bounded reads stay near the 64 MB cap per request
 RUN_TIMEOUT_S = 180
 
@@ -139,6 +139,9 @@ def test_a_run_against_every_hostile_answer_ends_with_each_row_once_and_truthful
     echo = by_id["r-echo_key"]  # a 400: not retried; the echoed key hidden although it straddled the cut
     assert (echo["status"], echo["error_kind"], echo["attempts"]) == ("error", "bad_request", 1)
     assert "[key]" in echo["error"]
+
+    echoed = by_id["r-answer_echoes_key"]  # a paid answer kept, with the key in it hidden (every column is scrubbed)
+    assert (echoed["status"], echoed["attempts"]) == ("ok", 1) and "Authorization: Bearer [key]" in echoed["answer"]
 
     redirect = by_id["r-redirect"]  # never followed: the request and its key stay where they were sent
     assert (redirect["status"], redirect["error_kind"], redirect["attempts"]) == ("error", "bad_request", 1)
