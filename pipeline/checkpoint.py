@@ -36,11 +36,20 @@ __all__ = ["Checkpoint", "write_json_atomic"]
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _named(exc, path) from None
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """A write error names its file: a message about a full disk must say which file failed."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _read_json(path: Path) -> Any:
@@ -173,11 +182,14 @@ class Checkpoint:
 
     def record_commit(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        with open(self.commits_path, "ab") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # appends from several worker processes never interleave
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.commits_path, "ab") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # appends from several worker processes never interleave
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a torn line it may leave is cut by commits() on the next read
+            raise _named(exc, self.commits_path) from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)

@@ -61,7 +61,7 @@ __all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EX
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-STOP_DEADLINE_S = 15.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
+STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
 PROGRESS_EVERY_S = 0.25
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
