@@ -166,7 +166,7 @@ analyze_images = false
 
 def _monitored_run(job_path: Path) -> tuple[int, float, dict[str, Any], _Monitor]:
     from pipeline.config import load_job
-    from pipeline.runner import RunOptions, run
+    from pipeline.engine.runner import RunOptions, run
 
     job = load_job(job_path)
     monitor = _Monitor()
@@ -203,13 +203,13 @@ def run_image_bench(
     The control is the same pipeline at the same pace sending URLs (no image work at all): its
     stalls are what the machine and the rest of the pipeline cause, for comparison.
     """
-    from PIL import __version__ as pillow_version
-
     # Imported lazily by the run on its loop thread otherwise (pandas by pyarrow's first `take` in
     # the producer, aiohttp.web for the built-in endpoint): a one-time stall of about half a second
     # before any request is sent, which is not what this benchmark measures.
     import pandas  # noqa: F401
-    import pipeline.server  # noqa: F401
+    from PIL import __version__ as pillow_version
+
+    import pipeline.tools.serve  # noqa: F401
 
     paths = make_images(n)
     source_mb = sum(p.stat().st_size for p in paths) / (1 << 20)

@@ -6,7 +6,15 @@ import math
 import shutil
 from typing import Any
 
-from .common import WORK, endpoint, recorded_times, run_pipeline, stats, url_manifest, write_job
+from .common import (
+    WORK,
+    endpoint,
+    recorded_times,
+    run_pipeline,
+    stats,
+    url_manifest,
+    write_job,
+)
 
 ANSWER = {"answer_bytes": 300, "analyze_images": False}
 

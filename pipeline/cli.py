@@ -5,7 +5,7 @@ Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage
 local failure (disk full, output unwritable, an internal error in shared machinery), resumable
 once the cause is fixed; 75 the job is already running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
 `pipeline run JOB --dry-run` sends nothing: 0 the job is ready, 1 rows would fail or the job has a
-problem (see pipeline/dryrun.py), 2 the job file cannot be read.
+problem (see pipeline/tools/dryrun.py), 2 the job file cannot be read.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--rate-headers", default="retry-after")
     v.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                    help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03; hostile answers: null_text, "
-                        "gzip_bomb, huge, bad_utf8, echo_key, redirect (all names and what they do: pipeline/server.py; "
+                        "gzip_bomb, huge, bad_utf8, echo_key, redirect (all names and what they do: pipeline/tools/serve.py; "
                         "an unknown name lists them)")
     v.add_argument("--row-fault", action="append", default=[], metavar="TEXT=FAULT[:N]",
                    help="rows whose prompt contains TEXT always get FAULT (or only their first N requests)")
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from .config import load_job
-            from .runner import RunOptions, run
+            from .engine.runner import RunOptions, run
 
             if args.dry_run:
-                from .dryrun import dry_run
+                from .tools.dryrun import dry_run
 
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(load_job(args.job), options)
         if args.command == "status":
             from .config import load_job
-            from .status import job_status, render
+            from .tools.status import job_status, render
 
             report = job_status(load_job(args.job, require_key=False))
             print(json.dumps(report, indent=1) if args.json else render(report))
@@ -128,8 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
         from .lifeline import die_with_parent
 
         die_with_parent(args.parent_pid)  # first: a parent already gone must not get a server
-    from .runner import event_loop_runner
-    from .server import ServeOptions, serve_forever
+    from .engine.runner import event_loop_runner
+    from .tools.serve import ServeOptions, serve_forever
 
     if args.options_json:
         opts = ServeOptions.from_dict(json.loads(args.options_json))

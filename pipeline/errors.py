@@ -17,8 +17,8 @@
 
 Foreign errors (socket and TLS errors, the connection pool's ResponseCut/MalformedResponse,
 aiohttp's, timeouts, HTTP statuses) become `RequestError` in exactly one place,
-`pipeline.client.translate`; nothing else matches on foreign types or on error text. Storage
-failures (fsspec backends) become `JobError` in one place, `pipeline.storage`.
+`pipeline.net.client.translate`; nothing else matches on foreign types or on error text. Storage
+failures (fsspec backends) become `JobError` in one place, `pipeline.io.storage`.
 """
 
 from __future__ import annotations

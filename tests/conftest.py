@@ -161,7 +161,7 @@ def read_output(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class S3:
-    """A real S3 (moto's server) in its own process, for outputs on `s3://` URLs (pipeline.storage)."""
+    """A real S3 (moto's server) in its own process, for outputs on `s3://` URLs (pipeline.io.storage)."""
 
     url: str
     proc: subprocess.Popen

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import job_dict, read_output, run_cli, url_manifest, write_job
+
 from pipeline.config import load_job
-from pipeline.pricing import worst_case_cost
+from pipeline.rows.pricing import worst_case_cost
 
 # Round prices so a row's cost is easy to check from its own token counts.
 PRICING = {"input_per_million": 1000.0, "output_per_million": 4000.0}

@@ -14,10 +14,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import (
+    ROOT,
+    job_dict,
+    read_output,
+    run_cli,
+    url_manifest,
+    write_job,
+    write_rows,
+)
 
-from pipeline.storage import OWNER_FILE
-
-from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job, write_rows
+from pipeline.io.storage import OWNER_FILE
 
 N_ROWS = 400
 CONCURRENCY = 8

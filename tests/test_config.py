@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT
 
 from pipeline.config import ImagesConfig, LimitsConfig, job_keys_markdown, parse_job
 from pipeline.errors import JobError
-from pipeline.server import ServeOptions
-
-from conftest import ROOT
+from pipeline.tools.serve import ServeOptions
 
 BASE: dict[str, Any] = {
     "name": "t",

@@ -12,11 +12,11 @@ import time
 from typing import Any, Awaitable, Callable
 
 import pytest
-
 from conftest import job_dict, read_output, run_cli, url_manifest, write_job
-from pipeline.client import Client
-from pipeline.connection import ConnectionPool, MalformedResponse, ResponseCut
+
 from pipeline.errors import RequestError
+from pipeline.net.client import Client
+from pipeline.net.connection import ConnectionPool, MalformedResponse, ResponseCut
 
 CAP = 1 << 20
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Describe it."}]}).encode()

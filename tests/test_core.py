@@ -12,13 +12,21 @@ import duckdb
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from conftest import (
+    DATA,
+    SEED,
+    job_dict,
+    read_output,
+    run_cli,
+    url_manifest,
+    write_job,
+    write_rows,
+)
 
-from pipeline.answer import parse_response, split_think
 from pipeline.config import load_job
+from pipeline.engine.runner import RunOptions, run
 from pipeline.errors import RequestError
-from pipeline.runner import RunOptions, run
-
-from conftest import DATA, SEED, job_dict, read_output, run_cli, url_manifest, write_job, write_rows
+from pipeline.rows.answer import parse_response, split_think
 
 
 def seed_example(which: int) -> dict:

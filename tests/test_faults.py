@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.config import load_job
+from pipeline.engine.runner import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_STOPPED,
+    RunOptions,
+    run,
+)
 from pipeline.errors import ERROR_KINDS
-from pipeline.runner import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, RunOptions, run
-
-from conftest import job_dict, read_output, run_cli, url_manifest, write_job
 
 
 def make_job(tmp_path: Path, base_url: str, rows: int, *, name: str = "job.toml", **overrides: Any) -> Path:

@@ -25,19 +25,19 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, job_dict, read_output, write_job, write_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, job_dict, read_output, write_job, write_rows
-from pipeline.answer import loads_json, parse_response, text_warning
-from pipeline.client import translate
 from pipeline.config import ImagesConfig, InputConfig
-from pipeline.connection import BoundedDecoder, ResponseTooLarge
 from pipeline.errors import InputError, RequestError
-from pipeline.media import MediaBuilder
+from pipeline.net.client import translate
+from pipeline.net.connection import BoundedDecoder, ResponseTooLarge
+from pipeline.net.stream import StreamAssembler, StreamError
 from pipeline.redact import Redactor
-from pipeline.server import BAD_UTF8, _bomb
-from pipeline.stream import StreamAssembler, StreamError
+from pipeline.rows.answer import loads_json, parse_response, text_warning
+from pipeline.rows.media import MediaBuilder
+from pipeline.tools.serve import BAD_UTF8, _bomb
 
 KEY = "sk-hostile-" + "7f3a9c2e51b84d6f0a1e9b7c3d5f2a8e"
 KEY_ENV = "PIPELINE_HOSTILE_KEY"
@@ -443,7 +443,7 @@ def test_compressed_padding_that_decodes_to_nothing_is_bounded_too() -> None:
 
 
 def test_a_data_uri_under_the_cap_still_decodes() -> None:
-    from pipeline.media import data_uri_size, parse_data_uri
+    from pipeline.rows.media import data_uri_size, parse_data_uri
 
     for n in range(7):
         uri = "data:image/png;base64," + base64.b64encode(b"x" * n).decode()

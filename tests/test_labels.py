@@ -9,11 +9,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import job_dict, read_output, run_cli, url_manifest, write_job, write_rows
+
 from pipeline.config import LabelsConfig
 from pipeline.errors import JobError, RequestError
-from pipeline.labels import Labels, extract_json
+from pipeline.rows.labels import Labels, extract_json
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from pipeline.config import LimitsConfig
+from pipeline.engine.lease import SLOT_EXPIRY_S, LeasedLimiter, RateBudget
 from pipeline.errors import StopJob
-from pipeline.lease import SLOT_EXPIRY_S, LeasedLimiter, RateBudget
 
 
 class Clock:

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from pipeline.limiter import RECOVER_EVERY_S, SAFETY, Limiter
+from pipeline.net.limiter import RECOVER_EVERY_S, SAFETY, Limiter
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from pipeline.config import InputConfig
 from pipeline.errors import JobError
-from pipeline.manifest import Plan, load_plan_dict, plan_manifest, read_shard
+from pipeline.io.manifest import Plan, load_plan_dict, plan_manifest, read_shard
 
 PROPERTY = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 BAD_BYTE = "\ue000"  # stands for a byte that is not UTF-8 (0xff) in generated text

@@ -22,14 +22,22 @@ from typing import Any, Iterator
 
 import pytest
 from aiohttp import web
+from conftest import job_dict, read_output, run_cli, write_job, write_rows
 from PIL import Image
 
 from pipeline.config import ImagesConfig, InputConfig, parse_job
 from pipeline.errors import InputError, JobError
-from pipeline.fetch import Fetcher, is_blocked_address
-from pipeline.media import MB, LocalFiles, MediaBuilder, PathError, b64_size, image_values, prepare_image, sniff_video
-
-from conftest import job_dict, read_output, run_cli, write_job, write_rows
+from pipeline.rows.fetch import Fetcher, is_blocked_address
+from pipeline.rows.media import (
+    MB,
+    LocalFiles,
+    MediaBuilder,
+    PathError,
+    b64_size,
+    image_values,
+    prepare_image,
+    sniff_video,
+)
 
 # -- images made on the spot -----------------------------------------------------------------
 

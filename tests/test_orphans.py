@@ -19,7 +19,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from conftest import DATA, ROOT, job_dict, read_output, write_job, write_rows
 
 GONE_AFTER_S = 5.0  # what the issue allows the children after their run is gone

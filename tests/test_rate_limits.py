@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from conftest import (
+    Endpoint,
+    job_dict,
+    read_output,
+    start_endpoint,
+    url_manifest,
+    write_job,
+)
 
-from conftest import Endpoint, job_dict, read_output, start_endpoint, url_manifest, write_job
 from pipeline.config import load_job
-from pipeline.runner import EXIT_OK, RunOptions, run
+from pipeline.engine.runner import EXIT_OK, RunOptions, run
 
 ASKED_S = 1.5  # what the injected 429s ask for: more than the no-header backoff (at most 1 s)
 STYLES = ("429", "429ms", "429date", "429reset", "429bare", "throttle")

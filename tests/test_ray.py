@@ -22,13 +22,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.config import load_job
-from pipeline.runner import RunOptions, run
-
-from pipeline.storage import OWNER_FILE
-
-from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job
+from pipeline.engine.runner import RunOptions, run
+from pipeline.io.storage import OWNER_FILE
 
 TASK_TITLE = "ray::_shard_task"  # Ray titles a worker process after the task it runs
 

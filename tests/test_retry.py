@@ -10,10 +10,10 @@ import email.utils
 import aiohttp
 import pytest
 
-from pipeline.breaker import Breaker
-from pipeline.client import classify_status, translate
 from pipeline.errors import RequestError
-from pipeline.retry import (
+from pipeline.net.breaker import Breaker
+from pipeline.net.client import classify_status, translate
+from pipeline.net.retry import (
     BASE_DELAY_S,
     LONG_BACKOFF_BASE_S,
     MAX_DELAY_S,

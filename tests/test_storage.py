@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT, S3, job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.cli import main
-from pipeline.storage import PartStore
-
-from pipeline.storage import OWNER_FILE
-
-from conftest import ROOT, S3, job_dict, read_output, run_cli, url_manifest, write_job
+from pipeline.io.storage import OWNER_FILE, PartStore
 
 CONCURRENCY = 4
 

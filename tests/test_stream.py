@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import SEED, job_dict, read_output, run_cli, url_manifest, write_job
-from pipeline.answer import parse_response
-from pipeline.client import Client, translate
+
 from pipeline.errors import RequestError
-from pipeline.retry import should_retry
-from pipeline.stream import StreamAssembler, StreamError, assemble, to_sse
+from pipeline.net.client import Client, translate
+from pipeline.net.retry import should_retry
+from pipeline.net.stream import StreamAssembler, StreamError, assemble, to_sse
+from pipeline.rows.answer import parse_response
 
 
 def _chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> str:

@@ -22,11 +22,18 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import (
+    ROOT,
+    job_dict,
+    read_output,
+    run_cli,
+    url_manifest,
+    write_job,
+    write_rows,
+)
 
-from pipeline.journal import journal_path
-from pipeline.storage import OWNER_FILE
-
-from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job, write_rows
+from pipeline.io.journal import journal_path
+from pipeline.io.storage import OWNER_FILE
 
 ROWS = 120
 RUN_TIMEOUT_S = 90

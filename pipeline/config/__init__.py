@@ -7,8 +7,18 @@
 from .fields import Table, keys_markdown, read_table, setting
 from .job import Job, job_keys_markdown, load_job, parse_job
 from .sections import (
-    DEFAULT_OUTPUT_TOKENS, MANIFEST_FORMATS, EndpointConfig, ImagesConfig, InputConfig, LabelsConfig, LimitsConfig,
-    ModelPrice, OutputConfig, PricingConfig, RequestConfig, RunConfig,
+    DEFAULT_OUTPUT_TOKENS,
+    MANIFEST_FORMATS,
+    EndpointConfig,
+    ImagesConfig,
+    InputConfig,
+    LabelsConfig,
+    LimitsConfig,
+    ModelPrice,
+    OutputConfig,
+    PricingConfig,
+    RequestConfig,
+    RunConfig,
 )
 
 __all__ = [

@@ -18,8 +18,16 @@ from typing import Any
 from ..errors import JobError
 from .fields import Table, keys_markdown, read_table, setting
 from .sections import (
-    EndpointConfig, ImagesConfig, InputConfig, LabelsConfig, LimitsConfig, ModelPrice, OutputConfig, PricingConfig,
-    RequestConfig, RunConfig,
+    EndpointConfig,
+    ImagesConfig,
+    InputConfig,
+    LabelsConfig,
+    LimitsConfig,
+    ModelPrice,
+    OutputConfig,
+    PricingConfig,
+    RequestConfig,
+    RunConfig,
 )
 
 __all__ = ["Job", "load_job", "parse_job", "job_keys_markdown"]
@@ -138,7 +146,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         raise JobError(f"{src}: [request] response_format: [labels] sends it; remove one of them")
     pricing = _pricing(table(PricingConfig), endpoint, request, src) if "pricing" in data else None
     if serve is not None:
-        from ..server import ServeOptions
+        from ..tools.serve import ServeOptions
 
         ServeOptions.from_dict(serve, source=src)  # a bad [serve] table is reported now, not at start
     return Job(
@@ -180,7 +188,7 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
-    from ..server import ServeOptions
+    from ..tools.serve import ServeOptions
 
     return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
                           RunConfig, LabelsConfig, PricingConfig, ModelPrice])

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobError
-from .fields import Table, at_least, between, one_of, positive, read_table, setting, zero_or_more
+from .fields import (
+    Table,
+    at_least,
+    between,
+    one_of,
+    positive,
+    read_table,
+    setting,
+    zero_or_more,
+)
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
@@ -141,7 +150,7 @@ class ImagesConfig(Table):
 
 
 def _output_path(value: Any, where: str, base: Path) -> Path | str:
-    from ..storage import check_url, is_url
+    from ..io.storage import check_url, is_url
 
     if not isinstance(value, str) or not value:
         raise JobError(f"{where} must be a folder path or a URL, not {value!r}")
@@ -153,7 +162,7 @@ def _output_path(value: Any, where: str, base: Path) -> Path | str:
 
 
 def _checkpoint_path(value: Any, where: str, base: Path) -> Path:
-    from ..storage import is_url
+    from ..io.storage import is_url
 
     if isinstance(value, str) and is_url(value):
         raise JobError(f"{where}: must be a folder, not a URL (it needs appends, fsync and flock); "
@@ -218,7 +227,7 @@ class LabelsConfig(Table):
     name: str = setting("labels", doc="the json_schema name sent in response_format")
 
     def validate(self) -> None:
-        from ..labels import schema_problem
+        from ..rows.labels import schema_problem
 
         problem = schema_problem(self.schema)
         if problem:

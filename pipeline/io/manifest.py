@@ -48,8 +48,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .config import InputConfig
-from .errors import JobError
+from ..config import InputConfig
+from ..errors import JobError
 
 __all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest", "SHOW"]
 

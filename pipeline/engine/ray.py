@@ -52,7 +52,7 @@ from collections import Counter, deque
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
-from .errors import JobError, LocalFailure, StopJob, local_failure
+from ..errors import JobError, LocalFailure, StopJob, local_failure
 
 try:
     import ray
@@ -62,10 +62,10 @@ except ImportError:  # the extra is not installed
 
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
-from .config import Job, LimitsConfig
+from ..config import Job, LimitsConfig
+from ..io.checkpoint import Checkpoint
+from ..io.manifest import Plan, Shard
 from .lease import LeasedLimiter, RateBudget
-from .manifest import Plan, Shard
 from .runner import EXIT_SIGNAL, PROGRESS_EVERY_S, RunOptions, _Counts, _Engine, _say
 
 __all__ = ["run_on_ray", "Coordinator", "TASK_RETRIES", "REPORT_EVERY_S"]
@@ -263,7 +263,7 @@ class _Driver:
         async with contextlib.AsyncExitStack() as stack:
             job = self.job
             if job.serve is not None:  # the built-in endpoint, on this machine: reachable by local workers
-                from .server import start_subprocess
+                from ..tools.serve import start_subprocess
 
                 job = job.with_base_url(await stack.enter_async_context(start_subprocess(job.serve)))
             self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_restarts=0).remote(job.limits)

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from .errors import RequestError
+from ..errors import RequestError
 
 __all__ = ["Answer", "parse_response", "split_think", "decode_utf8", "loads_json", "text_warning"]
 

@@ -28,9 +28,9 @@ import time
 from collections import deque
 from typing import Any, Awaitable, Callable, Protocol
 
-from .config import LimitsConfig
-from .errors import StopJob
-from .limiter import Limiter
+from ..config import LimitsConfig
+from ..errors import StopJob
+from ..net.limiter import Limiter
 
 __all__ = ["RateBudget", "LeasedLimiter", "Budget", "LEASE_S", "SLOT_EXPIRY_S"]
 

@@ -13,7 +13,7 @@ import email.utils
 import math
 import re
 
-from .errors import RequestError
+from ..errors import RequestError
 
 __all__ = [
     "RETRYABLE_KINDS",

@@ -9,7 +9,7 @@
     <checkpoint>/last_run.json   the last run's summary (counts, tokens, times, exit code)
 
 The default checkpoint folder is `<output's parent>/.pipeline/<job name>`, or, when the output is
-a URL (pipeline.storage), `<job file's folder>/.pipeline/<job name>`: the checkpoint is always a
+a URL (pipeline.io.storage), `<job file's folder>/.pipeline/<job name>`: the checkpoint is always a
 POSIX path, for its appends, fsync and flock.
 """
 
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import JobError, LockedError, local_failure
+from ..errors import JobError, LockedError, local_failure
 from .manifest import Plan, load_plan_dict
 from .storage import PartStore
 from .writer import remove_parts

@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # imported where used: it takes ~70 ms, and most jobs have no
 
 import pyarrow as pa
 
+from ..errors import RequestError
 from .answer import split_think
-from .errors import RequestError
 
 __all__ = ["Labels", "extract_json", "schema_problem", "column_type", "example_for_schema", "FORBIDDEN_NAMES"]
 

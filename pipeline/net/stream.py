@@ -19,7 +19,7 @@ What the stream may hold (see ../shared/notes/api-facts.md):
 - an error in the middle: `{"error": {...}}` (OpenAI) or `{"object": "error", ...}` (vLLM).
 
 A stream is complete when `[DONE]` or a `finish_reason` arrived. Anything else (cut before both, an
-error chunk, a chunk that is not JSON) raises StreamError; `pipeline.client.translate` turns it into
+error chunk, a chunk that is not JSON) raises StreamError; `pipeline.net.client.translate` turns it into
 a retryable RequestError like any other transient failure. What a StreamError quotes of the stream is
 scrubbed by the assembler's Redactor before it is cut (a provider may echo the key). Invalid UTF-8
 in a line is decoded with U+FFFD and counted in `replaced` (the answer is kept, and flagged), and
@@ -33,8 +33,8 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from .answer import decode_utf8, loads_json, text_warning
-from .redact import Redactor
+from ..redact import Redactor
+from ..rows.answer import decode_utf8, loads_json, text_warning
 
 __all__ = ["StreamAssembler", "StreamError", "assemble", "to_sse", "DONE"]
 

@@ -1,7 +1,7 @@
 """The built-in endpoint: an OpenAI-compatible /v1/chat/completions to rehearse a job for free.
 
     pipeline serve --port 8000 --latency-ms 200
-    python -c "from pipeline.server import ServeOptions, make_app"   # tests start it in-process
+    python -c "from pipeline.tools.serve import ServeOptions, make_app"   # tests start it in-process
 
 It answers in the seed's response shape, a `<think>` block first, describing what it can really
 see: for inlined images their format, size and main colours (Pillow); for URLs only the URL, as
@@ -23,7 +23,7 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
   `{"error": ...}` chunk midway), `stream_error_vllm` (vLLM's `{"object": "error"}`), `no_usage` (no
   usage chunk; without streaming, no usage field). `reasoning_only_stream` refuses requests without
   streaming with a 400, as DashScope does for its QVQ models;
-- hostile answers, to prove the client's bounds (`pipeline/client.py`): `null_text` (content parts,
+- hostile answers, to prove the client's bounds (`pipeline/net/client.py`): `null_text` (content parts,
   one with `"text": null`, then the answer's text part; streamed: a delta whose content is such a
   list), `gzip_bomb` (a ~1 MB gzip body, sent whatever the request accepts, that inflates to
   `bomb_mb` MB of zeros inside a JSON string; built once, in a thread), `huge` (an answer of
@@ -62,8 +62,8 @@ from typing import Any, AsyncIterator, NamedTuple
 
 from aiohttp import web
 
-from .errors import JobError
-from .stream import to_sse
+from ..errors import JobError
+from ..net.stream import to_sse
 
 __all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess", "FAULTS"]
 
@@ -129,7 +129,7 @@ class ServeOptions:
         """Read by the job file's machinery: types, unknown keys and the file named in errors."""
         from pathlib import Path
 
-        from .config.fields import read_table
+        from ..config.fields import read_table
 
         return read_table(cls, data, source=source, base=Path.cwd(), table="serve")  # type: ignore[type-var]
 
@@ -566,7 +566,9 @@ def _json_answer(body: dict[str, Any], prompt: str, opts: ServeOptions, *, valid
     rf = body.get("response_format")
     if not isinstance(rf, dict) or rf.get("type") != "json_schema":
         return None
-    from .labels import example_for_schema  # here: the server starts without pyarrow and jsonschema
+    from ..rows.labels import (
+        example_for_schema,  # here: the server starts without pyarrow and jsonschema
+    )
 
     schema = (rf.get("json_schema") or {}).get("schema")
     text = json.dumps(example_for_schema(schema, valid=valid, text=f"about {prompt[:60]}"), ensure_ascii=False)

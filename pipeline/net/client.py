@@ -30,11 +30,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from .answer import loads_json, text_warning
-from .config import LimitsConfig
-from .connection import ACCEPT_ENCODING, BoundedDecoder, ConnectionPool, MalformedResponse, ResponseCut, ResponseTooLarge
-from .errors import RequestError
-from .redact import Redactor
+from ..config import LimitsConfig
+from ..errors import RequestError
+from ..redact import Redactor
+from ..rows.answer import loads_json, text_warning
+from .connection import (
+    ACCEPT_ENCODING,
+    BoundedDecoder,
+    ConnectionPool,
+    MalformedResponse,
+    ResponseCut,
+    ResponseTooLarge,
+)
 from .retry import DASHSCOPE_THROTTLE
 from .stream import StreamAssembler, StreamError
 
@@ -261,7 +268,7 @@ class Client:
 
     async def post_stream(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
         """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
-        response body a non-streamed answer has (see pipeline.stream); raises RequestError."""
+        response body a non-streamed answer has (see pipeline.net.stream); raises RequestError."""
         assert self._pool is not None, "use the client as an async context manager"
         session = self._streaming_session()
         started = time.monotonic()

@@ -3,7 +3,7 @@
 A part is written under a hidden temporary name (`.part-000003.parquet.tmp`: ignored by
 pyarrow.dataset, pandas and a DuckDB `*.parquet` glob), fsynced, renamed over its final name and
 the folder fsynced, so a reader sees either the old complete file or the new complete file.
-On an object store (an fsspec URL, pipeline.storage) the complete file is one put instead: an
+On an object store (an fsspec URL, pipeline.io.storage) the complete file is one put instead: an
 object is visible whole or not at all.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .crashpoints import crash_point
+from ..crashpoints import crash_point
 from .storage import PartStore, bytes_digest, file_digest
 
 __all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]

@@ -4,7 +4,7 @@
 
 It plans the manifest as a run does, which checks the whole file as the run will read it (invalid
 UTF-8, CSV rows with the wrong number of fields, broken JSON lines, missing or repeated ids: see
-pipeline.manifest). Then it reads the manifest one shard at a time (memory stays flat) and checks
+pipeline.io.manifest). Then it reads the manifest one shard at a time (memory stays flat) and checks
 each row as the run would build it, without reading whole image files: prompts (empty, with no
 fallback), image cells (none, a bad JSON list), URLs (scheme, host), data URIs, local files
 (missing, unreadable, not an image by its first bytes, too large, outside the allowed folder). It
@@ -30,14 +30,14 @@ from collections import Counter, defaultdict
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from .checkpoint import Checkpoint
-from .config import Job
-from .errors import InputError, JobError
-from .manifest import SHOW, Plan, plan_manifest, read_shard
-from .media import LocalFiles, PathError, image_values, sniff_mime
-from .pricing import CHARS_PER_TOKEN
-from .request import RequestBuilder
-from .storage import PartStore
+from ..config import Job
+from ..errors import InputError, JobError
+from ..io.checkpoint import Checkpoint
+from ..io.manifest import SHOW, Plan, plan_manifest, read_shard
+from ..io.storage import PartStore
+from ..rows.media import LocalFiles, PathError, image_values, sniff_mime
+from ..rows.pricing import CHARS_PER_TOKEN
+from ..rows.request import RequestBuilder
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .config import Job
-from .errors import InputError, JobError
+from ..config import Job
+from ..errors import InputError, JobError
+from ..redact import Redactor
 from .media import MediaBuilder
-from .redact import Redactor
 
 __all__ = ["RequestBuilder", "Built", "placeholders"]
 
@@ -61,7 +61,7 @@ class RequestBuilder:
         self._tail: dict[str, Any] = {}
         if req.max_tokens is not None:
             self._tail["max_tokens"] = req.max_tokens
-        if req.stream:  # usage comes only when asked for, in a last chunk (pipeline.stream)
+        if req.stream:  # usage comes only when asked for, in a last chunk (pipeline.net.stream)
             self._tail["stream"] = True
             self._tail["stream_options"] = {"include_usage": True}
         if job.labels is not None and job.labels.send_response_format:

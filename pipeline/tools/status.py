@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .checkpoint import Checkpoint
-from .config import Job
 import pyarrow as pa
 
-from .journal import latest_per_id, read_journal_table
-from .runner import dataset_state
-from .storage import display
+from ..config import Job
+from ..engine.runner import dataset_state
+from ..io.checkpoint import Checkpoint
+from ..io.journal import latest_per_id, read_journal_table
+from ..io.storage import display
 
 __all__ = ["job_status", "render"]
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from .config import Job
-from .errors import StopJob
-from .journal import journal_path
+from ..config import Job
+from ..errors import StopJob
+from ..io.journal import journal_path
 
 __all__ = ["total_cost", "row_cost", "worst_case_cost", "estimate_input_tokens", "shard_spend", "Budget", "CHARS_PER_TOKEN"]
 

@@ -10,9 +10,9 @@ Shape of a run:
   5. a stop (signal, quota, auth, endpoint down, budget) lets in-flight requests finish within the
      grace period, commits what arrived (partial shards included) and leaves the rest pending.
 
-With `[request] stream` answers are read as SSE (pipeline.stream); with `[labels]` an answer must
-pass the schema (pipeline.labels) or is asked again; with `[pricing]` each row gets a cost and a
-budget holds each request's worst case before it is sent (pipeline.pricing).
+With `[request] stream` answers are read as SSE (pipeline.net.stream); with `[labels]` an answer must
+pass the schema (pipeline.rows.labels) or is asked again; with `[pricing]` each row gets a cost and a
+budget holds each request's worst case before it is sent (pipeline.rows.pricing).
 """
 
 from __future__ import annotations
@@ -34,27 +34,43 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import pyarrow as pa
 
-from .answer import parse_response
-from .breaker import ENDPOINT_FAULTS, Breaker
-from .checkpoint import Checkpoint
-from .client import Client
-from .config import DEFAULT_OUTPUT_TOKENS, Job
-from .crashpoints import crash_point, fault_point
-from .errors import InputError, JobError, LocalFailure, RequestError, RowError, StopJob, local_failure
-from .journal import Journal, latest_per_id, read_journal_table, repair_tail
-from .limiter import Limiter
-from .manifest import Plan, Shard, plan_manifest, range_digest, read_shard, row_ids
-from .pricing import Budget, row_cost, total_cost, worst_case_cost
-from .redact import Redactor
-from .request import RequestBuilder, placeholders
-from .retry import STOP_KINDS, retry_delay, server_delay, should_retry
-from .storage import PartStore, display
-from .writer import RESULT_SCHEMA, build_part, journal_schema, part_name, remove_leftovers, write_empty_part, write_part
+from ..config import DEFAULT_OUTPUT_TOKENS, Job
+from ..crashpoints import crash_point, fault_point
+from ..errors import (
+    InputError,
+    JobError,
+    LocalFailure,
+    RequestError,
+    RowError,
+    StopJob,
+    local_failure,
+)
+from ..io.checkpoint import Checkpoint
+from ..io.journal import Journal, latest_per_id, read_journal_table, repair_tail
+from ..io.manifest import Plan, Shard, plan_manifest, range_digest, read_shard, row_ids
+from ..io.storage import PartStore, display
+from ..io.writer import (
+    RESULT_SCHEMA,
+    build_part,
+    journal_schema,
+    part_name,
+    remove_leftovers,
+    write_empty_part,
+    write_part,
+)
+from ..net.breaker import ENDPOINT_FAULTS, Breaker
+from ..net.client import Client
+from ..net.limiter import Limiter
+from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
+from ..redact import Redactor
+from ..rows.answer import parse_response
+from ..rows.pricing import Budget, row_cost, total_cost, worst_case_cost
+from ..rows.request import RequestBuilder, placeholders
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from .labels import Labels
+    from ..rows.labels import Labels
 
 __all__ = ["RunOptions", "run", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
            "EXIT_LOCKED"]
@@ -112,7 +128,9 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
     _return_freed_memory()
     _hide_secrets(job)
     if job.run.engine == "ray":
-        from .ray_engine import run_on_ray  # the optional extra: a JobError naming it when Ray is missing
+        from .ray import (
+            run_on_ray,  # the optional extra: a JobError naming it when Ray is missing
+        )
     ckpt = Checkpoint(job.output.checkpoint)
     with ckpt.locked(job.name):
         if ckpt.took_over_from is not None:
@@ -253,7 +271,7 @@ async def _run_async(
     try:
         async with contextlib.AsyncExitStack() as stack:
             if job.serve is not None:
-                from .server import start_subprocess
+                from ..tools.serve import start_subprocess
 
                 base_url = await stack.enter_async_context(start_subprocess(job.serve))
                 job = job.with_base_url(base_url)
@@ -824,7 +842,7 @@ def _labels(job: Job) -> "Labels | None":
     """The job's [labels] checker; imported only then (jsonschema is slow to import)."""
     if job.labels is None:
         return None
-    from .labels import Labels
+    from ..rows.labels import Labels
 
     return Labels(job.labels)
 

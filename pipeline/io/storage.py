@@ -6,7 +6,7 @@
     store.read_table("part-000003.parquet", ["id", "status"])  # None when it is not there
 
 Only the part files may be remote. The checkpoint stays a POSIX path: it needs appends, fsync
-and flock, which object stores lack (pipeline.checkpoint).
+and flock, which object stores lack (pipeline.io.checkpoint).
 
 A local folder is written by `writer.write_part` itself (temporary name, fsync, rename, fsync of
 the folder) and never goes through fsspec. On an object store an object is visible whole or not
@@ -33,8 +33,8 @@ from typing import Any, Callable, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import JobError
-from .redact import Redactor
+from ..errors import JobError
+from ..redact import Redactor
 
 __all__ = ["PartStore", "is_url", "check_url", "display", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
 

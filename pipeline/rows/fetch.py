@@ -39,10 +39,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from .client import translate
-from .errors import InputError, RequestError
-from .redact import Redactor
-from .retry import should_retry, retry_delay
+from ..errors import InputError, RequestError
+from ..net.client import translate
+from ..net.retry import retry_delay, should_retry
+from ..redact import Redactor
 
 __all__ = ["Fetcher", "Fetched", "CACHE_BYTES", "is_blocked_address"]
 

@@ -42,23 +42,28 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import stat
-import multiprocessing
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    Executor,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from PIL import Image
 
-from .config import ImagesConfig, InputConfig
-from .errors import InputError
-from .lifeline import start_worker
+from ..config import ImagesConfig, InputConfig
+from ..errors import InputError
+from ..lifeline import start_worker
 
 if TYPE_CHECKING:
+    from ..redact import Redactor
     from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
-    from .redact import Redactor
 
 __all__ = [
     "MediaBuilder",

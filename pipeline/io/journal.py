@@ -20,7 +20,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.json as pajson
 
-from .crashpoints import crash_point
+from ..crashpoints import crash_point
 
 __all__ = ["Journal", "repair_tail", "read_journal_table", "latest_per_id", "journal_path", "SYNC_INTERVAL_S"]
 

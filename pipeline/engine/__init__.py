@@ -1,0 +1,1 @@
+"""The shard engine and the executors that run it (local, Ray)."""

@@ -1,0 +1,1 @@
+"""Durability: the manifest read in shards, the journal, part files, storage and the checkpoint."""
