@@ -166,7 +166,7 @@ analyze_images = false
 
 def _monitored_run(job_path: Path) -> tuple[int, float, dict[str, Any], _Monitor]:
     from pipeline.config import load_job
-    from pipeline.engine.runner import RunOptions, run
+    from pipeline.engine import RunOptions, run
 
     job = load_job(job_path)
     monitor = _Monitor()

@@ -34,7 +34,7 @@ __all__ = ["run_ray_bench"]
 
 def run_ray_bench(rows: int = 1200, workers: tuple[int, ...] = (1, 2), concurrency: int = 16) -> dict[str, Any]:
     from pipeline.config import load_job
-    from pipeline.engine.runner import RunOptions, run
+    from pipeline.engine import RunOptions, run
 
     WORK.mkdir(parents=True, exist_ok=True)
     manifest, warmup = _manifest(rows), _manifest(40)

@@ -28,7 +28,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
-    "Job": "config", "load_job": "config", "run": "engine.runner", "RunOptions": "engine.runner",
+    "Job": "config", "load_job": "config", "run": "engine", "RunOptions": "engine",
     **{name: "errors" for name in ("PipelineError", "JobError", "LockedError", "RowError", "InputError", "RequestError", "StopJob")},
 }
 

@@ -11,7 +11,6 @@ problem (see pipeline/tools/dryrun.py), 2 the job file cannot be read.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             from .config import load_job
-            from .engine.runner import RunOptions, run
+            from .engine import RunOptions, run
 
             if args.dry_run:
                 from .tools.dryrun import dry_run
@@ -128,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
         from .lifeline import die_with_parent
 
         die_with_parent(args.parent_pid)  # first: a parent already gone must not get a server
-    from .engine.runner import event_loop_runner
+    from .engine.process import event_loop_runner
     from .tools.serve import ServeOptions, serve_forever
 
     if args.options_json:

@@ -5,10 +5,8 @@
     ├── LockedError         another run of the same job holds the lock: exit 75
     ├── RowError            one row failed; becomes an error row, the run goes on
     │   ├── InputError      kind "input": missing/unreadable/refused image, bad template
-    │   └── RequestError    kinds "rate_limit", "quota", "auth", "bad_request", "server",
-    │                       "timeout", "connection", "invalid_response", "truncated",
-    │                       "invalid_output"; kind "internal": an unexpected exception while
-    │                       processing the row (a bug), its type and message kept
+    │   └── RequestError    an attempt failed; its `kind` is an ErrorKind (below): the retry
+    │                       policy, the breaker, the status report and the README read the enum
     ├── StopJob             sending more is pointless (quota, auth, endpoint down, budget):
     │                       commit what arrived and exit 3, resumable
     └── LocalFailure        this machine failed the run: disk full, output unwritable, an
@@ -24,6 +22,7 @@ failures (fsspec backends) become `JobError` in one place, `pipeline.io.storage`
 from __future__ import annotations
 
 import errno
+from enum import Enum
 
 __all__ = [
     "PipelineError",
@@ -35,23 +34,56 @@ __all__ = [
     "StopJob",
     "LocalFailure",
     "local_failure",
+    "ErrorKind",
     "ERROR_KINDS",
+    "error_kinds_markdown",
 ]
 
-ERROR_KINDS = (
-    "input",
-    "rate_limit",
-    "quota",
-    "auth",
-    "bad_request",
-    "server",
-    "timeout",
-    "connection",
-    "invalid_response",
-    "truncated",
-    "invalid_output",
-    "internal",
-)
+class ErrorKind(str, Enum):
+    """Why a row failed: its `error_kind` column. Each kind says whether another attempt may help
+    (the retry policy reads it), whether it applies to every row and so stops the run, and
+    whether it tells of the endpoint's health (the breaker counts those). The README's table of
+    kinds is made from these docs."""
+
+    # value, what it means, retryable, stops the run, an endpoint fault
+    INPUT = ("input", "the row cannot be sent: its image or prompt is missing, refused or broken")
+    RATE_LIMIT = ("rate_limit", "HTTP 429 that clears by itself; the whole pool slows down", True)
+    QUOTA = ("quota", "no credit left (insufficient_quota, billing limits): the run stops, exit 3", False, True)
+    AUTH = ("auth", "the key was refused (401/403): the run stops, exit 3", False, True)
+    BAD_REQUEST = ("bad_request", "the provider refused this row (400, 404, 422, a redirect): not retried")
+    SERVER = ("server", "5xx or 409", True, False, True)
+    TIMEOUT = ("timeout", "no answer within timeout_s (or 408)", True, False, True)
+    CONNECTION = ("connection", "refused, reset or cut connections", True, False, True)
+    INVALID_RESPONSE = ("invalid_response", "a 200 that is not a usable answer (not JSON, no choices, over max_response_mb)",
+                        True, False, True)
+    TRUNCATED = ("truncated", "cut off by max_tokens before the answer began (finish_reason length)")
+    INVALID_OUTPUT = ("invalid_output", "the answer did not follow the [labels] schema after max_invalid_retries")
+    INTERNAL = ("internal", "an exception the pipeline did not plan for (a bug); traceback in the checkpoint's errors.log")
+
+    def __new__(cls, value: str, doc: str, retryable: bool = False, stops: bool = False,
+                endpoint_fault: bool = False) -> "ErrorKind":
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.doc = doc
+        member.retryable = retryable
+        member.stops = stops
+        member.endpoint_fault = endpoint_fault
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ERROR_KINDS = tuple(k.value for k in ErrorKind)
+
+
+def error_kinds_markdown() -> str:
+    """The README's table of kinds (tests/test_layout.py keeps it in step)."""
+    rows = ["| `error_kind` | what it means | retried |", "|---|---|---|"]
+    for k in ErrorKind:
+        retried = "stops the run" if k.stops else "yes" if k.retryable else "no"
+        rows.append(f"| `{k.value}` | {k.doc} | {retried} |")
+    return "\n".join(rows) + "\n"
 
 
 class PipelineError(Exception):

@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from pipeline.config import load_job
-from pipeline.engine.runner import RunOptions, run
+from pipeline.engine import RunOptions, run
 from pipeline.errors import RequestError
 from pipeline.rows.answer import parse_response, split_think
 

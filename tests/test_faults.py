@@ -16,7 +16,7 @@ import pytest
 from conftest import job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.config import load_job
-from pipeline.engine.runner import (
+from pipeline.engine import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
     EXIT_STOPPED,

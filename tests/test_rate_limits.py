@@ -23,7 +23,7 @@ from conftest import (
 )
 
 from pipeline.config import load_job
-from pipeline.engine.runner import EXIT_OK, RunOptions, run
+from pipeline.engine import EXIT_OK, RunOptions, run
 
 ASKED_S = 1.5  # what the injected 429s ask for: more than the no-header backoff (at most 1 s)
 STYLES = ("429", "429ms", "429date", "429reset", "429bare", "throttle")

@@ -25,10 +25,10 @@ import pytest
 from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.config import load_job
-from pipeline.engine.runner import RunOptions, run
+from pipeline.engine import RunOptions, run
 from pipeline.io.storage import OWNER_FILE
 
-TASK_TITLE = "ray::_shard_task"  # Ray titles a worker process after the task it runs
+TASK_TITLE = "ray::shard_task"  # Ray titles a worker process after the task it runs
 
 
 @pytest.fixture(scope="module")

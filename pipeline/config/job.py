@@ -188,7 +188,6 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
-    from ..tools.serve import ServeOptions
 
     return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
                           RunConfig, LabelsConfig, PricingConfig, ModelPrice])

@@ -1,1 +1,39 @@
-"""The shard engine and the executors that run it (local, Ray)."""
+"""Running a job: the shard engine and the executors that run it (local, Ray).
+
+    code = run(load_job("jobs/demo.toml"), RunOptions())     # the process exit code
+
+Shape of a run (pipeline.engine.executor): lock the job and prepare it (plan the manifest's
+shards, verify the committed parts); the executor sends the shards still to do through
+ShardEngine (pipeline.engine.shard: a producer, a bounded queue, workers, commits); the run ends
+with one summary (pipeline.engine.summary).
+"""
+
+from __future__ import annotations
+
+from ..config import Job
+from .options import RunOptions
+from .summary import (
+    EXIT_FAILED_ROWS,
+    EXIT_LOCAL_FAILURE,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_SIGNAL,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+)
+
+__all__ = ["run", "RunOptions", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
+           "EXIT_LOCKED", "EXIT_SIGNAL"]
+
+
+def run(job: Job, options: RunOptions = RunOptions()) -> int:
+    """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
+    if job.run.engine == "ray":
+        from .ray import (
+            RayExecutor,  # the optional extra: a JobError naming it when Ray is missing
+        )
+
+        return RayExecutor(job, options).run()
+    from .local import LocalExecutor
+
+    return LocalExecutor(job, options).run()

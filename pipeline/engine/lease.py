@@ -32,7 +32,7 @@ from ..config import LimitsConfig
 from ..errors import StopJob
 from ..net.limiter import Limiter
 
-__all__ = ["RateBudget", "LeasedLimiter", "Budget", "LEASE_S", "SLOT_EXPIRY_S"]
+__all__ = ["RateBudget", "LeasedLimiter", "RateBudgetHandle", "LEASE_S", "SLOT_EXPIRY_S"]
 
 LEASE_S = 0.25  # a lease covers about this much of the cluster's pace: a 429 reaches all within it
 SLOT_EXPIRY_S = 0.05  # a slot sent later than this would bunch with others' slots: dropped instead
@@ -98,7 +98,7 @@ class RateBudget(Limiter):
             self.epoch += 1
 
 
-class Budget(Protocol):
+class RateBudgetHandle(Protocol):
     """What a worker's limiter needs from the budget; the Ray actor's handle is wrapped in one."""
 
     def lease(self, want: int, tokens: float, token_debt: float) -> Awaitable[dict[str, Any]]: ...
@@ -113,7 +113,7 @@ class LeasedLimiter(Limiter):
     as they do for a provider's stop, while requests already in flight finish.
     """
 
-    def __init__(self, budget: Budget, limits: LimitsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, budget: RateBudgetHandle, limits: LimitsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
                          max_pause_s=limits.max_retry_after_s, clock=clock)
         self.budget = budget

@@ -1,4 +1,4 @@
-"""The Ray engine: the same shards and the same `_Engine`, run as Ray tasks over a cluster.
+"""The Ray executor: the same shards and the same ShardEngine, run as Ray tasks over a cluster.
 
     [run]
     engine = "ray"
@@ -10,8 +10,8 @@ Imported only when a job says engine = "ray" (Ray is the optional extra `pipelin
 
 The driver (the `pipeline run` process) holds the job lock, plans the shards and checks the commit
 records exactly as the local run does, then submits one Ray task per shard still to do, at most
-`ray_workers` at a time. A task runs `_Engine` on its one shard with `asyncio.run`: it reads the
-shard's journal, sends only the rows not journaled yet, journals every answer and commits the
+`ray_workers` at a time. A task (pipeline.engine.ray_task) runs ShardEngine on its one shard: it
+reads the shard's journal, sends only the rows not journaled yet, journals every answer and commits the
 shard (part file, rename, commit record). The journal and the commit records are the only truth,
 so the local engine's guarantees carry over:
   - a worker killed mid-shard: Ray runs the task again (TASK_RETRIES) and it continues from the
@@ -28,7 +28,7 @@ REPORT_EVERY_S; each commits what arrived, as the local engine does on a stop).
 
 Storage: the output and checkpoint folders must be the same path on every node: one machine, or
 a shared POSIX filesystem (NFS, ...) with flock and O_APPEND; object stores (s3://) are not
-supported. `max_concurrency` is per worker: up to ray_workers * max_concurrency requests are in
+supported for the checkpoint (the part files may go to s3://). `max_concurrency` is per worker: up to ray_workers * max_concurrency requests are in
 flight, all paced by the one rate limit. `pipeline` must be installed on every node.
 
 Planning: rows/s = min(requests_per_minute / 60, workers x rows/s per worker core, what the
@@ -40,17 +40,10 @@ request latency).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
-import math
-import os
-import signal
-import sys
-import uuid
 from collections import Counter, deque
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..errors import JobError, LocalFailure, StopJob, local_failure
 
@@ -60,175 +53,29 @@ try:
 except ImportError:  # the extra is not installed
     raise JobError("[run] engine = \"ray\" needs the extra: pip install 'pipeline[ray]'") from None
 
-from tqdm import tqdm
-
-from ..config import Job, LimitsConfig
+from ..config import Job
 from ..io.checkpoint import Checkpoint
-from ..io.manifest import Plan, Shard
-from .lease import LeasedLimiter, RateBudget
-from .runner import EXIT_SIGNAL, PROGRESS_EVERY_S, RunOptions, _Counts, _Engine, _say
+from ..io.manifest import Shard
+from .executor import Executor
+from .prepare import Prepared
+from .process import on_signals
+from .progress import PROGRESS_EVERY_S, Progress
+from .ray_task import Coordinator, shard_task
+from .summary import Counts, Stopped
 
-__all__ = ["run_on_ray", "Coordinator", "TASK_RETRIES", "REPORT_EVERY_S"]
+__all__ = ["RayExecutor", "TASK_RETRIES"]
 
 TASK_RETRIES = 3  # a shard whose worker process died is run again this many times
-REPORT_EVERY_S = 0.25  # workers' counts to the coordinator; stop and slowdown news back
 
 
-# -- the coordinator: one per run, a Ray actor ------------------------------------------------
-
-
-class Coordinator:
-    """The rate budget, the workers' latest counts and the stop flag. Calls are served one at a
-    time (a plain Ray actor), so its state needs no lock."""
-
-    def __init__(self, limits: LimitsConfig) -> None:
-        self.budget = RateBudget(limits.requests_per_minute, limits.tokens_per_minute,
-                                 burst=limits.burst, max_pause_s=limits.max_retry_after_s)
-        self.reports: dict[str, dict[str, Any]] = {}  # attempt -> its latest counts
-        self.stopped: tuple[str, str] | None = None  # (kind, message)
-
-    def lease(self, want: int, tokens: float, token_debt: float) -> dict[str, Any]:
-        return self.budget.lease(want, tokens, token_debt)
-
-    def slow_down(self, pause_s: float | None) -> None:
-        self.budget.slow_down(pause_s)
-
-    def pause(self, seconds: float) -> None:
-        self.budget.pause(seconds)
-
-    def report(self, attempt: str, counts: dict[str, Any], token_debt: float = 0.0) -> dict[str, Any]:
-        self.reports[attempt] = counts
-        self.budget.correct(token_debt)
-        return {"epoch": self.budget.epoch, "stop": self.stopped}
-
-    def stop(self, kind: str, message: str) -> None:
-        if self.stopped is None:
-            self.stopped = (kind, message)
-
-    def state(self) -> dict[str, Any]:
-        """This run's counts over every attempt, rows done per shard, and the stop if any."""
-        counts: Counter[str] = Counter()
-        by_kind: Counter[str] = Counter()
-        done: dict[int, int] = {}
-        for r in self.reports.values():
-            counts.update({k: r[k] for k in ("ok", "failed", "sent")})
-            by_kind.update(r["by_kind"])
-            # A rerun of a shard starts from its journal: the furthest attempt is the shard's progress.
-            done[r["shard"]] = max(done.get(r["shard"], 0), r["done"])
-        return {"counts": dict(counts), "by_kind": dict(by_kind), "done": sum(done.values()), "stop": self.stopped}
-
-
-class _ActorBudget:
-    """The coordinator's handle with the face LeasedLimiter expects."""
-
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-
-    async def lease(self, want: int, tokens: float, token_debt: float) -> dict[str, Any]:
-        return await self.actor.lease.remote(want, tokens, token_debt)
-
-    def slow_down(self, pause_s: float | None) -> None:
-        self.actor.slow_down.remote(pause_s)
-
-    def pause(self, seconds: float) -> None:
-        self.actor.pause.remote(seconds)
-
-
-# -- a worker: one shard --------------------------------------------------------------------
-
-
-def _shard_task(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
-    """The Ray task. Runs in a worker process; everything it leaves behind is on the storage."""
-    return asyncio.run(_run_shard(job, plan, shard, options, coordinator))
-
-
-def _sized_for_task(job: Job) -> Job:
-    """The image pool of a shard task gets the CPUs Ray gave the task, not every core of its node:
-    with one image process per core in every task, two tasks on a 2-core node ran no faster than
-    one (bench: ray). An explicit [images] workers is kept."""
-    if job.images.workers:
-        return job
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    return replace(job, images=replace(job.images, workers=max(1, math.ceil(cpus))))
-
-
-async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
-    job = _sized_for_task(job)
-    ckpt = Checkpoint(job.output.checkpoint)
-    attempt = f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    async with _shard_lock(ckpt, shard):
-        limiter = LeasedLimiter(_ActorBudget(coordinator), job.limits)
-        committed = ckpt.commits().get(shard.index)  # lets a lost journal fall back to the part file
-        engine = _Engine(job, ckpt, plan, options, committed_rows={shard.index: committed["rows"]} if committed else None,
-                         limiter=limiter)
-        reporter = asyncio.create_task(_report_forever(engine, limiter, coordinator, attempt, shard))
+class RayExecutor(Executor):
+    def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
+        connected_here = _connect(self.job)
         try:
-            stopped = await engine.run([shard])
+            return asyncio.run(_Driver(self, ready).run())
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
-            limiter.release()
-            await _report(engine, limiter, coordinator, attempt, shard)  # the last counts, unspent tokens back
-    return {
-        "shard": shard.index,
-        "signal": stopped if isinstance(stopped, int) else None,
-        "stop": [stopped.kind, str(stopped)] if isinstance(stopped, StopJob) else None,
-        "failure": [stopped.kind, str(stopped)] if isinstance(stopped, LocalFailure) else None,
-    }
-
-
-@contextlib.asynccontextmanager
-async def _shard_lock(ckpt: Checkpoint, shard: Shard) -> AsyncIterator[None]:
-    """One process per shard: a task of a killed driver may still be dying when the next run starts."""
-    ckpt.journal_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ckpt.journal_dir / f"shard-{shard.index:06d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-async def _report_forever(engine: _Engine, limiter: LeasedLimiter, coordinator: Any, attempt: str, shard: Shard) -> None:
-    while True:
-        await asyncio.sleep(REPORT_EVERY_S)
-        await _report(engine, limiter, coordinator, attempt, shard)
-
-
-async def _report(engine: _Engine, limiter: LeasedLimiter, coordinator: Any, attempt: str, shard: Shard) -> None:
-    """Counts to the coordinator; back come the budget's epoch and the stop flag."""
-    c = engine.counts
-    own = engine.stop_reason if limiter.stop_reason is None else None  # quota, auth, endpoint down here
-    if own is not None:
-        limiter.stop(own)
-    counts = {"shard": shard.index, "done": engine.done_before + c.ok + c.failed,
-              "ok": c.ok, "failed": c.failed, "sent": c.sent, "by_kind": dict(c.by_kind)}
-    try:
-        if own is not None:
-            coordinator.stop.remote(own.kind, str(own))
-        reply = await coordinator.report.remote(attempt, counts, limiter.take_token_debt())
-    except ray.exceptions.RayError as exc:  # the coordinator is gone: so is the driver, or soon
-        limiter.stop(StopJob(f"lost the run's coordinator ({type(exc).__name__}); run again to continue", kind="coordinator_lost"))
-        return
-    limiter.hear(reply["epoch"])
-    if reply["stop"] is not None:
-        limiter.stop(StopJob(reply["stop"][1], kind=reply["stop"][0]))
-
-
-# -- the driver ---------------------------------------------------------------------------------
-
-
-def run_on_ray(
-    job: Job, ckpt: Checkpoint, plan: Plan, todo: list[Shard], options: RunOptions
-) -> tuple[_Counts, StopJob | LocalFailure | int | None]:
-    """Run the `todo` shards on Ray; returns this run's counts and why it stopped (as `_Engine.run`)."""
-    connected_here = _connect(job)
-    try:
-        return asyncio.run(_Driver(job, plan, options).run(todo))
-    finally:
-        if connected_here:
-            ray.shutdown()  # ends a Ray started here; only disconnects from a cluster
+            if connected_here:
+                ray.shutdown()  # ends a Ray started here; only disconnects from a cluster
 
 
 def _connect(job: Job) -> bool:
@@ -240,54 +87,46 @@ def _connect(job: Job) -> bool:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
-        raise JobError(f"[run] ray_address: cannot connect to {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise JobError(f"[run] ray_address: cannot connect to {where} ({first}); "
                        f"start one with `ray start --head`, or leave ray_address out to start a local Ray") from None
     return True
 
 
 class _Driver:
-    def __init__(self, job: Job, plan: Plan, options: RunOptions) -> None:
-        self.job = job
-        self.plan = plan
-        self.options = options
+    """One run's driver loop: submits shard tasks, settles their results, polls the coordinator."""
+
+    def __init__(self, executor: RayExecutor, ready: Prepared) -> None:
+        self.executor, self.ready = executor, ready
+        self.job, self.options, self.console = executor.job, executor.options, executor.console
         self.stopping = False
         self.stop_reason: StopJob | None = None
         self.stop_signal: int | None = None
         self.failure: LocalFailure | None = None
-        self.counts = _Counts()
-        self.base_done = 0  # rows of shards committed before this run, set by run()
+        self.counts = Counts()
+        self.base_done = ready.plan.total_rows - sum(s.rows for s in ready.todo)  # shards committed before
         self.coordinator: Any = None
 
-    async def run(self, todo: list[Shard]) -> tuple[_Counts, StopJob | LocalFailure | int | None]:
-        self.base_done = self.plan.total_rows - sum(s.rows for s in todo)
-        async with contextlib.AsyncExitStack() as stack:
-            job = self.job
-            if job.serve is not None:  # the built-in endpoint, on this machine: reachable by local workers
-                from ..tools.serve import start_subprocess
-
-                job = job.with_base_url(await stack.enter_async_context(start_subprocess(job.serve)))
+    async def run(self) -> tuple[Counts, Stopped]:
+        async with self.executor.serving() as job:  # on this machine: reachable by this machine's workers
             self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_restarts=0).remote(job.limits)
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._on_signal, sig)
-            stack.callback(lambda: [loop.remove_signal_handler(s) for s in (signal.SIGINT, signal.SIGTERM)])
-            bar = self._bar(todo)
-            stack.callback(lambda: bar.close() if bar is not None else None)
-            await self._drive(job, todo, bar)
-        if self.failure is not None:
-            return self.counts, self.failure
-        return self.counts, self.stop_signal if self.stop_signal is not None else self.stop_reason
+            with on_signals(loop, first=self._interrupt, at_once=self._at_once), \
+                    Progress(self.options.progress, total=self.ready.plan.total_rows, initial=self.base_done) as bar:
+                await self._drive(job, bar)
+        stopped: Stopped = self.failure or (self.stop_signal if self.stop_signal is not None else self.stop_reason)
+        return self.counts, stopped
 
-    async def _drive(self, job: Job, todo: list[Shard], bar: tqdm | None) -> None:
+    async def _drive(self, job: Job, bar: Progress) -> None:
         cpus = float(ray.cluster_resources().get("CPU", 0))
         workers = self.job.run.ray_workers or max(1, int(cpus))
         # More workers than CPUs share them: a worker mostly waits on the endpoint.
-        task = ray.remote(_shard_task).options(
+        task = ray.remote(shard_task).options(
             num_cpus=min(1.0, cpus / workers) if cpus else 1.0, max_retries=TASK_RETRIES, retry_exceptions=False
         )
-        job_ref, plan_ref = ray.put(job), ray.put(self.plan)
+        job_ref, plan_ref = ray.put(job), ray.put(self.ready.plan)
         worker_options = replace(self.options, restart=False, progress=False)
-        queue: deque[Shard] = deque(todo)
+        queue: deque[Shard] = deque(self.ready.todo)
         running: dict[asyncio.Future[Any], Shard] = {}
         rerun: Counter[int] = Counter()
         while True:
@@ -330,7 +169,7 @@ class _Driver:
     def _failed(self, failure: LocalFailure) -> None:
         if self.failure is None:
             self.failure = failure
-            _say(f"error: {failure}")
+            self.console.say(f"error: {failure}")
         self._halt("failed", str(failure))
 
     def _halt(self, kind: str, message: str) -> None:
@@ -341,30 +180,21 @@ class _Driver:
                 self.stop_reason = StopJob(message, kind=kind)
             self.coordinator.stop.remote(kind, message)
 
-    def _on_signal(self, sig: int) -> None:
-        if self.stop_signal is not None:  # the second Ctrl-C: stop at once (Ray ends the tasks)
-            _say("stopping now; everything journaled so far is kept")
-            os._exit(EXIT_SIGNAL[sig])
+    def _interrupt(self, sig: int) -> None:
         self.stop_signal = sig
         self.stopping = True
         self.coordinator.stop.remote("signal", "stopped by a signal")
-        _say(f"\nstopping: workers finish requests in flight (up to {self.job.limits.grace_s:g}s), then commit; "
-             f"press Ctrl-C again to stop at once")
+        self.console.say(f"\nstopping: workers finish requests in flight (up to {self.job.limits.grace_s:g}s), "
+                         f"then commit; press Ctrl-C again to stop at once")
 
-    async def _poll(self, bar: tqdm | None) -> None:
+    def _at_once(self, sig: int) -> None:  # the second Ctrl-C: the process exits, Ray ends its tasks
+        self.console.say("stopping now; everything journaled so far is kept")
+
+    async def _poll(self, bar: Progress) -> None:
         state = await self.coordinator.state.remote()
         c = state["counts"]
-        self.counts = _Counts(ok=c.get("ok", 0), failed=c.get("failed", 0), sent=c.get("sent", 0),
-                              by_kind=Counter(state["by_kind"]))
+        self.counts = Counts(ok=c.get("ok", 0), failed=c.get("failed", 0), sent=c.get("sent", 0),
+                             by_kind=Counter(state["by_kind"]))
         if state["stop"] is not None and not self.stopping:
             self._halt(*state["stop"])
-        if bar is not None:
-            bar.update(self.base_done + state["done"] - bar.n)
-            bar.set_postfix(ok=self.counts.ok, failed=self.counts.failed, refresh=False)
-
-    def _bar(self, todo: list[Shard]) -> tqdm | None:
-        show = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
-        if not show:
-            return None
-        return tqdm(total=self.plan.total_rows, initial=self.base_done, unit="row", dynamic_ncols=True,
-                    smoothing=0.1, file=sys.stderr)
+        bar.show(self.base_done + state["done"], ok=self.counts.ok, failed=self.counts.failed)

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import JobError, LockedError, local_failure
+from ..records import CommitRecord
 from .manifest import Plan, load_plan_dict
 from .storage import PartStore
 from .writer import remove_parts
 
-__all__ = ["Checkpoint", "write_json_atomic"]
+__all__ = ["Checkpoint", "write_json_atomic", "parse_commits"]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -45,6 +46,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise _named(exc, path) from None
+
+
+def parse_commits(data: bytes) -> dict[int, CommitRecord]:
+    """The latest record per shard from commits.jsonl's whole lines (read-only: see commits())."""
+    out: dict[int, CommitRecord] = {}
+    for line in data.splitlines():
+        if line.strip():
+            try:
+                rec = CommitRecord.from_dict(json.loads(line))
+            except (ValueError, TypeError):
+                continue  # a torn line (power cut) with a later append glued on: that shard is re-committed from its journal
+            out[rec.shard] = rec
+    return out
 
 
 def _named(exc: OSError, path: Path) -> OSError:
@@ -153,7 +167,7 @@ class Checkpoint:
 
     # -- commits -------------------------------------------------------------------------
 
-    def commits(self) -> dict[int, dict[str, Any]]:
+    def commits(self) -> dict[int, CommitRecord]:
         """Latest commit record per shard; a torn last line (crash mid-append) is cut off.
 
         Several processes may append at once (the Ray engine's workers): each append is one write
@@ -170,18 +184,10 @@ class Checkpoint:
             end = data.rfind(b"\n") + 1
             if end < len(data):
                 os.truncate(self.commits_path, end)
-        out: dict[int, dict[str, Any]] = {}
-        for line in data[:end].splitlines():
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a torn line (power cut) with a later append glued on: that shard is re-committed from its journal
-                out[rec["shard"]] = rec
-        return out
+        return parse_commits(data[:end])
 
-    def record_commit(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    def record_commit(self, record: CommitRecord) -> None:
+        line = record.to_json() + b"\n"
         try:
             with open(self.commits_path, "ab") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # appends from several worker processes never interleave

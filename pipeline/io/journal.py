@@ -14,13 +14,14 @@ import contextlib
 import errno
 import os
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Callable, NoReturn
 
 import orjson
 import pyarrow as pa
 import pyarrow.json as pajson
 
 from ..crashpoints import crash_point
+from ..records import ResultRow
 
 __all__ = ["Journal", "repair_tail", "read_journal_table", "latest_per_id", "journal_path", "SYNC_INTERVAL_S"]
 
@@ -120,10 +121,10 @@ class Journal:
         self._pending: dict[int, list[bytes]] = {}
         self._flush_scheduled = False
 
-    def append(self, shard: int, record: dict[str, Any]) -> None:
+    def append(self, shard: int, row: ResultRow) -> None:
         if self.failure is not None:
             raise self.failure
-        line = orjson.dumps(record) + b"\n"
+        line = row.to_json() + b"\n"
         self._pending.setdefault(shard, []).append(line)
         if not self._flush_scheduled:
             try:

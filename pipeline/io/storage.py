@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import JobError
+from ..records import CommitRecord
 from ..redact import Redactor
 
 __all__ = ["PartStore", "is_url", "check_url", "display", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
@@ -161,7 +162,7 @@ class PartStore:
             return [p.name for p in self.local.iterdir()] if self.local.is_dir() else []
         return list(self._listing())
 
-    def in_place(self, expected: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    def in_place(self, expected: Mapping[str, CommitRecord]) -> set[str]:
         """Names of the parts that are as their commit records say: {name: record}.
 
         A local part must have the recorded size and the recorded digest of its bytes (a part
@@ -173,18 +174,18 @@ class PartStore:
         if self.local is None:
             listing = self._listing(detail=True)
             return {name for name, rec in expected.items()
-                    if (got := listing.get(name)) is not None and got["size"] == rec["size"]
-                    and (rec.get("etag") is None or got.get("etag") == rec["etag"])}
+                    if (got := listing.get(name)) is not None and got["size"] == rec.size
+                    and (rec.etag is None or got.get("etag") == rec.etag)}
         good = set()
         for name, rec in expected.items():
             path = self.local / name
             try:
-                if path.stat().st_size != rec["size"]:
+                if path.stat().st_size != rec.size:
                     continue
-                if rec.get("part_digest") is not None:
-                    ok = file_digest(path) == rec["part_digest"]
+                if rec.part_digest is not None:
+                    ok = file_digest(path) == rec.part_digest
                 else:
-                    ok = pq.read_metadata(path).num_rows == rec["rows"]
+                    ok = pq.read_metadata(path).num_rows == rec.rows
             except (OSError, pa.ArrowInvalid):
                 continue
             if ok:

@@ -11,34 +11,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..crashpoints import crash_point
+from ..records import RESULT_COLUMNS, RESULT_SCHEMA
 from .storage import PartStore, bytes_digest, file_digest
 
-__all__ = ["RESULT_SCHEMA", "part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]
+__all__ = ["part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("answer", pa.string()),
-        ("reasoning", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("model", pa.string()),
-        ("finish_reason", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("error_kind", pa.string()),
-        ("attempts", pa.int32()),
-        ("latency_ms", pa.int64()),
-        ("cost", pa.float64()),  # from [pricing]; null without it or without usage
-    ]
-)
-RESERVED = {"id", *RESULT_SCHEMA.names}
 
 
 def part_name(shard: int) -> str:
@@ -54,7 +37,7 @@ def output_columns(
     for col in input_columns:
         if col == id_column and col == "id":
             continue
-        pairs.append((col, f"input_{col}" if col in RESERVED or col in extra else col))
+        pairs.append((col, f"input_{col}" if col in RESULT_COLUMNS or col in extra else col))
     return pairs
 
 

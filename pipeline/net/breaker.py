@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ..errors import ErrorKind
+
 __all__ = ["Breaker", "ENDPOINT_FAULTS"]
 
-ENDPOINT_FAULTS = frozenset({"server", "timeout", "connection", "invalid_response"})
+ENDPOINT_FAULTS = frozenset(k.value for k in ErrorKind if k.endpoint_fault)
 
 
 class Breaker:

@@ -13,7 +13,7 @@ import email.utils
 import math
 import re
 
-from ..errors import RequestError
+from ..errors import ErrorKind, RequestError
 
 __all__ = [
     "RETRYABLE_KINDS",
@@ -28,8 +28,8 @@ __all__ = [
     "parse_duration",
 ]
 
-RETRYABLE_KINDS = frozenset({"rate_limit", "server", "timeout", "connection", "invalid_response"})
-STOP_KINDS = frozenset({"quota", "auth"})  # apply to every row: stop the job, no row fails
+RETRYABLE_KINDS = frozenset(k.value for k in ErrorKind if k.retryable)
+STOP_KINDS = frozenset(k.value for k in ErrorKind if k.stops)  # apply to every row: stop the job, no row fails
 BASE_DELAY_S = 0.5
 MAX_DELAY_S = 8.0
 RATE_LIMIT_BASE_DELAY_S = 1.0

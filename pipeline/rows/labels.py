@@ -24,15 +24,13 @@ if TYPE_CHECKING:  # imported where used: it takes ~70 ms, and most jobs have no
 import pyarrow as pa
 
 from ..errors import RequestError
+from ..records import RESULT_COLUMNS
 from .answer import split_think
 
 __all__ = ["Labels", "extract_json", "schema_problem", "column_type", "example_for_schema", "FORBIDDEN_NAMES"]
 
 # Names the output already uses; a label column may not take one (it would hide a result column).
-FORBIDDEN_NAMES = frozenset({
-    "id", "answer", "reasoning", "prompt_tokens", "completion_tokens", "total_tokens", "model",
-    "finish_reason", "status", "error", "error_kind", "attempts", "latency_ms", "cost",
-})
+FORBIDDEN_NAMES = RESULT_COLUMNS
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\r?\n?(.*?)```", re.DOTALL)
 _MESSAGE_CAP = 200
 _ERRORS_SHOWN = 3

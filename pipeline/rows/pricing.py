@@ -1,7 +1,8 @@
 """Pricing: what each answer cost, and a budget the run never passes.
 
     cost = row_cost(job, answer.model, prompt_tokens, completion_tokens, total_tokens)
-    budget = Budget.for_run(job, journal_dir, commits, todo)  # the job's spend so far (checkpoint)
+    tokens = estimate_tokens(job, prompt_chars(job, prompt), media=1)   # the one estimate, before usage
+    budget = SpendLimit.for_run(job, journal_dir, commits, todo)  # the job's spend so far (checkpoint)
     held = await budget.hold(worst)                  # StopJob(kind="budget") if it could pass
     budget.settle(held, cost)                        # when the answer (or the failure) is in
 
@@ -25,15 +26,17 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 import pyarrow as pa
 
-from ..config import Job
+from ..config import DEFAULT_OUTPUT_TOKENS, Job
 from ..errors import StopJob
 from ..io.journal import journal_path
+from ..records import CommitRecord
 
-__all__ = ["total_cost", "row_cost", "worst_case_cost", "estimate_input_tokens", "shard_spend", "Budget", "CHARS_PER_TOKEN"]
+__all__ = ["total_cost", "row_cost", "worst_case_cost", "estimate_tokens", "prompt_chars", "TokenEstimate", "shard_spend",
+           "SpendLimit", "CHARS_PER_TOKEN"]
 
 CHARS_PER_TOKEN = 4  # a rough average over English and code; CJK text runs nearer 1-2
 _ROUND = 10  # decimals kept on costs: no float dust in the output
@@ -53,9 +56,29 @@ def row_cost(job: Job, model: str | None, prompt: int | None, completion: int | 
     return round((prompt * price[0] + completion * price[1]) / 1e6, _ROUND)
 
 
-def estimate_input_tokens(job: Job, prompt: str, images: int) -> int:
-    text = len(prompt) + len(job.request.system_prompt or "")
-    return int(text / CHARS_PER_TOKEN) + 1 + images * job.limits.image_token_estimate
+class TokenEstimate(NamedTuple):
+    """Tokens a request may use before its usage is known: what the rate limiter paces
+    tokens_per_minute by, the budget holds, and the dry run totals."""
+
+    input: int
+    output: int
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+
+def prompt_chars(job: Job, prompt: str) -> int:
+    """The text a request sends: its prompt and the system prompt."""
+    return len(prompt) + len(job.request.system_prompt or "")
+
+
+def estimate_tokens(job: Job, text_chars: int, media: int, rows: int = 1) -> TokenEstimate:
+    """The one token estimate: text at CHARS_PER_TOKEN, each image or video at [limits]
+    image_token_estimate, the output at max_tokens (DEFAULT_OUTPUT_TOKENS without it) per row.
+    `text_chars` and `media` may be totals over `rows` rows (the dry run's)."""
+    out = job.request.max_tokens or DEFAULT_OUTPUT_TOKENS
+    return TokenEstimate(text_chars // CHARS_PER_TOKEN + media * job.limits.image_token_estimate, rows * out)
 
 
 def worst_case_cost(job: Job, prompt: str, images: int) -> float:
@@ -63,8 +86,8 @@ def worst_case_cost(job: Job, prompt: str, images: int) -> float:
     assert job.pricing is not None
     price = job.pricing.price(None, job.endpoint.model)
     assert price is not None  # checked when the job was loaded
-    out = job.request.max_tokens or 0
-    return (estimate_input_tokens(job, prompt, images) * price[0] + out * price[1]) / 1e6
+    tokens = estimate_tokens(job, prompt_chars(job, prompt), images)
+    return (tokens.input * price[0] + (job.request.max_tokens or 0) * price[1]) / 1e6
 
 
 def total_cost(lines: pa.Table) -> float:
@@ -89,7 +112,7 @@ def shard_spend(journal_dir: Path, shard: int) -> float:
     return round(total, _ROUND)
 
 
-class Budget:
+class SpendLimit:
     """The run's running spend and its holds on requests in flight. Single-threaded (asyncio)."""
 
     def __init__(self, job: Job, spent_before: float) -> None:
@@ -102,14 +125,14 @@ class Budget:
         self._settled = asyncio.Event()
 
     @classmethod
-    def for_run(cls, job: Job, journal_dir: Path, commits: dict[int, dict[str, Any]], todo: list[int]) -> "Budget":
+    def for_run(cls, job: Job, journal_dir: Path, commits: dict[int, CommitRecord], todo: list[int]) -> "SpendLimit":
         """`todo`: indices of the shards this run works on (their journal is read in full)."""
         spent = 0.0
         if job.pricing is not None:
             todo_set = set(todo)
             for index, rec in commits.items():
                 if index not in todo_set:
-                    spent += rec.get("spend") or 0.0
+                    spent += rec.spend or 0.0
             for index in todo_set:
                 spent += shard_spend(journal_dir, index)
         return cls(job, spent)

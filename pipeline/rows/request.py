@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -26,6 +26,9 @@ from ..config import Job
 from ..errors import InputError, JobError
 from ..redact import Redactor
 from .media import MediaBuilder
+
+if TYPE_CHECKING:
+    from .labels import Labels
 
 __all__ = ["RequestBuilder", "Built", "placeholders"]
 
@@ -44,7 +47,8 @@ def placeholders(template: str) -> list[str]:
 
 
 class RequestBuilder:
-    def __init__(self, job: Job, columns: list[str], *, redactor: Redactor | None = None) -> None:
+    def __init__(self, job: Job, columns: list[str], *, redactor: Redactor | None = None,
+                 labels: Labels | None = None) -> None:
         self.job = job
         self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor)
         req = job.request
@@ -65,9 +69,11 @@ class RequestBuilder:
             self._tail["stream"] = True
             self._tail["stream_options"] = {"include_usage": True}
         if job.labels is not None and job.labels.send_response_format:
-            from .labels import Labels
+            if labels is None:  # a tool without the run's compiled checker (the dry run)
+                from .labels import Labels
 
-            self._tail["response_format"] = Labels(job.labels).response_format()
+                labels = Labels(job.labels)
+            self._tail["response_format"] = labels.response_format()
         self._tail.update(req.params)
 
     def prompt(self, row: dict[str, Any]) -> str:

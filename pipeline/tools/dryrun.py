@@ -23,26 +23,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import sys
 from collections import Counter, defaultdict
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from ..config import Job
+from ..config import DEFAULT_OUTPUT_TOKENS, Job
 from ..errors import InputError, JobError
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, parse_commits
 from ..io.manifest import SHOW, Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
 from ..rows.media import LocalFiles, PathError, image_values, sniff_mime
-from ..rows.pricing import CHARS_PER_TOKEN
+from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
 SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
-DEFAULT_OUTPUT_TOKENS = 1024  # as the runner assumes for tokens_per_minute when max_tokens is unset
 
 
 class Report:
@@ -207,12 +205,10 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
                 say(f"    {example}")
             if n > len(report.examples[kind]):
                 say(f"    ... and {n - len(report.examples[kind])} more")
-    # Estimates cover the rows that would be sent.
-    text_tokens = report.text_chars // CHARS_PER_TOKEN
-    image_tokens = report.images * job.limits.image_token_estimate
+    # Estimates cover the rows that would be sent, by the run's own estimate (pricing.estimate_tokens).
+    tokens = estimate_tokens(job, report.text_chars, report.images, rows=good)
+    text_tokens, in_tokens, out_tokens = tokens.input - report.images * job.limits.image_token_estimate, *tokens
     per_row_out = job.request.max_tokens or DEFAULT_OUTPUT_TOKENS
-    out_tokens = good * per_row_out
-    in_tokens = text_tokens + image_tokens
     out_note = f"max_tokens {per_row_out}" if job.request.max_tokens else f"no max_tokens: {per_row_out} assumed"
     say(f"tokens (estimate): input about {in_tokens:,} (text {text_tokens:,}, {report.images} image(s) x "
         f"{job.limits.image_token_estimate}), output at most {out_tokens:,} ({out_note} per row)")
@@ -237,18 +233,11 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
 
 def _rows_done(ckpt: Checkpoint) -> int:
     """Rows with a result, from the commit records; read only (Checkpoint.commits may repair)."""
-    latest: dict[int, int] = {}
     try:
-        lines = ckpt.commits_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        data = ckpt.commits_path.read_bytes()
+    except OSError:
         return 0
-    for line in lines:
-        try:
-            rec = json.loads(line)
-            latest[int(rec["shard"])] = int(rec["rows"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return sum(latest.values())
+    return sum(rec.rows for rec in parse_commits(data[: data.rfind(b"\n") + 1]).values())
 
 
 def _minutes(job: Job, requests: int, tokens: int) -> float:

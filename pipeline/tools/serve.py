@@ -57,7 +57,7 @@ import sys
 import time
 import zlib
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, NamedTuple
 
 from aiohttp import web
@@ -117,9 +117,9 @@ class ServeOptions:
         if self.transfer not in ("length", "chunked", "gzip"):
             raise JobError("[serve] transfer must be length, chunked or gzip")
         if self.reasoning_field not in ("content", "reasoning_content", "reasoning"):
-            raise JobError(f"[serve] reasoning_field must be content, reasoning_content or reasoning")
+            raise JobError("[serve] reasoning_field must be content, reasoning_content or reasoning")
         if self.rate_headers not in ("retry-after", "retry-after-ms", "http-date", "reset", "none"):
-            raise JobError(f"[serve] rate_headers must be retry-after, retry-after-ms, http-date, reset or none")
+            raise JobError("[serve] rate_headers must be retry-after, retry-after-ms, http-date, reset or none")
         for name, value in self.x_should_retry.items():
             if name not in FAULTS or value not in ("true", "false"):
                 raise JobError(f"[serve] x_should_retry maps a fault name to \"true\" or \"false\", not {name!r} = {value!r}")

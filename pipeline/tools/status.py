@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import Job
-from ..engine.runner import dataset_state
+from ..engine.summary import dataset_state
 from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id, read_journal_table
 from ..io.storage import display
@@ -29,9 +29,9 @@ def job_status(job: Job) -> dict[str, Any]:
     journaled = 0
     for shard in plan.shards:
         rec = commits.get(shard.index)
-        if rec is None or rec["rows"] < shard.rows:
+        if rec is None or rec.rows < shard.rows:
             answered = latest_per_id(read_journal_table(ckpt.journal_dir, shard.index, _IDS)).num_rows
-            journaled += max(0, answered - (rec["rows"] if rec else 0))
+            journaled += max(0, answered - (rec.rows if rec else 0))
     return {
         "job": job.name,
         "started": True,

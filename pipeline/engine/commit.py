@@ -1,0 +1,106 @@
+"""Committing a shard, and finding what a shard has already: the journal is the source of truth.
+
+    rec = commit_shard(job, ckpt, shard, table, ids, labels)   # journal -> part file -> commit record
+    done, restored = answers_so_far(job, ckpt, shard, committed_rows, labels)
+
+A commit reads the shard's journal (every result since the shard began, later lines winning),
+joins it to the shard's rows by id, writes the part file atomically (pipeline.io.writer) and only
+then appends the commit record: a crash at any point leaves either the old state or the new one.
+Blocking; the engine runs these in threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import Job
+from ..crashpoints import fault_point
+from ..io.checkpoint import Checkpoint
+from ..io.journal import latest_per_id, read_journal_table, repair_tail
+from ..io.manifest import Plan, Shard
+from ..io.storage import PartStore
+from ..io.writer import (
+    build_part,
+    journal_schema,
+    part_name,
+    write_empty_part,
+    write_part,
+)
+from ..records import TOKEN_COLUMNS, CommitRecord, ResultRow
+from ..rows.pricing import total_cost
+
+if TYPE_CHECKING:
+    from ..rows.labels import Labels
+
+__all__ = ["commit_shard", "answers_so_far", "write_empty_dataset", "DONE_SCHEMA"]
+
+DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
+
+
+def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids: list[str],
+                 labels: Labels | None) -> CommitRecord | None:
+    """Journal -> part file -> rename -> commit record; None when no row of the shard has a result."""
+    extra = labels.fields() if labels is not None else ()
+    lines = read_journal_table(ckpt.journal_dir, shard.index, journal_schema(extra))
+    part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra)
+    if part.num_rows == 0:
+        return None
+    fault_point("commit")
+    written = write_part(PartStore.for_output(job.output), shard.index, part)
+    status = part.column("status").to_pylist()
+    kinds = Counter(k for k, s in zip(part.column("error_kind").to_pylist(), status) if s == "error")
+    record = CommitRecord(
+        shard=shard.index, file=written.name, size=written.size, rows=part.num_rows, shard_rows=shard.rows,
+        digest=shard.digest, ok=status.count("ok"), failed=dict(kinds),
+        # sums in Python, not pyarrow.compute: its first import stalls the loop ~60 ms
+        tokens={key: sum(filter(None, part.column(key).to_pylist())) for key in TOKEN_COLUMNS},
+        at=time.time(), part_digest=written.digest, etag=written.etag,
+        spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
+    )
+    ckpt.record_commit(record)
+    return record
+
+
+def answers_so_far(job: Job, ckpt: Checkpoint, shard: Shard, committed_rows: int,
+                   labels: Labels | None) -> tuple[dict[str, tuple[str, str | None]], list[ResultRow]]:
+    """(id -> (status, error_kind)) of the shard's answered rows, from its journal, or from its
+    committed part file if the journal was lost (a deleted checkpoint folder must not make
+    --retry-failed buy the whole shard again); plus the rows to write back to the journal."""
+    repair_tail(ckpt.journal_dir, shard.index)
+    latest = latest_per_id(read_journal_table(ckpt.journal_dir, shard.index, DONE_SCHEMA))
+    done = dict(zip(latest.column("id").to_pylist(),
+                    zip(latest.column("status").to_pylist(), latest.column("error_kind").to_pylist())))
+    restored: list[ResultRow] = []
+    if len(done) < committed_rows:
+        label_names = labels.names if labels is not None else []
+        columns = journal_schema(labels.fields() if labels is not None else ()).names
+        part = PartStore.for_output(job.output).read_table(part_name(shard.index), columns)
+        for rec in part.to_pylist() if part is not None else ():
+            if rec["id"] not in done:
+                done[rec["id"]] = (rec["status"], rec["error_kind"])
+                restored.append(ResultRow.from_dict(rec, label_names))
+    return done, restored
+
+
+def write_empty_dataset(job: Job, plan: Plan, labels: Labels | None) -> None:
+    """A manifest with no rows: an empty dataset with every column, so a reader of the output
+    finds a table (with no rows) rather than no folder."""
+    extra = labels.fields() if labels is not None else ()
+    write_empty_part(PartStore.for_output(job.output), _empty_input(job, plan), job.input.id_column, extra)
+
+
+def _empty_input(job: Job, plan: Plan) -> pa.Table:
+    """The manifest's columns with no rows, typed as its shards would be read."""
+    if plan.format == "parquet":
+        schema = pq.ParquetFile(job.input.path).schema_arrow
+    elif plan.format == "jsonl" and plan.header:
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
+    else:  # csv cells are read as text; an empty JSON Lines file has no columns at all
+        schema = pa.schema([(c, pa.string()) for c in plan.columns])
+    return pa.Table.from_batches([], schema=schema)

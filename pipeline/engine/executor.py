@@ -1,0 +1,72 @@
+"""Executors: the ways of running a job's shards, behind one base.
+
+    code = LocalExecutor(job, options).run()      # this process (pipeline.engine.local)
+    code = RayExecutor(job, options).run()        # Ray tasks over a cluster (pipeline.engine.ray)
+
+The base does what every executor shares, the datatrove way: lock the job and prepare it (plan,
+verified commits, shards to do), start the built-in endpoint for a job with `[serve]`, hand
+signals over, show progress, and end with the one run summary (exit code, last_run.json). A
+subclass says only how the shards still to do are sent: `execute(ckpt, ready)` returns this run's
+counts and why it stopped early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import AsyncIterator
+
+from ..config import Job
+from ..errors import local_failure
+from ..io.checkpoint import Checkpoint
+from .commit import write_empty_dataset
+from .console import Console
+from .options import RunOptions
+from .prepare import Prepared, prepare
+from .process import tune_memory
+from .shard import make_labels
+from .summary import Counts, Stopped, finish
+
+__all__ = ["Executor"]
+
+
+class Executor:
+    def __init__(self, job: Job, options: RunOptions = RunOptions()) -> None:
+        self.job = job
+        self.options = options
+        self.console = Console.for_job(job)
+
+    def run(self) -> int:
+        """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
+        tune_memory()
+        job, console = self.job, self.console
+        ckpt = Checkpoint(job.output.checkpoint)
+        with ckpt.locked(job.name):
+            if ckpt.took_over_from is not None:
+                console.say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running")
+            try:  # a full or read-only disk is one line and exit 4, before anything is sent
+                ready = prepare(job, ckpt, self.options, console)
+                started = time.time()
+                if ready.plan.total_rows == 0:
+                    write_empty_dataset(job, ready.plan, make_labels(job))
+                    console.say(f"{job.name}: the manifest {job.input.path} has no rows; nothing to send")
+            except OSError as exc:
+                raise local_failure(exc, "preparing the run") from None
+            counts, stopped = self.execute(ckpt, ready) if ready.todo else (Counts(), None)
+            return finish(job, ckpt, ready.plan, started, counts, stopped, console)
+
+    def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
+        """Send the rows of `ready.todo`; this run's counts and why it stopped early (None: it did not)."""
+        raise NotImplementedError
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Job]:
+        """The job as it is sent: with `[serve]`, to the built-in endpoint started here (in its own
+        process, dying with this one) and stopped when the run ends."""
+        if self.job.serve is None:
+            yield self.job
+            return
+        from ..tools.serve import start_subprocess
+
+        async with start_subprocess(self.job.serve) as base_url:
+            yield self.job.with_base_url(base_url)

@@ -1,0 +1,96 @@
+"""Preparing a run, under the job's lock and before anything is sent: the output folder is this
+job's, the request shape is the checkpoint's, the plan is current (rows may only be appended), the
+committed parts are as their records say, and the shards still to do are known.
+
+    ready = prepare(job, ckpt, options, console)
+    ready.plan, ready.commits, ready.todo
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Job
+from ..errors import JobError
+from ..io.checkpoint import Checkpoint
+from ..io.manifest import Plan, Shard, plan_manifest, range_digest
+from ..io.storage import PartStore
+from ..io.writer import remove_leftovers
+from ..records import CommitRecord
+from .console import Console
+from .options import RunOptions
+
+__all__ = ["Prepared", "prepare", "shards_to_run"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    plan: Plan
+    commits: dict[int, CommitRecord]  # the records whose part files are in place
+    todo: list[Shard]  # shards with rows to send (or to send again, with --retry-failed)
+
+
+def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -> Prepared:
+    store = PartStore.for_output(job.output)
+    store.claim(job.name, ckpt.folder)  # before --restart may remove anything there
+    if options.restart:
+        ckpt.reset(store)
+    ckpt.check_job(job.request_shape(), job.run.shard_rows)
+    plan = current_plan(job, ckpt)
+    commits = verified_commits(store, ckpt, console)
+    return Prepared(plan, commits, shards_to_run(plan, commits, options.retry_failed))
+
+
+def current_plan(job: Job, ckpt: Checkpoint) -> Plan:
+    old = ckpt.load_plan()
+    if old is not None and old.checked and old.matches_file(job.input.path):
+        return old  # the fast path of a finished job's rerun: no manifest scan
+    # (a plan made before every row was checked while planning is made again, checks included)
+    plan = plan_manifest(job.input, job.run.shard_rows)
+    if old is not None:
+        _check_append_only(job, old, plan)
+    ckpt.save_plan(plan)
+    return plan
+
+
+def _check_append_only(job: Job, old: Plan, new: Plan) -> None:
+    """Rows already processed must be unchanged; rows may only be appended."""
+    for s in old.shards:
+        n = new.shards[s.index] if s.index < len(new.shards) else None
+        if n is not None and n.digest == s.digest:
+            continue
+        if n is not None and n.rows > s.rows and n.start == s.start and range_digest(job.input, s.start, s.end) == s.digest:
+            continue  # the last shard grew: rows were appended
+        raise JobError(
+            f"[input] path: manifest rows {s.first_row}-{s.first_row + s.rows - 1} changed since they were processed "
+            f"(only appending rows is allowed); run with --restart to start over"
+        )
+
+
+def verified_commits(store: PartStore, ckpt: Checkpoint, console: Console) -> dict[int, CommitRecord]:
+    """Commit records whose part file is in place as recorded; leftovers of a crash removed.
+    A URL's storage is first reached here, before anything is sent."""
+    for name in remove_leftovers(store):
+        console.say(f"note: removed {name}, a temporary file left by an interrupted run")
+    commits = ckpt.commits()
+    in_place = store.in_place({rec.file: rec for rec in commits.values()})
+    good = {}
+    for index, rec in commits.items():
+        if rec.file in in_place:
+            good[index] = rec
+        else:
+            console.say(f"note: {rec.file} does not match its commit record; it is rebuilt from the journal")
+    return good
+
+
+def shards_to_run(plan: Plan, commits: dict[int, CommitRecord], retry: frozenset[str] | None) -> list[Shard]:
+    todo = []
+    for shard in plan.shards:
+        rec = commits.get(shard.index)
+        complete = rec is not None and rec.rows == shard.rows and rec.digest == shard.digest
+        wants_retry = retry is not None and rec is not None and any(
+            n and (not retry or kind in retry) for kind, n in rec.failed.items()
+        )
+        if not complete or wants_retry:
+            todo.append(shard)
+    return todo

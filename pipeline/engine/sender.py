@@ -1,0 +1,193 @@
+"""The sender: one row's way from its manifest cells to a result row, attempt by attempt.
+
+    sender = RowSender(job, builder, client, limiter, spend, breaker, labels, stopping, before_send, counts, stop)
+    row = await sender.send(RowState("r1"), {"image": ..., "prompt": ...})   # None: a stop came first
+
+Each attempt: wait for a place (the limiter paces requests and tokens), hold the attempt's worst
+case against the budget, send, parse. A failed attempt is retried as the pure policy says
+(pipeline.net.retry), pausing the whole pool on a 429; quota and auth failures and a tripped
+breaker raise StopJob (they apply to every row). An answer that fails the `[labels]` schema is
+asked again up to max_invalid_retries, and the last one is kept (it was paid for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..config import Job
+from ..crashpoints import fault_point
+from ..errors import InputError, RequestError, RowError, StopJob, local_failure
+from ..net.breaker import Breaker
+from ..net.client import Client
+from ..net.limiter import Limiter
+from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
+from ..records import ResultRow
+from ..rows.answer import Answer, parse_response
+from ..rows.pricing import (
+    SpendLimit,
+    estimate_tokens,
+    prompt_chars,
+    row_cost,
+    worst_case_cost,
+)
+from ..rows.request import Built, RequestBuilder
+from .summary import Counts
+
+if TYPE_CHECKING:
+    from ..rows.labels import Labels
+
+__all__ = ["RowSender", "RowState", "error_row"]
+
+
+class RowState:
+    """What one row's sending has done so far: an unexpected failure still reports it truly."""
+
+    __slots__ = ("row_id", "attempts", "spent")
+
+    def __init__(self, row_id: str) -> None:
+        self.row_id = row_id
+        self.attempts = 0
+        self.spent: float | None = None  # this row's cost over its attempts
+
+
+def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None = None) -> ResultRow:
+    return ResultRow(row_id, status="error", error=err.describe(), error_kind=str(err.kind), attempts=attempts, cost=cost)
+
+
+class RowSender:
+    def __init__(self, job: Job, builder: RequestBuilder, client: Client, limiter: Limiter, spend: SpendLimit,
+                 breaker: Breaker, labels: Labels | None, stopping: asyncio.Event, before_send: Callable[[], None],
+                 counts: Counts, stop: Callable[[StopJob], None]) -> None:
+        self.job, self.limits = job, job.limits
+        self.builder, self.client, self.limiter, self.spend, self.breaker = builder, client, limiter, spend, breaker
+        self.labels = labels
+        self.stopping = stopping
+        self.before_send = before_send  # answers already received are journaled before a request leaves
+        self.counts = counts
+        self.stop = stop  # a budget stop while a paid (invalid) answer is in hand: stop, keep the answer
+        self.rng = random.Random()
+        self.post = client.post_stream if job.request.stream else client.post
+
+    async def send(self, state: RowState, cells: dict[str, Any]) -> ResultRow | None:
+        """The row's result; None when a stop came before an answer (the row stays pending).
+        Raises StopJob (the run must stop) and LocalFailure."""
+        try:
+            built = await self.builder.build(cells)  # files, fetches and Pillow work run off the loop
+        except InputError as err:
+            return error_row(state.row_id, err, attempts=0)
+        fault_point("row")
+        invalid: ResultRow | None = None  # the last answer that failed the [labels] schema
+        invalid_count = 0
+        while not self.stopping.is_set():
+            try:
+                row = await self._answer(state, built)
+            except StopJob as stop:
+                if invalid is None:
+                    raise
+                self.stop(stop)
+                break
+            if row is None:
+                break
+            if not row.ok or self.labels is None:
+                return row
+            try:
+                row.labels = self.labels.check(row.answer or "")
+                return row
+            except RequestError as err:  # invalid_output: ask again, up to max_invalid_retries
+                invalid = ResultRow(**{**row.to_dict(), "status": "error", "error_kind": str(err.kind),
+                                       "error": err.describe()})
+                invalid_count += 1
+                if invalid_count > self.labels.config.max_invalid_retries:
+                    return invalid
+        return invalid  # a paid answer that failed the schema is kept; else the row stays pending
+
+    async def _answer(self, state: RowState, built: Built) -> ResultRow | None:
+        """Attempts until an answer or an error out of attempts; None when a stop came first."""
+        tokens = estimate_tokens(self.job, prompt_chars(self.job, built.prompt), built.media).total \
+            if self.limits.tokens_per_minute > 0 else 0.0
+        worst = worst_case_cost(self.job, built.prompt, built.media) if self.spend.limit is not None else 0.0
+        while not self.stopping.is_set():
+            state.attempts += 1
+            sent_at = await self.limiter.acquire(tokens, stop=self.stopping)  # None: a stop came first
+            if sent_at is None:
+                return None
+            held = await self.spend.hold(worst)  # may wait for requests in flight; StopJob at the budget
+            outcome = await self._attempt(state, built.body, held, sent_at, tokens)
+            if not isinstance(outcome, float):
+                return outcome
+            with contextlib.suppress(asyncio.TimeoutError):  # a stop ends the wait at once
+                await asyncio.wait_for(self.stopping.wait(), outcome)
+        return None
+
+    async def _attempt(self, state: RowState, body: bytes, held: float, sent_at: float,
+                       tokens: float) -> ResultRow | float | None:
+        """One request: the row's result, the seconds to wait before trying again, or None when a
+        stop came before sending. The budget's hold is released on every path (a leaked hold
+        would make later rows wait forever)."""
+        cost: float | None = None
+        try:
+            if self.stopping.is_set():
+                return None
+            self.counts.sent += 1
+            try:
+                self.before_send()
+            except OSError as exc:
+                raise local_failure(exc, "journaling answers") from None
+            try:
+                data, headers, latency, warning = await self.post(body, max_bytes=self.limits.max_response_bytes)
+                self.limiter.observe(headers)
+                answer = parse_response(data)
+                if answer.answer is None and answer.finish_reason != "length":
+                    raise RequestError("response has no answer content", kind="invalid_response")
+            except RequestError as err:
+                return self._failed(state, err, sent_at)
+            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+            state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
+            self.breaker.success()
+            self.limiter.settle(tokens, answer.total_tokens)
+            return _answer_row(state, answer, latency, warning)
+        finally:
+            self.spend.settle(held, cost)
+
+    def _failed(self, state: RowState, err: RequestError, sent_at: float) -> ResultRow | float:
+        if err.kind in STOP_KINDS:
+            raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
+        self.limiter.observe(err.headers)
+        if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
+            self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
+        if self.breaker.failure(err.kind):
+            raise StopJob(
+                f"the endpoint looks down ({self.breaker.streak} failed attempts in a row, last: {err.describe()})",
+                kind="endpoint_down",
+            ) from None
+        if not should_retry(err, state.attempts, self.limits.max_attempts):
+            return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
+        return float(retry_delay(err, state.attempts, now=time.time(), jitter=self.rng.random(),
+                                 max_server_delay=self.limits.max_retry_after_s))
+
+
+def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | None) -> ResultRow:
+    row = ResultRow(
+        state.row_id, answer=answer.answer, reasoning=answer.reasoning, prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens, total_tokens=answer.total_tokens, model=answer.model,
+        finish_reason=answer.finish_reason,
+        error=warning,  # on an ok row, a warning: the answer held bad text, replaced
+        attempts=state.attempts, latency_ms=round(latency), cost=state.spent,
+    )
+    if answer.answer is None:  # finish_reason "length" before the thinking ended
+        row.status, row.error_kind = "error", "truncated"
+        row.error = "cut off by max_tokens before the answer began (finish_reason: length)"
+    return row
+
+
+def _stop_message(err: RequestError, key_env: str | None) -> str:
+    if err.kind == "quota":
+        return (f"the provider says the account is out of quota or credit (HTTP {err.status}: {err.message}); "
+                f"top it up, then run the same command again to continue")
+    where = (f"check the key in the variable {key_env} ([endpoint] api_key_env)" if key_env
+             else "no key was sent: set [endpoint] api_key_env to the variable that holds it")
+    return f"the provider refused the API key (HTTP {err.status}: {err.message}); {where}, then run again to continue"

@@ -1,0 +1,363 @@
+"""The shard engine: one process's supervised worker pool over some shards of a job.
+
+    engine = ShardEngine(job, ckpt, plan, limiter=Limiter(...), console=console, options=options)
+    stopped = await engine.run(shards)     # None, or why it stopped early (StopJob, LocalFailure, a signal)
+    engine.counts                          # this run's rows and requests, live (progress bars read it)
+    engine.stop(reason)                    # from a signal handler or an executor: stop taking rows
+
+A producer reads the shards' pending rows (those without an answer in the journal) into a bounded
+queue; `max_concurrency` workers send them (pipeline.engine.sender), journal each result as it
+arrives, and a shard whose last row is journaled is committed (pipeline.engine.commit). The rate
+source is whatever limiter it is given: the local Limiter, or a Ray worker's share of the
+cluster's budget.
+
+Supervision: every task (producer, workers, shard commits, the journal's syncer) belongs to one
+`asyncio.TaskGroup`: none outlives the run, none fails unseen. A worker never dies of a row: an
+exception the pipeline did not plan for while sending one row makes that row an error row of kind
+"internal" (type and message; traceback in the checkpoint's errors.log) and the worker goes on. A
+failure of shared machinery (journal, commit, storage, the producer) is a LocalFailure: the run
+stops as for a provider's stop (requests in flight get grace_s, what arrived is committed where
+possible). Every stop is bounded: once stopping, the process ends within grace_s + STOP_DEADLINE_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Coroutine
+
+import pyarrow as pa
+
+from ..config import Job
+from ..crashpoints import crash_point, fault_point
+from ..errors import LocalFailure, RowError, StopJob, local_failure
+from ..io.checkpoint import Checkpoint
+from ..io.journal import Journal
+from ..io.manifest import Plan, Shard, read_shard, row_ids
+from ..net.breaker import ENDPOINT_FAULTS, Breaker
+from ..net.client import Client
+from ..net.limiter import Limiter
+from ..records import ResultRow
+from ..rows.pricing import SpendLimit
+from ..rows.request import RequestBuilder, placeholders
+from .commit import answers_so_far, commit_shard
+from .console import Console
+from .options import RunOptions
+from .process import EXIT_SIGNAL, Deadline, give_back_memory, warm_imports
+from .sender import RowSender, RowState, error_row
+from .summary import EXIT_LOCAL_FAILURE, EXIT_STOPPED, Counts, Stopped
+
+if TYPE_CHECKING:
+    from ..rows.labels import Labels
+
+__all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
+
+STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
+ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
+
+
+def make_labels(job: Job) -> Labels | None:
+    """The job's [labels] checker, compiled once per run; imported only then (jsonschema is slow to import)."""
+    if job.labels is None:
+        return None
+    from ..rows.labels import Labels
+
+    return Labels(job.labels)
+
+
+@dataclass
+class _ShardWork:
+    shard: Shard
+    table: pa.Table
+    ids: list[str]
+    send: list[int]  # positions of the rows to send
+    pending: int
+    enqueued: bool = False
+
+
+class ShardEngine:
+    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Limiter, console: Console,
+                 options: RunOptions, committed_rows: dict[int, int] | None = None) -> None:
+        self.job, self.ckpt, self.plan, self.options = job, ckpt, plan, options
+        self.limits = job.limits
+        self.limiter = limiter
+        self.console = console
+        self.committed_rows = committed_rows or {}
+        self.labels = make_labels(job)
+        self.builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=self.labels)
+        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds)
+        self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
+        self.counts = Counts()
+        self.done_before = 0  # rows of the given shards answered before this run
+        self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(
+            maxsize=2 * job.limits.max_concurrency)
+        self.work: dict[int, _ShardWork] = {}
+        self.stop_reason: StopJob | None = None
+        self.failure: LocalFailure | None = None
+        self.stop_signal: int | None = None
+        self.held: list[tuple[_ShardWork, ResultRow]] = []  # endpoint-fault errors during a failure streak
+        self.stopping = asyncio.Event()
+        self.finalize_lock = asyncio.Lock()
+        self.idle: set[asyncio.Task[None]] = set()  # workers waiting for a row: nothing in flight
+        self.tasks: asyncio.TaskGroup | None = None
+        self.deadline: Deadline | None = None
+        self.internal_errors = 0
+        self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
+        self.columns = self._request_columns()
+
+    def _request_columns(self) -> list[str]:
+        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column, self.job.input.video_column) if c}
+        cols.update(placeholders(self.job.request.prompt or ""))
+        return [c for c in self.plan.columns if c in cols]
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self, shards: list[Shard]) -> Stopped:
+        """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
+        try:
+            if self.job.pricing is not None:
+                self.spend = await asyncio.to_thread(
+                    SpendLimit.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in shards])
+            warm_imports()
+            async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
+                              max_connections=self.limits.max_concurrency) as client:
+                sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
+                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop)
+                await self._supervise(shards, sender)
+            await self._commit_partial()
+        finally:
+            await self._close()
+        if self.failure is not None:
+            return self.failure
+        return self.stop_signal if self.stop_signal is not None else self.stop_reason
+
+    async def _close(self) -> None:
+        """Release everything the run holds; a failure here is recorded, never raised over the run's."""
+        try:
+            self.journal.close()
+        except OSError as exc:
+            self.stop(local_failure(exc, "closing the journal"))
+        self.counts.spent = self.spend.spent_now
+        try:
+            await self.builder.aclose()  # the fetcher's session and the image workers
+        except Exception as exc:  # noqa: BLE001 - nothing is lost by a failed close; say so and go on
+            self.console.say(f"note: could not close the image workers cleanly ({type(exc).__name__}: {exc})")
+        if self.deadline is not None:
+            self.deadline.cancel()
+
+    async def _supervise(self, shards: list[Shard], sender: RowSender) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            self.tasks = tasks
+            syncer = tasks.create_task(self.journal.sync_forever())
+            producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
+            workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.max_concurrency)]
+            await self._until_done(producer, workers)
+            if self.stop_reason is None and self.stop_signal is None and self.failure is None:
+                self._release_held()  # the run ended with the endpoint up: those rows really failed
+            syncer.cancel()
+        # the group has waited for every shard commit it started
+
+    async def _until_done(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
+        """Until the workers run out of rows, or a stop: then the in-flight grace period."""
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            pending = set(workers)
+            while pending and not stop.done():
+                await asyncio.wait(pending | {stop}, return_when=asyncio.FIRST_COMPLETED)
+                pending = {w for w in workers if not w.done()}
+        finally:
+            stop.cancel()
+        producer.cancel()  # the workers are gone or stopping: nobody takes its rows any more
+        if not pending:
+            return
+        for worker in list(self.idle):
+            worker.cancel()  # waiting for a row: nothing in flight to wait for
+        # Requests in flight may be answers already paid for: give them the grace period.
+        await asyncio.wait(pending, timeout=self.limits.grace_s)
+        for worker in pending:
+            worker.cancel()
+        await asyncio.wait(pending)
+
+    async def _guarded(self, work: Coroutine[Any, Any, None], doing: str) -> None:
+        """Run shared machinery; its failure stops the run (LocalFailure) instead of killing the group."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the run stops cleanly and says why
+            self.stop(local_failure(exc, doing))
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def stop(self, reason: StopJob | LocalFailure | int) -> None:
+        """Stop taking rows: the provider's stop (StopJob), this machine's (LocalFailure, which
+        wins the exit code) or a signal (its number). The first reason of each kind is kept."""
+        if isinstance(reason, LocalFailure):
+            if self.failure is None:
+                self.failure = reason
+                self.console.say(f"error: {reason}")
+            code = EXIT_LOCAL_FAILURE
+        elif isinstance(reason, int):
+            self.stop_signal = self.stop_signal or reason
+            code = EXIT_SIGNAL[reason]
+        else:
+            self.stop_reason = self.stop_reason or reason
+            code = EXIT_STOPPED
+        self.stopping.set()
+        if self.deadline is None:  # whatever hangs below, the process ends
+            self.deadline = Deadline(self.limits.grace_s + STOP_DEADLINE_S, code, self.console.say)
+
+    def interrupt(self, sig: int) -> None:
+        """The first Ctrl-C / SIGTERM: finish what is in flight, commit, exit 130 / 143."""
+        self.console.say(f"\nstopping: finishing requests in flight (up to {self.limits.grace_s:g}s), then committing; "
+                         f"press Ctrl-C again to stop at once")
+        self.stop(sig)
+
+    def sync_journal(self, sig: int = 0) -> None:
+        """The second Ctrl-C: make what was received durable before the process exits at once."""
+        self.console.say("stopping now; everything journaled so far is kept")
+        with contextlib.suppress(OSError):
+            self.journal.sync()
+
+    def _journal_failed(self, exc: OSError) -> None:
+        self.stop(local_failure(exc, "journaling answers"))
+
+    # -- producer ------------------------------------------------------------------------
+
+    async def _produce(self, shards: list[Shard]) -> None:
+        for shard in shards:
+            work = await self._open_shard(shard)
+            needed, send = work.table.select(self.columns), work.send
+            for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
+                batch = send[start : start + ROWS_PER_BATCH]
+                for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
+                    await self.queue.put((work, i, cells))
+            work.enqueued = True
+            if work.pending == 0:
+                self._schedule_commit(work)
+        for _ in range(self.limits.max_concurrency):
+            await self.queue.put(None)  # one "no more rows" per worker
+
+    async def _open_shard(self, shard: Shard) -> _ShardWork:
+        """The shard's rows, and which of them to send: those without an answer (and, with
+        --retry-failed, those whose answer is an error of the kinds asked for)."""
+        table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
+        ids = row_ids(self.job.input, table, shard)
+        done, restored = await asyncio.to_thread(
+            answers_so_far, self.job, self.ckpt, shard, self.committed_rows.get(shard.index, 0), self.labels)
+        fault_point("produce")
+        for row in restored:  # written back: the journal is whole again
+            self.journal.append(shard.index, row)
+        retry = self.options.retry_failed
+        send = [i for i, row_id in enumerate(ids)
+                if (rec := done.get(row_id)) is None
+                or (retry is not None and rec[0] == "error" and (not retry or rec[1] in retry))]
+        self.done_before += len(ids) - len(send)
+        work = _ShardWork(shard, table, ids, send, pending=len(send))
+        self.work[shard.index] = work
+        return work
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def _worker(self, sender: RowSender) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self.stopping.is_set():
+            self.idle.add(me)
+            try:
+                item = await self.queue.get()
+            finally:
+                self.idle.discard(me)
+            if item is None:
+                return
+            work, index, cells = item
+            row = await self._row(sender, work.ids[index], cells)
+            if row is None:  # stopped before an answer: the row stays pending
+                return
+            try:
+                self._settle_row(work, row)
+            except Exception as exc:  # noqa: BLE001 - the journal or a commit failed: the run stops
+                self.stop(local_failure(exc, "journaling an answer"))
+                return
+
+    async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any]) -> ResultRow | None:
+        """The row's result; None when a stop came first. Raises only CancelledError."""
+        state = RowState(row_id)
+        try:
+            return await sender.send(state, cells)
+        except (StopJob, LocalFailure) as reason:
+            self.stop(reason)
+        except Exception as exc:  # noqa: BLE001 - a bug met by this row: an error row, the run goes on
+            return self._internal_error(state, exc)
+        return None
+
+    def _internal_error(self, state: RowState, exc: Exception) -> ResultRow:
+        self.internal_errors += 1
+        log = self.ckpt.folder / "errors.log"
+        text = self.console.redactor.scrub("".join(traceback.format_exception(exc)))
+        with contextlib.suppress(OSError):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
+        if self.internal_errors == 1:
+            self.console.say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
+                             f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
+        err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
+        return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
+
+    def _settle_row(self, work: _ShardWork, row: ResultRow) -> None:
+        crash_point("after_response")
+        if not row.ok and row.error_kind in ENDPOINT_FAULTS and self.breaker.streak:
+            # Out of attempts while nothing succeeds: the endpoint may be down rather than the
+            # row bad. Hold the error until a success shows the endpoint up; if the breaker
+            # trips instead, the row stays pending for the next run.
+            self.held.append((work, row))
+            return
+        self._deliver(work, row)
+        if self.held and not self.breaker.streak:
+            self._release_held()
+
+    def _deliver(self, work: _ShardWork, row: ResultRow) -> None:
+        redactor = self.console.redactor  # what a provider or a model echoed never reaches a file
+        self.journal.append(work.shard.index, row.scrubbed(redactor.scrub) if redactor else row)
+        if row.ok:
+            self.counts.ok += 1
+        else:
+            self.counts.failed += 1
+            self.counts.by_kind[row.error_kind or ""] += 1
+        work.pending -= 1
+        if work.pending == 0 and work.enqueued:
+            self._schedule_commit(work)
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, []
+        for work, row in held:
+            self._deliver(work, row)
+
+    # -- commits -------------------------------------------------------------------------
+
+    def _schedule_commit(self, work: _ShardWork) -> None:
+        assert self.tasks is not None
+        self.tasks.create_task(self._guarded(self._commit(work), f"committing shard {work.shard.index}"))
+
+    async def _commit(self, work: _ShardWork) -> None:
+        async with self.finalize_lock:
+            if self.work.get(work.shard.index) is not work:
+                return
+            del self.work[work.shard.index]
+            if self.journal.failure is None:
+                self.journal.close_shard(work.shard.index)
+            # else: the journal file holds what could be written; the part is made from that
+            await asyncio.to_thread(commit_shard, self.job, self.ckpt, work.shard, work.table, work.ids, self.labels)
+            give_back_memory()
+
+    async def _commit_partial(self) -> None:
+        """After a stop: write what arrived for shards still open, so the output holds it now.
+        Each shard is tried on its own: one that cannot be written stays in the journal."""
+        if self.journal.failure is None:
+            with contextlib.suppress(OSError):  # recorded by the journal, reported through stop()
+                self.journal.sync()
+        for work in list(self.work.values()):
+            await self._guarded(self._commit(work), f"committing shard {work.shard.index}")

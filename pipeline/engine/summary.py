@@ -1,0 +1,135 @@
+"""The run's end: its exit code, `last_run.json` and the summary lines, from the commit records.
+
+    code = finish(job, ckpt, plan, started, counts, stopped, console)
+
+Counts over the output come from the commit records alone (no answer is read), so the printed
+summary, `pipeline status` and `last_run.json` always agree; a run never exits 0 or 1 while a row
+has no result.
+
+Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job, manifest or usage (before
+anything is sent); 3 stopped by the provider (quota, key refused, endpoint down, budget); 4 stopped
+by a local failure (disk full, output unwritable, an internal error); 75 the job is already
+running; 130 / 143 stopped by Ctrl-C / SIGTERM. 3, 4, 130 and 143 are resumable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from ..config import Job
+from ..errors import LocalFailure, StopJob, local_failure
+from ..io.checkpoint import Checkpoint
+from ..io.manifest import Plan
+from ..io.storage import display
+from ..records import TOKEN_COLUMNS, CommitRecord
+from .console import Console
+from .process import EXIT_SIGNAL
+
+__all__ = ["Counts", "Stopped", "finish", "dataset_state", "exit_code", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE",
+           "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
+Stopped = Union[StopJob, LocalFailure, int, None]  # why a run ended early: the provider, this machine, a signal
+
+
+@dataclass
+class Counts:
+    """This run's rows and requests (the output's totals come from the commit records)."""
+
+    ok: int = 0
+    failed: int = 0
+    sent: int = 0  # HTTP requests made this run
+    spent: float = 0.0  # cost of this run's answers, from [pricing]
+    by_kind: Counter[str] = field(default_factory=Counter)
+
+
+def dataset_state(plan: Plan, commits: dict[int, CommitRecord]) -> dict[str, Any]:
+    """Counts over the whole output, from the commit records alone (no answer is read)."""
+    by_kind: Counter[str] = Counter()
+    tokens: Counter[str] = Counter()
+    ok = rows = 0
+    spend = 0.0
+    for rec in commits.values():
+        spend += rec.spend or 0.0
+        ok += rec.ok
+        rows += rec.rows
+        by_kind.update(rec.failed)
+        tokens.update(rec.tokens)
+    return {
+        "rows": plan.total_rows,
+        "ok": ok,
+        "failed": sum(by_kind.values()),
+        "failed_by_kind": dict(by_kind),
+        "pending": max(0, plan.total_rows - rows),
+        "tokens": {k: tokens.get(k, 0) for k in TOKEN_COLUMNS},
+        "spend": round(spend, 6),  # from [pricing]; 0 without it
+    }
+
+
+def exit_code(stopped: Stopped, state: dict[str, Any]) -> int:
+    if isinstance(stopped, LocalFailure):
+        return EXIT_LOCAL_FAILURE
+    if isinstance(stopped, int):
+        return EXIT_SIGNAL[stopped]
+    if stopped is not None:
+        return EXIT_STOPPED
+    return EXIT_FAILED_ROWS if state["failed"] else EXIT_OK
+
+
+def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Counts, stopped: Stopped,
+           console: Console) -> int:
+    """Write last_run.json, print the summary, return the exit code."""
+    try:
+        state = dataset_state(plan, ckpt.commits())
+    except OSError as exc:
+        stopped = local_failure(exc, "reading the commit records")
+        state = dataset_state(plan, {})
+    if stopped is None and state["pending"]:  # never 0 (or 1) while a row has no result
+        stopped = LocalFailure(f"{state['pending']} rows have no result although the run ended; run again to send them")
+    code = exit_code(stopped, state)
+    ended = time.time()
+    summary = _summary(job, state, counts, started, ended, code)
+    if isinstance(stopped, (StopJob, LocalFailure)):
+        summary["stopped"] = {"kind": stopped.kind, "message": console.redactor.scrub(str(stopped)),
+                              "local": isinstance(stopped, LocalFailure)}
+    try:
+        ckpt.write_summary(summary)
+    except OSError as exc:
+        console.say(f"error: could not write {ckpt.summary_path} ({exc.strerror}); the summary is only printed below")
+        code = EXIT_LOCAL_FAILURE if code in (EXIT_OK, EXIT_FAILED_ROWS) else code
+    _say_summary(job, state, counts, ended - started, stopped, code, console)
+    return code
+
+
+def _summary(job: Job, state: dict[str, Any], counts: Counts, started: float, ended: float, code: int) -> dict[str, Any]:
+    this_run: dict[str, Any] = {"requests_sent": counts.sent, "ok": counts.ok, "failed": counts.failed,
+                                "failed_by_kind": dict(counts.by_kind)}
+    summary = {"job": job.name, "started": started, "ended": ended, "duration_s": round(ended - started, 3),
+               "exit_code": code, "output": display(job.output.path), "this_run": this_run, **state}
+    if job.pricing is not None:
+        this_run["spent"] = round(counts.spent, 6)
+        summary["budget"] = job.pricing.budget
+    return summary
+
+
+def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float, stopped: Stopped, code: int,
+                 console: Console) -> None:
+    say = console.say
+    failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
+    say(f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
+        f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
+        f"results in {display(job.output.path)}")
+    if job.pricing is not None:
+        limit = f" of a budget of {job.pricing.budget:g}" if job.pricing.budget is not None else ""
+        say(f"spent {state['spend']:.4f}{limit} in all ({counts.spent:.4f} this run)")
+    if isinstance(stopped, StopJob):
+        say(f"stopped: {stopped}")
+    elif isinstance(stopped, LocalFailure):
+        say(f"stopped by a local failure: {stopped}")
+    if code in (EXIT_STOPPED, EXIT_LOCAL_FAILURE, *EXIT_SIGNAL.values()) or state["pending"]:
+        say(f"to continue: pipeline run {job.source}")
+    elif state["failed"]:
+        say(f"to send the failed rows again: pipeline run {job.source} --retry-failed")

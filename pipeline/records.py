@@ -1,0 +1,112 @@
+"""Typed records: what the pipeline writes down about a row and about a shard.
+
+    row = ResultRow("r1", answer="a cat", attempts=1, latency_ms=812)
+    journal.append(shard, row)                   # one JSON line: row.to_json()
+    RESULT_SCHEMA                                # the output's result columns, from ResultRow's fields
+    rec = CommitRecord.from_dict(json.loads(line))   # one line of the checkpoint's commits.jsonl
+
+`ResultRow`'s fields ARE the output's result columns: their order, names and Arrow types are
+declared here once, and the part files, the journal's reader and the label columns' reserved
+names all follow from them. A `[labels]` run adds one column per label (`labels`), written flat
+beside the others. `CommitRecord` is what the checkpoint keeps of each committed part file; a
+record written by an earlier version (fewer fields) still reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+import pyarrow as pa
+
+__all__ = ["ResultRow", "RESULT_SCHEMA", "RESULT_COLUMNS", "CommitRecord", "TOKEN_COLUMNS"]
+
+
+def _column(arrow: pa.DataType, doc: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"arrow": arrow, "doc": doc})
+
+
+@dataclass(slots=True)
+class ResultRow:
+    """One row's result, as journaled and as written to its part file (after the input columns)."""
+
+    id: str
+    answer: str | None = _column(pa.string(), "the answer, without any <think> block")
+    reasoning: str | None = _column(pa.string(), "the <think> block, reasoning_content or reasoning")
+    prompt_tokens: int | None = _column(pa.int64(), "as the provider counted them")
+    completion_tokens: int | None = _column(pa.int64(), "reasoning included")
+    total_tokens: int | None = _column(pa.int64(), "")
+    model: str | None = _column(pa.string(), "the model that answered, as the server said")
+    finish_reason: str | None = _column(pa.string(), "")
+    status: str = _column(pa.string(), '"ok" or "error"', "ok")
+    error: str | None = _column(pa.string(), "the status and the provider's message; on an ok row, a warning")
+    error_kind: str | None = _column(pa.string(), "an ErrorKind (pipeline.errors)")
+    attempts: int = _column(pa.int32(), "requests made for this row", 0)
+    latency_ms: int | None = _column(pa.int64(), "of the attempt that answered")
+    cost: float | None = _column(pa.float64(), "from [pricing]: every attempt of the row; null without it or without usage")
+    labels: dict[str, Any] = field(default_factory=dict)  # a [labels] run: one column per label
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping a journal line and a part row hold (label columns beside the others)."""
+        out = {name: getattr(self, name) for name in _NAMES}
+        if self.labels:
+            out.update(self.labels)
+        return out
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], label_names: tuple[str, ...] | list[str] = ()) -> ResultRow:
+        """Back from a journal line or a part file's row (other keys, the input columns, are left)."""
+        row = cls(**{name: data.get(name) for name in _NAMES if name in data})
+        row.labels = {name: data.get(name) for name in label_names}
+        return row
+
+    def scrubbed(self, scrub: Callable[[str], str]) -> ResultRow:
+        """A copy with `scrub` applied to every text (a secret a provider or a model echoed)."""
+        texts = {name: scrub(value) for name in _TEXTS if isinstance(value := getattr(self, name), str)}
+        labels = {k: scrub(v) if isinstance(v, str) else v for k, v in self.labels.items()}
+        return dataclasses.replace(self, **texts, labels=labels)
+
+
+_NAMES = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "labels")
+_TEXTS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.metadata.get("arrow") == pa.string() or f.name == "id")
+RESULT_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in dataclasses.fields(ResultRow) if "arrow" in f.metadata])
+RESULT_COLUMNS = frozenset({"id", *RESULT_SCHEMA.names})  # names a label or an input column may not take as they are
+TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """A committed part file, as `<checkpoint>/commits.jsonl` keeps it: the source of truth for
+    what the output holds (counts are read from here, never from the part files)."""
+
+    shard: int
+    file: str  # the part file's name in the output folder
+    size: int  # bytes
+    rows: int  # rows in the part (those of the shard that have a result)
+    shard_rows: int  # rows in the shard when it was committed
+    digest: str  # the manifest shard's digest: rows edited since are refused, appended ones sent
+    ok: int
+    failed: dict[str, int]  # error_kind -> rows
+    tokens: dict[str, int]  # TOKEN_COLUMNS -> sum
+    at: float  # Unix time of the commit
+    part_digest: str | None = None  # of the part file's bytes (None: written by an earlier version)
+    etag: str | None = None  # an object store's ETag of the part
+    spend: float | None = None  # with [pricing]: every attempt paid for in the shard
+
+    def to_json(self) -> bytes:
+        data = dataclasses.asdict(self)
+        return orjson.dumps({k: v for k, v in data.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CommitRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
