@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import ImagesConfig, LimitsConfig, job_keys_markdown, parse_job
-from pipeline.errors import JobError
+from pipeline.errors import ErrorKind, JobError, error_kinds_markdown
+from pipeline.net.retry import STOP_KINDS
 from pipeline.tools.serve import ServeOptions
 
 BASE: dict[str, Any] = {
@@ -81,6 +82,14 @@ def test_checks_run_on_construction_from_code_too() -> None:
         ImagesConfig(max_image_mb=0)
     with pytest.raises(JobError, match=r"\[serve\] transfer must be"):
         ServeOptions(transfer="pigeon")
+
+
+def test_the_readme_lists_every_error_kind_as_the_enum_declares_it() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"<!-- kinds:start -->\n(.*)<!-- kinds:end -->", readme, re.S)
+    assert listed is not None and listed.group(1) == error_kinds_markdown(), "README's error kinds are stale"
+    assert [k.value for k in ErrorKind if k.retryable] == ["rate_limit", "server", "timeout", "connection", "invalid_response"]
+    assert {k.value for k in ErrorKind if k.stops} == STOP_KINDS == {"quota", "auth"}
 
 
 def test_the_readme_lists_every_key_as_declared() -> None:

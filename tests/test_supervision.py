@@ -85,6 +85,8 @@ def test_an_unexpected_exception_in_one_row_is_an_internal_error_row(tmp_path: P
     assert "Traceback" in log and internal[0]["id"] in log
     summary = last_run(checkpoint(tmp_path))
     assert (summary["exit_code"], summary["failed_by_kind"]) == (1, {"internal": 1})
+    report = run_cli("status", str(job)).stdout  # the kind explained, from the ErrorKind enum
+    assert "  internal 1: an exception the pipeline did not plan for" in report and "--retry-failed" in report
 
     # once the bug is fixed, only that row goes again
     again = run_cli("run", str(job), "--retry-failed=internal", timeout=RUN_TIMEOUT_S)

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from ..config import Job
 from ..engine.summary import dataset_state
+from ..errors import ErrorKind
 from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id, read_journal_table
 from ..io.storage import display
@@ -52,6 +53,7 @@ def render(report: dict[str, Any]) -> str:
         f"tokens: {report['tokens']['prompt_tokens']} prompt, {report['tokens']['completion_tokens']} completion, "
         f"{report['tokens']['total_tokens']} total",
     ]
+    lines += _failed_kinds(report["failed_by_kind"])
     if report.get("spend"):
         lines.append(f"spent: {report['spend']:.4f} (from [pricing])")
     if report["journaled_uncommitted"]:
@@ -67,3 +69,15 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"last run stopped: {last['stopped']['message']}")
     lines.append(f"output: {report['output']}")
     return "\n".join(lines)
+
+
+def _failed_kinds(by_kind: dict[str, int]) -> list[str]:
+    """What each kind of failure means, from the ErrorKind enum, in its order."""
+    known = {k.value: k for k in ErrorKind}
+    lines = []
+    for name in sorted(by_kind, key=lambda n: list(known).index(n) if n in known else len(known)):
+        kind = known.get(name)
+        lines.append(f"  {name} {by_kind[name]}: {kind.doc if kind else 'a kind this version does not know'}")
+    if lines:
+        lines.append("  (send them again with --retry-failed, or --retry-failed=KIND,...)")
+    return lines
