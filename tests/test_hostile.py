@@ -360,7 +360,7 @@ def test_content_parts_with_null_text_are_skipped_and_no_text_is_no_answer() -> 
     body["choices"][0]["message"]["content"] = [{"type": "text", "text": None}, {"type": "text", "text": "yes"}]
     assert parse_response(body).answer == "yes"
     body["choices"][0]["message"]["content"] = [{"type": "text", "text": None}, {"type": "image_url"}]
-    assert parse_response(body).answer is None  # the runner makes this an invalid_response attempt
+    assert parse_response(body).answer is None  # the sender makes this an invalid_response attempt
 
 
 def test_bad_text_in_a_body_is_replaced_and_counted_never_refused() -> None:

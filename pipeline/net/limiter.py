@@ -20,7 +20,7 @@ burst. A pause (a 429's Retry-After, a spent x-ratelimit-remaining) is checked a
 reserved wait, so a worker that reserved a slot before the 429 arrived does not send during it.
 
 The clock is a parameter (the event loop's clock by default) so tests drive it virtually.
-Concurrency (requests in flight) is not this module's business: it is the runner's worker count.
+Concurrency (requests in flight) is not this module's business: it is the shard engine's worker count.
 """
 
 from __future__ import annotations
