@@ -28,16 +28,15 @@ from PIL import Image
 from pipeline.config import ImagesConfig, InputConfig, parse_job
 from pipeline.errors import InputError, JobError
 from pipeline.rows.fetch import Fetcher, is_blocked_address
+from pipeline.rows.files import LocalFiles, PathError
 from pipeline.rows.media import (
     MB,
-    LocalFiles,
     MediaBuilder,
-    PathError,
     b64_size,
-    image_values,
     prepare_image,
     sniff_video,
 )
+from pipeline.rows.values import image_values
 
 # -- images made on the spot -----------------------------------------------------------------
 

@@ -37,22 +37,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import errno
 import functools
 import io
-import json
 import math
 import multiprocessing
 import os
-import stat
 from concurrent.futures import (
     BrokenExecutor,
     Executor,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
 )
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from PIL import Image
@@ -60,6 +55,8 @@ from PIL import Image
 from ..config import ImagesConfig, InputConfig
 from ..errors import InputError
 from ..lifeline import start_worker
+from .files import LocalFiles
+from .values import image_values, is_list_cell, kind_of, show
 
 if TYPE_CHECKING:
     from ..redact import Redactor
@@ -67,9 +64,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MediaBuilder",
-    "LocalFiles",
-    "PathError",
-    "image_values",
     "sniff_mime",
     "sniff_video",
     "prepare_image",
@@ -81,8 +75,6 @@ __all__ = [
 ]
 
 MB = 1024 * 1024
-SHOW_CHARS = 200  # of a value in an error message
-MAX_SYMLINK_HOPS = 40  # symbolic links followed for one local path, as the kernel's own limit
 
 # Magic numbers of the formats vision endpoints take (OpenAI: PNG, JPEG, WEBP, GIF).
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -143,47 +135,6 @@ def b64_size(n: int) -> int:
     return 4 * ((n + 2) // 3)
 
 
-def show(value: str) -> str:
-    """A value as error messages show it: quoted, data URIs and long paths cut short."""
-    if len(value) <= SHOW_CHARS:
-        return repr(value)
-    return repr(value[:SHOW_CHARS]) + f"... ({len(value)} characters)"
-
-
-def image_values(cell: Any) -> list[str]:
-    """A cell as a list of values: a string, a list, or a JSON array held in a CSV cell."""
-    if cell is None:
-        return []
-    if isinstance(cell, (list, tuple)):
-        return [str(v).strip() for v in cell if v is not None and str(v).strip()]
-    text = str(cell).strip()
-    if not text:
-        return []
-    if text.startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError:
-            raise InputError(f"cell is not a valid JSON list: {show(text)}") from None
-        if not isinstance(values, list):
-            raise InputError(f"cell is not a JSON list of values: {show(text)}")
-        return image_values(values)
-    return [text]
-
-
-def _is_list_cell(cell: Any) -> bool:
-    return isinstance(cell, (list, tuple)) or (isinstance(cell, str) and cell.strip().startswith("["))
-
-
-def _kind_of(value: str) -> str:
-    if value.startswith(("http://", "https://")):
-        return "url"
-    if value.startswith("data:"):
-        return "data"
-    if "://" in value:
-        raise InputError(f"unsupported URL scheme (use http, https, data: or a local path): {show(value)}")
-    return "path"
-
-
 def data_uri_size(value: str) -> int:
     """The bytes a base64 `data:` URI declares, from its length alone (nothing copied or decoded)."""
     comma = value.find(",")
@@ -227,149 +178,6 @@ def parse_data_uri(value: str, cfg: ImagesConfig | None = None) -> tuple[str, by
         raise InputError(f"data: URI holds invalid base64: {show(value)}") from None
     return head[5:].split(";")[0].lower(), data
 
-
-class PathError(InputError):
-    """A local path refused or unreadable (kind "input"). `problem` names the cause for the dry
-    run's report: "outside_roots", "missing_file" or "unreadable_file"."""
-
-    def __init__(self, message: str, problem: str = "unreadable_file") -> None:
-        super().__init__(message)
-        self.problem = problem  # a default, so the error pickles back from a worker process
-
-
-@dataclass(frozen=True)
-class LocalFiles:
-    """Reads local files for one job, only beneath `roots` (plain paths: it pickles to workers).
-
-    A value is made absolute (relative ones against `base`) and normalised lexically, then matched
-    to a root; the file is opened by walking down from that root's descriptor one component at a
-    time with O_NOFOLLOW, so nothing can swap a folder for a symlink between a check and the open.
-    A symlink met on the way is resolved here: its target (with the rest of the path) is confined
-    again like a value, so links within the roots work and links out of them are refused.
-    """
-
-    base: Path  # the manifest's folder: relative paths resolve here
-    roots: tuple[Path, ...]
-
-    @classmethod
-    def for_manifest(cls, manifest: Path, extra_roots: tuple[Path, ...] = ()) -> "LocalFiles":
-        base = Path(os.path.realpath(manifest)).parent
-        return cls(base=base, roots=(base, *(Path(os.path.realpath(r)) for r in extra_roots)))
-
-    def open(self, value: str, what: str = "image") -> int:
-        """A read-only descriptor of the regular file `value` names, opened beneath an allowed
-        root; the caller closes it. Every refusal or OSError is a PathError naming the value."""
-        if "\0" in value:
-            raise PathError(f"{what} path holds a NUL character: {show(value)}")
-        path = self._lexical(value)
-        try:
-            for _ in range(MAX_SYMLINK_HOPS + 1):
-                root = self._root_of(path, value, what)
-                got = _open_beneath(root, path)
-                if isinstance(got, int):
-                    return got
-                path = got  # a symlink led here: confine its target again
-        except _NotRegular as exc:
-            raise PathError(f"{what} path is not a regular file ({exc.args[0]}): {show(value)}") from None
-        except OSError as exc:
-            raise _os_error(exc, what, value) from None
-        except ValueError:  # a name the file system cannot encode (lone surrogates)
-            raise PathError(f"{what} path is not a valid file name: {show(value)}") from None
-        raise PathError(f"{what} path goes through more than {MAX_SYMLINK_HOPS} symbolic links (a loop?): {show(value)}")
-
-    def read(self, value: str, cap: int, what: str, too_big: str) -> bytes:
-        """The file's bytes, at most `cap` of them; `too_big` explains the cap in the refusal."""
-        fd = self.open(value, what)
-        try:
-            size = os.fstat(fd).st_size
-            if size > cap:
-                raise PathError(f"{what} file too large ({size} bytes; {too_big}): {show(value)}")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(size + 1)
-        except OSError as exc:
-            raise _os_error(exc, what, value) from None
-        finally:
-            os.close(fd)
-        if len(data) != size:  # a file being written: what was checked is not what was read
-            raise PathError(f"{what} file changed while being read (try again when it is complete): {show(value)}")
-        return data
-
-    def _lexical(self, value: str) -> str:
-        """The value as an absolute, normalised path; nothing on disk is looked at."""
-        path = os.path.expanduser(value) if value.startswith("~") else value
-        path = os.path.normpath(os.path.join(self.base, path))  # an absolute value replaces base
-        return "/" + path.lstrip("/")  # normpath keeps a leading "//"
-
-    def _root_of(self, path: str, value: str, what: str) -> str:
-        """The deepest root `path` lies in (lexically), or a PathError."""
-        inside = [str(r) for r in self.roots if path == str(r) or path.startswith(str(r).rstrip("/") + "/")]
-        if not inside:
-            raise PathError(
-                f"{what} path is outside the allowed roots ({', '.join(map(str, self.roots))}; "
-                f"widen them with [images] allowed_roots): {show(value)}",
-                "outside_roots",
-            )
-        return max(inside, key=len)
-
-
-# Descriptors are opened with O_CLOEXEC: a process started meanwhile must not inherit them.
-_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a root is trusted as the job names it
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO swapped in after the type check must not hang the reader (fstat refuses it).
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_SWAPPED = frozenset({errno.ELOOP, errno.ENOTDIR})  # what O_NOFOLLOW opens say of a fresh symlink
-_FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
-
-
-class _NotRegular(Exception):
-    """The path names something other than a regular file; args[0] says what."""
-
-
-def _open_beneath(root: str, path: str) -> int | str:
-    """Open the regular file `path` (lexically beneath `root`) from root's descriptor, following
-    no symlink. Returns its descriptor, or the lexical path to confine again when a symlink is
-    met (its target, then the rest of the path) or a component changed under the walk."""
-    names = [n for n in path[len(root):].split("/") if n]
-    fd = os.open(root, _ROOT_FLAGS)
-    try:
-        for i, name in enumerate(names):
-            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISLNK(info.st_mode):
-                here = os.path.join(root, *names[:i])
-                target = os.path.join(here, os.readlink(name, dir_fd=fd), *names[i + 1:])  # absolute: replaces here
-                return "/" + os.path.normpath(target).lstrip("/")
-            last = i == len(names) - 1
-            if last:
-                _check_regular(info.st_mode)  # before the open: a device or socket is never opened
-            elif not stat.S_ISDIR(info.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            try:
-                nxt = os.open(name, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in _SWAPPED:
-                    return path  # swapped for a symlink since the stat: walk again
-                raise
-            os.close(fd)
-            fd = nxt
-        _check_regular(os.fstat(fd).st_mode)  # what was opened is what is read
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _check_regular(mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        raise _NotRegular(next((name for test, name in _FILE_TYPES if test(mode)), "not a file"))
-
-
-def _os_error(exc: OSError, what: str, value: str) -> PathError:
-    if exc.errno == errno.ENOENT:
-        return PathError(f"{what} file not found: {show(value)}", "missing_file")
-    if exc.errno == errno.ENOTDIR:  # "a.jpg/b.jpg": a part of the path is a file
-        return PathError(f"{what} file not found (a part of its path is not a folder): {show(value)}", "missing_file")
-    return PathError(f"cannot read {what} file ({exc.strerror or type(exc).__name__}): {show(value)}")
 
 
 # -- images: decode, check, rotate, downscale, re-encode (blocking: run in the pool) ----------
@@ -600,7 +408,7 @@ class MediaBuilder:
             raise InputError(f"row has no image in {where}")
         if video_col and not image_col and not has_video:
             raise InputError(f"row has no video in {video_col!r}")
-        if not has_video and self.cfg.image_mode != "inline" and all(_kind_of(v) == "url" for v in images):
+        if not has_video and self.cfg.image_mode != "inline" and all(kind_of(v) == "url" for v in images):
             return [self._image_part(v) for v in images]  # sent as they are: nothing to read or wait for
         jobs: list[Awaitable[tuple[dict[str, Any], int]]] = [self._image(v) for v in images]
         if has_video:
@@ -647,7 +455,7 @@ class MediaBuilder:
 
     async def _image_url(self, value: str, *, jpeg: bool, fetch_urls: bool) -> tuple[str, int]:
         """(URL or data URI, its base64 size) for one image value."""
-        kind = _kind_of(value)
+        kind = kind_of(value)
         if kind == "url":
             if not fetch_urls:
                 return value, 0  # the provider fetches it; its size is not ours to know
@@ -660,10 +468,10 @@ class MediaBuilder:
 
     async def _video(self, cell: Any) -> tuple[dict[str, Any], int]:
         values = image_values(cell)
-        if _is_list_cell(cell):
+        if is_list_cell(cell):
             return await self._frames(values)
         value = values[0]
-        kind = _kind_of(value)
+        kind = kind_of(value)
         if kind == "url":
             if self.cfg.image_mode != "inline":
                 return _video_part(value), 0
