@@ -29,13 +29,8 @@ from pipeline.config import ImagesConfig, InputConfig, parse_job
 from pipeline.errors import InputError, JobError
 from pipeline.rows.fetch import Fetcher, is_blocked_address
 from pipeline.rows.files import LocalFiles, PathError
-from pipeline.rows.media import (
-    MB,
-    MediaBuilder,
-    b64_size,
-    prepare_image,
-    sniff_video,
-)
+from pipeline.rows.images import MB, b64_size, prepare_image, sniff_video
+from pipeline.rows.media import MediaBuilder
 from pipeline.rows.values import image_values
 
 # -- images made on the spot -----------------------------------------------------------------

@@ -36,7 +36,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.manifest import SHOW, Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
 from ..rows.files import LocalFiles, PathError
-from ..rows.media import sniff_mime
+from ..rows.images import sniff_mime
 from ..rows.pricing import CHARS_PER_TOKEN
 from ..rows.request import RequestBuilder
 from ..rows.values import image_values
