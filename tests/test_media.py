@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
 import threading
 from collections import Counter
@@ -299,6 +300,40 @@ async def test_size_limits_per_image_and_per_request(tree: dict[str, Path]) -> N
     # Two images that fit one by one but not together.
     message = await error_of(builder(root, max_request_mb=1.5 * size / (1 << 20)), {"image": ["big.png", "big.png"]})
     assert "request too large" in message and "max_request_mb" in message and "'big.png'" in message
+
+
+@pytest.mark.parametrize(
+    "column, images, cap, setting",
+    [
+        ("image", {"max_image_mb": 0.01}, int(0.01 * MB) * 3 // 4, "[images] max_image_mb"),  # sent as it is
+        ("image", {"max_source_mb": 0.01, "max_side": 64}, int(0.01 * MB), "[images] max_source_mb"),  # may shrink
+        ("video", {"max_source_mb": 0.01}, int(0.01 * MB), "[images] max_source_mb"),
+    ],
+)
+async def test_a_local_file_and_a_data_uri_share_one_size_cap_and_its_reason(
+    tree: dict[str, Path], column: str, images: dict[str, Any], cap: int, setting: str
+) -> None:
+    """A source is capped on its bytes alike, read from disk or declared by a data: URI: one byte
+    over is refused by both with the same reason, naming the setting; at the cap neither refuses
+    it for its size (what else is wrong with zeros is another matter)."""
+    root, mime = tree["root"], f"{column}/png" if column == "image" else "video/mp4"
+    columns = {"image_column": None, "video_column": "video"} if column == "video" else {}
+    reasons = []
+    for size in (cap + 1, cap):
+        (root / "source.bin").write_bytes(bytes(size))
+        for value in ("source.bin", data_uri(mime, bytes(size))):
+            try:
+                await parts_of(builder(root, **columns, **images), {column: value})
+                message = ""
+            except InputError as err:
+                message = err.message
+            found = re.search(r"too large \((\d+) bytes(?: once decoded)?; (.*)\): ", message)
+            if size > cap:
+                assert found and int(found[1]) == size, message
+                reasons.append(found[2])
+            else:
+                assert found is None, message
+    assert reasons[0] == reasons[1] and setting in reasons[0], reasons
 
 
 async def test_data_uris_are_checked_and_downscaled_like_files(tree: dict[str, Path]) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "sniff_video",
     "b64_size",
     "data_uri_size",
+    "source_cap",
     "check_data_uri",
     "parse_data_uri",
     "prepare_image",
@@ -117,9 +118,11 @@ def data_uri_size(value: str) -> int:
     return max(0, length * 3 // 4 - padding)
 
 
-def _data_uri_cap(cfg: ImagesConfig, video: bool) -> tuple[int, str]:
-    """(cap on the decoded bytes, the setting that sets it) for an image or video data: URI,
-    as for a local file: what could never be sent is refused before it is decoded."""
+def source_cap(cfg: ImagesConfig, *, video: bool = False) -> tuple[int, str]:
+    """(cap on a source's bytes, the setting that sets it, as a refusal explains it) for an image
+    or video, a local file or a data: URI alike: what could never be sent is refused before it is
+    read or decoded. An image that may shrink (`preprocess`) and a video get the source cap; an
+    image sent as it is must fit the per-image limit once in base64."""
     if video or cfg.preprocess:
         return int(cfg.max_source_mb * MB), f"over [images] max_source_mb = {cfg.max_source_mb:g}"
     return int(cfg.max_image_mb * MB) * 3 // 4, (
@@ -130,7 +133,7 @@ def _data_uri_cap(cfg: ImagesConfig, video: bool) -> tuple[int, str]:
 def check_data_uri(value: str, cfg: ImagesConfig, *, video: bool = False) -> None:
     """InputError when a data: URI declares more bytes than it may hold; checked on its length,
     before it is decoded (or handed to a worker process)."""
-    cap, why = _data_uri_cap(cfg, video)
+    cap, why = source_cap(cfg, video=video)
     size = data_uri_size(value)
     if size > cap:
         what = "video" if video else "image"
@@ -267,35 +270,29 @@ def _image_uri(mime: str, data: bytes, value: str, cfg: ImagesConfig) -> tuple[s
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size
 
 
-def _local_image_bytes(files: LocalFiles, value: str, cfg: ImagesConfig) -> bytes:
-    if cfg.preprocess:  # the file may shrink: read up to the source cap
-        cap = int(cfg.max_source_mb * MB)
-        why = f"over [images] max_source_mb = {cfg.max_source_mb:g}"
-    else:  # sent as it is: refuse before reading what could never be sent
-        cap = int(cfg.max_image_mb * MB) * 3 // 4
-        why = (f"over {cfg.max_image_mb:g} MB as base64, the per-image limit [images] max_image_mb; "
-               f"set [images] max_side to downscale it")
-    return files.read(value, cap, "image", why)
-
-
 def local_image(files: LocalFiles, value: str, cfg: ImagesConfig, jpeg: bool = False) -> tuple[str, int]:
-    data = _local_image_bytes(files, value, cfg)
+    """(data URI, its length) for a local image file, read beneath the roots up to its cap."""
+    cap, why = source_cap(cfg)
+    data = files.read(value, cap, "image", why)
     mime, out = prepare_image(data, value, cfg, jpeg=jpeg)
     return _image_uri(mime, out, value, cfg)
 
 
 def data_uri_image(value: str, cfg: ImagesConfig, jpeg: bool = False) -> tuple[str, int]:
+    """(data URI, its length) for an image given as a data: URI, checked and maybe downscaled."""
     _, data = parse_data_uri(value, cfg)
     mime, out = prepare_image(data, value, cfg, jpeg=jpeg)
     return _image_uri(mime, out, value, cfg)
 
 
 def bytes_image(data: bytes, value: str, cfg: ImagesConfig, declared: str | None, jpeg: bool = False) -> tuple[str, int]:
+    """(data URI, its length) for a fetched image's bytes; `declared` is the server's Content-Type."""
     mime, out = prepare_image(data, value, cfg, jpeg=jpeg, declared=declared)
     return _image_uri(mime, out, value, cfg)
 
 
 def video_uri(data: bytes, value: str, declared: str | None = None) -> tuple[str, int]:
+    """(data URI, its length) for a video's bytes, refused unless they are a known container."""
     mime = sniff_video(data)
     if mime is None:
         said = f"; the server said Content-Type {declared}" if declared else ""
@@ -305,6 +302,7 @@ def video_uri(data: bytes, value: str, declared: str | None = None) -> tuple[str
 
 
 def local_video(files: LocalFiles, value: str, cfg: ImagesConfig) -> tuple[str, int]:
-    cap = int(cfg.max_source_mb * MB)
-    data = files.read(value, cap, "video", f"over [images] max_source_mb = {cfg.max_source_mb:g}")
+    """(data URI, its length) for a local video file, read beneath the roots up to the source cap."""
+    cap, why = source_cap(cfg, video=True)
+    data = files.read(value, cap, "video", why)
     return video_uri(data, value)
