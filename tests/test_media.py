@@ -16,6 +16,8 @@ import os
 import pickle
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 from aiohttp import web
-from conftest import job_dict, read_output, run_cli, write_job, write_rows
+from conftest import ROOT, job_dict, read_output, run_cli, write_job, write_rows
 from PIL import Image
 
 from pipeline.config import ImagesConfig, InputConfig, parse_job
@@ -33,6 +35,7 @@ from pipeline.rows.files import LocalFiles, PathError
 from pipeline.rows.images import MB, b64_size, prepare_image, sniff_video
 from pipeline.rows.media import MediaBuilder
 from pipeline.rows.values import image_values
+from pipeline.rows.workers import WORKER_NICE
 
 # -- images made on the spot -----------------------------------------------------------------
 
@@ -259,9 +262,23 @@ async def test_worker_processes_return_parts_and_errors_and_survive_a_dead_worke
         with pytest.raises(InputError, match="not an image .*'notes.png'"):
             await b.parts({"image": "notes.png"})  # an error raised in the worker reaches the row
         with pytest.raises(InputError, match="image worker process died.*'boom'"):
-            await b._run("boom", os._exit, 1)  # a worker killed twice: the row fails, not the run
+            await b.workers.run("boom", os._exit, 1)  # a worker killed twice: the value fails, not the run
         parts = await b.parts({"image": "a.jpg"})  # a fresh pool took over
         assert uri_image(parts[0]["image_url"]["url"]).size == (32, 24)
+    finally:
+        await b.aclose()
+
+
+async def test_a_worker_process_lowers_its_priority_before_it_imports_the_pipeline(tree: dict[str, Path]) -> None:
+    # The pool's initializer comes from a module that brings in nothing heavy with it ...
+    heavy = ("pipeline", "PIL", "pyarrow", "aiohttp", "numpy")
+    probe = f"import sys, pipeline.lifeline; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "['pipeline', 'pipeline.lifeline']", done.stdout + done.stderr
+    # ... and lowers the worker's priority, by WORKER_NICE below this process's.
+    b = builder(tree["root"], pool="process", workers=1)
+    try:
+        assert await b.workers.run("probe", os.nice, 0) == min(19, os.nice(0) + WORKER_NICE)
     finally:
         await b.aclose()
 

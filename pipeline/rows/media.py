@@ -15,10 +15,9 @@ URIs become checked, possibly downscaled data URIs (images.py). A data: URI is c
 declared length before it is decoded or handed to a worker; the request's total is checked on
 the base64 text against `max_request_mb` before anything is sent.
 
-Workers. Reading, decoding, resizing and base64 run in a pool of low-priority worker processes
-(`pool = "process"`, the default) or threads (`"thread"`), never on the event loop, so a batch
-of large images does not stall the requests in flight. Worker processes die with the process
-that started them, even when it is killed with -9 (lifeline.py).
+Workers. Reading, decoding, resizing and base64 run in the job's worker pool (workers.py:
+low-priority processes or threads), never on the event loop, so a batch of large images does
+not stall the requests in flight; the builder awaits them, a row's values concurrently.
 
 Every refusal is an InputError (kind "input") naming the cause and the value.
 """
@@ -26,56 +25,26 @@ Every refusal is an InputError (kind "input") naming the cause and the value.
 from __future__ import annotations
 
 import asyncio
-import functools
-import multiprocessing
-import os
-from concurrent.futures import (
-    BrokenExecutor,
-    Executor,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-)
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 
 from ..config import ImagesConfig, InputConfig
 from ..errors import InputError
-from ..lifeline import start_worker
 from .files import LocalFiles
 from .images import MB, bytes_image, check_data_uri, data_uri_image, local_image, local_video, video_uri
 from .values import image_values, is_list_cell, kind_of, show
+from .workers import Workers
 
 if TYPE_CHECKING:
     from ..redact import Redactor
     from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
 
-__all__ = ["MediaBuilder", "WORKER_NICE"]
+__all__ = ["MediaBuilder"]
 
 T = TypeVar("T")
 
-WORKER_NICE = 10  # image worker processes yield the CPU to the process that runs the requests
-
-
-def _make_pool(cfg: ImagesConfig) -> Executor:
-    workers = cfg.workers or os.cpu_count() or 1
-    if cfg.pool == "thread":
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline-media")
-    # Worker processes share no GIL with the event loop and run at a lower CPU priority, so a
-    # batch of large images cannot delay requests in flight (threads measured 100-300 ms stalls
-    # on 2 cores where processes stayed far lower: bench/images.py). "spawn": never fork a process
-    # that runs threads and an event loop. Processes start on first use: a URL-only job starts none.
-    # The initializer lives in a module that imports nothing heavy, so a new worker lowers its
-    # priority before it imports the pipeline (a second of CPU that must not compete with the loop),
-    # and ties itself to this process: a run killed with -9 leaves no worker behind (lifeline.py).
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=start_worker,
-        initargs=(os.getpid(), WORKER_NICE),
-    )
-
 
 class MediaBuilder:
-    """Builds a row's media parts. Owns the thread pool and, when needed, the fetcher."""
+    """Builds a row's media parts. Owns the worker pool and, when needed, the fetcher."""
 
     def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
                  redactor: Redactor | None = None) -> None:
@@ -84,7 +53,7 @@ class MediaBuilder:
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
         self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots)
-        self._pool = _make_pool(cfg)
+        self.workers = Workers(cfg)
         self._fetcher: Fetcher | None = None
 
     @property
@@ -107,7 +76,7 @@ class MediaBuilder:
     async def aclose(self) -> None:
         if self._fetcher is not None:
             await self._fetcher.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.close()
 
     async def parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The row's image parts in order, then its video part. Raises InputError."""
@@ -136,25 +105,6 @@ class MediaBuilder:
             )
         return [part for part, _ in results]
 
-    async def _run(self, value: str, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the pool. A worker process that dies (killed, out of memory) takes the
-        pool with it: the pool is replaced and the call tried once more before the row fails."""
-        loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            pool = self._pool
-            try:
-                return await loop.run_in_executor(pool, functools.partial(fn, *args))
-            except BrokenExecutor:
-                if self._pool is pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = _make_pool(self.cfg)
-                if attempt == 2:
-                    raise InputError(
-                        f"the image worker process died while preparing this value (out of memory? if you call "
-                        f"pipeline.run from a script, put the call under `if __name__ == \"__main__\":`): {show(value)}"
-                    ) from None
-        raise AssertionError("unreachable")
-
     def _image_part(self, url: str) -> dict[str, Any]:
         image: dict[str, Any] = {"url": url}
         if self.detail:
@@ -172,11 +122,11 @@ class MediaBuilder:
             if not fetch_urls:
                 return value, 0  # the provider fetches it; its size is not ours to know
             got = await self.fetcher.fetch(value)
-            return await self._run(value, bytes_image, got.data, value, self.cfg, got.content_type, jpeg)
+            return await self.workers.run(value, bytes_image, got.data, value, self.cfg, got.content_type, jpeg)
         if kind == "data":
             check_data_uri(value, self.cfg)  # a huge one is refused here, not copied to a worker first
-            return await self._run(value, data_uri_image, value, self.cfg, jpeg)
-        return await self._run(value, local_image, self.files, value, self.cfg, jpeg)
+            return await self.workers.run(value, data_uri_image, value, self.cfg, jpeg)
+        return await self.workers.run(value, local_image, self.files, value, self.cfg, jpeg)
 
     async def _video(self, cell: Any) -> tuple[dict[str, Any], int]:
         values = image_values(cell)
@@ -188,14 +138,14 @@ class MediaBuilder:
             if self.cfg.image_mode != "inline":
                 return _video_part(value), 0
             got = await self.fetcher.fetch(value)
-            url, size = await self._run(value, video_uri, got.data, value, got.content_type)
+            url, size = await self.workers.run(value, video_uri, got.data, value, got.content_type)
         elif kind == "data":
             if not value.lower().startswith("data:video/"):
                 raise InputError(f"a data: URI in the video column must be data:video/...: {show(value)}")
             check_data_uri(value, self.cfg, video=True)  # capped like a local video file, on its length
             url, size = value, len(value)
         else:
-            url, size = await self._run(value, local_video, self.files, value, self.cfg)
+            url, size = await self.workers.run(value, local_video, self.files, value, self.cfg)
         return _video_part(url), size
 
     async def _frames(self, values: list[str]) -> tuple[dict[str, Any], int]:
