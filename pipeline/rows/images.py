@@ -13,8 +13,8 @@ before anything is sent; a source (a local file, a data: URI on its declared len
 before it is read or decoded: what could never be sent is refused early.
 
 The pool jobs (`local_image`, `data_uri_image`, `bytes_image`, `video_uri`, `local_video`) are
-blocking, top-level functions: media.py runs them in worker processes, which import them by this
-module's path. Every refusal is an InputError (kind "input") naming the cause and the value.
+blocking, top-level functions: media.py hands them to the worker pool (workers.py), whose
+processes import them by this module's path. Every refusal is an InputError (kind "input") naming the cause and the value.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ _TRANSPOSE = {
 }
 # What a broken image raises inside Pillow (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError)
-
 
 
 def sniff_mime(data: bytes) -> str | None:
