@@ -443,7 +443,7 @@ def test_compressed_padding_that_decodes_to_nothing_is_bounded_too() -> None:
 
 
 def test_a_data_uri_under_the_cap_still_decodes() -> None:
-    from pipeline.rows.media import data_uri_size, parse_data_uri
+    from pipeline.rows.images import data_uri_size, parse_data_uri
 
     for n in range(7):
         uri = "data:image/png;base64," + base64.b64encode(b"x" * n).decode()

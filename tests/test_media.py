@@ -14,7 +14,10 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -22,22 +25,17 @@ from typing import Any, Iterator
 
 import pytest
 from aiohttp import web
-from conftest import job_dict, read_output, run_cli, write_job, write_rows
+from conftest import ROOT, job_dict, read_output, run_cli, write_job, write_rows
 from PIL import Image
 
 from pipeline.config import ImagesConfig, InputConfig, parse_job
 from pipeline.errors import InputError, JobError
 from pipeline.rows.fetch import Fetcher, is_blocked_address
-from pipeline.rows.media import (
-    MB,
-    LocalFiles,
-    MediaBuilder,
-    PathError,
-    b64_size,
-    image_values,
-    prepare_image,
-    sniff_video,
-)
+from pipeline.rows.files import LocalFiles, PathError
+from pipeline.rows.images import MB, b64_size, prepare_image, sniff_video
+from pipeline.rows.media import MediaBuilder
+from pipeline.rows.values import image_values
+from pipeline.rows.workers import WORKER_NICE
 
 # -- images made on the spot -----------------------------------------------------------------
 
@@ -264,9 +262,23 @@ async def test_worker_processes_return_parts_and_errors_and_survive_a_dead_worke
         with pytest.raises(InputError, match="not an image .*'notes.png'"):
             await b.parts({"image": "notes.png"})  # an error raised in the worker reaches the row
         with pytest.raises(InputError, match="image worker process died.*'boom'"):
-            await b._run("boom", os._exit, 1)  # a worker killed twice: the row fails, not the run
+            await b.workers.run("boom", os._exit, 1)  # a worker killed twice: the value fails, not the run
         parts = await b.parts({"image": "a.jpg"})  # a fresh pool took over
         assert uri_image(parts[0]["image_url"]["url"]).size == (32, 24)
+    finally:
+        await b.aclose()
+
+
+async def test_a_worker_process_lowers_its_priority_before_it_imports_the_pipeline(tree: dict[str, Path]) -> None:
+    # The pool's initializer comes from a module that brings in nothing heavy with it ...
+    heavy = ("pipeline", "PIL", "pyarrow", "aiohttp", "numpy")
+    probe = f"import sys, pipeline.lifeline; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "['pipeline', 'pipeline.lifeline']", done.stdout + done.stderr
+    # ... and lowers the worker's priority, by WORKER_NICE below this process's.
+    b = builder(tree["root"], pool="process", workers=1)
+    try:
+        assert await b.workers.run("probe", os.nice, 0) == min(19, os.nice(0) + WORKER_NICE)
     finally:
         await b.aclose()
 
@@ -305,6 +317,40 @@ async def test_size_limits_per_image_and_per_request(tree: dict[str, Path]) -> N
     # Two images that fit one by one but not together.
     message = await error_of(builder(root, max_request_mb=1.5 * size / (1 << 20)), {"image": ["big.png", "big.png"]})
     assert "request too large" in message and "max_request_mb" in message and "'big.png'" in message
+
+
+@pytest.mark.parametrize(
+    "column, images, cap, setting",
+    [
+        ("image", {"max_image_mb": 0.01}, int(0.01 * MB) * 3 // 4, "[images] max_image_mb"),  # sent as it is
+        ("image", {"max_source_mb": 0.01, "max_side": 64}, int(0.01 * MB), "[images] max_source_mb"),  # may shrink
+        ("video", {"max_source_mb": 0.01}, int(0.01 * MB), "[images] max_source_mb"),
+    ],
+)
+async def test_a_local_file_and_a_data_uri_share_one_size_cap_and_its_reason(
+    tree: dict[str, Path], column: str, images: dict[str, Any], cap: int, setting: str
+) -> None:
+    """A source is capped on its bytes alike, read from disk or declared by a data: URI: one byte
+    over is refused by both with the same reason, naming the setting; at the cap neither refuses
+    it for its size (what else is wrong with zeros is another matter)."""
+    root, mime = tree["root"], f"{column}/png" if column == "image" else "video/mp4"
+    columns = {"image_column": None, "video_column": "video"} if column == "video" else {}
+    reasons = []
+    for size in (cap + 1, cap):
+        (root / "source.bin").write_bytes(bytes(size))
+        for value in ("source.bin", data_uri(mime, bytes(size))):
+            try:
+                await parts_of(builder(root, **columns, **images), {column: value})
+                message = ""
+            except InputError as err:
+                message = err.message
+            found = re.search(r"too large \((\d+) bytes(?: once decoded)?; (.*)\): ", message)
+            if size > cap:
+                assert found and int(found[1]) == size, message
+                reasons.append(found[2])
+            else:
+                assert found is None, message
+    assert reasons[0] == reasons[1] and setting in reasons[0], reasons
 
 
 async def test_data_uris_are_checked_and_downscaled_like_files(tree: dict[str, Path]) -> None:

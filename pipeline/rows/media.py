@@ -4,30 +4,20 @@
     parts = await media.parts(row)      # [{"type": "image_url", ...}, {"type": "video_url", ...}]
     await media.aclose()
 
-Values. An image value is an http(s) URL, a `data:` URI or a local path; a cell holds one value,
-a list (JSONL, Parquet) or a JSON array (CSV). A video cell holds one video (URL, data URI, local
-file) or a list of frame images, sent as `video_frames_format` says:
+Values (values.py). An image cell holds URLs, data URIs or local paths; a video cell holds one
+video (URL, data URI, local file) or a list of frame images, sent as `video_frames_format` says:
   "vllm":      {"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,<f1>,<f2>,..."}}
   "dashscope": {"type": "video", "video": [frame URL or data URI, ...]}
 
 What is sent. A URL goes as it is (`image_mode = "url"`) or is fetched here and inlined
-(`"inline"`, see fetch.py). Local files and data URIs are checked to be images by their bytes and
-by decoding them (a text file named .png is refused, so is a truncated JPEG), then sent as data
-URIs. With `max_side`/`max_pixels` set, images are also rotated by their EXIF orientation,
-downscaled and re-encoded (JPEG, or PNG when there is transparency); without, their bytes go as
-they are. Sizes are checked on the base64 text before anything is sent; a data: URI is checked
-on its declared length (caps as for a local file) before it is decoded or handed to a worker.
+(`"inline"`, fetch.py). Local files (read by files.py, only beneath the allowed roots) and data
+URIs become checked, possibly downscaled data URIs (images.py). A data: URI is checked on its
+declared length before it is decoded or handed to a worker; the request's total is checked on
+the base64 text against `max_request_mb` before anything is sent.
 
-Safety. A local path is read only beneath the allowed roots (the manifest's folder and
-`[images] allowed_roots`), and only if it is a regular file. It is opened by walking down from
-the root's directory descriptor with O_NOFOLLOW, resolving symlinks here (a link within the roots
-works, one out of them is refused), so no swap between a check and the open can lead out; the
-type and size are checked on the opened descriptor. A path outside the roots is never opened.
-
-Workers. Reading, decoding, resizing and base64 run in a pool of low-priority worker processes
-(`pool = "process"`, the default) or threads (`"thread"`), never on the event loop, so a batch
-of large images does not stall the requests in flight. Worker processes die with the process
-that started them, even when it is killed with -9 (lifeline.py).
+Workers. Reading, decoding, resizing and base64 run in the job's worker pool (workers.py:
+low-priority processes or threads), never on the event loop, so a batch of large images does
+not stall the requests in flight; the builder awaits them, a row's values concurrently.
 
 Every refusal is an InputError (kind "input") naming the cause and the value.
 """
@@ -35,527 +25,26 @@ Every refusal is an InputError (kind "input") naming the cause and the value.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import errno
-import functools
-import io
-import json
-import math
-import multiprocessing
-import os
-import stat
-from concurrent.futures import (
-    BrokenExecutor,
-    Executor,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-)
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 
 from ..config import ImagesConfig, InputConfig
 from ..errors import InputError
-from ..lifeline import start_worker
+from .files import LocalFiles
+from .images import MB, bytes_image, check_data_uri, data_uri_image, local_image, local_video, video_uri
+from .values import image_values, is_list_cell, kind_of, show
+from .workers import Workers
 
 if TYPE_CHECKING:
     from ..redact import Redactor
     from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
 
-__all__ = [
-    "MediaBuilder",
-    "LocalFiles",
-    "PathError",
-    "image_values",
-    "sniff_mime",
-    "sniff_video",
-    "prepare_image",
-    "check_data_uri",
-    "data_uri_size",
-    "parse_data_uri",
-    "b64_size",
-    "MB",
-]
-
-MB = 1024 * 1024
-SHOW_CHARS = 200  # of a value in an error message
-MAX_SYMLINK_HOPS = 40  # symbolic links followed for one local path, as the kernel's own limit
-
-# Magic numbers of the formats vision endpoints take (OpenAI: PNG, JPEG, WEBP, GIF).
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-)
-_PIL_FORMAT = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
-# ISO base media brands that are still images, not video (HEIF, AVIF).
-_IMAGE_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"})
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-# What a broken image raises inside Pillow (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError)
+__all__ = ["MediaBuilder"]
 
 T = TypeVar("T")
 
 
-def sniff_mime(data: bytes) -> str | None:
-    """The image type the bytes really are, whatever the file name or Content-Type says."""
-    for magic, mime in _MAGIC:
-        if data.startswith(magic):
-            return mime
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
-
-
-def sniff_video(data: bytes) -> str | None:
-    """The video container the bytes are (by signature; video is not decoded here)."""
-    if data[4:8] == b"ftyp" and len(data) >= 12:
-        brand = data[8:12]
-        if brand in _IMAGE_BRANDS:
-            return None
-        return "video/quicktime" if brand == b"qt  " else "video/mp4"
-    if data[:4] == b"\x1a\x45\xdf\xa3":
-        return "video/webm" if b"webm" in data[:64] else "video/x-matroska"
-    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
-        return "video/x-msvideo"
-    if data[:4] == b"\x00\x00\x01\xba":
-        return "video/mpeg"
-    if len(data) > 376 and data[0] == data[188] == data[376] == 0x47:
-        return "video/mp2t"
-    return None
-
-
-def b64_size(n: int) -> int:
-    """Length of the base64 text of n bytes: what the provider limits are counted on."""
-    return 4 * ((n + 2) // 3)
-
-
-def show(value: str) -> str:
-    """A value as error messages show it: quoted, data URIs and long paths cut short."""
-    if len(value) <= SHOW_CHARS:
-        return repr(value)
-    return repr(value[:SHOW_CHARS]) + f"... ({len(value)} characters)"
-
-
-def image_values(cell: Any) -> list[str]:
-    """A cell as a list of values: a string, a list, or a JSON array held in a CSV cell."""
-    if cell is None:
-        return []
-    if isinstance(cell, (list, tuple)):
-        return [str(v).strip() for v in cell if v is not None and str(v).strip()]
-    text = str(cell).strip()
-    if not text:
-        return []
-    if text.startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError:
-            raise InputError(f"cell is not a valid JSON list: {show(text)}") from None
-        if not isinstance(values, list):
-            raise InputError(f"cell is not a JSON list of values: {show(text)}")
-        return image_values(values)
-    return [text]
-
-
-def _is_list_cell(cell: Any) -> bool:
-    return isinstance(cell, (list, tuple)) or (isinstance(cell, str) and cell.strip().startswith("["))
-
-
-def _kind_of(value: str) -> str:
-    if value.startswith(("http://", "https://")):
-        return "url"
-    if value.startswith("data:"):
-        return "data"
-    if "://" in value:
-        raise InputError(f"unsupported URL scheme (use http, https, data: or a local path): {show(value)}")
-    return "path"
-
-
-def data_uri_size(value: str) -> int:
-    """The bytes a base64 `data:` URI declares, from its length alone (nothing copied or decoded)."""
-    comma = value.find(",")
-    if comma < 0 or not value[:comma].endswith(";base64"):
-        raise InputError(f"data: URI must be base64 (data:<type>;base64,<data>): {show(value)}")
-    length = len(value) - comma - 1
-    padding = 2 if value.endswith("==") else 1 if value.endswith("=") else 0
-    return max(0, length * 3 // 4 - padding)
-
-
-def _data_uri_cap(cfg: ImagesConfig, video: bool) -> tuple[int, str]:
-    """(cap on the decoded bytes, the setting that sets it) for an image or video data: URI,
-    as for a local file: what could never be sent is refused before it is decoded."""
-    if video or cfg.preprocess:
-        return int(cfg.max_source_mb * MB), f"over [images] max_source_mb = {cfg.max_source_mb:g}"
-    return int(cfg.max_image_mb * MB) * 3 // 4, (
-        f"over {cfg.max_image_mb:g} MB as base64, the per-image limit [images] max_image_mb; "
-        f"set [images] max_side to downscale it")
-
-
-def check_data_uri(value: str, cfg: ImagesConfig, *, video: bool = False) -> None:
-    """InputError when a data: URI declares more bytes than it may hold; checked on its length,
-    before it is decoded (or handed to a worker process)."""
-    cap, why = _data_uri_cap(cfg, video)
-    size = data_uri_size(value)
-    if size > cap:
-        what = "video" if video else "image"
-        raise InputError(f"data: URI {what} too large ({size} bytes once decoded; {why}): {show(value)}")
-
-
-def parse_data_uri(value: str, cfg: ImagesConfig | None = None) -> tuple[str, bytes]:
-    """(declared MIME type, bytes) of a base64 `data:` URI; with `cfg`, its size is checked first."""
-    if cfg is not None:
-        check_data_uri(value, cfg)
-    else:
-        data_uri_size(value)  # the shape: data:<type>;base64,<data>
-    head, _, payload = value.partition(",")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InputError(f"data: URI holds invalid base64: {show(value)}") from None
-    return head[5:].split(";")[0].lower(), data
-
-
-class PathError(InputError):
-    """A local path refused or unreadable (kind "input"). `problem` names the cause for the dry
-    run's report: "outside_roots", "missing_file" or "unreadable_file"."""
-
-    def __init__(self, message: str, problem: str = "unreadable_file") -> None:
-        super().__init__(message)
-        self.problem = problem  # a default, so the error pickles back from a worker process
-
-
-@dataclass(frozen=True)
-class LocalFiles:
-    """Reads local files for one job, only beneath `roots` (plain paths: it pickles to workers).
-
-    A value is made absolute (relative ones against `base`) and normalised lexically, then matched
-    to a root; the file is opened by walking down from that root's descriptor one component at a
-    time with O_NOFOLLOW, so nothing can swap a folder for a symlink between a check and the open.
-    A symlink met on the way is resolved here: its target (with the rest of the path) is confined
-    again like a value, so links within the roots work and links out of them are refused.
-    """
-
-    base: Path  # the manifest's folder: relative paths resolve here
-    roots: tuple[Path, ...]
-
-    @classmethod
-    def for_manifest(cls, manifest: Path, extra_roots: tuple[Path, ...] = ()) -> "LocalFiles":
-        base = Path(os.path.realpath(manifest)).parent
-        return cls(base=base, roots=(base, *(Path(os.path.realpath(r)) for r in extra_roots)))
-
-    def open(self, value: str, what: str = "image") -> int:
-        """A read-only descriptor of the regular file `value` names, opened beneath an allowed
-        root; the caller closes it. Every refusal or OSError is a PathError naming the value."""
-        if "\0" in value:
-            raise PathError(f"{what} path holds a NUL character: {show(value)}")
-        path = self._lexical(value)
-        try:
-            for _ in range(MAX_SYMLINK_HOPS + 1):
-                root = self._root_of(path, value, what)
-                got = _open_beneath(root, path)
-                if isinstance(got, int):
-                    return got
-                path = got  # a symlink led here: confine its target again
-        except _NotRegular as exc:
-            raise PathError(f"{what} path is not a regular file ({exc.args[0]}): {show(value)}") from None
-        except OSError as exc:
-            raise _os_error(exc, what, value) from None
-        except ValueError:  # a name the file system cannot encode (lone surrogates)
-            raise PathError(f"{what} path is not a valid file name: {show(value)}") from None
-        raise PathError(f"{what} path goes through more than {MAX_SYMLINK_HOPS} symbolic links (a loop?): {show(value)}")
-
-    def read(self, value: str, cap: int, what: str, too_big: str) -> bytes:
-        """The file's bytes, at most `cap` of them; `too_big` explains the cap in the refusal."""
-        fd = self.open(value, what)
-        try:
-            size = os.fstat(fd).st_size
-            if size > cap:
-                raise PathError(f"{what} file too large ({size} bytes; {too_big}): {show(value)}")
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(size + 1)
-        except OSError as exc:
-            raise _os_error(exc, what, value) from None
-        finally:
-            os.close(fd)
-        if len(data) != size:  # a file being written: what was checked is not what was read
-            raise PathError(f"{what} file changed while being read (try again when it is complete): {show(value)}")
-        return data
-
-    def _lexical(self, value: str) -> str:
-        """The value as an absolute, normalised path; nothing on disk is looked at."""
-        path = os.path.expanduser(value) if value.startswith("~") else value
-        path = os.path.normpath(os.path.join(self.base, path))  # an absolute value replaces base
-        return "/" + path.lstrip("/")  # normpath keeps a leading "//"
-
-    def _root_of(self, path: str, value: str, what: str) -> str:
-        """The deepest root `path` lies in (lexically), or a PathError."""
-        inside = [str(r) for r in self.roots if path == str(r) or path.startswith(str(r).rstrip("/") + "/")]
-        if not inside:
-            raise PathError(
-                f"{what} path is outside the allowed roots ({', '.join(map(str, self.roots))}; "
-                f"widen them with [images] allowed_roots): {show(value)}",
-                "outside_roots",
-            )
-        return max(inside, key=len)
-
-
-# Descriptors are opened with O_CLOEXEC: a process started meanwhile must not inherit them.
-_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a root is trusted as the job names it
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a FIFO swapped in after the type check must not hang the reader (fstat refuses it).
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_SWAPPED = frozenset({errno.ELOOP, errno.ENOTDIR})  # what O_NOFOLLOW opens say of a fresh symlink
-_FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
-
-
-class _NotRegular(Exception):
-    """The path names something other than a regular file; args[0] says what."""
-
-
-def _open_beneath(root: str, path: str) -> int | str:
-    """Open the regular file `path` (lexically beneath `root`) from root's descriptor, following
-    no symlink. Returns its descriptor, or the lexical path to confine again when a symlink is
-    met (its target, then the rest of the path) or a component changed under the walk."""
-    names = [n for n in path[len(root):].split("/") if n]
-    fd = os.open(root, _ROOT_FLAGS)
-    try:
-        for i, name in enumerate(names):
-            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISLNK(info.st_mode):
-                here = os.path.join(root, *names[:i])
-                target = os.path.join(here, os.readlink(name, dir_fd=fd), *names[i + 1:])  # absolute: replaces here
-                return "/" + os.path.normpath(target).lstrip("/")
-            last = i == len(names) - 1
-            if last:
-                _check_regular(info.st_mode)  # before the open: a device or socket is never opened
-            elif not stat.S_ISDIR(info.st_mode):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            try:
-                nxt = os.open(name, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in _SWAPPED:
-                    return path  # swapped for a symlink since the stat: walk again
-                raise
-            os.close(fd)
-            fd = nxt
-        _check_regular(os.fstat(fd).st_mode)  # what was opened is what is read
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _check_regular(mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        raise _NotRegular(next((name for test, name in _FILE_TYPES if test(mode)), "not a file"))
-
-
-def _os_error(exc: OSError, what: str, value: str) -> PathError:
-    if exc.errno == errno.ENOENT:
-        return PathError(f"{what} file not found: {show(value)}", "missing_file")
-    if exc.errno == errno.ENOTDIR:  # "a.jpg/b.jpg": a part of the path is a file
-        return PathError(f"{what} file not found (a part of its path is not a folder): {show(value)}", "missing_file")
-    return PathError(f"cannot read {what} file ({exc.strerror or type(exc).__name__}): {show(value)}")
-
-
-# -- images: decode, check, rotate, downscale, re-encode (blocking: run in the pool) ----------
-
-
-def prepare_image(
-    data: bytes, value: str, cfg: ImagesConfig, *, jpeg: bool = False, declared: str | None = None
-) -> tuple[str, bytes]:
-    """(MIME type, bytes) to send for an image's bytes. Raises InputError.
-
-    The bytes must be an image by their content and must decode. With `cfg.preprocess` the image
-    is turned upright by its EXIF orientation and downscaled within max_side/max_pixels, and
-    re-encoded only when that changed it; `jpeg` forces JPEG (video frames for vLLM).
-    `declared` is a server's Content-Type, only to explain a refusal.
-    """
-    mime = sniff_mime(data)
-    if mime is None:
-        said = f"; the server said Content-Type {declared}" if declared else ""
-        raise InputError(f"not an image (PNG, JPEG, WEBP or GIF) by its content{said}: {show(value)}")
-    try:
-        img = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[mime]])
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise InputError(f"image has no pixels ({w}x{h}): {show(value)}")
-        ratio = max(w, h) / min(w, h)
-        if ratio > cfg.max_aspect_ratio:
-            raise InputError(
-                f"image aspect ratio {w}x{h} ({ratio:.0f}:1) is beyond the {cfg.max_aspect_ratio:g}:1 limit "
-                f"([images] max_aspect_ratio): {show(value)}"
-            )
-        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-            raise InputError(f"image too large to decode safely ({w}x{h} pixels): {show(value)}")
-        orientation = _orientation(img) if cfg.preprocess else 1
-        target = _target_size(w, h, cfg) if cfg.preprocess else (w, h)
-        if target == (w, h) and orientation not in _TRANSPOSE and not (jpeg and mime != "image/jpeg"):
-            _check_decodes(img, mime)
-            return mime, data  # nothing to change: the bytes go as they are
-        if mime == "image/jpeg" and target != (w, h):
-            img.draft(img.mode, target)  # decode at 1/2, 1/4 or 1/8 scale: much less work
-        img.load()
-        img = _normalised(img, keep_alpha=not jpeg)
-        if img.size != target:
-            # Bicubic, as Qwen-VL's own image processor; a third cheaper than Lanczos on 2 cores.
-            img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        if orientation in _TRANSPOSE:
-            img = img.transpose(_TRANSPOSE[orientation])
-        out = io.BytesIO()
-        if img.mode in ("RGBA", "LA"):
-            img.save(out, "PNG", compress_level=6)
-            return "image/png", out.getvalue()
-        img.save(out, "JPEG", quality=cfg.jpeg_quality)  # no EXIF copied: no second rotation
-        return "image/jpeg", out.getvalue()
-    except InputError:
-        raise
-    except Image.DecompressionBombError:
-        raise InputError(f"image too large to decode safely (too many pixels): {show(value)}") from None
-    except _DECODE_ERRORS as exc:
-        raise InputError(f"unreadable or truncated image ({type(exc).__name__}: {exc}): {show(value)}") from None
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        value = img.getexif().get(_ORIENTATION_TAG, 1)
-    except _DECODE_ERRORS:
-        return 1  # broken EXIF: leave the image as it is stored
-    return value if isinstance(value, int) else 1
-
-
-def _target_size(w: int, h: int, cfg: ImagesConfig) -> tuple[int, int]:
-    """Within max_side and max_pixels, aspect kept; never enlarged."""
-    scale = 1.0
-    if cfg.max_side > 0:
-        scale = min(scale, cfg.max_side / max(w, h))
-    if cfg.max_pixels > 0:
-        scale = min(scale, math.sqrt(cfg.max_pixels / (w * h)))
-    if scale >= 1.0:
-        return w, h
-    # Floor (with a hair of slack for float error) so the bounds hold after rounding.
-    return max(1, int(w * scale + 1e-6)), max(1, int(h * scale + 1e-6))
-
-
-def _check_decodes(img: Image.Image, mime: str) -> None:
-    """Decode the whole image once, so a truncated or corrupt file is refused, not sent."""
-    if mime == "image/jpeg":
-        w, h = img.size
-        img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))  # every byte is still read
-    img.load()
-
-
-def _normalised(img: Image.Image, *, keep_alpha: bool) -> Image.Image:
-    """RGB or L, or RGBA when there is real transparency and it is to be kept."""
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        if rgba.getchannel("A").getextrema() == (255, 255):
-            return rgba.convert("RGB")  # an alpha channel with nothing transparent: JPEG is fine
-        if keep_alpha:
-            return rgba
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode in ("RGB", "L"):
-        return img
-    return img.convert("RGB")
-
-
-def _image_uri(mime: str, data: bytes, value: str, cfg: ImagesConfig) -> tuple[str, int]:
-    limit = int(cfg.max_image_mb * MB)
-    size = b64_size(len(data))
-    if size > limit:
-        hint = "" if cfg.preprocess else "; set [images] max_side to downscale it"
-        raise InputError(
-            f"image too large ({size / MB:.1f} MB as base64, over the {cfg.max_image_mb:g} MB per-image limit "
-            f"[images] max_image_mb{hint}): {show(value)}"
-        )
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", size
-
-
-def _local_image_bytes(files: LocalFiles, value: str, cfg: ImagesConfig) -> bytes:
-    if cfg.preprocess:  # the file may shrink: read up to the source cap
-        cap = int(cfg.max_source_mb * MB)
-        why = f"over [images] max_source_mb = {cfg.max_source_mb:g}"
-    else:  # sent as it is: refuse before reading what could never be sent
-        cap = int(cfg.max_image_mb * MB) * 3 // 4
-        why = (f"over {cfg.max_image_mb:g} MB as base64, the per-image limit [images] max_image_mb; "
-               f"set [images] max_side to downscale it")
-    return files.read(value, cap, "image", why)
-
-
-def local_image(files: LocalFiles, value: str, cfg: ImagesConfig, jpeg: bool = False) -> tuple[str, int]:
-    data = _local_image_bytes(files, value, cfg)
-    mime, out = prepare_image(data, value, cfg, jpeg=jpeg)
-    return _image_uri(mime, out, value, cfg)
-
-
-def data_uri_image(value: str, cfg: ImagesConfig, jpeg: bool = False) -> tuple[str, int]:
-    _, data = parse_data_uri(value, cfg)
-    mime, out = prepare_image(data, value, cfg, jpeg=jpeg)
-    return _image_uri(mime, out, value, cfg)
-
-
-def bytes_image(data: bytes, value: str, cfg: ImagesConfig, declared: str | None, jpeg: bool = False) -> tuple[str, int]:
-    mime, out = prepare_image(data, value, cfg, jpeg=jpeg, declared=declared)
-    return _image_uri(mime, out, value, cfg)
-
-
-def _video_uri(data: bytes, value: str, declared: str | None = None) -> tuple[str, int]:
-    mime = sniff_video(data)
-    if mime is None:
-        said = f"; the server said Content-Type {declared}" if declared else ""
-        raise InputError(f"not a video (MP4, MOV, WebM, MKV, AVI, MPEG) by its content{said}: {show(value)}")
-    text = base64.b64encode(data).decode("ascii")
-    return f"data:{mime};base64,{text}", len(text)
-
-
-def local_video(files: LocalFiles, value: str, cfg: ImagesConfig) -> tuple[str, int]:
-    cap = int(cfg.max_source_mb * MB)
-    data = files.read(value, cap, "video", f"over [images] max_source_mb = {cfg.max_source_mb:g}")
-    return _video_uri(data, value)
-
-
-# -- the async side ------------------------------------------------------------------------
-
-WORKER_NICE = 10  # image worker processes yield the CPU to the process that runs the requests
-
-
-def _make_pool(cfg: ImagesConfig) -> Executor:
-    workers = cfg.workers or os.cpu_count() or 1
-    if cfg.pool == "thread":
-        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline-media")
-    # Worker processes share no GIL with the event loop and run at a lower CPU priority, so a
-    # batch of large images cannot delay requests in flight (threads measured 100-300 ms stalls
-    # on 2 cores where processes stayed far lower: bench/images.py). "spawn": never fork a process
-    # that runs threads and an event loop. Processes start on first use: a URL-only job starts none.
-    # The initializer lives in a module that imports nothing heavy, so a new worker lowers its
-    # priority before it imports the pipeline (a second of CPU that must not compete with the loop),
-    # and ties itself to this process: a run killed with -9 leaves no worker behind (lifeline.py).
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=start_worker,
-        initargs=(os.getpid(), WORKER_NICE),
-    )
-
-
 class MediaBuilder:
-    """Builds a row's media parts. Owns the thread pool and, when needed, the fetcher."""
+    """Builds a row's media parts. Owns the worker pool and, when needed, the fetcher."""
 
     def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
                  redactor: Redactor | None = None) -> None:
@@ -564,7 +53,7 @@ class MediaBuilder:
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
         self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots)
-        self._pool = _make_pool(cfg)
+        self.workers = Workers(cfg)
         self._fetcher: Fetcher | None = None
 
     @property
@@ -587,7 +76,7 @@ class MediaBuilder:
     async def aclose(self) -> None:
         if self._fetcher is not None:
             await self._fetcher.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.close()
 
     async def parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """The row's image parts in order, then its video part. Raises InputError."""
@@ -600,7 +89,7 @@ class MediaBuilder:
             raise InputError(f"row has no image in {where}")
         if video_col and not image_col and not has_video:
             raise InputError(f"row has no video in {video_col!r}")
-        if not has_video and self.cfg.image_mode != "inline" and all(_kind_of(v) == "url" for v in images):
+        if not has_video and self.cfg.image_mode != "inline" and all(kind_of(v) == "url" for v in images):
             return [self._image_part(v) for v in images]  # sent as they are: nothing to read or wait for
         jobs: list[Awaitable[tuple[dict[str, Any], int]]] = [self._image(v) for v in images]
         if has_video:
@@ -616,25 +105,6 @@ class MediaBuilder:
             )
         return [part for part, _ in results]
 
-    async def _run(self, value: str, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the pool. A worker process that dies (killed, out of memory) takes the
-        pool with it: the pool is replaced and the call tried once more before the row fails."""
-        loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            pool = self._pool
-            try:
-                return await loop.run_in_executor(pool, functools.partial(fn, *args))
-            except BrokenExecutor:
-                if self._pool is pool:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    self._pool = _make_pool(self.cfg)
-                if attempt == 2:
-                    raise InputError(
-                        f"the image worker process died while preparing this value (out of memory? if you call "
-                        f"pipeline.run from a script, put the call under `if __name__ == \"__main__\":`): {show(value)}"
-                    ) from None
-        raise AssertionError("unreachable")
-
     def _image_part(self, url: str) -> dict[str, Any]:
         image: dict[str, Any] = {"url": url}
         if self.detail:
@@ -647,35 +117,35 @@ class MediaBuilder:
 
     async def _image_url(self, value: str, *, jpeg: bool, fetch_urls: bool) -> tuple[str, int]:
         """(URL or data URI, its base64 size) for one image value."""
-        kind = _kind_of(value)
+        kind = kind_of(value)
         if kind == "url":
             if not fetch_urls:
                 return value, 0  # the provider fetches it; its size is not ours to know
             got = await self.fetcher.fetch(value)
-            return await self._run(value, bytes_image, got.data, value, self.cfg, got.content_type, jpeg)
+            return await self.workers.run(value, bytes_image, got.data, value, self.cfg, got.content_type, jpeg)
         if kind == "data":
             check_data_uri(value, self.cfg)  # a huge one is refused here, not copied to a worker first
-            return await self._run(value, data_uri_image, value, self.cfg, jpeg)
-        return await self._run(value, local_image, self.files, value, self.cfg, jpeg)
+            return await self.workers.run(value, data_uri_image, value, self.cfg, jpeg)
+        return await self.workers.run(value, local_image, self.files, value, self.cfg, jpeg)
 
     async def _video(self, cell: Any) -> tuple[dict[str, Any], int]:
         values = image_values(cell)
-        if _is_list_cell(cell):
+        if is_list_cell(cell):
             return await self._frames(values)
         value = values[0]
-        kind = _kind_of(value)
+        kind = kind_of(value)
         if kind == "url":
             if self.cfg.image_mode != "inline":
                 return _video_part(value), 0
             got = await self.fetcher.fetch(value)
-            url, size = await self._run(value, _video_uri, got.data, value, got.content_type)
+            url, size = await self.workers.run(value, video_uri, got.data, value, got.content_type)
         elif kind == "data":
             if not value.lower().startswith("data:video/"):
                 raise InputError(f"a data: URI in the video column must be data:video/...: {show(value)}")
             check_data_uri(value, self.cfg, video=True)  # capped like a local video file, on its length
             url, size = value, len(value)
         else:
-            url, size = await self._run(value, local_video, self.files, value, self.cfg)
+            url, size = await self.workers.run(value, local_video, self.files, value, self.cfg)
         return _video_part(url), size
 
     async def _frames(self, values: list[str]) -> tuple[dict[str, Any], int]:

@@ -34,9 +34,11 @@ from ..errors import InputError, JobError
 from ..io.checkpoint import Checkpoint, parse_commits
 from ..io.manifest import SHOW, Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
-from ..rows.media import LocalFiles, PathError, image_values, sniff_mime
+from ..rows.files import LocalFiles, PathError
+from ..rows.images import sniff_mime
 from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
+from ..rows.values import image_values
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
