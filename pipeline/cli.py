@@ -129,7 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         die_with_parent(args.parent_pid)  # first: a parent already gone must not get a server
     from .engine.runner import event_loop_runner
-    from .tools.serve import ServeOptions, serve_forever
+    from .config.serve import ServeOptions
+    from .tools.serve import serve_forever
 
     if args.options_json:
         opts = ServeOptions.from_dict(json.loads(args.options_json))

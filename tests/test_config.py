@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-from pipeline.config import ImagesConfig, LimitsConfig, job_keys_markdown, parse_job
+from pipeline.config import ImagesConfig, LimitsConfig, ServeOptions, job_keys_markdown, parse_job
 from pipeline.errors import JobError
-from pipeline.tools.serve import ServeOptions
 
 BASE: dict[str, Any] = {
     "name": "t",
@@ -53,7 +52,7 @@ def job(**tables: Any) -> Any:
     ({"name": "../x"}, "name must be a plain non-empty name without slashes"),
     ({"limits": 3}, "[limits] must be a table"),
     ({"serve": {"latency": 5}}, "/jobs/a.toml: [serve] latency: unknown key"),
-    ({"serve": {"faults": {"teapot": 0.5}}}, "[serve] unknown fault 'teapot'"),
+    ({"serve": {"faults": {"teapot": 0.5}}}, "/jobs/a.toml: [serve] faults names an unknown fault 'teapot'; known: 400"),
     ({"output": {"path": "out", "storage_options": {"key": "k"}}}, "[output] storage_options: only used when"),
     ({"pricing": {"input_per_million": 1.0}}, "give both input_per_million and output_per_million"),
     ({"pricing": {"models": {"m": {"input_per_million": 1.0}}}}, '[pricing.models."m"] output_per_million is required'),

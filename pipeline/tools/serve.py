@@ -57,81 +57,22 @@ import sys
 import time
 import zlib
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator, NamedTuple
 
 from aiohttp import web
 
+from ..config.serve import ServeOptions
 from ..errors import JobError
 from ..net.stream import to_sse
 
-__all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess", "FAULTS"]
+__all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess"]
 
-FAULTS = (
-    "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "429bare", "quota", "throttle",
-    "drop", "cut", "broken", "nochoices", "slow", "length",
-    "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
-    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "answer_echoes_key", "redirect",
-)
 HOSTILE_ANSWERS = frozenset({"null_text", "gzip_bomb", "huge", "bad_utf8"})  # a 200 the client must survive
 BAD_UTF8_MARK = "\ue000"  # one character (so no SSE piece splits it), swapped for BAD_UTF8 in the bytes sent
 BAD_UTF8 = b"\xff\xfe\xfd"  # three invalid bytes: a client keeping the answer replaces 3 bytes
 MESSAGE_CUT = 500  # where clients commonly cut error messages: echo_key puts the key across it
 PIECE = 64 * 1024
 ONLY_STREAM_MESSAGE = "This model only support stream mode, please enable the stream parameter to access the model."
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 0
-    latency_ms: float = 0.0
-    latency_jitter_ms: float = 0.0
-    model: str | None = None  # the model the server says it served; None: the one asked for
-    reasoning_field: str = "content"  # "content" (<think> block), "reasoning_content" or "reasoning"
-    answer_bytes: int = 0  # >0: pad each answer to about this size (benchmarks)
-    analyze_images: bool = True
-    api_key: str | None = None  # set: requests without this bearer key get 401
-    rate_limit: int = 0  # requests per rate_window_s; 0 = unlimited
-    rate_window_s: float = 60.0
-    rate_headers: str = "retry-after"  # retry-after, retry-after-ms, http-date, reset, none
-    seed: int = 0
-    faults: dict[str, float] = field(default_factory=dict)
-    row_faults: dict[str, str] = field(default_factory=dict)
-    slow_ms: float = 5000.0
-    row_latency_ms: dict[str, float] = field(default_factory=dict)  # prompt text -> extra delay for those rows
-    fault_retry_after_s: float = 1.0  # the delay injected 429s ask for
-    x_should_retry: dict[str, str] = field(default_factory=dict)  # fault name -> "true"/"false"
-    record: bool = False  # keep every request (headers and body) for GET /requests: tests only
-    reasoning_only_stream: bool = False  # refuse requests without `stream: true` (like DashScope's QVQ)
-    fence_json: bool = False  # JSON answers (labeling) inside a ```json fence
-    transfer: str = "length"  # how plain answers are framed: "length", "chunked" or "gzip" (chunked, compressed)
-    keepalive_s: float = 75.0  # idle connections are closed after this (uvicorn/vLLM: 5 s)
-    bomb_mb: int = 1024  # what the gzip_bomb fault inflates to
-    huge_mb: float = 80.0  # the size of the huge fault's answer (the client's default cap is 64 MB)
-
-    def __post_init__(self) -> None:
-        for name in list(self.faults) + [v.split(":")[0] for v in self.row_faults.values()]:
-            if name not in FAULTS:
-                raise JobError(f"[serve] unknown fault {name!r}; known: {', '.join(FAULTS)}")
-        if self.transfer not in ("length", "chunked", "gzip"):
-            raise JobError("[serve] transfer must be length, chunked or gzip")
-        if self.reasoning_field not in ("content", "reasoning_content", "reasoning"):
-            raise JobError(f"[serve] reasoning_field must be content, reasoning_content or reasoning")
-        if self.rate_headers not in ("retry-after", "retry-after-ms", "http-date", "reset", "none"):
-            raise JobError(f"[serve] rate_headers must be retry-after, retry-after-ms, http-date, reset or none")
-        for name, value in self.x_should_retry.items():
-            if name not in FAULTS or value not in ("true", "false"):
-                raise JobError(f"[serve] x_should_retry maps a fault name to \"true\" or \"false\", not {name!r} = {value!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "pipeline serve") -> "ServeOptions":
-        """Read by the job file's machinery: types, unknown keys and the file named in errors."""
-        from pathlib import Path
-
-        from ..config.fields import read_table
-
-        return read_table(cls, data, source=source, base=Path.cwd(), table="serve")  # type: ignore[type-var]
 
 
 class _State:
