@@ -37,7 +37,7 @@ from pipeline.net.stream import StreamAssembler, StreamError
 from pipeline.redact import Redactor
 from pipeline.rows.answer import loads_json, parse_response, text_warning
 from pipeline.rows.media import MediaBuilder
-from pipeline.tools.serve import BAD_UTF8, _bomb
+from pipeline.tools.serve.app import BAD_UTF8, _bomb
 
 KEY = "sk-hostile-" + "7f3a9c2e51b84d6f0a1e9b7c3d5f2a8e"
 KEY_ENV = "PIPELINE_HOSTILE_KEY"

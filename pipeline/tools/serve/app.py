@@ -61,9 +61,9 @@ from typing import Any, AsyncIterator, NamedTuple
 
 from aiohttp import web
 
-from ..config.serve import ServeOptions
-from ..errors import JobError
-from ..net.stream import to_sse
+from ...config.serve import ServeOptions
+from ...errors import JobError
+from ...net.stream import to_sse
 
 __all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess"]
 
@@ -507,7 +507,7 @@ def _json_answer(body: dict[str, Any], prompt: str, opts: ServeOptions, *, valid
     rf = body.get("response_format")
     if not isinstance(rf, dict) or rf.get("type") != "json_schema":
         return None
-    from ..rows.labels import (
+    from ...rows.labels import (
         example_for_schema,  # here: the server starts without pyarrow and jsonschema
     )
 
