@@ -77,7 +77,8 @@ class ServeOptions(Table):
                                     '"reset" (x-ratelimit-reset-requests) or "none" (no x-ratelimit-* headers either)')
     seed: int = setting(0, doc="seeds the faults' chances and the latency's jitter")
     faults: dict[str, float] = setting(default_factory=dict, check=_fault_names,
-                                       doc='fault name -> chance per request, e.g. { "500" = 0.05, "drop" = 0.03 }')
+                                       doc='fault name -> chance per request, e.g. { "500" = 0.05, "drop" = 0.03 } '
+                                           '(the names and what they do: `pipeline/tools/serve/`)')
     row_faults: dict[str, str] = setting(default_factory=dict, check=_row_fault_names,
                                          doc='prompt text -> the fault its rows always get, or "503:2" for their first two requests')
     slow_ms: float = setting(5000.0, doc='how late the "slow" fault answers', check=zero_or_more)
