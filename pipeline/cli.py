@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--rate-headers", default="retry-after")
     v.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                    help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03; hostile answers: null_text, "
-                        "gzip_bomb, huge, bad_utf8, echo_key, redirect (all names and what they do: pipeline/tools/serve.py; "
+                        "gzip_bomb, huge, bad_utf8, echo_key, redirect (all names and what they do: pipeline/tools/serve/; "
                         "an unknown name lists them)")
     v.add_argument("--row-fault", action="append", default=[], metavar="TEXT=FAULT[:N]",
                    help="rows whose prompt contains TEXT always get FAULT (or only their first N requests)")
@@ -127,8 +127,9 @@ def _serve(args: argparse.Namespace) -> int:
         from .lifeline import die_with_parent
 
         die_with_parent(args.parent_pid)  # first: a parent already gone must not get a server
+    from .config.serve import ServeOptions
     from .engine.process import event_loop_runner
-    from .tools.serve import ServeOptions, serve_forever
+    from .tools.serve import serve_forever
 
     if args.options_json:
         opts = ServeOptions.from_dict(json.loads(args.options_json))

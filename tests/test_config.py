@@ -4,16 +4,17 @@ list. Tables of TOML values and the one-line errors they give."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ROOT
 
-from pipeline.config import ImagesConfig, LimitsConfig, job_keys_markdown, parse_job
+from pipeline.config import ImagesConfig, LimitsConfig, ServeOptions, job_keys_markdown, parse_job
 from pipeline.errors import ErrorKind, JobError, error_kinds_markdown
 from pipeline.net.retry import STOP_KINDS
-from pipeline.tools.serve import ServeOptions
 
 BASE: dict[str, Any] = {
     "name": "t",
@@ -54,7 +55,12 @@ def job(**tables: Any) -> Any:
     ({"name": "../x"}, "name must be a plain non-empty name without slashes"),
     ({"limits": 3}, "[limits] must be a table"),
     ({"serve": {"latency": 5}}, "/jobs/a.toml: [serve] latency: unknown key"),
-    ({"serve": {"faults": {"teapot": 0.5}}}, "[serve] unknown fault 'teapot'"),
+    ({"serve": {"faults": {"teapot": 0.5}}}, "/jobs/a.toml: [serve] faults names an unknown fault 'teapot'; known: 400"),
+    ({"serve": {"row_faults": {"cat": "teapot:2"}}}, "[serve] row_faults names an unknown fault 'teapot'; known: 400"),
+    ({"serve": {"x_should_retry": {"500": "yes"}}}, '[serve] x_should_retry must map a fault name to "true" or "false"'),
+    ({"serve": {"transfer": "pigeon"}}, '[serve] transfer must be "length", "chunked" or "gzip", not \'pigeon\''),
+    ({"serve": {"rate_window_s": 0}}, "/jobs/a.toml: [serve] rate_window_s must be more than zero, not 0"),
+    ({"serve": {"latency_ms": "slow"}}, "[serve] latency_ms must be a number, not str"),
     ({"output": {"path": "out", "storage_options": {"key": "k"}}}, "[output] storage_options: only used when"),
     ({"pricing": {"input_per_million": 1.0}}, "give both input_per_million and output_per_million"),
     ({"pricing": {"models": {"m": {"input_per_million": 1.0}}}}, '[pricing.models."m"] output_per_million is required'),
@@ -97,5 +103,25 @@ def test_the_readme_lists_every_key_as_declared() -> None:
     listed = re.search(r"<!-- keys:start -->\n(.*)<!-- keys:end -->", readme, re.S)
     assert listed is not None, "README has no generated key list"
     assert listed.group(1) == job_keys_markdown(), "README's key list is stale: paste `python -m pipeline.config` into it"
-    for key in ("max_concurrency", "allowed_roots", "shard_rows", "send_response_format", "input_per_million"):
+    for key in ("max_concurrency", "allowed_roots", "shard_rows", "send_response_format", "input_per_million",
+                "row_faults"):
         assert f"| `{key}` |" in listed.group(1)
+
+
+def test_a_bad_serve_table_stops_pipeline_serve_with_one_line() -> None:
+    """`pipeline serve --options-json` (how runs and tests start the endpoint) reads the same table."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "serve", "--options-json", '{"rate_headers": "soon"}'],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ('error: pipeline serve: [serve] rate_headers must be "retry-after", "retry-after-ms", '
+                           '"http-date", "reset" or "none", not \'soon\'\n')
+
+
+def test_reading_a_job_with_a_serve_table_does_not_load_the_endpoint() -> None:
+    """The [serve] table is checked by config alone: `pipeline status` and dry runs stay light."""
+    code = ("import sys; from pipeline.config import load_job; job = load_job('jobs/demo.toml', require_key=False); "
+            "assert job.serve is not None; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pipeline.tools', 'aiohttp.web'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

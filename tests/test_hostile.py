@@ -37,7 +37,7 @@ from pipeline.net.stream import StreamAssembler, StreamError
 from pipeline.redact import Redactor
 from pipeline.rows.answer import loads_json, parse_response, text_warning
 from pipeline.rows.media import MediaBuilder
-from pipeline.tools.serve import BAD_UTF8, _bomb
+from pipeline.tools.serve.hostile import BAD_UTF8, gzip_bomb
 
 KEY = "sk-hostile-" + "7f3a9c2e51b84d6f0a1e9b7c3d5f2a8e"
 KEY_ENV = "PIPELINE_HOSTILE_KEY"
@@ -199,7 +199,7 @@ class LyingImageHost:
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self.aborted = 0  # connections the client dropped before the body ended
-        self._bomb = _bomb(False, 1024)
+        self._bomb = gzip_bomb(False, 1024)
         ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
         self.thread.start()
@@ -420,7 +420,7 @@ def test_stream_error_snippets_are_scrubbed_before_they_are_cut(position: int) -
 
 
 def test_a_gzip_bomb_is_decoded_only_up_to_the_cap() -> None:
-    bomb = _bomb(False, 256)  # 256 MB of zeros in ~270 KB
+    bomb = gzip_bomb(False, 256)  # 256 MB of zeros in ~270 KB
     decoder = BoundedDecoder("gzip", 1 << 20)
     decoded = 0
     with pytest.raises(ResponseTooLarge):

@@ -151,3 +151,33 @@ def test_serve_command_line_enforces_a_limit_and_row_faults() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_stats_reset_starts_the_counts_the_recording_and_the_rate_window_afresh(endpoint_factory: Any) -> None:
+    """POST /stats/reset: what a benchmark does between phases. A full window refuses; after the
+    reset the same request is let through and the figures count from zero."""
+    import urllib.error
+    import urllib.request
+
+    ep = endpoint_factory(rate_limit=1, rate_window_s=600, record=True)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Describe picture one"}]}).encode()
+
+    def post() -> int:
+        req = urllib.request.Request(ep.base_url + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert (post(), post()) == (200, 429)
+    before = ep.stats()
+    assert before["requests"] == 2 and before["over_limit"] == 1 and len(ep.requests()) == 2
+    ep.reset()
+    assert ep.stats() == {"requests": 0, "per_row": {}, "statuses": {}, "faults": {}, "over_limit": 0,
+                          "max_in_flight": 0, "connections": 0, "redirects_followed": 0}
+    assert ep.requests() == []
+    assert post() == 200  # the window was emptied too
+    after = ep.stats()
+    assert after["requests"] == 1 and after["statuses"] == {"200": 1} and after["per_row"] == {"Describe picture one": 1}

@@ -20,9 +20,10 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .serve import ServeOptions
 
 __all__ = [
     "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig", "RunConfig",
-    "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
+    "LabelsConfig", "PricingConfig", "ModelPrice", "ServeOptions", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
 ]

@@ -29,6 +29,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .serve import ServeOptions
 
 __all__ = ["Job", "load_job", "parse_job", "job_keys_markdown"]
 
@@ -146,9 +147,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
         raise JobError(f"{src}: [request] response_format: [labels] sends it; remove one of them")
     pricing = _pricing(table(PricingConfig), endpoint, request, src) if "pricing" in data else None
     if serve is not None:
-        from ..tools.serve import ServeOptions
-
-        ServeOptions.from_dict(serve, source=src)  # a bad [serve] table is reported now, not at start
+        table(ServeOptions)  # a bad [serve] table is reported now, not when its endpoint starts
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=table(LimitsConfig),
         output=_output(table(OutputConfig), base, top.name), run=table(RunConfig), serve=serve, labels=labels,
@@ -188,6 +187,5 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
-
     return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
-                          RunConfig, LabelsConfig, PricingConfig, ModelPrice])
+                          RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions])

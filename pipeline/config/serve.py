@@ -1,0 +1,102 @@
+"""The `[serve]` table: how the built-in endpoint (`pipeline/tools/serve/`) behaves, and the names
+of the faults it can inject.
+
+    [serve]                                   # the run starts the endpoint itself
+    latency_ms = 150
+    faults = { "500" = 0.05, "drop" = 0.03 }  # by seeded chance
+    row_faults = { "cat" = "503:2" }          # rows whose prompt holds "cat": their first two requests
+
+The same table is `pipeline serve --options-json` and what tests and benchmarks start. It lives
+here, with the other tables, so that reading a job file never imports the endpoint (aiohttp's
+server) and the README's key list covers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .fields import Table, between, one_of, positive, read_table, setting, zero_or_more
+
+__all__ = ["ServeOptions", "FAULTS", "TRANSFERS", "REASONING_FIELDS", "RATE_HEADER_STYLES"]
+
+# What each does: the docstring of pipeline/tools/serve/__init__.py.
+FAULTS = (
+    "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "429bare", "quota", "throttle",
+    "drop", "cut", "broken", "nochoices", "slow", "length",
+    "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
+    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "answer_echoes_key", "redirect",
+)
+TRANSFERS = ("length", "chunked", "gzip")
+REASONING_FIELDS = ("content", "reasoning_content", "reasoning")
+RATE_HEADER_STYLES = ("retry-after", "retry-after-ms", "http-date", "reset", "none")
+
+
+def _unknown_fault(names: list[str]) -> str | None:
+    for name in names:
+        if name not in FAULTS:
+            return f"names an unknown fault {name!r}; known: {', '.join(FAULTS)}"
+    return None
+
+
+def _fault_names(faults: dict[str, float]) -> str | None:
+    return _unknown_fault(list(faults))
+
+
+def _row_fault_names(row_faults: dict[str, str]) -> str | None:
+    """Values are FAULT or FAULT:N (only a row's first N requests)."""
+    return _unknown_fault([spec.split(":")[0] for spec in row_faults.values()])
+
+
+def _should_retry(headers: dict[str, str]) -> str | None:
+    for name, value in headers.items():
+        if name not in FAULTS or value not in ("true", "false"):
+            return f'must map a fault name to "true" or "false", not {name!r} = {value!r}'
+    return None
+
+
+@dataclass(frozen=True)
+class ServeOptions(Table):
+    TABLE = "serve"
+    host: str = setting("127.0.0.1", doc="the address the endpoint listens on")
+    port: int = setting(0, doc="0: any free port (a run's endpoint says which)", check=between(0, 65535))
+    latency_ms: float = setting(0.0, doc="every answer this much later", check=zero_or_more)
+    latency_jitter_ms: float = setting(0.0, doc="plus a seeded random delay up to this", check=zero_or_more)
+    model: str | None = setting(None, doc="the model it says it served; none: the one asked for")
+    reasoning_field: str = setting("content", check=one_of(*REASONING_FIELDS),
+                                   doc='where reasoning goes: "content" (a `<think>` block first), "reasoning_content" or "reasoning"')
+    answer_bytes: int = setting(0, doc="more than 0: each answer padded to about this size (benchmarks)", check=zero_or_more)
+    analyze_images: bool = setting(True, doc="describe inlined images' size and colours (Pillow)")
+    api_key: str | None = setting(None, doc="set: requests without this bearer key get 401")
+    rate_limit: int = setting(0, doc="requests per rate_window_s, over a sliding window (then 429); 0: unlimited",
+                              check=zero_or_more)
+    rate_window_s: float = setting(60.0, doc="the rate limit's window", check=positive)
+    rate_headers: str = setting("retry-after", check=one_of(*RATE_HEADER_STYLES),
+                                doc='how a 429 over the limit gives its delay: "retry-after", "retry-after-ms", "http-date", '
+                                    '"reset" (x-ratelimit-reset-requests) or "none" (no x-ratelimit-* headers either)')
+    seed: int = setting(0, doc="seeds the faults' chances and the latency's jitter")
+    faults: dict[str, float] = setting(default_factory=dict, check=_fault_names,
+                                       doc='fault name -> chance per request, e.g. { "500" = 0.05, "drop" = 0.03 } '
+                                           '(the names and what they do: `pipeline/tools/serve/`)')
+    row_faults: dict[str, str] = setting(default_factory=dict, check=_row_fault_names,
+                                         doc='prompt text -> the fault its rows always get, or "503:2" for their first two requests')
+    slow_ms: float = setting(5000.0, doc='how late the "slow" fault answers', check=zero_or_more)
+    row_latency_ms: dict[str, float] = setting(default_factory=dict, doc="prompt text -> extra delay for those rows' answers")
+    fault_retry_after_s: float = setting(1.0, doc="the delay injected 429s ask for", check=zero_or_more)
+    x_should_retry: dict[str, str] = setting(default_factory=dict, check=_should_retry,
+                                             doc='fault name -> "true"/"false": the x-should-retry header on its answers')
+    record: bool = setting(False, doc="keep every request (headers and body) for GET /requests: tests only")
+    reasoning_only_stream: bool = setting(False, doc="refuse requests without `stream: true` (like DashScope's QVQ)")
+    fence_json: bool = setting(False, doc="JSON answers (labeling) inside a json code fence")
+    transfer: str = setting("length", check=one_of(*TRANSFERS),
+                            doc='how plain answers are framed: "length", "chunked" or "gzip" (chunked, compressed)')
+    keepalive_s: float = setting(75.0, doc="idle connections are closed after this (uvicorn/vLLM: 5 s)", check=positive)
+    bomb_mb: int = setting(1024, doc="what the gzip_bomb fault inflates to", check=positive)
+    huge_mb: float = setting(80.0, doc="the size of the huge fault's answer (the client's default cap is 64 MB)",
+                             check=positive)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "pipeline serve") -> ServeOptions:
+        """Read by the job file's machinery: types, unknown keys and the file named in errors."""
+        return read_table(cls, data, source=source, base=Path.cwd())

@@ -1,0 +1,56 @@
+"""The built-in endpoint: an OpenAI-compatible /v1/chat/completions to rehearse a job for free.
+
+    pipeline serve --port 8000 --latency-ms 200
+    python -c "from pipeline.tools.serve import ServeOptions, make_app"   # or in-process: an aiohttp app
+
+It answers in the seed's response shape, a `<think>` block first, describing what it can really
+see: for inlined images their format, size and main colours (Pillow); for URLs only the URL, as
+it has no network; for video parts (`video_url`, DashScope's `video`) their kind and size. It can behave like a real provider under load or failing:
+
+- `rate_limit` requests per `rate_window_s`, enforced over a sliding window: over it, a 429 whose
+  delay is given in the `rate_headers` style, with x-ratelimit-* headers on every answer;
+- faults by seeded chance (`faults = {"500": 0.05, "drop": 0.03, ...}`) or by row
+  (`row_faults = {"text in the prompt": "400"}`, or `"503:2"` for the first two requests only).
+  Fault names: 400, 401, 500, 503, 429 (Retry-After seconds), 429ms, 429date, 429reset,
+  429bare (no delay header at all), quota, throttle (DashScope's AllocationQuota), drop
+  (connection closed, no answer), cut (body cut midway), broken (200, not JSON), nochoices, slow
+  (answer after `slow_ms`), length (thinking cut off by max_tokens). Injected 429s ask for
+  `fault_retry_after_s`; `x_should_retry = {"500": "false"}` adds that header to a fault's answers;
+  `row_latency_ms = {"text in the prompt": 500}` answers those rows (any answer) that much later;
+- streaming (`"stream": true` in the request): the same answer as SSE with `:` comment lines and,
+  when `stream_options.include_usage`, a last usage chunk; faults `cut` (connection closed midway),
+  `stream_end` (the stream ends cleanly before finish_reason and [DONE]), `stream_error` (an OpenAI
+  `{"error": ...}` chunk midway), `stream_error_vllm` (vLLM's `{"object": "error"}`), `no_usage` (no
+  usage chunk; without streaming, no usage field). `reasoning_only_stream` refuses requests without
+  streaming with a 400, as DashScope does for its QVQ models;
+- hostile answers, to prove the client's bounds (`pipeline/net/client.py`): `null_text` (content parts,
+  one with `"text": null`, then the answer's text part; streamed: a delta whose content is such a
+  list), `gzip_bomb` (a ~1 MB gzip body, sent whatever the request accepts, that inflates to
+  `bomb_mb` MB of zeros inside a JSON string; built once, in a thread), `huge` (an answer of
+  `huge_mb` MB, over the client's default cap, written in 64 KB pieces: chunked, or with its
+  Content-Length under `transfer = "length"`), `bad_utf8` (a 200 whose answer text ends with the
+  invalid bytes FF FE FD), `answer_echoes_key` (a 200 whose answer quotes the presented Authorization header),
+  `echo_key` (a 400 whose message echoes the presented Authorization
+  header, padded so it straddles the 500th character, where clients cut messages), `redirect` (a
+  307 to /redirected/... on this server, which counts in /stats `redirects_followed` whoever
+  follows it);
+- labeling: a request with a `json_schema` response_format is answered with a JSON object built from
+  the schema (first enum value, 0.5, a short text...), after the think block, in a ```json fence with
+  `fence_json`; fault `invalid_json` answers values of the wrong kinds instead;
+- GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit;
+  with `record`, GET /requests lists each request with its arrival time, row and status.
+
+Its parts: `app.py` (the routes, and the order in which a request meets the key check, the rate
+window, its fault and its latency), `rate.py` (the sliding window and its headers), `state.py`
+(what the endpoint counts and keeps), `faults.py` (which fault a request gets, and the error
+answers), `completion.py` (the answer composed from what the request shows), `delivery.py` (how
+it is sent: plain or streamed, cut or broken), `hostile.py` (the hostile 200s), `process.py`
+(serving forever, or as a run's child process). Its options and fault names:
+`pipeline/config/serve.py` (the `[serve]` table).
+"""
+
+from ...config.serve import ServeOptions
+from .app import make_app
+from .process import serve_forever, start_subprocess
+
+__all__ = ["ServeOptions", "make_app", "serve_forever", "start_subprocess"]

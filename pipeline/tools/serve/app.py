@@ -1,0 +1,142 @@
+"""The built-in endpoint's aiohttp app: its routes, and the order in which a chat completion
+request meets the endpoint's checks. The key (a 401 echoing what was presented), the body, the
+streaming-only refusal, the rate window (a 429), the request's fault and its latency come first,
+in that order; then a fault's refusal, or the composed completion sent as its fault says.
+
+    POST /v1/chat/completions   GET /v1/models   GET /stats[?brief]   POST /stats/reset
+    GET /requests (with `record`)   POST /redirected/... (where the redirect fault points)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ...config.serve import ServeOptions
+from .completion import completion, user_parts
+from .delivery import deliver
+from .faults import error_response, pick_fault, refusal
+from .rate import retry_headers
+from .state import ServeState
+
+__all__ = ["make_app", "STATE", "ONLY_STREAM_MESSAGE"]
+
+STATE = web.AppKey("state", ServeState)
+ONLY_STREAM_MESSAGE = "This model only support stream mode, please enable the stream parameter to access the model."
+
+
+def make_app(opts: ServeOptions) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE] = ServeState(opts)
+    app.router.add_post("/v1/chat/completions", _completions)
+    app.router.add_post("/redirected/{tail:.*}", _followed)
+    app.router.add_get("/stats", _stats)
+    app.router.add_post("/stats/reset", _reset)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/requests", _recorded)
+    return app
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.requests += 1
+    state.in_flight += 1
+    state.max_in_flight = max(state.max_in_flight, state.in_flight)
+    if request.transport is not None:
+        state.peers.add(request.transport.get_extra_info("peername"))
+    entry: dict[str, Any] = {"t": time.time()}
+    if state.opts.record:
+        state.recorded.append(entry)
+    try:
+        resp = await _answer(request, state, entry)
+    finally:
+        state.in_flight -= 1
+    state.statuses[str(resp.status)] += 1
+    entry["status"] = resp.status
+    return resp
+
+
+async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]) -> web.StreamResponse:
+    opts = state.opts
+    if opts.record:
+        entry.update(headers=dict(request.headers), body=await request.text())
+    body = await _admitted_body(request, opts)
+    if isinstance(body, web.StreamResponse):
+        return body
+    prompt, urls = user_parts(body["messages"])
+    key = entry["row"] = prompt
+    state.per_row[key] += 1
+    stream = body.get("stream") is True
+    if opts.reasoning_only_stream and not stream:
+        return error_response(400, ONLY_STREAM_MESSAGE, "invalid_parameter_error")
+    allowed, rate_headers, free_in = state.rate.admit()
+    if not allowed:
+        state.over_limit += 1
+        headers = {**rate_headers, **retry_headers(opts.rate_headers, free_in)}
+        return error_response(429, "Rate limit reached for requests", "rate_limit_exceeded", headers)
+    fault = pick_fault(state, key)
+    if fault:
+        state.faults_fired[fault] += 1
+    delay = _latency_ms(state, fault, key)
+    if delay:
+        await asyncio.sleep(delay / 1000)
+    refused = refusal(request, opts, fault, stream=stream, rate_headers=rate_headers)
+    if refused is not None:
+        return refused
+    payload = completion(body, prompt, urls, opts, fault=fault, number=state.requests,
+                         authorization=request.headers.get("Authorization", ""))
+    return await deliver(request, state, payload, body, fault, rate_headers)
+
+
+async def _admitted_body(request: web.Request, opts: ServeOptions) -> dict[str, Any] | web.Response:
+    """The request's body, or the 401 or 400 refusing it."""
+    if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
+        # Like some providers, echo what was presented: the client must scrub it from its messages.
+        presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return error_response(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
+    try:
+        body = await request.json()
+    except (ValueError, TypeError):
+        body = None
+    if not isinstance(body, dict) or "messages" not in body or "model" not in body:
+        return error_response(400, "body must be JSON with model and messages", "invalid_request_error")
+    return body
+
+
+def _latency_ms(state: ServeState, fault: str | None, key: str) -> float:
+    """How long this answer waits: the latency, its seeded jitter, the slow fault, the row's own."""
+    opts = state.opts
+    delay = opts.latency_ms + (state.rng.random() * opts.latency_jitter_ms if opts.latency_jitter_ms else 0)
+    if fault == "slow":
+        delay += opts.slow_ms
+    delay += sum(ms for needle, ms in opts.row_latency_ms.items() if needle in key)
+    return delay
+
+
+async def _stats(request: web.Request) -> web.Response:
+    report = request.app[STATE].stats()
+    if "brief" in request.query:  # without per_row: a million-row count every half second was the bench's main load
+        del report["per_row"]
+    return web.json_response(report)
+
+
+async def _reset(request: web.Request) -> web.Response:
+    request.app[STATE].reset()
+    return web.json_response({"reset": True})
+
+
+async def _recorded(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].recorded)
+
+
+async def _models(request: web.Request) -> web.Response:
+    model = request.app[STATE].opts.model
+    return web.json_response({"object": "list", "data": [{"id": model or "builtin", "object": "model"}]})
+
+
+async def _followed(request: web.Request) -> web.Response:
+    request.app[STATE].redirects_followed += 1
+    return web.json_response({"error": {"message": "a client followed a redirect", "type": "followed"}}, status=418)
