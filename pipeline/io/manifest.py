@@ -44,19 +44,16 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from ..config import InputConfig
 from ..errors import JobError
+from .readers import block_for, parquet_rows, read_csv, read_jsonl
 
 __all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest", "SHOW"]
 
 _PIECE = 4 << 20  # bytes scanned at a time: numpy's scratch arrays stay within tens of MB
 _DIGEST_BLOCK = 8 << 20
-DEFAULT_BLOCK = 1 << 20  # pyarrow's own default block size
-MAX_BLOCK = (1 << 31) - 1  # pyarrow's block_size is a 32-bit int
 SHOW = 3  # rows named per kind of problem (here and in the dry run)
 DIAGNOSE_READS = 256  # pyarrow reads spent, per plan, naming the lines of JSON shards that fail
 TRACK_IDS = 1000  # ids whose hash repeats that are read back to name their rows
@@ -95,7 +92,7 @@ class Plan:
     @property
     def block_size(self) -> int | None:
         """The block size pyarrow must read this manifest with (None: its default)."""
-        return _block_size(self.max_record) if self.max_record else None
+        return block_for(self.max_record) if self.max_record else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,10 +105,6 @@ class Plan:
 def load_plan_dict(d: dict[str, Any]) -> Plan:
     shards = [Shard(**s) for s in d["shards"]]
     return Plan(**{**d, "shards": shards})
-
-
-def _block_size(max_record: int) -> int:
-    return min(max(DEFAULT_BLOCK, max_record), MAX_BLOCK)
 
 
 def plan_manifest(cfg: InputConfig, shard_rows: int) -> Plan:
@@ -408,7 +401,7 @@ def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
     problems = _Problems(cfg)
     with open(cfg.path, "rb") as f:
         layout = _scan(f, csv, shard_rows, problems)
-        block = _block_size(layout.max_record)
+        block = block_for(layout.max_record)
         if csv:
             if layout.header_end is None:
                 raise JobError(f"[input] path: manifest {cfg.path} is empty (a CSV needs a header line)")
@@ -436,7 +429,7 @@ def _read_range(f: BinaryIO, start: int, end: int) -> bytes:
 
 def _csv_columns(header: bytes, block: int, problems: _Problems) -> list[str]:
     try:
-        names = _read_csv(header, b"", block).column_names
+        names = read_csv(header, b"", block).column_names
     except pa.ArrowInvalid as exc:
         problems.add("unreadable", f"the header: {_short(exc)}")
         problems.raise_if_any()
@@ -484,7 +477,7 @@ def _shard_ids(
         if not _decodes(memoryview(body)):  # named by the scan; pyarrow decodes the text of invalid rows
             body = body.decode("utf-8", "replace").encode()
         try:  # the id column alone, as bytes: the scan has checked the UTF-8 of every value
-            table = _read_csv(base64.b64decode(plan.header), body, plan.block_size, only=key, invalid=invalid)
+            table = read_csv(base64.b64decode(plan.header), body, plan.block_size, only=key, invalid=invalid)
         except pa.ArrowInvalid as exc:
             problems.add("unreadable", f"{where}: {_short(exc)}")
             return None
@@ -492,7 +485,7 @@ def _shard_ids(
     else:
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
         try:
-            table = _read_jsonl(body, schema, plan.block_size)
+            table = read_jsonl(body, schema, plan.block_size)
         except pa.ArrowInvalid:
             table = None
         if table is None or table.num_rows != shard.rows:
@@ -505,35 +498,12 @@ def _shard_ids(
     return (table.column(cfg.id_column), rows) if cfg.id_column else None
 
 
-def _read_csv(
-    header: bytes, body: bytes, block: int | None, *, columns: list[str] | None = None, only: str | None = None,
-    invalid: Callable[[Any], str] | None = None,
-) -> pa.Table:
-    """Header and body as the run reads them, `columns` as strings exactly as written. With `only`:
-    that column alone, as bytes, on one thread (so pyarrow numbers the rows `invalid` is told of)."""
-    data = header if header.endswith((b"\n", b"\r")) else header + b"\n"  # a header-only file may end without
-    read = pacsv.ReadOptions(**({"block_size": block} if block else {}), use_threads=only is None)
-    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid)
-    if only is not None:
-        convert = pacsv.ConvertOptions(include_columns=[only], column_types={only: pa.binary()}, strings_can_be_null=False)
-    else:
-        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns or []}, strings_can_be_null=False)
-    return pacsv.read_csv(pa.BufferReader(pa.py_buffer(data + body)), read_options=read, parse_options=parse,
-                          convert_options=convert)
-
-
-def _read_jsonl(body: bytes, schema: pa.Schema | None, block: int | None) -> pa.Table:
-    read = pajson.ReadOptions(**({"block_size": block} if block else {}))
-    parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore") if schema else None
-    return pajson.read_json(pa.BufferReader(pa.py_buffer(body)), read_options=read, parse_options=parse)
-
-
 def _jsonl_schema(body: bytes, block: int, problems: _Problems) -> pa.Schema:
     """The columns and types of the first shard's rows, which every shard is read with (so every
     part file has them); when some of its lines are bad, those of the others (the bad lines are
     named when the shard is checked with it)."""
     try:
-        return _read_jsonl(body, None, block).schema
+        return read_jsonl(body, None, block).schema
     except pa.ArrowInvalid:
         pass
     first = _Problems(problems.cfg)  # named again when the shard is checked with the schema found
@@ -541,7 +511,7 @@ def _jsonl_schema(body: bytes, block: int, problems: _Problems) -> pa.Schema:
     good = [line for i, line in enumerate(_lines(body)) if i not in bad]
     try:
         if good:
-            return _read_jsonl(b"\n".join(good), None, block).schema
+            return read_jsonl(b"\n".join(good), None, block).schema
     except pa.ArrowInvalid as exc:
         first.add("unreadable", f"the first rows, whose types disagree: {_short(exc)}")
     problems.merge(first)  # without a schema nothing else can be checked
@@ -566,7 +536,7 @@ def _diagnose_jsonl(
     def readable(part: list[int]) -> bool:
         budget[0] -= 1
         try:
-            return _read_jsonl(b"\n".join(lines[i] for i in part), schema, block).num_rows == len(part)
+            return read_jsonl(b"\n".join(lines[i] for i in part), schema, block).num_rows == len(part)
         except pa.ArrowInvalid:
             return False
 
@@ -689,7 +659,7 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
     shards = []
     for i, start in enumerate(range(0, total, shard_rows)):
         end = min(start + shard_rows, total)
-        table = _parquet_rows(pf, start, end, cache=cache)
+        table = parquet_rows(pf, start, end, cache=cache)
         shards.append(Shard(i, start, end - start, start, end, _table_digest(table)))
         if ids is not None:
             ids.add(table.column(cfg.id_column), np.arange(start, end))
@@ -697,7 +667,7 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
     if ids is not None:
         col = [cfg.id_column]
         ids.finish(lambda: (
-            (_parquet_rows(pf, s.start, s.end, columns=col, cache=cache).column(0), np.arange(s.start, s.end)) for s in shards
+            (parquet_rows(pf, s.start, s.end, columns=col, cache=cache).column(0), np.arange(s.start, s.end)) for s in shards
         ))
     problems.raise_if_any()
     return Plan("parquet", st.st_size, st.st_mtime_ns, shard_rows, pf.schema_arrow.names, "", shards, checked=True)
@@ -714,7 +684,7 @@ def range_digest(cfg: InputConfig, start: int, end: int) -> str:
     """The digest a shard spanning [start, end) would have in this manifest (bytes, or Parquet
     rows): how a resume tells rows appended to a shard from rows edited in it."""
     if cfg.format == "parquet":
-        return _table_digest(_parquet_rows(pq.ParquetFile(cfg.path), start, end))
+        return _table_digest(parquet_rows(pq.ParquetFile(cfg.path), start, end))
     h = hashlib.blake2b(digest_size=12)
     with open(cfg.path, "rb") as f:
         f.seek(start)
@@ -728,50 +698,24 @@ def range_digest(cfg: InputConfig, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def _parquet_rows(
-    pf: pq.ParquetFile, start: int, end: int, *, columns: list[str] | None = None, cache: dict[tuple[int, ...], pa.Table] | None = None
-) -> pa.Table:
-    """Rows [start, end). With `cache`, the row groups last read are kept: shards smaller than a
-    row group (a 1M-row file written as one group) do not each read the whole group again."""
-    md = pf.metadata
-    groups, offset, first_offset = [], 0, None
-    for g in range(md.num_row_groups):
-        n = md.row_group(g).num_rows
-        if offset + n > start and offset < end:
-            groups.append(g)
-            if first_offset is None:
-                first_offset = offset
-        offset += n
-    if not groups:
-        return pa.Table.from_batches([], schema=pf.schema_arrow)  # not empty_table(): it imports pandas
-    key = tuple(groups)
-    table = cache.get(key) if cache is not None else None
-    if table is None:
-        table = pf.read_row_groups(groups, columns=columns)
-        if cache is not None:
-            cache.clear()
-            cache[key] = table
-    return table.slice(start - (first_offset or 0), end - start)
-
-
 # -- reading a shard -----------------------------------------------------------------------------
 
 
 def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
     """The shard's rows as a table; CSV cells stay strings exactly as written (ids like "007")."""
     if plan.format == "parquet":
-        return _parquet_rows(pq.ParquetFile(cfg.path), shard.start, shard.end)
+        return parquet_rows(pq.ParquetFile(cfg.path), shard.start, shard.end)
     with open(cfg.path, "rb") as f:
         body = _read_range(f, shard.start, shard.end)
     where = f"{cfg.path} rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
     if plan.format == "csv":
         try:
-            return _read_csv(base64.b64decode(plan.header), body, plan.block_size, columns=plan.columns)
+            return read_csv(base64.b64decode(plan.header), body, plan.block_size, columns=plan.columns)
         except pa.ArrowInvalid as exc:
             raise JobError(f"[input] path: {where}: bad CSV ({_short(exc)})") from None
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
     try:
-        return _read_jsonl(body, schema, plan.block_size)
+        return read_jsonl(body, schema, plan.block_size)
     except pa.ArrowInvalid as exc:
         raise JobError(f"[input] path: {where}: not readable with the columns of the first rows ({_short(exc)})") from None
 
