@@ -32,7 +32,6 @@ always enough (rows of 64 MB and more).
 from __future__ import annotations
 
 import base64
-import codecs
 import hashlib
 import os
 from collections import Counter
@@ -49,18 +48,15 @@ import pyarrow.parquet as pq
 from ..config import InputConfig
 from ..errors import JobError
 from .readers import block_for, parquet_rows, read_csv, read_jsonl
+from .scan import JSON_SPACE, Layout, is_utf8, scan
 
 __all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest", "SHOW"]
 
-_PIECE = 4 << 20  # bytes scanned at a time: numpy's scratch arrays stay within tens of MB
 _DIGEST_BLOCK = 8 << 20
 SHOW = 3  # rows named per kind of problem (here and in the dry run)
 DIAGNOSE_READS = 256  # pyarrow reads spent, per plan, naming the lines of JSON shards that fail
 TRACK_IDS = 1000  # ids whose hash repeats that are read back to name their rows
 MESSAGE_CHARS = 160  # of a reader's message quoted in a problem
-_BOM = b"\xef\xbb\xbf"
-_QUOTE, _COMMA, _LF, _CR, _TAB, _SPACE = 34, 44, 10, 13, 9, 32
-_JSON_SPACE = b" \t\r"  # besides LF, which ends the line
 
 
 @dataclass(frozen=True)
@@ -193,206 +189,6 @@ def _rows_text(rows: list[int], more: int = 0) -> str:
     return head + (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0])
 
 
-# -- scanning CSV and JSONL --------------------------------------------------------------------
-
-
-def _pieces(f: BinaryIO, start: int) -> Iterator[tuple[int, memoryview, bool]]:
-    """The file from `start` as (offset, bytes, last) pieces of about _PIECE bytes, in one buffer
-    reused (a piece is valid until the next is asked for). A piece never ends inside a UTF-8
-    character, a run of quotes or a CR LF pair, so each is scanned and decoded alone. The last
-    piece (possibly empty) ends the file."""
-    f.seek(start)
-    buf = bytearray(_PIECE)
-    offset, kept = start, 0  # kept: bytes carried over at the start of buf
-    while True:
-        if kept == len(buf):  # no place to cut in a whole buffer (a huge run of quotes): grow it
-            buf = buf + bytearray(len(buf))
-        view = memoryview(buf)
-        n = f.readinto(view[kept:])
-        if not n:
-            yield offset, view[:kept], True
-            return
-        size = kept + n
-        cut = _safe_cut(view[:size])
-        if cut:
-            yield offset, view[:cut], False
-        kept = size - cut
-        buf[:kept] = buf[cut:size]
-        offset += cut
-
-
-def _safe_cut(buf: memoryview) -> int:
-    """The last offset at which `buf` may be cut (0: none): not before a UTF-8 continuation byte,
-    not after a quote or a CR."""
-    whole = np.frombuffer(buf, np.uint8)
-    for lo in (max(whole.size - 256, 0), 0):  # nearly always among the last bytes
-        a = whole[lo:]
-        ok = ((a[1:] & 0xC0) != 0x80) & (a[:-1] != _QUOTE) & (a[:-1] != _CR)
-        hits = np.flatnonzero(ok)
-        if hits.size:
-            return lo + int(hits[-1]) + 1
-        if lo == 0:
-            break
-    return 0
-
-
-class _CsvEnds:
-    """Where CSV records end, pyarrow's way, one piece at a time (the state is carried over).
-
-    Quotes come in runs. A run's effect on "inside a quoted value" depends only on whether it
-    starts a field and on its length's parity: an odd run at a field start toggles (it opens, or
-    closes an open value followed by a delimiter), an odd run elsewhere leaves the value closed
-    (it closes it, or is literal in an unquoted field), an even run changes nothing (`""` pairs).
-    So the state after each run is the parity of the toggles since the last closing run, which
-    numpy computes for all runs of a piece at once; a line break outside quotes ends a record."""
-
-    def __init__(self, start: int) -> None:
-        self.inside = False
-        self.before = _LF  # the byte before the piece: the scan starts at a record
-        self.line_start = start  # file offset where the current line began
-
-    def ends(self, buf: memoryview, base: int, last: bool) -> np.ndarray:
-        a = np.frombuffer(buf, np.uint8)
-        runs, inside_after = self._quote_runs(a)
-        breaks = np.flatnonzero((a == _LF) | (a == _CR))
-        nxt = np.zeros(breaks.size, np.uint8)
-        has_next = breaks + 1 < a.size  # a piece never ends with a CR, but the file may
-        nxt[has_next] = a[breaks[has_next] + 1]
-        breaks = breaks[~((a[breaks] == _CR) & (nxt == _LF))]  # CR LF ends a line once, at the LF
-        if runs.size:
-            before = np.searchsorted(runs, breaks)  # runs that start before each break
-            breaks = breaks[~np.where(before > 0, inside_after[np.maximum(before - 1, 0)], self.inside)]
-        elif self.inside:
-            breaks = breaks[:0]
-        crlf = (a[breaks] == _LF) & (breaks > 0) & (a[np.maximum(breaks - 1, 0)] == _CR)
-        content_end = base + breaks - crlf.astype(np.int64)
-        line_starts = np.append(np.int64(self.line_start), base + breaks[:-1] + 1)
-        ends = base + breaks[content_end != line_starts] + 1  # empty lines are no records
-        if breaks.size:
-            self.line_start = base + int(breaks[-1]) + 1
-        if runs.size:
-            self.inside = bool(inside_after[-1])
-        if a.size:
-            self.before = int(a[-1])
-        if last and base + a.size > self.line_start:  # a last record without a line break
-            ends = np.append(ends, base + a.size)
-        return ends.astype(np.int64)
-
-    def _quote_runs(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each run of quotes' offset in the piece, and whether a quoted value is open after it."""
-        q = np.flatnonzero(a == _QUOTE)
-        if not q.size:
-            return q, np.zeros(0, bool)
-        first = np.concatenate(([0], np.flatnonzero(np.diff(q) != 1) + 1))
-        starts = q[first]
-        odd = (np.diff(np.append(first, q.size)) & 1).astype(bool)
-        before = a[starts - 1]
-        if starts[0] == 0:
-            before[0] = self.before
-        at_field = (before == _COMMA) | (before == _LF) | (before == _CR)
-        toggles = np.cumsum(at_field & odd)
-        closing = np.where(~at_field & odd, np.arange(starts.size), -1)
-        last_close = np.maximum.accumulate(closing)
-        since = toggles - np.where(last_close >= 0, toggles[np.maximum(last_close, 0)], 0)
-        initial = np.where(last_close >= 0, False, self.inside)
-        return starts, initial ^ (since & 1).astype(bool)
-
-
-class _JsonlEnds:
-    """Where JSON Lines records end: at each LF that ends a line holding more than JSON blanks."""
-
-    def __init__(self) -> None:
-        self.content = False  # the current line holds more than blanks so far
-
-    def ends(self, buf: memoryview, base: int, last: bool) -> np.ndarray:
-        a = np.frombuffer(buf, np.uint8)
-        lf = np.flatnonzero(a == _LF)
-        starts = np.concatenate(([0], lf[:-1] + 1)).astype(np.int64)[: lf.size]
-        full = np.zeros(lf.size, bool)
-        has = lf > starts
-        head = a[starts[has]]
-        full[has] = (head != _SPACE) & (head != _TAB) & (head != _CR)
-        for i in np.flatnonzero(~full):  # lines that start blank (rare): look at all of them
-            full[i] = bool(bytes(buf[starts[i] : lf[i]]).strip(_JSON_SPACE))
-        if lf.size and self.content:
-            full[0] = True
-        ends = base + lf[full] + 1
-        tail = int(lf[-1]) + 1 if lf.size else 0
-        self.content = bool(bytes(buf[tail:]).strip(_JSON_SPACE)) or (self.content and not lf.size)
-        if last and self.content:
-            ends = np.append(ends, base + a.size)
-        return ends.astype(np.int64)
-
-
-def _decodes(data: memoryview) -> bool:
-    try:
-        codecs.utf_8_decode(data, "strict", True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-class _Utf8Rows:
-    """Records that hold invalid UTF-8. A piece decodes alone (it never ends inside a character);
-    only a piece that fails is decoded again record by record, to name them."""
-
-    def __init__(self, problems: _Problems, header: bool) -> None:
-        self.problems = problems
-        self.skip = 1 if header else 0
-        self.pending = False  # the record under way (begun in an earlier piece) is bad
-
-    def check(self, buf: memoryview, base: int, ends: np.ndarray, first: int) -> None:
-        """`first`: the record number of `ends[0]`."""
-        bad: set[int] = set()
-        if not _decodes(buf):
-            edges = [0, *(ends - base).tolist(), len(buf)]
-            bad = {i for i in range(len(edges) - 1) if not _decodes(buf[edges[i] : edges[i + 1]])}
-        if self.pending and ends.size:
-            bad.add(0)
-            self.pending = False
-        if ends.size in bad:
-            self.pending = True
-        for i in sorted(bad - {ends.size}):
-            row = first + i - self.skip
-            self.problems.add("encoding", "the header" if row < 0 else row)
-
-
-@dataclass
-class _Layout:
-    header_end: int | None  # csv: where the header record ends; None: there is none
-    bounds: list[tuple[int, int, int]]  # (start, end, rows) of each shard
-    rows: int
-    max_record: int
-
-
-def _scan(f: BinaryIO, csv: bool, shard_rows: int, problems: _Problems) -> _Layout:
-    """One pass over a CSV or JSONL manifest: shard boundaries, the longest record, bad UTF-8."""
-    f.seek(0)
-    start = 3 if f.read(3) == _BOM else 0
-    finder: _CsvEnds | _JsonlEnds = _CsvEnds(start) if csv else _JsonlEnds()
-    utf8 = _Utf8Rows(problems, header=csv)
-    skip = 1 if csv else 0
-    records, last_end, longest, cuts, header_end = 0, 0, 0, [], None
-    for base, buf, last in _pieces(f, start):
-        ends = finder.ends(buf, base, last)
-        utf8.check(buf, base, ends, records)
-        if not ends.size:
-            continue
-        longest = max(longest, int(np.diff(ends, prepend=last_end).max()))
-        if csv and records == 0:
-            header_end = int(ends[0])
-        row = np.arange(ends.size) + (records - skip)  # the data row each record is
-        cuts += ends[(row >= 0) & ((row + 1) % shard_rows == 0)].tolist()
-        records, last_end = records + ends.size, int(ends[-1])
-    rows = max(records - skip, 0)
-    starts = [header_end if csv else 0, *cuts]
-    stops = cuts + ([last_end] if rows % shard_rows else [])
-    bounds = [(s, e, shard_rows) for s, e in zip(starts, stops)]
-    if rows % shard_rows:
-        bounds[-1] = (bounds[-1][0], bounds[-1][1], rows % shard_rows)
-    return _Layout(header_end, bounds, rows, longest)
-
-
 # -- planning CSV and JSONL --------------------------------------------------------------------
 
 
@@ -400,7 +196,7 @@ def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
     csv = cfg.format == "csv"
     problems = _Problems(cfg)
     with open(cfg.path, "rb") as f:
-        layout = _scan(f, csv, shard_rows, problems)
+        layout = scan(f, csv, shard_rows, lambda row: problems.add("encoding", "the header" if row < 0 else row))
         block = block_for(layout.max_record)
         if csv:
             if layout.header_end is None:
@@ -438,7 +234,7 @@ def _csv_columns(header: bytes, block: int, problems: _Problems) -> list[str]:
     return names
 
 
-def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: _Layout, problems: _Problems) -> list[Shard]:
+def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: Layout, problems: _Problems) -> list[Shard]:
     """Each shard read as the run will read it: its digest, its rows' problems, its ids."""
     ids = _IdCheck(layout.rows, problems) if cfg.id_column else None
     budget = [DIAGNOSE_READS]
@@ -474,7 +270,7 @@ def _shard_ids(
             return "skip"
 
         key = cfg.id_column or plan.columns[0]
-        if not _decodes(memoryview(body)):  # named by the scan; pyarrow decodes the text of invalid rows
+        if not is_utf8(memoryview(body)):  # named by the scan; pyarrow decodes the text of invalid rows
             body = body.decode("utf-8", "replace").encode()
         try:  # the id column alone, as bytes: the scan has checked the UTF-8 of every value
             table = read_csv(base64.b64decode(plan.header), body, plan.block_size, only=key, invalid=invalid)
@@ -520,7 +316,7 @@ def _jsonl_schema(body: bytes, block: int, problems: _Problems) -> pa.Schema:
 
 
 def _lines(body: bytes) -> list[bytes]:
-    return [line for line in body.split(b"\n") if line.strip(_JSON_SPACE)]
+    return [line for line in body.split(b"\n") if line.strip(JSON_SPACE)]
 
 
 def _diagnose_jsonl(
