@@ -34,29 +34,31 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
-import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import InputConfig
 from ..errors import JobError
+from .checks import (
+    DIAGNOSE_READS,
+    IdCheck,
+    Problems,
+    diagnose_jsonl,
+    jsonl_schema,
+    rows_text,
+    short,
+)
 from .readers import block_for, parquet_rows, read_csv, read_jsonl
-from .scan import JSON_SPACE, Layout, is_utf8, scan
+from .scan import Layout, is_utf8, scan
 
-__all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest", "SHOW"]
+__all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest"]
 
 _DIGEST_BLOCK = 8 << 20
-SHOW = 3  # rows named per kind of problem (here and in the dry run)
-DIAGNOSE_READS = 256  # pyarrow reads spent, per plan, naming the lines of JSON shards that fail
-TRACK_IDS = 1000  # ids whose hash repeats that are read back to name their rows
-MESSAGE_CHARS = 160  # of a reader's message quoted in a problem
 
 
 @dataclass(frozen=True)
@@ -122,79 +124,12 @@ def _check_columns(cfg: InputConfig, columns: list[str]) -> None:
             raise JobError(f"[input] {key}: column {col!r} is not in the manifest (it has: {', '.join(columns)})")
 
 
-# -- problems ----------------------------------------------------------------------------------
-
-
-class _Problems:
-    """Bad rows found while planning, by kind: a count and the first few; raised as one JobError."""
-
-    def __init__(self, cfg: InputConfig) -> None:
-        self.cfg = cfg
-        self.fields = 0  # the CSV header's number of fields
-        self.count: Counter[str] = Counter()
-        self.examples: dict[str, list[str | int]] = {}
-
-    def add(self, kind: str, example: str | int) -> None:
-        """One bad row: its number, or a text that names it."""
-        self.count[kind] += 1
-        shown = self.examples.setdefault(kind, [])
-        if len(shown) < SHOW:
-            shown.append(example)
-
-    def merge(self, other: _Problems) -> None:
-        for kind, n in other.count.items():
-            for example in other.examples[kind]:
-                self.add(kind, example)
-            self.count[kind] += n - len(other.examples[kind])
-
-    def raise_if_any(self) -> None:
-        if self.count:
-            raise JobError(" | ".join(self._clause(kind) for kind in _KINDS if self.count[kind]))
-
-    def _clause(self, kind: str) -> str:
-        n, name = self.count[kind], self.cfg.path.name
-        shown = self.examples[kind]
-        more = n - len(shown)
-        if all(isinstance(e, int) for e in shown):
-            listed = _rows_text([int(e) for e in shown], more)
-        else:
-            listed = "; ".join(_rows_text([e]) if isinstance(e, int) else e for e in shown) + (f"; and {more} more" if more else "")
-        rows = f"{n} row{'s' if n > 1 else ''}"
-        if kind == "encoding":
-            return f"[input] path: {rows} of {name} {'are' if n > 1 else 'is'} not valid UTF-8 ({listed}); save the manifest as UTF-8"
-        if kind == "fields":
-            return (f"[input] path: {rows} of {name} do{'' if n > 1 else 'es'} not have the header's {self.fields} fields "
-                    f"({listed}); quote values that hold a comma, a quote or a line break")
-        if kind == "json":
-            return (f"[input] path: {rows} of {name} cannot be read as JSON Lines ({listed}); each line must hold one "
-                    f"JSON object, with the columns and types of the first rows")
-        if kind == "unreadable":
-            return f"[input] path: {name} cannot be read as the run reads it ({listed})"
-        if kind == "missing_id":
-            return f"[input] id_column: {rows} {'have' if n > 1 else 'has'} no {self.cfg.id_column!r} ({listed}); every row needs an id"
-        return f"[input] id_column: {n} id{'s appear' if n > 1 else ' appears'} more than once ({listed}); ids must be unique"
-
-
-_KINDS = ("encoding", "fields", "json", "unreadable", "missing_id", "duplicate_id")
-
-
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
-
-
-def _rows_text(rows: list[int], more: int = 0) -> str:
-    words = [str(r) for r in rows] + ([f"{more} more"] if more else [])
-    head = "rows " if len(words) > 1 else "row "
-    return head + (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0])
-
-
 # -- planning CSV and JSONL --------------------------------------------------------------------
 
 
 def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
     csv = cfg.format == "csv"
-    problems = _Problems(cfg)
+    problems = Problems(cfg)
     with open(cfg.path, "rb") as f:
         layout = scan(f, csv, shard_rows, lambda row: problems.add("encoding", "the header" if row < 0 else row))
         block = block_for(layout.max_record)
@@ -207,7 +142,7 @@ def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
             head = base64.b64encode(header).decode()
         elif layout.bounds:
             first = layout.bounds[0]
-            schema = _jsonl_schema(_read_range(f, first[0], first[1]), block, problems)
+            schema = jsonl_schema(_read_range(f, first[0], first[1]), block, problems)
             columns, head = schema.names, base64.b64encode(schema.serialize().to_pybytes()).decode()
             _check_columns(cfg, columns)
         else:  # an empty JSONL: no rows, no columns to check
@@ -223,20 +158,20 @@ def _read_range(f: BinaryIO, start: int, end: int) -> bytes:
     return f.read(end - start)
 
 
-def _csv_columns(header: bytes, block: int, problems: _Problems) -> list[str]:
+def _csv_columns(header: bytes, block: int, problems: Problems) -> list[str]:
     try:
         names = read_csv(header, b"", block).column_names
     except pa.ArrowInvalid as exc:
-        problems.add("unreadable", f"the header: {_short(exc)}")
+        problems.add("unreadable", f"the header: {short(exc)}")
         problems.raise_if_any()
         raise
     problems.fields = len(names)
     return names
 
 
-def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: Layout, problems: _Problems) -> list[Shard]:
+def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: Layout, problems: Problems) -> list[Shard]:
     """Each shard read as the run will read it: its digest, its rows' problems, its ids."""
-    ids = _IdCheck(layout.rows, problems) if cfg.id_column else None
+    ids = IdCheck(layout.rows, problems) if cfg.id_column else None
     budget = [DIAGNOSE_READS]
     shards: list[Shard] = []
     first = 0
@@ -249,13 +184,13 @@ def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: Layout, pro
         shards.append(shard)
         first += rows
     if ids is not None:
-        quiet = _Problems(cfg)  # reading again finds nothing new
+        quiet = Problems(cfg)  # reading again finds nothing new
         ids.finish(lambda: (_shard_ids(cfg, plan, s, _read_range(f, s.start, s.end), quiet, [0]) for s in shards))
     return shards
 
 
 def _shard_ids(
-    cfg: InputConfig, plan: Plan, shard: Shard, body: bytes, problems: _Problems, budget: list[int]
+    cfg: InputConfig, plan: Plan, shard: Shard, body: bytes, problems: Problems, budget: list[int]
 ) -> tuple[pa.ChunkedArray, np.ndarray] | None:
     """Read one shard as the run will, recording its bad rows. Its ids and their row numbers
     (None: no id column, or the shard cannot be read)."""
@@ -266,7 +201,7 @@ def _shard_ids(
 
         def invalid(row: Any) -> str:  # pyarrow numbers rows from 1, the header included
             bad.append(row.number - 2)
-            problems.add("fields", f"{_rows_text([shard.first_row + row.number - 2])} has {row.actual_columns}")
+            problems.add("fields", f"{rows_text([shard.first_row + row.number - 2])} has {row.actual_columns}")
             return "skip"
 
         key = cfg.id_column or plan.columns[0]
@@ -275,7 +210,7 @@ def _shard_ids(
         try:  # the id column alone, as bytes: the scan has checked the UTF-8 of every value
             table = read_csv(base64.b64decode(plan.header), body, plan.block_size, only=key, invalid=invalid)
         except pa.ArrowInvalid as exc:
-            problems.add("unreadable", f"{where}: {_short(exc)}")
+            problems.add("unreadable", f"{where}: {short(exc)}")
             return None
         rows = np.delete(rows, bad)
     else:
@@ -285,158 +220,13 @@ def _shard_ids(
         except pa.ArrowInvalid:
             table = None
         if table is None or table.num_rows != shard.rows:
-            _diagnose_jsonl(body, schema, plan.block_size, shard.first_row, problems, budget)
+            diagnose_jsonl(body, schema, plan.block_size, shard.first_row, problems, budget)
             return None
     if table.num_rows != rows.size:  # the scan and pyarrow disagree: a bug, never a guess
         found = table.num_rows + shard.rows - rows.size
         problems.add("unreadable", f"{where}: pyarrow reads {found} rows where the planner found {shard.rows}")
         return None
     return (table.column(cfg.id_column), rows) if cfg.id_column else None
-
-
-def _jsonl_schema(body: bytes, block: int, problems: _Problems) -> pa.Schema:
-    """The columns and types of the first shard's rows, which every shard is read with (so every
-    part file has them); when some of its lines are bad, those of the others (the bad lines are
-    named when the shard is checked with it)."""
-    try:
-        return read_jsonl(body, None, block).schema
-    except pa.ArrowInvalid:
-        pass
-    first = _Problems(problems.cfg)  # named again when the shard is checked with the schema found
-    bad = _diagnose_jsonl(body, None, block, 0, first, [DIAGNOSE_READS])
-    good = [line for i, line in enumerate(_lines(body)) if i not in bad]
-    try:
-        if good:
-            return read_jsonl(b"\n".join(good), None, block).schema
-    except pa.ArrowInvalid as exc:
-        first.add("unreadable", f"the first rows, whose types disagree: {_short(exc)}")
-    problems.merge(first)  # without a schema nothing else can be checked
-    problems.raise_if_any()
-    raise AssertionError("a shard that cannot be read leaves a problem")
-
-
-def _lines(body: bytes) -> list[bytes]:
-    return [line for line in body.split(b"\n") if line.strip(JSON_SPACE)]
-
-
-def _diagnose_jsonl(
-    body: bytes, schema: pa.Schema | None, block: int | None, first_row: int, problems: _Problems, budget: list[int]
-) -> set[int]:
-    """Name the lines of a JSON shard pyarrow could not read: lines that are not one JSON object
-    (orjson tells why; a pyarrow read confirms while `budget` lasts), then, halving the others,
-    lines pyarrow refuses (a type that does not fit the first rows). Returns their indexes."""
-    lines = _lines(body)
-    before = sum(problems.count.values())
-    bad: set[int] = set()
-
-    def readable(part: list[int]) -> bool:
-        budget[0] -= 1
-        try:
-            return read_jsonl(b"\n".join(lines[i] for i in part), schema, block).num_rows == len(part)
-        except pa.ArrowInvalid:
-            return False
-
-    def report(i: int, why: str) -> None:
-        bad.add(i)
-        problems.add("json", f"{_rows_text([first_row + i])}: {why}")
-
-    rest = []
-    for i, line in enumerate(lines):
-        why = _not_one_object(line)
-        if why is None or (budget[0] > 0 and readable([i])):
-            rest.append(i)
-        else:
-            report(i, why)
-    stack = [rest] if rest else []
-    while stack:
-        part = stack.pop()
-        if budget[0] <= 0:
-            problems.add("json", f"rows {first_row + part[0]}-{first_row + part[-1]}: some of these (not narrowed down)")
-        elif not readable(part):
-            if len(part) == 1:
-                report(part[0], "does not fit the columns and types of the first rows")
-            else:
-                stack += [part[len(part) // 2 :], part[: len(part) // 2]]
-    if sum(problems.count.values()) == before:  # nothing found line by line: name the shard
-        problems.add("unreadable", f"rows {first_row}-{first_row + len(lines) - 1}: pyarrow cannot read them together")
-    return bad
-
-
-def _not_one_object(line: bytes) -> str | None:
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        return f"not valid JSON ({_short(exc)})"
-    return None if isinstance(value, dict) else "not a JSON object"
-
-
-# -- ids -----------------------------------------------------------------------------------------
-
-
-class _IdCheck:
-    """Rows without an id and ids that repeat anywhere in the manifest, in 8 bytes a row: a 64-bit
-    hash of each id (Python's, for this process) is kept and sorted at the end. Only when hashes
-    repeat are the ids read again, to name the rows of the first few and to rule out collisions."""
-
-    def __init__(self, rows: int, problems: _Problems) -> None:
-        self.problems = problems
-        self.hashes = np.empty(rows, np.int64)
-        self.n = 0
-
-    def add(self, column: pa.ChunkedArray, rows: np.ndarray) -> None:
-        values, hashes, present = _hashed(column, self.problems.cfg)
-        for i in np.flatnonzero(~present):
-            self.problems.add("missing_id", int(rows[i]))
-        kept = hashes[present]
-        self.hashes[self.n : self.n + kept.size] = kept
-        self.n += kept.size
-
-    def finish(self, read_again: Callable[[], Iterator[tuple[pa.ChunkedArray, np.ndarray] | None]]) -> None:
-        h = self.hashes[: self.n]
-        h.sort()
-        repeated = np.unique(h[1:][h[1:] == h[:-1]])
-        del self.hashes, h
-        if repeated.size:
-            self._name(repeated, read_again())
-
-    def _name(self, repeated: np.ndarray, again: Iterator[tuple[pa.ChunkedArray, np.ndarray] | None]) -> None:
-        seen: dict[bytes, list[int]] = {}  # id -> [count, its first rows...]; the first TRACK_IDS ids
-        for found in again:
-            if found is None:
-                continue
-            values, hashes, present = _hashed(found[0], self.problems.cfg)
-            at = np.minimum(np.searchsorted(repeated, hashes), repeated.size - 1)
-            for i in np.flatnonzero(present & (repeated[at] == hashes)):
-                entry = seen.get(values[i])
-                if entry is None and len(seen) < TRACK_IDS:
-                    entry = seen[values[i]] = [0]
-                if entry is not None:
-                    entry[0] += 1
-                    if len(entry) <= SHOW:
-                        entry.append(int(found[1][i]))
-        repeats = [(value, entry) for value, entry in seen.items() if entry[0] > 1]
-        # Every id whose hash repeats was read back, or else the count is the hashes' (a 64-bit
-        # collision among 100M ids has odds of about 1 in 3,700).
-        total = len(repeats) if len(seen) < TRACK_IDS else int(repeated.size)
-        for value, entry in repeats[:SHOW]:
-            rows = _rows_text(entry[1:], entry[0] - len(entry) + 1)
-            self.problems.add("duplicate_id", f"{rows}: {value.decode('utf-8', 'replace')[:60]!r}")
-        if repeats:
-            self.problems.count["duplicate_id"] = max(total, self.problems.count["duplicate_id"])
-
-
-def _hashed(column: pa.ChunkedArray, cfg: InputConfig) -> tuple[list[bytes | None], np.ndarray, np.ndarray]:
-    """The ids as bytes (None: missing), their hashes, and which are present (not null, not "")."""
-    try:  # ids are compared as text, as row_ids gives them (a JSON 5 is "5"), and as bytes (no decoding)
-        if not (pa.types.is_binary(column.type) or pa.types.is_string(column.type)):
-            column = column.cast(pa.string())
-        column = column.cast(pa.binary())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise JobError(f"[input] id_column: {cfg.id_column!r} holds {column.type} values; ids must be text or numbers") from None
-    values = column.to_pylist()
-    hashes = np.fromiter(map(hash, values), np.int64, len(values))
-    present = pc.fill_null(pc.greater(pc.binary_length(column), 0), False).to_numpy(zero_copy_only=False)
-    return values, hashes, present
 
 
 # -- Parquet -------------------------------------------------------------------------------------
@@ -449,8 +239,8 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
         raise JobError(f"[input] path: cannot read the Parquet manifest {cfg.path} ({exc})") from None
     _check_columns(cfg, pf.schema_arrow.names)
     total = pf.metadata.num_rows
-    problems = _Problems(cfg)
-    ids = _IdCheck(total, problems) if cfg.id_column else None
+    problems = Problems(cfg)
+    ids = IdCheck(total, problems) if cfg.id_column else None
     cache: dict[tuple[int, ...], pa.Table] = {}
     shards = []
     for i, start in enumerate(range(0, total, shard_rows)):
@@ -508,12 +298,12 @@ def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
         try:
             return read_csv(base64.b64decode(plan.header), body, plan.block_size, columns=plan.columns)
         except pa.ArrowInvalid as exc:
-            raise JobError(f"[input] path: {where}: bad CSV ({_short(exc)})") from None
+            raise JobError(f"[input] path: {where}: bad CSV ({short(exc)})") from None
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
     try:
         return read_jsonl(body, schema, plan.block_size)
     except pa.ArrowInvalid as exc:
-        raise JobError(f"[input] path: {where}: not readable with the columns of the first rows ({_short(exc)})") from None
+        raise JobError(f"[input] path: {where}: not readable with the columns of the first rows ({short(exc)})") from None
 
 
 def row_ids(cfg: InputConfig, table: pa.Table, shard: Shard) -> list[str]:

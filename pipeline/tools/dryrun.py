@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 from ..config import Job
 from ..errors import InputError, JobError
 from ..io.checkpoint import Checkpoint
-from ..io.manifest import SHOW, Plan, plan_manifest, read_shard
+from ..io.checks import SHOW
+from ..io.manifest import Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
 from ..rows.media import LocalFiles, PathError, image_values, sniff_mime
 from ..rows.pricing import CHARS_PER_TOKEN
