@@ -9,24 +9,16 @@ the last shard or make new ones. Each shard carries a digest of its bytes, so a 
     table = read_shard(job.input, plan, plan.shards[0])   # a pyarrow.Table of that shard's rows
 
 Rows are what pyarrow reads, and the shards read one by one give exactly the rows of the whole
-file read at once:
-- CSV (pyarrow.csv, line breaks allowed in quoted values): a record ends at LF, CR LF or a lone
-  CR outside quotes; a quote opens a quoted value only at the start of a field (elsewhere it is
-  literal: `a 5" screen`), and `""` inside one is a quote; empty lines are skipped, lines of
-  spaces are rows; a UTF-8 BOM is skipped. The first record is the header.
-- JSON Lines: each line that is not blank holds one JSON object; every shard is read with the
-  columns and types pyarrow infers from the first shard's rows.
-- Parquet: shards are row ranges.
-CSV and JSONL are scanned in pieces of a few MiB with numpy (no Python loop per byte or row).
+file read at once. CSV and JSONL shards are byte ranges cut where records end, as `scan` finds
+them in one numpy pass (pyarrow's quoting rules: a line break inside a quoted value is no end);
+each is read by `readers` with the CSV header before it, or JSONL with the columns and types of
+the first shard's rows. Parquet shards are row ranges. The longest record is kept in the plan,
+so pyarrow's read blocks are made to hold it (rows of 64 MB and more).
 
-Planning reads every shard once, as the run will, before anything is sent: invalid UTF-8, CSV
-rows with the wrong number of fields, JSON lines that cannot be read, rows without an id and ids
-that repeat anywhere in the manifest are reported together in one JobError that names the rows
-(manifest row numbers from 0, as everywhere; the first few of each kind and a count). Repeated
-ids are found by a 64-bit hash per row (8 bytes a row), and the ids are read again only when a
-hash repeats. The longest record is kept in the plan: pyarrow reads in blocks (1 MiB by default)
-and fails on a record spread over more than two, so a block as long as the longest record is
-always enough (rows of 64 MB and more).
+Planning reads every shard once, as the run will, before anything is sent; the bad rows it
+meets (invalid UTF-8, CSV rows with the wrong number of fields, JSON lines that cannot be read,
+missing or repeated ids anywhere in the manifest) are reported together by `checks` in one
+JobError that names them.
 """
 
 from __future__ import annotations
@@ -63,6 +55,8 @@ _DIGEST_BLOCK = 8 << 20
 
 @dataclass(frozen=True)
 class Shard:
+    """`rows` consecutive rows of the manifest: the unit of work and of commit."""
+
     index: int
     first_row: int  # manifest row number of the shard's first row
     rows: int
@@ -73,6 +67,8 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
+    """A manifest's shards and what it takes to read each alone; kept as the checkpoint's plan.json."""
+
     format: str
     size: int
     mtime_ns: int

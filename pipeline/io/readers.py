@@ -3,7 +3,8 @@ reads with, so that planning checks rows exactly as the run will see them.
 
 - CSV: the header record put in front of each shard's bytes; line breaks allowed in quoted
   values; cells kept as strings exactly as written (ids like "007"), empty cells as "" not null.
-- JSON Lines: every shard read with one explicit schema (the first shard's), extra fields ignored.
+- JSON Lines: read with the schema given (the planner gives the first shard's), other fields
+  ignored; without one, pyarrow infers it.
 - Parquet: row ranges cut from row groups, the groups last read kept for the next range.
 
 pyarrow reads text in blocks (1 MiB by default) and fails on a record spread over more than two,
