@@ -206,6 +206,21 @@ def test_a_64_mb_jsonl_cell_reads_whole(tmp_path: Path) -> None:
     assert rows[3]["image"] == cell
 
 
+def test_invalid_utf8_in_rows_longer_than_a_read_is_named_by_row(tmp_path: Path) -> None:
+    """The planner reads a manifest a few MiB at a time: a bad byte deep in a long row, or at its
+    end, names that row; a long valid row of 2-byte characters (cut anywhere) names none."""
+    path = tmp_path / "m.csv"
+    half = 3 << 20
+    rows = [f"r{i},https://x/{i},p" for i in range(6)]
+    rows[1] = "r1,https://x/1," + "é" * half
+    rows[2] = "r2,https://x/2," + "a" * half + "\udcff" + "a" * half  # stands for the byte 0xff
+    rows[4] = "r4,https://x/4," + "b" * 2 * half + "\udcff"
+    path.write_bytes(("id,image,prompt\n" + "\n".join(rows) + "\n").encode("utf-8", "surrogateescape"))
+    with pytest.raises(JobError) as caught:
+        plan_manifest(_cfg(path, id_column="id"), 2)
+    assert str(caught.value) == "[input] path: 2 rows of m.csv are not valid UTF-8 (rows 2 and 4); save the manifest as UTF-8"
+
+
 def test_a_plan_saved_by_an_earlier_version_still_loads(tmp_path: Path) -> None:
     path = url_manifest(tmp_path / "m.csv", 25)
     cfg = _cfg(path, id_column="id")

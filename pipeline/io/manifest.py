@@ -9,65 +9,54 @@ the last shard or make new ones. Each shard carries a digest of its bytes, so a 
     table = read_shard(job.input, plan, plan.shards[0])   # a pyarrow.Table of that shard's rows
 
 Rows are what pyarrow reads, and the shards read one by one give exactly the rows of the whole
-file read at once:
-- CSV (pyarrow.csv, line breaks allowed in quoted values): a record ends at LF, CR LF or a lone
-  CR outside quotes; a quote opens a quoted value only at the start of a field (elsewhere it is
-  literal: `a 5" screen`), and `""` inside one is a quote; empty lines are skipped, lines of
-  spaces are rows; a UTF-8 BOM is skipped. The first record is the header.
-- JSON Lines: each line that is not blank holds one JSON object; every shard is read with the
-  columns and types pyarrow infers from the first shard's rows.
-- Parquet: shards are row ranges.
-CSV and JSONL are scanned in pieces of a few MiB with numpy (no Python loop per byte or row).
+file read at once. CSV and JSONL shards are byte ranges cut where records end, as `scan` finds
+them in one numpy pass (pyarrow's quoting rules: a line break inside a quoted value is no end);
+each is read by `readers` with the CSV header before it, or JSONL with the columns and types of
+the first shard's rows. Parquet shards are row ranges. The longest record is kept in the plan,
+so pyarrow's read blocks are made to hold it (rows of 64 MB and more).
 
-Planning reads every shard once, as the run will, before anything is sent: invalid UTF-8, CSV
-rows with the wrong number of fields, JSON lines that cannot be read, rows without an id and ids
-that repeat anywhere in the manifest are reported together in one JobError that names the rows
-(manifest row numbers from 0, as everywhere; the first few of each kind and a count). Repeated
-ids are found by a 64-bit hash per row (8 bytes a row), and the ids are read again only when a
-hash repeats. The longest record is kept in the plan: pyarrow reads in blocks (1 MiB by default)
-and fails on a record spread over more than two, so a block as long as the longest record is
-always enough (rows of 64 MB and more).
+Planning reads every shard once, as the run will, before anything is sent; the bad rows it
+meets (invalid UTF-8, CSV rows with the wrong number of fields, JSON lines that cannot be read,
+missing or repeated ids anywhere in the manifest) are reported together by `checks` in one
+JobError that names them.
 """
 
 from __future__ import annotations
 
 import base64
-import codecs
 import hashlib
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
-import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from ..config import InputConfig
 from ..errors import JobError
+from .checks import (
+    DIAGNOSE_READS,
+    IdCheck,
+    Problems,
+    diagnose_jsonl,
+    jsonl_schema,
+    rows_text,
+    short,
+)
+from .readers import block_for, parquet_rows, read_csv, read_jsonl
+from .scan import Layout, is_utf8, scan
 
-__all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest", "SHOW"]
+__all__ = ["Shard", "Plan", "plan_manifest", "read_shard", "row_ids", "load_plan_dict", "range_digest"]
 
-_PIECE = 4 << 20  # bytes scanned at a time: numpy's scratch arrays stay within tens of MB
 _DIGEST_BLOCK = 8 << 20
-DEFAULT_BLOCK = 1 << 20  # pyarrow's own default block size
-MAX_BLOCK = (1 << 31) - 1  # pyarrow's block_size is a 32-bit int
-SHOW = 3  # rows named per kind of problem (here and in the dry run)
-DIAGNOSE_READS = 256  # pyarrow reads spent, per plan, naming the lines of JSON shards that fail
-TRACK_IDS = 1000  # ids whose hash repeats that are read back to name their rows
-MESSAGE_CHARS = 160  # of a reader's message quoted in a problem
-_BOM = b"\xef\xbb\xbf"
-_QUOTE, _COMMA, _LF, _CR, _TAB, _SPACE = 34, 44, 10, 13, 9, 32
-_JSON_SPACE = b" \t\r"  # besides LF, which ends the line
 
 
 @dataclass(frozen=True)
 class Shard:
+    """`rows` consecutive rows of the manifest: the unit of work and of commit."""
+
     index: int
     first_row: int  # manifest row number of the shard's first row
     rows: int
@@ -78,6 +67,8 @@ class Shard:
 
 @dataclass(frozen=True)
 class Plan:
+    """A manifest's shards and what it takes to read each alone; kept as the checkpoint's plan.json."""
+
     format: str
     size: int
     mtime_ns: int
@@ -95,7 +86,7 @@ class Plan:
     @property
     def block_size(self) -> int | None:
         """The block size pyarrow must read this manifest with (None: its default)."""
-        return _block_size(self.max_record) if self.max_record else None
+        return block_for(self.max_record) if self.max_record else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,10 +99,6 @@ class Plan:
 def load_plan_dict(d: dict[str, Any]) -> Plan:
     shards = [Shard(**s) for s in d["shards"]]
     return Plan(**{**d, "shards": shards})
-
-
-def _block_size(max_record: int) -> int:
-    return min(max(DEFAULT_BLOCK, max_record), MAX_BLOCK)
 
 
 def plan_manifest(cfg: InputConfig, shard_rows: int) -> Plan:
@@ -133,282 +120,15 @@ def _check_columns(cfg: InputConfig, columns: list[str]) -> None:
             raise JobError(f"[input] {key}: column {col!r} is not in the manifest (it has: {', '.join(columns)})")
 
 
-# -- problems ----------------------------------------------------------------------------------
-
-
-class _Problems:
-    """Bad rows found while planning, by kind: a count and the first few; raised as one JobError."""
-
-    def __init__(self, cfg: InputConfig) -> None:
-        self.cfg = cfg
-        self.fields = 0  # the CSV header's number of fields
-        self.count: Counter[str] = Counter()
-        self.examples: dict[str, list[str | int]] = {}
-
-    def add(self, kind: str, example: str | int) -> None:
-        """One bad row: its number, or a text that names it."""
-        self.count[kind] += 1
-        shown = self.examples.setdefault(kind, [])
-        if len(shown) < SHOW:
-            shown.append(example)
-
-    def merge(self, other: _Problems) -> None:
-        for kind, n in other.count.items():
-            for example in other.examples[kind]:
-                self.add(kind, example)
-            self.count[kind] += n - len(other.examples[kind])
-
-    def raise_if_any(self) -> None:
-        if self.count:
-            raise JobError(" | ".join(self._clause(kind) for kind in _KINDS if self.count[kind]))
-
-    def _clause(self, kind: str) -> str:
-        n, name = self.count[kind], self.cfg.path.name
-        shown = self.examples[kind]
-        more = n - len(shown)
-        if all(isinstance(e, int) for e in shown):
-            listed = _rows_text([int(e) for e in shown], more)
-        else:
-            listed = "; ".join(_rows_text([e]) if isinstance(e, int) else e for e in shown) + (f"; and {more} more" if more else "")
-        rows = f"{n} row{'s' if n > 1 else ''}"
-        if kind == "encoding":
-            return f"[input] path: {rows} of {name} {'are' if n > 1 else 'is'} not valid UTF-8 ({listed}); save the manifest as UTF-8"
-        if kind == "fields":
-            return (f"[input] path: {rows} of {name} do{'' if n > 1 else 'es'} not have the header's {self.fields} fields "
-                    f"({listed}); quote values that hold a comma, a quote or a line break")
-        if kind == "json":
-            return (f"[input] path: {rows} of {name} cannot be read as JSON Lines ({listed}); each line must hold one "
-                    f"JSON object, with the columns and types of the first rows")
-        if kind == "unreadable":
-            return f"[input] path: {name} cannot be read as the run reads it ({listed})"
-        if kind == "missing_id":
-            return f"[input] id_column: {rows} {'have' if n > 1 else 'has'} no {self.cfg.id_column!r} ({listed}); every row needs an id"
-        return f"[input] id_column: {n} id{'s appear' if n > 1 else ' appears'} more than once ({listed}); ids must be unique"
-
-
-_KINDS = ("encoding", "fields", "json", "unreadable", "missing_id", "duplicate_id")
-
-
-def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
-
-
-def _rows_text(rows: list[int], more: int = 0) -> str:
-    words = [str(r) for r in rows] + ([f"{more} more"] if more else [])
-    head = "rows " if len(words) > 1 else "row "
-    return head + (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0])
-
-
-# -- scanning CSV and JSONL --------------------------------------------------------------------
-
-
-def _pieces(f: BinaryIO, start: int) -> Iterator[tuple[int, memoryview, bool]]:
-    """The file from `start` as (offset, bytes, last) pieces of about _PIECE bytes, in one buffer
-    reused (a piece is valid until the next is asked for). A piece never ends inside a UTF-8
-    character, a run of quotes or a CR LF pair, so each is scanned and decoded alone. The last
-    piece (possibly empty) ends the file."""
-    f.seek(start)
-    buf = bytearray(_PIECE)
-    offset, kept = start, 0  # kept: bytes carried over at the start of buf
-    while True:
-        if kept == len(buf):  # no place to cut in a whole buffer (a huge run of quotes): grow it
-            buf = buf + bytearray(len(buf))
-        view = memoryview(buf)
-        n = f.readinto(view[kept:])
-        if not n:
-            yield offset, view[:kept], True
-            return
-        size = kept + n
-        cut = _safe_cut(view[:size])
-        if cut:
-            yield offset, view[:cut], False
-        kept = size - cut
-        buf[:kept] = buf[cut:size]
-        offset += cut
-
-
-def _safe_cut(buf: memoryview) -> int:
-    """The last offset at which `buf` may be cut (0: none): not before a UTF-8 continuation byte,
-    not after a quote or a CR."""
-    whole = np.frombuffer(buf, np.uint8)
-    for lo in (max(whole.size - 256, 0), 0):  # nearly always among the last bytes
-        a = whole[lo:]
-        ok = ((a[1:] & 0xC0) != 0x80) & (a[:-1] != _QUOTE) & (a[:-1] != _CR)
-        hits = np.flatnonzero(ok)
-        if hits.size:
-            return lo + int(hits[-1]) + 1
-        if lo == 0:
-            break
-    return 0
-
-
-class _CsvEnds:
-    """Where CSV records end, pyarrow's way, one piece at a time (the state is carried over).
-
-    Quotes come in runs. A run's effect on "inside a quoted value" depends only on whether it
-    starts a field and on its length's parity: an odd run at a field start toggles (it opens, or
-    closes an open value followed by a delimiter), an odd run elsewhere leaves the value closed
-    (it closes it, or is literal in an unquoted field), an even run changes nothing (`""` pairs).
-    So the state after each run is the parity of the toggles since the last closing run, which
-    numpy computes for all runs of a piece at once; a line break outside quotes ends a record."""
-
-    def __init__(self, start: int) -> None:
-        self.inside = False
-        self.before = _LF  # the byte before the piece: the scan starts at a record
-        self.line_start = start  # file offset where the current line began
-
-    def ends(self, buf: memoryview, base: int, last: bool) -> np.ndarray:
-        a = np.frombuffer(buf, np.uint8)
-        runs, inside_after = self._quote_runs(a)
-        breaks = np.flatnonzero((a == _LF) | (a == _CR))
-        nxt = np.zeros(breaks.size, np.uint8)
-        has_next = breaks + 1 < a.size  # a piece never ends with a CR, but the file may
-        nxt[has_next] = a[breaks[has_next] + 1]
-        breaks = breaks[~((a[breaks] == _CR) & (nxt == _LF))]  # CR LF ends a line once, at the LF
-        if runs.size:
-            before = np.searchsorted(runs, breaks)  # runs that start before each break
-            breaks = breaks[~np.where(before > 0, inside_after[np.maximum(before - 1, 0)], self.inside)]
-        elif self.inside:
-            breaks = breaks[:0]
-        crlf = (a[breaks] == _LF) & (breaks > 0) & (a[np.maximum(breaks - 1, 0)] == _CR)
-        content_end = base + breaks - crlf.astype(np.int64)
-        line_starts = np.append(np.int64(self.line_start), base + breaks[:-1] + 1)
-        ends = base + breaks[content_end != line_starts] + 1  # empty lines are no records
-        if breaks.size:
-            self.line_start = base + int(breaks[-1]) + 1
-        if runs.size:
-            self.inside = bool(inside_after[-1])
-        if a.size:
-            self.before = int(a[-1])
-        if last and base + a.size > self.line_start:  # a last record without a line break
-            ends = np.append(ends, base + a.size)
-        return ends.astype(np.int64)
-
-    def _quote_runs(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each run of quotes' offset in the piece, and whether a quoted value is open after it."""
-        q = np.flatnonzero(a == _QUOTE)
-        if not q.size:
-            return q, np.zeros(0, bool)
-        first = np.concatenate(([0], np.flatnonzero(np.diff(q) != 1) + 1))
-        starts = q[first]
-        odd = (np.diff(np.append(first, q.size)) & 1).astype(bool)
-        before = a[starts - 1]
-        if starts[0] == 0:
-            before[0] = self.before
-        at_field = (before == _COMMA) | (before == _LF) | (before == _CR)
-        toggles = np.cumsum(at_field & odd)
-        closing = np.where(~at_field & odd, np.arange(starts.size), -1)
-        last_close = np.maximum.accumulate(closing)
-        since = toggles - np.where(last_close >= 0, toggles[np.maximum(last_close, 0)], 0)
-        initial = np.where(last_close >= 0, False, self.inside)
-        return starts, initial ^ (since & 1).astype(bool)
-
-
-class _JsonlEnds:
-    """Where JSON Lines records end: at each LF that ends a line holding more than JSON blanks."""
-
-    def __init__(self) -> None:
-        self.content = False  # the current line holds more than blanks so far
-
-    def ends(self, buf: memoryview, base: int, last: bool) -> np.ndarray:
-        a = np.frombuffer(buf, np.uint8)
-        lf = np.flatnonzero(a == _LF)
-        starts = np.concatenate(([0], lf[:-1] + 1)).astype(np.int64)[: lf.size]
-        full = np.zeros(lf.size, bool)
-        has = lf > starts
-        head = a[starts[has]]
-        full[has] = (head != _SPACE) & (head != _TAB) & (head != _CR)
-        for i in np.flatnonzero(~full):  # lines that start blank (rare): look at all of them
-            full[i] = bool(bytes(buf[starts[i] : lf[i]]).strip(_JSON_SPACE))
-        if lf.size and self.content:
-            full[0] = True
-        ends = base + lf[full] + 1
-        tail = int(lf[-1]) + 1 if lf.size else 0
-        self.content = bool(bytes(buf[tail:]).strip(_JSON_SPACE)) or (self.content and not lf.size)
-        if last and self.content:
-            ends = np.append(ends, base + a.size)
-        return ends.astype(np.int64)
-
-
-def _decodes(data: memoryview) -> bool:
-    try:
-        codecs.utf_8_decode(data, "strict", True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-class _Utf8Rows:
-    """Records that hold invalid UTF-8. A piece decodes alone (it never ends inside a character);
-    only a piece that fails is decoded again record by record, to name them."""
-
-    def __init__(self, problems: _Problems, header: bool) -> None:
-        self.problems = problems
-        self.skip = 1 if header else 0
-        self.pending = False  # the record under way (begun in an earlier piece) is bad
-
-    def check(self, buf: memoryview, base: int, ends: np.ndarray, first: int) -> None:
-        """`first`: the record number of `ends[0]`."""
-        bad: set[int] = set()
-        if not _decodes(buf):
-            edges = [0, *(ends - base).tolist(), len(buf)]
-            bad = {i for i in range(len(edges) - 1) if not _decodes(buf[edges[i] : edges[i + 1]])}
-        if self.pending and ends.size:
-            bad.add(0)
-            self.pending = False
-        if ends.size in bad:
-            self.pending = True
-        for i in sorted(bad - {ends.size}):
-            row = first + i - self.skip
-            self.problems.add("encoding", "the header" if row < 0 else row)
-
-
-@dataclass
-class _Layout:
-    header_end: int | None  # csv: where the header record ends; None: there is none
-    bounds: list[tuple[int, int, int]]  # (start, end, rows) of each shard
-    rows: int
-    max_record: int
-
-
-def _scan(f: BinaryIO, csv: bool, shard_rows: int, problems: _Problems) -> _Layout:
-    """One pass over a CSV or JSONL manifest: shard boundaries, the longest record, bad UTF-8."""
-    f.seek(0)
-    start = 3 if f.read(3) == _BOM else 0
-    finder: _CsvEnds | _JsonlEnds = _CsvEnds(start) if csv else _JsonlEnds()
-    utf8 = _Utf8Rows(problems, header=csv)
-    skip = 1 if csv else 0
-    records, last_end, longest, cuts, header_end = 0, 0, 0, [], None
-    for base, buf, last in _pieces(f, start):
-        ends = finder.ends(buf, base, last)
-        utf8.check(buf, base, ends, records)
-        if not ends.size:
-            continue
-        longest = max(longest, int(np.diff(ends, prepend=last_end).max()))
-        if csv and records == 0:
-            header_end = int(ends[0])
-        row = np.arange(ends.size) + (records - skip)  # the data row each record is
-        cuts += ends[(row >= 0) & ((row + 1) % shard_rows == 0)].tolist()
-        records, last_end = records + ends.size, int(ends[-1])
-    rows = max(records - skip, 0)
-    starts = [header_end if csv else 0, *cuts]
-    stops = cuts + ([last_end] if rows % shard_rows else [])
-    bounds = [(s, e, shard_rows) for s, e in zip(starts, stops)]
-    if rows % shard_rows:
-        bounds[-1] = (bounds[-1][0], bounds[-1][1], rows % shard_rows)
-    return _Layout(header_end, bounds, rows, longest)
-
-
 # -- planning CSV and JSONL --------------------------------------------------------------------
 
 
 def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
     csv = cfg.format == "csv"
-    problems = _Problems(cfg)
+    problems = Problems(cfg)
     with open(cfg.path, "rb") as f:
-        layout = _scan(f, csv, shard_rows, problems)
-        block = _block_size(layout.max_record)
+        layout = scan(f, csv, shard_rows, lambda row: problems.add("encoding", "the header" if row < 0 else row))
+        block = block_for(layout.max_record)
         if csv:
             if layout.header_end is None:
                 raise JobError(f"[input] path: manifest {cfg.path} is empty (a CSV needs a header line)")
@@ -418,7 +138,7 @@ def _plan_text(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan:
             head = base64.b64encode(header).decode()
         elif layout.bounds:
             first = layout.bounds[0]
-            schema = _jsonl_schema(_read_range(f, first[0], first[1]), block, problems)
+            schema = jsonl_schema(_read_range(f, first[0], first[1]), block, problems)
             columns, head = schema.names, base64.b64encode(schema.serialize().to_pybytes()).decode()
             _check_columns(cfg, columns)
         else:  # an empty JSONL: no rows, no columns to check
@@ -434,20 +154,20 @@ def _read_range(f: BinaryIO, start: int, end: int) -> bytes:
     return f.read(end - start)
 
 
-def _csv_columns(header: bytes, block: int, problems: _Problems) -> list[str]:
+def _csv_columns(header: bytes, block: int, problems: Problems) -> list[str]:
     try:
-        names = _read_csv(header, b"", block).column_names
+        names = read_csv(header, b"", block).column_names
     except pa.ArrowInvalid as exc:
-        problems.add("unreadable", f"the header: {_short(exc)}")
+        problems.add("unreadable", f"the header: {short(exc)}")
         problems.raise_if_any()
         raise
     problems.fields = len(names)
     return names
 
 
-def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: _Layout, problems: _Problems) -> list[Shard]:
+def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: Layout, problems: Problems) -> list[Shard]:
     """Each shard read as the run will read it: its digest, its rows' problems, its ids."""
-    ids = _IdCheck(layout.rows, problems) if cfg.id_column else None
+    ids = IdCheck(layout.rows, problems) if cfg.id_column else None
     budget = [DIAGNOSE_READS]
     shards: list[Shard] = []
     first = 0
@@ -460,13 +180,13 @@ def _check_shards(f: BinaryIO, cfg: InputConfig, plan: Plan, layout: _Layout, pr
         shards.append(shard)
         first += rows
     if ids is not None:
-        quiet = _Problems(cfg)  # reading again finds nothing new
+        quiet = Problems(cfg)  # reading again finds nothing new
         ids.finish(lambda: (_shard_ids(cfg, plan, s, _read_range(f, s.start, s.end), quiet, [0]) for s in shards))
     return shards
 
 
 def _shard_ids(
-    cfg: InputConfig, plan: Plan, shard: Shard, body: bytes, problems: _Problems, budget: list[int]
+    cfg: InputConfig, plan: Plan, shard: Shard, body: bytes, problems: Problems, budget: list[int]
 ) -> tuple[pa.ChunkedArray, np.ndarray] | None:
     """Read one shard as the run will, recording its bad rows. Its ids and their row numbers
     (None: no id column, or the shard cannot be read)."""
@@ -477,200 +197,32 @@ def _shard_ids(
 
         def invalid(row: Any) -> str:  # pyarrow numbers rows from 1, the header included
             bad.append(row.number - 2)
-            problems.add("fields", f"{_rows_text([shard.first_row + row.number - 2])} has {row.actual_columns}")
+            problems.add("fields", f"{rows_text([shard.first_row + row.number - 2])} has {row.actual_columns}")
             return "skip"
 
         key = cfg.id_column or plan.columns[0]
-        if not _decodes(memoryview(body)):  # named by the scan; pyarrow decodes the text of invalid rows
+        if not is_utf8(memoryview(body)):  # named by the scan; pyarrow decodes the text of invalid rows
             body = body.decode("utf-8", "replace").encode()
         try:  # the id column alone, as bytes: the scan has checked the UTF-8 of every value
-            table = _read_csv(base64.b64decode(plan.header), body, plan.block_size, only=key, invalid=invalid)
+            table = read_csv(base64.b64decode(plan.header), body, plan.block_size, only=key, invalid=invalid)
         except pa.ArrowInvalid as exc:
-            problems.add("unreadable", f"{where}: {_short(exc)}")
+            problems.add("unreadable", f"{where}: {short(exc)}")
             return None
         rows = np.delete(rows, bad)
     else:
         schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
         try:
-            table = _read_jsonl(body, schema, plan.block_size)
+            table = read_jsonl(body, schema, plan.block_size)
         except pa.ArrowInvalid:
             table = None
         if table is None or table.num_rows != shard.rows:
-            _diagnose_jsonl(body, schema, plan.block_size, shard.first_row, problems, budget)
+            diagnose_jsonl(body, schema, plan.block_size, shard.first_row, problems, budget)
             return None
     if table.num_rows != rows.size:  # the scan and pyarrow disagree: a bug, never a guess
         found = table.num_rows + shard.rows - rows.size
         problems.add("unreadable", f"{where}: pyarrow reads {found} rows where the planner found {shard.rows}")
         return None
     return (table.column(cfg.id_column), rows) if cfg.id_column else None
-
-
-def _read_csv(
-    header: bytes, body: bytes, block: int | None, *, columns: list[str] | None = None, only: str | None = None,
-    invalid: Callable[[Any], str] | None = None,
-) -> pa.Table:
-    """Header and body as the run reads them, `columns` as strings exactly as written. With `only`:
-    that column alone, as bytes, on one thread (so pyarrow numbers the rows `invalid` is told of)."""
-    data = header if header.endswith((b"\n", b"\r")) else header + b"\n"  # a header-only file may end without
-    read = pacsv.ReadOptions(**({"block_size": block} if block else {}), use_threads=only is None)
-    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid)
-    if only is not None:
-        convert = pacsv.ConvertOptions(include_columns=[only], column_types={only: pa.binary()}, strings_can_be_null=False)
-    else:
-        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns or []}, strings_can_be_null=False)
-    return pacsv.read_csv(pa.BufferReader(pa.py_buffer(data + body)), read_options=read, parse_options=parse,
-                          convert_options=convert)
-
-
-def _read_jsonl(body: bytes, schema: pa.Schema | None, block: int | None) -> pa.Table:
-    read = pajson.ReadOptions(**({"block_size": block} if block else {}))
-    parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore") if schema else None
-    return pajson.read_json(pa.BufferReader(pa.py_buffer(body)), read_options=read, parse_options=parse)
-
-
-def _jsonl_schema(body: bytes, block: int, problems: _Problems) -> pa.Schema:
-    """The columns and types of the first shard's rows, which every shard is read with (so every
-    part file has them); when some of its lines are bad, those of the others (the bad lines are
-    named when the shard is checked with it)."""
-    try:
-        return _read_jsonl(body, None, block).schema
-    except pa.ArrowInvalid:
-        pass
-    first = _Problems(problems.cfg)  # named again when the shard is checked with the schema found
-    bad = _diagnose_jsonl(body, None, block, 0, first, [DIAGNOSE_READS])
-    good = [line for i, line in enumerate(_lines(body)) if i not in bad]
-    try:
-        if good:
-            return _read_jsonl(b"\n".join(good), None, block).schema
-    except pa.ArrowInvalid as exc:
-        first.add("unreadable", f"the first rows, whose types disagree: {_short(exc)}")
-    problems.merge(first)  # without a schema nothing else can be checked
-    problems.raise_if_any()
-    raise AssertionError("a shard that cannot be read leaves a problem")
-
-
-def _lines(body: bytes) -> list[bytes]:
-    return [line for line in body.split(b"\n") if line.strip(_JSON_SPACE)]
-
-
-def _diagnose_jsonl(
-    body: bytes, schema: pa.Schema | None, block: int | None, first_row: int, problems: _Problems, budget: list[int]
-) -> set[int]:
-    """Name the lines of a JSON shard pyarrow could not read: lines that are not one JSON object
-    (orjson tells why; a pyarrow read confirms while `budget` lasts), then, halving the others,
-    lines pyarrow refuses (a type that does not fit the first rows). Returns their indexes."""
-    lines = _lines(body)
-    before = sum(problems.count.values())
-    bad: set[int] = set()
-
-    def readable(part: list[int]) -> bool:
-        budget[0] -= 1
-        try:
-            return _read_jsonl(b"\n".join(lines[i] for i in part), schema, block).num_rows == len(part)
-        except pa.ArrowInvalid:
-            return False
-
-    def report(i: int, why: str) -> None:
-        bad.add(i)
-        problems.add("json", f"{_rows_text([first_row + i])}: {why}")
-
-    rest = []
-    for i, line in enumerate(lines):
-        why = _not_one_object(line)
-        if why is None or (budget[0] > 0 and readable([i])):
-            rest.append(i)
-        else:
-            report(i, why)
-    stack = [rest] if rest else []
-    while stack:
-        part = stack.pop()
-        if budget[0] <= 0:
-            problems.add("json", f"rows {first_row + part[0]}-{first_row + part[-1]}: some of these (not narrowed down)")
-        elif not readable(part):
-            if len(part) == 1:
-                report(part[0], "does not fit the columns and types of the first rows")
-            else:
-                stack += [part[len(part) // 2 :], part[: len(part) // 2]]
-    if sum(problems.count.values()) == before:  # nothing found line by line: name the shard
-        problems.add("unreadable", f"rows {first_row}-{first_row + len(lines) - 1}: pyarrow cannot read them together")
-    return bad
-
-
-def _not_one_object(line: bytes) -> str | None:
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        return f"not valid JSON ({_short(exc)})"
-    return None if isinstance(value, dict) else "not a JSON object"
-
-
-# -- ids -----------------------------------------------------------------------------------------
-
-
-class _IdCheck:
-    """Rows without an id and ids that repeat anywhere in the manifest, in 8 bytes a row: a 64-bit
-    hash of each id (Python's, for this process) is kept and sorted at the end. Only when hashes
-    repeat are the ids read again, to name the rows of the first few and to rule out collisions."""
-
-    def __init__(self, rows: int, problems: _Problems) -> None:
-        self.problems = problems
-        self.hashes = np.empty(rows, np.int64)
-        self.n = 0
-
-    def add(self, column: pa.ChunkedArray, rows: np.ndarray) -> None:
-        values, hashes, present = _hashed(column, self.problems.cfg)
-        for i in np.flatnonzero(~present):
-            self.problems.add("missing_id", int(rows[i]))
-        kept = hashes[present]
-        self.hashes[self.n : self.n + kept.size] = kept
-        self.n += kept.size
-
-    def finish(self, read_again: Callable[[], Iterator[tuple[pa.ChunkedArray, np.ndarray] | None]]) -> None:
-        h = self.hashes[: self.n]
-        h.sort()
-        repeated = np.unique(h[1:][h[1:] == h[:-1]])
-        del self.hashes, h
-        if repeated.size:
-            self._name(repeated, read_again())
-
-    def _name(self, repeated: np.ndarray, again: Iterator[tuple[pa.ChunkedArray, np.ndarray] | None]) -> None:
-        seen: dict[bytes, list[int]] = {}  # id -> [count, its first rows...]; the first TRACK_IDS ids
-        for found in again:
-            if found is None:
-                continue
-            values, hashes, present = _hashed(found[0], self.problems.cfg)
-            at = np.minimum(np.searchsorted(repeated, hashes), repeated.size - 1)
-            for i in np.flatnonzero(present & (repeated[at] == hashes)):
-                entry = seen.get(values[i])
-                if entry is None and len(seen) < TRACK_IDS:
-                    entry = seen[values[i]] = [0]
-                if entry is not None:
-                    entry[0] += 1
-                    if len(entry) <= SHOW:
-                        entry.append(int(found[1][i]))
-        repeats = [(value, entry) for value, entry in seen.items() if entry[0] > 1]
-        # Every id whose hash repeats was read back, or else the count is the hashes' (a 64-bit
-        # collision among 100M ids has odds of about 1 in 3,700).
-        total = len(repeats) if len(seen) < TRACK_IDS else int(repeated.size)
-        for value, entry in repeats[:SHOW]:
-            rows = _rows_text(entry[1:], entry[0] - len(entry) + 1)
-            self.problems.add("duplicate_id", f"{rows}: {value.decode('utf-8', 'replace')[:60]!r}")
-        if repeats:
-            self.problems.count["duplicate_id"] = max(total, self.problems.count["duplicate_id"])
-
-
-def _hashed(column: pa.ChunkedArray, cfg: InputConfig) -> tuple[list[bytes | None], np.ndarray, np.ndarray]:
-    """The ids as bytes (None: missing), their hashes, and which are present (not null, not "")."""
-    try:  # ids are compared as text, as row_ids gives them (a JSON 5 is "5"), and as bytes (no decoding)
-        if not (pa.types.is_binary(column.type) or pa.types.is_string(column.type)):
-            column = column.cast(pa.string())
-        column = column.cast(pa.binary())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise JobError(f"[input] id_column: {cfg.id_column!r} holds {column.type} values; ids must be text or numbers") from None
-    values = column.to_pylist()
-    hashes = np.fromiter(map(hash, values), np.int64, len(values))
-    present = pc.fill_null(pc.greater(pc.binary_length(column), 0), False).to_numpy(zero_copy_only=False)
-    return values, hashes, present
 
 
 # -- Parquet -------------------------------------------------------------------------------------
@@ -683,13 +235,13 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
         raise JobError(f"[input] path: cannot read the Parquet manifest {cfg.path} ({exc})") from None
     _check_columns(cfg, pf.schema_arrow.names)
     total = pf.metadata.num_rows
-    problems = _Problems(cfg)
-    ids = _IdCheck(total, problems) if cfg.id_column else None
+    problems = Problems(cfg)
+    ids = IdCheck(total, problems) if cfg.id_column else None
     cache: dict[tuple[int, ...], pa.Table] = {}
     shards = []
     for i, start in enumerate(range(0, total, shard_rows)):
         end = min(start + shard_rows, total)
-        table = _parquet_rows(pf, start, end, cache=cache)
+        table = parquet_rows(pf, start, end, cache=cache)
         shards.append(Shard(i, start, end - start, start, end, _table_digest(table)))
         if ids is not None:
             ids.add(table.column(cfg.id_column), np.arange(start, end))
@@ -697,7 +249,7 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
     if ids is not None:
         col = [cfg.id_column]
         ids.finish(lambda: (
-            (_parquet_rows(pf, s.start, s.end, columns=col, cache=cache).column(0), np.arange(s.start, s.end)) for s in shards
+            (parquet_rows(pf, s.start, s.end, columns=col, cache=cache).column(0), np.arange(s.start, s.end)) for s in shards
         ))
     problems.raise_if_any()
     return Plan("parquet", st.st_size, st.st_mtime_ns, shard_rows, pf.schema_arrow.names, "", shards, checked=True)
@@ -714,7 +266,7 @@ def range_digest(cfg: InputConfig, start: int, end: int) -> str:
     """The digest a shard spanning [start, end) would have in this manifest (bytes, or Parquet
     rows): how a resume tells rows appended to a shard from rows edited in it."""
     if cfg.format == "parquet":
-        return _table_digest(_parquet_rows(pq.ParquetFile(cfg.path), start, end))
+        return _table_digest(parquet_rows(pq.ParquetFile(cfg.path), start, end))
     h = hashlib.blake2b(digest_size=12)
     with open(cfg.path, "rb") as f:
         f.seek(start)
@@ -728,52 +280,26 @@ def range_digest(cfg: InputConfig, start: int, end: int) -> str:
     return h.hexdigest()
 
 
-def _parquet_rows(
-    pf: pq.ParquetFile, start: int, end: int, *, columns: list[str] | None = None, cache: dict[tuple[int, ...], pa.Table] | None = None
-) -> pa.Table:
-    """Rows [start, end). With `cache`, the row groups last read are kept: shards smaller than a
-    row group (a 1M-row file written as one group) do not each read the whole group again."""
-    md = pf.metadata
-    groups, offset, first_offset = [], 0, None
-    for g in range(md.num_row_groups):
-        n = md.row_group(g).num_rows
-        if offset + n > start and offset < end:
-            groups.append(g)
-            if first_offset is None:
-                first_offset = offset
-        offset += n
-    if not groups:
-        return pa.Table.from_batches([], schema=pf.schema_arrow)  # not empty_table(): it imports pandas
-    key = tuple(groups)
-    table = cache.get(key) if cache is not None else None
-    if table is None:
-        table = pf.read_row_groups(groups, columns=columns)
-        if cache is not None:
-            cache.clear()
-            cache[key] = table
-    return table.slice(start - (first_offset or 0), end - start)
-
-
 # -- reading a shard -----------------------------------------------------------------------------
 
 
 def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
     """The shard's rows as a table; CSV cells stay strings exactly as written (ids like "007")."""
     if plan.format == "parquet":
-        return _parquet_rows(pq.ParquetFile(cfg.path), shard.start, shard.end)
+        return parquet_rows(pq.ParquetFile(cfg.path), shard.start, shard.end)
     with open(cfg.path, "rb") as f:
         body = _read_range(f, shard.start, shard.end)
     where = f"{cfg.path} rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
     if plan.format == "csv":
         try:
-            return _read_csv(base64.b64decode(plan.header), body, plan.block_size, columns=plan.columns)
+            return read_csv(base64.b64decode(plan.header), body, plan.block_size, columns=plan.columns)
         except pa.ArrowInvalid as exc:
-            raise JobError(f"[input] path: {where}: bad CSV ({_short(exc)})") from None
+            raise JobError(f"[input] path: {where}: bad CSV ({short(exc)})") from None
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
     try:
-        return _read_jsonl(body, schema, plan.block_size)
+        return read_jsonl(body, schema, plan.block_size)
     except pa.ArrowInvalid as exc:
-        raise JobError(f"[input] path: {where}: not readable with the columns of the first rows ({_short(exc)})") from None
+        raise JobError(f"[input] path: {where}: not readable with the columns of the first rows ({short(exc)})") from None
 
 
 def row_ids(cfg: InputConfig, table: pa.Table, shard: Shard) -> list[str]:

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 from ..config import DEFAULT_OUTPUT_TOKENS, Job
 from ..errors import InputError, JobError
 from ..io.checkpoint import Checkpoint, parse_commits
-from ..io.manifest import SHOW, Plan, plan_manifest, read_shard
+from ..io.checks import SHOW
+from ..io.manifest import Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
