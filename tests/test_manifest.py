@@ -350,3 +350,11 @@ def test_a_csv_without_even_a_header_is_refused(tmp_path: Path) -> None:
         path.write_bytes(data)
         with pytest.raises(JobError, match=r"^\[input\] path: manifest .*m.csv is empty \(a CSV needs a header line\)$"):
             plan_manifest(_cfg(path), 10)
+
+
+def test_a_csv_header_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,im\xffage\nr1,a.png\n")
+    with pytest.raises(JobError) as caught:
+        plan_manifest(InputConfig(path=path, id_column="id"), 10)
+    assert "UTF-8" in str(caught.value) and "header" in str(caught.value) and "\n" not in str(caught.value)

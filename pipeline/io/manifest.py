@@ -157,6 +157,9 @@ def _read_range(f: BinaryIO, start: int, end: int) -> bytes:
 def _csv_columns(header: bytes, block: int, problems: Problems) -> list[str]:
     try:
         names = read_csv(header, b"", block).column_names
+    except UnicodeDecodeError:  # the scan has recorded it ("not valid UTF-8 (the header)"): say that
+        problems.raise_if_any()
+        raise
     except pa.ArrowInvalid as exc:
         problems.add("unreadable", f"the header: {short(exc)}")
         problems.raise_if_any()
