@@ -19,7 +19,7 @@ and drops the connection (ResponseTooLarge); a Content-Length over it is refused
 Redirects are not followed: a 3xx is an answer like any other (client.translate says what to do).
 
 Failures are builtin: ConnectionError and OSError (refused, reset, DNS, TLS), TimeoutError, and
-this module's ResponseCut and MalformedResponse (both ConnectionError) and ResponseTooLarge;
+`response`'s ResponseCut and MalformedResponse (both ConnectionError) and ResponseTooLarge;
 `client.translate` is where they get their kind. Idle connections are kept LIFO, so a busy pool reuses warm ones, and
 closed after KEEPALIVE_S idle: below uvicorn's 5 s default (vLLM), the shortest common server
 keep-alive, so a request is not written into a connection the server is closing.
@@ -30,83 +30,19 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-import zlib
 from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["ConnectionPool", "BoundedDecoder", "ResponseCut", "MalformedResponse", "ResponseTooLarge",
-           "KEEPALIVE_S", "ACCEPT_ENCODING"]
+from .response import ACCEPT_ENCODING, BoundedDecoder, MalformedResponse, ResponseCut, ResponseTooLarge
+
+__all__ = ["ConnectionPool", "KEEPALIVE_S"]
 
 KEEPALIVE_S = 4.0
 MAX_HEAD_BYTES = 64 * 1024  # a response head (or a chunk-size or trailer line) bigger than this is not an API's
 USER_AGENT = "pipeline (bulk vision-LLM jobs)"
-ACCEPT_ENCODING = "gzip, deflate"  # what BoundedDecoder decodes; asked for on both paths
-_COMPRESSED = frozenset({"gzip", "x-gzip", "deflate"})
-DECODE_STEP = 1 << 20  # zlib's output per call: no transient copy of a whole big answer
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _TO_EOF = range(7)
-
-
-class ResponseCut(ConnectionError):
-    """The connection ended before the whole answer arrived."""
-
-
-class MalformedResponse(ConnectionError):
-    """Bytes that are not an HTTP/1.1 response."""
-
-
-class ResponseTooLarge(Exception):
-    """An answer over `cap` bytes (as sent or decompressed): reading stopped at the cap."""
-
-    def __init__(self, cap: int) -> None:
-        super().__init__(f"the answer is over {cap} bytes")
-        self.cap = cap
-
-
-class BoundedDecoder:
-    """A body taken piece by piece: gzip/deflate decoded with zlib's `max_length`, never more
-    than `cap` bytes of it as sent or as decoded (a 2 MB gzip can inflate to gigabytes)."""
-
-    def __init__(self, encoding: str | None, cap: int) -> None:
-        self.cap = cap
-        self.raw = 0
-        self.size = 0
-        coding = (encoding or "").strip().lower()
-        # wbits 47: a zlib or a gzip header, detected (servers label either as "deflate")
-        self._zlib = zlib.decompressobj(wbits=47) if coding in _COMPRESSED else None
-
-    def decode(self, data: bytes | bytearray) -> list[bytes | bytearray]:
-        """The decoded pieces `data` gives (a list: joining them here would copy a big answer once
-        more); ResponseTooLarge past the cap, MalformedResponse on bad data."""
-        self.raw += len(data)
-        if self.raw > self.cap:  # padding that decodes to nothing is bounded too
-            raise ResponseTooLarge(self.cap)
-        if self._zlib is None:
-            self.size = self.raw
-            return [data]
-        out: list[bytes | bytearray] = []
-        pending: bytes | bytearray = data
-        while not self._zlib.eof:  # bytes after the end of the stream are ignored
-            room = min(self.cap - self.size + 1, DECODE_STEP)  # at most one byte past the cap, a step at a time
-            try:
-                piece = self._zlib.decompress(pending, room)
-            except zlib.error as exc:
-                raise MalformedResponse(f"unreadable compressed answer ({exc})") from None
-            self.size += len(piece)
-            if self.size > self.cap:
-                out.clear()  # the traceback keeps this frame: it must not keep the answer too
-                raise ResponseTooLarge(self.cap)
-            out.append(piece)
-            pending = self._zlib.unconsumed_tail
-            if not pending and len(piece) < room:  # input used up, and zlib holds nothing more back
-                break
-        return out
-
-    def finish(self) -> None:
-        """The body ended: a compressed one must have reached its end."""
-        if self._zlib is not None and self.raw and not self._zlib.eof:
-            raise MalformedResponse("the compressed answer stops before its end")
 
 
 class _Connection(asyncio.Protocol):
