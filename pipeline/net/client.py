@@ -35,7 +35,13 @@ from ..errors import RequestError
 from ..redact import Redactor
 from ..rows.answer import loads_json, text_warning
 from .connection import ConnectionPool
-from .response import ACCEPT_ENCODING, BoundedDecoder, MalformedResponse, ResponseCut, ResponseTooLarge
+from .response import (
+    ACCEPT_ENCODING,
+    BoundedDecoder,
+    MalformedResponse,
+    ResponseCut,
+    ResponseTooLarge,
+)
 from .retry import DASHSCOPE_THROTTLE
 from .stream import StreamAssembler, StreamError
 
