@@ -4,12 +4,18 @@ of the connection means at each point of an answer. (Over real sockets: test_con
 from __future__ import annotations
 
 import gzip
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.net.response import MalformedResponse, ResponseCut, ResponseParser, ResponseTooLarge
+from pipeline.net.response import (
+    MalformedResponse,
+    ResponseCut,
+    ResponseParser,
+    ResponseTooLarge,
+)
 
 CAP = 1 << 20
 BODY = b'{"choices": [{"message": {"content": "a picture of a cat"}}]}'
@@ -19,8 +25,8 @@ ZIPPED = gzip.compress(BODY)
 ANSWERS = {
     "length": (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Ratelimit-Remaining-Requests: 7\r\n\r\n%s" % (len(BODY), BODY),
                (200, {"content-length": str(len(BODY)), "x-ratelimit-remaining-requests": "7"}, BODY), True),
-    "chunked": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Too Many\r\nTransfer-Encoding: chunked\r\nRetry-After: 3\r\n\r\n"
-                b"4;ext=1\r\n{\"a\"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\nTrailer: yes\r\n\r\n",
+    "chunked": ((b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Too Many\r\nTransfer-Encoding: chunked\r\nRetry-After: 3\r\n\r\n"
+                 b"4;ext=1\r\n{\"a\"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\nTrailer: yes\r\n\r\n"),
                 (429, {"transfer-encoding": "chunked", "retry-after": "3"}, b'{"a": 1}'), True),
     "gzip": (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
              % (len(ZIPPED), ZIPPED), (200, {"content-encoding": "gzip", "transfer-encoding": "chunked"}, BODY), True),
@@ -34,7 +40,7 @@ def _feed(data: bytes, cuts: list[int]) -> tuple[ResponseParser, list[object]]:
     """Every non-None result of feeding `data` split at `cuts`."""
     parser, results = ResponseParser(CAP), []
     edges = [0, *sorted(set(cuts)), len(data)]
-    for start, end in zip(edges, edges[1:]):
+    for start, end in pairwise(edges):
         if (result := parser.feed(data[start:end])) is not None:
             results.append(result)
     return parser, results
