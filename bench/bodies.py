@@ -4,20 +4,21 @@
     python -m bench.bodies --ref 17be255    # also the code of that commit, for a before/after
     python -m bench.bodies --mb 25          # another size
 
-What is timed is the event loop's own work, without the network: the plain path's protocol
-(`connection._Connection.data_received`) fed a Content-Length answer, and the streamed path's
-`stream.StreamAssembler.feed_bytes` fed one SSE event whose content is the whole body (the line
-only ends at the last chunk, the worst case for a line buffer). Both come in 64 KB chunks, the
-way the event loop hands them over. Linear code takes about the same time per MB at any size;
-the buffering it replaced (`buf = buf + data`) copied the whole buffer again for every chunk.
-With `--ref`, those two modules are read from the given commit with `git show` and timed the
-same way (they must import nothing else from the package, as before issue 12 they did not).
+What is timed is the event loop's own work, without the network: the plain path's parser
+(`response.ResponseParser.feed`, what the pool's protocol hands each read to) fed a
+Content-Length answer, and the streamed path's `stream.StreamAssembler.feed_bytes` fed one SSE
+event whose content is the whole body (the line only ends at the last chunk, the worst case for a
+line buffer). Both come in 64 KB chunks, the way the event loop hands them over. Linear code
+takes about the same time per MB at any size; the buffering it replaced (`buf = buf + data`)
+copied the whole buffer again for every chunk. With `--ref`, those two modules
+(pipeline/net/response.py and pipeline/net/stream.py, so a commit from issue 13's layout on) are
+read from the given commit with `git show` and timed the same way; what they import from the
+package comes from this tree.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import subprocess
 import sys
@@ -33,36 +34,17 @@ CHUNK = 64 * 1024
 __all__ = ["time_plain", "time_stream", "main"]
 
 
-class _Transport:
-    """Stands in for the socket: the protocol only closes or aborts it."""
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-def time_plain(connection: ModuleType, size: int) -> float:
-    """Seconds for `connection._Connection` to take in a `size`-byte answer in 64 KB chunks."""
-    loop = asyncio.new_event_loop()
-    try:
-        conn = connection._Connection(loop)
-        conn.transport = _Transport()
-        conn.cap = size + 1  # an attribute the older code simply does not read
-        conn._reset()
-        conn.waiter = loop.create_future()
-        chunk = b"x" * CHUNK
-        started = time.perf_counter()
-        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size)
-        for offset in range(0, size, CHUNK):
-            conn.data_received(chunk if size - offset >= CHUNK else chunk[: size - offset])
-        elapsed = time.perf_counter() - started
-        status, _, body = conn.waiter.result()
-        assert status == 200 and len(body) == size, "the body did not arrive whole"
-        return elapsed
-    finally:
-        loop.close()
+def time_plain(response: ModuleType, size: int) -> float:
+    """Seconds for `response.ResponseParser` to take in a `size`-byte answer in 64 KB chunks."""
+    parser = response.ResponseParser(size + 1)
+    chunk = b"x" * CHUNK
+    started = time.perf_counter()
+    answer = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size)
+    for offset in range(0, size, CHUNK):
+        answer = parser.feed(chunk if size - offset >= CHUNK else chunk[: size - offset])
+    elapsed = time.perf_counter() - started
+    assert answer is not None and answer[0] == 200 and len(answer[2]) == size, "the body did not arrive whole"
+    return elapsed
 
 
 def time_stream(stream: ModuleType, size: int) -> float:
@@ -83,11 +65,12 @@ def time_stream(stream: ModuleType, size: int) -> float:
 
 
 def _from_git(ref: str, name: str, folder: Path) -> ModuleType:
-    source = subprocess.run(["git", "show", f"{ref}:pipeline/{name}.py"], cwd=ROOT, check=True,
+    source = subprocess.run(["git", "show", f"{ref}:pipeline/net/{name}.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
     path = folder / f"{name}_{ref}.py"
     path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_{ref}", path)
+    # named inside pipeline.net, so its relative imports resolve against this tree's package
+    spec = importlib.util.spec_from_file_location(f"pipeline.net._bench_{name}_{ref}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -109,12 +92,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     size = int(args.mb * (1 << 20))
     print(f"a {args.mb:g} MB body in {CHUNK // 1024} KB chunks ({size // CHUNK} chunks)")
-    from pipeline import connection, stream
+    from pipeline.net import response, stream
 
-    results = {"this tree": _report("this tree", (connection, stream), size)}
+    results = {"this tree": _report("this tree", (response, stream), size)}
     if args.ref:
         with tempfile.TemporaryDirectory() as tmp:
-            old = (_from_git(args.ref, "connection", Path(tmp)), _from_git(args.ref, "stream", Path(tmp)))
+            old = (_from_git(args.ref, "response", Path(tmp)), _from_git(args.ref, "stream", Path(tmp)))
             results[args.ref] = _report(args.ref, old, size)
     return results
 

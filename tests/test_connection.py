@@ -16,7 +16,8 @@ from conftest import job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.errors import RequestError
 from pipeline.net.client import Client
-from pipeline.net.connection import ConnectionPool, MalformedResponse, ResponseCut
+from pipeline.net.connection import ConnectionPool
+from pipeline.net.response import MalformedResponse, ResponseCut
 
 CAP = 1 << 20
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Describe it."}]}).encode()

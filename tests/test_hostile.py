@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from pipeline.config import ImagesConfig, InputConfig
 from pipeline.errors import InputError, RequestError
 from pipeline.net.client import translate
-from pipeline.net.connection import BoundedDecoder, ResponseTooLarge
+from pipeline.net.response import BoundedDecoder, ResponseTooLarge
 from pipeline.net.stream import StreamAssembler, StreamError
 from pipeline.redact import Redactor
 from pipeline.rows.answer import loads_json, parse_response, text_warning

@@ -183,6 +183,28 @@ async def test_client_turns_broken_streams_into_retryable_errors(endpoint_factor
     assert ep.stats()["faults"] == {fault: 1}
 
 
+async def test_a_refusal_reads_the_same_on_the_plain_and_the_streamed_path(endpoint_factory: Any) -> None:
+    """From the answer's head on, `post` and `post_stream` share one path: the same refusal becomes
+    the same RequestError (kind, status, code, the server's retry verdict and delay, message)."""
+    faults = {"quota row": "quota", "busy row": "429", "failing row": "500", "moved row": "redirect", "bad row": "400"}
+    ep = endpoint_factory(row_faults=faults, x_should_retry={"500": "false"}, fault_retry_after_s=2)
+    errors: dict[str, list[tuple[Any, ...]]] = {}
+    async with Client(ep.base_url + "/chat/completions", None, timeout_s=10, max_connections=2) as client:
+        for prompt in faults:
+            for post, stream in ((client.post, False), (client.post_stream, True)):
+                with pytest.raises(RequestError) as caught:
+                    await post(_body(prompt, stream=stream))
+                err = caught.value
+                errors.setdefault(prompt, []).append((err.kind, err.status, err.code, err.should_retry,
+                                                      err.headers.get("retry-after"), str(err)))
+    for prompt, (plain, streamed) in errors.items():
+        assert plain == streamed, prompt
+    kinds = {prompt: (e[0][0], e[0][1]) for prompt, e in errors.items()}
+    assert kinds == {"quota row": ("quota", 429), "busy row": ("rate_limit", 429), "failing row": ("server", 500),
+                     "moved row": ("bad_request", 307), "bad row": ("bad_request", 400)}
+    assert errors["failing row"][0][3] is False and errors["busy row"][0][4] == "2"
+
+
 # -- whole runs ------------------------------------------------------------------------
 
 

@@ -2,9 +2,11 @@
 
 Plain answers go through `connection.ConnectionPool` (lean keep-alive HTTP/1.1: the per-request
 CPU of aiohttp's client was most of the engine's per-row cost); streamed answers through one
-aiohttp session, opened on first use. `translate` is the single boundary where connection
-errors (builtin or aiohttp's), timeouts and HTTP statuses become RequestError kinds; the rest of
-the pipeline only sees RequestError.
+aiohttp session, opened on first use. From the answer's head on, both take one path
+(`Client._attempt`): a non-200 is refused with its body, a 200 decoded, and only the headers the
+limiter reads are kept. `translate` is the single boundary where connection errors (builtin or
+aiohttp's), timeouts and HTTP statuses become RequestError kinds; the rest of the pipeline only
+sees RequestError.
 
     async with Client(url, key, timeout_s=60, max_connections=8) as client:
         reply = await client.post(body, max_bytes=64 << 20)   # Reply(body, headers, latency_ms, warning)
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -34,10 +37,10 @@ from ..config import LimitsConfig
 from ..errors import RequestError
 from ..redact import Redactor
 from ..rows.answer import loads_json, text_warning
-from .connection import (
+from .connection import ConnectionPool
+from .response import (
     ACCEPT_ENCODING,
     BoundedDecoder,
-    ConnectionPool,
     MalformedResponse,
     ResponseCut,
     ResponseTooLarge,
@@ -211,6 +214,95 @@ async def _read_body(resp: "aiohttp.ClientResponse", decoder: BoundedDecoder) ->
     return b"".join(pieces)
 
 
+class _Exchange(ABC):
+    """One POST and its answer, on one of the two paths. Entered, the answer's head is known
+    (`status`, lower-cased `headers`); then `read` gives a refusal's whole body, `answer` a 200's
+    decoded JSON and warning, both within `max_bytes`. Until the head arrives, `status` is None."""
+
+    def __init__(self, body: bytes, max_bytes: int) -> None:
+        self.body = body
+        self.max_bytes = max_bytes
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+
+    @abstractmethod
+    async def __aenter__(self) -> "_Exchange": ...
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    @abstractmethod
+    async def read(self) -> bytes: ...
+
+    @abstractmethod
+    async def answer(self) -> tuple[Any, str | None]: ...
+
+
+class _Pooled(_Exchange):
+    """A plain answer over the lean pool, read whole before its head is looked at."""
+
+    def __init__(self, pool: ConnectionPool, body: bytes, max_bytes: int) -> None:
+        super().__init__(body, max_bytes)
+        self.pool = pool
+        self.raw = b""
+
+    async def __aenter__(self) -> "_Pooled":
+        self.status, self.headers, self.raw = await self.pool.post(self.body, max_bytes=self.max_bytes)
+        return self
+
+    async def read(self) -> bytes:
+        return self.raw
+
+    async def answer(self) -> tuple[Any, str | None]:
+        return _decode(self.raw)
+
+
+class _Streamed(_Exchange):
+    """A streamed answer over aiohttp: its SSE events assembled into the body a plain answer has
+    (a server that ignored `stream: true` answers plainly, and is read so)."""
+
+    def __init__(self, session: "aiohttp.ClientSession", url: str, headers: dict[str, str], body: bytes,
+                 max_bytes: int, redactor: Redactor) -> None:
+        super().__init__(body, max_bytes)
+        self.session = session
+        self.url = url
+        self.request_headers = {**headers, "Accept-Encoding": ACCEPT_ENCODING}
+        self.redactor = redactor
+
+    async def __aenter__(self) -> "_Streamed":
+        # redirects never followed: they would carry the request and its key elsewhere
+        self.request = self.session.post(self.url, data=self.body, allow_redirects=False, headers=self.request_headers)
+        self.resp = await self.request.__aenter__()
+        self.status = self.resp.status
+        self.headers = {k.lower(): v for k, v in self.resp.headers.items()}
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.request.__aexit__(*exc)
+
+    def _decoder(self) -> BoundedDecoder:
+        if self.resp.content_length is not None and self.resp.content_length > self.max_bytes:
+            raise ResponseTooLarge(self.max_bytes)  # refused before reading a byte of it
+        return BoundedDecoder(self.headers.get("content-encoding"), self.max_bytes)
+
+    async def read(self) -> bytes:
+        return await _read_body(self.resp, self._decoder())
+
+    async def answer(self) -> tuple[Any, str | None]:
+        decoder = self._decoder()
+        if not self.headers.get("content-type", "").startswith("text/event-stream"):
+            return _decode(await _read_body(self.resp, decoder))
+        assembler = StreamAssembler(self.redactor)
+        async for data in self.resp.content.iter_any():
+            for piece in decoder.decode(data):
+                assembler.feed_bytes(piece)
+            if assembler.done:
+                break
+        else:
+            decoder.finish()
+        return assembler.result(), assembler.warning
+
+
 class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
@@ -241,19 +333,32 @@ class Client:
     async def post(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
         """The answer to one POST of `body`, at most `max_bytes` of it; raises RequestError."""
         assert self._pool is not None, "use the client as an async context manager"
+        return await self._attempt(_Pooled(self._pool, body, max_bytes))
+
+    async def post_stream(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
+        """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
+        response body a non-streamed answer has (see pipeline.net.stream); raises RequestError."""
+        assert self._pool is not None, "use the client as an async context manager"
+        return await self._attempt(_Streamed(self._streaming_session(), self.url, self._headers, body, max_bytes,
+                                             self.redactor))
+
+    async def _attempt(self, exchange: _Exchange) -> Reply:
+        """The one path of both: a non-200 is refused with its body, a 200 decoded, anything
+        foreign translated; the head's status and headers go with any failure."""
         started = time.monotonic()
-        status: int | None = None
         headers: dict[str, str] = {}
         try:
-            status, headers, raw = await self._pool.post(body, max_bytes=max_bytes)
-            if status != 200:
-                raise translate(status=status, headers=headers, body=raw, redactor=self.redactor)
-            headers = _observed(headers)  # only these are read from a success; the rest is not kept
-            decoded, warning = _decode(raw)
+            async with exchange:
+                headers = exchange.headers
+                if exchange.status != 200:
+                    raise translate(status=exchange.status, headers=headers, body=await exchange.read(),
+                                    redactor=self.redactor)
+                headers = _observed(headers)  # only these are read from a success (or kept by its failure)
+                decoded, warning = await exchange.answer()
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, headers=headers, redactor=self.redactor) from None
+            raise translate(exc, status=exchange.status, headers=headers, redactor=self.redactor) from None
         return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
 
     def _streaming_session(self) -> "aiohttp.ClientSession":
@@ -265,42 +370,3 @@ class Client:
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                                   timeout=aiohttp.ClientTimeout(total=self._timeout_s))
         return self._session
-
-    async def post_stream(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
-        """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
-        response body a non-streamed answer has (see pipeline.net.stream); raises RequestError."""
-        assert self._pool is not None, "use the client as an async context manager"
-        session = self._streaming_session()
-        started = time.monotonic()
-        status: int | None = None
-        headers: dict[str, str] = {}
-        try:
-            async with session.post(self.url, data=body, allow_redirects=False,
-                                    headers={**self._headers, "Accept-Encoding": ACCEPT_ENCODING}) as resp:
-                status = resp.status
-                headers = {k.lower(): v for k, v in resp.headers.items()}
-                decoded, warning = await self._stream_body(resp, status, headers, max_bytes)
-        except RequestError:
-            raise
-        except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, headers=headers, redactor=self.redactor) from None
-        return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
-
-    async def _stream_body(self, resp: "aiohttp.ClientResponse", status: int, headers: dict[str, str],
-                           max_bytes: int) -> tuple[Any, str | None]:
-        decoder = BoundedDecoder(headers.get("content-encoding"), max_bytes)
-        if resp.content_length is not None and resp.content_length > max_bytes:
-            raise ResponseTooLarge(max_bytes)  # refused before reading a byte of it
-        if status != 200:
-            raise translate(status=status, headers=headers, body=await _read_body(resp, decoder), redactor=self.redactor)
-        if not headers.get("content-type", "").startswith("text/event-stream"):
-            return _decode(await _read_body(resp, decoder))  # a server that ignored `stream: true`
-        assembler = StreamAssembler(self.redactor)
-        async for data in resp.content.iter_any():
-            for piece in decoder.decode(data):
-                assembler.feed_bytes(piece)
-            if assembler.done:
-                break
-        else:
-            decoder.finish()
-        return assembler.result(), assembler.warning

@@ -4,25 +4,25 @@ Why not aiohttp here: at thousands of rows a second on a small machine, aiohttp'
 machinery (URL and header objects, tracing hooks, timers, the cookie jar) cost about 0.2 ms of
 CPU per request, most of what the pipeline spent per row (issue 7's profile). A chat completion is
 one POST with a JSON body and a JSON answer, so this module does only that: one asyncio.Protocol
-per connection, one request at a time on it, the answer framed by Content-Length, chunked
-encoding or the end of the connection, gzip/deflate bodies decoded, TLS through the event loop.
-Streamed answers and image fetches stay on aiohttp (`client.Client.post_stream`, `fetch.py`).
+per connection, one request at a time on it, TLS through the event loop; the bytes that come back
+are read by a `response.ResponseParser` (framing, gzip/deflate, the cap). Streamed answers and
+image fetches stay on aiohttp (`client.Client.post_stream`, `fetch.py`).
 
     pool = ConnectionPool("https://api.example.com/v1/chat/completions",
                           {"Authorization": "Bearer ..."}, max_connections=64, timeout_s=60)
     status, headers, body = await pool.post(b'{"model": "m", "messages": []}', max_bytes=64 << 20)
     await pool.close()
 
-Bounded reads: a body is read in linear time and decoded as it arrives (`BoundedDecoder`, zlib
-with `max_length`), and an answer over `max_bytes`, as sent or decompressed, stops the reading
-and drops the connection (ResponseTooLarge); a Content-Length over it is refused at once.
-Redirects are not followed: a 3xx is an answer like any other (client.translate says what to do).
+An answer over `max_bytes`, as sent or decompressed, stops the reading and drops the connection
+(ResponseTooLarge). Redirects are not followed: a 3xx is an answer like any other
+(client.translate says what to do).
 
 Failures are builtin: ConnectionError and OSError (refused, reset, DNS, TLS), TimeoutError, and
-this module's ResponseCut and MalformedResponse (both ConnectionError) and ResponseTooLarge;
-`client.translate` is where they get their kind. Idle connections are kept LIFO, so a busy pool reuses warm ones, and
-closed after KEEPALIVE_S idle: below uvicorn's 5 s default (vLLM), the shortest common server
-keep-alive, so a request is not written into a connection the server is closing.
+`response`'s ResponseCut and MalformedResponse (both ConnectionError) and ResponseTooLarge;
+`client.translate` is where they get their kind. Idle connections are kept LIFO, so a busy pool
+reuses warm ones, and closed after KEEPALIVE_S idle: below uvicorn's 5 s default (vLLM), the
+shortest common server keep-alive, so a request is not written into a connection the server is
+closing.
 """
 
 from __future__ import annotations
@@ -30,114 +30,37 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-import zlib
 from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["ConnectionPool", "BoundedDecoder", "ResponseCut", "MalformedResponse", "ResponseTooLarge",
-           "KEEPALIVE_S", "ACCEPT_ENCODING"]
+from .response import (
+    ACCEPT_ENCODING,
+    MalformedResponse,
+    Response,
+    ResponseParser,
+    ResponseTooLarge,
+)
+
+__all__ = ["ConnectionPool", "KEEPALIVE_S"]
 
 KEEPALIVE_S = 4.0
-MAX_HEAD_BYTES = 64 * 1024  # a response head (or a chunk-size or trailer line) bigger than this is not an API's
 USER_AGENT = "pipeline (bulk vision-LLM jobs)"
-ACCEPT_ENCODING = "gzip, deflate"  # what BoundedDecoder decodes; asked for on both paths
-_COMPRESSED = frozenset({"gzip", "x-gzip", "deflate"})
-DECODE_STEP = 1 << 20  # zlib's output per call: no transient copy of a whole big answer
-
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _TO_EOF = range(7)
-
-
-class ResponseCut(ConnectionError):
-    """The connection ended before the whole answer arrived."""
-
-
-class MalformedResponse(ConnectionError):
-    """Bytes that are not an HTTP/1.1 response."""
-
-
-class ResponseTooLarge(Exception):
-    """An answer over `cap` bytes (as sent or decompressed): reading stopped at the cap."""
-
-    def __init__(self, cap: int) -> None:
-        super().__init__(f"the answer is over {cap} bytes")
-        self.cap = cap
-
-
-class BoundedDecoder:
-    """A body taken piece by piece: gzip/deflate decoded with zlib's `max_length`, never more
-    than `cap` bytes of it as sent or as decoded (a 2 MB gzip can inflate to gigabytes)."""
-
-    def __init__(self, encoding: str | None, cap: int) -> None:
-        self.cap = cap
-        self.raw = 0
-        self.size = 0
-        coding = (encoding or "").strip().lower()
-        # wbits 47: a zlib or a gzip header, detected (servers label either as "deflate")
-        self._zlib = zlib.decompressobj(wbits=47) if coding in _COMPRESSED else None
-
-    def decode(self, data: bytes | bytearray) -> list[bytes | bytearray]:
-        """The decoded pieces `data` gives (a list: joining them here would copy a big answer once
-        more); ResponseTooLarge past the cap, MalformedResponse on bad data."""
-        self.raw += len(data)
-        if self.raw > self.cap:  # padding that decodes to nothing is bounded too
-            raise ResponseTooLarge(self.cap)
-        if self._zlib is None:
-            self.size = self.raw
-            return [data]
-        out: list[bytes | bytearray] = []
-        pending: bytes | bytearray = data
-        while not self._zlib.eof:  # bytes after the end of the stream are ignored
-            room = min(self.cap - self.size + 1, DECODE_STEP)  # at most one byte past the cap, a step at a time
-            try:
-                piece = self._zlib.decompress(pending, room)
-            except zlib.error as exc:
-                raise MalformedResponse(f"unreadable compressed answer ({exc})") from None
-            self.size += len(piece)
-            if self.size > self.cap:
-                out.clear()  # the traceback keeps this frame: it must not keep the answer too
-                raise ResponseTooLarge(self.cap)
-            out.append(piece)
-            pending = self._zlib.unconsumed_tail
-            if not pending and len(piece) < room:  # input used up, and zlib holds nothing more back
-                break
-        return out
-
-    def finish(self) -> None:
-        """The body ended: a compressed one must have reached its end."""
-        if self._zlib is not None and self.raw and not self._zlib.eof:
-            raise MalformedResponse("the compressed answer stops before its end")
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: sends a request, parses its one response.
-
-    Bytes are appended to one bytearray and consumed from its front (CPython makes that O(1));
-    body bytes are counted against the cap as they arrive, and an encoded body is decoded as it
-    arrives by a BoundedDecoder: linear time, never more than the cap held.
-    """
+    """One keep-alive connection: sends a request, hands the bytes of its one response to a
+    ResponseParser, and resolves the request's future with the answer or the failure."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self.waiter: asyncio.Future[Response] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.parser: ResponseParser | None = None
         self.closed = False
         self.reusable = True
         self.idle_since = 0.0
-        self.cap = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.buf = bytearray()
-        self.state = _HEAD
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.remaining = 0
-        self.pieces: list[bytes | bytearray] = []
-        self.decoder: BoundedDecoder | None = None  # for an encoded body (the head says so)
-        self.taken = 0  # body bytes as sent
-        self.received = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -145,42 +68,37 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.waiter.done():  # bytes nobody asked for: the stream is unusable
-            self.reusable = False
+        parser = self.parser
+        if parser is None or self.waiter is None or self.waiter.done():
+            self.reusable = False  # bytes nobody asked for: the stream is unusable
             if self.transport is not None:
                 self.transport.close()
             return
-        self.received += len(data)
-        self.buf += data
         try:
-            self._parse()
+            response = parser.feed(data)
         except (MalformedResponse, ResponseTooLarge) as exc:
             self._fail(exc)
-        except ValueError as exc:  # a number that is not one (status, length, chunk size)
-            self._fail(MalformedResponse(f"unreadable answer ({exc})"))
+            return
+        if response is not None:
+            self._complete(response, parser.reusable)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if self.parser is None or self.waiter is None or self.waiter.done():
             return
-        if self.state == _TO_EOF:
-            try:
-                self._complete()
-            except MalformedResponse as bad:
-                self._fail(bad)
-        elif self.received == 0:
-            self._fail(ConnectionResetError("the server closed the connection without answering"))
-        else:
-            self._fail(ResponseCut(f"the connection closed after {self.received} bytes of the answer"))
+        try:
+            response = self.parser.eof()
+        except ConnectionError as cut:  # cut, never begun, or a compressed body that stops short
+            self._fail(cut)
+            return
+        self._complete(response, False)
 
     # -- request / response ----------------------------------------------------------------
 
-    def request(self, data: list[bytes], deadline: float, cap: int) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
+    def request(self, data: list[bytes], deadline: float, cap: int) -> asyncio.Future[Response]:
         assert self.transport is not None
-        self.cap = cap
-        self._reset()
+        self.parser = ResponseParser(cap)
         self.waiter = self.loop.create_future()
         self.timer = self.loop.call_at(deadline, self._on_timeout)
         self.transport.writelines(data)
@@ -190,10 +108,10 @@ class _Connection(asyncio.Protocol):
         self._fail(TimeoutError("no answer within the timeout"))
 
     def _fail(self, exc: BaseException) -> None:
-        # What arrived is dropped now: the exception's traceback refers to this connection (a cycle
-        # through the waiter), which only the garbage collector would free, an answer's worth later.
-        self.pieces = []
-        del self.buf[:]
+        # What arrived is dropped now: the exception's traceback refers to the parser and this
+        # connection (a cycle through the waiter), which only the garbage collector would free.
+        if self.parser is not None:
+            self.parser.discard()
         self.reusable = False
         if self.timer is not None:
             self.timer.cancel()
@@ -202,144 +120,14 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()  # an answer over the cap: stop reading, drop the connection
 
-    def _complete(self) -> None:
-        if self.decoder is not None:
-            self.decoder.finish()
+    def _complete(self, response: Response, reusable: bool) -> None:
+        if not reusable:  # the answer said so (Connection: close, HTTP/1.0, a body ended by the close)
+            self.reusable = False
         if self.timer is not None:
             self.timer.cancel()
-        body = b"".join(self.pieces)
-        self.pieces = []
         assert self.waiter is not None
         if not self.waiter.done():
-            self.waiter.set_result((self.status, self.headers, body))
-
-    def _take(self, n: int) -> None:
-        """Move n bytes from the front of the buffer into the body."""
-        buf = self.buf
-        piece = buf[:n] if n < len(buf) else bytes(buf)
-        del buf[:n]
-        self.taken += n
-        if self.taken > self.cap:  # chunked or until-close: nothing said how long it would be
-            raise ResponseTooLarge(self.cap)
-        if self.decoder is None:
-            self.pieces.append(piece)
-        else:
-            self.pieces += self.decoder.decode(piece)
-
-    def _line(self) -> bytes | None:
-        """A CRLF-ended line from the front of the buffer (consumed), or None while incomplete."""
-        end = self.buf.find(b"\r\n")
-        if end < 0:
-            if len(self.buf) > MAX_HEAD_BYTES:
-                raise MalformedResponse(f"a chunk-size or trailer line is over {MAX_HEAD_BYTES} bytes")
-            return None
-        line = bytes(self.buf[:end])
-        del self.buf[: end + 2]
-        return line
-
-    def _parse(self) -> None:
-        buf = self.buf
-        while True:
-            state = self.state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise MalformedResponse(f"the response head is over {MAX_HEAD_BYTES} bytes")
-                    return
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                if self._head(head):
-                    continue  # an interim 1xx response: the real one follows
-                if self.state == _HEAD:  # no body (204, 304)
-                    self._complete()
-                    return
-            elif state in (_LENGTH, _CHUNK_DATA):
-                n = min(len(buf), self.remaining)
-                if n:
-                    self._take(n)
-                    self.remaining -= n
-                if self.remaining:
-                    return
-                if state == _CHUNK_DATA:
-                    self.state = _CHUNK_END
-                    continue
-                if buf:
-                    self.reusable = False  # extra bytes after the answer: never reuse this stream
-                self._complete()
-                return
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    raise MalformedResponse("a chunk does not end where its size says")
-                del buf[:2]
-                self.state = _CHUNK_SIZE
-            elif state == _CHUNK_SIZE:
-                line = self._line()
-                if line is None:
-                    return
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise MalformedResponse(f"a negative chunk size {line[:60]!r}")
-                self.remaining = size
-                self.state = _CHUNK_DATA if size else _TRAILERS
-            elif state == _TRAILERS:  # optional trailer lines, then an empty one
-                line = self._line()
-                if line is None:
-                    return
-                if not line:
-                    if buf:
-                        self.reusable = False
-                    self._complete()
-                    return
-            else:  # _TO_EOF: the body is everything until the server closes
-                if buf:
-                    self._take(len(buf))
-                return
-
-    def _head(self, head: bytes | bytearray) -> bool:
-        """Parse a response head; True for an interim (1xx) response."""
-        status_line, _, rest = head.partition(b"\r\n")
-        version, _, rest_of_line = status_line.partition(b" ")
-        if not version.startswith(b"HTTP/1."):
-            raise MalformedResponse(f"not an HTTP/1.x response: {bytes(status_line[:60])!r}")
-        status = int(rest_of_line[:3])
-        if 100 <= status < 200:
-            if status == 101:
-                raise MalformedResponse("the server switched protocols")
-            return True
-        headers: dict[str, str] = {}
-        if rest:
-            for line in rest.split(b"\r\n"):
-                name, sep, value = line.partition(b":")
-                if not sep:
-                    raise MalformedResponse(f"bad header line {bytes(line[:60])!r}")
-                key = name.strip().lower().decode("latin-1")
-                text = value.strip().decode("latin-1")
-                headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        self.status = status
-        self.headers = headers
-        encoding = headers.get("content-encoding")
-        self.decoder = BoundedDecoder(encoding, self.cap) if encoding else None
-        connection = headers.get("connection", "").lower()
-        if "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in connection):
-            self.reusable = False
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            self.state = _CHUNK_SIZE
-        elif "content-length" in headers:
-            self.remaining = int(headers["content-length"])
-            if self.remaining < 0:
-                raise MalformedResponse(f"a negative Content-Length {headers['content-length'][:60]!r}")
-            if self.remaining > self.cap:  # refused before reading a byte of it
-                raise ResponseTooLarge(self.cap)
-            self.state = _LENGTH
-        elif status in (204, 304):
-            self.state = _HEAD
-        else:
-            self.reusable = False
-            self.state = _TO_EOF
-        return False
+            self.waiter.set_result(response)
 
 
 class ConnectionPool:
@@ -366,7 +154,7 @@ class ConnectionPool:
         self._open: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
 
-    async def post(self, body: bytes, *, max_bytes: int) -> tuple[int, dict[str, str], bytes]:
+    async def post(self, body: bytes, *, max_bytes: int) -> Response:
         """(status, lower-cased headers, body) of the answer to one POST of `body`. An answer over
         `max_bytes` (as sent or decompressed) raises ResponseTooLarge and its connection is dropped."""
         loop = asyncio.get_running_loop()
