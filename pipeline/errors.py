@@ -13,7 +13,7 @@
                             unexpected exception in shared machinery (journal, commit,
                             storage): commit what can be, exit 4, resumable
 
-Foreign errors (socket and TLS errors, the connection pool's ResponseCut/MalformedResponse,
+Foreign errors (socket and TLS errors, the HTTP response reader's ResponseCut/MalformedResponse,
 aiohttp's, timeouts, HTTP statuses) become `RequestError` in exactly one place,
 `pipeline.net.client.translate`; nothing else matches on foreign types or on error text. Storage
 failures (fsspec backends) become `JobError` in one place, `pipeline.io.storage`.

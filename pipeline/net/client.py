@@ -18,7 +18,7 @@ What a hostile or broken endpoint cannot do here:
   either path; a 3xx fails the row as `bad_request` (not retried: the same URL redirects again),
   telling the user to set [endpoint] base_url to the final URL;
 - get a paid answer bought again for invalid UTF-8: it is decoded with U+FFFD and kept, and the
-  Reply's `warning` says so (the runner puts it in the ok row's `error` column);
+  Reply's `warning` says so (the sender puts it in the ok row's `error` column);
 - see the key in a message: every text from the endpoint is scrubbed by a Redactor before it is
   cut (pipeline.redact).
 """
