@@ -35,7 +35,8 @@ from pipeline.net.client import translate
 from pipeline.net.response import BoundedDecoder, ResponseTooLarge
 from pipeline.net.stream import StreamAssembler, StreamError
 from pipeline.redact import Redactor
-from pipeline.rows.answer import loads_json, parse_response, text_warning
+from pipeline.net.text import loads_json, text_warning
+from pipeline.rows.answer import parse_response
 from pipeline.rows.media import MediaBuilder
 from pipeline.tools.serve.hostile import BAD_UTF8, gzip_bomb
 

@@ -87,6 +87,35 @@ def test_no_import_circles() -> None:
             walk(node)
 
 
+# Each layer may import the layers before it, never one after: the folders read bottom-up.
+LAYERS = [
+    {"pipeline.errors", "pipeline.records", "pipeline.redact", "pipeline.lifeline", "pipeline.crashpoints"},
+    {"pipeline.config"},
+    {"pipeline.io"},
+    {"pipeline.net"},
+    {"pipeline.rows"},
+    {"pipeline.tools"},
+    {"pipeline.engine"},
+    {"pipeline.cli", "pipeline.__main__", "pipeline"},
+]
+
+
+def _layer(module: str) -> int:
+    for depth in (2, 1):
+        head = ".".join(module.split(".")[:depth])
+        for i, names in enumerate(LAYERS):
+            if head in names:
+                return i
+    raise AssertionError(f"{module} is in no layer of tests/test_layout.py")
+
+
+def test_packages_import_only_the_layers_below_them() -> None:
+    edges = graph()
+    upward = [f"{a} imports {b}" for a, targets in edges.items() for b in targets
+              if b in edges and _layer(b) > _layer(a)]
+    assert not upward, "\n".join(upward)
+
+
 def test_no_module_imports_another_modules_private_names() -> None:
     bad = []
     for name, path in modules().items():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobError
+from ..records import RESULT_COLUMNS
 from .fields import (
     Table,
     at_least,
@@ -24,10 +25,11 @@ from .fields import (
     setting,
     zero_or_more,
 )
+from .urls import check_url, is_url
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
-    "RunConfig", "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
+    "RunConfig", "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS", "schema_problem",
 ]
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -150,8 +152,6 @@ class ImagesConfig(Table):
 
 
 def _output_path(value: Any, where: str, base: Path) -> Path | str:
-    from ..io.storage import check_url, is_url
-
     if not isinstance(value, str) or not value:
         raise JobError(f"{where} must be a folder path or a URL, not {value!r}")
     value = value.removeprefix("file://")  # a local folder: written with rename and fsync
@@ -162,8 +162,6 @@ def _output_path(value: Any, where: str, base: Path) -> Path | str:
 
 
 def _checkpoint_path(value: Any, where: str, base: Path) -> Path:
-    from ..io.storage import is_url
-
     if isinstance(value, str) and is_url(value):
         raise JobError(f"{where}: must be a folder, not a URL (it needs appends, fsync and flock); "
                        f"put the checkpoint on a local disk or a filesystem every worker mounts, e.g. NFS")
@@ -227,8 +225,6 @@ class LabelsConfig(Table):
     name: str = setting("labels", doc="the json_schema name sent in response_format")
 
     def validate(self) -> None:
-        from ..rows.labels import schema_problem
-
         problem = schema_problem(self.schema)
         if problem:
             raise JobError(f"[labels] schema: {problem}")
@@ -276,3 +272,21 @@ class PricingConfig(Table):
         if self.input_per_million is None or self.output_per_million is None:
             return None
         return self.input_per_million, self.output_per_million
+
+
+def schema_problem(schema: Any) -> str | None:
+    """Why this schema cannot drive a labeling job, or None when it can."""
+    if not isinstance(schema, dict):
+        return "must be a JSON Schema object"
+    import jsonschema  # here, not at the top: ~70 ms, and most jobs have no [labels]
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return f"not a valid JSON Schema ({exc.message})"
+    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
+        return 'must be {"type": "object", "properties": {...}}: its top-level properties become the label columns'
+    clash = sorted(RESULT_COLUMNS & set(schema["properties"]))
+    if clash:
+        return f"property {clash[0]!r} is also an output column; rename it"
+    return None

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..config import Job
+from ..config.urls import display
 from ..errors import LocalFailure, StopJob, local_failure
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.manifest import Plan
-from ..io.storage import display
-from ..records import TOKEN_COLUMNS, CommitRecord
 from .console import Console
 from .process import EXIT_SIGNAL
 
-__all__ = ["Counts", "Stopped", "finish", "dataset_state", "exit_code", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE",
+__all__ = ["Counts", "Stopped", "finish", "exit_code", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE",
            "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
@@ -44,29 +43,6 @@ class Counts:
     sent: int = 0  # HTTP requests made this run
     spent: float = 0.0  # cost of this run's answers, from [pricing]
     by_kind: Counter[str] = field(default_factory=Counter)
-
-
-def dataset_state(plan: Plan, commits: dict[int, CommitRecord]) -> dict[str, Any]:
-    """Counts over the whole output, from the commit records alone (no answer is read)."""
-    by_kind: Counter[str] = Counter()
-    tokens: Counter[str] = Counter()
-    ok = rows = 0
-    spend = 0.0
-    for rec in commits.values():
-        spend += rec.spend or 0.0
-        ok += rec.ok
-        rows += rec.rows
-        by_kind.update(rec.failed)
-        tokens.update(rec.tokens)
-    return {
-        "rows": plan.total_rows,
-        "ok": ok,
-        "failed": sum(by_kind.values()),
-        "failed_by_kind": dict(by_kind),
-        "pending": max(0, plan.total_rows - rows),
-        "tokens": {k: tokens.get(k, 0) for k in TOKEN_COLUMNS},
-        "spend": round(spend, 6),  # from [pricing]; 0 without it
-    }
 
 
 def exit_code(stopped: Stopped, state: dict[str, Any]) -> int:

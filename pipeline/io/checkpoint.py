@@ -22,17 +22,18 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import JobError, LockedError, local_failure
-from ..records import CommitRecord
+from ..records import TOKEN_COLUMNS, CommitRecord
 from .manifest import Plan, load_plan_dict
 from .storage import PartStore
 from .writer import remove_parts
 
-__all__ = ["Checkpoint", "write_json_atomic", "parse_commits"]
+__all__ = ["Checkpoint", "write_json_atomic", "parse_commits", "dataset_state"]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -202,3 +203,26 @@ class Checkpoint:
 
     def last_summary(self) -> dict[str, Any] | None:
         return _read_json(self.summary_path)
+
+
+def dataset_state(plan: Plan, commits: dict[int, CommitRecord]) -> dict[str, Any]:
+    """Counts over the whole output, from the commit records alone (no answer is read)."""
+    by_kind: Counter[str] = Counter()
+    tokens: Counter[str] = Counter()
+    ok = rows = 0
+    spend = 0.0
+    for rec in commits.values():
+        spend += rec.spend or 0.0
+        ok += rec.ok
+        rows += rec.rows
+        by_kind.update(rec.failed)
+        tokens.update(rec.tokens)
+    return {
+        "rows": plan.total_rows,
+        "ok": ok,
+        "failed": sum(by_kind.values()),
+        "failed_by_kind": dict(by_kind),
+        "pending": max(0, plan.total_rows - rows),
+        "tokens": {k: tokens.get(k, 0) for k in TOKEN_COLUMNS},
+        "spend": round(spend, 6),  # from [pricing]; 0 without it
+    }

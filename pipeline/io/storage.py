@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,18 +32,18 @@ from typing import Any, Callable, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..config.urls import check_url, display
 from ..errors import JobError
 from ..records import CommitRecord
 from ..redact import Redactor
 
-__all__ = ["PartStore", "is_url", "check_url", "display", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
+__all__ = ["PartStore", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
 
 # Keys of storage_options that name a place, not a secret: kept in messages (they help the fix).
 PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
 # Credentials the backends read from the environment: scrubbed too, should a message echo one.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
               "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
-_USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
 T = TypeVar("T")
 # Which job owns the folder. The leading underscore hides it from pyarrow.dataset and pandas
 # (they skip "_" and "." names) and a DuckDB `*.parquet` glob does not match it.
@@ -64,49 +63,6 @@ def file_digest(path: Path) -> str:
 
 def bytes_digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()
-
-
-def is_url(text: str) -> bool:
-    return "://" in text
-
-
-def display(location: Path | str) -> str:
-    """The output's place as shown in messages and summaries: a URL without user:password@."""
-    return _USERINFO.sub(r"\1", location) if isinstance(location, str) else str(location)
-
-
-def _protocol(url: str) -> str:
-    return url.split("://", 1)[0].lower()
-
-
-def _install_hint(protocol: str) -> str:
-    if protocol in ("s3", "s3a"):
-        return "pip install 'pipeline[s3]'"
-    try:
-        from fsspec.registry import known_implementations
-    except ImportError:
-        return "pip install fsspec and the fsspec backend for it"
-    known = known_implementations.get(protocol)
-    if known is None:
-        return "pip install fsspec and the fsspec backend for it"
-    package = known["class"].split(".")[0]
-    return f"pip install {package}" if package != "fsspec" else known.get("err", "install its fsspec backend")
-
-
-def check_url(url: str, where: str) -> None:
-    """At job load, before anything is sent: fsspec and the URL's backend are installed."""
-    protocol = _protocol(url)
-    try:
-        import fsspec
-    except ImportError:
-        raise JobError(f"{where}: {protocol}:// URLs need fsspec and its backend: {_install_hint(protocol)}") from None
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ImportError:
-        raise JobError(f"{where}: {protocol}:// URLs need their fsspec backend: {_install_hint(protocol)}") from None
-    except ValueError:
-        raise JobError(f"{where}: no fsspec backend knows {protocol}:// URLs; "
-                       f"use a local folder or a URL such as s3://bucket/prefix") from None
 
 
 class PartStore:

@@ -36,7 +36,6 @@ import orjson
 from ..config import LimitsConfig
 from ..errors import RequestError
 from ..redact import Redactor
-from ..rows.answer import loads_json, text_warning
 from .connection import ConnectionPool
 from .response import (
     ACCEPT_ENCODING,
@@ -47,6 +46,7 @@ from .response import (
 )
 from .retry import DASHSCOPE_THROTTLE
 from .stream import StreamAssembler, StreamError
+from .text import loads_json, text_warning
 
 if TYPE_CHECKING:
     import aiohttp

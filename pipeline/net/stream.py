@@ -34,7 +34,7 @@ import json
 from typing import Any, Iterable
 
 from ..redact import Redactor
-from ..rows.answer import decode_utf8, loads_json, text_warning
+from .text import decode_utf8, loads_json, text_warning
 
 __all__ = ["StreamAssembler", "StreamError", "assemble", "to_sse", "DONE"]
 

@@ -27,7 +27,7 @@ from ..errors import RequestError
 from ..records import RESULT_COLUMNS
 from .answer import split_think
 
-__all__ = ["Labels", "extract_json", "schema_problem", "column_type", "example_for_schema", "FORBIDDEN_NAMES"]
+__all__ = ["Labels", "extract_json", "column_type", "example_for_schema", "FORBIDDEN_NAMES"]
 
 # Names the output already uses; a label column may not take one (it would hide a result column).
 FORBIDDEN_NAMES = RESULT_COLUMNS
@@ -40,24 +40,6 @@ def _describe(error: jsonschema.ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path)
     message = error.message if len(error.message) <= _MESSAGE_CAP else error.message[:_MESSAGE_CAP] + "..."
     return message + (f" (at {where})" if where else "")
-
-
-def schema_problem(schema: Any) -> str | None:
-    """Why this schema cannot drive a labeling job, or None when it can."""
-    if not isinstance(schema, dict):
-        return "must be a JSON Schema object"
-    import jsonschema
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        return f"not a valid JSON Schema ({exc.message})"
-    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
-        return 'must be {"type": "object", "properties": {...}}: its top-level properties become the label columns'
-    clash = sorted(FORBIDDEN_NAMES & set(schema["properties"]))
-    if clash:
-        return f"property {clash[0]!r} is also an output column; rename it"
-    return None
 
 
 def extract_json(answer: str) -> Any:

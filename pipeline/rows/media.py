@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 from ..config import ImagesConfig, InputConfig
 from ..errors import InputError
 from .files import LocalFiles
-from .images import MB, bytes_image, check_data_uri, data_uri_image, local_image, local_video, video_uri
+from .images import (
+    MB,
+    bytes_image,
+    check_data_uri,
+    data_uri_image,
+    local_image,
+    local_video,
+    video_uri,
+)
 from .values import image_values, is_list_cell, kind_of, show
 from .workers import Workers
 

@@ -8,11 +8,10 @@ from typing import Any
 import pyarrow as pa
 
 from ..config import Job
-from ..engine.summary import dataset_state
+from ..config.urls import display
 from ..errors import ErrorKind
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.journal import latest_per_id, read_journal_table
-from ..io.storage import display
 
 __all__ = ["job_status", "render"]
 
