@@ -24,12 +24,14 @@ __all__ = [
     "InputError",
     "RequestError",
     "StopJob",
+    "LocalFailure",
+    "ErrorKind",
 ]
 __version__ = "0.1.0"
 
 _HOME = {
     "Job": "config", "load_job": "config", "run": "engine", "RunOptions": "engine",
-    **{name: "errors" for name in ("PipelineError", "JobError", "LockedError", "RowError", "InputError", "RequestError", "StopJob")},
+    **{name: "errors" for name in ("PipelineError", "JobError", "LockedError", "RowError", "InputError", "RequestError", "StopJob", "LocalFailure", "ErrorKind")},
 }
 
 

@@ -2,7 +2,7 @@
 
     row = ResultRow("r1", answer="a cat", attempts=1, latency_ms=812)
     journal.append(shard, row)                   # one JSON line: row.to_json()
-    RESULT_SCHEMA                                # the output's result columns, from ResultRow's fields
+    result_schema()                              # the output's result columns, from ResultRow's fields
     rec = CommitRecord.from_dict(json.loads(line))   # one line of the checkpoint's commits.jsonl
 
 `ResultRow`'s fields ARE the output's result columns: their order, names and Arrow types are
@@ -15,16 +15,21 @@ record written by an earlier version (fewer fields) still reads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
-import pyarrow as pa
 
-__all__ = ["ResultRow", "RESULT_SCHEMA", "RESULT_COLUMNS", "CommitRecord", "TOKEN_COLUMNS"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["ResultRow", "result_schema", "RESULT_COLUMNS", "CommitRecord", "TOKEN_COLUMNS"]
 
 
-def _column(arrow: pa.DataType, doc: str, default: Any = None) -> Any:
+def _column(arrow: str, doc: str, default: Any = None) -> Any:
+    """A result column: its Arrow type by name (pyarrow is imported only to build the schema:
+    `pipeline serve` and `status` read these names without it)."""
     return field(default=default, metadata={"arrow": arrow, "doc": doc})
 
 
@@ -33,19 +38,19 @@ class ResultRow:
     """One row's result, as journaled and as written to its part file (after the input columns)."""
 
     id: str
-    answer: str | None = _column(pa.string(), "the answer, without any <think> block")
-    reasoning: str | None = _column(pa.string(), "the <think> block, reasoning_content or reasoning")
-    prompt_tokens: int | None = _column(pa.int64(), "as the provider counted them")
-    completion_tokens: int | None = _column(pa.int64(), "reasoning included")
-    total_tokens: int | None = _column(pa.int64(), "")
-    model: str | None = _column(pa.string(), "the model that answered, as the server said")
-    finish_reason: str | None = _column(pa.string(), "")
-    status: str = _column(pa.string(), '"ok" or "error"', "ok")
-    error: str | None = _column(pa.string(), "the status and the provider's message; on an ok row, a warning")
-    error_kind: str | None = _column(pa.string(), "an ErrorKind (pipeline.errors)")
-    attempts: int = _column(pa.int32(), "requests made for this row", 0)
-    latency_ms: int | None = _column(pa.int64(), "of the attempt that answered")
-    cost: float | None = _column(pa.float64(), "from [pricing]: every attempt of the row; null without it or without usage")
+    answer: str | None = _column("string", "the answer, without any <think> block")
+    reasoning: str | None = _column("string", "the <think> block, reasoning_content or reasoning")
+    prompt_tokens: int | None = _column("int64", "as the provider counted them")
+    completion_tokens: int | None = _column("int64", "reasoning included")
+    total_tokens: int | None = _column("int64", "")
+    model: str | None = _column("string", "the model that answered, as the server said")
+    finish_reason: str | None = _column("string", "")
+    status: str = _column("string", '"ok" or "error"', "ok")
+    error: str | None = _column("string", "the status and the provider's message; on an ok row, a warning")
+    error_kind: str | None = _column("string", "an ErrorKind (pipeline.errors)")
+    attempts: int = _column("int32", "requests made for this row", 0)
+    latency_ms: int | None = _column("int64", "of the attempt that answered")
+    cost: float | None = _column("float64", "from [pricing]: every attempt of the row; null without it or without usage")
     labels: dict[str, Any] = field(default_factory=dict)  # a [labels] run: one column per label
 
     @property
@@ -77,10 +82,18 @@ class ResultRow:
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "labels")
-_TEXTS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.metadata.get("arrow") == pa.string() or f.name == "id")
-RESULT_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in dataclasses.fields(ResultRow) if "arrow" in f.metadata])
-RESULT_COLUMNS = frozenset({"id", *RESULT_SCHEMA.names})  # names a label or an input column may not take as they are
+_TEXTS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.metadata.get("arrow") == "string" or f.name == "id")
+RESULT_COLUMNS = frozenset(_NAMES)  # names a label or an input column may not take as they are
 TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+@functools.cache
+def result_schema() -> pa.Schema:
+    """The output's result columns (after `id` and the input columns), typed."""
+    import pyarrow as pa
+
+    return pa.schema([(f.name, getattr(pa, f.metadata["arrow"])()) for f in dataclasses.fields(ResultRow)
+                      if "arrow" in f.metadata])
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,15 @@ def test_architecture_names_every_module() -> None:
     missing = [str(path.relative_to(PACKAGE)) for name, path in modules().items()
                if path.name != "__init__.py" and path.name != "__main__.py" and path.stem not in text]
     assert not missing, f"ARCHITECTURE.md does not name: {', '.join(missing)}"
+
+
+def test_the_built_in_endpoint_and_status_start_without_arrow() -> None:
+    """`pipeline serve` starts once per test endpoint and per [serve] run: it must not pay for
+    pyarrow (~0.3 s); nor must reading a job file."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.cli, pipeline.tools.serve, pipeline.config, pipeline.engine.process; "
+            "print(sorted(m for m in ('pyarrow', 'pandas', 'jsonschema', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]", out

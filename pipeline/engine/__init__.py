@@ -10,9 +10,10 @@ with one summary (pipeline.engine.summary).
 
 from __future__ import annotations
 
-from ..config import Job
+from typing import TYPE_CHECKING
+
 from .options import RunOptions
-from .summary import (
+from .process import (
     EXIT_FAILED_ROWS,
     EXIT_LOCAL_FAILURE,
     EXIT_LOCKED,
@@ -24,6 +25,10 @@ from .summary import (
 
 __all__ = ["run", "RunOptions", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
            "EXIT_LOCKED", "EXIT_SIGNAL"]
+
+
+if TYPE_CHECKING:
+    from ..config import Job
 
 
 def run(job: Job, options: RunOptions = RunOptions()) -> int:

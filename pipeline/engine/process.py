@@ -19,11 +19,11 @@ import signal
 import threading
 from typing import Any, Callable, Coroutine, Iterator
 
-import pyarrow as pa
-
 __all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "Deadline",
-           "EXIT_SIGNAL"]
+           "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
 
+# The process's exit codes (pipeline.engine.summary says when each is given).
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -33,6 +33,8 @@ def tune_memory() -> None:
     MB). glibc's malloc kept them too, with an arena per thread (reads and commits run in threads)
     and a mmap threshold that grows after large frees: two arenas, large buffers always mmapped
     (returned on free), and `give_back_memory` after each commit. Must run before the threads start."""
+    import pyarrow as pa  # here: `pipeline serve` uses this module's loop and signals without Arrow
+
     pa.set_memory_pool(pa.system_memory_pool())
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
@@ -79,6 +81,7 @@ def warm_imports() -> None:
     Shard commits need pyarrow.compute; pyarrow's first pa.array of Python objects imports pandas
     where it is installed and not marked absent (cli.py does that for `pipeline run`; a Ray worker
     process, which may serve other tasks, keeps it)."""
+    import pyarrow as pa
     import pyarrow.compute  # noqa: F401
 
     pa.array([0])

@@ -25,12 +25,19 @@ from ..errors import LocalFailure, StopJob, local_failure
 from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.manifest import Plan
 from .console import Console
-from .process import EXIT_SIGNAL
+from .process import (
+    EXIT_FAILED_ROWS,
+    EXIT_LOCAL_FAILURE,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_SIGNAL,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+)
 
 __all__ = ["Counts", "Stopped", "finish", "exit_code", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE",
            "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 Stopped = Union[StopJob, LocalFailure, int, None]  # why a run ended early: the provider, this machine, a signal
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..crashpoints import crash_point
-from ..records import RESULT_COLUMNS, RESULT_SCHEMA
+from ..records import RESULT_COLUMNS, result_schema
 from .storage import PartStore, bytes_digest, file_digest
 
 __all__ = ["part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]
@@ -51,7 +51,7 @@ def build_part(
     """Rows of `table` that have a result, in manifest order, with the result columns added.
 
     `results` has one row per id (see journal.latest_per_id) with `extra_fields` (label columns)
-    and RESULT_SCHEMA's columns; rows are matched by id, never by position.
+    and the result columns (records.result_schema); rows are matched by id, never by position.
     """
     # Plain dicts, not pc.index_in: its hash table reserves ~40 MB that the allocator then keeps.
     position = {row_id: i for i, row_id in enumerate(results.column("id").to_pylist())}
@@ -67,7 +67,7 @@ def build_part(
     for col, name in output_columns(table.column_names, id_column, frozenset(f.name for f in extra_fields)):
         arrays.append(table.column(col))
         names.append(name)
-    for field in (*extra_fields, *RESULT_SCHEMA):
+    for field in (*extra_fields, *result_schema()):
         arrays.append(matched.column(field.name).cast(field.type))
         names.append(field.name)
     return pa.Table.from_arrays(arrays, names=names)
@@ -75,7 +75,7 @@ def build_part(
 
 def journal_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> pa.Schema:
     """The columns a journal line holds, typed as the part file wants them."""
-    return pa.schema([pa.field("id", pa.string()), *extra_fields, *RESULT_SCHEMA])
+    return pa.schema([pa.field("id", pa.string()), *extra_fields, *result_schema()])
 
 
 def _fsync_dir(folder: Path) -> None:
