@@ -1,7 +1,9 @@
 """pipeline: bulk vision-LLM jobs, a manifest of images and prompts in, a Parquet dataset out.
 
-    from pipeline import load_job, run, RunOptions
-    code = run(load_job("jobs/demo.toml"), RunOptions())
+    import pipeline
+    job = pipeline.load_job("jobs/demo.toml")          # or a dict shaped like the TOML file
+    res = pipeline.run(job)                            # or run(job, manifest=df); await arun(...) in a loop
+    res.exit_code, res.ok, res.failed, res.pending; res.to_pandas()
 
 See ARCHITECTURE.md for how the modules fit together. Names are imported on first use, so
 `pipeline serve` and `pipeline status` start without loading the engine's dependencies.
@@ -16,7 +18,8 @@ __all__ = [
     "Job",
     "load_job",
     "run",
-    "RunOptions",
+    "arun",
+    "RunResult",
     "PipelineError",
     "JobError",
     "LockedError",
@@ -30,7 +33,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
-    "Job": "config", "load_job": "config", "run": "engine", "RunOptions": "engine",
+    "Job": "config", "load_job": "api", "run": "api", "arun": "api", "RunResult": "api",
     **{name: "errors" for name in ("PipelineError", "JobError", "LockedError", "RowError", "InputError", "RequestError", "StopJob", "LocalFailure", "ErrorKind")},
 }
 

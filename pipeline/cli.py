@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ERROR_KINDS, JobError, LocalFailure, LockedError
+from .errors import JobError, LocalFailure, LockedError
 
 __all__ = ["main"]
 
@@ -62,29 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _retry_kinds(value: str | None) -> frozenset[str] | None:
-    if value is None:
-        return None
-    kinds = frozenset(k.strip() for k in value.split(",") if k.strip())
-    unknown = kinds - set(ERROR_KINDS)
-    if unknown:
-        raise JobError(f"--retry-failed: unknown kind {sorted(unknown)[0]!r}; kinds: {', '.join(ERROR_KINDS)}")
-    return kinds
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             from .config import load_job
             from .engine import RunOptions, run
+            from .engine.options import retry_kinds
 
             if args.dry_run:
                 from .tools.dryrun import dry_run
 
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
-            options = RunOptions(retry_failed=_retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress)
+            options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress)
             return run(load_job(args.job), options)
         if args.command == "status":
             from .config import load_job

@@ -96,7 +96,7 @@ LAYERS = [
     {"pipeline.rows"},
     {"pipeline.tools"},
     {"pipeline.engine"},
-    {"pipeline.cli", "pipeline.__main__", "pipeline"},
+    {"pipeline.cli", "pipeline.api", "pipeline.__main__", "pipeline"},
 ]
 
 

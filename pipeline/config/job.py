@@ -61,6 +61,11 @@ class Job:
     labels: LabelsConfig | None = None
     pricing: PricingConfig | None = None
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    # A job whose manifest is given in memory (the Python API's manifest=): [input] path is where
+    # it is stored, in the checkpoint folder, and relative local image paths resolve against
+    # `files_base` (the working directory) instead of the manifest's folder.
+    in_memory: bool = False
+    files_base: Path | None = None
 
     def request_shape(self) -> dict[str, Any]:
         """What shapes a request's answer; a change here invalidates the checkpoint's answers.
@@ -101,8 +106,15 @@ class Job:
         return replace(self, endpoint=replace(self.endpoint, base_url=base_url))
 
 
-def load_job(path: str | os.PathLike[str], *, require_key: bool = True) -> Job:
-    """Read and check a job file. Every problem is a JobError with one line naming file and key."""
+def load_job(path: str | os.PathLike[str] | dict[str, Any], *, require_key: bool = True,
+             input_optional: bool = False) -> Job:
+    """Read and check a job file, or a dict shaped like one (relative paths then resolve against
+    the working directory). Every problem is a JobError with one line naming file and key.
+    `input_optional`: [input] path may be left out (the Python API gives the manifest in memory)."""
+    if isinstance(path, dict):
+        name = path.get("name")
+        source = Path.cwd() / f"{name if isinstance(name, str) and name else 'job'}.toml"  # never read
+        return parse_job(path, source, require_key=require_key, input_optional=input_optional)
     source = Path(path)
     try:
         text = source.read_text(encoding="utf-8")
@@ -114,17 +126,21 @@ def load_job(path: str | os.PathLike[str], *, require_key: bool = True) -> Job:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobError(f"{source}: not valid TOML ({exc})") from None
-    return parse_job(data, source, require_key=require_key)
+    return parse_job(data, source, require_key=require_key, input_optional=input_optional)
 
 
+IN_MEMORY_PATH = "manifest.parquet"  # [input] path of a job whose manifest comes in memory, until it is stored
 _TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve")
 
 
-def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -> Job:
+def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, input_optional: bool = False) -> Job:
     """A job from the parsed TOML (or a dict of the same shape). Relative paths resolve against
     the folder of `source`."""
     src = str(source)
     base = source.resolve().parent
+    in_memory = input_optional and not (isinstance(data.get("input"), dict) and "path" in data["input"])
+    if in_memory:  # a stand-in, replaced by the stored manifest's path when the manifest is given
+        data = {**data, "input": {**(data.get("input") or {}), "path": IN_MEMORY_PATH}}
     top = read_table(_TopLevel, {k: v for k, v in data.items() if k not in _TABLES}, source=src, base=base)
     for name in _TABLES:
         if name in data and not isinstance(data[name], dict):
@@ -151,7 +167,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True) -
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=table(LimitsConfig),
         output=_output(table(OutputConfig), base, top.name), run=table(RunConfig), serve=serve, labels=labels,
-        pricing=pricing, images=table(ImagesConfig),
+        pricing=pricing, images=table(ImagesConfig), in_memory=in_memory,
     )
 
 

@@ -10,7 +10,7 @@ with one summary (pipeline.engine.summary).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .options import RunOptions
 from .process import (
@@ -23,22 +23,31 @@ from .process import (
     EXIT_USAGE,
 )
 
-__all__ = ["run", "RunOptions", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
+__all__ = ["run", "executor_for", "RunOptions", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
            "EXIT_LOCKED", "EXIT_SIGNAL"]
 
 
 if TYPE_CHECKING:
     from ..config import Job
+    from ..io.checkpoint import Checkpoint
+    from .executor import Executor
+    from .host import Host
 
 
 def run(job: Job, options: RunOptions = RunOptions()) -> int:
     """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
+    return executor_for(job, options).run()
+
+
+def executor_for(job: Job, options: RunOptions = RunOptions(), *, host: Host | None = None,
+                 stage: Callable[[Checkpoint], None] | None = None) -> Executor:
+    """The executor the job asks for ([run] engine), not started."""
     if job.run.engine == "ray":
         from .ray import (
             RayExecutor,  # the optional extra: a JobError naming it when Ray is missing
         )
 
-        return RayExecutor(job, options).run()
+        return RayExecutor(job, options, host=host, stage=stage)
     from .local import LocalExecutor
 
-    return LocalExecutor(job, options).run()
+    return LocalExecutor(job, options, host=host, stage=stage)

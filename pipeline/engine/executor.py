@@ -2,19 +2,21 @@
 
     code = LocalExecutor(job, options).run()      # this process (pipeline.engine.local)
     code = RayExecutor(job, options).run()        # Ray tasks over a cluster (pipeline.engine.ray)
+    executor.summary                              # what last_run.json says, once run() returned
 
 The base does what every executor shares, the datatrove way: lock the job and prepare it (plan,
 verified commits, shards to do), start the built-in endpoint for a job with `[serve]`, hand
 signals over, show progress, and end with the one run summary (exit code, last_run.json). A
 subclass says only how the shards still to do are sent: `execute(ckpt, ready)` returns this run's
-counts and why it stopped early.
+counts and why it stopped early. Whether the run owns its process (the CLI) or is a caller's
+guest (the Python API) is the host's business (pipeline.engine.host), not the executor's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ..config import Job
 from ..errors import local_failure
@@ -23,7 +25,7 @@ from .commit import write_empty_dataset
 from .console import Console
 from .options import RunOptions
 from .prepare import Prepared, prepare
-from .process import tune_memory
+from .host import Host, ProcessHost
 from .shard import make_labels
 from .summary import Counts, Stopped, finish
 
@@ -31,20 +33,26 @@ __all__ = ["Executor"]
 
 
 class Executor:
-    def __init__(self, job: Job, options: RunOptions = RunOptions()) -> None:
+    def __init__(self, job: Job, options: RunOptions = RunOptions(), *, host: Host | None = None,
+                 stage: Callable[[Checkpoint], None] | None = None) -> None:
         self.job = job
         self.options = options
+        self.host = host or ProcessHost()
+        self.stage = stage  # under the lock, before planning: e.g. store an in-memory manifest
         self.console = Console.for_job(job)
+        self.summary: dict[str, Any] = {}
 
     def run(self) -> int:
         """Run the job to its end or to a stop; returns the exit code. Never raises for row errors."""
-        tune_memory()
+        self.host.tune()
         job, console = self.job, self.console
         ckpt = Checkpoint(job.output.checkpoint)
         with ckpt.locked(job.name):
             if ckpt.took_over_from is not None:
                 console.say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running")
             try:  # a full or read-only disk is one line and exit 4, before anything is sent
+                if self.stage is not None:
+                    self.stage(ckpt)
                 ready = prepare(job, ckpt, self.options, console)
                 started = time.time()
                 if ready.plan.total_rows == 0:
@@ -53,7 +61,8 @@ class Executor:
             except OSError as exc:
                 raise local_failure(exc, "preparing the run") from None
             counts, stopped = self.execute(ckpt, ready) if ready.todo else (Counts(), None)
-            return finish(job, ckpt, ready.plan, started, counts, stopped, console)
+            code, self.summary = finish(job, ckpt, ready.plan, started, counts, stopped, console, again=self.host.again)
+            return code
 
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         """Send the rows of `ready.todo`; this run's counts and why it stopped early (None: it did not)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
-__all__ = ["RunOptions"]
+from ..errors import ERROR_KINDS, JobError
+
+__all__ = ["RunOptions", "retry_kinds"]
 
 
 @dataclass(frozen=True)
@@ -12,3 +15,18 @@ class RunOptions:
     retry_failed: frozenset[str] | None = None  # None: no retry; empty set: every failed kind
     restart: bool = False  # forget the checkpoint (and the part files made from it)
     progress: bool | None = None  # None: a bar when stderr is a terminal
+
+
+def retry_kinds(value: bool | str | Iterable[str] | None, flag: str = "--retry-failed") -> frozenset[str] | None:
+    """--retry-failed's value (or the API's retry_failed=): None or False: no retry; True or "":
+    every failed kind; "a,b" or ["a", "b"]: those kinds, each checked."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return frozenset()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    kinds = frozenset(str(k).strip() for k in items if str(k).strip())
+    unknown = kinds - set(ERROR_KINDS)
+    if unknown:
+        raise JobError(f"{flag}: unknown kind {sorted(unknown)[0]!r}; kinds: {', '.join(ERROR_KINDS)}")
+    return kinds

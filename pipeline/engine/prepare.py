@@ -63,7 +63,7 @@ def _check_append_only(job: Job, old: Plan, new: Plan) -> None:
             continue  # the last shard grew: rows were appended
         raise JobError(
             f"[input] path: manifest rows {s.first_row}-{s.first_row + s.rows - 1} changed since they were processed "
-            f"(only appending rows is allowed); run with --restart to start over"
+            f"(only appending rows is allowed); run with --restart (in Python: restart=True) to start over"
         )
 
 

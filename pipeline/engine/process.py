@@ -19,7 +19,7 @@ import signal
 import threading
 from typing import Any, Callable, Coroutine, Iterator
 
-__all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "Deadline",
+__all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "Deadline", "exit_process",
            "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
 
 # The process's exit codes (pipeline.engine.summary says when each is given).
@@ -111,20 +111,26 @@ def on_signals(loop: asyncio.AbstractEventLoop, first: Callable[[int], None],
             loop.remove_signal_handler(sig)
 
 
-class Deadline:
-    """Ends the process with `code` after `seconds`, unless cancelled: a thread, not the loop (a
-    blocked loop is one of the things it guards against). Everything journaled is on disk or in
-    the OS's hands already when it fires."""
+def exit_process(code: int) -> None:
+    """What a deadline does in a process the run owns: end it (no teardown that could hang)."""
+    os._exit(code)
 
-    def __init__(self, seconds: float, code: int, say: Callable[[str], None]) -> None:
-        self._timer = threading.Timer(seconds, self._fire, args=(seconds, code, say))
+
+class Deadline:
+    """Calls `expire(code)` after `seconds` unless cancelled (by default: ends the process with
+    `code`): a thread, not the loop (a blocked loop is one of the things it guards against).
+    Everything journaled is on disk or in the OS's hands already when it fires."""
+
+    def __init__(self, seconds: float, code: int, say: Callable[[str], None],
+                 expire: Callable[[int], None] = exit_process) -> None:
+        self._timer = threading.Timer(seconds, self._fire, args=(seconds, code, say, expire))
         self._timer.daemon = True
         self._timer.start()
 
     @staticmethod
-    def _fire(seconds: float, code: int, say: Callable[[str], None]) -> None:
-        say(f"error: the run did not end within {seconds:g}s of the stop; exiting now (everything journaled is kept)")
-        os._exit(code)
+    def _fire(seconds: float, code: int, say: Callable[[str], None], expire: Callable[[int], None]) -> None:
+        say(f"error: the run did not end within {seconds:g}s of the stop; ending it now (everything journaled is kept)")
+        expire(code)
 
     def cancel(self) -> None:
         self._timer.cancel()

@@ -15,13 +15,24 @@ __all__ = ["Progress", "PROGRESS_EVERY_S"]
 PROGRESS_EVERY_S = 0.25
 
 
+def _in_notebook() -> bool:
+    """A Jupyter kernel runs this process (IPython is imported only where it is in use)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None  # type: ignore[attr-defined]
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
 class Progress:
-    def __init__(self, show: bool | None, *, total: int, initial: int = 0) -> None:
+    def __init__(self, show: bool | None, *, total: int, initial: int = 0, auto: bool = False) -> None:
+        """`auto`: tqdm.auto's bar (a widget in a notebook, shown there by default)."""
         if show is None:
-            show = sys.stderr.isatty()
+            show = sys.stderr.isatty() or (auto and _in_notebook())
         self._bar: Any = None
         if show:
-            from tqdm import tqdm  # imported only for a bar
+            if auto:
+                from tqdm.auto import tqdm
+            else:
+                from tqdm import tqdm  # imported only for a bar
 
             self._bar = tqdm(total=total, initial=initial, unit="row", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
 

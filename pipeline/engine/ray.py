@@ -58,7 +58,6 @@ from ..io.checkpoint import Checkpoint
 from ..io.manifest import Shard
 from .executor import Executor
 from .prepare import Prepared
-from .process import on_signals
 from .progress import PROGRESS_EVERY_S, Progress
 from .ray_task import Coordinator, shard_task
 from .summary import Counts, Stopped
@@ -72,7 +71,7 @@ class RayExecutor(Executor):
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         connected_here = _connect(self.job)
         try:
-            return asyncio.run(_Driver(self, ready).run())
+            return self.host.run_loop(_Driver(self, ready).run())
         finally:
             if connected_here:
                 ray.shutdown()  # ends a Ray started here; only disconnects from a cluster
@@ -111,8 +110,9 @@ class _Driver:
         async with self.executor.serving() as job:  # on this machine: reachable by this machine's workers
             self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_restarts=0).remote(job.limits)
             loop = asyncio.get_running_loop()
-            with on_signals(loop, first=self._interrupt, at_once=self._at_once), \
-                    Progress(self.options.progress, total=self.ready.plan.total_rows, initial=self.base_done) as bar:
+            with self.executor.host.signals(loop, self._interrupt, self._at_once), \
+                    Progress(self.options.progress, total=self.ready.plan.total_rows, initial=self.base_done,
+                             auto=self.executor.host.auto_progress) as bar:
                 await self._drive(job, bar)
         stopped: Stopped = self.failure or (self.stop_signal if self.stop_signal is not None else self.stop_reason)
         return self.counts, stopped

@@ -27,7 +27,7 @@ import contextlib
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 import pyarrow as pa
 
@@ -46,7 +46,7 @@ from ..rows.request import RequestBuilder, placeholders
 from .commit import answers_so_far, commit_shard
 from .console import Console
 from .options import RunOptions
-from .process import EXIT_SIGNAL, Deadline, give_back_memory, warm_imports
+from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
 from .sender import RowSender, RowState, error_row
 from .summary import EXIT_LOCAL_FAILURE, EXIT_STOPPED, Counts, Stopped
 
@@ -80,7 +80,8 @@ class _ShardWork:
 
 class ShardEngine:
     def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Limiter, console: Console,
-                 options: RunOptions, committed_rows: dict[int, int] | None = None) -> None:
+                 options: RunOptions, committed_rows: dict[int, int] | None = None,
+                 expire: Callable[[int], None] = exit_process) -> None:
         self.job, self.ckpt, self.plan, self.options = job, ckpt, plan, options
         self.limits = job.limits
         self.limiter = limiter
@@ -104,6 +105,7 @@ class ShardEngine:
         self.idle: set[asyncio.Task[None]] = set()  # workers waiting for a row: nothing in flight
         self.tasks: asyncio.TaskGroup | None = None
         self.deadline: Deadline | None = None
+        self.expire = expire  # what a stop that does not end in time comes to: the process ends (CLI)
         self.internal_errors = 0
         self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
         self.columns = self._request_columns()
@@ -130,6 +132,11 @@ class ShardEngine:
             await self._commit_partial()
         finally:
             await self._close()
+        return self.stopped
+
+    @property
+    def stopped(self) -> Stopped:
+        """Why the run stopped early, so far: this machine's failure wins, then a signal, then the provider."""
         if self.failure is not None:
             return self.failure
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
@@ -208,7 +215,7 @@ class ShardEngine:
             code = EXIT_STOPPED
         self.stopping.set()
         if self.deadline is None:  # whatever hangs below, the process ends
-            self.deadline = Deadline(self.limits.grace_s + STOP_DEADLINE_S, code, self.console.say)
+            self.deadline = Deadline(self.limits.grace_s + STOP_DEADLINE_S, code, self.console.say, self.expire)
 
     def interrupt(self, sig: int) -> None:
         """The first Ctrl-C / SIGTERM: finish what is in flight, commit, exit 130 / 143."""

@@ -1,6 +1,6 @@
 """The run's end: its exit code, `last_run.json` and the summary lines, from the commit records.
 
-    code = finish(job, ckpt, plan, started, counts, stopped, console)
+    code, summary = finish(job, ckpt, plan, started, counts, stopped, console)   # summary: last_run.json
 
 Counts over the output come from the commit records alone (no answer is read), so the printed
 summary, `pipeline status` and `last_run.json` always agree; a run never exits 0 or 1 while a row
@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from ..config import Job
 from ..config.urls import display
@@ -62,9 +62,14 @@ def exit_code(stopped: Stopped, state: dict[str, Any]) -> int:
     return EXIT_FAILED_ROWS if state["failed"] else EXIT_OK
 
 
+def cli_again(job: Job, retry_failed: bool = False) -> str:
+    return f"pipeline run {job.source}" + (" --retry-failed" if retry_failed else "")
+
+
 def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Counts, stopped: Stopped,
-           console: Console) -> int:
-    """Write last_run.json, print the summary, return the exit code."""
+           console: Console, again: Callable[[Job, bool], str] = cli_again) -> tuple[int, dict[str, Any]]:
+    """Write last_run.json, print the summary; the exit code and the summary. `again` says how
+    the run is run again (a command, or a Python call)."""
     try:
         state = dataset_state(plan, ckpt.commits())
     except OSError as exc:
@@ -83,8 +88,8 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
     except OSError as exc:
         console.say(f"error: could not write {ckpt.summary_path} ({exc.strerror}); the summary is only printed below")
         code = EXIT_LOCAL_FAILURE if code in (EXIT_OK, EXIT_FAILED_ROWS) else code
-    _say_summary(job, state, counts, ended - started, stopped, code, console)
-    return code
+    _say_summary(job, state, counts, ended - started, stopped, code, console, again)
+    return code, summary
 
 
 def _summary(job: Job, state: dict[str, Any], counts: Counts, started: float, ended: float, code: int) -> dict[str, Any]:
@@ -99,7 +104,7 @@ def _summary(job: Job, state: dict[str, Any], counts: Counts, started: float, en
 
 
 def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float, stopped: Stopped, code: int,
-                 console: Console) -> None:
+                 console: Console, again: Callable[[Job, bool], str]) -> None:
     say = console.say
     failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
     say(f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
@@ -113,6 +118,6 @@ def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float
     elif isinstance(stopped, LocalFailure):
         say(f"stopped by a local failure: {stopped}")
     if code in (EXIT_STOPPED, EXIT_LOCAL_FAILURE, *EXIT_SIGNAL.values()) or state["pending"]:
-        say(f"to continue: pipeline run {job.source}")
+        say(f"to continue: {again(job, False)}")
     elif state["failed"]:
-        say(f"to send the failed rows again: pipeline run {job.source} --retry-failed")
+        say(f"to send the failed rows again: {again(job, True)}")

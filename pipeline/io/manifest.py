@@ -259,6 +259,13 @@ def _plan_parquet(cfg: InputConfig, st: os.stat_result, shard_rows: int) -> Plan
 
 
 def _table_digest(table: pa.Table) -> str:
+    """Of the rows' values, not of how Arrow holds them: a slice of a row group (offset > 0) or a
+    shard spanning row groups (several chunks) is made one plain array first, since IPC writes
+    those differently, and the same rows in a file rewritten with rows appended (other row groups)
+    must keep their digest. Tables already plain (one chunk, offset 0) are hashed as they are."""
+    if any(c.num_chunks != 1 or c.chunk(0).offset != 0 for c in table.columns):
+        table = pa.Table.from_arrays([pa.concat_arrays(c.chunks) if c.num_chunks else pa.array([], c.type)
+                                      for c in table.columns], schema=table.schema)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)

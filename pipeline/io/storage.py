@@ -248,7 +248,7 @@ class PartStore:
 
         return self._call("list", listing)
 
-    def read_table(self, name: str, columns: list[str]) -> pa.Table | None:
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         """A part's columns; None when the part is not there."""
         if self.local is not None:
             path = self.local / name

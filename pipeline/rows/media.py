@@ -25,6 +25,7 @@ Every refusal is an InputError (kind "input") naming the cause and the value.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 
 from ..config import ImagesConfig, InputConfig
@@ -55,12 +56,12 @@ class MediaBuilder:
     """Builds a row's media parts. Owns the worker pool and, when needed, the fetcher."""
 
     def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
-                 redactor: Redactor | None = None) -> None:
+                 redactor: Redactor | None = None, files_base: Path | None = None) -> None:
         self.inp = inp
         self.cfg = cfg
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
-        self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots)
+        self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots, base=files_base)
         self.workers = Workers(cfg)
         self._fetcher: Fetcher | None = None
 

@@ -50,7 +50,8 @@ class RequestBuilder:
     def __init__(self, job: Job, columns: list[str], *, redactor: Redactor | None = None,
                  labels: Labels | None = None) -> None:
         self.job = job
-        self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor)
+        self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor,
+                                  files_base=job.files_base)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]

@@ -7,7 +7,9 @@
 Worker processes (`pool = "process"`, the default) or threads (`"thread"`), never the event loop,
 so a batch of large images does not stall the requests in flight. Processes are spawned, start on
 first use (a URL-only job starts none) and take their jobs by module path: a job is a top-level
-function (images.py). Each new process first runs `lifeline.start_worker`, from a module that
+function (images.py). They never import the caller's `__main__`: multiprocessing would run a
+script that calls pipeline.run without an `if __name__ == "__main__":` guard once more in every
+worker (a run inside each of them); workers need nothing from it, so it is hidden while one starts. Each new process first runs `lifeline.start_worker`, from a module that
 imports nothing heavy, so it lowers its priority by WORKER_NICE before it imports the pipeline and
 Pillow, and dies with the process that started it, even one killed with -9.
 
@@ -19,15 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import contextlib
 import multiprocessing
 import os
+import sys
+import types
 from concurrent.futures import (
     BrokenExecutor,
     Executor,
     ProcessPoolExecutor,
     ThreadPoolExecutor,
 )
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from ..config import ImagesConfig
 from ..errors import InputError
@@ -63,8 +68,7 @@ class Workers:
                     self._pool = _make_pool(self.cfg)
                 if attempt == 2:
                     raise InputError(
-                        f"the image worker process died while preparing this value (out of memory? if you call "
-                        f"pipeline.run from a script, put the call under `if __name__ == \"__main__\":`): {show(value)}"
+                        f"the image worker process died while preparing this value (out of memory?): {show(value)}"
                     ) from None
         raise AssertionError("unreachable")
 
@@ -84,10 +88,30 @@ def _make_pool(cfg: ImagesConfig) -> Executor:
     # The initializer lives in a module that imports nothing heavy, so a new worker lowers its
     # priority before it imports the pipeline (a second of CPU that must not compete with the loop),
     # and ties itself to this process: a run killed with -9 leaves no worker behind (lifeline.py).
-    return ProcessPoolExecutor(
+    return _Processes(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=start_worker,
         initargs=(os.getpid(), WORKER_NICE),
     )
 
+
+class _Processes(ProcessPoolExecutor):
+    """A process pool whose new processes are not told the caller's `__main__`."""
+
+    def _spawn_process(self) -> None:  # the one place the pool starts a process (CPython 3.9-3.14)
+        with _main_hidden():
+            super()._spawn_process()  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """While a process starts: a `__main__` with no file and no spec, so the new process has no
+    main module to import (multiprocessing's spawn would run the caller's script in it)."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
