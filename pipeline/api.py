@@ -39,6 +39,7 @@ from .engine.shard import STOP_DEADLINE_S
 from .errors import JobError, LocalFailure
 from .io.checkpoint import Checkpoint
 from .io.frames import MANIFEST_FILE, Frame
+from .rows.values import bytes_as_values
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -161,7 +162,8 @@ def _work(job: JobLike, manifest: Any, retry_failed: bool | str | Iterable[str] 
 
 
 def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint], None]]:
-    frame = Frame.of(manifest)
+    media = [job.input.image_column, job.input.video_column]
+    frame = Frame.of(manifest, convert=lambda table: bytes_as_values(table, media))
     assert job.output.checkpoint is not None  # set by the loader
     stored = replace(job.input, path=job.output.checkpoint / MANIFEST_FILE)
     base = job.files_base or Path.cwd()  # relative image paths in a frame: from where the caller is

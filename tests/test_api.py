@@ -271,3 +271,23 @@ def test_ctrl_c_in_a_script_stops_like_sigint_and_a_rerun_finishes(tmp_path: Pat
     assert "RESULT 0 60 0" in r.stdout, r.stdout + r.stderr
     ids = [row["id"] for row in read_output(tmp_path / "out")]
     assert ids == [f"r{i:03d}" for i in range(60)]  # every row exactly once
+
+
+def test_a_hugging_face_image_dataset_sends_its_image_bytes(tmp_path: Path, endpoint) -> None:
+    """HF's Image feature holds bytes (or a path): the bytes go as a data: URI typed by content."""
+    datasets = pytest.importorskip("datasets", reason="the hf extra (datasets) is not installed")
+    from PIL import Image
+
+    png = (DATA / "images" / "badge.png").read_bytes()
+    jpeg = (DATA / "images" / "chelsea.jpg").read_bytes()
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(), "prompt": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"id": ["png", "jpeg"], "image": [{"bytes": png, "path": "badge.png"},
+                                                                     {"bytes": jpeg, "path": None}],
+                                     "prompt": ["what?", "what?"]}, features=features)
+    assert isinstance(ds[0]["image"], Image.Image)  # it really is HF's Image feature
+    res = pipeline.run(_job(tmp_path, endpoint.base_url), manifest=ds)
+    assert (res.exit_code, res.ok) == (0, 2)
+    out = res.to_pandas().set_index("id")
+    assert "PNG image" in out.loc["png", "answer"] and "JPEG image, 451x300 pixels" in out.loc["jpeg", "answer"]
+    again = pipeline.run(_job(tmp_path, endpoint.base_url), manifest=ds)
+    assert again.summary["this_run"]["requests_sent"] == 0

@@ -113,7 +113,13 @@ class _Driver:
             with self.executor.host.signals(loop, self._interrupt, self._at_once), \
                     Progress(self.options.progress, total=self.ready.plan.total_rows, initial=self.base_done,
                              auto=self.executor.host.auto_progress) as bar:
-                await self._drive(job, bar)
+                try:
+                    await self._drive(job, bar)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not self.executor.host.cancelled() or task is None:
+                        raise
+                    task.uncancel()  # the host ended the run at once (a second Ctrl-C): still a summary
         stopped: Stopped = self.failure or (self.stop_signal if self.stop_signal is not None else self.stop_reason)
         return self.counts, stopped
 

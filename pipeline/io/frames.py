@@ -18,7 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,11 +38,13 @@ DIGEST_SUFFIX = ".digest"
 class Frame:
     table: pa.Table
     digest: str
+    convert: Callable[[pa.Table], pa.Table] | None = None  # applied when stored (e.g. image bytes made values)
 
     @classmethod
-    def of(cls, data: Any) -> Frame:
-        table = _as_table(data).replace_schema_metadata(None)  # pandas' metadata is not content
-        return cls(table, _digest(table))
+    def of(cls, data: Any, convert: Callable[[pa.Table], pa.Table] | None = None) -> Frame:
+        """The digest is of the rows as given: an unchanged frame costs a hash, never a conversion."""
+        table = _as_table(data).replace_schema_metadata(None)  # pandas' or HF's metadata is not content
+        return cls(table, _digest(table), convert)
 
     def store(self, folder: Path) -> Path:
         """The frame as <folder>/manifest.parquet, written (atomically) only if its content changed."""
@@ -52,7 +54,8 @@ class Frame:
             return path
         folder.mkdir(parents=True, exist_ok=True)
         digest_path.unlink(missing_ok=True)
-        _atomic(path, lambda f: pq.write_table(self.table, f, compression="zstd"))
+        table = self.convert(self.table) if self.convert is not None else self.table
+        _atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
         _atomic(digest_path, lambda f: f.write(self.digest.encode()))
         return path
 
