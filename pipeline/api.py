@@ -39,7 +39,7 @@ from .engine.shard import STOP_DEADLINE_S
 from .errors import JobError, LocalFailure
 from .io.checkpoint import Checkpoint
 from .io.frames import MANIFEST_FILE, Frame
-from .rows.values import bytes_as_values
+from .rows.images import bytes_as_values
 
 if TYPE_CHECKING:
     import pandas as pd

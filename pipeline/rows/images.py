@@ -3,6 +3,7 @@
     mime = sniff_mime(data)                        # by content, whatever the name or Content-Type says
     mime, out = prepare_image(data, value, cfg)    # decoded, upright, downscaled, re-encoded if changed
     uri, size = local_image(files, value, cfg)     # a pool job: read, prepare, encode, check the size
+    table = bytes_as_values(table, ["image"])      # image bytes in a frame (HF's Image feature) made data: URIs
 
 Local files and data URIs are checked to be images by their bytes and by decoding them (a text
 file named .png is refused, so is a truncated JPEG), then sent as data URIs. With `max_side`/
@@ -23,6 +24,7 @@ import base64
 import binascii
 import io
 import math
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -31,8 +33,12 @@ from ..errors import InputError
 from .files import LocalFiles
 from .values import show
 
+if TYPE_CHECKING:  # pyarrow only for a frame's bytes: the worker processes that import this module never load it
+    import pyarrow as pa
+
 __all__ = [
     "MB",
+    "bytes_as_values",
     "sniff_mime",
     "sniff_video",
     "b64_size",
@@ -305,3 +311,42 @@ def local_video(files: LocalFiles, value: str, cfg: ImagesConfig) -> tuple[str, 
     cap, why = source_cap(cfg, video=True)
     data = files.read(value, cap, "video", why)
     return video_uri(data, value)
+
+
+def bytes_as_values(table: pa.Table, columns: list[str | None]) -> pa.Table:
+    """A manifest held in memory may carry its images as bytes: a binary column, or Hugging Face's
+    `Image` feature (a struct of `bytes` and `path`), one or a list per cell. Those cells become
+    values like any manifest's: a data: URI of the bytes (typed by their content), else the path."""
+    import pyarrow as pa
+
+    for name in columns:
+        if name is None or name not in table.column_names:
+            continue
+        kind = table.schema.field(name).type
+        many = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        item = kind.value_type if many else kind
+        if not (_is_binary(item) or (pa.types.is_struct(item) and item.get_field_index("bytes") >= 0)):
+            continue
+        cells = table.column(name).to_pylist()
+        values = [None if c is None else [_as_value(v) for v in c] if many else _as_value(c) for c in cells]
+        typ = pa.list_(pa.large_string()) if many else pa.large_string()
+        table = table.set_column(table.column_names.index(name), name, pa.array(values, typ))
+    return table
+
+
+def _is_binary(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _as_value(cell: Any) -> str | None:
+    if isinstance(cell, dict):
+        data, path = cell.get("bytes"), cell.get("path")
+        return _data_uri(data) if data else path
+    return _data_uri(cell) if cell else None
+
+
+def _data_uri(data: bytes) -> str:
+    mime = sniff_mime(data) or sniff_video(data) or "application/octet-stream"  # refused later, with a reason
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
