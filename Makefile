@@ -1,26 +1,40 @@
 # `make run` and `make test` work on a fresh clone: they build .venv from the pinned pyproject.
+# `make run` installs the runtime only (`pip install -e .`); `make test` and `make bench` add the
+# test stack (`pip install -e '.[test]'`, a superset). One stamp per level, each remade when
+# pyproject.toml changes: `make test` after `make run` only adds the test stack, and `make run`
+# after `make test` installs nothing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup run test bench clean
+.PHONY: setup setup-run setup-test run test bench clean
 
-setup: $(STAMP)
+setup: setup-run
+setup-run: $(RUN_STAMP)
+setup-test: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
 
-run: setup
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# '.[test]' holds the runtime too, so the run stamp is renewed with it (touched first: older).
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(RUN_STAMP) $@
+
+run: $(RUN_STAMP)
 	$(PY) -m pipeline run jobs/demo.toml
 
-test: setup
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-bench: setup
+bench: $(TEST_STAMP)
 	$(PY) -m bench
 
 clean:
