@@ -97,7 +97,7 @@ class RunResult:
         try:
             import datasets
         except ImportError:
-            raise JobError("to_dataset() needs Hugging Face datasets: pip install 'pipeline[hf]'") from None
+            raise JobError("to_dataset() needs Hugging Face datasets: pip install -e '.[hf]' in the clone (or 'pipeline[hf]')") from None
         return datasets.Dataset(self.to_arrow())
 
     @classmethod

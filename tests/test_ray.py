@@ -196,7 +196,7 @@ def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
     code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
     r = subprocess.run([sys.executable, "-c", code, "run", str(job)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: [run] engine = \"ray\" needs the extra: pip install 'pipeline[ray]'"]
+    assert r.stderr.strip().splitlines() == ["error: [run] engine = \"ray\" needs the extra: pip install -e '.[ray]' in the clone (or 'pipeline[ray]')"]
     assert not (tmp_path / ".pipeline").exists()  # refused before anything was planned or sent
 
 

@@ -213,4 +213,4 @@ def test_s3_without_fsspec_names_the_extra(tmp_path: Path, capsys, monkeypatch) 
     job = make_job(tmp_path, "http://127.0.0.1:9/v1", "s3://bucket/out", 5)
     code, _, err = cli(capsys, "run", str(job))
     assert code == 2
-    assert err.strip().splitlines() == [f"error: {job}: [output] path: s3:// URLs need fsspec and its backend: pip install 'pipeline[s3]'"]
+    assert err.strip().splitlines() == [f"error: {job}: [output] path: s3:// URLs need fsspec and its backend: pip install -e '.[s3]' in the clone (or 'pipeline[s3]')"]

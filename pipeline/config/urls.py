@@ -33,7 +33,7 @@ def _protocol(url: str) -> str:
 
 def _install_hint(protocol: str) -> str:
     if protocol in ("s3", "s3a"):
-        return "pip install 'pipeline[s3]'"
+        return "pip install -e '.[s3]' in the clone (or 'pipeline[s3]')"
     try:
         from fsspec.registry import known_implementations
     except ImportError:

@@ -51,7 +51,7 @@ try:
     import ray
     import ray.exceptions
 except ImportError:  # the extra is not installed
-    raise JobError("[run] engine = \"ray\" needs the extra: pip install 'pipeline[ray]'") from None
+    raise JobError("[run] engine = \"ray\" needs the extra: pip install -e '.[ray]' in the clone (or 'pipeline[ray]')") from None
 
 from ..config import Job
 from ..io.checkpoint import Checkpoint
