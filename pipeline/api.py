@@ -76,18 +76,11 @@ class RunResult:
 
     def to_arrow(self) -> pa.Table:
         """The output's rows (manifest columns and answers), in manifest order."""
-        import pyarrow as pa
-
         from .io.storage import PartStore
 
         if self.job is None:
             raise JobError("this RunResult has no job to read the output of")
-        store = PartStore.for_output(self.job.output)
-        parts = [t for name in sorted(n for n in store.names() if n.startswith("part-") and n.endswith(".parquet"))
-                 if (t := store.read_table(name)) is not None]
-        if not parts:
-            return pa.table({})
-        return pa.concat_tables(parts, promote_options="default")
+        return PartStore.for_output(self.job.output).read_all()
 
     def to_pandas(self) -> pd.DataFrame:
         return self.to_arrow().to_pandas()
@@ -100,6 +93,14 @@ class RunResult:
             raise JobError("to_dataset() needs Hugging Face datasets: pip install -e '.[hf]' in the clone (or 'pipeline[hf]')") from None
         return datasets.Dataset(self.to_arrow())
 
+    def report(self, out: str | os.PathLike[str] | None = None, *, max_mb: float | None = None) -> str:
+        """Write the output's report (`pipeline report`); returns where it is (the `report` extra)."""
+        from .tools.report import MAX_MB, write_report
+
+        if self.job is None:
+            raise JobError("this RunResult has no job to report on")
+        return write_report(self.job, Path(out) if out is not None else None, max_mb=max_mb or MAX_MB)
+
     @classmethod
     def of(cls, job: Job, code: int, summary: dict[str, Any]) -> RunResult:
         from .config.urls import display
@@ -110,23 +111,23 @@ class RunResult:
 
 
 def run(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
-        restart: bool = False, dry_run: bool = False, progress: bool | None = None) -> RunResult:
+        restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False) -> RunResult:
     """Run the job (to its end or a stop) and say how it ended; resumes where the last run stopped.
 
     `manifest`: the rows in memory instead of `[input] path`; stored once in the checkpoint folder,
     keyed by content, so the same call again sends nothing. `retry_failed`: True (every failed
     kind), a kind or a list of kinds. Never raises for failed rows; raises JobError for a bad job,
     LockedError when the job runs elsewhere."""
-    work, host = _work(job, manifest, retry_failed, restart, dry_run, progress)
+    work, host = _work(job, manifest, retry_failed, restart, dry_run, progress, report)
     return _wait(host, _start(work))
 
 
 async def arun(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
-               restart: bool = False, dry_run: bool = False, progress: bool | None = None) -> RunResult:
+               restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False) -> RunResult:
     """run() for a running event loop (a notebook cell, an async app): awaits the run, which has
     its own thread and loop. Cancelling the awaiting task stops the run as Ctrl-C does, waits for
     it to end, and re-raises the cancellation."""
-    work, host = _work(job, manifest, retry_failed, restart, dry_run, progress)
+    work, host = _work(job, manifest, retry_failed, restart, dry_run, progress, report)
     with _interrupts_to(host):
         waiter = asyncio.wrap_future(_start(work))
         try:
@@ -139,7 +140,7 @@ async def arun(job: JobLike, manifest: Any = None, *, retry_failed: bool | str |
 
 
 def _work(job: JobLike, manifest: Any, retry_failed: bool | str | Iterable[str] | None, restart: bool,
-          dry_run: bool, progress: bool | None) -> tuple[Callable[[], RunResult], CallerHost]:
+          dry_run: bool, progress: bool | None, report: bool) -> tuple[Callable[[], RunResult], CallerHost]:
     """What the run's thread will do, checked here first: a bad job or manifest raises in the caller."""
     the_job = load_job(job)
     stage: Callable[[Checkpoint], None] | None = None
@@ -148,7 +149,8 @@ def _work(job: JobLike, manifest: Any, retry_failed: bool | str | Iterable[str] 
     elif the_job.in_memory:
         raise JobError("[input] path: the job has no manifest file; pass manifest= (a DataFrame, a pyarrow Table, "
                        "a datasets.Dataset or a list of dicts) or set [input] path")
-    options = RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart, progress=progress)
+    options = RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart, progress=progress,
+                         report=report)
     host = CallerHost()
     if dry_run:
         return (lambda: _dry_run(the_job, stage)), host

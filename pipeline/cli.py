@@ -1,4 +1,4 @@
-"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline serve`.
+"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline report JOB`, `pipeline serve`.
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
 3 stopped by the provider (quota, key refused, endpoint down, budget), resumable; 4 stopped by a
@@ -31,8 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true", help="forget the checkpoint and start over")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    r.add_argument("--report", action="store_true", help="write the report at the end (see `pipeline report`)")
     r.add_argument("--dry-run", action="store_true",
                    help="send nothing: check the job and every row, estimate tokens, cost and time (exit 0 ready, 1 not)")
+
+    g = sub.add_parser("report", help="write a self-contained HTML page of the output: gallery, charts, runs")
+    g.add_argument("job", type=Path)
+    g.add_argument("--out", type=Path, default=None, help="where to write it (default: <output>/_report.html)")
+    g.add_argument("--max-mb", type=float, default=None, help="the page's size cap; beyond it, a stated sample of rows")
 
     s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
     s.add_argument("job", type=Path)
@@ -75,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
-            options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress)
+            options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report)
             return run(load_job(args.job), options)
+        if args.command == "report":
+            from .config import load_job
+            from .tools.report import MAX_MB, write_report
+
+            print(write_report(load_job(args.job, require_key=False), args.out, max_mb=args.max_mb or MAX_MB))
+            return 0
         if args.command == "status":
             from .config import load_job
             from .tools.status import job_status, render

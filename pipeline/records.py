@@ -51,6 +51,7 @@ class ResultRow:
     attempts: int = _column("int32", "requests made for this row", 0)
     latency_ms: int | None = _column("int64", "of the attempt that answered")
     cost: float | None = _column("float64", "from [pricing]: every attempt of the row; null without it or without usage")
+    finished_at: float | None = _column("float64", "when the result arrived: seconds since the epoch (UTC)")
     labels: dict[str, Any] | None = None  # a [labels] run: one column per label
 
     @property

@@ -19,11 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-EXTRAS = ("ray", "s3", "hf", "test")
+EXTRAS = ("ray", "s3", "hf", "report", "test")
 # Named here as well as derived from the extras, so dropping one from an extra can't hide it.
 NOT_AT_RUNTIME = {
     "ray", "moto", "duckdb", "pytest", "pytest-asyncio", "hypothesis", "psutil",
-    "ipykernel", "nbclient", "nbformat", "datasets", "s3fs", "fsspec",
+    "ipykernel", "nbclient", "nbformat", "datasets", "s3fs", "fsspec", "altair", "vl-convert-python", "playwright",
 }  # fmt: skip
 # What pip prints when it could not reach an index at all (urllib3's connection errors).
 UNREACHABLE = re.compile(

@@ -178,6 +178,7 @@ class OutputConfig(Table):
                                       doc="a folder (never a URL); none: <output's parent>/.pipeline/<name>, or "
                                           "<job file's folder>/.pipeline/<name> for a URL output")
     storage_options: dict[str, Any] = setting(default_factory=dict, doc="a URL output only: passed to fsspec (may hold credentials)")
+    report: bool = setting(False, doc="write <output>/_report.html at the end of every run (needs the report extra)")
 
     def validate(self) -> None:
         if self.storage_options and not isinstance(self.path, str):

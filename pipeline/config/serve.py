@@ -89,6 +89,8 @@ class ServeOptions(Table):
     record: bool = setting(False, doc="keep every request (headers and body) for GET /requests: tests only")
     reasoning_only_stream: bool = setting(False, doc="refuse requests without `stream: true` (like DashScope's QVQ)")
     fence_json: bool = setting(False, doc="JSON answers (labeling) inside a json code fence")
+    vary_labels: bool = setting(False, doc="labeling answers vary with the prompt (an enum value, a number in range), "
+                                           "so a rehearsal's labels have a distribution; off: an enum's first value, 0.5")
     transfer: str = setting("length", check=one_of(*TRANSFERS),
                             doc='how plain answers are framed: "length", "chunked" or "gzip" (chunked, compressed)')
     keepalive_s: float = setting(75.0, doc="idle connections are closed after this (uvicorn/vLLM: 5 s)", check=positive)

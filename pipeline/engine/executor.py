@@ -19,7 +19,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from ..config import Job
-from ..errors import local_failure
+from ..errors import JobError, local_failure
 from ..io.checkpoint import Checkpoint
 from .commit import write_empty_dataset
 from .console import Console
@@ -62,7 +62,19 @@ class Executor:
                 raise local_failure(exc, "preparing the run") from None
             counts, stopped = self.execute(ckpt, ready) if ready.todo else (Counts(), None)
             code, self.summary = finish(job, ckpt, ready.plan, started, counts, stopped, console, again=self.host.again)
-            return code
+        if self.options.report or job.output.report:
+            self._report()
+        return code
+
+    def _report(self) -> None:
+        """The report of the output as it now is; a report that cannot be made never changes the
+        run's exit code (the answers are safe either way): it is one line saying why."""
+        from ..tools.report import write_report
+
+        try:
+            self.console.say(f"report: {write_report(self.job)}")
+        except Exception as exc:  # noqa: BLE001 - a missing extra, a full disk, a bug: never the run's result
+            self.console.say(f"note: no report ({exc if isinstance(exc, (JobError, OSError)) else repr(exc)})")
 
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         """Send the rows of `ready.todo`; this run's counts and why it stopped early (None: it did not)."""

@@ -15,6 +15,7 @@ class RunOptions:
     retry_failed: frozenset[str] | None = None  # None: no retry; empty set: every failed kind
     restart: bool = False  # forget the checkpoint (and the part files made from it)
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    report: bool = False  # write the report at the end (also [output] report = true)
 
 
 def retry_kinds(value: bool | str | Iterable[str] | None, flag: str = "--retry-failed") -> frozenset[str] | None:

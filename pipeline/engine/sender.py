@@ -158,6 +158,7 @@ class RowSender:
             raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
         self.limiter.observe(err.headers)
         if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
+            self.counts.rate_limited += 1
             self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
         if self.breaker.failure(err.kind):
             raise StopJob(

@@ -148,6 +148,7 @@ class ShardEngine:
         except OSError as exc:
             self.stop(local_failure(exc, "closing the journal"))
         self.counts.spent = self.spend.spent_now
+        self.counts.paused_s = getattr(self.limiter, "paused_s", 0.0)  # a Ray worker's lease has none
         try:
             await self.builder.aclose()  # the fetcher's session and the image workers
         except Exception as exc:  # noqa: BLE001 - nothing is lost by a failed close; say so and go on
@@ -316,6 +317,7 @@ class ShardEngine:
 
     def _settle_row(self, work: _ShardWork, row: ResultRow) -> None:
         crash_point("after_response")
+        row.finished_at = time.time()
         if not row.ok and row.error_kind in ENDPOINT_FAULTS and self.breaker.streak:
             # Out of attempts while nothing succeeds: the endpoint may be down rather than the
             # row bad. Hold the error until a success shows the endpoint up; if the breaker

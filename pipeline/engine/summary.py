@@ -49,6 +49,8 @@ class Counts:
     failed: int = 0
     sent: int = 0  # HTTP requests made this run
     spent: float = 0.0  # cost of this run's answers, from [pricing]
+    rate_limited: int = 0  # 429 answers (the provider pacing us)
+    paused_s: float = 0.0  # time every request waited because of them (Retry-After and the like)
     by_kind: Counter[str] = field(default_factory=Counter)
 
 
@@ -84,7 +86,7 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
         summary["stopped"] = {"kind": stopped.kind, "message": console.redactor.scrub(str(stopped)),
                               "local": isinstance(stopped, LocalFailure)}
     try:
-        ckpt.write_summary(summary)
+        ckpt.write_summary(summary)  # last_run.json, and a line of runs.jsonl (the history a report shows)
     except OSError as exc:
         console.say(f"error: could not write {ckpt.summary_path} ({exc.strerror}); the summary is only printed below")
         code = EXIT_LOCAL_FAILURE if code in (EXIT_OK, EXIT_FAILED_ROWS) else code
@@ -94,7 +96,8 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
 
 def _summary(job: Job, state: dict[str, Any], counts: Counts, started: float, ended: float, code: int) -> dict[str, Any]:
     this_run: dict[str, Any] = {"requests_sent": counts.sent, "ok": counts.ok, "failed": counts.failed,
-                                "failed_by_kind": dict(counts.by_kind)}
+                                "failed_by_kind": dict(counts.by_kind), "rate_limited": counts.rate_limited,
+                                "paused_s": round(counts.paused_s, 3)}
     summary = {"job": job.name, "started": started, "ended": ended, "duration_s": round(ended - started, 3),
                "exit_code": code, "output": display(job.output.path), "this_run": this_run, **state}
     if job.pricing is not None:

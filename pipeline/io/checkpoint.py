@@ -94,6 +94,7 @@ class Checkpoint:
         self.plan_path = folder / "plan.json"
         self.job_path = folder / "job.json"
         self.summary_path = folder / "last_run.json"
+        self.history_path = folder / "runs.jsonl"  # every run's summary, one line each (the report's history)
         self.lock_path = folder / "lock"
         self.took_over_from: int | None = None
 
@@ -152,7 +153,7 @@ class Checkpoint:
 
     def reset(self, output: PartStore) -> None:
         """--restart: forget every answer and remove the part files made from them."""
-        for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path):
+        for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path, self.history_path):
             p.unlink(missing_ok=True)
         shutil.rmtree(self.journal_dir, ignore_errors=True)
         remove_parts(output)
@@ -199,10 +200,31 @@ class Checkpoint:
             raise _named(exc, self.commits_path) from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """last_run.json, and the same as one line appended to runs.jsonl (a torn last line, from a
+        crash mid-append, is skipped by `history`)."""
         write_json_atomic(self.summary_path, summary)
+        line = json.dumps(summary, ensure_ascii=False, default=str) + "\n"
+        try:
+            with open(self.history_path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:
+            raise _named(exc, self.history_path) from None
 
     def last_summary(self) -> dict[str, Any] | None:
         return _read_json(self.summary_path)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every run's summary, oldest first (runs before the history was kept: the last one only)."""
+        runs = []
+        try:
+            with open(self.history_path, encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):
+                        runs.append(json.loads(line))
+        except FileNotFoundError:
+            last = self.last_summary()
+            return [last] if last else []
+        return runs
 
 
 def dataset_state(plan: Plan, commits: dict[int, CommitRecord]) -> dict[str, Any]:

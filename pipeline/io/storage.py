@@ -264,6 +264,12 @@ class PartStore:
 
         return self._call(f"read {name} in", read)
 
+    def read_all(self) -> pa.Table:
+        """Every part file's rows, in shard order (the manifest's): the output dataset read back."""
+        names = sorted(n for n in self.names() if n.startswith("part-") and n.endswith(".parquet"))
+        parts = [t for name in names if (t := self.read_table(name)) is not None]
+        return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+
     def remove(self, name: str) -> None:
         if self.local is not None:
             (self.local / name).unlink(missing_ok=True)

@@ -100,6 +100,7 @@ class Limiter:
         self.clock = clock or _loop_clock
         self.factor = 1.0
         self.paused_until = -math.inf
+        self.paused_s = 0.0  # how long every request was held by pauses, in all (for the run's summary)
         self.last_slowdown = -math.inf
         self.recovered_at = -math.inf  # the last slowdown or recovery step
         self.slowdowns = 0
@@ -188,7 +189,10 @@ class Limiter:
 
     def pause(self, seconds: float) -> None:
         """No request starts for `seconds` (capped by max_pause_s)."""
-        self.paused_until = max(self.paused_until, self.clock() + min(seconds, self.max_pause_s))
+        now = self.clock()
+        until = max(self.paused_until, now + min(seconds, self.max_pause_s))
+        self.paused_s += until - max(self.paused_until, now)  # overlapping pauses count once
+        self.paused_until = until
         if self.factor < 1.0:  # a slowed pace recovers from the end of the pause, not during it
             self.recovered_at = max(self.recovered_at, self.paused_until)
 

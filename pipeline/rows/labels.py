@@ -157,9 +157,10 @@ class Labels:
         return {name: _coerce(data.get(name), kind) for name, kind in self._types.items()}
 
 
-def example_for_schema(schema: Any, *, valid: bool = True, text: str = "a short text") -> Any:
+def example_for_schema(schema: Any, *, valid: bool = True, text: str = "a short text", seed: int | None = None) -> Any:
     """A value following `schema` (enum: its first value, number 0.5, string `text`...); with
-    valid=False the top-level values are of the wrong kind. For the built-in endpoint."""
+    valid=False the top-level values are of the wrong kind; with `seed`, enums and bounded numbers
+    take a value picked by it. For the built-in endpoint."""
     if not isinstance(schema, dict):
         return text
     if not valid:
@@ -170,15 +171,19 @@ def example_for_schema(schema: Any, *, valid: bool = True, text: str = "a short 
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
-        return schema["enum"][0]
+        return schema["enum"][0 if seed is None else seed % len(schema["enum"])]
     t = schema.get("type")
     if isinstance(t, list):
         t = next((k for k in t if k != "null"), "null")
     if t == "object" or "properties" in schema:
-        return {name: example_for_schema(sub, text=text) for name, sub in (schema.get("properties") or {}).items()}
+        return {name: example_for_schema(sub, text=text, seed=None if seed is None else seed + i)
+                for i, (name, sub) in enumerate((schema.get("properties") or {}).items())}
     if t == "array":
-        return [example_for_schema(schema.get("items"), text=text)] * max(1, int(schema.get("minItems", 1)))
+        return [example_for_schema(schema.get("items"), text=text, seed=seed)] * max(1, int(schema.get("minItems", 1)))
     if t == "number":
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if seed is not None and isinstance(low, (int, float)) and isinstance(high, (int, float)):
+            return round(low + (high - low) * (seed % 101) / 100, 2)
         return _within(schema, 0.5)
     if t == "integer":
         return int(_within(schema, 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import zlib
 import time
 from typing import Any, NamedTuple
 
@@ -156,5 +157,6 @@ def _json_answer(body: dict[str, Any], prompt: str, opts: ServeOptions, *, valid
     )
 
     schema = (rf.get("json_schema") or {}).get("schema")
-    text = json.dumps(example_for_schema(schema, valid=valid, text=f"about {prompt[:60]}"), ensure_ascii=False)
+    seed = zlib.crc32(prompt.encode()) if opts.vary_labels else None
+    text = json.dumps(example_for_schema(schema, valid=valid, text=f"about {prompt[:60]}", seed=seed), ensure_ascii=False)
     return f"```json\n{text}\n```" if opts.fence_json else text
