@@ -38,6 +38,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "million": throughput.million,
         "images": _optional("images", "run_image_bench"),
         "ray": _optional("ray_bench", "run_ray_bench"),
+        "report": _optional("report_bench", "run_report_bench"),
     }
 
 
@@ -54,6 +55,9 @@ TARGETS = {
                           f"{r['rerun_s']:.2f}s, {r['rerun_requests']} requests (target <= 2 s, 0)"),
     "images": lambda r: (f"{r['images_per_s']:.1f} images/s; worst event-loop stall {r['loop_stall']['worst_ms']:.0f} ms "
                          f"over {r['loop_stall']['samples']} ticks (target < 100)"),
+    "report": lambda r: (f"{r['rows']:,} rows: report {r['report_s']:.1f}s, {r['page_mb']:.1f} MB; in chromium: load "
+                         f"{r['load_s']:.1f}s, filter {r['filter_ms']:.0f} ms, sort {r['sort_ms']:.0f} ms, page "
+                         f"{r['page_turn_ms']:.0f} ms, search {r['search_ms_with_150ms_debounce']:.0f} ms (150 ms debounce)"),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

@@ -1,7 +1,8 @@
 """The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline report JOB`, `pipeline serve`.
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
-3 stopped by the provider (quota, key refused, endpoint down, budget), resumable; 4 stopped by a
+3 stopped by the provider (quota, key refused, endpoint down, budget), resumable; 5 batch mode
+with --no-wait: batches still running at the provider, run again to collect; 4 stopped by a
 local failure (disk full, output unwritable, an internal error in shared machinery), resumable
 once the cause is fixed; 75 the job is already running; 130/143 stopped by Ctrl-C/SIGTERM, resumable.
 `pipeline run JOB --dry-run` sends nothing: 0 the job is ready, 1 rows would fail or the job has a
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     r.add_argument("--report", action="store_true", help="write the report at the end (see `pipeline report`)")
+    r.add_argument("--no-wait", dest="wait", action="store_false", default=None,
+                   help='[run] mode "batch": submit what is new, collect what ended, exit (5 while batches run)')
+    r.add_argument("--cancel-batches", action="store_true", help='[run] mode "batch": cancel the running batches, collect what they did')
     r.add_argument("--dry-run", action="store_true",
                    help="send nothing: check the job and every row, estimate tokens, cost and time (exit 0 ready, 1 not)")
 
@@ -39,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("job", type=Path)
     g.add_argument("--out", type=Path, default=None, help="where to write it (default: <output>/_report.html)")
     g.add_argument("--max-mb", type=float, default=None, help="the page's size cap; beyond it, a stated sample of rows")
+
+    e = sub.add_parser("export-batch", help="write the rows still to do as a Batch JSONL file, send nothing")
+    e.add_argument("job", type=Path)
+    e.add_argument("file", type=Path)
+    i = sub.add_parser("import-batch", help="merge a batch output (or error) JSONL file into the dataset")
+    i.add_argument("job", type=Path)
+    i.add_argument("file", type=Path)
 
     s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
     s.add_argument("job", type=Path)
@@ -81,8 +92,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
-            options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report)
+            options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report, wait=args.wait,
+                                 cancel_batches=args.cancel_batches)
             return run(load_job(args.job), options)
+        if args.command in ("export-batch", "import-batch"):
+            from .config import load_job
+            from .engine.batchfile import export_batch, import_batch
+
+            if args.command == "export-batch":
+                return export_batch(load_job(args.job, require_key=False), args.file)
+            return import_batch(load_job(args.job, require_key=False), args.file)
         if args.command == "report":
             from .config import load_job
             from .tools.report import MAX_MB, write_report

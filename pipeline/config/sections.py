@@ -9,6 +9,7 @@ request body as they are (`params`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,18 @@ class RunConfig(Table):
     engine: str = setting("local", doc='"local": this process; "ray": the shards run as Ray tasks', check=one_of("local", "ray"))
     ray_address: str | None = setting(None, doc='engine "ray": a running cluster ("auto", "host:port"); none: a local Ray')
     ray_workers: int = setting(0, doc='engine "ray": shards running at once; 0: one per CPU of the cluster', check=zero_or_more)
+    mode: str = setting("online", doc='"online": requests as rows stream; "batch": the provider\'s Batch API (half price, '
+                                      'answers within batch_window)', check=one_of("online", "batch"))
+    batch_max_requests: int = setting(50_000, doc='mode "batch": requests per batch file (the provider\'s cap)', check=positive)
+    batch_max_mb: float = setting(200.0, doc='mode "batch": bytes per batch file, in MB (the provider\'s cap)', check=positive)
+    batch_window: str = setting("24h", doc='mode "batch": the completion_window asked for',
+                                check=lambda v: None if re.fullmatch(r"[1-9][0-9]*h", v) else f"must be hours like \"24h\", not {v!r}")
+    poll_s: float = setting(60.0, doc='mode "batch": the longest wait between two looks at a running batch', check=positive)
+    wait: bool = setting(True, doc='mode "batch": wait until every batch has ended; false: submit, collect, exit 5 (cron)')
+
+    def validate(self) -> None:
+        if self.mode == "batch" and self.engine != "local":
+            raise JobError('[run] mode: "batch" runs on the local engine (the provider does the work); remove engine')
 
 
 def _schema(value: Any, where: str, base: Path) -> dict[str, Any]:
@@ -260,6 +273,8 @@ class PricingConfig(Table):
                                                      doc='per model: [pricing.models."name"] input_per_million, output_per_million')
     budget: float | None = setting(None, doc="stop sending before the job's spend could pass this (needs max_tokens)",
                                    check=zero_or_more)
+    batch_discount: float = setting(0.5, doc='mode "batch": batch answers cost this fraction of the prices above',
+                                    check=between(0, 1))
 
     def validate(self) -> None:
         if (self.input_per_million is None) != (self.output_per_million is None):

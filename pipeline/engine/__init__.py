@@ -21,10 +21,11 @@ from .process import (
     EXIT_SIGNAL,
     EXIT_STOPPED,
     EXIT_USAGE,
+    EXIT_WAITING,
 )
 
 __all__ = ["run", "executor_for", "RunOptions", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE",
-           "EXIT_LOCKED", "EXIT_SIGNAL"]
+           "EXIT_LOCKED", "EXIT_SIGNAL", "EXIT_WAITING"]
 
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ def run(job: Job, options: RunOptions = RunOptions()) -> int:
 def executor_for(job: Job, options: RunOptions = RunOptions(), *, host: Host | None = None,
                  stage: Callable[[Checkpoint], None] | None = None) -> Executor:
     """The executor the job asks for ([run] engine), not started."""
+    if job.run.mode == "batch":
+        from .batch import BatchExecutor
+
+        return BatchExecutor(job, options, host=host, stage=stage)
     if job.run.engine == "ray":
         from .ray import (
             RayExecutor,  # the optional extra: a JobError naming it when Ray is missing

@@ -16,6 +16,8 @@ class RunOptions:
     restart: bool = False  # forget the checkpoint (and the part files made from it)
     progress: bool | None = None  # None: a bar when stderr is a terminal
     report: bool = False  # write the report at the end (also [output] report = true)
+    cancel_batches: bool = False  # batch mode: cancel the running batches, collect what they did
+    wait: bool | None = None  # batch mode: None: the job's [run] wait; False: submit, collect, exit 5
 
 
 def retry_kinds(value: bool | str | Iterable[str] | None, flag: str = "--retry-failed") -> frozenset[str] | None:

@@ -20,10 +20,11 @@ import threading
 from typing import Any, Callable, Coroutine, Iterator
 
 __all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "Deadline", "exit_process",
-           "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
+           "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL", "EXIT_WAITING"]
 
 # The process's exit codes (pipeline.engine.summary says when each is given).
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
+EXIT_WAITING = 5  # batch mode, not waiting: batches still running at the provider
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

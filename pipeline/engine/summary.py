@@ -9,7 +9,8 @@ has no result.
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job, manifest or usage (before
 anything is sent); 3 stopped by the provider (quota, key refused, endpoint down, budget); 4 stopped
 by a local failure (disk full, output unwritable, an internal error); 75 the job is already
-running; 130 / 143 stopped by Ctrl-C / SIGTERM. 3, 4, 130 and 143 are resumable.
+running; 5 batch mode without waiting: batches still running at the provider (run again to
+collect); 130 / 143 stopped by Ctrl-C / SIGTERM. 3, 4, 5, 130 and 143 are resumable.
 """
 
 from __future__ import annotations
@@ -33,12 +34,25 @@ from .process import (
     EXIT_SIGNAL,
     EXIT_STOPPED,
     EXIT_USAGE,
+    EXIT_WAITING,
 )
 
-__all__ = ["Counts", "Stopped", "finish", "exit_code", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE",
+__all__ = ["Counts", "Stopped", "Waiting", "EXIT_WAITING", "finish", "exit_code", "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE",
            "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL"]
 
-Stopped = Union[StopJob, LocalFailure, int, None]  # why a run ended early: the provider, this machine, a signal
+@dataclass(frozen=True)
+class Waiting:
+    """Batch mode without waiting: batches submitted and still running at the provider (exit 5)."""
+
+    batches: int
+    rows: int
+
+    def __str__(self) -> str:
+        return (f"{self.batches} batch(es) with {self.rows} rows still running at the provider; "
+                f"run again later to collect them (exit 5)")
+
+
+Stopped = Union[StopJob, LocalFailure, Waiting, int, None]  # why a run ended early: the provider, this machine, a signal
 
 
 @dataclass
@@ -57,6 +71,8 @@ class Counts:
 def exit_code(stopped: Stopped, state: dict[str, Any]) -> int:
     if isinstance(stopped, LocalFailure):
         return EXIT_LOCAL_FAILURE
+    if isinstance(stopped, Waiting):
+        return EXIT_WAITING
     if isinstance(stopped, int):
         return EXIT_SIGNAL[stopped]
     if stopped is not None:
@@ -120,7 +136,9 @@ def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float
         say(f"stopped: {stopped}")
     elif isinstance(stopped, LocalFailure):
         say(f"stopped by a local failure: {stopped}")
-    if code in (EXIT_STOPPED, EXIT_LOCAL_FAILURE, *EXIT_SIGNAL.values()) or state["pending"]:
+    elif isinstance(stopped, Waiting):
+        say(f"waiting: {stopped}")
+    if code in (EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_WAITING, *EXIT_SIGNAL.values()) or state["pending"]:
         say(f"to continue: {again(job, False)}")
     elif state["failed"]:
         say(f"to send the failed rows again: {again(job, True)}")

@@ -156,6 +156,8 @@ class Checkpoint:
         for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path, self.history_path):
             p.unlink(missing_ok=True)
         shutil.rmtree(self.journal_dir, ignore_errors=True)
+        (self.folder / "batches.jsonl").unlink(missing_ok=True)  # batch mode's ledger (its batches are forgotten)
+        shutil.rmtree(self.folder / "batches", ignore_errors=True)
         remove_parts(output)
 
     # -- the plan ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from ..config.urls import display
 from ..errors import ErrorKind
 from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.journal import latest_per_id, read_journal_table
+from ..io.ledger import Ledger
 
 __all__ = ["job_status", "render"]
 
@@ -40,6 +41,9 @@ def job_status(job: Job) -> dict[str, Any]:
         **state,
         "journaled_uncommitted": journaled,
         "last_run": ckpt.last_summary(),
+        "batches": [{"name": b.name, "batch_id": b.batch_id, "status": b.status or ("created" if b.batch_id else "planned"),
+                     "rows": len(b.rows), "counts": b.counts, "collected": b.collected}
+                    for b in Ledger(ckpt.folder).batches()],
     }
 
 
@@ -66,6 +70,12 @@ def render(report: dict[str, Any]) -> str:
         )
         if last.get("stopped"):
             lines.append(f"last run stopped: {last['stopped']['message']}")
+    for b in report.get("batches") or []:
+        counts = ", ".join(f"{k} {v}" for k, v in b["counts"].items()) or "no counts yet"
+        state = "collected" if b["collected"] else "running" if b["status"] not in ("completed", "failed", "expired", "cancelled") \
+            else "ended, to collect"
+        lines.append(f"batch {b['name']} ({b['batch_id'] or 'not created yet'}): {b['status']}, {b['rows']} requests "
+                     f"({counts}); {state} (as last seen by a run)")
     lines.append(f"output: {report['output']}")
     return "\n".join(lines)
 

@@ -1,0 +1,350 @@
+"""The batch executor: the job's rows through the provider's Batch API, half price, answers within
+`batch_window`, with the online run's manifest, output, checkpoint and guarantees.
+
+    [run]
+    mode = "batch"
+    batch_max_requests = 50000     # per batch file; and batch_max_mb (200) per file
+    poll_s = 60                    # the longest wait between two looks at a running batch
+    wait = true                    # false: submit what is new, collect what ended, exit 5 (cron)
+
+A round: look at every batch not yet collected (resuming a step a crash interrupted), collect
+those that ended (their answers journaled, their shards committed), then plan new batches for the
+rows with no answer and no batch (the request bodies built exactly as online: images inlined,
+resized, confined), upload and create them. Rounds go on, each after a longer wait (up to poll_s),
+until no batch is running and no row is left; with wait = false after one round.
+
+What makes a resume safe is the ledger (pipeline.io.ledger): a batch's rows are written down
+before its file is uploaded, its file id before the batch is created, its batch id as soon as it
+is known; a batch created by a run killed before writing its id down is found again by its name
+(in its metadata), never created twice. A failed line whose error would be retried online (429,
+5xx, timeout), and the rows of an expired or cancelled batch, go into the next batch, up to
+max_attempts batches; others are written as error rows, as online.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+from ..crashpoints import crash_point
+from ..errors import InputError, LocalFailure, RequestError, StopJob, local_failure
+from ..io.checkpoint import Checkpoint
+from ..io.journal import Journal
+from ..io.ledger import TERMINAL, Batch, Ledger
+from ..io.manifest import Shard, read_shard, row_ids
+from ..net.batchapi import BatchAPI
+from ..net.retry import STOP_KINDS, should_retry
+from ..records import ResultRow
+from ..rows.batchlines import request_line, result_of
+from ..rows.request import RequestBuilder, placeholders
+from .commit import answers_so_far, commit_shard
+from .executor import Executor
+from .prepare import Prepared
+from .progress import Progress
+from .sender import error_row
+from .shard import make_labels
+from .summary import Counts, Stopped, Waiting
+
+__all__ = ["BatchExecutor"]
+
+FIRST_POLL_S = 1.0  # the first look at a new batch; each later wait is longer by POLL_GROWTH, up to poll_s
+POLL_GROWTH = 1.5
+
+
+class BatchExecutor(Executor):
+    def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
+        return self.host.run_loop(self._execute(ckpt, ready))
+
+    async def _execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
+        run = _BatchRun(self, ckpt, ready)
+        try:
+            async with self.serving() as job:
+                run.job = job
+                with self.host.signals(asyncio.get_running_loop(), run.interrupt, None), \
+                        Progress(self.options.progress, total=ready.plan.total_rows, auto=self.host.auto_progress) as bar:
+                    run.bar = bar
+                    await run.rounds()
+        except (StopJob, LocalFailure) as stop:
+            run.stopped = stop
+        except OSError as exc:
+            run.stopped = local_failure(exc, "running the batches")
+        finally:
+            await run.close()
+        return run.counts, run.stopped
+
+
+class _BatchRun:
+    def __init__(self, executor: BatchExecutor, ckpt: Checkpoint, ready: Prepared) -> None:
+        self.job = executor.job
+        self.options, self.console, self.ckpt, self.ready = executor.options, executor.console, ckpt, ready
+        self.ledger = Ledger(ckpt.folder)
+        self.journal = Journal(ckpt.journal_dir)
+        self.labels = make_labels(executor.job)
+        self.counts = Counts()
+        self.stopped: Stopped = None
+        self.stopping = asyncio.Event()
+        self.bar: Progress | None = None
+        self.shards = {s.index: s for s in ready.plan.shards}
+        self.committed = {i: c.rows for i, c in ready.commits.items()}
+        self.tries: dict[str, int] = {}  # row id -> batches that held it (the row's attempts)
+        self.unanswered = 0  # rows of collected batches that got no result (they wait for another batch)
+        self.sent_now: set[str] = set()  # rows put in a batch by this run (--retry-failed sends a row once)
+        self.cancel = executor.options.cancel_batches
+        self.wait = executor.job.run.wait if executor.options.wait is None else executor.options.wait
+
+    def interrupt(self, sig: int) -> None:
+        self.console.say("\nstopping: the batches go on at the provider; run again to collect them")
+        self.stopped = sig
+        self.stopping.set()
+
+    async def close(self) -> None:
+        self.journal.close()
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    async def rounds(self) -> None:
+        job = self.job
+        for batch in self.ledger.batches():
+            for _, row_id in batch.rows:
+                self.tries[row_id] = self.tries.get(row_id, 0) + 1
+        wait_s = FIRST_POLL_S
+        async with BatchAPI(job.endpoint.base_url or "", job.api_key(), timeout_s=job.limits.timeout_s,
+                            max_attempts=job.limits.max_attempts) as api:
+            self.api = api
+            builder = RequestBuilder(job, self.ready.plan.columns, redactor=self.console.redactor, labels=self.labels)
+            try:
+                while not self.stopping.is_set():
+                    await self._look(api)
+                    if not self.cancel and not self.stopping.is_set():
+                        await self._submit(api, builder)
+                    running = [b for b in self.ledger.batches() if b.active]
+                    self._show()
+                    if not running:
+                        # shards answered whole by an earlier run that died before committing them
+                        await self._commit_ready({s.index for s in self.ready.todo})
+                        if self.cancel and self.stopped is None and self.unanswered:
+                            self.stopped = StopJob("the batches were cancelled as asked; the rows they did not answer have "
+                                                   "none yet: run again (without --cancel-batches) to send them", kind="cancelled")
+                        return
+                    if not self.wait:
+                        self.stopped = Waiting(len(running), sum(len(b.rows) for b in running))
+                        return
+                    try:
+                        await asyncio.wait_for(self.stopping.wait(), wait_s)
+                    except asyncio.TimeoutError:
+                        pass
+                    wait_s = min(job.run.poll_s, wait_s * POLL_GROWTH)
+            finally:
+                await builder.aclose()
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            c = self.counts
+            self.bar.show(self.ready.plan.total_rows - self._left(), ok=c.ok, failed=c.failed)
+
+    def _left(self) -> int:
+        return sum(len(b.rows) for b in self.ledger.batches() if b.active)
+
+    # -- looking at batches: resume, poll, cancel, collect ---------------------------------
+
+    async def _look(self, api: BatchAPI) -> None:
+        for batch in self.ledger.batches():
+            if not batch.active or self.stopping.is_set():
+                continue
+            if batch.file_id is None:
+                await self._upload(api, batch)
+            if batch.batch_id is None:
+                await self._create(api, batch)
+            if self.cancel and not batch.cancel and batch.status not in TERMINAL:
+                await api.cancel(batch.batch_id or "")
+                self.ledger.cancel_asked(batch.name)
+            state = await api.get(batch.batch_id or "")
+            status, counts = str(state.get("status")), dict(state.get("request_counts") or {})
+            if (status, counts) != (batch.status, batch.counts):
+                self.ledger.status(batch.name, status, counts)
+                crash_point("batch_after_poll")
+            if status in TERMINAL:
+                await self._collect(api, batch, state)
+
+    async def _upload(self, api: BatchAPI, batch: Batch) -> None:
+        with open(batch.path, "rb") as f:
+            data = f.read()
+        batch.file_id = await api.upload(f"pipeline-{self.job.name}-{batch.name}.jsonl", data)
+        crash_point("batch_after_upload")
+        self.ledger.uploaded(batch.name, batch.file_id)
+
+    async def _create(self, api: BatchAPI, batch: Batch) -> None:
+        found = await api.find(batch.name)  # created by a run that died before writing its id down
+        if found is None or found.get("status") in ("failed",) and found.get("input_file_id") != batch.file_id:
+            found = await api.create(batch.file_id or "", self.job.run.batch_window,
+                                     {"pipeline_job": self.job.name, "pipeline_batch": batch.name})
+            crash_point("batch_after_create")
+        batch.batch_id = str(found["id"])
+        self.ledger.created(batch.name, batch.batch_id)
+        self.console.say(f"batch {batch.name}: {len(batch.rows)} requests, {batch.batch_id}")
+
+    async def _collect(self, api: BatchAPI, batch: Batch, state: dict[str, Any]) -> None:
+        """An ended batch's lines into result rows; rows it did not answer wait for the next batch."""
+        lines: list[bytes] = []
+        for key in ("output_file_id", "error_file_id"):
+            if state.get(key):
+                lines += (await api.content(str(state[key]))).splitlines()
+        crash_point("batch_after_download")
+        shard_of = {row_id: shard for shard, row_id in batch.rows}
+        seen: set[str] = set()
+        journaled: set[str] = set()
+        touched: set[int] = set()
+        for raw in lines:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            got = result_of(line, self.job, self.labels, self.console.redactor)
+            if got.row_id not in shard_of or got.row_id in seen:
+                continue
+            seen.add(got.row_id)
+            if self._settle(shard_of[got.row_id], got.row_id, got.row, got.error):
+                touched.add(shard_of[got.row_id])
+                journaled.add(got.row_id)
+        status = str(state.get("status"))
+        why, kind = f"the batch ended {status} without an answer for this request", "server"
+        if status == "failed":  # refused whole (its file, its quota): every row counts a try
+            why = "; ".join(str(e.get("message")) for e in ((state.get("errors") or {}).get("data") or [])) or "the batch failed"
+            why, kind = f"the batch failed: {self.console.redactor.scrub(why)}", "bad_request"
+            self.console.say(f"batch {batch.name} failed at the provider: {why}")
+        for row_id in set(shard_of) - seen:  # no line at all: as a failed attempt, retried while tries are left
+            err = RequestError(self.console.redactor.cut(why, 500), kind=kind)
+            final = self.tries.get(row_id, 1) >= self.job.limits.max_attempts
+            if self._settle(shard_of[row_id], row_id, None, err, final=final):
+                touched.add(shard_of[row_id])
+                journaled.add(row_id)
+        self.unanswered += len(shard_of) - len(journaled)
+        self.journal.sync()
+        self.ledger.collected(batch.name)
+        await self._commit_ready(touched)
+
+    def _settle(self, shard: int, row_id: str, row: ResultRow | None, err: RequestError | None,
+                final: bool | None = None) -> bool:
+        """Journal the row's result, or leave it for the next batch; True when journaled."""
+        tries = self.tries.get(row_id, 1)
+        if err is not None and err.kind in STOP_KINDS:
+            self.stopped = StopJob(f"the provider refused a request of the batch: {err.describe()}", kind=err.kind)
+            self.stopping.set()
+            return False
+        if err is not None:
+            retry = should_retry(err, tries, self.job.limits.max_attempts) if final is None else not final
+            if err.kind == "invalid_output" and self.labels is not None:
+                retry = tries <= self.labels.config.max_invalid_retries
+            if retry:
+                return False  # no result yet: the next batch asks again
+            if row is None:
+                row = error_row(row_id, err, attempts=tries)
+        assert row is not None
+        row.attempts = tries
+        row.finished_at = time.time()
+        redactor = self.console.redactor
+        self.journal.append(shard, row.scrubbed(redactor.scrub) if redactor else row)
+        if row.ok:
+            self.counts.ok += 1
+        else:
+            self.counts.failed += 1
+            self.counts.by_kind[row.error_kind or ""] += 1
+        return True
+
+    async def _commit_ready(self, shards: set[int]) -> None:
+        for index in sorted(shards):
+            shard = self.shards[index]
+            done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(index, 0),
+                                              self.labels)
+            if len(done) >= shard.rows:
+                self.journal.close_shard(index)
+                table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
+                await asyncio.to_thread(commit_shard, self.job, self.ckpt, shard, table,
+                                        row_ids(self.job.input, table, shard), self.labels)
+
+    # -- planning and submitting new batches ------------------------------------------------
+
+    async def _submit(self, api: BatchAPI, builder: RequestBuilder) -> None:
+        held = {row_id for b in self.ledger.batches() if b.active for _, row_id in b.rows}
+        lines: list[bytes] = []
+        rows: list[tuple[int, str]] = []
+        size = 0
+        cap_bytes, cap_lines = int(self.job.run.batch_max_mb * 1024 * 1024), self.job.run.batch_max_requests
+        touched: set[int] = set()
+        for shard in self.ready.plan.shards:
+            for row_id, cells in await self._pending(shard, held):
+                if self.stopping.is_set():
+                    return
+                try:
+                    built = await builder.build(cells)
+                except InputError as err:  # as online: an error row, never sent
+                    self._settle(shard.index, row_id, error_row(row_id, err, attempts=0), None)
+                    touched.add(shard.index)
+                    continue
+                line = request_line(row_id, built.body)
+                if rows and (len(rows) >= cap_lines or size + len(line) > cap_bytes):
+                    await self._send(api, rows, lines)
+                    lines, rows, size = [], [], 0
+                lines.append(line)
+                rows.append((shard.index, row_id))
+                size += len(line)
+        if rows:
+            await self._send(api, rows, lines)
+        if touched:
+            self.journal.sync()
+            await self._commit_ready(touched)
+
+    async def _pending(self, shard: Shard, held: set[str]) -> list[tuple[str, dict[str, Any]]]:
+        """The shard's rows with no result and no batch, with the cells a request needs."""
+        rec = self.ready.commits.get(shard.index)
+        if rec is not None and rec.rows == shard.rows and self.options.retry_failed is None:
+            return []  # committed whole: nothing to send
+        done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(shard.index, 0),
+                                          self.labels)
+        retry = self.options.retry_failed
+        table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
+        ids = row_ids(self.job.input, table, shard)
+        columns = [c for c in self.ready.plan.columns if c in self._request_columns()]
+        cells = table.select(columns).to_pylist()
+        out = []
+        for row_id, row in zip(ids, cells):
+            if row_id in held:
+                continue
+            rec_done = done.get(row_id)
+            if rec_done is None or (retry is not None and rec_done[0] == "error" and (not retry or rec_done[1] in retry)
+                                    and row_id not in self.sent_now):
+                out.append((row_id, row))
+        return out
+
+    def _request_columns(self) -> set[str]:
+        inp = self.job.input
+        cols = {c for c in (inp.image_column, inp.prompt_column, inp.video_column) if c}
+        return cols | set(placeholders(self.job.request.prompt or ""))
+
+    async def _send(self, api: BatchAPI, rows: list[tuple[int, str]], lines: list[bytes]) -> None:
+        data = b"".join(lines)
+        number = self.ledger.next_number()
+        name = f"b{number:06d}-{hashlib.blake2b(data, digest_size=4).hexdigest()}"
+        self.ledger.files.mkdir(parents=True, exist_ok=True)
+        path = self.ledger.files / f"{name}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        await asyncio.to_thread(_write_synced, tmp, data)
+        tmp.replace(path)
+        self.ledger.planned(name, rows, path)
+        self.sent_now.update(row_id for _, row_id in rows)
+        for _, row_id in rows:
+            self.tries[row_id] = self.tries.get(row_id, 0) + 1
+        batch = Batch(name, rows, str(path))
+        await self._upload(api, batch)
+        await self._create(api, batch)
+
+
+def _write_synced(path: Any, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,115 @@
+"""The batch ledger: what batch mode has done at the provider, durable before it is relied on.
+
+    ledger = Ledger(ckpt.folder)
+    ledger.planned(name, rows, path)        # the batch file is written; its rows are spoken for
+    ledger.uploaded(name, file_id)          # after POST /v1/files
+    ledger.created(name, batch_id)          # after POST /v1/batches
+    ledger.status(name, status, counts)     # a look at it
+    ledger.collected(name)                  # its answers are journaled: it is over
+    batches = ledger.batches()              # every batch, folded from the records, in order
+
+One JSON line per event in `<checkpoint>/batches.jsonl`, appended and fsynced before the step it
+records is built upon. A crash between a provider call and its record is what resume must allow
+for: a file uploaded but not recorded is uploaded again (files cost nothing), and a batch created
+but not recorded is found again by its name in the batch's metadata, never created twice
+(pipeline.engine.batch). A torn last line (a crash mid-append) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Ledger", "Batch", "TERMINAL"]
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")  # a batch in these states does no more work
+
+
+@dataclass
+class Batch:
+    name: str  # unique: the job, a number and a digest of its rows; in the batch's metadata
+    rows: list[tuple[int, str]]  # (shard, row id) of every request in it
+    path: str  # the batch file, kept in the checkpoint until collected
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    cancel: bool = False
+    collected: bool = False
+
+    @property
+    def active(self) -> bool:
+        return not self.collected
+
+
+class Ledger:
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "batches.jsonl"
+        self.files = folder / "batches"
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def planned(self, name: str, rows: list[tuple[int, str]], path: Path) -> None:
+        self._append({"event": "planned", "name": name, "rows": rows, "path": str(path)})
+
+    def uploaded(self, name: str, file_id: str) -> None:
+        self._append({"event": "uploaded", "name": name, "file_id": file_id})
+
+    def created(self, name: str, batch_id: str) -> None:
+        self._append({"event": "created", "name": name, "batch_id": batch_id})
+
+    def status(self, name: str, status: str, counts: dict[str, int]) -> None:
+        self._append({"event": "status", "name": name, "status": status, "counts": counts})
+
+    def cancel_asked(self, name: str) -> None:
+        self._append({"event": "cancel", "name": name})
+
+    def collected(self, name: str) -> None:
+        self._append({"event": "collected", "name": name})
+
+    def batches(self) -> list[Batch]:
+        """Every batch the job has planned, oldest first, with what is known of it."""
+        out: dict[str, Batch] = {}
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line: that step is done again
+            name, event = rec.get("name"), rec.get("event")
+            if event == "planned":
+                out[name] = Batch(name, [(int(s), str(i)) for s, i in rec["rows"]], rec["path"])
+                continue
+            batch = out.get(name)
+            if batch is None:
+                continue
+            if event == "uploaded":
+                batch.file_id = rec["file_id"]
+            elif event == "created":
+                batch.batch_id = rec["batch_id"]
+            elif event == "status":
+                batch.status, batch.counts = rec["status"], rec.get("counts") or {}
+            elif event == "cancel":
+                batch.cancel = True
+            elif event == "collected":
+                batch.collected = True
+        return list(out.values())
+
+    def next_number(self) -> int:
+        return len(self.batches()) + 1
