@@ -19,7 +19,7 @@ from typing import Any
 
 from .fields import Table, between, one_of, positive, read_table, setting, zero_or_more
 
-__all__ = ["ServeOptions", "FAULTS", "TRANSFERS", "REASONING_FIELDS", "RATE_HEADER_STYLES"]
+__all__ = ["ServeOptions", "FAULTS", "TRANSFERS", "REASONING_FIELDS", "RATE_HEADER_STYLES", "BATCH_OUTCOMES"]
 
 # What each does: the docstring of pipeline/tools/serve/__init__.py.
 FAULTS = (
@@ -31,6 +31,7 @@ FAULTS = (
 TRANSFERS = ("length", "chunked", "gzip")
 REASONING_FIELDS = ("content", "reasoning_content", "reasoning")
 RATE_HEADER_STYLES = ("retry-after", "retry-after-ms", "http-date", "reset", "none")
+BATCH_OUTCOMES = ("completed", "failed", "expired")
 
 
 def _unknown_fault(names: list[str]) -> str | None:
@@ -53,6 +54,13 @@ def _should_retry(headers: dict[str, str]) -> str | None:
     for name, value in headers.items():
         if name not in FAULTS or value not in ("true", "false"):
             return f'must map a fault name to "true" or "false", not {name!r} = {value!r}'
+    return None
+
+
+def _http_errors(line_faults: dict[str, int]) -> str | None:
+    for needle, status in line_faults.items():
+        if not 400 <= status <= 599:
+            return f"must map prompt text to an HTTP error status (400 to 599), not {needle!r} = {status}"
     return None
 
 
@@ -97,6 +105,28 @@ class ServeOptions(Table):
     bomb_mb: int = setting(1024, doc="what the gzip_bomb fault inflates to", check=positive)
     huge_mb: float = setting(80.0, doc="the size of the huge fault's answer (the client's default cap is 64 MB)",
                              check=positive)
+    # The Batch API (/v1/files, /v1/batches): a batch's status follows from the time since it was created.
+    batch_validating_s: float = setting(0.2, doc="Batch API: how long a batch is `validating`", check=zero_or_more)
+    batch_in_progress_s: float = setting(0.5, doc="Batch API: how long a batch is `in_progress` (its lines are done "
+                                                  "evenly over it, in file order)", check=zero_or_more)
+    batch_finalizing_s: float = setting(0.2, doc="Batch API: how long a batch is `finalizing` before `completed`",
+                                        check=zero_or_more)
+    batch_cancelling_s: float = setting(0.2, doc="Batch API: how long a cancelled batch is `cancelling` before `cancelled`",
+                                        check=zero_or_more)
+    batch_max_bytes: int = setting(200 * 1024 * 1024, doc="Batch API: a larger input file fails the batch (OpenAI: 200 MB)",
+                                   check=positive)
+    batch_max_lines: int = setting(50_000, doc="Batch API: more requests in a file fail the batch (OpenAI: 50,000)",
+                                   check=positive)
+    batch_line_faults: dict[str, int] = setting(default_factory=dict, check=_http_errors,
+                                                doc="Batch API: prompt text -> the HTTP status its lines fail with "
+                                                    "(in the error file), e.g. { \"cat\" = 500 }")
+    batch_outcome: str = setting("completed", check=one_of(*BATCH_OUTCOMES),
+                                 doc='Batch API: "completed", "failed" (every batch fails validation) or "expired" (after '
+                                     "`in_progress`, with only `batch_expire_fraction` of its lines done)")
+    batch_expire_fraction: float = setting(0.5, doc="Batch API: the share of an expired batch's lines that were done",
+                                           check=between(0, 1))
+    batch_shuffle_output: bool = setting(False, doc="Batch API: output and error files in a seeded shuffled order, "
+                                                    "not the input's")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "pipeline serve") -> ServeOptions:

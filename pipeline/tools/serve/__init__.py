@@ -37,7 +37,12 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
 - labeling: a request with a `json_schema` response_format is answered with a JSON object built from
   the schema (first enum value, 0.5, a short text...), after the think block, in a ```json fence with
   `fence_json`; fault `invalid_json` answers values of the wrong kinds instead;
-- GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit;
+- the Batch API (/v1/files, /v1/batches in OpenAI's shapes): a batch is validated, in progress,
+  finalizing and completed at the pace of `batch_validating_s`, `batch_in_progress_s` and
+  `batch_finalizing_s`, its answers composed as online ones; `batch_line_faults`, `batch_outcome`
+  ("failed", "expired"), `batch_shuffle_output` and cancels rehearse what a batch executor meets;
+- GET /stats: requests per row (keyed by the prompt text), statuses, requests over the limit, files
+  uploaded and batches created (each with its status and custom_ids);
   with `record`, GET /requests lists each request with its arrival time, row and status.
 
 Its parts: `app.py` (the routes, and the order in which a request meets the key check, the rate
@@ -45,7 +50,8 @@ window, its fault and its latency), `rate.py` (the sliding window and its header
 (what the endpoint counts and keeps), `faults.py` (which fault a request gets, and the error
 answers), `completion.py` (the answer composed from what the request shows), `delivery.py` (how
 it is sent: plain or streamed, cut or broken), `hostile.py` (the hostile 200s), `process.py`
-(serving forever, or as a run's child process). Its options and fault names:
+(serving forever, or as a run's child process), `batchroutes.py`, `batches.py` and `batchfile.py`
+(the Batch API's routes, its files and batches, their lines). Its options and fault names:
 `pipeline/config/serve.py` (the `[serve]` table).
 """
 

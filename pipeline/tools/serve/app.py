@@ -5,6 +5,7 @@ in that order; then a fault's refusal, or the composed completion sent as its fa
 
     POST /v1/chat/completions   GET /v1/models   GET /stats[?brief]   POST /stats/reset
     GET /requests (with `record`)   POST /redirected/... (where the redirect fault points)
+    /v1/files and /v1/batches: the Batch API (`batchroutes.py`)
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from aiohttp import web
 from ...config.serve import ServeOptions
 from .completion import completion, user_parts
 from .delivery import deliver
-from .faults import error_response, pick_fault, refusal
+from .batchroutes import add_batch_routes
+from .faults import error_response, key_refusal, pick_fault, refusal
 from .rate import retry_headers
-from .state import ServeState
+from .state import STATE, ServeState
 
 __all__ = ["make_app", "STATE", "ONLY_STREAM_MESSAGE"]
 
-STATE = web.AppKey("state", ServeState)
 ONLY_STREAM_MESSAGE = "This model only support stream mode, please enable the stream parameter to access the model."
 
 
@@ -37,6 +38,7 @@ def make_app(opts: ServeOptions) -> web.Application:
     app.router.add_post("/stats/reset", _reset)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/requests", _recorded)
+    add_batch_routes(app)
     return app
 
 
@@ -93,10 +95,9 @@ async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]
 
 async def _admitted_body(request: web.Request, opts: ServeOptions) -> dict[str, Any] | web.Response:
     """The request's body, or the 401 or 400 refusing it."""
-    if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
-        # Like some providers, echo what was presented: the client must scrub it from its messages.
-        presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return error_response(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
+    unauthorized = key_refusal(request, opts)
+    if unauthorized is not None:
+        return unauthorized
     try:
         body = await request.json()
     except (ValueError, TypeError):
@@ -120,6 +121,8 @@ async def _stats(request: web.Request) -> web.Response:
     report = request.app[STATE].stats()
     if "brief" in request.query:  # without per_row: a million-row count every half second was the bench's main load
         del report["per_row"]
+        for batch in report["batches"]:
+            del batch["custom_ids"]
     return web.json_response(report)
 
 

@@ -12,7 +12,7 @@ from ...config.serve import ServeOptions
 from .rate import retry_headers
 from .state import ServeState
 
-__all__ = ["pick_fault", "refusal", "error_response", "ERROR_FAULTS", "MESSAGE_CUT"]
+__all__ = ["pick_fault", "refusal", "error_response", "key_refusal", "ERROR_FAULTS", "MESSAGE_CUT"]
 
 ERROR_FAULTS = frozenset({"400", "401", "500", "503", "quota", "throttle", "429", "429ms", "429date", "429reset", "429bare"})
 MESSAGE_CUT = 500  # where clients commonly cut error messages: echo_key puts the key across it
@@ -40,6 +40,15 @@ def error_response(status: int, message: str, code: str, headers: dict[str, str]
     """An error in OpenAI's shape."""
     body = {"error": {"message": message, "type": code, "code": code}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def key_refusal(request: web.Request, opts: ServeOptions) -> web.Response | None:
+    """With `api_key`: the 401 for a request without that bearer key, echoing what was presented
+    (as some providers do: the client must scrub it from its messages)."""
+    if opts.api_key is None or request.headers.get("Authorization") == f"Bearer {opts.api_key}":
+        return None
+    presented = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return error_response(401, f"Incorrect API key provided: {presented}", "invalid_api_key")
 
 
 def refusal(request: web.Request, opts: ServeOptions, fault: str | None, *, stream: bool,

@@ -1,19 +1,24 @@
 """What the built-in endpoint counts and keeps between requests: the figures GET /stats reports,
 the requests GET /requests lists (with `record`), the seeded chance behind faults and jitter, the
-rate window, and the gzip bomb once built. POST /stats/reset starts them afresh.
+rate window, the gzip bomb once built, and the Batch API's files and batches (`batches.py`).
+POST /stats/reset starts them afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from typing import Any
 
+from aiohttp import web
+
 from ...config.serve import ServeOptions
+from .batches import BatchStore
 from .rate import RateWindow
 
-__all__ = ["ServeState"]
+__all__ = ["ServeState", "STATE"]
 
 
 class ServeState:
@@ -33,6 +38,7 @@ class ServeState:
         self.redirects_followed = 0  # requests that arrived at a redirect fault's Location
         self.bombs: dict[bool, bytes] = {}  # the gzip bomb, plain and streamed: built once
         self.bomb_lock = asyncio.Lock()
+        self.batches = BatchStore(opts)  # the Batch API's files and batches
 
     def reset(self) -> None:
         """Everything afresh, in place: requests in flight hold this object and count into it."""
@@ -48,4 +54,8 @@ class ServeState:
             "max_in_flight": self.max_in_flight,
             "connections": len(self.peers),
             "redirects_followed": self.redirects_followed,
+            **self.batches.stats(time.time()),
         }
+
+
+STATE = web.AppKey("state", ServeState)  # where the app keeps it
