@@ -111,23 +111,30 @@ class RunResult:
 
 
 def run(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
-        restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False) -> RunResult:
+        restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False,
+        wait: bool | None = None, cancel_batches: bool = False) -> RunResult:
     """Run the job (to its end or a stop) and say how it ended; resumes where the last run stopped.
 
     `manifest`: the rows in memory instead of `[input] path`; stored once in the checkpoint folder,
     keyed by content, so the same call again sends nothing. `retry_failed`: True (every failed
-    kind), a kind or a list of kinds. Never raises for failed rows; raises JobError for a bad job,
-    LockedError when the job runs elsewhere."""
-    work, host = _work(job, manifest, retry_failed, restart, dry_run, progress, report)
+    kind), a kind or a list of kinds. `wait=False` / `cancel_batches=True`: batch mode's --no-wait
+    and --cancel-batches. Never raises for failed rows; raises JobError for a bad job, LockedError
+    when the job runs elsewhere."""
+    work, host = _work(job, manifest, RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart,
+                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches),
+                       dry_run)
     return _wait(host, _start(work))
 
 
 async def arun(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
-               restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False) -> RunResult:
+               restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False,
+        wait: bool | None = None, cancel_batches: bool = False) -> RunResult:
     """run() for a running event loop (a notebook cell, an async app): awaits the run, which has
     its own thread and loop. Cancelling the awaiting task stops the run as Ctrl-C does, waits for
     it to end, and re-raises the cancellation."""
-    work, host = _work(job, manifest, retry_failed, restart, dry_run, progress, report)
+    work, host = _work(job, manifest, RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart,
+                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches),
+                       dry_run)
     with _interrupts_to(host):
         waiter = asyncio.wrap_future(_start(work))
         try:
@@ -139,8 +146,7 @@ async def arun(job: JobLike, manifest: Any = None, *, retry_failed: bool | str |
             raise
 
 
-def _work(job: JobLike, manifest: Any, retry_failed: bool | str | Iterable[str] | None, restart: bool,
-          dry_run: bool, progress: bool | None, report: bool) -> tuple[Callable[[], RunResult], CallerHost]:
+def _work(job: JobLike, manifest: Any, options: RunOptions, dry_run: bool) -> tuple[Callable[[], RunResult], CallerHost]:
     """What the run's thread will do, checked here first: a bad job or manifest raises in the caller."""
     the_job = load_job(job)
     stage: Callable[[Checkpoint], None] | None = None
@@ -149,8 +155,6 @@ def _work(job: JobLike, manifest: Any, retry_failed: bool | str | Iterable[str] 
     elif the_job.in_memory:
         raise JobError("[input] path: the job has no manifest file; pass manifest= (a DataFrame, a pyarrow Table, "
                        "a datasets.Dataset or a list of dicts) or set [input] path")
-    options = RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart, progress=progress,
-                         report=report)
     host = CallerHost()
     if dry_run:
         return (lambda: _dry_run(the_job, stage)), host

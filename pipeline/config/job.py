@@ -162,11 +162,17 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     if labels is not None and labels.send_response_format and "response_format" in request.params:
         raise JobError(f"{src}: [request] response_format: [labels] sends it; remove one of them")
     pricing = _pricing(table(PricingConfig), endpoint, request, src) if "pricing" in data else None
+    run = table(RunConfig)
+    if run.mode == "batch" and request.stream:
+        raise JobError(f"{src}: [request] stream: a batch request is answered whole; remove stream for [run] mode = \"batch\"")
+    if run.mode == "batch" and pricing is not None and pricing.budget is not None:
+        raise JobError(f"{src}: [pricing] budget: not enforced in [run] mode = \"batch\" yet (a batch is paid as a whole); "
+                       f"remove budget, or split the manifest")
     if serve is not None:
         table(ServeOptions)  # a bad [serve] table is reported now, not when its endpoint starts
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=table(LimitsConfig),
-        output=_output(table(OutputConfig), base, top.name), run=table(RunConfig), serve=serve, labels=labels,
+        output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
         pricing=pricing, images=table(ImagesConfig), in_memory=in_memory,
     )
 

@@ -179,7 +179,7 @@ class _BatchRun:
 
     async def _create(self, api: BatchAPI, batch: Batch) -> None:
         found = await api.find(batch.name)  # created by a run that died before writing its id down
-        if found is None or found.get("status") in ("failed",) and found.get("input_file_id") != batch.file_id:
+        if found is None:
             found = await api.create(batch.file_id or "", self.job.run.batch_window,
                                      {"pipeline_job": self.job.name, "pipeline_batch": batch.name})
             crash_point("batch_after_create")
