@@ -193,3 +193,16 @@ def _http(url: str, data: bytes | None = None, content_type: str | None = None) 
     req = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if content_type else {})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def test_retry_failed_sends_only_the_failed_rows_in_a_new_batch(tmp_path: Path, endpoint_factory: Any) -> None:
+    ep = endpoint_factory(batch_line_faults={"picture row-00002": 400})
+    job = _job(tmp_path, ep.base_url, 5)
+    assert run_cli("run", str(job)).returncode == 1
+    assert run_cli("run", str(job)).returncode == 1 and len(_batches(ep)) == 1  # a rerun sends nothing
+    again = run_cli("run", str(job), "--retry-failed")
+    assert again.returncode == 1, again.stderr
+    batches = _batches(ep)
+    assert len(batches) == 2 and batches[1]["custom_ids"] == ["row-00002"]
+    rows = {r["id"]: r for r in _exactly_once(tmp_path / "out-b", 5)}
+    assert rows["row-00002"]["error_kind"] == "bad_request"

@@ -111,7 +111,7 @@ class _BatchRun:
         for batch in self.ledger.batches():
             for _, row_id in batch.rows:
                 self.tries[row_id] = self.tries.get(row_id, 0) + 1
-        wait_s = FIRST_POLL_S
+        wait_s = min(FIRST_POLL_S, job.run.poll_s)
         async with BatchAPI(job.endpoint.base_url or "", job.api_key(), timeout_s=job.limits.timeout_s,
                             max_attempts=job.limits.max_attempts) as api:
             self.api = api
