@@ -163,6 +163,9 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
         raise JobError(f"{src}: [request] response_format: [labels] sends it; remove one of them")
     pricing = _pricing(table(PricingConfig), endpoint, request, src) if "pricing" in data else None
     run = table(RunConfig)
+    limits = table(LimitsConfig)
+    if run.engine == "ray" and (limits.auto_rate or limits.auto_concurrency):
+        raise JobError(f'{src}: [limits]: "auto" limits are found by one process; with [run] engine = "ray" give numbers')
     if run.mode == "batch" and request.stream:
         raise JobError(f"{src}: [request] stream: a batch request is answered whole; remove stream for [run] mode = \"batch\"")
     if run.mode == "batch" and pricing is not None and pricing.budget is not None:
@@ -171,7 +174,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     if serve is not None:
         table(ServeOptions)  # a bad [serve] table is reported now, not when its endpoint starts
     return Job(
-        name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=table(LimitsConfig),
+        name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=limits,
         output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
         pricing=pricing, images=table(ImagesConfig), in_memory=in_memory,
     )

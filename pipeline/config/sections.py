@@ -23,6 +23,7 @@ from .fields import (
     one_of,
     positive,
     read_table,
+    read_value,
     setting,
     zero_or_more,
 )
@@ -30,11 +31,30 @@ from .urls import check_url, is_url
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
-    "RunConfig", "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS", "schema_problem",
+    "RunConfig", "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS", "schema_problem",
 ]
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
+
+
+AUTO = "auto"
+
+
+def _or_auto(check: Any) -> Any:
+    """A number as `check` says, or the word "auto"."""
+    return lambda v: None if v == AUTO else (f'must be a number or "auto", not {v!r}' if isinstance(v, str) else check(v))
+
+
+def _number_or_auto(kind: type) -> Any:
+    """Reads a number (of `kind`) or the word "auto"; any other text names both choices."""
+    def parse(value: Any, where: str, base: Path) -> Any:
+        if isinstance(value, str):
+            if value != AUTO:
+                raise JobError(f'{where} must be a number or "auto", not {value!r}')
+            return value
+        return read_value(value, kind, where, base)
+    return parse
 
 
 def _manifest_format(path: Path) -> str | None:
@@ -92,10 +112,16 @@ class RequestConfig(Table):
 @dataclass(frozen=True)
 class LimitsConfig(Table):
     TABLE = "limits"
-    requests_per_minute: float = setting(60.0, doc="paced smoothly: never a minute's quota in one second", check=positive)
-    tokens_per_minute: float = setting(0.0, doc="0: no token limit", check=zero_or_more)
+    requests_per_minute: float | str = setting(60.0, check=_or_auto(positive), parse=_number_or_auto(float),
+                                               doc='paced smoothly: never a minute\'s quota in one second; "auto": the '
+                                                   "provider's x-ratelimit-limit-requests, less a margin")
+    tokens_per_minute: float | str = setting(0.0, check=_or_auto(zero_or_more), parse=_number_or_auto(float),
+                                             doc='0: no token limit; "auto": the provider\'s x-ratelimit-limit-tokens')
     burst: int = setting(1, doc="requests allowed at once on top of the smooth pace", check=positive)
-    max_concurrency: int = setting(8, doc="requests in flight", check=positive)
+    max_concurrency: int | str = setting(8, check=_or_auto(positive), parse=_number_or_auto(int), doc='requests in flight; "auto": found from the '
+                                         "server's latency, growing while it stays flat (up to max_concurrency_cap)")
+    max_concurrency_cap: int = setting(256, doc='max_concurrency = "auto": the most requests in flight it may reach',
+                                       check=positive)
     max_attempts: int = setting(5, doc="per row, the first included", check=positive)
     timeout_s: float = setting(120.0, doc="per attempt", check=positive)
     max_retry_after_s: float = setting(120.0, doc="the longest server-asked delay honoured", check=zero_or_more)
@@ -110,6 +136,19 @@ class LimitsConfig(Table):
     @property
     def max_response_bytes(self) -> int:
         return int(self.max_response_mb * (1 << 20))
+
+    @property
+    def auto_concurrency(self) -> bool:
+        return self.max_concurrency == AUTO
+
+    @property
+    def workers(self) -> int:
+        """Requests that may be in flight at most (the workers): the cap when found automatically."""
+        return self.max_concurrency_cap if self.max_concurrency == AUTO else int(self.max_concurrency)
+
+    @property
+    def auto_rate(self) -> bool:
+        return AUTO in (self.requests_per_minute, self.tokens_per_minute)
 
 
 @dataclass(frozen=True)

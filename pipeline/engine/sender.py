@@ -23,6 +23,7 @@ from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
 from ..net.breaker import Breaker
 from ..net.client import Client
+from ..net.concurrency import Gate
 from ..net.limiter import Limiter
 from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from ..records import ResultRow
@@ -40,7 +41,9 @@ from .summary import Counts
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["RowSender", "RowState", "error_row"]
+__all__ = ["RowSender", "RowState", "error_row", "FULL_KINDS"]
+
+FULL_KINDS = ("server", "timeout", "connection")  # what a full server answers: "auto" concurrency backs off
 
 
 class RowState:
@@ -61,7 +64,7 @@ def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None =
 class RowSender:
     def __init__(self, job: Job, builder: RequestBuilder, client: Client, limiter: Limiter, spend: SpendLimit,
                  breaker: Breaker, labels: Labels | None, stopping: asyncio.Event, before_send: Callable[[], None],
-                 counts: Counts, stop: Callable[[StopJob], None]) -> None:
+                 counts: Counts, stop: Callable[[StopJob], None], gate: Gate | None = None) -> None:
         self.job, self.limits = job, job.limits
         self.builder, self.client, self.limiter, self.spend, self.breaker = builder, client, limiter, spend, breaker
         self.labels = labels
@@ -71,6 +74,7 @@ class RowSender:
         self.stop = stop  # a budget stop while a paid (invalid) answer is in hand: stop, keep the answer
         self.rng = random.Random()
         self.post = client.post_stream if job.request.stream else client.post
+        self.gate = gate if gate is not None else Gate(None)  # "auto" concurrency: requests in flight, found
 
     async def send(self, state: RowState, cells: dict[str, Any]) -> ResultRow | None:
         """The row's result; None when a stop came before an answer (the row stays pending).
@@ -108,7 +112,7 @@ class RowSender:
     async def _answer(self, state: RowState, built: Built) -> ResultRow | None:
         """Attempts until an answer or an error out of attempts; None when a stop came first."""
         tokens = estimate_tokens(self.job, prompt_chars(self.job, built.prompt), built.media).total \
-            if self.limits.tokens_per_minute > 0 else 0.0
+            if self.limits.tokens_per_minute == "auto" or self.limits.tokens_per_minute > 0 else 0.0
         worst = worst_case_cost(self.job, built.prompt, built.media) if self.spend.limit is not None else 0.0
         while not self.stopping.is_set():
             state.attempts += 1
@@ -116,7 +120,8 @@ class RowSender:
             if sent_at is None:
                 return None
             held = await self.spend.hold(worst)  # may wait for requests in flight; StopJob at the budget
-            outcome = await self._attempt(state, built.body, held, sent_at, tokens)
+            async with self.gate:
+                outcome = await self._attempt(state, built.body, held, sent_at, tokens)
             if not isinstance(outcome, float):
                 return outcome
             with contextlib.suppress(asyncio.TimeoutError):  # a stop ends the wait at once
@@ -139,6 +144,7 @@ class RowSender:
                 raise local_failure(exc, "journaling answers") from None
             try:
                 data, headers, latency, warning = await self.post(body, max_bytes=self.limits.max_response_bytes)
+                self.gate.answered(latency / 1000.0)
                 self.limiter.observe(headers)
                 answer = parse_response(data)
                 if answer.answer is None and answer.finish_reason != "length":
@@ -157,6 +163,8 @@ class RowSender:
         if err.kind in STOP_KINDS:
             raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
         self.limiter.observe(err.headers)
+        if err.kind in FULL_KINDS:
+            self.gate.dropped()
         if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
             self.counts.rate_limited += 1
             self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)

@@ -39,6 +39,7 @@ from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, read_shard, row_ids
 from ..net.breaker import ENDPOINT_FAULTS, Breaker
 from ..net.client import Client
+from ..net.concurrency import Gate, Gradient
 from ..net.limiter import Limiter
 from ..records import ResultRow
 from ..rows.pricing import SpendLimit
@@ -94,7 +95,7 @@ class ShardEngine:
         self.counts = Counts()
         self.done_before = 0  # rows of the given shards answered before this run
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(
-            maxsize=2 * job.limits.max_concurrency)
+            maxsize=2 * job.limits.workers)
         self.work: dict[int, _ShardWork] = {}
         self.stop_reason: StopJob | None = None
         self.failure: LocalFailure | None = None
@@ -109,6 +110,7 @@ class ShardEngine:
         self.internal_errors = 0
         self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
         self.columns = self._request_columns()
+        self.gate = Gate(Gradient(cap=job.limits.workers) if job.limits.auto_concurrency else None)
 
     def _request_columns(self) -> list[str]:
         cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column, self.job.input.video_column) if c}
@@ -125,9 +127,9 @@ class ShardEngine:
                     SpendLimit.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in shards])
             warm_imports()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
-                              max_connections=self.limits.max_concurrency) as client:
+                              max_connections=self.limits.workers) as client:
                 sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
-                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop)
+                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate)
                 await self._supervise(shards, sender)
             await self._commit_partial()
         finally:
@@ -149,6 +151,7 @@ class ShardEngine:
             self.stop(local_failure(exc, "closing the journal"))
         self.counts.spent = self.spend.spent_now
         self.counts.paused_s = getattr(self.limiter, "paused_s", 0.0)  # a Ray worker's lease has none
+        self.counts.limits = self._limits_used()
         try:
             await self.builder.aclose()  # the fetcher's session and the image workers
         except Exception as exc:  # noqa: BLE001 - nothing is lost by a failed close; say so and go on
@@ -156,12 +159,26 @@ class ShardEngine:
         if self.deadline is not None:
             self.deadline.cancel()
 
+    def _limits_used(self) -> dict[str, Any]:
+        """What "auto" limits came to, for the summary and `pipeline status`."""
+        used: dict[str, Any] = {}
+        ctl = self.gate.controller
+        if ctl is not None:
+            used["max_concurrency"] = {"auto": True, "last": ctl.allowed, "low": int(ctl.low), "high": int(ctl.high)}
+        limiter = self.limiter
+        if getattr(limiter, "auto_requests", False):
+            used["requests_per_minute"] = {"auto": True, "paced_at": round(limiter.rpm, 1)}
+        if getattr(limiter, "auto_tokens", False):
+            tokens = limiter.tokens
+            used["tokens_per_minute"] = {"auto": True, "paced_at": round(tokens.per_minute, 1) if tokens else None}
+        return used
+
     async def _supervise(self, shards: list[Shard], sender: RowSender) -> None:
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             syncer = tasks.create_task(self.journal.sync_forever())
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
-            workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.max_concurrency)]
+            workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
             if self.stop_reason is None and self.stop_signal is None and self.failure is None:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
@@ -246,7 +263,7 @@ class ShardEngine:
             work.enqueued = True
             if work.pending == 0:
                 self._schedule_commit(work)
-        for _ in range(self.limits.max_concurrency):
+        for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
 
     async def _open_shard(self, shard: Shard) -> _ShardWork:

@@ -65,6 +65,7 @@ class Counts:
     spent: float = 0.0  # cost of this run's answers, from [pricing]
     rate_limited: int = 0  # 429 answers (the provider pacing us)
     paused_s: float = 0.0  # time every request waited because of them (Retry-After and the like)
+    limits: dict[str, Any] = field(default_factory=dict)  # what "auto" limits came to
     by_kind: Counter[str] = field(default_factory=Counter)
 
 
@@ -114,12 +115,21 @@ def _summary(job: Job, state: dict[str, Any], counts: Counts, started: float, en
     this_run: dict[str, Any] = {"requests_sent": counts.sent, "ok": counts.ok, "failed": counts.failed,
                                 "failed_by_kind": dict(counts.by_kind), "rate_limited": counts.rate_limited,
                                 "paused_s": round(counts.paused_s, 3)}
+    if counts.limits:
+        this_run["limits"] = counts.limits
     summary = {"job": job.name, "started": started, "ended": ended, "duration_s": round(ended - started, 3),
                "exit_code": code, "output": display(job.output.path), "this_run": this_run, **state}
     if job.pricing is not None:
         this_run["spent"] = round(counts.spent, 6)
         summary["budget"] = job.pricing.budget
     return summary
+
+
+def _limit_text(name: str, used: dict[str, Any]) -> str:
+    if name == "max_concurrency":
+        return f"max_concurrency auto: {used['last']} in flight at the end ({used['low']} to {used['high']} during the run)"
+    paced = used.get("paced_at")
+    return f"{name} auto: paced at {paced:g}/min" if paced else f"{name} auto: no limit announced"
 
 
 def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float, stopped: Stopped, code: int,
@@ -129,6 +139,8 @@ def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float
     say(f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
         f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
         f"results in {display(job.output.path)}")
+    if counts.limits:
+        say("limits found: " + "; ".join(_limit_text(name, used) for name, used in counts.limits.items()))
     if job.pricing is not None:
         limit = f" of a budget of {job.pricing.budget:g}" if job.pricing.budget is not None else ""
         say(f"spent {state['spend']:.4f}{limit} in all ({counts.spent:.4f} this run)")

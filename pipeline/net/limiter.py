@@ -19,6 +19,12 @@ would let the waiters on the old one and the new one both go (twice the rate) an
 burst. A pause (a 429's Retry-After, a spent x-ratelimit-remaining) is checked again after each
 reserved wait, so a worker that reserved a slot before the 429 arrived does not send during it.
 
+"auto" limits (requests_per_minute or tokens_per_minute = "auto"): the first request goes alone;
+the others wait for its answer, whose x-ratelimit-limit-requests / -tokens set the pace (the limit
+less AUTO_MARGIN), so no place is booked at a guessed pace. Later answers that announce another
+limit move the pace to it. An endpoint that announces none (or no answer within AUTO_PROBE_S)
+leaves the pace at AUTO_START_RPM, adapting to 429s as always.
+
 The clock is a parameter (the event loop's clock by default) so tests drive it virtually.
 Concurrency (requests in flight) is not this module's business: it is the shard engine's worker count.
 """
@@ -32,7 +38,8 @@ from typing import Callable
 
 from .retry import parse_duration
 
-__all__ = ["Limiter", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S"]
+__all__ = ["Limiter", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S",
+           "AUTO_START_RPM", "AUTO_MARGIN", "AUTO_PROBE_S"]
 
 # A place due this soon is granted now: at high rates a sleep per request cost more than the
 # request itself (20k-row bench). It adds at most rate x 2 ms to any window's count: under one
@@ -47,6 +54,9 @@ SLOWDOWN_FACTOR = 0.5  # a 429 halves the pace ...
 MIN_FACTOR = 0.1
 RECOVER_STEP = 0.1  # ... which then regains 10% of the limit per RECOVER_EVERY_S without a 429
 RECOVER_EVERY_S = 2.0
+AUTO_START_RPM = 60.0  # an "auto" pace before (or without) a limit announced by the provider
+AUTO_MARGIN = 0.02  # an announced limit is paced at 98%: clocks and windows differ between us and the server
+AUTO_PROBE_S = 10.0  # the longest the other requests wait for the first answer's headers
 
 
 class TokenBucket:
@@ -87,14 +97,18 @@ class TokenBucket:
 class Limiter:
     def __init__(
         self,
-        requests_per_minute: float,
-        tokens_per_minute: float = 0.0,
+        requests_per_minute: float | str,
+        tokens_per_minute: float | str = 0.0,
         *,
         burst: int = 1,
         max_pause_s: float = 120.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.rpm = requests_per_minute
+        self.auto_requests = requests_per_minute == "auto"
+        self.auto_tokens = tokens_per_minute == "auto"
+        self.rpm = AUTO_START_RPM if self.auto_requests else float(requests_per_minute)
+        self.known: asyncio.Event | None = None  # "auto": set once the first answer's headers were read
+        self.probing = False
         self.burst = max(1, burst)
         self.max_pause_s = max_pause_s
         self.clock = clock or _loop_clock
@@ -106,7 +120,8 @@ class Limiter:
         self.slowdowns = 0
         self.next_slot = -math.inf  # GCRA's theoretical arrival time of the next request
         self.generation = 0  # bumped by each slowdown: slots reserved before it are given up
-        self.tokens = TokenBucket(tokens_per_minute, self.clock) if tokens_per_minute > 0 else None
+        tpm = 0.0 if self.auto_tokens else float(tokens_per_minute)
+        self.tokens = TokenBucket(tpm, self.clock) if tpm > 0 else None
 
     @property
     def rate_per_s(self) -> float:
@@ -127,6 +142,8 @@ class Limiter:
         a worker waiting out a 429's pause must not hold up a stop.
         """
         requeued = False
+        if (self.auto_requests or self.auto_tokens) and not await self._probe(stop):
+            return None
         while True:
             if stop is not None and stop.is_set():
                 return None
@@ -154,6 +171,29 @@ class Limiter:
             requeued = requeued or late
             if cost:
                 self.tokens.adjust(-cost)
+
+    async def _probe(self, stop: asyncio.Event | None) -> bool:
+        """"auto": the first caller goes; the others wait for its answer's headers (False: a stop came)."""
+        if self.known is None:
+            self.known = asyncio.Event()
+        if self.known.is_set():
+            return True
+        if not self.probing:
+            self.probing = True
+            return True
+        waiter = asyncio.ensure_future(self.known.wait())
+        stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        try:
+            await asyncio.wait([f for f in (waiter, stopper) if f is not None], timeout=AUTO_PROBE_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if stopper is not None:
+                stopper.cancel()
+        if stop is not None and stop.is_set():
+            return False
+        self.known.set()  # announced, or not within AUTO_PROBE_S: go at the pace there is
+        return True
 
     def _reserve(self, now: float) -> float:
         tolerance = (self.burst - 1) * self.interval
@@ -197,7 +237,10 @@ class Limiter:
             self.recovered_at = max(self.recovered_at, self.paused_until)
 
     def observe(self, headers: dict[str, str]) -> None:
-        """Keep under the server's real limit when it says so (x-ratelimit-remaining-*)."""
+        """Keep under the server's real limit when it says so (x-ratelimit-remaining-*); with
+        "auto" limits, pace at the limit it announces (x-ratelimit-limit-*)."""
+        if self.auto_requests or self.auto_tokens:
+            self._follow(headers)
         for kind in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             reset = headers.get(f"x-ratelimit-reset-{kind}")
@@ -211,6 +254,19 @@ class Limiter:
             if left <= 0 and wait:
                 self.pause(wait)
 
+    def _follow(self, headers: dict[str, str]) -> None:
+        requests = _number(headers.get("x-ratelimit-limit-requests"))
+        if self.auto_requests and requests and abs(requests * (1 - AUTO_MARGIN) - self.rpm) > 0.01 * self.rpm:
+            self.rpm = requests * (1 - AUTO_MARGIN)
+            self.generation += 1  # places booked at the old pace are booked again at this one
+            self.next_slot = min(self.next_slot, self.clock() + self.interval)
+        tokens = _number(headers.get("x-ratelimit-limit-tokens"))
+        if self.auto_tokens and tokens and (self.tokens is None
+                                            or abs(tokens * (1 - AUTO_MARGIN) - self.tokens.per_minute) > 0.01 * tokens):
+            self.tokens = TokenBucket(tokens * (1 - AUTO_MARGIN), self.clock)
+        if self.known is not None:
+            self.known.set()
+
     def _recover(self, now: float) -> None:
         if self.factor >= 1.0:
             return
@@ -218,6 +274,14 @@ class Limiter:
         if steps > 0:
             self.factor = min(1.0, self.factor + RECOVER_STEP * steps)
             self.recovered_at += steps * RECOVER_EVERY_S
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 and math.isfinite(value) else None
 
 
 async def _sleep(seconds: float, stop: asyncio.Event | None) -> bool:

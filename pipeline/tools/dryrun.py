@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from ..config import DEFAULT_OUTPUT_TOKENS, Job
 from ..errors import InputError, JobError
+from ..net.limiter import AUTO_START_RPM
 from ..io.checkpoint import Checkpoint, parse_commits
 from ..io.checks import SHOW
 from ..io.manifest import Plan, plan_manifest, read_shard
@@ -244,16 +245,21 @@ def _rows_done(ckpt: Checkpoint) -> int:
 
 
 def _minutes(job: Job, requests: int, tokens: int) -> float:
-    minutes = requests / job.limits.requests_per_minute
-    if job.limits.tokens_per_minute > 0:
-        minutes = max(minutes, tokens / job.limits.tokens_per_minute)
+    """At the job's limits; an "auto" limit is only known from the provider's answers: the
+    estimate then assumes the conservative pace a run starts at."""
+    rpm, tpm = job.limits.requests_per_minute, job.limits.tokens_per_minute
+    minutes = requests / (rpm if rpm != "auto" else AUTO_START_RPM)
+    if tpm != "auto" and tpm > 0:
+        minutes = max(minutes, tokens / tpm)
     return minutes
 
 
 def _limits(job: Job) -> str:
-    text = f"requests_per_minute {job.limits.requests_per_minute:g}"
-    if job.limits.tokens_per_minute > 0:
-        text += f", tokens_per_minute {job.limits.tokens_per_minute:g}"
+    rpm, tpm = job.limits.requests_per_minute, job.limits.tokens_per_minute
+    text = f"requests_per_minute {rpm:g}" if rpm != "auto" else \
+        f"requests_per_minute auto (read from the provider; estimated at the starting {AUTO_START_RPM:g}/min)"
+    if tpm == "auto" or tpm > 0:
+        text += f", tokens_per_minute {tpm:g}" if tpm != "auto" else ", tokens_per_minute auto"
     return text
 
 

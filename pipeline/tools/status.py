@@ -70,6 +70,8 @@ def render(report: dict[str, Any]) -> str:
         )
         if last.get("stopped"):
             lines.append(f"last run stopped: {last['stopped']['message']}")
+        for name, used in ((last.get("this_run") or {}).get("limits") or {}).items():
+            lines.append(f"last run's {name} (auto): " + ", ".join(f"{k} {v}" for k, v in used.items() if k != "auto"))
     for b in report.get("batches") or []:
         counts = ", ".join(f"{k} {v}" for k, v in b["counts"].items()) or "no counts yet"
         state = "collected" if b["collected"] else "running" if b["status"] not in ("completed", "failed", "expired", "cancelled") \

@@ -1,0 +1,182 @@
+"""Adaptive concurrency (`max_concurrency = "auto"`): how many requests to keep in flight against a
+server that publishes no limits (a team's vLLM or SGLang), found from what its answers show.
+
+    ctl = Gradient(cap=256)
+    ctl.answered(latency_s, in_flight, now)   # every answer: its latency, and how many were out
+    ctl.dropped(now)                          # a 503, a timeout, a cut connection: the server is full
+    ctl.limit                                 # requests allowed in flight now
+    gate = Gate(ctl)                          # the engine's: `async with gate:` around each request
+
+A server works on so many requests at once and queues the rest; queued requests show up as
+latency above what an unloaded server takes (TCP Vegas' insight, and Netflix's concurrency-limits
+Gradient). Every WINDOW_S the controller compares the window's median latency with the no-load
+latency (the lowest window median of the last NO_LOAD_WINDOWS windows, so it follows a server
+that really got slower):
+  - ratio below GROW_BELOW, and the limit was reached in the window: grow by sqrt(limit)
+    (additive, faster when large: a GPU server's capacity is tens to hundreds);
+  - ratio above SHRINK_ABOVE: a queue is forming: shrink in proportion (limit x TARGET/ratio),
+    by at most half per window;
+  - a drop (503, timeout, cut connection) in the window: halve;
+  - in between: hold.
+It settles a little above the server's capacity (a short queue keeps it busy), follows a
+capacity that changes, and stays within [MIN_LIMIT, cap]. Time is given (`now`), never read: the
+tests drive it with tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Gradient", "Gate", "START", "WINDOW_S", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
+           "PROBE_WINDOWS", "MIN_SAMPLES"]
+
+START = 8.0  # the first limit: what a fixed default would be
+MIN_LIMIT = 1.0
+WINDOW_S = 0.5  # a decision per half second (at 40 answers/s: 20 samples)
+MIN_SAMPLES = 5  # a window with fewer answers waits for more before deciding
+GROW_BELOW = 1.1  # median latency under 1.1x the no-load one: no queue worth the name
+SHRINK_ABOVE = 1.25  # over 1.25x: requests wait at the server
+TARGET = 1.15  # shrinking aims at this ratio
+MAX_SHRINK = 0.5  # by at most half per window
+DROP_FACTOR = 0.5
+PROBE_EVERY_S = 30.0  # the no-load latency is measured afresh this often ...
+PROBE_WINDOWS = 2  # ... at half the limit: the first window drains the queue, the second measures
+
+
+@dataclass
+class Gradient:
+    cap: int
+    limit: float = START
+    samples: list[float] = field(default_factory=list)
+    busiest: int = 0  # most requests in flight seen in the window
+    drops: int = 0
+    window_start: float | None = None
+    no_load: float = math.inf  # the latency of an unqueued request
+    probe_at: float | None = None  # when the next probe starts
+    probing: int = 0  # windows of the probe still to go
+    resume: float = START  # the limit before the probe
+    low: float = math.inf  # the least limit the run has used (for the summary)
+    high: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.limit = min(float(self.cap), max(MIN_LIMIT, self.limit))
+        self.low = self.high = self.limit
+
+    @property
+    def allowed(self) -> int:
+        return max(1, int(self.limit))
+
+    def answered(self, latency_s: float, in_flight: int, now: float) -> None:
+        self._start(now)
+        self.samples.append(latency_s)
+        self.busiest = max(self.busiest, in_flight)
+        self._maybe_decide(now)
+
+    def dropped(self, now: float) -> None:
+        self._start(now)
+        self.drops += 1
+        self._maybe_decide(now)
+
+    def _start(self, now: float) -> None:
+        if self.window_start is None:
+            self.window_start = now
+
+    def _maybe_decide(self, now: float) -> None:
+        assert self.window_start is not None
+        if now - self.window_start < WINDOW_S or (len(self.samples) < MIN_SAMPLES and not self.drops):
+            return
+        self.decide(now)
+        self.samples, self.busiest, self.drops, self.window_start = [], 0, 0, now
+
+    def decide(self, now: float = 0.0) -> None:
+        """The window's verdict on the limit (public for the tests' tables)."""
+        if self.probing:
+            self._probe_window()
+            return
+        if self.drops:
+            self._set(self.limit * DROP_FACTOR)
+            return
+        if not self.samples:
+            return
+        median = statistics.median(self.samples)
+        self.no_load = min(self.no_load, median)
+        ratio = median / self.no_load if self.no_load > 0 else 1.0
+        if ratio > SHRINK_ABOVE:
+            self._set(self.limit * max(MAX_SHRINK, TARGET / ratio))
+        elif ratio < GROW_BELOW and self.busiest >= self.allowed - 1:
+            self._set(self.limit + math.sqrt(self.limit))
+        if self.probe_at is None:
+            self.probe_at = now + PROBE_EVERY_S
+        elif now >= self.probe_at:
+            self.resume, self.probing = self.limit, PROBE_WINDOWS
+            self.limit = max(MIN_LIMIT, self.limit / 2)  # not _set: a probe is not a limit the run chose
+            self.probe_at = now + PROBE_EVERY_S
+
+    def _probe_window(self) -> None:
+        self.probing -= 1
+        if self.probing:
+            return  # the queue drains
+        if self.samples and not self.drops:
+            self.no_load = statistics.median(self.samples)  # afresh: it may have risen
+        self.limit = self.resume
+
+    def _set(self, limit: float) -> None:
+        self.limit = min(float(self.cap), max(MIN_LIMIT, limit))
+        self.low, self.high = min(self.low, self.limit), max(self.high, self.limit)
+
+
+class Gate:
+    """Requests in flight, at most the controller's limit (no controller: no gate, the workers'
+    count is the limit). Waiters go in arrival order; a raised limit lets more in at once."""
+
+    def __init__(self, controller: Gradient | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.controller = controller
+        self.clock = clock
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def __aenter__(self) -> Gate:
+        if self.controller is not None:
+            while self.in_flight >= self.controller.allowed or self._waiters:
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    if fut in self._waiters:
+                        self._waiters.remove(fut)
+                    self._wake()
+                    raise
+                if self.in_flight < self.controller.allowed:
+                    break
+        self.in_flight += 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.controller is None:
+            return
+        room = self.controller.allowed - self.in_flight
+        while room > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                room -= 1
+
+    def answered(self, latency_s: float) -> None:
+        if self.controller is not None:
+            self.controller.answered(latency_s, self.in_flight, self.clock())
+            self._wake()
+
+    def dropped(self) -> None:
+        if self.controller is not None:
+            self.controller.dropped(self.clock())

@@ -1,0 +1,173 @@
+"""`max_concurrency = "auto"`: the gradient policy driven with tables of latencies (time is given,
+never read), the gate that applies it, and the limiter's "auto" rates read from headers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeline.net.concurrency import GROW_BELOW, PROBE_WINDOWS, SHRINK_ABOVE, START, WINDOW_S, Gate, Gradient
+from pipeline.net.limiter import AUTO_MARGIN, AUTO_START_RPM, Limiter
+
+
+def _window(ctl: Gradient, t: float, latency: float, in_flight: int, n: int = 10) -> float:
+    """n answers of `latency` spread over one window starting at t; returns the next window's start."""
+    for i in range(n):
+        ctl.answered(latency, in_flight, t + i * WINDOW_S / n)
+    ctl.answered(latency, in_flight, t + WINDOW_S)  # closes the window
+    return t + WINDOW_S + 0.001
+
+
+def _server(limit: float, capacity: int, service_s: float) -> float:
+    """What a FIFO server of `capacity` slots answers in, with `limit` requests kept in flight."""
+    return service_s * max(1.0, limit / capacity)
+
+
+@pytest.mark.parametrize("case, windows, expect", [
+    # (latency ratio to no-load, in flight at the limit?) per window -> what the limit does
+    ("flat latency, limit reached: grows", [(1.0, True)] * 3, "up"),
+    ("flat latency, limit not reached (app-limited): holds", [(1.0, False)] * 3, "same"),
+    ("latency 1.18x: holds", [(1.0, True), (1.18, True)], "same-after-first"),
+    ("latency 2x: shrinks", [(1.0, True), (2.0, True)], "down"),
+])
+def test_the_verdict_of_a_window(case: str, windows: list[tuple[float, bool]], expect: str) -> None:
+    ctl = Gradient(cap=256, limit=16)
+    t, limits = 0.0, []
+    for ratio, busy in windows:
+        t = _window(ctl, t, 0.2 * ratio, ctl.allowed if busy else 2)
+        limits.append(ctl.limit)
+    if expect == "up":
+        assert limits[-1] > 16 and limits == sorted(limits)
+    elif expect == "same":
+        assert limits[-1] == 16
+    elif expect == "same-after-first":
+        assert limits[-1] == limits[0] > 16  # the first window grew it; 1.18x is between the thresholds
+    else:
+        assert limits[-1] < limits[0]
+    assert GROW_BELOW < 1.18 < SHRINK_ABOVE
+
+
+def test_a_drop_halves_and_the_cap_and_floor_hold() -> None:
+    ctl = Gradient(cap=20, limit=16)
+    t = _window(ctl, 0.0, 0.2, 16)
+    assert ctl.limit == 20  # 16 + 4, capped
+    ctl.dropped(t)
+    ctl.dropped(t + WINDOW_S)
+    assert ctl.limit == 10
+    for i in range(10):
+        ctl.dropped(t + WINDOW_S * (i + 2))
+    assert ctl.limit == 1 and ctl.low == 1 and ctl.high == 20
+
+
+@pytest.mark.parametrize("capacity", [8, 32, 100])
+def test_it_settles_just_above_the_servers_capacity(capacity: int) -> None:
+    ctl = Gradient(cap=256)
+    t = 0.0
+    seen = []
+    for _ in range(200):  # 100 s of windows against the model of a FIFO server
+        t = _window(ctl, t, _server(ctl.allowed, capacity, 0.2), ctl.allowed)
+        seen.append(ctl.allowed)
+    settled = seen[-120:]  # the last minute
+    below = [n for n in settled if n < capacity]
+    assert len(below) <= 2 * PROBE_WINDOWS, settled  # only the probes (the limit halved to measure the no-load latency)
+    assert max(settled) <= capacity * SHRINK_ABOVE + 2, settled
+
+
+def test_a_server_that_really_got_slower_is_followed_not_starved() -> None:
+    ctl = Gradient(cap=256)
+    t = 0.0
+    for _ in range(100):
+        t = _window(ctl, t, _server(ctl.allowed, 32, 0.2), ctl.allowed)
+    for _ in range(200):  # every request now takes twice as long (longer prompts), capacity the same
+        t = _window(ctl, t, _server(ctl.allowed, 32, 0.4), ctl.allowed)
+    assert ctl.allowed >= 32  # a probe measured the new no-load latency: not shrunk to nothing
+
+
+def test_it_follows_a_capacity_that_shrinks_and_grows_within_ten_seconds() -> None:
+    ctl = Gradient(cap=256, limit=START)
+    t = 0.0
+    for _ in range(60):
+        t = _window(ctl, t, _server(ctl.allowed, 32, 0.2), ctl.allowed)
+    assert 32 <= ctl.allowed <= 41
+    for step in range(20):  # capacity 32 -> 8: within 10 s (20 windows) it is near 8
+        t = _window(ctl, t, _server(ctl.allowed, 8, 0.2), ctl.allowed)
+    assert 8 <= ctl.allowed <= 11
+    for step in range(20):  # and back to 32
+        t = _window(ctl, t, _server(ctl.allowed, 32, 0.2), ctl.allowed)
+    assert ctl.allowed >= 32
+
+
+def test_a_burst_of_503s_then_recovery() -> None:
+    ctl = Gradient(cap=256, limit=64)
+    t = 0.0
+    for _ in range(4):
+        for i in range(5):
+            ctl.dropped(t + i * 0.1)
+        t += WINDOW_S + 0.01
+    assert ctl.allowed <= 10  # halved at each window with drops
+    for _ in range(20):
+        t = _window(ctl, t, 0.2, ctl.allowed)
+    assert ctl.allowed >= 40  # flat latency again: grows back
+
+
+async def test_the_gate_lets_in_only_the_limit_and_more_when_it_rises() -> None:
+    ctl = Gradient(cap=64, limit=2)
+    gate = Gate(ctl, clock=lambda: 0.0)
+    inside = 0
+    most = 0
+    release = asyncio.Event()
+
+    async def request() -> None:
+        nonlocal inside, most
+        async with gate:
+            inside += 1
+            most = max(most, inside)
+            await release.wait()
+            inside -= 1
+
+    tasks = [asyncio.create_task(request()) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert inside == 2 and gate.in_flight == 2
+    ctl.limit = 5
+    gate._wake()  # a raised limit lets waiters in at once (answered() does this after each answer)
+    await asyncio.sleep(0.01)
+    assert inside == 5
+    release.set()
+    await asyncio.gather(*tasks)
+    assert most == 5 and gate.in_flight == 0
+    assert Gate(None).controller is None  # fixed max_concurrency: no gate at all
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_auto_rate_waits_for_the_first_answer_then_paces_at_the_announced_limit() -> None:
+    clock = _Clock()
+    limiter = Limiter("auto", clock=clock)
+    assert limiter.rpm == AUTO_START_RPM
+    first = await limiter.acquire()
+    assert first is not None
+    second = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0.01)
+    assert not second.done()  # waits for the first answer's headers
+    limiter.observe({"x-ratelimit-limit-requests": "1200", "x-ratelimit-remaining-requests": "1199"})
+    assert await asyncio.wait_for(second, 1) is not None
+    assert limiter.rpm == pytest.approx(1200 * (1 - AUTO_MARGIN))
+    limiter.observe({"x-ratelimit-limit-requests": "600"})  # the provider lowered it: followed
+    assert limiter.rpm == pytest.approx(600 * (1 - AUTO_MARGIN))
+
+
+async def test_auto_rate_without_headers_goes_on_at_the_starting_pace() -> None:
+    limiter = Limiter("auto", "auto")
+    assert await limiter.acquire() is not None
+    limiter.observe({})  # an answer with no x-ratelimit-*: the others may go
+    assert await asyncio.wait_for(limiter.acquire(), 2) is not None
+    assert limiter.rpm == AUTO_START_RPM and limiter.tokens is None
+    limiter.observe({"x-ratelimit-limit-tokens": "100000"})
+    assert limiter.tokens is not None and limiter.tokens.per_minute == pytest.approx(100000 * (1 - AUTO_MARGIN))
