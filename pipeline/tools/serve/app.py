@@ -10,7 +10,8 @@ fault: a request waits in arrival order for a place, or gets the 503 of a full q
 (without drawing a fault: `faults` counts only what was served). The place is held from the fault
 through the latency (jitter, `slow`, `row_latency_ms`, scaled by `batch_latency_growth`) to the
 answer sent, refusals and drops included: a GPU server's time is spent on them too. Time in the
-queue adds to what the client sees as latency.
+queue adds to what the client sees as latency; a client that gives up while queued frees its turn
+(a 499 in /stats, nothing served).
 
     POST /v1/chat/completions   GET /v1/models   GET /stats[?brief]   POST /stats/reset
     POST /admin/capacity {"capacity": N}   (now; requests in service finish)
@@ -115,7 +116,11 @@ async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]
 
 async def _served(request: web.Request, state: ServeState, body: dict[str, Any], parts: tuple[str, list[Any]],
                   rate_headers: dict[str, str]) -> web.StreamResponse:
-    """Holding a place: the fault, the latency, then the refusal or the completion sent."""
+    """Holding a place: the fault, the latency, then the refusal or the completion sent. A client
+    gone while its request waited is not served (as vLLM aborts it): a 499 in /stats, nginx's
+    "client closed request", and the place passes on at once."""
+    if request.transport is None or request.transport.is_closing():
+        return web.Response(status=499)
     opts = state.opts
     prompt, urls = parts  # the prompt is the row's key
     stream = body.get("stream") is True
