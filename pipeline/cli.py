@@ -69,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
                         "an unknown name lists them)")
     v.add_argument("--row-fault", action="append", default=[], metavar="TEXT=FAULT[:N]",
                    help="rows whose prompt contains TEXT always get FAULT (or only their first N requests)")
+    v.add_argument("--capacity", type=int, default=0, metavar="N",
+                   help="a GPU server's model: at most N requests worked on at once, each for the latency, the rest "
+                        "queued in arrival order (0: unlimited); change it while serving with POST /admin/capacity "
+                        "{\"capacity\": N}")
+    v.add_argument("--queue-limit", type=int, default=None, metavar="N",
+                   help="with --capacity: a request arriving when N wait gets a 503 at once (0: no queue; "
+                        "default: unbounded)")
+    v.add_argument("--batch-latency-growth", type=float, default=0.0, metavar="G",
+                   help="with --capacity: latency x (1 + G x (busy - 1) / capacity), as a batching GPU server slows")
+    v.add_argument("--capacity-at", action="append", default=[], metavar="SECONDS=N",
+                   help="the capacity from SECONDS after the start, e.g. --capacity-at 10=8 --capacity-at 25=32")
     v.add_argument("--slow-ms", type=float, default=5000.0, help="how late the 'slow' fault answers")
     v.add_argument("--fault-retry-after-s", type=float, default=1.0, help="the delay injected 429s ask for")
     v.add_argument("--answer-bytes", type=int, default=0)
@@ -168,12 +179,25 @@ def _serve(args: argparse.Namespace) -> int:
             rate_limit=args.rate_limit, rate_window_s=args.rate_window_s, rate_headers=args.rate_headers,
             faults=faults, answer_bytes=args.answer_bytes, seed=args.seed,
             row_faults=_row_faults(args.row_fault), slow_ms=args.slow_ms, fault_retry_after_s=args.fault_retry_after_s,
+            capacity=args.capacity, queue_limit=args.queue_limit, batch_latency_growth=args.batch_latency_growth,
+            capacity_schedule=_capacity_schedule(args.capacity_at),
         )
     try:
         event_loop_runner()(serve_forever(opts))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _capacity_schedule(specs: list[str]) -> tuple[tuple[float, int], ...]:
+    steps = []
+    for spec in specs:
+        at, _, n = spec.partition("=")
+        try:
+            steps.append((float(at), int(n)))
+        except ValueError:
+            raise JobError(f"--capacity-at {spec!r}: use SECONDS=N, e.g. 10=8") from None
+    return tuple(steps)
 
 
 def _row_faults(specs: list[str]) -> dict[str, str]:

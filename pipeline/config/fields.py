@@ -215,7 +215,8 @@ def _type_text(kind: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_text(k) for k in typing.get_args(kind) if k is not type(None))
     if origin in (list, tuple):
-        return f"list of {_type_text(typing.get_args(kind)[0])}s"
+        item = _type_text(typing.get_args(kind)[0])
+        return "list of " + (item.replace("list", "lists", 1) if item.startswith("list of") else item + "s")
     if origin is dict:
         return "table"
     return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}.get(kind, "any")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import JobError
 from .fields import Table, between, one_of, positive, read_table, setting, zero_or_more
 
 __all__ = ["ServeOptions", "FAULTS", "TRANSFERS", "REASONING_FIELDS", "RATE_HEADER_STYLES", "BATCH_OUTCOMES"]
@@ -57,6 +58,22 @@ def _should_retry(headers: dict[str, str]) -> str | None:
     return None
 
 
+def _schedule(value: Any, where: str, base: Path) -> tuple[tuple[float, int], ...]:
+    """[[seconds, capacity], ...] from the job file (the type alone would read capacities as numbers)."""
+    if not isinstance(value, list) or not all(
+            isinstance(p, list) and len(p) == 2 and not any(isinstance(x, bool) for x in p)
+            and isinstance(p[0], (int, float)) and isinstance(p[1], int) for p in value):
+        raise JobError(f"{where} must be a list of [seconds, capacity] pairs, e.g. [[10, 8], [25, 32]], not {value!r}")
+    return tuple((float(t), n) for t, n in value)
+
+
+def _schedule_order(schedule: tuple[tuple[float, int], ...]) -> str | None:
+    times = [t for t, _ in schedule]
+    if any(t < 0 for t in times) or times != sorted(times) or any(n < 0 for _, n in schedule):
+        return f"must give [seconds, capacity] pairs in time order, none negative, not {[list(p) for p in schedule]}"
+    return None
+
+
 def _http_errors(line_faults: dict[str, int]) -> str | None:
     for needle, status in line_faults.items():
         if not 400 <= status <= 599:
@@ -83,6 +100,19 @@ class ServeOptions(Table):
     rate_headers: str = setting("retry-after", check=one_of(*RATE_HEADER_STYLES),
                                 doc='how a 429 over the limit gives its delay: "retry-after", "retry-after-ms", "http-date", '
                                     '"reset" (x-ratelimit-reset-requests) or "none" (no x-ratelimit-* headers either)')
+    # A GPU server's model (`pipeline/tools/serve/capacity.py`): a bounded number of requests worked on at once.
+    capacity: int = setting(0, doc="at most this many requests worked on at once (each for the latency), the rest "
+                                   "waiting in arrival order; 0: unlimited. At run time: POST /admin/capacity",
+                            check=zero_or_more)
+    queue_limit: int | None = setting(None, doc="with capacity: a request arriving when this many wait gets a 503 at once "
+                                                "(0: no queue); none: the queue is unbounded", check=zero_or_more)
+    batch_latency_growth: float = setting(0.0, doc="with capacity: latency_ms x (1 + this x (busy - 1) / capacity), busy "
+                                                   "counting the request itself, as a batching GPU server slows with its batch",
+                                          check=zero_or_more)
+    capacity_schedule: tuple[tuple[float, int], ...] = setting(
+        (), parse=_schedule, check=_schedule_order,
+        doc="[[seconds, capacity], ...]: the capacity from that many seconds after the start (or POST /stats/reset), "
+            "e.g. [[10, 8], [25, 32]]")
     seed: int = setting(0, doc="seeds the faults' chances and the latency's jitter")
     faults: dict[str, float] = setting(default_factory=dict, check=_fault_names,
                                        doc='fault name -> chance per request, e.g. { "500" = 0.05, "drop" = 0.03 } '

@@ -9,6 +9,11 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
 
 - `rate_limit` requests per `rate_window_s`, enforced over a sliding window: over it, a 429 whose
   delay is given in the `rate_headers` style, with x-ratelimit-* headers on every answer;
+- a GPU server (`capacity`): at most `capacity` requests in service at once, each for the latency
+  (`batch_latency_growth`: longer as more are in service), the rest queued in arrival order; past
+  `queue_limit` waiting, a 503 at once (OpenAI's "overloaded" error, its delay in the `rate_headers`
+  style). POST /admin/capacity `{"capacity": N}` or `capacity_schedule` changes it while serving;
+  /stats reports `capacity`, `in_service`, `max_in_service`, `queued_now`, `max_queued`, `queue_rejected`;
 - faults by seeded chance (`faults = {"500": 0.05, "drop": 0.03, ...}`) or by row
   (`row_faults = {"text in the prompt": "400"}`, or `"503:2"` for the first two requests only).
   Fault names: 400, 401, 500, 503, 429 (Retry-After seconds), 429ms, 429date, 429reset,
@@ -46,7 +51,8 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
   with `record`, GET /requests lists each request with its arrival time, row and status.
 
 Its parts: `app.py` (the routes, and the order in which a request meets the key check, the rate
-window, its fault and its latency), `rate.py` (the sliding window and its headers), `state.py`
+window, the capacity gate, its fault and its latency), `rate.py` (the sliding window and its
+headers), `capacity.py` (places in service, the queue, the schedule), `state.py`
 (what the endpoint counts and keeps), `faults.py` (which fault a request gets, and the error
 answers), `completion.py` (the answer composed from what the request shows), `delivery.py` (how
 it is sent: plain or streamed, cut or broken), `hostile.py` (the hostile 200s), `process.py`

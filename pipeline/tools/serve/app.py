@@ -1,9 +1,20 @@
 """The built-in endpoint's aiohttp app: its routes, and the order in which a chat completion
 request meets the endpoint's checks. The key (a 401 echoing what was presented), the body, the
-streaming-only refusal, the rate window (a 429), the request's fault and its latency come first,
-in that order; then a fault's refusal, or the composed completion sent as its fault says.
+streaming-only refusal, the rate window (a 429), the capacity gate, the request's fault and its
+latency come first, in that order; then a fault's refusal, or the composed completion sent as its
+fault says.
+
+The capacity gate (`capacity.py`) comes after the cheap refusals, as a server's front end answers
+those without queueing them (a 429 never waits in the queue, nor counts in it), and before the
+fault: a request waits in arrival order for a place, or gets the 503 of a full queue at once
+(without drawing a fault: `faults` counts only what was served). The place is held from the fault
+through the latency (jitter, `slow`, `row_latency_ms`, scaled by `batch_latency_growth`) to the
+answer sent, refusals and drops included: a GPU server's time is spent on them too. Time in the
+queue adds to what the client sees as latency; a client that gives up while queued frees its turn
+(a 499 in /stats, nothing served).
 
     POST /v1/chat/completions   GET /v1/models   GET /stats[?brief]   POST /stats/reset
+    POST /admin/capacity {"capacity": N}   (now; requests in service finish)
     GET /requests (with `record`)   POST /redirected/... (where the redirect fault points)
     /v1/files and /v1/batches: the Batch API (`batchroutes.py`)
 """
@@ -11,8 +22,9 @@ in that order; then a fault's refusal, or the composed completion sent as its fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 from aiohttp import web
 
@@ -20,13 +32,15 @@ from ...config.serve import ServeOptions
 from .completion import completion, user_parts
 from .delivery import deliver
 from .batchroutes import add_batch_routes
+from .capacity import follow_schedule
 from .faults import error_response, key_refusal, pick_fault, refusal
 from .rate import retry_headers
 from .state import STATE, ServeState
 
-__all__ = ["make_app", "STATE", "ONLY_STREAM_MESSAGE"]
+__all__ = ["make_app", "STATE", "ONLY_STREAM_MESSAGE", "OVERLOADED_MESSAGE"]
 
 ONLY_STREAM_MESSAGE = "This model only support stream mode, please enable the stream parameter to access the model."
+OVERLOADED_MESSAGE = "The server is overloaded or not ready yet."  # OpenAI's 503
 
 
 def make_app(opts: ServeOptions) -> web.Application:
@@ -38,8 +52,20 @@ def make_app(opts: ServeOptions) -> web.Application:
     app.router.add_post("/stats/reset", _reset)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/requests", _recorded)
+    app.router.add_post("/admin/capacity", _set_capacity)
     add_batch_routes(app)
+    if opts.capacity_schedule:
+        app.cleanup_ctx.append(_scheduled)
     return app
+
+
+async def _scheduled(app: web.Application) -> AsyncIterator[None]:
+    """`capacity_schedule` followed while the app runs."""
+    task = asyncio.create_task(follow_schedule(app[STATE].capacity))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
@@ -79,10 +105,29 @@ async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]
         state.over_limit += 1
         headers = {**rate_headers, **retry_headers(opts.rate_headers, free_in)}
         return error_response(429, "Rate limit reached for requests", "rate_limit_exceeded", headers)
-    fault = pick_fault(state, key)
+    gate = state.capacity
+    if not await gate.enter():
+        return _overloaded(state)
+    try:
+        return await _served(request, state, body, (prompt, urls), rate_headers)
+    finally:
+        gate.leave()
+
+
+async def _served(request: web.Request, state: ServeState, body: dict[str, Any], parts: tuple[str, list[Any]],
+                  rate_headers: dict[str, str]) -> web.StreamResponse:
+    """Holding a place: the fault, the latency, then the refusal or the completion sent. A client
+    gone while its request waited is not served (as vLLM aborts it): a 499 in /stats, nginx's
+    "client closed request", and the place passes on at once."""
+    if request.transport is None or request.transport.is_closing():
+        return web.Response(status=499)
+    opts = state.opts
+    prompt, urls = parts  # the prompt is the row's key
+    stream = body.get("stream") is True
+    fault = pick_fault(state, prompt)
     if fault:
         state.faults_fired[fault] += 1
-    delay = _latency_ms(state, fault, key)
+    delay = _latency_ms(state, fault, prompt)
     if delay:
         await asyncio.sleep(delay / 1000)
     refused = refusal(request, opts, fault, stream=stream, rate_headers=rate_headers)
@@ -91,6 +136,13 @@ async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]
     payload = completion(body, prompt, urls, opts, fault=fault, number=state.requests,
                          authorization=request.headers.get("Authorization", ""))
     return await deliver(request, state, payload, body, fault, rate_headers)
+
+
+def _overloaded(state: ServeState) -> web.Response:
+    """The 503 of a full queue, in OpenAI's error shape; its delay (the rounds ahead x the latency)
+    in the `rate_headers` style ("reset", a rate limit's own, becomes retry-after)."""
+    style = "retry-after" if state.opts.rate_headers == "reset" else state.opts.rate_headers
+    return error_response(503, OVERLOADED_MESSAGE, "server_error", retry_headers(style, state.capacity.retry_in()))
 
 
 async def _admitted_body(request: web.Request, opts: ServeOptions) -> dict[str, Any] | web.Response:
@@ -108,13 +160,28 @@ async def _admitted_body(request: web.Request, opts: ServeOptions) -> dict[str, 
 
 
 def _latency_ms(state: ServeState, fault: str | None, key: str) -> float:
-    """How long this answer waits: the latency, its seeded jitter, the slow fault, the row's own."""
+    """How long this answer waits: the latency (grown with the batch in service), its seeded jitter,
+    the slow fault, the row's own."""
     opts = state.opts
-    delay = opts.latency_ms + (state.rng.random() * opts.latency_jitter_ms if opts.latency_jitter_ms else 0)
+    delay = opts.latency_ms * state.capacity.growth() + (state.rng.random() * opts.latency_jitter_ms if opts.latency_jitter_ms else 0)
     if fault == "slow":
         delay += opts.slow_ms
     delay += sum(ms for needle, ms in opts.row_latency_ms.items() if needle in key)
     return delay
+
+
+async def _set_capacity(request: web.Request) -> web.Response:
+    """POST /admin/capacity {"capacity": N}: from now on at most N in service (0: unlimited)."""
+    try:
+        body = await request.json()
+    except (ValueError, TypeError):
+        body = None
+    n = body.get("capacity") if isinstance(body, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        return error_response(400, 'body must be JSON {"capacity": N}, N a whole number, 0 or more', "invalid_request_error")
+    gate = request.app[STATE].capacity
+    gate.set_limit(n)
+    return web.json_response(gate.stats())
 
 
 async def _stats(request: web.Request) -> web.Response:

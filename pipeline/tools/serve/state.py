@@ -1,7 +1,8 @@
 """What the built-in endpoint counts and keeps between requests: the figures GET /stats reports,
 the requests GET /requests lists (with `record`), the seeded chance behind faults and jitter, the
-rate window, the gzip bomb once built, and the Batch API's files and batches (`batches.py`).
-POST /stats/reset starts them afresh.
+rate window, the capacity gate (`capacity.py`), the gzip bomb once built, and the Batch API's
+files and batches (`batches.py`). POST /stats/reset starts them afresh (the capacity gate keeps
+the places of the requests holding one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from ...config.serve import ServeOptions
 from .batches import BatchStore
+from .capacity import Capacity
 from .rate import RateWindow
 
 __all__ = ["ServeState", "STATE"]
@@ -26,6 +28,7 @@ class ServeState:
         self.opts = opts
         self.rng = random.Random(opts.seed)
         self.rate = RateWindow(opts)
+        self.capacity = Capacity(opts)  # places in service and the queue (`capacity`)
         self.per_row: Counter[str] = Counter()  # keyed by the prompt text
         self.statuses: Counter[str] = Counter()
         self.faults_fired: Counter[str] = Counter()
@@ -41,8 +44,12 @@ class ServeState:
         self.batches = BatchStore(opts)  # the Batch API's files and batches
 
     def reset(self) -> None:
-        """Everything afresh, in place: requests in flight hold this object and count into it."""
+        """Everything afresh, in place: requests in flight hold this object and count into it.
+        The capacity gate stays (requests in service and waiting hold their places in it)."""
+        capacity = self.capacity
         self.__dict__.update(ServeState(self.opts).__dict__)
+        self.capacity = capacity
+        capacity.restart()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -52,6 +59,7 @@ class ServeState:
             "faults": dict(self.faults_fired),
             "over_limit": self.over_limit,
             "max_in_flight": self.max_in_flight,
+            **self.capacity.stats(),
             "connections": len(self.peers),
             "redirects_followed": self.redirects_followed,
             **self.batches.stats(time.time()),
