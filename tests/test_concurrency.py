@@ -4,6 +4,7 @@ never read), the gate that applies it, and the limiter's "auto" rates read from 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,49 @@ async def test_auto_rate_without_headers_goes_on_at_the_starting_pace() -> None:
     assert limiter.rpm == AUTO_START_RPM and limiter.tokens is None
     limiter.observe({"x-ratelimit-limit-tokens": "100000"})
     assert limiter.tokens is not None and limiter.tokens.per_minute == pytest.approx(100000 * (1 - AUTO_MARGIN))
+
+
+# -- against the built-in endpoint's server model -----------------------------------------------
+
+def _auto_job(tmp_path: Any, base_url: str, n: int, **limits: Any) -> Any:
+    from conftest import job_dict, url_manifest, write_job
+
+    manifest = url_manifest(tmp_path / "m.csv", n)
+    return write_job(tmp_path / "job.toml", job_dict(manifest, base_url, tmp_path / "out",
+                                                     limits={"requests_per_minute": 60000, **limits}))
+
+
+def test_auto_concurrency_finds_a_servers_capacity_without_timeouts(tmp_path: Any, endpoint_factory: Any) -> None:
+    import json
+
+    from conftest import read_output, run_cli
+
+    ep = endpoint_factory(capacity=8, latency_ms=100, queue_limit=64)
+    job = _auto_job(tmp_path, ep.base_url, 500, max_concurrency="auto", max_concurrency_cap=64)
+    r = run_cli("run", str(job))
+    assert r.returncode == 0, r.stderr
+    assert len(read_output(tmp_path / "out")) == 500
+    stats = ep.stats()
+    assert set(stats["statuses"]) == {"200"}  # no 503, no timeout
+    used = json.loads(run_cli("status", str(job), "--json").stdout)["last_run"]["this_run"]["limits"]["max_concurrency"]
+    assert used["high"] >= 8  # it grew to the capacity ...
+    assert 8 <= used["last"] <= 16, used  # ... and settled just above it, not at the cap of 64
+    assert "max_concurrency auto:" in r.stderr
+
+
+def test_auto_rate_paces_at_the_announced_limit_with_no_429(tmp_path: Any, endpoint_factory: Any) -> None:
+    import json
+    import time
+
+    from conftest import run_cli
+
+    ep = endpoint_factory(rate_limit=300, rate_window_s=60)  # announces x-ratelimit-limit-requests: 300
+    job = _auto_job(tmp_path, ep.base_url, 40, requests_per_minute="auto", max_concurrency=16)
+    started = time.monotonic()
+    r = run_cli("run", str(job))
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    assert ep.stats()["over_limit"] == 0 and "429" not in ep.stats()["statuses"]
+    used = json.loads(run_cli("status", str(job), "--json").stdout)["last_run"]["this_run"]["limits"]
+    assert used["requests_per_minute"]["paced_at"] == pytest.approx(300 * (1 - AUTO_MARGIN))
+    assert 6.5 < took < 14  # 40 requests at 4.9/s: the announced pace, neither the 1/s start nor unpaced

@@ -197,6 +197,7 @@ def _decode(raw: bytes) -> tuple[Any, str | None]:
 OBSERVED_HEADERS = (
     "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
     "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "content-type",
+    "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",  # "auto" limits pace at what these announce
 )
 
 
