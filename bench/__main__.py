@@ -13,7 +13,6 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from .common import ROOT, machine
@@ -39,6 +38,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "images": _optional("images", "run_image_bench"),
         "ray": _optional("ray_bench", "run_ray_bench"),
         "report": _optional("report_bench", "run_report_bench"),
+        "adaptive": _optional("adaptive", "run_adaptive_bench"),
     }
 
 
@@ -58,6 +58,15 @@ TARGETS = {
     "report": lambda r: (f"{r['rows']:,} rows: report {r['report_s']:.1f}s, {r['page_mb']:.1f} MB; in chromium: load "
                          f"{r['load_s']:.1f}s, filter {r['filter_ms']:.0f} ms, sort {r['sort_ms']:.0f} ms, page "
                          f"{r['page_turn_ms']:.0f} ms, search {r['search_ms_with_150ms_debounce']:.0f} ms (150 ms debounce)"),
+    "adaptive": lambda r: (
+        f"auto {r['auto_vs_sweep']['auto_rows_per_s']:.0f} rows/s = {r['auto_vs_sweep']['auto_pct_of_best']:.1f}% of the best fixed "
+        f"(target >= 95%), p95 {r['auto_vs_sweep']['auto_p95_ms_after_warmup']:.0f} ms (target <= 300), "
+        f"{r['auto_vs_sweep']['auto_timeouts']} timeouts; capacity 32->8->32: latency back "
+        f"{r['capacity_change']['latency_back_after_drop_s']} s after the drop, throughput back "
+        f"{r['capacity_change']['throughput_back_after_rise_s']} s after the rise (target <= 10), "
+        f"{r['capacity_change']['timeouts']} timeouts; rate auto {r['auto_rate']['pct_of_limit']:.1f}% of 1200/min "
+        f"(target >= 97%), {r['auto_rate']['429s']} x 429 (<= 2); 20k at 500 ms: {r['latency_20k']['pct_of_256']:.1f}% "
+        f"of 256 rows/s (>= 97%); instant {r['instant_vs_bare']['pct_of_bare']:.1f}% of bare aiohttp (>= 90%)"),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

@@ -218,3 +218,18 @@ def test_auto_rate_paces_at_the_announced_limit_with_no_429(tmp_path: Any, endpo
     used = json.loads(run_cli("status", str(job), "--json").stdout)["last_run"]["this_run"]["limits"]
     assert used["requests_per_minute"]["paced_at"] == pytest.approx(300 * (1 - AUTO_MARGIN))
     assert 6.5 < took < 14  # 40 requests at 4.9/s: the announced pace, neither the 1/s start nor unpaced
+
+
+def test_auto_concurrency_backs_off_when_the_capacity_shrinks(tmp_path: Any, endpoint_factory: Any) -> None:
+    import json
+
+    from conftest import read_output, run_cli
+
+    ep = endpoint_factory(capacity=8, latency_ms=100, queue_limit=64, capacity_schedule=[[4.0, 2]])
+    job = _auto_job(tmp_path, ep.base_url, 420, max_concurrency="auto", max_concurrency_cap=64)
+    r = run_cli("run", str(job))
+    assert r.returncode == 0, r.stderr
+    assert len(read_output(tmp_path / "out")) == 420
+    assert set(ep.stats()["statuses"]) == {"200"}
+    used = json.loads(run_cli("status", str(job), "--json").stdout)["last_run"]["this_run"]["limits"]["max_concurrency"]
+    assert used["high"] >= 8 and used["low"] <= 4 and used["last"] <= 5, used  # grew to 8, then followed 8 -> 2
