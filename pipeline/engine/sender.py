@@ -187,7 +187,7 @@ def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | 
 
 def _stop_message(err: RequestError, key_env: str | None) -> str:
     if err.code == PROXY_REFUSED:  # the proxy, not the provider: its message says what to check
-        return f"{err.message}; then run again to continue"
+        return f"{err.describe()}; then run again to continue"
     if err.kind == "quota":
         return (f"the provider says the account is out of quota or credit (HTTP {err.status}: {err.message}); "
                 f"top it up, then run the same command again to continue")

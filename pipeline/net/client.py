@@ -134,9 +134,11 @@ def translate(
     body: bytes = b"",
     secret: str | None = None,
     redactor: Redactor | None = None,
+    proxy: Proxy | None = None,
 ) -> RequestError:
     """The one place foreign failures become RequestError. Messages are scrubbed of the key
-    (`redactor`, or one made from `secret`) before they are cut."""
+    (`redactor`, or one made from `secret`) before they are cut; `proxy`, the one the request went
+    through (if any), is named when it refused."""
     headers = headers or {}
     hide = redactor if redactor is not None else Redactor([secret])
     should = headers.get("x-should-retry")
@@ -148,7 +150,8 @@ def translate(
                                 code=exc.code, should_retry=should_retry)
         refused = _proxy_refusal(exc)
         if refused is not None:
-            return _proxy_error(*refused, headers, hide)
+            status, reason, known = refused
+            return _proxy_error(status, reason, known or proxy, headers, hide)
         found = _kind_of(exc)
         if found is None:
             raise exc
@@ -157,7 +160,7 @@ def translate(
                             should_retry=should_retry)
     assert status is not None
     if status == 407:  # only a proxy asks for its own credentials (an http:// URL sent in absolute form)
-        return _proxy_error(407, "Proxy Authentication Required", None, headers, hide)
+        return _proxy_error(407, "Proxy Authentication Required", proxy, headers, hide)
     if 300 <= status < 400:
         return RequestError(_redirect_message(headers, hide), kind="bad_request", status=status, headers=headers,
                             should_retry=False)
@@ -185,7 +188,7 @@ def _proxy_refusal(exc: BaseException) -> tuple[int, str, Proxy | None] | None:
 def _proxy_error(status: int, reason: str, proxy: Proxy | None, headers: dict[str, str], hide: Redactor) -> RequestError:
     which = f" {proxy.url}" if proxy is not None else ""
     where = proxy.source if proxy is not None else "[endpoint] proxy or the HTTPS_PROXY/HTTP_PROXY variable"
-    answer = f"HTTP {status}" + (f" {reason}" if reason else "")
+    answer = reason or "no reason given"  # the status is the error's own (describe() shows it)
     if status == 407:
         kind, message = "auth", (f"the proxy{which} refused its credentials ({answer}): check the user and password "
                                  f"in {where} (percent-encode @ : / in them)")
@@ -369,11 +372,11 @@ class Client:
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, headers=headers, redactor=self.redactor) from None
+            raise translate(exc, status=status, headers=headers, redactor=self.redactor, proxy=self.proxy) from None
         return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
 
     def _refusal(self, status: int, headers: dict[str, str], body: bytes) -> RequestError:
-        return translate(status=status, headers=headers, body=body, redactor=self.redactor)
+        return translate(status=status, headers=headers, body=body, redactor=self.redactor, proxy=self.proxy)
 
     async def post_stream(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
         """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
@@ -397,7 +400,8 @@ class Client:
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=exchange.status, headers=headers, redactor=self.redactor) from None
+            raise translate(exc, status=exchange.status, headers=headers, redactor=self.redactor,
+                            proxy=self.proxy) from None
         return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
 
     def _streaming_session(self) -> "aiohttp.ClientSession":

@@ -86,11 +86,7 @@ class _TunnelOpener(asyncio.Protocol):
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
         if end >= 0:
-            # the endpoint speaks only after our TLS hello, so no byte may follow the head
-            if end + 4 != len(self.buffer):
-                self.head.set_exception(MalformedResponse("the proxy sent bytes after its answer to CONNECT"))
-            else:
-                self.head.set_result(bytes(self.buffer[:end]))
+            self.head.set_result((bytes(self.buffer[:end]), len(self.buffer) > end + 4))
         elif len(self.buffer) > _TUNNEL_HEAD_BYTES:
             self.head.set_exception(MalformedResponse("the proxy's answer to CONNECT has no end"))
 
@@ -99,11 +95,14 @@ class _TunnelOpener(asyncio.Protocol):
             self.head.set_exception(ConnectionResetError("the proxy closed the connection before answering CONNECT"))
 
     async def status(self) -> tuple[int, str]:
-        line = (await self.head).split(b"\r\n", 1)[0].decode("latin-1")
+        head, more = await self.head
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
         version, _, rest = line.partition(" ")
         code, _, reason = rest.partition(" ")
         if not version.startswith("HTTP/") or not code.isdigit():
             raise MalformedResponse(f"not an HTTP answer to CONNECT: {line[:80]!r}")
+        if more and 200 <= int(code) < 300:  # the endpoint speaks only after our TLS hello
+            raise MalformedResponse("the proxy sent bytes after opening the tunnel")
         return int(code), reason.strip()
 
 
