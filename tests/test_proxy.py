@@ -457,3 +457,17 @@ async def test_the_pool_keeps_its_tunnel_alive(https_ep: Endpoint, proxies: dict
     host = ep.base_url.removeprefix("https://").removesuffix("/v1")
     assert proxy.since(mark, "CONNECT").count(f"CONNECT {host}") == 1
     assert _requests(ep, tls) == 5
+
+
+def test_batch_api_calls_go_through_the_proxy(tmp_path: Path, http_ep: Endpoint, proxies: dict[str, ProxyServer]) -> None:
+    """[run] mode = "batch": uploads, batches and downloads through the same choice as online requests."""
+    proxy = proxies["auth"]
+    mark = proxy.mark()
+    host = http_ep.base_url.removeprefix("http://").removesuffix("/v1")
+    done = _run(tmp_path, http_ep.base_url, {"http_proxy": proxy.with_auth(USER, PASSWORD)}, rows=3,
+                run={"mode": "batch", "poll_s": 0.3})
+    assert done.returncode == 0, done.stderr
+    _ok(tmp_path, 3)
+    log = proxy.since(mark, f"{host}/v1/files")
+    assert f"{host}/v1/files" in log or f"{host}/v1/batches" in log, log
+    _secret_free(tmp_path, done)
