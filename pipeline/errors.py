@@ -49,7 +49,7 @@ class ErrorKind(str, Enum):
     INPUT = ("input", "the row cannot be sent: its image or prompt is missing, refused or broken")
     RATE_LIMIT = ("rate_limit", "HTTP 429 that clears by itself; the whole pool slows down", True)
     QUOTA = ("quota", "no credit left (insufficient_quota, billing limits): the run stops, exit 3", False, True)
-    AUTH = ("auth", "the key was refused (401/403): the run stops, exit 3", False, True)
+    AUTH = ("auth", "the key was refused (401/403), or a proxy refused the run (407, 403): the run stops, exit 3", False, True)
     BAD_REQUEST = ("bad_request", "the provider refused this row (400, 404, 422, a redirect): not retried")
     SERVER = ("server", "5xx or 409", True, False, True)
     TIMEOUT = ("timeout", "no answer within timeout_s (or 408)", True, False, True)

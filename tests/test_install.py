@@ -24,6 +24,7 @@ EXTRAS = ("ray", "s3", "hf", "report", "test")
 NOT_AT_RUNTIME = {
     "ray", "moto", "duckdb", "pytest", "pytest-asyncio", "hypothesis", "psutil",
     "ipykernel", "nbclient", "nbformat", "datasets", "s3fs", "fsspec", "altair", "vl-convert-python", "playwright",
+    "proxy-py",
 }  # fmt: skip
 # What pip prints when it could not reach an index at all (urllib3's connection errors).
 UNREACHABLE = re.compile(

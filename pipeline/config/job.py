@@ -29,6 +29,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .proxy import Proxy, ProxyChoice, ProxyError
 from .serve import ServeOptions
 
 __all__ = ["Job", "load_job", "parse_job", "job_keys_markdown"]
@@ -100,6 +101,14 @@ class Job:
         if not self.endpoint.api_key_env:
             return None
         return os.environ.get(self.endpoint.api_key_env) or None
+
+    def proxies(self) -> ProxyChoice:
+        """Which proxy each request goes through: `[endpoint] proxy` and this process's environment."""
+        return ProxyChoice(self.endpoint.proxy, os.environ)
+
+    def endpoint_proxy(self) -> Proxy | None:
+        """The endpoint's proxy; never one for the built-in endpoint a [serve] run starts on loopback."""
+        return None if self.serve is not None else self.proxies().for_url(self.endpoint.url)
 
     def with_base_url(self, base_url: str) -> Job:
         """The same job sent to another address (the built-in endpoint, once started)."""
@@ -185,6 +194,11 @@ def _endpoint(endpoint: EndpointConfig, serve: Any, src: str, require_key: bool)
         if serve is None:
             raise JobError(f"{src}: [endpoint] base_url is required")
         endpoint = replace(endpoint, base_url="http://127.0.0.1:0/v1")  # replaced by the started endpoint's address
+    if require_key and serve is None:  # a proxy variable that cannot be used is named now, not per row
+        try:
+            ProxyChoice(endpoint.proxy, os.environ).for_url(endpoint.url)
+        except ProxyError as err:
+            raise JobError(f"{src}: {err}") from None
     if require_key and endpoint.api_key_env and not os.environ.get(endpoint.api_key_env):
         raise JobError(f"{src}: [endpoint] api_key_env: the variable {endpoint.api_key_env} is not set; "
                        f"export {endpoint.api_key_env}=... before running")

@@ -27,6 +27,7 @@ from .fields import (
     setting,
     zero_or_more,
 )
+from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url
 
 __all__ = [
@@ -76,6 +77,16 @@ class InputConfig(Table):
         return MANIFEST_FORMATS[self.path.suffix.lower()]
 
 
+def _proxy_problem(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        parse_proxy(value, "proxy")
+    except ProxyError as err:
+        return f"is not usable ({str(err).removeprefix('proxy: ')})"
+    return None
+
+
 @dataclass(frozen=True)
 class EndpointConfig(Table):
     TABLE = "endpoint"
@@ -84,6 +95,10 @@ class EndpointConfig(Table):
                                    check=lambda v: None if v is None or v.startswith(("http://", "https://"))
                                    else f"must start with http:// or https://, not {v!r}")
     api_key_env: str | None = setting(None, doc="the environment variable holding the key (never the key itself)")
+    proxy: str | None = setting(None, check=_proxy_problem,
+                                doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
+                                    'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
+                                    'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
 
     @property
     def url(self) -> str:

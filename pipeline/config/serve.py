@@ -85,6 +85,8 @@ def _http_errors(line_faults: dict[str, int]) -> str | None:
 class ServeOptions(Table):
     TABLE = "serve"
     host: str = setting("127.0.0.1", doc="the address the endpoint listens on")
+    tls_cert: Path | None = setting(None, doc="with tls_key: serve https with this PEM certificate (tests through proxies)")
+    tls_key: Path | None = setting(None, doc="the certificate's PEM private key")
     port: int = setting(0, doc="0: any free port (a run's endpoint says which)", check=between(0, 65535))
     latency_ms: float = setting(0.0, doc="every answer this much later", check=zero_or_more)
     latency_jitter_ms: float = setting(0.0, doc="plus a seeded random delay up to this", check=zero_or_more)
@@ -157,6 +159,10 @@ class ServeOptions(Table):
                                            check=between(0, 1))
     batch_shuffle_output: bool = setting(False, doc="Batch API: output and error files in a seeded shuffled order, "
                                                     "not the input's")
+
+    def validate(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise JobError("[serve] tls_cert and tls_key go together: set both, or neither")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "pipeline serve") -> ServeOptions:

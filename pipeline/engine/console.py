@@ -23,7 +23,7 @@ class Console:
     @classmethod
     def for_job(cls, job: Job) -> Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
-        return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets()]))
+        return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets()]))
 
     def say(self, message: str) -> None:
         print(self.redactor.scrub(message), file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ from ..config import Job
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
 from ..net.breaker import Breaker
-from ..net.client import Client
+from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
 from ..net.limiter import Limiter
 from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
@@ -194,6 +194,8 @@ def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | 
 
 
 def _stop_message(err: RequestError, key_env: str | None) -> str:
+    if err.code == PROXY_REFUSED:  # the proxy, not the provider: its message says what to check
+        return f"{err.describe()}; then run again to continue"
     if err.kind == "quota":
         return (f"the provider says the account is out of quota or credit (HTTP {err.status}: {err.message}); "
                 f"top it up, then run the same command again to continue")

@@ -127,7 +127,7 @@ class ShardEngine:
                     SpendLimit.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in shards])
             warm_imports()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
-                              max_connections=self.limits.workers) as client:
+                              max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
                 sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
                                    self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate)
                 await self._supervise(shards, sender)

@@ -11,6 +11,8 @@ Every call is retried as the pure policy says (pipeline.net.retry: 429s, 5xx, ti
 connections) and its failures are RequestError from `translate`, the one place foreign errors
 become ours; quota and key refusals are not retried (the caller stops the run). Creating a
 batch is the one call that is never retried blindly: the caller looks for it by name first.
+Through a proxy (`proxy=`, chosen by config.proxy for the base URL) every call passes aiohttp's
+`proxy=` as the client's streams do.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any, Callable
 
 import aiohttp
 
+from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
-from .client import translate
+from .client import aiohttp_proxy, translate
 from .retry import retry_delay, should_retry
 
 __all__ = ["BatchAPI", "LIST_PAGES"]
@@ -34,9 +37,12 @@ LIST_PAGES = 20  # pages of 100 batches looked through for one created before a 
 
 
 class BatchAPI:
-    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int) -> None:
+    def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int,
+                 proxy: Proxy | None = None) -> None:
         self.base = base_url.rstrip("/")
-        self.redactor = Redactor([api_key])
+        self.proxy = proxy
+        self._via = aiohttp_proxy(proxy)
+        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ())])
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = max_attempts
@@ -107,11 +113,12 @@ class BatchAPI:
         assert self._session is not None, "use the API as an async context manager"
         status: int | None = None
         try:
-            async with self._session.request(method, self.base + path, allow_redirects=False, **kw) as resp:
+            async with self._session.request(method, self.base + path, allow_redirects=False, **self._via, **kw) as resp:
                 status = resp.status
                 body = await resp.read()
                 if status != 200:
-                    raise translate(status=status, headers=dict(resp.headers), body=body, redactor=self.redactor)
+                    raise translate(status=status, headers=dict(resp.headers), body=body, redactor=self.redactor,
+                                    proxy=self.proxy)
                 if raw:
                     return body
                 try:
@@ -122,5 +129,5 @@ class BatchAPI:
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, redactor=self.redactor) from None
+            raise translate(exc, status=status, redactor=self.redactor, proxy=self.proxy) from None
 

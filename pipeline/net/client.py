@@ -21,6 +21,14 @@ What a hostile or broken endpoint cannot do here:
   Reply's `warning` says so (the sender puts it in the ok row's `error` column);
 - see the key in a message: every text from the endpoint is scrubbed by a Redactor before it is
   cut (pipeline.redact).
+
+Through a proxy (`proxy=`, chosen by config.proxy): plain answers over the pool's absolute-form
+requests or CONNECT tunnels, streamed ones with aiohttp's `proxy=` per request (`aiohttp_proxy`,
+which fetch.py uses too). A proxy's refusal is told apart by type and status, never by text: a
+407 (from the pool's CONNECT, aiohttp's ClientHttpProxyError, or an answer) stops the run naming
+the proxy's credentials; another 4xx (the proxy forbids the endpoint) stops it too; a 5xx (the
+proxy could not reach the endpoint) is a retried `connection` failure. The proxy's password is
+one of the Redactor's secrets.
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from ..config import LimitsConfig
+from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
-from .connection import ConnectionPool
+from .connection import ConnectionPool, ProxyRefused
 from .response import (
     ACCEPT_ENCODING,
     BoundedDecoder,
@@ -50,7 +59,8 @@ from .text import loads_json, text_warning
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["Client", "Reply", "translate", "classify_status", "DEFAULT_MAX_RESPONSE_BYTES"]
+__all__ = ["Client", "Reply", "translate", "classify_status", "aiohttp_proxy", "DEFAULT_MAX_RESPONSE_BYTES",
+           "PROXY_REFUSED"]
 
 # 429 bodies that mean "no money left", not "too fast": retrying cannot help.
 # Checked on any 4xx: OpenAI sends billing_hard_limit_reached as a 400, DashScope "Arrearage"
@@ -63,6 +73,7 @@ _MESSAGE_CAP = 500
 _LOCATION_CAP = 200
 MB = 1 << 20
 DEFAULT_MAX_RESPONSE_BYTES = LimitsConfig().max_response_bytes
+PROXY_REFUSED = "proxy_refused"  # the `code` of a RequestError that a proxy, not the endpoint, caused
 
 
 class Reply(NamedTuple):
@@ -123,9 +134,11 @@ def translate(
     body: bytes = b"",
     secret: str | None = None,
     redactor: Redactor | None = None,
+    proxy: Proxy | None = None,
 ) -> RequestError:
     """The one place foreign failures become RequestError. Messages are scrubbed of the key
-    (`redactor`, or one made from `secret`) before they are cut."""
+    (`redactor`, or one made from `secret`) before they are cut; `proxy`, the one the request went
+    through (if any), is named when it refused."""
     headers = headers or {}
     hide = redactor if redactor is not None else Redactor([secret])
     should = headers.get("x-should-retry")
@@ -135,6 +148,10 @@ def translate(
             kind = {"cut": "connection", "error_chunk": "server"}.get(exc.reason, "invalid_response")
             return RequestError(hide.cut(str(exc), _MESSAGE_CAP), kind=kind, status=status, headers=headers,
                                 code=exc.code, should_retry=should_retry)
+        refused = _proxy_refusal(exc)
+        if refused is not None:
+            status, reason, known = refused
+            return _proxy_error(status, reason, known or proxy, headers, hide)
         found = _kind_of(exc)
         if found is None:
             raise exc
@@ -142,6 +159,8 @@ def translate(
         return RequestError(hide.cut(message, _MESSAGE_CAP), kind=kind, status=status, headers=headers,
                             should_retry=should_retry)
     assert status is not None
+    if status == 407:  # only a proxy asks for its own credentials (an http:// URL sent in absolute form)
+        return _proxy_error(407, "Proxy Authentication Required", proxy, headers, hide)
     if 300 <= status < 400:
         return RequestError(_redirect_message(headers, hide), kind="bad_request", status=status, headers=headers,
                             should_retry=False)
@@ -154,6 +173,44 @@ def translate(
         code=hide.cut(code, _MESSAGE_CAP) if code is not None else None,
         should_retry=should_retry,
     )
+
+
+def _proxy_refusal(exc: BaseException) -> tuple[int, str, Proxy | None] | None:
+    """(status, reason, proxy if known) of a proxy's refusal to open a tunnel; None for anything else."""
+    if isinstance(exc, ProxyRefused):
+        return exc.status, exc.reason, exc.proxy
+    http = sys.modules.get("aiohttp")
+    if http is not None and isinstance(exc, http.ClientHttpProxyError):
+        return exc.status, str(exc.message or ""), None
+    return None
+
+
+def _proxy_error(status: int, reason: str, proxy: Proxy | None, headers: dict[str, str], hide: Redactor) -> RequestError:
+    which = f" {proxy.url}" if proxy is not None else ""
+    where = proxy.source if proxy is not None else "[endpoint] proxy or the HTTPS_PROXY/HTTP_PROXY variable"
+    answer = reason or "no reason given"  # the status is the error's own (describe() shows it)
+    if status == 407:
+        kind, message = "auth", (f"the proxy{which} refused its credentials ({answer}): check the user and password "
+                                 f"in {where} (percent-encode @ : / in them)")
+    elif 400 <= status < 500:
+        kind, message = "auth", (f"the proxy{which} refused to connect to the endpoint ({answer}): have it allowed, "
+                                 f"or name the host in NO_PROXY to reach it directly")
+    else:
+        kind, message = "connection", f"the proxy{which} could not reach the endpoint ({answer})"
+    return RequestError(hide.cut(message, _MESSAGE_CAP), kind=kind, status=status, headers=headers, code=PROXY_REFUSED)
+
+
+def aiohttp_proxy(proxy: Proxy | None) -> dict[str, Any]:
+    """The keyword arguments that send one aiohttp request through `proxy` (none: directly).
+    Passed per request, so `[endpoint] proxy` and NO_PROXY decide on every path, not trust_env."""
+    if proxy is None:
+        return {}
+    import aiohttp
+
+    auth = None
+    if proxy.authorization is not None:
+        auth = aiohttp.BasicAuth(proxy.username or "", proxy.password or "", encoding="utf-8")
+    return {"proxy": proxy.url, "proxy_auth": auth}
 
 
 def _redirect_message(headers: dict[str, str], hide: Redactor) -> str:
@@ -221,8 +278,9 @@ class _Streamed:
     `answer` a 200's decoded JSON and warning, both within `max_bytes`."""
 
     def __init__(self, session: "aiohttp.ClientSession", url: str, headers: dict[str, str], body: bytes,
-                 max_bytes: int, redactor: Redactor) -> None:
+                 max_bytes: int, redactor: Redactor, via: dict[str, Any]) -> None:
         self.body = body
+        self.via = via  # aiohttp's proxy arguments (none: directly)
         self.max_bytes = max_bytes
         self.status: int | None = None  # until the head arrives
         self.headers: dict[str, str] = {}
@@ -233,7 +291,8 @@ class _Streamed:
 
     async def __aenter__(self) -> "_Streamed":
         # redirects never followed: they would carry the request and its key elsewhere
-        self.request = self.session.post(self.url, data=self.body, allow_redirects=False, headers=self.request_headers)
+        self.request = self.session.post(self.url, data=self.body, allow_redirects=False, headers=self.request_headers,
+                                         **self.via)
         self.resp = await self.request.__aenter__()
         self.status = self.resp.status
         self.headers = {k.lower(): v for k, v in self.resp.headers.items()}
@@ -268,9 +327,11 @@ class _Streamed:
 class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
-    def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int) -> None:
+    def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int,
+                 proxy: Proxy | None = None) -> None:
         self.url = url
-        self.redactor = Redactor([api_key])
+        self.proxy = proxy
+        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ())])
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -280,7 +341,8 @@ class Client:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Client":
-        self._pool = ConnectionPool(self.url, self._headers, max_connections=self._max_connections, timeout_s=self._timeout_s)
+        self._pool = ConnectionPool(self.url, self._headers, max_connections=self._max_connections, timeout_s=self._timeout_s,
+                                    proxy=self.proxy)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -311,18 +373,18 @@ class Client:
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=status, headers=headers, redactor=self.redactor) from None
+            raise translate(exc, status=status, headers=headers, redactor=self.redactor, proxy=self.proxy) from None
         return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
 
     def _refusal(self, status: int, headers: dict[str, str], body: bytes) -> RequestError:
-        return translate(status=status, headers=headers, body=body, redactor=self.redactor)
+        return translate(status=status, headers=headers, body=body, redactor=self.redactor, proxy=self.proxy)
 
     async def post_stream(self, body: bytes, *, max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> Reply:
         """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
         response body a non-streamed answer has (see pipeline.net.stream); raises RequestError."""
         assert self._pool is not None, "use the client as an async context manager"
         return await self._attempt(_Streamed(self._streaming_session(), self.url, self._headers, body, max_bytes,
-                                             self.redactor))
+                                             self.redactor, aiohttp_proxy(self.proxy)))
 
     async def _attempt(self, exchange: _Streamed) -> Reply:
         """A streamed exchange: a non-200 is refused with its body, a 200 decoded, anything foreign
@@ -339,7 +401,8 @@ class Client:
         except RequestError:
             raise
         except Exception as exc:  # only translate() decides what a foreign error means
-            raise translate(exc, status=exchange.status, headers=headers, redactor=self.redactor) from None
+            raise translate(exc, status=exchange.status, headers=headers, redactor=self.redactor,
+                            proxy=self.proxy) from None
         return Reply(decoded, headers, (time.monotonic() - started) * 1000.0, warning)
 
     def _streaming_session(self) -> "aiohttp.ClientSession":

@@ -19,6 +19,12 @@ Why the care: a manifest may come from anyone, and one URL may appear in thousan
 - a per-run cache: concurrent fetches of a URL share one download, finished ones are kept (LRU,
   bounded in bytes), and failures are remembered so a dead URL in many rows costs one fetch.
 
+Through a proxy (`proxies`, the run's config.proxy.ProxyChoice): each hop's URL picks its own
+(NO_PROXY and `[endpoint] proxy` as for the endpoint), passed to aiohttp per request. With
+`block_private_addresses` on, the proxy's own address is trusted (it is configuration, not the
+manifest) and a proxied host's name is resolved and checked here before the proxy is asked; the
+proxy resolves it again, so a name whose answer changes between the two lookups is not caught.
+
 Every failure is an InputError (kind "input") naming the cause and the URL; what a server said
 is scrubbed by the `redactor` (pipeline.redact) before it is cut. What the bytes are is not
 decided here: the caller sniffs them (a Content-Type is only what the server claims).
@@ -39,8 +45,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from ..config.proxy import ProxyChoice, ProxyError
 from ..errors import InputError, RequestError
-from ..net.client import translate
+from ..net.client import aiohttp_proxy, translate
 from ..net.retry import retry_delay, should_retry
 from ..redact import Redactor
 
@@ -75,11 +82,14 @@ class _Blocked(InputError):
 
 
 class _PublicOnlyResolver(AbstractResolver):
-    def __init__(self) -> None:
+    def __init__(self, trusted: set[str]) -> None:
         self._inner = DefaultResolver()
+        self.trusted = trusted  # the proxies' hosts: configuration, not the manifest
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
+        if host in self.trusted:
+            return results
         public = [r for r in results if not is_blocked_address(r["host"])]
         if not public:
             shown = results[0]["host"] if results else "nothing"
@@ -102,8 +112,11 @@ class Fetcher:
         block_private: bool = False,
         cache_bytes: int = CACHE_BYTES,
         redactor: Redactor | None = None,
+        proxies: ProxyChoice | None = None,
     ) -> None:
         self.redactor = redactor or Redactor()
+        self.proxies = proxies
+        self._proxy_hosts: set[str] = set()
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
         self.retries = retries
@@ -190,7 +203,8 @@ class Fetcher:
                 target = self._checked(current, url)
                 self.requests += 1
                 try:
-                    async with session.get(target, allow_redirects=False) as resp:
+                    via = await self._via(target, url)
+                    async with session.get(target, allow_redirects=False, **via) as resp:
                         if resp.status in REDIRECT_STATUSES:
                             location = resp.headers.get("Location")
                             if not location:
@@ -205,6 +219,21 @@ class Fetcher:
                 except _Blocked as blocked:
                     raise InputError(f"refused to fetch ({blocked.message}; block_private_addresses is on): {url}") from None
         raise InputError(f"fetch failed (more than {self.max_redirects} redirects): {url}")
+
+    async def _via(self, target: URL, original: str) -> dict[str, object]:
+        """aiohttp's proxy arguments for `target` (none: directly)."""
+        if self.proxies is None:
+            return {}
+        try:
+            proxy = self.proxies.for_url(str(target))
+        except ProxyError as err:
+            raise InputError(f"fetch refused ({err}): {original}") from None
+        if proxy is not None and self.block_private:
+            self._proxy_hosts.add(proxy.host)
+            assert target.host is not None
+            # the proxy resolves the name, not the connection's guarded resolver: check it here
+            await _PublicOnlyResolver(set()).resolve(target.host, target.port or 0)
+        return aiohttp_proxy(proxy)
 
     async def _body(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
         cap = self.max_bytes
@@ -244,7 +273,7 @@ class Fetcher:
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 limit=self._concurrency,
-                resolver=_PublicOnlyResolver() if self.block_private else None,
+                resolver=_PublicOnlyResolver(self._proxy_hosts) if self.block_private else None,
                 use_dns_cache=not self.block_private,  # every connection asks the guarded resolver
             )
             self._session = aiohttp.ClientSession(

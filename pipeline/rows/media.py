@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 
 from ..config import ImagesConfig, InputConfig
+from ..config.proxy import ProxyChoice
 from ..errors import InputError
 from .files import LocalFiles
 from .images import (
@@ -56,8 +57,10 @@ class MediaBuilder:
     """Builds a row's media parts. Owns the worker pool and, when needed, the fetcher."""
 
     def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
-                 redactor: Redactor | None = None, files_base: Path | None = None) -> None:
+                 redactor: Redactor | None = None, files_base: Path | None = None,
+                 proxies: ProxyChoice | None = None) -> None:
         self.inp = inp
+        self.proxies = proxies  # which proxy each fetched URL goes through (none: all directly)
         self.cfg = cfg
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
@@ -79,6 +82,7 @@ class MediaBuilder:
                 max_redirects=c.max_redirects,
                 block_private=c.block_private_addresses,
                 redactor=self.redactor,
+                proxies=self.proxies,
             )
         return self._fetcher
 

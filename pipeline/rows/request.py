@@ -51,7 +51,7 @@ class RequestBuilder:
                  labels: Labels | None = None) -> None:
         self.job = job
         self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor,
-                                  files_base=job.files_base)
+                                  files_base=job.files_base, proxies=job.proxies())
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]

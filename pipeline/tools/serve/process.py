@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import ssl
 import sys
 from typing import Any, AsyncIterator
 
@@ -24,10 +25,14 @@ async def serve_forever(opts: ServeOptions) -> None:
     """Serve until cancelled; the first line printed gives the address (the port when it was 0)."""
     runner = web.AppRunner(make_app(opts), access_log=None, keepalive_timeout=opts.keepalive_s)
     await runner.setup()
-    site = web.TCPSite(runner, opts.host, opts.port)
+    tls = None
+    if opts.tls_cert is not None and opts.tls_key is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(opts.tls_cert, opts.tls_key)
+    site = web.TCPSite(runner, opts.host, opts.port, ssl_context=tls)
     await site.start()
     port = runner.addresses[0][1]
-    print(f"serving on http://{opts.host}:{port}/v1", flush=True)
+    print(f"serving on {'https' if tls else 'http'}://{opts.host}:{port}/v1", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
