@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("job", type=Path)
     s.add_argument("--json", action="store_true", help="print JSON")
 
-    v = sub.add_parser("serve", help="run the built-in OpenAI-compatible endpoint")
+    _serve_parser(sub.add_parser("serve", help="run the built-in OpenAI-compatible endpoint"))
+    return p
+
+
+def _serve_parser(v: argparse.ArgumentParser) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--latency-ms", type=float, default=0.0)
@@ -87,7 +91,6 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--options-json", default=None, help="all options as a JSON object (as a job's [serve] table)")
     v.add_argument("--parent-pid", type=int, default=None, metavar="PID",
                    help="exit when process PID ends (a run's [serve] endpoint dies with the run, even after kill -9)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
