@@ -80,13 +80,16 @@ def capacity_change() -> dict[str, Any]:
     t = r["table"]
     done = t.column("finished_at").to_numpy()
     lat = t.column("latency_ms").to_numpy()
-    rel = done - r["endpoint_started"]
-    # after the drop: first second (from the drop) whose median latency is back under 1.5x the no-load latency
-    follow_down = next((s for s in np.arange(0, 20, 0.5)
-                        if (m := (rel >= drop_at + s) & (rel < drop_at + s + 1)).sum() > 5
-                        and np.median(lat[m]) < 1.5 * LATENCY_MS), None)
-    follow_up = next((s for s in np.arange(0, 20, 0.5)
-                      if ((rel >= rise_at + s) & (rel < rise_at + s + 1)).sum() >= 0.9 * 160), None)
+    started = done - lat / 1000.0 - r["endpoint_started"]  # when each request was sent, from the server's start
+    ended = done - r["endpoint_started"]
+
+    def settled(s: float) -> bool:  # requests sent in [drop + s, drop + s + 1) see no queue worth the name
+        m = (started >= drop_at + s) & (started < drop_at + s + 1)
+        return m.sum() > 5 and float(np.median(lat[m])) < 1.5 * LATENCY_MS
+
+    follow_down = next((float(s) for s in np.arange(0, 20, 0.5) if settled(s)), None)
+    follow_up = next((float(s) for s in np.arange(0, 20, 0.5)
+                      if ((ended >= rise_at + s) & (ended < rise_at + s + 1)).sum() >= 0.9 * 160), None)
     return {"rows": rows, "latency_back_after_drop_s": follow_down, "throughput_back_after_rise_s": follow_up,
             "timeouts": r["timeouts"], "statuses": r["endpoint"]["statuses"]}
 

@@ -4,6 +4,7 @@ never read), the gate that applies it, and the limiter's "auto" rates read from 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ def _server(limit: float, capacity: int, service_s: float) -> float:
     # (latency ratio to no-load, in flight at the limit?) per window -> what the limit does
     ("flat latency, limit reached: grows", [(1.0, True)] * 3, "up"),
     ("flat latency, limit not reached (app-limited): holds", [(1.0, False)] * 3, "same"),
-    ("latency 1.18x: holds", [(1.0, True), (1.18, True)], "same-after-first"),
+    ("latency 1.25x: holds", [(1.0, True), (1.25, True)], "same-after-first"),
     ("latency 2x: shrinks", [(1.0, True), (2.0, True)], "down"),
 ])
 def test_the_verdict_of_a_window(case: str, windows: list[tuple[float, bool]], expect: str) -> None:
@@ -43,10 +44,10 @@ def test_the_verdict_of_a_window(case: str, windows: list[tuple[float, bool]], e
     elif expect == "same":
         assert limits[-1] == 16
     elif expect == "same-after-first":
-        assert limits[-1] == limits[0] > 16  # the first window grew it; 1.18x is between the thresholds
+        assert limits[-1] == limits[0] > 16  # the first window grew it; 1.25x is between the thresholds
     else:
         assert limits[-1] < limits[0]
-    assert GROW_BELOW < 1.18 < SHRINK_ABOVE
+    assert GROW_BELOW < 1.25 < SHRINK_ABOVE
 
 
 def test_a_drop_halves_and_the_cap_and_floor_hold() -> None:
@@ -72,7 +73,7 @@ def test_it_settles_just_above_the_servers_capacity(capacity: int) -> None:
     settled = seen[-120:]  # the last minute
     below = [n for n in settled if n < capacity]
     assert len(below) <= 2 * PROBE_WINDOWS, settled  # only the probes (the limit halved to measure the no-load latency)
-    assert max(settled) <= capacity * SHRINK_ABOVE + 2, settled
+    assert max(settled) <= capacity * SHRINK_ABOVE + math.sqrt(capacity) + 1, settled  # at most one growth step over
 
 
 def test_a_server_that_really_got_slower_is_followed_not_starved() -> None:

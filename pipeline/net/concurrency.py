@@ -12,10 +12,11 @@ latency above what an unloaded server takes (TCP Vegas' insight, and Netflix's c
 Gradient). Every WINDOW_S the controller compares the window's median latency with the no-load
 latency (the lowest window median of the last NO_LOAD_WINDOWS windows, so it follows a server
 that really got slower):
-  - ratio below GROW_BELOW, and the limit was reached in the window: grow by sqrt(limit)
-    (additive, faster when large: a GPU server's capacity is tens to hundreds);
-  - ratio above SHRINK_ABOVE: a queue is forming: shrink in proportion (limit x TARGET/ratio),
-    by at most half per window;
+  - ratio below GROW_BELOW (1.2), and the limit was reached in the window: grow, by sqrt(limit)
+    until the first queue is seen and again after BOLD_AFTER clean windows in a row (a GPU
+    server's capacity is tens to hundreds, and may come back), else by one (near the capacity);
+  - ratio above SHRINK_ABOVE (1.3): a queue is forming: 10% fewer; past SEVERE (2x, the server
+    lost capacity) in proportion (limit x TARGET/ratio), by at most half per window;
   - a drop (503, timeout, cut connection) in the window: halve;
   - in between: hold.
 It settles a little above the server's capacity (a short queue keeps it busy), follows a
@@ -27,22 +28,27 @@ from __future__ import annotations
 
 import asyncio
 import math
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Gradient", "Gate", "START", "WINDOW_S", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
+__all__ = ["Gradient", "Gate", "START", "WINDOW_S", "QUANTILE", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
            "PROBE_WINDOWS", "MIN_SAMPLES"]
 
 START = 8.0  # the first limit: what a fixed default would be
 MIN_LIMIT = 1.0
 WINDOW_S = 0.5  # a decision per half second (at 40 answers/s: 20 samples)
-MIN_SAMPLES = 5  # a window with fewer answers waits for more before deciding
-GROW_BELOW = 1.1  # median latency under 1.1x the no-load one: no queue worth the name
-SHRINK_ABOVE = 1.25  # over 1.25x: requests wait at the server
-TARGET = 1.15  # shrinking aims at this ratio
+MIN_SAMPLES = 10  # a window with fewer answers waits for more before deciding
+QUANTILE = 95  # the window's latency is its 95th percentile: a queue that delays only the last
+# few of every round (k behind N slots delay k of N + k by up to a whole service time) shows there
+# long before it moves the median, and p95 is what a user of the server feels
+GROW_BELOW = 1.2  # p95 latency under 1.2x the no-load one: no queue worth the name
+SHRINK_ABOVE = 1.3  # over 1.3x: requests wait at the server
+EASE = 0.9  # a queue seen: 10% fewer in flight (a queue of a few behind the slots costs little) ...
+SEVERE = 2.0  # ... but past 2x (the server lost capacity) shrink in proportion, by at most half
+TARGET = 1.1  # shrinking in proportion aims at this ratio
+BOLD_AFTER = 4  # clean windows in a row after which growth is by sqrt(limit) again, not by one
 MAX_SHRINK = 0.5  # by at most half per window
 DROP_FACTOR = 0.5
 PROBE_EVERY_S = 30.0  # the no-load latency is measured afresh this often ...
@@ -61,6 +67,8 @@ class Gradient:
     probe_at: float | None = None  # when the next probe starts
     probing: int = 0  # windows of the probe still to go
     resume: float = START  # the limit before the probe
+    starting: bool = True  # growth by sqrt(limit) until the first queue is seen (TCP's slow start)
+    clean: int = 0  # windows in a row that grew the limit
     low: float = math.inf  # the least limit the run has used (for the summary)
     high: float = 0.0
 
@@ -104,13 +112,16 @@ class Gradient:
             return
         if not self.samples:
             return
-        median = statistics.median(self.samples)
-        self.no_load = min(self.no_load, median)
-        ratio = median / self.no_load if self.no_load > 0 else 1.0
+        latency = _quantile(self.samples)
+        self.no_load = min(self.no_load, latency)
+        ratio = latency / self.no_load if self.no_load > 0 else 1.0
         if ratio > SHRINK_ABOVE:
-            self._set(self.limit * max(MAX_SHRINK, TARGET / ratio))
+            self.starting, self.clean = False, 0
+            self._set(self.limit * (max(MAX_SHRINK, TARGET / ratio) if ratio > SEVERE else EASE))
         elif ratio < GROW_BELOW and self.busiest >= self.allowed - 1:
-            self._set(self.limit + math.sqrt(self.limit))
+            self.clean += 1
+            bold = self.starting or self.clean > BOLD_AFTER
+            self._set(self.limit + (math.sqrt(self.limit) if bold else 1.0))
         if self.probe_at is None:
             self.probe_at = now + PROBE_EVERY_S
         elif now >= self.probe_at:
@@ -123,12 +134,17 @@ class Gradient:
         if self.probing:
             return  # the queue drains
         if self.samples and not self.drops:
-            self.no_load = statistics.median(self.samples)  # afresh: it may have risen
+            self.no_load = _quantile(self.samples)  # afresh: it may have risen
         self.limit = self.resume
 
     def _set(self, limit: float) -> None:
         self.limit = min(float(self.cap), max(MIN_LIMIT, limit))
         self.low, self.high = min(self.low, self.limit), max(self.high, self.limit)
+
+
+def _quantile(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * QUANTILE / 100))]
 
 
 class Gate:
