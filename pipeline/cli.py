@@ -41,19 +41,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="send nothing: check the job and every row, estimate tokens, cost and time (exit 0 ready, 1 not)")
 
     g = sub.add_parser("report", help="write a self-contained HTML page of the output: gallery, charts, runs")
-    g.add_argument("job", type=Path)
+    g.add_argument("job", type=Path, help="the job file (TOML)")
     g.add_argument("--out", type=Path, default=None, help="where to write it (default: <output>/_report.html)")
     g.add_argument("--max-mb", type=float, default=None, help="the page's size cap; beyond it, a stated sample of rows")
 
     e = sub.add_parser("export-batch", help="write the rows still to do as a Batch JSONL file, send nothing")
-    e.add_argument("job", type=Path)
-    e.add_argument("file", type=Path)
+    e.add_argument("job", type=Path, help="the job file (TOML)")
+    e.add_argument("file", type=Path, help="where to write the Batch JSONL")
     i = sub.add_parser("import-batch", help="merge a batch output (or error) JSONL file into the dataset")
-    i.add_argument("job", type=Path)
-    i.add_argument("file", type=Path)
+    i.add_argument("job", type=Path, help="the job file (TOML)")
+    i.add_argument("file", type=Path, help="a batch's output (or error) JSONL file")
 
     s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
-    s.add_argument("job", type=Path)
+    s.add_argument("job", type=Path, help="the job file (TOML)")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     _serve_parser(sub)
@@ -62,13 +62,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve_parser(sub: Any) -> None:
     v = sub.add_parser("serve", help="run the built-in OpenAI-compatible endpoint")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--latency-ms", type=float, default=0.0)
-    v.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    v.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="the port (0: any free one; the first line printed says which)")
+    v.add_argument("--latency-ms", type=float, default=0.0, help="every answer this much later")
+    v.add_argument("--latency-jitter-ms", type=float, default=0.0, help="plus a seeded random delay up to this")
     v.add_argument("--rate-limit", type=int, default=0, help="requests per --rate-window-s (0: unlimited)")
-    v.add_argument("--rate-window-s", type=float, default=60.0)
-    v.add_argument("--rate-headers", default="retry-after")
+    v.add_argument("--rate-window-s", type=float, default=60.0, help="the rate limit's sliding window, in seconds")
+    v.add_argument("--rate-headers", default="retry-after",
+                   help='how a 429 gives its delay: retry-after, retry-after-ms, http-date, reset or none')
     v.add_argument("--fault", action="append", default=[], metavar="NAME=P",
                    help="inject a fault by chance, e.g. --fault 500=0.05 --fault drop=0.03; hostile answers: null_text, "
                         "gzip_bomb, huge, bad_utf8, echo_key, redirect (all names and what they do: pipeline/tools/serve/; "
@@ -88,8 +89,8 @@ def _serve_parser(sub: Any) -> None:
                    help="the capacity from SECONDS after the start, e.g. --capacity-at 10=8 --capacity-at 25=32")
     v.add_argument("--slow-ms", type=float, default=5000.0, help="how late the 'slow' fault answers")
     v.add_argument("--fault-retry-after-s", type=float, default=1.0, help="the delay injected 429s ask for")
-    v.add_argument("--answer-bytes", type=int, default=0)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--answer-bytes", type=int, default=0, help="pad each answer to about this size (benchmarks)")
+    v.add_argument("--seed", type=int, default=0, help="seeds the faults' chances and the latency's jitter")
     v.add_argument("--options-json", default=None, help="all options as a JSON object (as a job's [serve] table)")
     v.add_argument("--parent-pid", type=int, default=None, metavar="PID",
                    help="exit when process PID ends (a run's [serve] endpoint dies with the run, even after kill -9)")

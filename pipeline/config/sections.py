@@ -269,6 +269,14 @@ def _schema(value: Any, where: str, base: Path) -> dict[str, Any]:
         return value
     if not isinstance(value, str):
         raise JobError(f"{where} must be a table (a JSON Schema) or the path of a JSON file, not {type(value).__name__}")
+    if value.lstrip().startswith("{"):  # inline JSON, as people paste a schema: schema = '{"type": "object", ...}'
+        try:
+            inline = json.loads(value)
+        except ValueError as exc:
+            raise JobError(f"{where}: not valid JSON ({exc})") from None
+        if not isinstance(inline, dict):
+            raise JobError(f"{where}: must be a JSON object (a JSON Schema)")
+        return inline
     path = (base / value).resolve()
     try:
         schema = json.loads(path.read_text(encoding="utf-8"))
@@ -286,7 +294,7 @@ class LabelsConfig(Table):
     """A labeling job: the answer must be JSON following `schema`; its top-level fields are columns."""
 
     TABLE = "labels"
-    schema: dict[str, Any] = setting(doc="a JSON Schema (a table, or the path of a JSON file); its properties are columns",
+    schema: dict[str, Any] = setting(doc="a JSON Schema (a table, a JSON string, or the path of a JSON file); its properties are columns",
                                      parse=_schema)
     max_invalid_retries: int = setting(2, doc="answers failing the schema are asked again this many times", check=zero_or_more)
     send_response_format: bool = setting(True, doc="false for endpoints that refuse `response_format`")
