@@ -59,7 +59,7 @@ async def test_capacity_4_serves_12_requests_in_3_rounds(endpoint_factory: Any) 
 async def test_capacity_0_is_todays_endpoint(endpoint_factory: Any) -> None:
     ep = endpoint_factory(latency_ms=200)
     took, answers = await _burst(ep, 12)
-    assert [a[0] for a in answers] == [200] * 12 and took < 0.45  # one round
+    assert [a[0] for a in answers] == [200] * 12 and took < 1.0  # not one at a time (2.4 s); max_in_service below says one round
     stats = ep.stats()
     assert stats["capacity"] == 0 and stats["max_queued"] == stats["queue_rejected"] == 0
     assert stats["max_in_service"] == 12  # counted all the same: a capacity set later counts them
@@ -71,7 +71,7 @@ async def test_past_the_queue_bound_a_503_at_once_in_openais_shape(endpoint_fact
     refused = [a for a in answers if a[0] == 503]
     assert sorted(a[0] for a in answers) == [200] * 4 + [503] * 4
     for _, seconds, body, headers in refused:
-        assert seconds < 0.2  # at once, not after waiting
+        assert seconds < 0.28  # at once, not after waiting (a wait is at least the 300 ms latency)
         assert body == {"error": {"message": "The server is overloaded or not ready yet.", "type": "server_error",
                                   "code": "server_error"}}
         assert headers["retry-after"] == "1"  # whole seconds: two rounds of 300 ms ahead
@@ -175,7 +175,7 @@ async def test_post_admin_capacity_applies_to_new_admissions_while_those_in_serv
     assert await _set_capacity(ep, {"capacity": 4}) == (200, {"capacity": 4, "in_service": 0, "max_in_service": 0,
                                                              "queued_now": 0, "max_queued": 0, "queue_rejected": 0})
     took, _ = await _burst(ep, 4)
-    assert took < 0.35 and ep.stats()["max_in_service"] == 4  # one round
+    assert took < 0.7 and ep.stats()["max_in_service"] == 4  # one round (one at a time would be 0.8 s)
 
     async with aiohttp.ClientSession() as session:
         t = time.monotonic()
@@ -186,7 +186,7 @@ async def test_post_admin_capacity_applies_to_new_admissions_while_those_in_serv
         done = await asyncio.gather(*first, *later)
         took = time.monotonic() - t
     assert [d[0] for d in done] == [200] * 6
-    assert max(d[1] for d in done[:4]) < 0.35  # the four in service finished as they were
+    assert max(d[1] for d in done[:4]) < 0.7  # the four in service finished as they were (held: 0.8 s and more)
     assert took >= 0.55  # then one at a time: 200 + 200 + 200 ms
     for bad in ({"capacity": -1}, {"capacity": "8"}, {"capacity": True}, [8]):
         status, body = await _set_capacity(ep, bad)
