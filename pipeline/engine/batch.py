@@ -40,7 +40,7 @@ from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
 from ..records import ResultRow
 from ..rows.batchlines import request_line, result_of
-from ..rows.request import RequestBuilder, placeholders
+from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
 from .executor import Executor
 from .prepare import Prepared
@@ -308,7 +308,7 @@ class _BatchRun:
         retry = self.options.retry_failed
         table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
         ids = row_ids(self.job.input, table, shard)
-        columns = [c for c in self.ready.plan.columns if c in self._request_columns()]
+        columns = request_columns(self.job, self.ready.plan.columns)
         cells = table.select(columns).to_pylist()
         out = []
         for row_id, row in zip(ids, cells):
@@ -319,11 +319,6 @@ class _BatchRun:
                                     and row_id not in self.sent_now):
                 out.append((row_id, row))
         return out
-
-    def _request_columns(self) -> set[str]:
-        inp = self.job.input
-        cols = {c for c in (inp.image_column, inp.prompt_column, inp.video_column) if c}
-        return cols | set(placeholders(self.job.request.prompt or ""))
 
     async def _send(self, api: BatchAPI, rows: list[tuple[int, str]], lines: list[bytes]) -> None:
         data = b"".join(lines)

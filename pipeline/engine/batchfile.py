@@ -21,9 +21,9 @@ from ..config import Job
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
-from ..io.manifest import read_shard, row_ids
+from ..io.manifest import Plan, read_shard, row_ids
 from ..rows.batchlines import request_line, result_of
-from ..rows.request import RequestBuilder, placeholders
+from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
 from .console import Console
 from .options import RunOptions
@@ -50,19 +50,18 @@ def export_batch(job: Job, path: Path) -> int:
     return 0
 
 
-async def _export(job: Job, ckpt: Checkpoint, plan: object, path: Path, console: Console) -> tuple[int, int]:
+async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: Console) -> tuple[int, int]:
     labels = make_labels(job)
-    builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=labels)  # type: ignore[attr-defined]
-    wanted = {c for c in (job.input.image_column, job.input.prompt_column, job.input.video_column) if c}
-    wanted |= set(placeholders(job.request.prompt or ""))
+    builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=labels)
+    columns = request_columns(job, plan.columns)
     count = skipped = 0
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            for shard in plan.shards:  # type: ignore[attr-defined]
+            for shard in plan.shards:
                 done, _ = answers_so_far(job, ckpt, shard, 0, labels)
-                table = read_shard(job.input, plan, shard)  # type: ignore[arg-type]
-                cells = table.select([c for c in table.column_names if c in wanted]).to_pylist()
+                table = read_shard(job.input, plan, shard)
+                cells = table.select(columns).to_pylist()
                 for row_id, row in zip(row_ids(job.input, table, shard), cells):
                     if row_id in done:
                         continue

@@ -43,7 +43,7 @@ from ..net.concurrency import Gate, Gradient
 from ..net.limiter import Limiter
 from ..records import ResultRow
 from ..rows.pricing import SpendLimit
-from ..rows.request import RequestBuilder, placeholders
+from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
 from .console import Console
 from .options import RunOptions
@@ -109,13 +109,8 @@ class ShardEngine:
         self.expire = expire  # what a stop that does not end in time comes to: the process ends (CLI)
         self.internal_errors = 0
         self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
-        self.columns = self._request_columns()
+        self.columns = request_columns(job, plan.columns)
         self.gate = Gate(Gradient(cap=job.limits.workers) if job.limits.auto_concurrency else None)
-
-    def _request_columns(self) -> list[str]:
-        cols = {c for c in (self.job.input.image_column, self.job.input.prompt_column, self.job.input.video_column) if c}
-        cols.update(placeholders(self.job.request.prompt or ""))
-        return [c for c in self.plan.columns if c in cols]
 
     # -- the run -------------------------------------------------------------------------
 

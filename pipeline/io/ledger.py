@@ -49,6 +49,7 @@ class Ledger:
     def __init__(self, folder: Path) -> None:
         self.path = folder / "batches.jsonl"
         self.files = folder / "batches"
+        self._folded: dict[str, Batch] | None = None  # read once; each append is folded in as written
 
     def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,8 @@ class Ledger:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self._folded is not None:
+            _fold(self._folded, record)
 
     def planned(self, name: str, rows: list[tuple[int, str]], path: Path) -> None:
         self._append({"event": "planned", "name": name, "rows": rows, "path": str(path)})
@@ -81,35 +84,41 @@ class Ledger:
         self._append({"event": "collected", "name": name})
 
     def batches(self) -> list[Batch]:
-        """Every batch the job has planned, oldest first, with what is known of it."""
-        out: dict[str, Batch] = {}
-        try:
-            lines = self.path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
-        for line in lines:
+        """Every batch the job has planned, oldest first, with what is known of it. The file is read
+        once; the ledger's own appends keep the fold current (one run holds the job's lock)."""
+        if self._folded is None:
+            self._folded = {}
             try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line: that step is done again
-            name, event = rec.get("name"), rec.get("event")
-            if event == "planned":
-                out[name] = Batch(name, [(int(s), str(i)) for s, i in rec["rows"]], rec["path"])
-                continue
-            batch = out.get(name)
-            if batch is None:
-                continue
-            if event == "uploaded":
-                batch.file_id = rec["file_id"]
-            elif event == "created":
-                batch.batch_id = rec["batch_id"]
-            elif event == "status":
-                batch.status, batch.counts = rec["status"], rec.get("counts") or {}
-            elif event == "cancel":
-                batch.cancel = True
-            elif event == "collected":
-                batch.collected = True
-        return list(out.values())
+                lines = self.path.read_bytes().splitlines()
+            except FileNotFoundError:
+                lines = []
+            for line in lines:
+                try:
+                    _fold(self._folded, json.loads(line))
+                except ValueError:
+                    continue  # a torn last line: that step is done again
+        return list(self._folded.values())
 
     def next_number(self) -> int:
         return len(self.batches()) + 1
+
+
+def _fold(out: dict[str, Batch], rec: dict[str, Any]) -> None:
+    """One record into the batches it describes."""
+    name, event = rec.get("name"), rec.get("event")
+    if event == "planned":
+        out[str(name)] = Batch(str(name), [(int(s), str(i)) for s, i in rec["rows"]], rec["path"])
+        return
+    batch = out.get(str(name))
+    if batch is None:
+        return
+    if event == "uploaded":
+        batch.file_id = rec["file_id"]
+    elif event == "created":
+        batch.batch_id = rec["batch_id"]
+    elif event == "status":
+        batch.status, batch.counts = rec["status"], rec.get("counts") or {}
+    elif event == "cancel":
+        batch.cancel = True
+    elif event == "collected":
+        batch.collected = True

@@ -30,7 +30,7 @@ from .media import MediaBuilder
 if TYPE_CHECKING:
     from .labels import Labels
 
-__all__ = ["RequestBuilder", "Built", "placeholders"]
+__all__ = ["RequestBuilder", "Built", "placeholders", "request_columns"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENCODE_OFF_LOOP_BYTES = 1 << 20  # bodies with more inlined media than this are JSON-encoded in a thread
@@ -44,6 +44,15 @@ class Built(NamedTuple):
 
 def placeholders(template: str) -> list[str]:
     return _PLACEHOLDER.findall(template)
+
+
+def request_columns(job: Job, columns: list[str]) -> list[str]:
+    """The manifest columns a request is built from (media, prompt, the prompt's placeholders), in
+    the manifest's order: the only cells read into Python per row."""
+    inp = job.input
+    wanted = {c for c in (inp.image_column, inp.prompt_column, inp.video_column) if c}
+    wanted.update(placeholders(job.request.prompt or ""))
+    return [c for c in columns if c in wanted]
 
 
 class RequestBuilder:
