@@ -137,13 +137,21 @@ class LimitsConfig(Table):
                                          "server's latency, growing while it stays flat (up to max_concurrency_cap)")
     max_concurrency_cap: int = setting(256, doc='max_concurrency = "auto": the most requests in flight it may reach',
                                        check=positive)
-    max_attempts: int = setting(5, doc="per row, the first included", check=positive)
+    max_attempts: int = setting(5, doc="per row, the first included; a rate-limit 429 does not spend one", check=positive)
+    max_rate_limit_wait_s: float = setting(
+        600.0, check=zero_or_more,
+        doc="how long one row may be refused by rate-limit 429s (it waits its turn again meanwhile); past it the "
+            "row fails as rate_limit, or the run stops (exit 3, rows pending) if nothing was answered meanwhile")
     timeout_s: float = setting(120.0, doc="per attempt", check=positive)
     max_retry_after_s: float = setting(120.0, doc="the longest server-asked delay honoured", check=zero_or_more)
     image_token_estimate: int = setting(1000, doc="tokens per image, for tokens_per_minute and cost estimates before usage is known",
                                         check=zero_or_more)
     breaker_failures: int = setting(50, doc='failed attempts in a row that mean "the endpoint is down" (exit 3)', check=positive)
     breaker_seconds: float = setting(120.0, doc="... or this long failing with no success", check=positive)
+    breaker_refusals: int = setting(
+        5, check=zero_or_more,
+        doc="the run's first refusals (400/404/422), all the same with nothing answered, that stop it as a wrong "
+            "job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
     grace_s: float = setting(10.0, doc="on Ctrl-C/SIGTERM, how long requests in flight may finish", check=zero_or_more)
     max_response_mb: float = setting(64.0, doc="an answer larger than this (as sent or decompressed) is a failed attempt",
                                      check=positive)

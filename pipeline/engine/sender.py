@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..config import Job
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
-from ..net.breaker import Breaker
+from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
 from ..net.limiter import Limiter
@@ -49,12 +49,19 @@ FULL_KINDS = ("server", "timeout", "connection")  # what a full server answers: 
 class RowState:
     """What one row's sending has done so far: an unexpected failure still reports it truly."""
 
-    __slots__ = ("row_id", "attempts", "spent")
+    __slots__ = ("row_id", "attempts", "spent", "rate_limited", "paced_since")
 
     def __init__(self, row_id: str) -> None:
         self.row_id = row_id
-        self.attempts = 0
+        self.attempts = 0  # requests made, rate-limit 429s included (the `attempts` column)
         self.spent: float | None = None  # this row's cost over its attempts
+        self.rate_limited = 0  # of those, refused by a rate-limit 429: they spend no max_attempts
+        self.paced_since: float | None = None  # monotonic time of the row's first 429
+
+    @property
+    def tries(self) -> int:
+        """The attempts max_attempts counts: a 429 is the provider pacing the pool, not a fault of the row."""
+        return self.attempts - self.rate_limited
 
 
 def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None = None) -> ResultRow:
@@ -168,15 +175,37 @@ class RowSender:
         if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
             self.counts.rate_limited += 1
             self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
+            if err.should_retry is not False:
+                return self._paced(state, err)
         if self.breaker.failure(err.kind):
             raise StopJob(
                 f"the endpoint looks down ({self.breaker.streak} failed attempts in a row, last: {err.describe()})",
                 kind="endpoint_down",
             ) from None
-        if not should_retry(err, state.attempts, self.limits.max_attempts):
+        if not should_retry(err, state.tries, self.limits.max_attempts):
+            if err.kind in REFUSAL_KINDS and self.breaker.refusal((err.status, err.kind, err.code, err.message)):
+                raise StopJob(_wrong_job_message(err, self.breaker.refusals), kind="refused") from None
             return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
-        return float(retry_delay(err, state.attempts, now=time.time(), jitter=self.rng.random(),
+        return float(retry_delay(err, state.tries, now=time.time(), jitter=self.rng.random(),
                                  max_server_delay=self.limits.max_retry_after_s))
+
+    def _paced(self, state: RowState, err: RequestError) -> ResultRow | float:
+        """A rate-limit 429: the row waits its turn again, for up to max_rate_limit_wait_s in all.
+        Past that it fails as rate_limit, unless nothing at all was answered meanwhile: then the
+        provider is refusing everyone (a spent daily quota, say) and the run stops, rows pending."""
+        state.rate_limited += 1
+        now = time.monotonic()
+        if state.paced_since is None:
+            state.paced_since = now
+        waited = now - state.paced_since
+        if waited < self.limits.max_rate_limit_wait_s:
+            return float(retry_delay(err, state.rate_limited, now=time.time(), jitter=self.rng.random(),
+                                     max_server_delay=self.limits.max_retry_after_s))
+        if not self.breaker.answered_since(state.paced_since):
+            raise StopJob(f"the provider refused every request for its rate limit for {waited:.0f}s "
+                          f"([limits] max_rate_limit_wait_s), answering none (last: {err.describe()}); "
+                          f"the rows stay pending: run again later to continue", kind="rate_limit") from None
+        return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
 
 def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | None) -> ResultRow:
@@ -191,6 +220,13 @@ def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | 
         row.status, row.error_kind = "error", "truncated"
         row.error = "cut off by max_tokens before the answer began (finish_reason: length)"
     return row
+
+
+def _wrong_job_message(err: RequestError, count: int) -> str:
+    return (f"the endpoint refused the run's first {count} requests the same way and answered none "
+            f"({err.describe()}): the job looks wrong, not its rows (the key a gateway expects, the model name, "
+            f"base_url); fix it and run again, the rows stay pending (if these rows really are bad, set "
+            f"[limits] breaker_refusals = 0)")
 
 
 def _stop_message(err: RequestError, key_env: str | None) -> str:

@@ -37,7 +37,7 @@ from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, read_shard, row_ids
-from ..net.breaker import ENDPOINT_FAULTS, Breaker
+from ..net.breaker import Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
 from ..net.limiter import Limiter
@@ -90,7 +90,7 @@ class ShardEngine:
         self.committed_rows = committed_rows or {}
         self.labels = make_labels(job)
         self.builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=self.labels)
-        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds)
+        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds, job.limits.breaker_refusals)
         self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
         self.counts = Counts()
         self.done_before = 0  # rows of the given shards answered before this run
@@ -330,14 +330,15 @@ class ShardEngine:
     def _settle_row(self, work: _ShardWork, row: ResultRow) -> None:
         crash_point("after_response")
         row.finished_at = time.time()
-        if not row.ok and row.error_kind in ENDPOINT_FAULTS and self.breaker.streak:
-            # Out of attempts while nothing succeeds: the endpoint may be down rather than the
-            # row bad. Hold the error until a success shows the endpoint up; if the breaker
+        if not row.ok and self.breaker.holds(row.error_kind or ""):
+            # Out of attempts while nothing succeeds (the endpoint may be down), or refused while
+            # every refusal so far is the same and nothing was answered (the job may be wrong):
+            # not the row's fault, perhaps. Hold the error until the breaker is settled; if it
             # trips instead, the row stays pending for the next run.
             self.held.append((work, row))
             return
         self._deliver(work, row)
-        if self.held and not self.breaker.streak:
+        if self.held and self.breaker.settled:
             self._release_held()
 
     def _deliver(self, work: _ShardWork, row: ResultRow) -> None:

@@ -1,37 +1,60 @@
-"""The circuit breaker: tells "the endpoint is down" from "some rows fail".
+"""The circuit breaker: tells "the endpoint is down" or "the job is wrong" from "some rows fail".
 
-Trips when `max_failures` attempts in a row failed with an endpoint fault (server error,
-timeout, dropped connection, unusable body) or when failures have gone on for `max_seconds` with
-no success. Row-specific failures (bad_request, input) never count: they say nothing of the
-endpoint's health.
+    breaker = Breaker(max_failures=50, max_seconds=120, max_refusals=5)
+    breaker.failure("server")          # True: trips, the endpoint looks down
+    breaker.refusal((400, "bad_request", "no_db_connection", "No connected db."))   # True: the job looks wrong
+    breaker.holds("bad_request")       # hold this error row until the doubt is settled
+
+Two ways to trip:
+- Down: `max_failures` attempts in a row failed with an endpoint fault (server error, timeout,
+  dropped connection, unusable body), or failures have gone on for `max_seconds` with no success.
+  Row-specific failures (bad_request, input) never count: they say nothing of the endpoint's health.
+- Wrong job: the run's first `max_refusals` refusals for good (a 400, 404 or 422 that is not
+  retried) were all the same (status, kind, code and message) and no request was answered. A
+  wrong gateway key (LiteLLM answers 400 `no_db_connection` to every request), a wrong model
+  name or base URL look like this: every row would fail the same way, so the run stops with the
+  rows pending instead of marking them all failed. Refusals that differ, or any answer, settle it:
+  the rows are bad, not the job, and from then on refusals are ordinary error rows.
+
+While a trip is possible the engine holds error rows of the kinds concerned (`holds`) instead of
+writing them: they stay pending if the breaker trips, and are written once it is settled
+(`settled`) or the run ends. The clock is a parameter, so tests are tables.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 from ..errors import ErrorKind
 
-__all__ = ["Breaker", "ENDPOINT_FAULTS"]
+__all__ = ["Breaker", "ENDPOINT_FAULTS", "REFUSAL_KINDS"]
 
 ENDPOINT_FAULTS = frozenset(k.value for k in ErrorKind if k.endpoint_fault)
+REFUSAL_KINDS = frozenset({ErrorKind.BAD_REQUEST.value})  # the endpoint refused a request for good
 
 
 class Breaker:
-    def __init__(self, max_failures: int, max_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_failures: int, max_seconds: float, max_refusals: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_failures = max_failures
         self.max_seconds = max_seconds
+        self.max_refusals = max_refusals  # 0: a run's first refusals never stop it
         self.clock = clock
         self.streak = 0
         self.streak_started: float | None = None
+        self.last_success: float | None = None  # clock time of the latest answer; None: none yet
+        self.refusals = 0  # the first refusals, all alike so far
+        self._first_refusal: Hashable | None = None
+        self._mixed = False  # refusals differed: they are the rows', not the job's
 
     def success(self) -> None:
         self.streak = 0
         self.streak_started = None
+        self.last_success = self.clock()
 
     def failure(self, kind: str) -> bool:
-        """Record a failed attempt; True when the breaker trips."""
+        """Record a failed attempt; True when the breaker trips (the endpoint looks down)."""
         if kind not in ENDPOINT_FAULTS:
             return False
         now = self.clock()
@@ -39,3 +62,34 @@ class Breaker:
             self.streak_started = now
         self.streak += 1
         return self.streak >= self.max_failures or (self.streak > 1 and now - self.streak_started >= self.max_seconds)
+
+    def refusal(self, key: Hashable) -> bool:
+        """Record a request refused for good, `key` saying which refusal it is (status, kind, code,
+        message); True when the breaker trips (the run's first refusals are all this one)."""
+        if not self.doubting:
+            return False
+        if self._first_refusal is None:
+            self._first_refusal = key
+        elif key != self._first_refusal:
+            self._mixed = True
+            return False
+        self.refusals += 1
+        return self.refusals >= self.max_refusals
+
+    @property
+    def doubting(self) -> bool:
+        """Whether refusals may still mean a wrong job: nothing answered, none differing."""
+        return self.max_refusals > 0 and self.last_success is None and not self._mixed
+
+    def holds(self, kind: str) -> bool:
+        """Whether an error row of `kind` must wait: a trip now would mean it is not the row's fault."""
+        return (kind in ENDPOINT_FAULTS and self.streak > 0) or (kind in REFUSAL_KINDS and self.doubting)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing in doubt: rows held so far are the rows' own failures."""
+        return self.streak == 0 and not self.doubting
+
+    def answered_since(self, since: float) -> bool:
+        """Whether any request was answered at or after clock time `since`."""
+        return self.last_success is not None and self.last_success >= since

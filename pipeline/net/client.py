@@ -45,6 +45,7 @@ from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
 from .connection import ConnectionPool, ProxyRefused
+from .headers import observed, unrenamed
 from .response import (
     ACCEPT_ENCODING,
     BoundedDecoder,
@@ -119,7 +120,8 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
     else:
         return text, None
     names = [f for f in fields if isinstance(f, (str, int)) and not isinstance(f, bool) and f != ""]
-    names = [str(n) for n in names]
+    # A gateway (LiteLLM) puts the HTTP status in `code` and the name in `type`: a name says more.
+    names = sorted((str(n) for n in names), key=str.isdigit)
     # A quota may be named in `type` while `code` holds something generic: the telling one wins.
     telling = [n for n in names if n in QUOTA_CODES or n == DASHSCOPE_THROTTLE]
     code = (telling or names or [None])[0]
@@ -139,7 +141,7 @@ def translate(
     """The one place foreign failures become RequestError. Messages are scrubbed of the key
     (`redactor`, or one made from `secret`) before they are cut; `proxy`, the one the request went
     through (if any), is named when it refused."""
-    headers = headers or {}
+    headers = unrenamed(headers) if headers else {}  # a gateway's renamed Retry-After is the provider's
     hide = redactor if redactor is not None else Redactor([secret])
     should = headers.get("x-should-retry")
     should_retry = {"true": True, "false": False}.get(should.lower()) if should else None
@@ -249,19 +251,6 @@ def _decode(raw: bytes) -> tuple[Any, str | None]:
     return value, text_warning(bad, surrogates)
 
 
-# What a successful answer's headers are read for (the limiter's view of the server's budget);
-# copying every header of every answer into a dict cost more than the answer's JSON parse.
-OBSERVED_HEADERS = (
-    "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
-    "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "content-type",
-    "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",  # "auto" limits pace at what these announce
-)
-
-
-def _observed(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k in OBSERVED_HEADERS if (v := headers.get(k)) is not None}
-
-
 async def _read_body(resp: "aiohttp.ClientResponse", decoder: BoundedDecoder) -> bytes:
     """A whole aiohttp body through `decoder` (bounded: ResponseTooLarge past its cap)."""
     pieces: list[bytes | bytearray] = []
@@ -368,7 +357,7 @@ class Client:
             status, headers, raw = await self._pool.post(body, max_bytes=max_bytes)
             if status != 200:
                 raise self._refusal(status, headers, raw)
-            headers = _observed(headers)  # only these are read from a success (or kept by its failure)
+            headers = observed(headers)  # only these are read from a success (or kept by its failure)
             decoded, warning = _decode(raw)
         except RequestError:
             raise
@@ -396,7 +385,7 @@ class Client:
                 headers = exchange.headers
                 if exchange.status != 200:
                     raise self._refusal(exchange.status or 0, headers, await exchange.read())
-                headers = _observed(headers)  # only these are read from a success (or kept by its failure)
+                headers = observed(headers)  # only these are read from a success (or kept by its failure)
                 decoded, warning = await exchange.answer()
         except RequestError:
             raise
