@@ -50,3 +50,13 @@ def test_a_refused_run_leaves_no_stale_lock(tmp_path: Path) -> None:
     assert not lock.exists() or lock.read_text() == ""  # no pid left for the next run to "take over"
     second = run_cli("run", str(job))
     assert second.returncode == 2 and "took over" not in second.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "m.csv"]  # a run that never sent left nothing
+
+
+def test_a_refused_first_run_with_the_checkpoint_inside_the_output_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("id,image,prompt\n1,https://x/1.png,hi\n1,https://x/2.png,again\n")
+    job = job_dict(tmp_path / "m.csv", "http://127.0.0.1:9/v1", tmp_path / "out")
+    job["output"]["checkpoint"] = str(tmp_path / "out" / ".pipeline" / "t")
+    result = run_cli("run", str(write_job(tmp_path / "job.toml", job)))
+    assert result.returncode == 2 and "more than once" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "m.csv"]

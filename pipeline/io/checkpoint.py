@@ -102,7 +102,7 @@ class Checkpoint:
     def locked(self, job_name: str) -> Iterator[None]:
         """One run per job. The kernel drops a flock when its process dies, so a lock left by a
         killed run is taken over without any guessing about stale pids."""
-        fresh = not self.folder.exists()  # a refused first run leaves no folder behind
+        made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # a refused first run removes them
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -133,10 +133,11 @@ class Checkpoint:
             finally:  # an exit, clean or refused (a bad job, exit 2), leaves no pid behind; a killed run's stays
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
-                if fresh and sorted(p.name for p in self.folder.iterdir()) == ["lock"]:
+                if made and sorted(p.name for p in self.folder.iterdir()) == ["lock"]:
                     with contextlib.suppress(OSError):  # nothing was written but the lock: nothing to keep
                         self.lock_path.unlink()
-                        self.folder.rmdir()
+                        for folder in made:  # deepest first; one that is not empty stays
+                            folder.rmdir()
         finally:
             os.close(fd)  # releases the flock
 

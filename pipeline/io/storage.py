@@ -22,6 +22,7 @@ failures become a one-line JobError in ONE place, `_translate`.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import os
 import time
@@ -158,10 +159,11 @@ class PartStore:
 
     # -- which job owns the folder ---------------------------------------------------------
 
-    def claim(self, job_name: str, checkpoint: Path) -> None:
+    def claim(self, job_name: str, checkpoint: Path) -> bool:
         """Make sure this folder belongs to this job (recording it on first use); a folder that
         another job writes is refused, before anything is sent or removed: two jobs in one folder
-        delete each other's temporary files and take each other's part files for their own."""
+        delete each other's temporary files and take each other's part files for their own.
+        True when this call recorded it (see `unclaim`)."""
         # The name is the identity: a job whose files moved (and its checkpoint path with them)
         # still owns its folder; the checkpoint is recorded to tell the user where the owner lives.
         text = json.dumps({"job": job_name, "checkpoint": str(checkpoint),
@@ -170,14 +172,23 @@ class PartStore:
         found = self._read_owner() if self.local is not None or OWNER_FILE in self._listing() else None
         if found is None:
             found = self._create_owner(text)
-        if found is None:
-            return
+            if found is None:
+                return True
         if found.get("job") != job_name:
             raise JobError(
                 f"[output] path: {self} belongs to the job {found.get('job')!r} (checkpoint {found.get('checkpoint')}); "
                 f"two jobs cannot share an output folder: choose another [output] path, or delete "
                 f"{OWNER_FILE} there if that job and its checkpoint are gone"
             )
+        return False
+
+    def unclaim(self, created_folder: bool) -> None:
+        """Undo a claim made by a run refused before it sent anything: the owner file goes, and the
+        folder too if the claim made it and it is empty (a refused run leaves nothing behind)."""
+        self.remove(OWNER_FILE)
+        if created_folder and self.local is not None:
+            with contextlib.suppress(OSError):
+                self.local.rmdir()
 
     def _read_owner(self) -> dict[str, Any] | None:
         if self.local is not None:
