@@ -155,6 +155,24 @@ async def test_worker_leases_for_waiting_requests_only_and_never_sends_on_stale_
     assert not limiter.slots
 
 
+async def test_a_worker_woken_late_past_its_slot_gives_it_up_for_a_fresh_one_once() -> None:
+    """The worker's loop was blocked past its slot: sent then, the request would start beside other
+    workers' later slots. It takes a fresh slot instead (once: a loop that keeps stalling still sends)."""
+    clock = Clock()
+    shared = LocalBudget(RateBudget(600, clock=clock))  # a slot every 0.1 s
+    limiter = LeasedLimiter(shared, limits(max_concurrency=1), clock=clock)
+    await limiter.acquire()
+
+    def stall() -> None:
+        clock.t += 0.5  # the loop is blocked until well past the slot being waited for
+
+    before = len(shared.asked)
+    asyncio.get_running_loop().call_later(0.02, stall)
+    granted = await limiter.acquire()  # waits ~0.1 s (real) for its slot, waking 0.5 s late
+    assert len(shared.asked) == before + 2  # the late slot given up, a fresh one leased
+    assert granted == clock.t
+
+
 async def test_worker_429_goes_to_the_budget_and_a_stop_ends_acquire() -> None:
     clock = Clock()
     shared = LocalBudget(RateBudget(600, clock=clock))

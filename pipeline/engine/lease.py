@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from ..config import LimitsConfig
 from ..errors import StopJob
-from ..net.limiter import Limiter
+from ..net.limiter import LATE_S, Limiter
 
 __all__ = ["RateBudget", "LeasedLimiter", "RateBudgetHandle", "LEASE_S", "SLOT_EXPIRY_S"]
 
@@ -138,16 +138,24 @@ class LeasedLimiter(Limiter):
         """The local Limiter's contract: the time the place was granted, None if `stop` came first."""
         if stop is not None and stop.is_set():
             return None
-        self._waiting += 1
-        try:
-            async with self._lock:  # slots are taken in order, and one lease is asked for at a time
-                start = await self._slot()
-                if self.tokens is not None and estimated_tokens > 0:
-                    start = max(start, await self._tokens(estimated_tokens))
-        finally:
-            self._waiting -= 1
-        await self._sleep(start - self.clock())
-        return self.clock()
+        requeued = False
+        while True:
+            self._waiting += 1
+            try:
+                async with self._lock:  # slots are taken in order, and one lease is asked for at a time
+                    start = await self._slot()
+                    if not requeued and self.tokens is not None and estimated_tokens > 0:
+                        start = max(start, await self._tokens(estimated_tokens))
+            finally:
+                self._waiting -= 1
+            await self._sleep(start - self.clock())
+            now = self.clock()
+            # Woken later than LATE_S past the slot (the loop was blocked: a GC pause, a thread
+            # holding the GIL): sent now it would start beside other workers' later slots, a burst
+            # the provider refuses. Given up and a fresh one taken, once, as the local Limiter does.
+            if requeued or now - start <= LATE_S:
+                return now
+            requeued = True
 
     def settle(self, estimated_tokens: float, actual_tokens: int | None) -> None:
         if self.tokens is not None and actual_tokens is not None:
