@@ -26,6 +26,7 @@ from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_j
 
 KEY = "sk-cache-test-0123456789abcdefSECRET"
 N = 24
+HOUR = 3600.0
 
 
 def _job(tmp_path: Path, ep: Any, manifest: Path, *, out: str = "out", name: str = "t", **run: Any) -> Path:
@@ -141,19 +142,19 @@ def test_ttl_by_the_caches_clock(tmp_path: Path) -> None:
 
 
 def test_lru_eviction_under_a_tiny_cap(tmp_path: Path) -> None:
-    now = [0.0]
+    now = [0.0]  # hours apart: a hit moves an entry's last use only when an hour old (TOUCH_AFTER_S)
     cache = Cache.open(tmp_path, ttl_s=None, max_bytes=10_000, warn=pytest.fail, clock=lambda: now[0])
     assert cache is not None
     keys = [request_key("u", str(i).encode()) for i in range(12)]
     for i, key in enumerate(keys[:8]):  # 8 x 1000 bytes: under the cap
-        now[0] = float(i)
+        now[0] = i * HOUR
         cache.put(key, b"x" * 1000)
         cache.write()
-    now[0] = 20.0
+    now[0] = 20 * HOUR
     assert cache.get(keys[0]) is not None  # used again: the most recent now
     cache.write()
     for i, key in enumerate(keys[8:], start=30):  # 4 more: the 11th crosses the cap; down to 90% of it
-        now[0] = float(i)
+        now[0] = i * HOUR
         cache.put(key, b"x" * 1000)
         cache.write()
     kept = [i for i, k in enumerate(keys) if cache.get(k) is not None]

@@ -18,8 +18,9 @@ the entries not yet written, a power cut may also lose the last transactions, an
 corrupt the file (SQLite's WAL rolls back what was not whole). Losing an entry costs a request
 later, never an answer now: the journal keeps this run's answers.
 
-Size: bounded by `max_bytes` over the values' lengths. Each entry has a last-used time (updated in
-the writer's batches, not per lookup); past the cap, the least recently used entries are deleted
+Size: bounded by `max_bytes` over the values' lengths. Each entry has a last-used time (moved by a
+hit when more than TOUCH_AFTER_S old, in the writer's batches: an update costs ~100 us of the
+writer's time, so a re-run soon after the first writes none); past the cap, the least recently used entries are deleted
 down to EVICT_TO of it, checked at open and after a write that may have crossed it. Freed pages
 are reused by SQLite (the file does not shrink, nor grow past the cap plus its overhead).
 
@@ -45,6 +46,7 @@ WRITE_EVERY_S = 0.5
 WRITE_BATCH = 2000  # entries waiting that make the writer write before its time
 EVICT_TO = 0.9  # past the cap, evict down to this share of it (not one entry per write)
 BUSY_TIMEOUT_S = 5.0  # another process's write in progress: how long the writer waits
+TOUCH_AFTER_S = 3600.0  # a hit moves an entry's last-used time only if older than this (LRU to the hour)
 READ_TIMEOUT_S = 0.05  # a lookup on the event loop never waits longer: a busy file is a miss
 _VERSION = b"pipeline-cache-1\n"
 
@@ -126,7 +128,7 @@ class Cache:
         if value is not None:
             return value
         try:
-            found = self._reader.execute("SELECT value, created FROM entries WHERE key = ?", (key,)).fetchone()
+            found = self._reader.execute("SELECT value, created, used FROM entries WHERE key = ?", (key,)).fetchone()
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 return None  # another process holds it a moment: a miss costs one request
@@ -135,9 +137,13 @@ class Cache:
         except sqlite3.Error as exc:
             self._fail(exc)
             return None
-        if found is None or (self.ttl_s is not None and self.clock() - found[1] > self.ttl_s):
+        if found is None:
             return None
-        self._used.add(key)
+        now = self.clock()
+        if self.ttl_s is not None and now - found[1] > self.ttl_s:
+            return None
+        if now - found[2] > TOUCH_AFTER_S:
+            self._used.add(key)
         return bytes(found[0])
 
     def put(self, key: bytes, value: bytes) -> None:
