@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 
 import pipeline
+from pipeline.config import load_job
 from pipeline.errors import JobError
 from pipeline.io.cache import CACHE_FILE, Cache, request_key
+from pipeline.tools.status import job_status, render
 
 from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job, write_rows
 
@@ -73,8 +75,7 @@ def test_restart_second_job_and_deleted_output_cost_nothing(tmp_path: Path, endp
     assert {r["id"]: r["answer"] for r in rows} == answers
     assert all(r["from_cache"] and r["attempts"] == 0 and r["cost"] == 0.0 and r["latency_ms"] is None
                and r["status"] == "ok" and r["prompt_tokens"] for r in rows)
-    status = run_cli("status", str(job), env={"CACHE_TEST_KEY": KEY})
-    assert f"last run: {N} rows answered from the cache" in status.stdout
+    assert f"last run: {N} rows answered from the cache" in render(job_status(load_job(job, require_key=False)))
 
     second = _job(tmp_path, ep, manifest, out="other", name="t2")  # a second job over the same rows
     assert _run(second).ok == N and _requests(ep) == 0
@@ -218,13 +219,13 @@ def test_kill_during_a_cached_run_then_resume(tmp_path: Path, endpoint: Any) -> 
     cache.close()
 
 
-def test_a_damaged_cache_file_is_a_warning_and_the_run_completes(tmp_path: Path, endpoint: Any) -> None:
+def test_a_damaged_cache_file_is_a_warning_and_the_run_completes(tmp_path: Path, endpoint: Any, capfd: Any) -> None:
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / CACHE_FILE).write_bytes(b"not a database, " * 512)
     manifest = url_manifest(tmp_path / "m.csv", 8)
-    res = run_cli("run", str(_job(tmp_path, endpoint, manifest)), env={"CACHE_TEST_KEY": KEY})
-    assert res.returncode == 0, res.stderr
-    assert res.stderr.count("warning: the request cache") == 1 and "delete it" in res.stderr
+    assert _run(_job(tmp_path, endpoint, manifest)).exit_code == 0
+    err = capfd.readouterr().err
+    assert err.count("warning: the request cache") == 1 and "delete it" in err
     assert len(read_output(tmp_path / "out")) == 8 and _requests(endpoint) == 8
 
 
@@ -250,3 +251,14 @@ def test_config(tmp_path: Path) -> None:
         run_table(cache_ttl="a week")
     with pytest.raises(JobError, match=r'\[run\] cache: not used with \[run\] mode = "batch"'):
         run_table(cache=True, mode="batch")
+
+
+def test_a_serve_job_hits_across_runs(tmp_path: Path) -> None:
+    """[serve]'s endpoint has a new port each run: the key names its options, not its URL."""
+    manifest = url_manifest(tmp_path / "m.csv", 6)
+    job = job_dict(manifest, "", tmp_path / "out", endpoint={"base_url": None}, serve={"latency_ms": 0},
+                   run={"cache": str(tmp_path / "cache")})
+    path = write_job(tmp_path / "serve.toml", job)
+    assert _run(path).summary["this_run"]["requests_sent"] == 6
+    again = _run(path, restart=True)
+    assert (again.ok, again.summary["this_run"]["cached"], again.summary["this_run"]["requests_sent"]) == (6, 6, 0)

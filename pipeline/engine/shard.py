@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -151,7 +152,10 @@ class ShardEngine:
                                              max_bytes=int(run.cache_max_gb * 1e9), warn=self.console.say)
         if self.cache is None:
             return None
-        return CacheUse(self.cache, self.job.endpoint.url, not self.options.no_cache, self.console.redactor.scrub_record)
+        # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
+        url = self.job.endpoint.url if self.job.serve is None else \
+            "serve:" + json.dumps(self.job.serve, sort_keys=True, default=str)
+        return CacheUse(self.cache, url, not self.options.no_cache, self.console.redactor.scrub_record)
 
     async def _close(self) -> None:
         """Release everything the run holds; a failure here is recorded, never raised over the run's."""
