@@ -11,8 +11,9 @@ arrives, and a shard whose last row is journaled is committed (pipeline.engine.c
 source is whatever limiter it is given: the local Limiter, or a Ray worker's share of the
 cluster's budget.
 
-Supervision: every task (producer, workers, shard commits, the journal's syncer) belongs to one
-`asyncio.TaskGroup`: none outlives the run, none fails unseen. A worker never dies of a row: an
+Supervision: every task (producer, workers, shard commits, the journal's syncer, the request
+cache's writer) belongs to one `asyncio.TaskGroup`: none outlives the run, none fails unseen (the
+cache's failures are its own: a warning, then a run without it). A worker never dies of a row: an
 exception the pipeline did not plan for while sending one row makes that row an error row of kind
 "internal" (type and message; traceback in the checkpoint's errors.log) and the worker goes on. A
 failure of shared machinery (journal, commit, storage, the producer) is a LocalFailure: the run
