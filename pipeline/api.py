@@ -112,28 +112,29 @@ class RunResult:
 
 def run(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
         restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False,
-        wait: bool | None = None, cancel_batches: bool = False) -> RunResult:
+        wait: bool | None = None, cancel_batches: bool = False, no_cache: bool = False) -> RunResult:
     """Run the job (to its end or a stop) and say how it ended; resumes where the last run stopped.
 
     `manifest`: the rows in memory instead of `[input] path`; stored once in the checkpoint folder,
     keyed by content, so the same call again sends nothing. `retry_failed`: True (every failed
     kind), a kind or a list of kinds. `wait=False` / `cancel_batches=True`: batch mode's --no-wait
-    and --cancel-batches. Never raises for failed rows; raises JobError for a bad job, LockedError
+    and --cancel-batches. `no_cache=True`: --no-cache ([run] cache: send every row, store the fresh
+    answers). Never raises for failed rows; raises JobError for a bad job, LockedError
     when the job runs elsewhere."""
     work, host = _work(job, manifest, RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart,
-                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches),
+                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches, no_cache=no_cache),
                        dry_run)
     return _wait(host, _start(work))
 
 
 async def arun(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
                restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False,
-        wait: bool | None = None, cancel_batches: bool = False) -> RunResult:
+        wait: bool | None = None, cancel_batches: bool = False, no_cache: bool = False) -> RunResult:
     """run() for a running event loop (a notebook cell, an async app): awaits the run, which has
     its own thread and loop. Cancelling the awaiting task stops the run as Ctrl-C does, waits for
     it to end, and re-raises the cancellation."""
     work, host = _work(job, manifest, RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart,
-                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches),
+                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches, no_cache=no_cache),
                        dry_run)
     with _interrupts_to(host):
         waiter = asyncio.wrap_future(_start(work))

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", nargs="?", const="", default=None, metavar="KINDS",
                    help="send again the rows whose status is error (optionally only these kinds, comma-separated)")
     r.add_argument("--restart", action="store_true", help="forget the checkpoint and start over")
+    r.add_argument("--no-cache", action="store_true",
+                   help="[run] cache: send every row instead of reusing cached answers (fresh answers are still cached)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
     r.add_argument("--report", action="store_true", help="write the report at the end (see `pipeline report`)")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
             options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report, wait=args.wait,
-                                 cancel_batches=args.cancel_batches)
+                                 cancel_batches=args.cancel_batches, no_cache=args.no_cache)
             return run(load_job(args.job), options)
         if args.command in ("export-batch", "import-batch"):
             from .config import load_job

@@ -52,6 +52,7 @@ class ResultRow:
     latency_ms: int | None = _column("int64", "of the attempt that answered")
     cost: float | None = _column("float64", "from [pricing]: every attempt of the row; null without it or without usage")
     finished_at: float | None = _column("float64", "when the result arrived: seconds since the epoch (UTC)")
+    from_cache: bool = _column("bool_", "answered from the request cache ([run] cache): nothing sent, nothing paid", False)
     labels: dict[str, Any] | None = None  # a [labels] run: one column per label
 
     @property

@@ -9,6 +9,7 @@ request body as they are (`params`).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,33 @@ class OutputConfig(Table):
         return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
 
 
+def _cache_folder(value: Any, where: str, base: Path) -> Path | None:
+    """`true`: the user's cache folder; `false`: off; a path (`~` expanded, relative to the job file)."""
+    if value is False:
+        return None
+    if value is True:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+    if not isinstance(value, str) or not value or is_url(value):
+        raise JobError(f"{where} must be a folder path, true or false, not {value!r}")
+    return (base / Path(value).expanduser()).resolve()
+
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([dhms])")
+_DURATION_UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def _duration_s(value: Any, where: str, base: Path) -> float:
+    """Seconds (a number), or a duration such as "7d", "12h", "1h30m", "90s"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = value.strip() if isinstance(value, str) else ""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise JobError(f'{where} must be seconds or a duration like "12h" or "7d", not {value!r}')
+    return sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+
+
 @dataclass(frozen=True)
 class RunConfig(Table):
     TABLE = "run"
@@ -266,10 +294,21 @@ class RunConfig(Table):
                                 check=lambda v: None if re.fullmatch(r"[1-9][0-9]*h", v) else f"must be hours like \"24h\", not {v!r}")
     poll_s: float = setting(60.0, doc='mode "batch": the longest wait between two looks at a running batch', check=positive)
     wait: bool = setting(True, doc='mode "batch": wait until every batch has ended; false: submit, collect, exit 5 (cron)')
+    cache: Path | None = setting(None, parse=_cache_folder,
+                                 doc='a folder for the request cache (answers reused when the request sent is the same); '
+                                     'true: $XDG_CACHE_HOME/pipeline or ~/.cache/pipeline; false or unset: off')
+    cache_ttl: float | None = setting(None, parse=_duration_s, check=positive,
+                                      doc='cached answers older than this are not used: seconds, or "12h", "7d", "1d12h"; '
+                                          'unset: never too old')
+    cache_max_gb: float = setting(10.0, doc="the cache's size cap; past it, the least recently used answers are dropped",
+                                  check=positive)
 
     def validate(self) -> None:
         if self.mode == "batch" and self.engine != "local":
             raise JobError('[run] mode: "batch" runs on the local engine (the provider does the work); remove engine')
+        if self.cache is not None and (self.mode == "batch" or self.engine == "ray"):
+            where = 'mode = "batch"' if self.mode == "batch" else 'engine = "ray"'
+            raise JobError(f"[run] cache: not used with [run] {where} yet; remove cache (or set it to false)")
 
 
 def _schema(value: Any, where: str, base: Path) -> dict[str, Any]:

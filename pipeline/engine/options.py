@@ -18,6 +18,7 @@ class RunOptions:
     report: bool = False  # write the report at the end (also [output] report = true)
     cancel_batches: bool = False  # batch mode: cancel the running batches, collect what they did
     wait: bool | None = None  # batch mode: None: the job's [run] wait; False: submit, collect, exit 5
+    no_cache: bool = False  # [run] cache: send every row (fresh answers are still stored)
 
 
 def retry_kinds(value: bool | str | Iterable[str] | None, flag: str = "--retry-failed") -> frozenset[str] | None:

@@ -8,6 +8,11 @@ case against the budget, send, parse. A failed attempt is retried as the pure po
 (pipeline.net.retry), pausing the whole pool on a 429; quota and auth failures and a tripped
 breaker raise StopJob (they apply to every row). An answer that fails the `[labels]` schema is
 asked again up to max_invalid_retries, and the last one is kept (it was paid for).
+
+With the request cache (`[run] cache`, pipeline.io.cache), a built request is first looked up by
+its key: a hit is parsed and checked as a live answer would be and becomes the row's result at once
+(`from_cache`, attempts 0, no cost), taking no limiter slot, no concurrency place, no budget hold.
+A final ok answer (the `[labels]` check passed) is stored, its secrets scrubbed; errors never are.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ import asyncio
 import contextlib
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
 
 from ..config import Job
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
+from ..io.cache import Cache, request_key
 from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
@@ -41,15 +50,26 @@ from .summary import Counts
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["RowSender", "RowState", "error_row", "FULL_KINDS"]
+__all__ = ["RowSender", "RowState", "CacheUse", "error_row", "FULL_KINDS"]
 
 FULL_KINDS = ("server", "timeout", "connection")  # what a full server answers: "auto" concurrency backs off
+HASH_OFF_LOOP = 64 << 10  # a body this large (inline images) is hashed in a thread: sha256 ~100 us per 64 KB
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """The request cache as one run uses it."""
+
+    cache: Cache
+    url: str  # the endpoint: part of every key
+    read: bool  # False (--no-cache): every row is sent; fresh answers are still stored
+    scrub: Callable[[dict[str, Any]], dict[str, Any]]  # a secret echoed in an answer is never stored
 
 
 class RowState:
     """What one row's sending has done so far: an unexpected failure still reports it truly."""
 
-    __slots__ = ("row_id", "attempts", "spent", "rate_limited", "paced_since")
+    __slots__ = ("row_id", "attempts", "spent", "rate_limited", "paced_since", "data")
 
     def __init__(self, row_id: str) -> None:
         self.row_id = row_id
@@ -57,6 +77,7 @@ class RowState:
         self.spent: float | None = None  # this row's cost over its attempts
         self.rate_limited = 0  # of those, refused by a rate-limit 429: they spend no max_attempts
         self.paced_since: float | None = None  # monotonic time of the row's first 429
+        self.data: Any = None  # the last answer's decoded body (what the cache stores)
 
     @property
     def tries(self) -> int:
@@ -71,7 +92,8 @@ def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None =
 class RowSender:
     def __init__(self, job: Job, builder: RequestBuilder, client: Client, limiter: Limiter, spend: SpendLimit,
                  breaker: Breaker, labels: Labels | None, stopping: asyncio.Event, before_send: Callable[[], None],
-                 counts: Counts, stop: Callable[[StopJob], None], gate: Gate | None = None) -> None:
+                 counts: Counts, stop: Callable[[StopJob], None], gate: Gate | None = None,
+                 cache: CacheUse | None = None) -> None:
         self.job, self.limits = job, job.limits
         self.builder, self.client, self.limiter, self.spend, self.breaker = builder, client, limiter, spend, breaker
         self.labels = labels
@@ -82,6 +104,7 @@ class RowSender:
         self.rng = random.Random()
         self.post = client.post_stream if job.request.stream else client.post
         self.gate = gate if gate is not None else Gate(None)  # "auto" concurrency: requests in flight, found
+        self.cache = cache
 
     async def send(self, state: RowState, cells: dict[str, Any]) -> ResultRow | None:
         """The row's result; None when a stop came before an answer (the row stays pending).
@@ -91,6 +114,11 @@ class RowSender:
         except InputError as err:
             return error_row(state.row_id, err, attempts=0)
         fault_point("row")
+        key = await self._key(built.body) if self.cache is not None else None
+        if key is not None and self.cache is not None and self.cache.read:
+            hit = self._from_cache(state, key)
+            if hit is not None:
+                return hit
         invalid: ResultRow | None = None  # the last answer that failed the [labels] schema
         invalid_count = 0
         while not self.stopping.is_set():
@@ -104,10 +132,10 @@ class RowSender:
             if row is None:
                 break
             if not row.ok or self.labels is None:
-                return row
+                return self._remember(key, state, row)
             try:
                 row.labels = self.labels.check(row.answer or "")
-                return row
+                return self._remember(key, state, row)
             except RequestError as err:  # invalid_output: ask again, up to max_invalid_retries
                 invalid = ResultRow(**{**row.to_dict(), "status": "error", "error_kind": str(err.kind),
                                        "error": err.describe()})
@@ -115,6 +143,38 @@ class RowSender:
                 if invalid_count > self.labels.config.max_invalid_retries:
                     return invalid
         return invalid  # a paid answer that failed the schema is kept; else the row stays pending
+
+    async def _key(self, body: bytes) -> bytes:
+        assert self.cache is not None
+        if len(body) >= HASH_OFF_LOOP:
+            return await asyncio.to_thread(request_key, self.cache.url, body)
+        return request_key(self.cache.url, body)
+
+    def _from_cache(self, state: RowState, key: bytes) -> ResultRow | None:
+        """The row answered from the cache, parsed and checked as a live answer; None: a miss (not
+        there, too old, or no longer usable: unparseable, truncated, failing today's [labels])."""
+        assert self.cache is not None
+        value = self.cache.cache.get(key)
+        if value is None:
+            return None
+        try:
+            answer = parse_response(orjson.loads(value))
+            if answer.answer is None:
+                return None
+            labels = self.labels.check(answer.answer) if self.labels is not None else None
+        except (RequestError, orjson.JSONDecodeError):
+            return None
+        state.spent = 0.0 if self.job.pricing is not None else None
+        row = _answer_row(state, answer, None, None)
+        row.labels, row.from_cache = labels, True
+        self.counts.cached += 1
+        return row
+
+    def _remember(self, key: bytes | None, state: RowState, row: ResultRow) -> ResultRow:
+        """Store a final ok answer in the cache (never an error or a truncated answer)."""
+        if key is not None and self.cache is not None and row.ok and isinstance(state.data, dict):
+            self.cache.cache.put(key, orjson.dumps(self.cache.scrub(state.data)))
+        return row
 
     async def _answer(self, state: RowState, built: Built) -> ResultRow | None:
         """Attempts until an answer or an error out of attempts; None when a stop came first."""
@@ -151,6 +211,7 @@ class RowSender:
                 raise local_failure(exc, "journaling answers") from None
             try:
                 data, headers, latency, warning = await self.post(body, max_bytes=self.limits.max_response_bytes)
+                state.data = data
                 self.gate.answered(latency / 1000.0)
                 self.limiter.observe(headers)
                 answer = parse_response(data)
@@ -208,13 +269,13 @@ class RowSender:
         return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
 
-def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | None) -> ResultRow:
+def _answer_row(state: RowState, answer: Answer, latency: float | None, warning: str | None) -> ResultRow:
     # Positional, in ResultRow's field order: keywords made this a tenth of the row's own CPU.
     row = ResultRow(
         state.row_id, answer.answer, answer.reasoning, answer.prompt_tokens, answer.completion_tokens,
         answer.total_tokens, answer.model, answer.finish_reason,
         "ok", warning,  # status; on an ok row, `error` is a warning: the answer held bad text, replaced
-        None, state.attempts, round(latency), state.spent,  # error_kind, attempts, latency_ms, cost
+        None, state.attempts, None if latency is None else round(latency), state.spent,  # error_kind, attempts, latency_ms, cost
     )
     if answer.answer is None:  # finish_reason "length" before the thinking ended
         row.status, row.error_kind = "error", "truncated"

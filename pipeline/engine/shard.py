@@ -11,8 +11,9 @@ arrives, and a shard whose last row is journaled is committed (pipeline.engine.c
 source is whatever limiter it is given: the local Limiter, or a Ray worker's share of the
 cluster's budget.
 
-Supervision: every task (producer, workers, shard commits, the journal's syncer) belongs to one
-`asyncio.TaskGroup`: none outlives the run, none fails unseen. A worker never dies of a row: an
+Supervision: every task (producer, workers, shard commits, the journal's syncer, the request
+cache's writer) belongs to one `asyncio.TaskGroup`: none outlives the run, none fails unseen (the
+cache's failures are its own: a warning, then a run without it). A worker never dies of a row: an
 exception the pipeline did not plan for while sending one row makes that row an error row of kind
 "internal" (type and message; traceback in the checkpoint's errors.log) and the worker goes on. A
 failure of shared machinery (journal, commit, storage, the producer) is a LocalFailure: the run
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ import pyarrow as pa
 from ..config import Job
 from ..crashpoints import crash_point, fault_point
 from ..errors import LocalFailure, RowError, StopJob, local_failure
+from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, read_shard, row_ids
@@ -48,7 +51,7 @@ from .commit import answers_so_far, commit_shard
 from .console import Console
 from .options import RunOptions
 from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
-from .sender import RowSender, RowState, error_row
+from .sender import CacheUse, RowSender, RowState, error_row
 from .summary import EXIT_LOCAL_FAILURE, EXIT_STOPPED, Counts, Stopped
 
 if TYPE_CHECKING:
@@ -111,6 +114,7 @@ class ShardEngine:
         self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
         self.columns = request_columns(job, plan.columns)
         self.gate = Gate(Gradient(cap=job.limits.workers) if job.limits.auto_concurrency else None)
+        self.cache: Cache | None = None  # [run] cache, opened by run(); None: off or unusable
 
     # -- the run -------------------------------------------------------------------------
 
@@ -121,10 +125,12 @@ class ShardEngine:
                 self.spend = await asyncio.to_thread(
                     SpendLimit.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in shards])
             warm_imports()
+            cache = await self._open_cache()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
                 sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
-                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate)
+                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate,
+                                   cache=cache)
                 await self._supervise(shards, sender)
             await self._commit_partial()
         finally:
@@ -138,12 +144,28 @@ class ShardEngine:
             return self.failure
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
 
+    async def _open_cache(self) -> CacheUse | None:
+        """The request cache (`[run] cache`); None when off or unusable (warned once: the run goes on)."""
+        run = self.job.run
+        if run.cache is None:
+            return None
+        self.cache = await asyncio.to_thread(Cache.open, run.cache, ttl_s=run.cache_ttl,
+                                             max_bytes=int(run.cache_max_gb * 1e9), warn=self.console.say)
+        if self.cache is None:
+            return None
+        # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
+        url = self.job.endpoint.url if self.job.serve is None else \
+            "serve:" + json.dumps(self.job.serve, sort_keys=True, default=str)
+        return CacheUse(self.cache, url, not self.options.no_cache, self.console.redactor.scrub_record)
+
     async def _close(self) -> None:
         """Release everything the run holds; a failure here is recorded, never raised over the run's."""
         try:
             self.journal.close()
         except OSError as exc:
             self.stop(local_failure(exc, "closing the journal"))
+        if self.cache is not None:  # the answers waiting are written (never raises: the cache warns)
+            await asyncio.to_thread(self.cache.close)
         self.counts.spent = self.spend.spent_now
         self.counts.paused_s = getattr(self.limiter, "paused_s", 0.0)  # a Ray worker's lease has none
         self.counts.limits = self._limits_used()
@@ -172,12 +194,14 @@ class ShardEngine:
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             syncer = tasks.create_task(self.journal.sync_forever())
+            writer = tasks.create_task(self.cache.write_forever()) if self.cache is not None else syncer
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
             workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
             if self.stop_reason is None and self.stop_signal is None and self.failure is None:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
             syncer.cancel()
+            writer.cancel()  # what it has not written yet, _close writes
         # the group has waited for every shard commit it started
 
     async def _until_done(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:

@@ -62,6 +62,7 @@ class Counts:
     ok: int = 0
     failed: int = 0
     sent: int = 0  # HTTP requests made this run
+    cached: int = 0  # rows answered from the request cache ([run] cache): no request, no cost
     spent: float = 0.0  # cost of this run's answers, from [pricing]
     rate_limited: int = 0  # 429 answers (the provider pacing us)
     paused_s: float = 0.0  # time every request waited because of them (Retry-After and the like)
@@ -117,6 +118,8 @@ def _summary(job: Job, state: dict[str, Any], counts: Counts, started: float, en
                                 "paused_s": round(counts.paused_s, 3)}
     if counts.limits:
         this_run["limits"] = counts.limits
+    if job.run.cache is not None:
+        this_run["cached"] = counts.cached
     summary = {"job": job.name, "started": started, "ended": ended, "duration_s": round(ended - started, 3),
                "exit_code": code, "output": display(job.output.path), "this_run": this_run, **state}
     if job.pricing is not None:
@@ -139,6 +142,8 @@ def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float
     say(f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
         f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
         f"results in {display(job.output.path)}")
+    if counts.cached:
+        say(f"{counts.cached} answered from the cache (no request, no cost)")
     if counts.limits:
         say("limits found: " + "; ".join(_limit_text(name, used) for name, used in counts.limits.items()))
     if job.pricing is not None:

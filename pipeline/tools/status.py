@@ -70,6 +70,8 @@ def render(report: dict[str, Any]) -> str:
         )
         if last.get("stopped"):
             lines.append(f"last run stopped: {last['stopped']['message']}")
+        if (last.get("this_run") or {}).get("cached"):
+            lines.append(f"last run: {last['this_run']['cached']} rows answered from the cache (no request, no cost)")
         for name, used in ((last.get("this_run") or {}).get("limits") or {}).items():
             lines.append(f"last run's {name} (auto): " + ", ".join(f"{k} {v}" for k, v in used.items() if k != "auto"))
     for b in report.get("batches") or []:
