@@ -151,7 +151,8 @@ class RowSender:
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
                 return self._failed(state, err, sent_at)
-            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens,
+                            answer.cached_tokens)
             state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
             self.breaker.success()
             self.limiter.settle(tokens, answer.total_tokens)
@@ -186,6 +187,7 @@ def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | 
         answer.total_tokens, answer.model, answer.finish_reason,
         "ok", warning,  # status; on an ok row, `error` is a warning: the answer held bad text, replaced
         None, state.attempts, round(latency), state.spent,  # error_kind, attempts, latency_ms, cost
+        None, answer.cached_tokens, answer.reasoning_tokens, answer.image_tokens, answer.audio_tokens,  # finished_at (set as the row settles), details
     )
     if answer.answer is None:  # finish_reason "length" before the thinking ended
         row.status, row.error_kind = "error", "truncated"
