@@ -187,7 +187,8 @@ def _answer_row(state: RowState, answer: Answer, latency: float, warning: str | 
         answer.total_tokens, answer.model, answer.finish_reason,
         "ok", warning,  # status; on an ok row, `error` is a warning: the answer held bad text, replaced
         None, state.attempts, round(latency), state.spent,  # error_kind, attempts, latency_ms, cost
-        None, answer.cached_tokens, answer.reasoning_tokens, answer.image_tokens, answer.audio_tokens,  # finished_at (set as the row settles), details
+        None,  # finished_at: set as the row settles
+        answer.cached_tokens, answer.reasoning_tokens, answer.image_tokens, answer.audio_tokens,
     )
     if answer.answer is None:  # finish_reason "length" before the thinking ended
         row.status, row.error_kind = "error", "truncated"

@@ -14,7 +14,7 @@ from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.journal import latest_per_id, read_journal_table
 from ..io.ledger import Ledger
 
-__all__ = ["job_status", "render", "tokens_line", "token_detail"]
+__all__ = ["job_status", "render", "token_detail", "tokens_line"]
 
 _IDS = pa.schema([("id", pa.string())])
 
@@ -82,7 +82,8 @@ def render(report: dict[str, Any]) -> str:
 
 
 def token_detail(tokens: dict[str, Any], key: str) -> str:
-    """"30 reasoning", or "reasoning not reported" when no answer said (an older checkpoint neither)."""
+    """One usage detail's total: `30 reasoning`, or `reasoning not reported` when no answer said
+    (a checkpoint written before the details existed neither)."""
     name = key.removesuffix("_tokens")
     value = tokens.get(key)
     return f"{name} not reported" if value is None else f"{value} {name}"
