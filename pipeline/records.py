@@ -7,9 +7,11 @@
 
 `ResultRow`'s fields ARE the output's result columns: their order, names and Arrow types are
 declared here once, and the part files, the journal's reader and the label columns' reserved
-names all follow from them. A `[labels]` run adds one column per label (`labels`), written flat
-beside the others. `CommitRecord` is what the checkpoint keeps of each committed part file; a
-record written by an earlier version (fewer fields) still reads.
+names all follow from them. The usage details (`cached_tokens`, `reasoning_tokens`,
+`image_tokens`, `audio_tokens`) come last: rows written before them read them as null. A
+`[labels]` run adds one column per label (`labels`), written flat beside the others.
+`CommitRecord` is what the checkpoint keeps of each committed part file; a record written by an
+earlier version (fewer fields, fewer token keys) still reads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import orjson
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["ResultRow", "result_schema", "RESULT_COLUMNS", "CommitRecord", "TOKEN_COLUMNS"]
+__all__ = ["ResultRow", "result_schema", "RESULT_COLUMNS", "CommitRecord", "TOKEN_COLUMNS", "DETAIL_TOKEN_COLUMNS"]
 
 
 def _column(arrow: str, doc: str, default: Any = None) -> Any:
@@ -52,6 +54,11 @@ class ResultRow:
     latency_ms: int | None = _column("int64", "of the attempt that answered")
     cost: float | None = _column("float64", "from [pricing]: every attempt of the row; null without it or without usage")
     finished_at: float | None = _column("float64", "when the result arrived: seconds since the epoch (UTC)")
+    # The usage details a provider may report (null when it did not say; never estimated).
+    cached_tokens: int | None = _column("int64", "of prompt_tokens, read from the provider's prompt cache")
+    reasoning_tokens: int | None = _column("int64", "of completion_tokens, spent reasoning")
+    image_tokens: int | None = _column("int64", "of prompt_tokens, for images")
+    audio_tokens: int | None = _column("int64", "of prompt_tokens, for audio")
     from_cache: bool = _column("bool_", "answered from the request cache ([run] cache): nothing sent, nothing paid", False)
     labels: dict[str, Any] | None = None  # a [labels] run: one column per label
 
@@ -90,7 +97,10 @@ class ResultRow:
 _NAMES = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "labels")
 _TEXTS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.metadata.get("arrow") == "string" or f.name == "id")
 RESULT_COLUMNS = frozenset(_NAMES)  # names a label or an input column may not take as they are
-TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# The usage details many servers omit: a commit record sums one only when some row of its part
+# reported it, so a total over records can tell "none reported" (None) from zero.
+DETAIL_TOKEN_COLUMNS = ("cached_tokens", "reasoning_tokens", "image_tokens", "audio_tokens")
+TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens", *DETAIL_TOKEN_COLUMNS)
 
 
 @functools.cache
@@ -115,7 +125,7 @@ class CommitRecord:
     digest: str  # the manifest shard's digest: rows edited since are refused, appended ones sent
     ok: int
     failed: dict[str, int]  # error_kind -> rows
-    tokens: dict[str, int]  # TOKEN_COLUMNS -> sum
+    tokens: dict[str, int]  # TOKEN_COLUMNS -> sum (a detail only when reported; older records: the first three)
     at: float  # Unix time of the commit
     part_digest: str | None = None  # of the part file's bytes (None: written by an earlier version)
     etag: str | None = None  # an object store's ETag of the part

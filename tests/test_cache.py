@@ -179,7 +179,7 @@ def test_two_processes_share_one_cache(tmp_path: Path, endpoint: Any) -> None:
     for proc in (a, b):
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "cache" not in err.lower() or "answered from the cache" in err
+        assert "request cache" not in err, err  # no warning: neither process was locked out
     sent = _requests(endpoint)
     assert 40 <= sent <= 80  # each row sent once or twice (both may ask before either stores)
     third = _job(tmp_path, endpoint, manifest, name="c", out="c")

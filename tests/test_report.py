@@ -88,6 +88,10 @@ def test_the_report_in_a_real_browser(tmp_path: Path, endpoint_factory: Any, bro
     assert page.eval_on_selector_all(".chart svg", "ss => ss.every(s => s.getBoundingClientRect().width > 100)")
     assert page.locator(".chart svg .mark-rect path, .chart svg .mark-rect rect").count() > 0
 
+    # an answer's usage details (the endpoint reports reasoning and 0 cached tokens) in its card
+    figures = page.locator(".card:not(.error) .figures").first.inner_text()
+    assert re.search(r"in, 0 cached, \d+ out, \d+ reasoning\)", figures), figures
+
     # a filter click changes the rows shown
     assert page.locator(".card").count() == 15
     page.select_option("#status", "error")

@@ -14,12 +14,11 @@ from .sections import (
     InputConfig,
     LabelsConfig,
     LimitsConfig,
-    ModelPrice,
     OutputConfig,
-    PricingConfig,
     RequestConfig,
     RunConfig,
 )
+from .pricing import ModelPrice, PricingConfig
 from .serve import ServeOptions
 
 __all__ = [

@@ -23,12 +23,11 @@ from .sections import (
     InputConfig,
     LabelsConfig,
     LimitsConfig,
-    ModelPrice,
     OutputConfig,
-    PricingConfig,
     RequestConfig,
     RunConfig,
 )
+from .pricing import ModelPrice, PricingConfig
 from .proxy import Proxy, ProxyChoice, ProxyError
 from .serve import ServeOptions
 

@@ -23,7 +23,6 @@ from .fields import (
     between,
     one_of,
     positive,
-    read_table,
     read_value,
     setting,
     zero_or_more,
@@ -33,7 +32,8 @@ from .urls import check_url, is_url
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
-    "RunConfig", "LabelsConfig", "PricingConfig", "ModelPrice", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS", "schema_problem",
+    "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS",
+    "schema_problem",
 ]
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -351,52 +351,6 @@ class LabelsConfig(Table):
         problem = schema_problem(self.schema)
         if problem:
             raise JobError(f"[labels] schema: {problem}")
-
-
-@dataclass(frozen=True)
-class ModelPrice(Table):
-    TABLE = "pricing.models"
-    input_per_million: float = setting(doc="price of a million input tokens", check=zero_or_more)
-    output_per_million: float = setting(doc="price of a million output tokens (reasoning included)", check=zero_or_more)
-
-
-def _models(value: Any, where: str, base: Path) -> dict[str, tuple[float, float]]:
-    if not isinstance(value, dict):
-        raise JobError(f"{where} must be a table of models, not {type(value).__name__}")
-    source = where.split(": [", 1)[0]
-    prices = {}
-    for model, table in value.items():
-        p = read_table(ModelPrice, table, source=source, base=base, table=f"pricing.models.{json.dumps(model)}")
-        prices[model] = (p.input_per_million, p.output_per_million)
-    return prices
-
-
-@dataclass(frozen=True)
-class PricingConfig(Table):
-    """Prices per million tokens; reasoning tokens are output tokens (they are in completion_tokens)."""
-
-    TABLE = "pricing"
-    input_per_million: float | None = setting(None, doc="the default input price, for a model not in `models`", check=zero_or_more)
-    output_per_million: float | None = setting(None, doc="the default output price", check=zero_or_more)
-    models: dict[str, tuple[float, float]] = setting(default_factory=dict, parse=_models,
-                                                     doc='per model: [pricing.models."name"] input_per_million, output_per_million')
-    budget: float | None = setting(None, doc="stop sending before the job's spend could pass this (needs max_tokens)",
-                                   check=zero_or_more)
-    batch_discount: float = setting(0.5, doc='mode "batch": batch answers cost this fraction of the prices above',
-                                    check=between(0, 1))
-
-    def validate(self) -> None:
-        if (self.input_per_million is None) != (self.output_per_million is None):
-            raise JobError("[pricing] input_per_million: give both input_per_million and output_per_million, or neither")
-
-    def price(self, model: str | None, asked: str) -> tuple[float, float] | None:
-        """(input, output) per million for the model that answered, else the one asked for."""
-        for name in (model, asked):
-            if name is not None and name in self.models:
-                return self.models[name]
-        if self.input_per_million is None or self.output_per_million is None:
-            return None
-        return self.input_per_million, self.output_per_million
 
 
 def schema_problem(schema: Any) -> str | None:

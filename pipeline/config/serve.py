@@ -95,6 +95,10 @@ class ServeOptions(Table):
                                    doc='where reasoning goes: "content" (a `<think>` block first), "reasoning_content" or "reasoning"')
     answer_bytes: int = setting(0, doc="more than 0: each answer padded to about this size (benchmarks)", check=zero_or_more)
     analyze_images: bool = setting(True, doc="describe inlined images' size and colours (Pillow)")
+    usage_details: bool = setting(True, doc="usage has prompt_tokens_details (cached_tokens, image_tokens) and "
+                                            "completion_tokens_details (reasoning_tokens); off: both null, as many servers send")
+    cached_prompt_tokens: int = setting(0, doc="each answer reports this many of its prompt tokens (at most all) as read "
+                                               "from a prompt cache (cached_tokens)", check=zero_or_more)
     api_key: str | None = setting(None, doc="set: requests without this bearer key get 401")
     rate_limit: int = setting(0, doc="requests per rate_window_s, over a sliding window (then 429); 0: unlimited",
                               check=zero_or_more)

@@ -32,7 +32,7 @@ from ..io.writer import (
     write_empty_part,
     write_part,
 )
-from ..records import TOKEN_COLUMNS, CommitRecord, ResultRow
+from ..records import DETAIL_TOKEN_COLUMNS, TOKEN_COLUMNS, CommitRecord, ResultRow
 from ..rows.pricing import total_cost
 
 if TYPE_CHECKING:
@@ -59,12 +59,23 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         shard=shard.index, file=written.name, size=written.size, rows=part.num_rows, shard_rows=shard.rows,
         digest=shard.digest, ok=status.count("ok"), failed=dict(kinds),
         # sums in Python, not pyarrow.compute: its first import stalls the loop ~60 ms
-        tokens={key: sum(filter(None, part.column(key).to_pylist())) for key in TOKEN_COLUMNS},
+        tokens=_token_sums(part),
         at=time.time(), part_digest=written.digest, etag=written.etag,
         spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
     )
     ckpt.record_commit(record)
     return record
+
+
+def _token_sums(part: pa.Table) -> dict[str, int]:
+    """TOKEN_COLUMNS summed over a part; a usage detail no row reported is left out (unknown, not 0).
+    In Python, not pyarrow.compute: its first import stalls the loop ~60 ms."""
+    sums: dict[str, int] = {}
+    for key in TOKEN_COLUMNS:
+        values = [v for v in part.column(key).to_pylist() if v is not None]
+        if values or key not in DETAIL_TOKEN_COLUMNS:
+            sums[key] = sum(values)
+    return sums
 
 
 def answers_so_far(job: Job, ckpt: Checkpoint, shard: Shard, committed_rows: int,

@@ -219,7 +219,8 @@ class RowSender:
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
                 return self._failed(state, err, sent_at)
-            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens,
+                            answer.cached_tokens)
             state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
             self.breaker.success()
             self.limiter.settle(tokens, answer.total_tokens)
@@ -276,6 +277,8 @@ def _answer_row(state: RowState, answer: Answer, latency: float | None, warning:
         answer.total_tokens, answer.model, answer.finish_reason,
         "ok", warning,  # status; on an ok row, `error` is a warning: the answer held bad text, replaced
         None, state.attempts, None if latency is None else round(latency), state.spent,  # error_kind, attempts, latency_ms, cost
+        None,  # finished_at: set as the row settles
+        answer.cached_tokens, answer.reasoning_tokens, answer.image_tokens, answer.audio_tokens,
     )
     if answer.answer is None:  # finish_reason "length" before the thinking ended
         row.status, row.error_kind = "error", "truncated"

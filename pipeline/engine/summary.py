@@ -25,6 +25,7 @@ from ..config.urls import display
 from ..errors import LocalFailure, StopJob, local_failure
 from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.manifest import Plan
+from ..tools.status import token_detail
 from .console import Console
 from .process import (
     EXIT_FAILED_ROWS,
@@ -140,7 +141,8 @@ def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float
     say = console.say
     failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
     say(f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
-        f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all; "
+        f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all "
+        f"({token_detail(state['tokens'], 'reasoning_tokens')}, {token_detail(state['tokens'], 'cached_tokens')}); "
         f"results in {display(job.output.path)}")
     if counts.cached:
         say(f"{counts.cached} answered from the cache (no request, no cost)")

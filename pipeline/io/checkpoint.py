@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import JobError, LockedError, local_failure
-from ..records import TOKEN_COLUMNS, CommitRecord
+from ..records import DETAIL_TOKEN_COLUMNS, TOKEN_COLUMNS, CommitRecord
 from .manifest import Plan, load_plan_dict
 from .storage import PartStore
 from .writer import remove_parts
@@ -255,6 +255,7 @@ def dataset_state(plan: Plan, commits: dict[int, CommitRecord]) -> dict[str, Any
         "failed": sum(by_kind.values()),
         "failed_by_kind": dict(by_kind),
         "pending": max(0, plan.total_rows - rows),
-        "tokens": {k: tokens.get(k, 0) for k in TOKEN_COLUMNS},
+        # A usage detail no record holds is None: no answer reported it (or every part predates it).
+        "tokens": {k: tokens.get(k, None if k in DETAIL_TOKEN_COLUMNS else 0) for k in TOKEN_COLUMNS},
         "spend": round(spend, 6),  # from [pricing]; 0 without it
     }

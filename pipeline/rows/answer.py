@@ -9,6 +9,11 @@ A body comes from a server that may be broken or hostile: `parse_response` raise
 RequestError(kind="invalid_response"), whatever JSON value it is given (a content part whose
 `text` is null is skipped; content parts without any text are no answer). A paid answer whose
 bytes are not valid UTF-8 is kept (pipeline.net.text reads it, bad bytes replaced and counted).
+
+Usage details are kept as the provider reports them: `prompt_tokens_details.cached_tokens`,
+`.image_tokens`, `.audio_tokens` and `completion_tokens_details.reasoning_tokens`. A detail that
+is missing, null, or not a count (a string, a bool, a negative number, a details value that is
+not an object) is None: unknown, never guessed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ class Answer:
     total_tokens: int | None
     model: str | None
     finish_reason: str | None
+    # Usage details, each None when the provider did not say (many servers send none of them).
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    image_tokens: int | None = None
+    audio_tokens: int | None = None
 
 
 def split_think(content: str) -> tuple[str | None, str | None]:
@@ -64,6 +74,16 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _count(value: Any) -> int | None:
+    """A token count: an int (not a bool) that is not negative; anything else is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
+    details = usage.get(key)
+    return details if isinstance(details, dict) else {}  # OpenAI-compatible servers often send null
+
+
 def parse_response(body: Any) -> Answer:
     """Parse a decoded response body; an unusable one raises RequestError(kind=invalid_response)."""
     if not isinstance(body, dict):
@@ -84,6 +104,7 @@ def parse_response(body: Any) -> Answer:
             break
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     finish = choice.get("finish_reason")
+    prompt_details = _details(usage, "prompt_tokens_details")
     return Answer(
         answer=answer,
         reasoning=reasoning,
@@ -92,4 +113,8 @@ def parse_response(body: Any) -> Answer:
         total_tokens=_int(usage.get("total_tokens")),
         model=body.get("model") if isinstance(body.get("model"), str) else None,
         finish_reason=finish if isinstance(finish, str) else None,
+        cached_tokens=_count(prompt_details.get("cached_tokens")),
+        reasoning_tokens=_count(_details(usage, "completion_tokens_details").get("reasoning_tokens")),
+        image_tokens=_count(prompt_details.get("image_tokens")),
+        audio_tokens=_count(prompt_details.get("audio_tokens")),
     )

@@ -4,8 +4,8 @@ error file back into the same result row an online answer makes.
     data = request_line("r1", built.body)                  # {"custom_id", "method", "url", "body"}
     got = result_of(line_dict, job, labels, redactor)       # LineResult(row_id, row, error)
 
-`result_of`: a 200 line is parsed as an online answer (answer, reasoning, tokens, the label
-columns) and costed at the batch price; a failed line (an error body, or OpenAI's
+`result_of`: a 200 line is parsed as an online answer (answer, reasoning, tokens and their usage
+details, the label columns) and costed at the batch price; a failed line (an error body, or OpenAI's
 `batch_expired`/`batch_cancelled` for requests a batch never ran) is a RequestError from
 `translate`, like an online failure, for the caller to retry in the next batch or to write down.
 """
@@ -55,11 +55,14 @@ def result_of(line: dict[str, Any], job: Job, labels: Labels | None, redactor: R
         answer = parse_response(response.get("body"))
     except RequestError as err:
         return LineResult(row_id, None, err)
-    cost = row_cost(job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+    cost = row_cost(job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens,
+                    answer.cached_tokens)
     if cost is not None and job.pricing is not None:
         cost *= job.pricing.batch_discount
     row = ResultRow(row_id, answer.answer, answer.reasoning, answer.prompt_tokens, answer.completion_tokens,
-                    answer.total_tokens, answer.model, answer.finish_reason, "ok", None, None, 0, None, cost)
+                    answer.total_tokens, answer.model, answer.finish_reason, "ok", None, None, 0, None, cost,
+                    cached_tokens=answer.cached_tokens, reasoning_tokens=answer.reasoning_tokens,
+                    image_tokens=answer.image_tokens, audio_tokens=answer.audio_tokens)
     if answer.answer is None:
         if answer.finish_reason != "length":
             return LineResult(row_id, None, RequestError("response has no answer content", kind="invalid_response"))

@@ -1,6 +1,6 @@
 """Pricing: what each answer cost, and a budget the run never passes.
 
-    cost = row_cost(job, answer.model, prompt_tokens, completion_tokens, total_tokens)
+    cost = row_cost(job, answer.model, prompt_tokens, completion_tokens, total_tokens, answer.cached_tokens)
     tokens = estimate_tokens(job, prompt_chars(job, prompt), media=1)   # the one estimate, before usage
     budget = SpendLimit.for_run(job, journal_dir, commits, todo)  # the job's spend so far (checkpoint)
     held = await budget.hold(worst)                  # StopJob(kind="budget") if it could pass
@@ -8,7 +8,13 @@
 
 Prices are per million tokens, from `[pricing]`: the answering model's price when listed, else the
 asked-for model's, else the default. Reasoning tokens are billed as output: providers count them
-inside `completion_tokens`. An answer without usage has an unknown cost (None), never a guess.
+inside `completion_tokens`. Cached prompt tokens (`prompt_tokens_details.cached_tokens`, counted
+inside `prompt_tokens`) are billed at `cached_input_per_million` when it is set, else at the input
+price:
+
+    cost = ((prompt - cached) * input + cached * cached_input + completion * output) / 1e6
+
+An answer without usage has an unknown cost (None), never a guess.
 
 The job's spend is the sum of `cost` over every line of the journal, superseded attempts included
 (a row sent again with --retry-failed was paid for twice). Commit records keep each shard's spend,
@@ -42,8 +48,11 @@ CHARS_PER_TOKEN = 4  # a rough average over English and code; CJK text runs near
 _ROUND = 10  # decimals kept on costs: no float dust in the output
 
 
-def row_cost(job: Job, model: str | None, prompt: int | None, completion: int | None, total: int | None) -> float | None:
-    """The cost of one answer, or None when unknown (no [pricing], no price, or no usage)."""
+def row_cost(job: Job, model: str | None, prompt: int | None, completion: int | None, total: int | None,
+             cached: int | None = None) -> float | None:
+    """The cost of one answer, or None when unknown (no [pricing], no price, or no usage).
+    `cached`: the prompt tokens the provider read from its cache (None: it did not say, so none
+    are assumed cached and all are billed at the input price)."""
     if job.pricing is None:
         return None
     price = job.pricing.price(model, job.endpoint.model)
@@ -53,7 +62,10 @@ def row_cost(job: Job, model: str | None, prompt: int | None, completion: int | 
         completion = total - prompt
     if prompt is None or completion is None:
         return None
-    return round((prompt * price[0] + completion * price[1]) / 1e6, _ROUND)
+    # A provider claiming more cached tokens than the prompt had is not believed past the prompt.
+    cached = min(cached or 0, max(prompt, 0))
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    return round(((prompt - cached) * price.input + cached * cached_price + completion * price.output) / 1e6, _ROUND)
 
 
 class TokenEstimate(NamedTuple):
@@ -87,7 +99,10 @@ def worst_case_cost(job: Job, prompt: str, images: int) -> float:
     price = job.pricing.price(None, job.endpoint.model)
     assert price is not None  # checked when the job was loaded
     tokens = estimate_tokens(job, prompt_chars(job, prompt), images)
-    return (tokens.input * price[0] + (job.request.max_tokens or 0) * price[1]) / 1e6
+    # Any input token may turn out cached: the dearer of the two input prices keeps the hold at or
+    # above the real cost even for a cached price set above the input one.
+    input_price = max(price.input, price.cached_input or 0.0)
+    return (tokens.input * input_price + (job.request.max_tokens or 0) * price.output) / 1e6
 
 
 def total_cost(lines: pa.Table) -> float:

@@ -14,7 +14,7 @@ from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.journal import latest_per_id, read_journal_table
 from ..io.ledger import Ledger
 
-__all__ = ["job_status", "render"]
+__all__ = ["job_status", "render", "token_detail", "tokens_line"]
 
 _IDS = pa.schema([("id", pa.string())])
 
@@ -53,8 +53,7 @@ def render(report: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(report["failed_by_kind"].items())) or "none"
     lines = [
         f"{report['job']}: {report['ok']} ok, {report['failed']} failed ({kinds}), {report['pending']} pending of {report['rows']} rows",
-        f"tokens: {report['tokens']['prompt_tokens']} prompt, {report['tokens']['completion_tokens']} completion, "
-        f"{report['tokens']['total_tokens']} total",
+        tokens_line(report["tokens"]),
     ]
     lines += _failed_kinds(report["failed_by_kind"])
     if report.get("spend"):
@@ -82,6 +81,23 @@ def render(report: dict[str, Any]) -> str:
                      f"({counts}); {state} (as last seen by a run)")
     lines.append(f"output: {report['output']}")
     return "\n".join(lines)
+
+
+def token_detail(tokens: dict[str, Any], key: str) -> str:
+    """One usage detail's total: `30 reasoning`, or `reasoning not reported` when no answer said
+    (a checkpoint written before the details existed neither)."""
+    name = key.removesuffix("_tokens")
+    value = tokens.get(key)
+    return f"{name} not reported" if value is None else f"{value} {name}"
+
+
+def tokens_line(tokens: dict[str, Any]) -> str:
+    """The token totals with the usage details inside the count they belong to (cached and image
+    tokens are prompt tokens, reasoning tokens completion tokens); images and audio only when reported."""
+    of_prompt = [token_detail(tokens, "cached_tokens")]
+    of_prompt += [token_detail(tokens, k) for k in ("image_tokens", "audio_tokens") if tokens.get(k) is not None]
+    return (f"tokens: {tokens['prompt_tokens']} prompt ({', '.join(of_prompt)}), {tokens['completion_tokens']} completion "
+            f"({token_detail(tokens, 'reasoning_tokens')}), {tokens['total_tokens']} total")
 
 
 def _failed_kinds(by_kind: dict[str, int]) -> list[str]:

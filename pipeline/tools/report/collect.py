@@ -150,6 +150,7 @@ def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> l
             "attempts": rec.get("attempts"), "latency": rec.get("latency_ms"), "tokens": rec.get("total_tokens"),
             "prompt_tokens": rec.get("prompt_tokens"), "completion_tokens": rec.get("completion_tokens"),
             "cost": rec.get("cost"), "finished": rec.get("finished_at"),
+            "cached": rec.get("cached_tokens"), "reasoning_tokens": rec.get("reasoning_tokens"),  # null: not reported
             "labels": {name: _label(rec.get(name)) for name in labels if name in rec},
         }
         for key in ("prompt", "answer", "reasoning", "error"):

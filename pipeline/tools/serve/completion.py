@@ -2,7 +2,7 @@
 what it can really see of each image or video part (an inlined image's format, size and main
 colours with Pillow; for URLs only the URL, as it has no network), a reasoning text (in a
 `<think>` block or in `reasoning_field`), a JSON object built from a labeling request's schema,
-and the chat.completion around it with its usage. Faults that change the answer itself
+and the chat.completion around it with its usage (and usage details: `_usage`). Faults that change the answer itself
 (`length`, `nochoices`, `invalid_json`, `answer_echoes_key`) are applied here.
 """
 
@@ -47,19 +47,28 @@ def completion(body: dict[str, Any], prompt: str, urls: list[str | Video], opts:
 
 def _usage(body: dict[str, Any], prompt: str, urls: list[str | Video], content: str, reasoning: str,
            opts: ServeOptions, fault: str | None) -> dict[str, Any]:
-    """Tokens estimated at four characters each (85 per image); a `length` cut used all of max_tokens."""
+    """Tokens estimated at four characters each (85 per image or video); a `length` cut used all of
+    max_tokens. The details (unless `usage_details` is off): `image_tokens` 85 per image,
+    `cached_tokens` the fixed `cached_prompt_tokens` (at most the prompt), `reasoning_tokens` the
+    reasoning text's (at most the completion): deterministic, so tests can compute every figure."""
     prompt_tokens = len(prompt) // 4 + 8 + 85 * len(urls)
     completion_tokens = max(1, (len(content) + len(reasoning if opts.reasoning_field != "content" else "")) // 4)
     max_tokens = body.get("max_tokens")
     if fault == "length" and isinstance(max_tokens, int):
         completion_tokens = max_tokens
-    return {
+    usage: dict[str, Any] = {
         "completion_tokens": completion_tokens,
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens_details": None,
         "prompt_tokens_details": None,
     }
+    if opts.usage_details:
+        images = sum(1 for u in urls if not isinstance(u, Video))
+        usage["prompt_tokens_details"] = {"cached_tokens": min(opts.cached_prompt_tokens, prompt_tokens),
+                                          "image_tokens": 85 * images}
+        usage["completion_tokens_details"] = {"reasoning_tokens": min(len(reasoning) // 4, completion_tokens)}
+    return usage
 
 
 def user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str | Video]]:
