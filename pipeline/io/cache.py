@@ -49,6 +49,7 @@ BUSY_TIMEOUT_S = 5.0  # another process's write in progress: how long the writer
 TOUCH_AFTER_S = 3600.0  # a hit moves an entry's last-used time only if older than this (LRU to the hour)
 READ_TIMEOUT_S = 0.05  # a lookup on the event loop never waits longer: a busy file is a miss
 _VERSION = b"pipeline-cache-1\n"
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -129,12 +130,10 @@ class Cache:
             return value
         try:
             found = self._reader.execute("SELECT value, created, used FROM entries WHERE key = ?", (key,)).fetchone()
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                return None  # another process holds it a moment: a miss costs one request
-            self._fail(exc)
-            return None
         except sqlite3.Error as exc:
+            # the primary result code (the low byte): SQLITE_BUSY_SNAPSHOT is a kind of SQLITE_BUSY
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY:
+                return None  # another process holds it a moment: a miss costs one request
             self._fail(exc)
             return None
         if found is None:
