@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import Endpoint, job_dict, read_output, run_cli, start_endpoint, url_manifest, write_job
+from conftest import Endpoint, job_dict, read_output, run_cli, start_endpoint, url_manifest, write_job, write_rows
 
 from pipeline.engine import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED
 from pipeline.errors import RequestError
@@ -68,10 +68,49 @@ def test_a_successs_renamed_headers_reach_the_limiter_and_plain_ones_win() -> No
 WRONG_KEY = (400, "bad_request", "no_db_connection", "No connected db.")
 
 
+def _refused(b: Breaker, key: tuple = WRONG_KEY) -> bool:
+    b.done(b.sent())
+    return b.refusal(key)
+
+
 def test_the_first_refusals_all_alike_with_nothing_answered_trip_the_breaker() -> None:
     b = Breaker(50, 120.0, max_refusals=3, clock=lambda: 0.0)
     assert b.holds("bad_request") and not b.settled
-    assert [b.refusal(WRONG_KEY) for _ in range(3)] == [False, False, True]
+    assert [_refused(b) for _ in range(3)] == [False, False, True]
+    b.success()  # an answer in flight when it tripped, arriving during the stop: the trip is final
+    assert b.holds("bad_request") and not b.settled and _refused(b, (400, "bad_request", None, "other"))
+
+
+def test_fast_refusals_wait_for_the_requests_sent_before_them() -> None:
+    """A provider refuses bad rows in milliseconds and answers good ones in seconds: five refusals
+    back while older requests are still out is no verdict yet."""
+    b = Breaker(50, 120.0, max_refusals=3, clock=lambda: 0.0)
+    slow = [b.sent() for _ in range(2)]  # good rows, slow
+    fast = [b.sent() for _ in range(4)]  # bad rows, refused at once
+    verdicts = []
+    for ticket in fast:
+        b.done(ticket)
+        verdicts.append(b.refusal(WRONG_KEY))
+    assert verdicts == [False] * 4 and b.doubting  # 4 alike, but 2 sent before them are out
+    b.done(slow[0])
+    b.success()  # one of them is answered: the job is right, the refused rows are bad
+    assert b.settled and not _refused(b)
+
+
+def test_alike_refusals_trip_once_the_older_requests_came_back_refused_too() -> None:
+    b = Breaker(50, 120.0, max_refusals=3, clock=lambda: 0.0)
+    tickets = [b.sent() for _ in range(5)]
+    verdicts = []
+    for ticket in tickets:
+        b.done(ticket)
+        verdicts.append(b.refusal(WRONG_KEY))
+    assert verdicts == [False, False, False, False, True]  # the third waited for the two still out
+
+
+def test_a_job_vouched_for_never_trips_on_refusals() -> None:
+    b = Breaker(50, 120.0, max_refusals=3, clock=lambda: 0.0)
+    b.vouch()  # answered by an earlier run, or from the request cache
+    assert not any(_refused(b) for _ in range(10)) and b.settled
 
 
 @pytest.mark.parametrize(
@@ -89,14 +128,14 @@ def test_an_answer_or_a_different_refusal_settles_the_doubt_for_the_run(events: 
         if event == "answered":
             b.success()
         else:
-            tripped |= b.refusal(WRONG_KEY if event == "refused" else (400, "bad_request", None, "Invalid image"))
+            tripped |= _refused(b, WRONG_KEY if event == "refused" else (400, "bad_request", None, "Invalid image"))
     assert tripped is trips
     assert not b.holds("bad_request") and b.settled  # held rows are the rows' own failures now
 
 
 def test_no_refusal_trips_a_breaker_told_never_to() -> None:
     b = Breaker(50, 120.0, max_refusals=0)
-    assert not any(b.refusal(WRONG_KEY) for _ in range(100)) and not b.holds("bad_request")
+    assert not any(_refused(b) for _ in range(100)) and not b.holds("bad_request")
 
 
 def test_answered_since_tells_whether_anything_got_through_while_a_row_was_paced() -> None:
@@ -179,6 +218,38 @@ def test_refusals_before_the_first_answer_are_held_then_written_as_the_rows_own(
     assert len(rows) == 30
     assert {i for i, r in rows.items() if r["status"] == "error"} == bad
     assert all(rows[b]["error_kind"] == "bad_request" for b in bad)
+
+
+def _bad_rows_manifest(path: Path, n: int, bad: set[int]) -> Path:
+    write_rows(path, [{"id": f"row-{i:05d}", "image": f"https://images.example/{i}.png",
+                       "prompt": f"BADROW {i}" if i in bad else f"good picture {i}"} for i in range(n)], "csv")
+    return path
+
+
+def test_bad_rows_refused_fast_while_good_ones_answer_slowly_are_the_rows_own(
+        tmp_path: Path, endpoint_factory: Any) -> None:
+    """6 of the first 8 rows refused alike in milliseconds, the good ones answered in 300 ms: a
+    right job with bad rows (exit 1), not a wrong one; every row written exactly once."""
+    ep = endpoint_factory(row_faults={"BADROW": "400"}, row_latency_ms={"good": 300})
+    manifest = _bad_rows_manifest(tmp_path / "m.csv", 24, bad=set(range(6)))
+    job = write_job(tmp_path / "job.toml", job_dict(manifest, ep.base_url, tmp_path / "out", limits={"max_concurrency": 8}))
+    result = run_cli("run", str(job))
+    assert result.returncode == EXIT_FAILED_ROWS, result.stderr
+    rows = {r["id"]: r for r in read_output(tmp_path / "out")}
+    assert len(rows) == 24 and {i for i, r in rows.items() if r["status"] == "error"} == {f"row-{i:05d}" for i in range(6)}
+
+
+def test_retrying_and_re_running_rows_that_really_are_bad_is_no_wrong_job(tmp_path: Path, endpoint_factory: Any) -> None:
+    """Refused rows met again (--retry-failed), or a re-run mostly answered from the request cache:
+    the job has been answered before, so alike refusals are the rows' own, never a stop."""
+    ep = endpoint_factory(row_faults={"BADROW": "400"})
+    manifest = _bad_rows_manifest(tmp_path / "m.csv", 16, bad=set(range(10, 16)))
+    job = write_job(tmp_path / "job.toml", job_dict(manifest, ep.base_url, tmp_path / "out", limits={"max_concurrency": 1},
+                                                    run={"cache": str(tmp_path / "cache")}))
+    for args in ((), ("--retry-failed",), ("--restart",)):
+        result = run_cli("run", str(job), *args)
+        assert result.returncode == EXIT_FAILED_ROWS, (args, result.stderr)
+        assert _status(job)["failed"] == 6 and _status(job)["pending"] == 0
 
 
 def test_bad_requests_are_refused_with_the_providers_error(tmp_path: Path) -> None:

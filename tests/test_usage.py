@@ -142,7 +142,7 @@ def test_plain_and_streamed_answers_keep_the_details_and_cost_cached_tokens_at_t
         assert s["cost"] == pytest.approx(((prompt - CACHED) * 1000 + CACHED * 100 + completion * 4000) / 1e6)
     report = render(job_status(load_job(tmp_path / "plain.toml")))
     reasoning = sum(r["reasoning_tokens"] for r in plain)
-    assert f"({CACHED * 4} cached, {85 * 4} image)" in report and f"({reasoning} reasoning)" in report
+    assert f"({CACHED * 4} prompt-cached, {85 * 4} image)" in report and f"({reasoning} reasoning)" in report
 
 
 def test_without_details_the_columns_are_null_the_cost_is_as_before_and_the_totals_say_so(
@@ -155,9 +155,9 @@ def test_without_details_the_columns_are_null_the_cost_is_as_before_and_the_tota
     for row in read_output(tmp_path / "out"):
         assert all(row[k] is None for k in DETAIL_TOKEN_COLUMNS)
         assert row["cost"] == pytest.approx((row["prompt_tokens"] * 1000 + row["completion_tokens"] * 4000) / 1e6)
-    assert "tokens in all (reasoning not reported, cached not reported)" in result.stderr
+    assert "tokens in all (reasoning not reported, prompt-cached not reported)" in result.stderr
     status = run_cli("status", str(job))
-    assert "prompt (cached not reported)" in status.stdout and "completion (reasoning not reported)" in status.stdout
+    assert "prompt (prompt-cached not reported)" in status.stdout and "completion (reasoning not reported)" in status.stdout
     assert json.loads(run_cli("status", str(job), "--json").stdout)["tokens"]["cached_tokens"] is None
 
 
@@ -170,7 +170,7 @@ def test_the_summary_shows_reasoning_and_cached_totals_and_an_old_checkpoint_sti
     assert result.returncode == 0, result.stderr
     rows = read_output(tmp_path / "out")
     reasoning = sum(r["reasoning_tokens"] for r in rows)
-    assert f"tokens in all ({reasoning} reasoning, {CACHED * 3} cached)" in result.stderr
+    assert f"tokens in all ({reasoning} reasoning, {CACHED * 3} prompt-cached)" in result.stderr
     summary = json.loads((tmp_path / ".pipeline" / "t" / "last_run.json").read_text())
     assert summary["tokens"]["reasoning_tokens"] == reasoning and summary["tokens"]["audio_tokens"] is None
     # commits.jsonl as a version before the details wrote it: only the three base token keys.

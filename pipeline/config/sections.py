@@ -140,7 +140,7 @@ class LimitsConfig(Table):
                                        check=positive)
     max_attempts: int = setting(5, doc="per row, the first included; a rate-limit 429 does not spend one", check=positive)
     max_rate_limit_wait_s: float = setting(
-        600.0, check=zero_or_more,
+        600.0, check=positive,
         doc="how long one row may be refused by rate-limit 429s (it waits its turn again meanwhile); past it the "
             "row fails as rate_limit, or the run stops (exit 3, rows pending) if nothing was answered meanwhile")
     timeout_s: float = setting(120.0, doc="per attempt", check=positive)

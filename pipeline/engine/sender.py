@@ -165,6 +165,7 @@ class RowSender:
         except (RequestError, orjson.JSONDecodeError):
             return None
         state.spent = 0.0 if self.job.pricing is not None else None
+        self.breaker.vouch()  # this request was answered before: a refusal now is the row's, not the job's
         row = _answer_row(state, answer, None, None)
         row.labels, row.from_cache = labels, True
         self.counts.cached += 1
@@ -209,8 +210,12 @@ class RowSender:
                 self.before_send()
             except OSError as exc:
                 raise local_failure(exc, "journaling answers") from None
+            ticket = self.breaker.sent()
             try:
-                data, headers, latency, warning = await self.post(body, max_bytes=self.limits.max_response_bytes)
+                try:
+                    data, headers, latency, warning = await self.post(body, max_bytes=self.limits.max_response_bytes)
+                finally:
+                    self.breaker.done(ticket)
                 state.data = data
                 self.gate.answered(latency / 1000.0)
                 self.limiter.observe(headers)

@@ -93,7 +93,9 @@ class ShardEngine:
         self.committed_rows = committed_rows or {}
         self.labels = make_labels(job)
         self.builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=self.labels)
-        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds, job.limits.breaker_refusals)
+        # Under --retry-failed the rows sent are ones already refused: alike refusals are theirs again.
+        refusals = job.limits.breaker_refusals if options.retry_failed is None else 0
+        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)
         self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
         self.counts = Counts()
         self.done_before = 0  # rows of the given shards answered before this run
@@ -125,6 +127,8 @@ class ShardEngine:
                 self.spend = await asyncio.to_thread(
                     SpendLimit.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in shards])
             warm_imports()
+            if self.breaker.doubting and any(rec.ok for rec in (await asyncio.to_thread(self.ckpt.commits)).values()):
+                self.breaker.vouch()  # shards answered by earlier runs: refusals now are the rows' own
             cache = await self._open_cache()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
@@ -300,6 +304,8 @@ class ShardEngine:
                 if (rec := done.get(row_id)) is None
                 or (retry is not None and rec[0] == "error" and (not retry or rec[1] in retry))]
         self.done_before += len(ids) - len(send)
+        if self.breaker.doubting and any(rec[0] == "ok" for rec in done.values()):
+            self.breaker.vouch()  # this job was answered before: refusals now are the rows' own
         work = _ShardWork(shard, table, ids, send, pending=len(send))
         self.work[shard.index] = work
         return work

@@ -2,6 +2,7 @@
 
     breaker = Breaker(max_failures=50, max_seconds=120, max_refusals=5)
     breaker.failure("server")          # True: trips, the endpoint looks down
+    ticket = breaker.sent(); ...; breaker.done(ticket)               # every request, out and back
     breaker.refusal((400, "bad_request", "no_db_connection", "No connected db."))   # True: the job looks wrong
     breaker.holds("bad_request")       # hold this error row until the doubt is settled
 
@@ -14,11 +15,16 @@ Two ways to trip:
   wrong gateway key (LiteLLM answers 400 `no_db_connection` to every request), a wrong model
   name or base URL look like this: every row would fail the same way, so the run stops with the
   rows pending instead of marking them all failed. Refusals that differ, or any answer, settle it:
-  the rows are bad, not the job, and from then on refusals are ordinary error rows.
+  the rows are bad, not the job, and from then on refusals are ordinary error rows. So does
+  evidence that the job worked before (`vouch`: answers of earlier runs, the request cache).
+  A provider may refuse a bad row in milliseconds and answer a good one in seconds: the trip
+  waits until every request sent before the first refusal came back has come back too
+  (`sent`/`done` tickets), so fast refusals cannot outrun the slow answers that would settle it.
 
 While a trip is possible the engine holds error rows of the kinds concerned (`holds`) instead of
-writing them: they stay pending if the breaker trips, and are written once it is settled
-(`settled`) or the run ends. The clock is a parameter, so tests are tables.
+writing them: they stay pending if the breaker trips (a trip is final: an answer arriving after
+it, during the stop, releases nothing), and are written once it is settled (`settled`) or the
+run ends. The clock is a parameter, so tests are tables.
 """
 
 from __future__ import annotations
@@ -45,8 +51,12 @@ class Breaker:
         self.streak_started: float | None = None
         self.last_success: float | None = None  # clock time of the latest answer; None: none yet
         self.refusals = 0  # the first refusals, all alike so far
+        self.tripped = False  # by refusals: final for the run
         self._first_refusal: Hashable | None = None
-        self._mixed = False  # refusals differed: they are the rows', not the job's
+        self._mixed = False  # refusals differed, or the job was vouched for: refusals are the rows'
+        self._tickets = 0  # requests sent so far
+        self._in_flight: set[int] = set()  # their tickets, until answered or failed
+        self._horizon = 0  # requests sent before the first refusal came back
 
     def success(self) -> None:
         self.streak = 0
@@ -63,18 +73,38 @@ class Breaker:
         self.streak += 1
         return self.streak >= self.max_failures or (self.streak > 1 and now - self.streak_started >= self.max_seconds)
 
+    def sent(self) -> int:
+        """A request leaves: its ticket, for `done`."""
+        self._tickets += 1
+        self._in_flight.add(self._tickets)
+        return self._tickets
+
+    def done(self, ticket: int) -> None:
+        """The request of `ticket` came back (answered or failed; `success`/`refusal` say which)."""
+        self._in_flight.discard(ticket)
+
+    def vouch(self) -> None:
+        """The job has been answered before (earlier runs, the request cache): refusals are the rows'."""
+        self._mixed = True
+
     def refusal(self, key: Hashable) -> bool:
-        """Record a request refused for good, `key` saying which refusal it is (status, kind, code,
-        message); True when the breaker trips (the run's first refusals are all this one)."""
+        """Record a request refused for good (call `done` for it first), `key` saying which refusal
+        it is (status, kind, code, message); True when the breaker trips: the run's first
+        refusals are all this one, and no request sent before the first of them is still out."""
+        if self.tripped:
+            return True
         if not self.doubting:
             return False
         if self._first_refusal is None:
             self._first_refusal = key
+            self._horizon = self._tickets
         elif key != self._first_refusal:
             self._mixed = True
             return False
         self.refusals += 1
-        return self.refusals >= self.max_refusals
+        early = min(self._in_flight, default=self._horizon + 1) <= self._horizon
+        self.tripped = self.refusals >= self.max_refusals and not early
+        return self.tripped
 
     @property
     def doubting(self) -> bool:
@@ -83,12 +113,13 @@ class Breaker:
 
     def holds(self, kind: str) -> bool:
         """Whether an error row of `kind` must wait: a trip now would mean it is not the row's fault."""
-        return (kind in ENDPOINT_FAULTS and self.streak > 0) or (kind in REFUSAL_KINDS and self.doubting)
+        return ((kind in ENDPOINT_FAULTS and self.streak > 0)
+                or (kind in REFUSAL_KINDS and (self.doubting or self.tripped)))
 
     @property
     def settled(self) -> bool:
         """Nothing in doubt: rows held so far are the rows' own failures."""
-        return self.streak == 0 and not self.doubting
+        return self.streak == 0 and not self.doubting and not self.tripped
 
     def answered_since(self, since: float) -> bool:
         """Whether any request was answered at or after clock time `since`."""

@@ -128,5 +128,5 @@ def retry_delay(
         base, cap = RATE_LIMIT_BASE_DELAY_S, MAX_DELAY_S * 2
     else:
         base, cap = BASE_DELAY_S, MAX_DELAY_S
-    delay = min(base * 2 ** (attempt - 1), cap)
+    delay = min(base * 2 ** min(attempt - 1, 30), cap)  # a row paced by a thousand 429s: no OverflowError
     return delay * (JITTER_LOW + (1 - JITTER_LOW) * jitter)

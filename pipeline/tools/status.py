@@ -86,7 +86,8 @@ def render(report: dict[str, Any]) -> str:
 def token_detail(tokens: dict[str, Any], key: str) -> str:
     """One usage detail's total: `30 reasoning`, or `reasoning not reported` when no answer said
     (a checkpoint written before the details existed neither)."""
-    name = key.removesuffix("_tokens")
+    # "cached" alone would read as the request cache's rows: these are the provider's prompt cache
+    name = {"cached_tokens": "prompt-cached"}.get(key, key.removesuffix("_tokens"))
     value = tokens.get(key)
     return f"{name} not reported" if value is None else f"{value} {name}"
 
