@@ -18,8 +18,8 @@ Two ways to trip:
   the rows are bad, not the job, and from then on refusals are ordinary error rows. So does
   evidence that the job worked before (`vouch`: answers of earlier runs, the request cache).
   A provider may refuse a bad row in milliseconds and answer a good one in seconds: the trip
-  waits until every request sent before the first refusal came back has come back too
-  (`sent`/`done` tickets), so fast refusals cannot outrun the slow answers that would settle it.
+  waits until every request sent by the time the refusals reached `max_refusals` has come back
+  too (`sent`/`done` tickets), so fast refusals cannot outrun slow answers that would settle it.
 
 While a trip is possible the engine holds error rows of the kinds concerned (`holds`) instead of
 writing them: they stay pending if the breaker trips (a trip is final: an answer arriving after
@@ -56,7 +56,7 @@ class Breaker:
         self._mixed = False  # refusals differed, or the job was vouched for: refusals are the rows'
         self._tickets = 0  # requests sent so far
         self._in_flight: set[int] = set()  # their tickets, until answered or failed
-        self._horizon = 0  # requests sent before the first refusal came back
+        self._horizon: int | None = None  # requests sent when the refusals first reached max_refusals
 
     def success(self) -> None:
         self.streak = 0
@@ -90,20 +90,22 @@ class Breaker:
     def refusal(self, key: Hashable) -> bool:
         """Record a request refused for good (call `done` for it first), `key` saying which refusal
         it is (status, kind, code, message); True when the breaker trips: the run's first
-        refusals are all this one, and no request sent before the first of them is still out."""
+        refusals are all this one, and no request sent before enough of them came back is still out."""
         if self.tripped:
             return True
         if not self.doubting:
             return False
         if self._first_refusal is None:
             self._first_refusal = key
-            self._horizon = self._tickets
         elif key != self._first_refusal:
             self._mixed = True
             return False
         self.refusals += 1
-        early = min(self._in_flight, default=self._horizon + 1) <= self._horizon
-        self.tripped = self.refusals >= self.max_refusals and not early
+        if self.refusals < self.max_refusals:
+            return False
+        if self._horizon is None:  # enough alike refusals: every request sent so far must come back first
+            self._horizon = self._tickets
+        self.tripped = min(self._in_flight, default=self._horizon + 1) > self._horizon
         return self.tripped
 
     @property
