@@ -135,6 +135,7 @@ def test_no_wait_submits_and_exits_5_then_collects(tmp_path: Path, endpoint_fact
     _exactly_once(tmp_path / "out-b", 6)
 
 
+@pytest.mark.serial  # the cancel must land inside a 4 s batch, 2.2 s in: a slow CLI start under load missed it
 def test_cancel_batches_keeps_what_was_done_and_a_rerun_finishes(tmp_path: Path, endpoint_factory: Any) -> None:
     ep = endpoint_factory(batch_in_progress_s=4.0)
     job = _job(tmp_path, ep.base_url, 8)

@@ -185,6 +185,7 @@ def _auto_job(tmp_path: Any, base_url: str, n: int, **limits: Any) -> Any:
                                                      limits={"requests_per_minute": 60000, **limits}))
 
 
+@pytest.mark.serial  # follows measured latencies and pace against wall-clock bounds
 def test_auto_concurrency_finds_a_servers_capacity_without_timeouts(tmp_path: Any, endpoint_factory: Any) -> None:
     import json
 
@@ -203,6 +204,7 @@ def test_auto_concurrency_finds_a_servers_capacity_without_timeouts(tmp_path: An
     assert "max_concurrency auto:" in r.stderr
 
 
+@pytest.mark.serial  # follows measured latencies and pace against wall-clock bounds
 def test_auto_rate_paces_at_the_announced_limit_with_no_429(tmp_path: Any, endpoint_factory: Any) -> None:
     import json
     import time
@@ -221,6 +223,7 @@ def test_auto_rate_paces_at_the_announced_limit_with_no_429(tmp_path: Any, endpo
     assert 6.5 < took < 14  # 40 requests at 4.9/s: the announced pace, neither the 1/s start nor unpaced
 
 
+@pytest.mark.serial  # follows measured latencies and pace against wall-clock bounds
 def test_auto_concurrency_backs_off_when_the_capacity_shrinks(tmp_path: Any, endpoint_factory: Any) -> None:
     import json
 

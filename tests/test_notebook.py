@@ -76,6 +76,8 @@ def test_a_kernel_interrupt_stops_the_run_like_ctrl_c(tmp_path: Path, endpoint_f
             time.sleep(0.05)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg_id:  # a loaded machine: start_new_kernel's readiness
+            reply = kc.get_shell_msg(timeout=60)  # check sent kernel_info twice; its late reply is not ours
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok", reply["content"]
         text = _iopub_text(kc, msg_id)
         code_, ok, pending = (int(x) for x in text.split("RESULT", 1)[1].split()[:3])

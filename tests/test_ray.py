@@ -110,6 +110,7 @@ def test_ray_gives_the_same_rows_as_local(tmp_path: Path, endpoint_factory, ray_
     assert ep.stats()["per_row"]["Describe picture row-00007"] == 2 and ep.stats()["requests"] == n + 3
 
 
+@pytest.mark.serial  # a 0.5 s rate window: a stalled worker loop meets a 429
 def test_the_whole_cluster_stays_within_one_rate_limit(tmp_path: Path, endpoint_factory, ray_address: str) -> None:
     # The endpoint allows 15 requests in any 0.5 s; the job asks 25/s for the whole cluster. Three
     # workers that each paced themselves at 25/s (as Ray's own HTTP processor does) would try 75/s.

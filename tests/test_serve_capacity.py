@@ -19,6 +19,8 @@ from pipeline.config import ServeOptions
 from pipeline.errors import JobError
 from pipeline.tools.serve.capacity import Capacity
 
+pytestmark = pytest.mark.serial  # sub-second time bounds: run alone, never beside other workers
+
 
 def _body(prompt: str = "Describe") -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": prompt}]}
