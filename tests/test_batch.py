@@ -154,6 +154,19 @@ def test_cancel_batches_keeps_what_was_done_and_a_rerun_finishes(tmp_path: Path,
     _exactly_once(tmp_path / "out-b", 8)
 
 
+def test_cancel_batches_of_a_batch_that_already_ended_collects_it(tmp_path: Path, endpoint_factory: Any) -> None:
+    """--cancel-batches after the batch completed (the ledger last saw it running): the provider
+    answers 409 "Cannot cancel a batch with status 'completed'"; its answers are collected, exit 0."""
+    ep = endpoint_factory(batch_in_progress_s=0.3)
+    job = _job(tmp_path, ep.base_url, 4)
+    assert run_cli("run", str(job), "--no-wait").returncode == 5
+    while _batches(ep)[0]["status"] != "completed":
+        time.sleep(0.1)
+    result = run_cli("run", str(job), "--cancel-batches")
+    assert result.returncode == 0, result.stderr
+    _exactly_once(tmp_path / "out-b", 4)
+
+
 def test_export_batch_is_accepted_by_the_endpoint_and_import_batch_merges_its_output(tmp_path: Path, endpoint_factory: Any) -> None:
     ep = endpoint_factory()
     job = _job(tmp_path, ep.base_url, 7, run={"mode": "online"})

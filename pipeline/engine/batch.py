@@ -160,7 +160,7 @@ class _BatchRun:
             if batch.batch_id is None:
                 await self._create(api, batch)
             if self.cancel and not batch.cancel and batch.status not in TERMINAL:
-                await api.cancel(batch.batch_id or "")
+                await api.cancel(batch.batch_id or "")  # None: it ended since the last look; collected below
                 self.ledger.cancel_asked(batch.name)
             state = await api.get(batch.batch_id or "")
             status, counts = str(state.get("status")), dict(state.get("request_counts") or {})

@@ -33,6 +33,7 @@ from .retry import retry_delay, should_retry
 
 __all__ = ["BatchAPI", "LIST_PAGES"]
 
+NOT_CANCELLABLE = "batch_not_cancellable"  # OpenAI's code for a cancel of a batch that has ended
 LIST_PAGES = 20  # pages of 100 batches looked through for one created before a crash
 
 
@@ -91,21 +92,29 @@ class BatchAPI:
     async def get(self, batch_id: str) -> dict[str, Any]:
         return await self._call("GET", f"/batches/{batch_id}")
 
-    async def cancel(self, batch_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/batches/{batch_id}/cancel")
+    async def cancel(self, batch_id: str) -> dict[str, Any] | None:
+        """The batch, cancelling; None when it had ended before the cancel reached it (a 409
+        `batch_not_cancellable`, or a 400): nothing to cancel, and not worth a retry."""
+        try:
+            return await self._call("POST", f"/batches/{batch_id}/cancel", final=_not_cancellable)
+        except RequestError as err:
+            if _not_cancellable(err):
+                return None
+            raise
 
     async def content(self, file_id: str) -> bytes:
         return await self._call("GET", f"/files/{file_id}/content", raw=True)
 
     async def _call(self, method: str, path: str, *, retry: bool = True, raw: bool = False,
-                    form: Callable[[], aiohttp.FormData] | None = None, **kw: Any) -> Any:
+                    form: Callable[[], aiohttp.FormData] | None = None,
+                    final: Callable[[RequestError], bool] | None = None, **kw: Any) -> Any:
         attempt = 0
         while True:
             attempt += 1
             try:
                 return await self._once(method, path, raw=raw, data=form() if form else None, **kw)
             except RequestError as err:
-                if not retry or not should_retry(err, attempt, self._attempts):
+                if not retry or not should_retry(err, attempt, self._attempts) or (final is not None and final(err)):
                     raise
                 await asyncio.sleep(retry_delay(err, attempt, now=time.time(), jitter=random.random()))
 
@@ -131,3 +140,7 @@ class BatchAPI:
         except Exception as exc:  # only translate() decides what a foreign error means
             raise translate(exc, status=status, redactor=self.redactor, proxy=self.proxy) from None
 
+
+def _not_cancellable(err: RequestError) -> bool:
+    """The provider's "Cannot cancel a batch with status 'completed'" (told by status and code)."""
+    return err.status == 400 or (err.status == 409 and err.code == NOT_CANCELLABLE)
