@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..durations import parse_duration
 from ..errors import JobError
 from ..records import RESULT_COLUMNS
 from .fields import (
@@ -264,19 +265,14 @@ def _cache_folder(value: Any, where: str, base: Path) -> Path | None:
     return (base / Path(value).expanduser()).resolve()
 
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([dhms])")
-_DURATION_UNIT = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-
-
 def _duration_s(value: Any, where: str, base: Path) -> float:
     """Seconds (a number), or a duration such as "7d", "12h", "1h30m", "90s"."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    text = value.strip() if isinstance(value, str) else ""
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
+    seconds = parse_duration(value) if isinstance(value, str) else None
+    if seconds is None:
         raise JobError(f'{where} must be seconds or a duration like "12h" or "7d", not {value!r}')
-    return sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+    return seconds
 
 
 @dataclass(frozen=True)

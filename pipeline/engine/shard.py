@@ -123,12 +123,13 @@ class ShardEngine:
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
         try:
+            commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
                 self.spend = await asyncio.to_thread(
-                    SpendLimit.for_run, self.job, self.ckpt.journal_dir, self.ckpt.commits(), [s.index for s in shards])
-            warm_imports()
-            if self.breaker.doubting and any(rec.ok for rec in (await asyncio.to_thread(self.ckpt.commits)).values()):
+                    SpendLimit.for_run, self.job, self.ckpt.journal_dir, commits, [s.index for s in shards])
+            if any(rec.ok for rec in commits.values()):
                 self.breaker.vouch()  # shards answered by earlier runs: refusals now are the rows' own
+            warm_imports()
             cache = await self._open_cache()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
@@ -198,14 +199,15 @@ class ShardEngine:
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             syncer = tasks.create_task(self.journal.sync_forever())
-            writer = tasks.create_task(self.cache.write_forever()) if self.cache is not None else syncer
+            writer = tasks.create_task(self.cache.write_forever()) if self.cache is not None else None
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
             workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
             if self.stop_reason is None and self.stop_signal is None and self.failure is None:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
             syncer.cancel()
-            writer.cancel()  # what it has not written yet, _close writes
+            if writer is not None:
+                writer.cancel()  # what it has not written yet, _close writes
         # the group has waited for every shard commit it started
 
     async def _until_done(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:

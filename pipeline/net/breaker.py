@@ -74,7 +74,10 @@ class Breaker:
         return self.streak >= self.max_failures or (self.streak > 1 and now - self.streak_started >= self.max_seconds)
 
     def sent(self) -> int:
-        """A request leaves: its ticket, for `done`."""
+        """A request leaves: its ticket, for `done` (0, untracked, once nothing is in doubt: the
+        doubt never comes back, and this is on every request's path)."""
+        if not self.doubting:
+            return 0
         self._tickets += 1
         self._in_flight.add(self._tickets)
         return self._tickets

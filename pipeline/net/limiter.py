@@ -36,7 +36,7 @@ import math
 import time
 from typing import Callable
 
-from .retry import parse_duration
+from ..durations import parse_duration
 
 __all__ = ["Limiter", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S",
            "AUTO_START_RPM", "AUTO_MARGIN", "AUTO_PROBE_S"]

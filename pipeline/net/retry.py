@@ -10,9 +10,9 @@ Constants mirror the OpenAI SDK's policy (see ../shared/notes/api-facts.md) wher
 from __future__ import annotations
 
 import email.utils
-import math
-import re
 
+from ..durations import finite as _number
+from ..durations import parse_duration
 from ..errors import ErrorKind, RequestError
 
 __all__ = [
@@ -39,8 +39,6 @@ JITTER_LOW = 0.75  # delay *= JITTER_LOW + (1 - JITTER_LOW) * jitter draw
 DEFAULT_MAX_SERVER_DELAY_S = 120.0
 DASHSCOPE_THROTTLE = "Throttling.AllocationQuota"
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def should_retry(err: RequestError, attempt: int, max_attempts: int) -> bool:
@@ -50,27 +48,6 @@ def should_retry(err: RequestError, attempt: int, max_attempts: int) -> bool:
     if err.should_retry is not None:  # x-should-retry overrides the status-based verdict
         return err.should_retry
     return err.kind in RETRYABLE_KINDS
-
-
-def parse_duration(text: str) -> float | None:
-    """'1s', '6m0s', '12ms', '0.5' (seconds) -> seconds; None when unparseable."""
-    text = text.strip()
-    seconds = _number(text)
-    if seconds is not None:
-        return max(0.0, seconds)
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    return sum(float(n) * _UNIT[u] for n, u in parts)
-
-
-def _number(text: str) -> float | None:
-    """A finite float, or None ("nan" and "inf" are not delays)."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def server_delay(headers: dict[str, str], now: float, *, rate_limited: bool = False) -> float | None:

@@ -76,7 +76,8 @@ def _int(value: Any) -> int | None:
 
 def _count(value: Any) -> int | None:
     """A token count: an int (not a bool) that is not negative; anything else is not one."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    number = _int(value)
+    return number if number is not None and number >= 0 else None
 
 
 def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
