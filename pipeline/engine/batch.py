@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import time
 from typing import Any
+
+import pyarrow as pa
 
 from ..crashpoints import crash_point
 from ..errors import InputError, LocalFailure, RequestError, StopJob, local_failure
@@ -38,6 +39,7 @@ from ..io.ledger import TERMINAL, Batch, Ledger
 from ..io.manifest import Shard, read_shard, row_ids
 from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
+from ..net.text import loads_json
 from ..records import ResultRow
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
@@ -91,6 +93,8 @@ class _BatchRun:
         self.shards = {s.index: s for s in ready.plan.shards}
         self.committed = {i: c.rows for i, c in ready.commits.items()}
         self.tries: dict[str, int] = {}  # row id -> batches that held it (the row's attempts)
+        self.committed_now: set[int] = set()  # shards this run committed whole: nothing left to send or commit
+        self.columns = request_columns(executor.job, ready.plan.columns)
         self.unanswered = 0  # rows of collected batches that got no result (they wait for another batch)
         self.sent_now: set[str] = set()  # rows put in a batch by this run (--retry-failed sends a row once)
         self.cancel = executor.options.cancel_batches
@@ -114,7 +118,6 @@ class _BatchRun:
         wait_s = min(FIRST_POLL_S, job.run.poll_s)
         async with BatchAPI(job.endpoint.base_url or "", job.api_key(), timeout_s=job.limits.timeout_s,
                             max_attempts=job.limits.max_attempts, proxy=job.endpoint_proxy()) as api:
-            self.api = api
             builder = RequestBuilder(job, self.ready.plan.columns, redactor=self.console.redactor, labels=self.labels)
             try:
                 while not self.stopping.is_set():
@@ -200,7 +203,7 @@ class _BatchRun:
         touched: set[int] = set()
         for raw in lines:
             try:
-                line = json.loads(raw)
+                line = loads_json(raw)[0]  # never RecursionError: a hostile line is skipped, not the run
             except ValueError:
                 continue
             got = result_of(line, self.job, self.labels, self.console.redactor)
@@ -217,9 +220,8 @@ class _BatchRun:
             why, kind = f"the batch failed: {self.console.redactor.scrub(why)}", "bad_request"
             self.console.say(f"batch {batch.name} failed at the provider: {why}")
         for row_id in set(shard_of) - seen:  # no line at all: as a failed attempt, retried while tries are left
-            err = RequestError(self.console.redactor.cut(why, 500), kind=kind)
-            final = self.tries.get(row_id, 1) >= self.job.limits.max_attempts
-            if self._settle(shard_of[row_id], row_id, None, err, final=final):
+            err = RequestError(self.console.redactor.cut(why, 500), kind=kind, should_retry=True)
+            if self._settle(shard_of[row_id], row_id, None, err):
                 touched.add(shard_of[row_id])
                 journaled.add(row_id)
         self.unanswered += len(shard_of) - len(journaled)
@@ -227,8 +229,7 @@ class _BatchRun:
         self.ledger.collected(batch.name)
         await self._commit_ready(touched)
 
-    def _settle(self, shard: int, row_id: str, row: ResultRow | None, err: RequestError | None,
-                final: bool | None = None) -> bool:
+    def _settle(self, shard: int, row_id: str, row: ResultRow | None, err: RequestError | None) -> bool:
         """Journal the row's result, or leave it for the next batch; True when journaled."""
         tries = self.tries.get(row_id, 1)
         if err is not None and err.kind in STOP_KINDS:
@@ -236,7 +237,7 @@ class _BatchRun:
             self.stopping.set()
             return False
         if err is not None:
-            retry = should_retry(err, tries, self.job.limits.max_attempts) if final is None else not final
+            retry = should_retry(err, tries, self.job.limits.max_attempts)
             if err.kind == "invalid_output" and self.labels is not None:
                 retry = tries <= self.labels.config.max_invalid_retries
             if retry:
@@ -256,7 +257,7 @@ class _BatchRun:
         return True
 
     async def _commit_ready(self, shards: set[int]) -> None:
-        for index in sorted(shards):
+        for index in sorted(shards - self.committed_now):  # a shard committed whole stays whole
             shard = self.shards[index]
             done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(index, 0),
                                               self.labels)
@@ -265,6 +266,7 @@ class _BatchRun:
                 table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
                 await asyncio.to_thread(commit_shard, self.job, self.ckpt, shard, table,
                                         row_ids(self.job.input, table, shard), self.labels)
+                self.committed_now.add(index)
 
     # -- planning and submitting new batches ------------------------------------------------
 
@@ -301,24 +303,23 @@ class _BatchRun:
     async def _pending(self, shard: Shard, held: set[str]) -> list[tuple[str, dict[str, Any]]]:
         """The shard's rows with no result and no batch, with the cells a request needs."""
         rec = self.ready.commits.get(shard.index)
-        if rec is not None and rec.rows == shard.rows and self.options.retry_failed is None:
+        if shard.index in self.committed_now or (
+                rec is not None and rec.rows == shard.rows and self.options.retry_failed is None):
             return []  # committed whole: nothing to send
         done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(shard.index, 0),
                                           self.labels)
         retry = self.options.retry_failed
         table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
         ids = row_ids(self.job.input, table, shard)
-        columns = request_columns(self.job, self.ready.plan.columns)
-        cells = table.select(columns).to_pylist()
-        out = []
-        for row_id, row in zip(ids, cells):
-            if row_id in held:
-                continue
-            rec_done = done.get(row_id)
-            if rec_done is None or (retry is not None and rec_done[0] == "error" and (not retry or rec_done[1] in retry)
-                                    and row_id not in self.sent_now):
-                out.append((row_id, row))
-        return out
+        send = [i for i, row_id in enumerate(ids) if row_id not in held
+                and ((rec_done := done.get(row_id)) is None
+                     or (retry is not None and rec_done[0] == "error" and (not retry or rec_done[1] in retry)
+                         and row_id not in self.sent_now))]
+        if not send:
+            return []
+        # only the rows to send become Python objects (their images may be large), as online
+        cells = table.select(self.columns).take(pa.array(send, pa.int64())).to_pylist()
+        return [(ids[i], row) for i, row in zip(send, cells)]
 
     async def _send(self, api: BatchAPI, rows: list[tuple[int, str]], lines: list[bytes]) -> None:
         data = b"".join(lines)

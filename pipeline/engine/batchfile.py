@@ -12,7 +12,6 @@ Both hold the job's lock, so neither races a run of the same job.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..io.manifest import Plan, read_shard, row_ids
+from ..net.text import loads_json
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
@@ -99,7 +99,7 @@ def import_batch(job: Job, path: Path) -> int:
         with open(path, "rb") as f:
             for raw in f:
                 try:
-                    line = json.loads(raw)
+                    line = loads_json(raw)[0]  # never RecursionError: a hostile line is skipped
                 except ValueError:
                     continue
                 got = result_of(line, job, labels, console.redactor)

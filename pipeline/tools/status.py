@@ -12,7 +12,7 @@ from ..config.urls import display
 from ..errors import ErrorKind
 from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.journal import latest_per_id, read_journal_table
-from ..io.ledger import Ledger
+from ..io.ledger import TERMINAL, Ledger
 
 __all__ = ["job_status", "render", "token_detail", "tokens_line"]
 
@@ -75,7 +75,7 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"last run's {name} (auto): " + ", ".join(f"{k} {v}" for k, v in used.items() if k != "auto"))
     for b in report.get("batches") or []:
         counts = ", ".join(f"{k} {v}" for k, v in b["counts"].items()) or "no counts yet"
-        state = "collected" if b["collected"] else "running" if b["status"] not in ("completed", "failed", "expired", "cancelled") \
+        state = "collected" if b["collected"] else "running" if b["status"] not in TERMINAL \
             else "ended, to collect"
         lines.append(f"batch {b['name']} ({b['batch_id'] or 'not created yet'}): {b['status']}, {b['rows']} requests "
                      f"({counts}); {state} (as last seen by a run)")
