@@ -110,6 +110,11 @@ class RunResult:
                    failed_by_kind=dict(summary.get("failed_by_kind", {})), summary=summary, job=job)
 
 
+
+def _options(retry_failed: bool | str | Iterable[str] | None, **flags: Any) -> RunOptions:
+    """run()'s and arun()'s keywords as the engine's RunOptions (one place for both)."""
+    return RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), **flags)
+
 def run(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
         restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False,
         wait: bool | None = None, cancel_batches: bool = False, no_cache: bool = False) -> RunResult:
@@ -121,21 +126,19 @@ def run(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterab
     and --cancel-batches. `no_cache=True`: --no-cache ([run] cache: send every row, store the fresh
     answers). Never raises for failed rows; raises JobError for a bad job, LockedError
     when the job runs elsewhere."""
-    work, host = _work(job, manifest, RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart,
-                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches, no_cache=no_cache),
-                       dry_run)
+    work, host = _work(job, manifest, _options(retry_failed, restart=restart, progress=progress, report=report, wait=wait,
+                                               cancel_batches=cancel_batches, no_cache=no_cache), dry_run)
     return _wait(host, _start(work))
 
 
 async def arun(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterable[str] | None = None,
                restart: bool = False, dry_run: bool = False, progress: bool | None = None, report: bool = False,
-        wait: bool | None = None, cancel_batches: bool = False, no_cache: bool = False) -> RunResult:
+               wait: bool | None = None, cancel_batches: bool = False, no_cache: bool = False) -> RunResult:
     """run() for a running event loop (a notebook cell, an async app): awaits the run, which has
     its own thread and loop. Cancelling the awaiting task stops the run as Ctrl-C does, waits for
     it to end, and re-raises the cancellation."""
-    work, host = _work(job, manifest, RunOptions(retry_failed=retry_kinds(retry_failed, "retry_failed"), restart=restart,
-                                                 progress=progress, report=report, wait=wait, cancel_batches=cancel_batches, no_cache=no_cache),
-                       dry_run)
+    work, host = _work(job, manifest, _options(retry_failed, restart=restart, progress=progress, report=report, wait=wait,
+                                               cancel_batches=cancel_batches, no_cache=no_cache), dry_run)
     with _interrupts_to(host):
         waiter = asyncio.wrap_future(_start(work))
         try:

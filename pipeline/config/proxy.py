@@ -182,12 +182,6 @@ class ProxyChoice:
         self.no_proxy = found[1] if found else ""
         self._parsed: dict[str, Proxy | ProxyError] = {}
 
-    @property
-    def configured(self) -> bool:
-        """Could any URL go through a proxy? False: every request goes directly."""
-        return not self.off and (self.setting is not None or any(
-            v.strip() for n, v in self.environ.items() if n.lower().endswith("_proxy") and n.lower() != "no_proxy"))
-
     def for_url(self, url: str) -> Proxy | None:
         if self.off:
             return None

@@ -169,7 +169,7 @@ class LimitsConfig(Table):
     @property
     def workers(self) -> int:
         """Requests that may be in flight at most (the workers): the cap when found automatically."""
-        return self.max_concurrency_cap if self.max_concurrency == AUTO else int(self.max_concurrency)
+        return self.max_concurrency_cap if self.auto_concurrency else int(self.max_concurrency)
 
     @property
     def auto_rate(self) -> bool:

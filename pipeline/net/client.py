@@ -34,6 +34,7 @@ one of the Redactor's secrets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -202,9 +203,12 @@ def _proxy_error(status: int, reason: str, proxy: Proxy | None, headers: dict[st
     return RequestError(hide.cut(message, _MESSAGE_CAP), kind=kind, status=status, headers=headers, code=PROXY_REFUSED)
 
 
+@functools.lru_cache(maxsize=16)
 def aiohttp_proxy(proxy: Proxy | None) -> dict[str, Any]:
     """The keyword arguments that send one aiohttp request through `proxy` (none: directly).
-    Passed per request, so `[endpoint] proxy` and NO_PROXY decide on every path, not trust_env."""
+    Passed per request, so `[endpoint] proxy` and NO_PROXY decide on every path, not trust_env.
+    Made once per proxy (a Proxy is frozen): a streamed row or a fetch hop asks for it each time.
+    Callers unpack it with ** and never change it."""
     if proxy is None:
         return {}
     import aiohttp

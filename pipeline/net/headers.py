@@ -26,9 +26,12 @@ OBSERVED_HEADERS = (
 GATEWAY_PREFIX = "llm_provider-"
 
 
+_PAIRS = tuple((k, GATEWAY_PREFIX + k) for k in OBSERVED_HEADERS)  # made once: observed() runs per answer
+
+
 def observed(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k in OBSERVED_HEADERS
-            if (v := headers.get(k)) is not None or (v := headers.get(GATEWAY_PREFIX + k)) is not None}
+    return {k: v for k, renamed in _PAIRS
+            if (v := headers.get(k)) is not None or (v := headers.get(renamed)) is not None}
 
 
 def unrenamed(headers: dict[str, str]) -> dict[str, str]:
