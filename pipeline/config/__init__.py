@@ -9,6 +9,7 @@ from .job import Job, job_keys_markdown, load_job, parse_job
 from .sections import (
     DEFAULT_OUTPUT_TOKENS,
     MANIFEST_FORMATS,
+    Api,
     EndpointConfig,
     ImagesConfig,
     InputConfig,
@@ -22,7 +23,7 @@ from .pricing import ModelPrice, PricingConfig
 from .serve import ServeOptions
 
 __all__ = [
-    "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
+    "Api", "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig", "RunConfig",
     "LabelsConfig", "PricingConfig", "ModelPrice", "ServeOptions", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
 ]

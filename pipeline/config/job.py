@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import JobError
 from .fields import Table, keys_markdown, read_table, setting
 from .sections import (
+    Api,
     EndpointConfig,
     ImagesConfig,
     InputConfig,
@@ -89,6 +90,8 @@ class Job:
             },
             "video_column": self.input.video_column,
             "images": self.images.request_shape(),
+            # Keys added later are there only when set, so checkpoints made before them stay valid.
+            **({"api": str(self.endpoint.api)} if self.endpoint.api is not Api.CHAT else {}),
         }
 
     def shape_digest(self) -> str:
@@ -174,6 +177,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     limits = table(LimitsConfig)
     if run.engine == "ray" and (limits.auto_rate or limits.auto_concurrency):
         raise JobError(f'{src}: [limits]: "auto" limits are found by one process; with [run] engine = "ray" give numbers')
+    _api_fits(endpoint, input_cfg, request, src)
     if run.mode == "batch" and request.stream:
         raise JobError(f"{src}: [request] stream: a batch request is answered whole; remove stream for [run] mode = \"batch\"")
     if run.mode == "batch" and pricing is not None and pricing.budget is not None:
@@ -202,6 +206,17 @@ def _endpoint(endpoint: EndpointConfig, serve: Any, src: str, require_key: bool)
         raise JobError(f"{src}: [endpoint] api_key_env: the variable {endpoint.api_key_env} is not set; "
                        f"export {endpoint.api_key_env}=... before running")
     return endpoint
+
+
+def _api_fits(endpoint: EndpointConfig, inp: InputConfig, request: RequestConfig, src: str) -> None:
+    """What the Responses API cannot take is named now, not as a 400 on every row."""
+    if endpoint.api is not Api.RESPONSES:
+        return
+    if inp.video_column is not None:
+        raise JobError(f'{src}: [input] video_column: the Responses API takes no video; use [endpoint] api = "chat"')
+    for reserved in ("input", "instructions"):
+        if reserved in request.params:
+            raise JobError(f'{src}: [request] {reserved}: set by the pipeline for [endpoint] api = "responses"; remove it')
 
 
 def _output(output: OutputConfig, base: Path, name: str) -> OutputConfig:

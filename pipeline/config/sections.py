@@ -12,6 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .fields import (
     Table,
     at_least,
     between,
+    choice,
     one_of,
     positive,
     read_value,
@@ -32,7 +34,7 @@ from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url
 
 __all__ = [
-    "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
+    "Api", "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
     "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS",
     "schema_problem",
 ]
@@ -89,6 +91,23 @@ def _proxy_problem(value: str | None) -> str | None:
     return None
 
 
+class Api(StrEnum):
+    """Which of the provider's APIs a job's requests go to (the same rows and columns either way)."""
+
+    CHAT = "chat"  # POST {base_url}/chat/completions
+    RESPONSES = "responses"  # POST {base_url}/responses
+
+    @property
+    def path(self) -> str:
+        """Beneath base_url (which ends in /v1)."""
+        return "/chat/completions" if self is Api.CHAT else "/responses"
+
+    @property
+    def batch_url(self) -> str:
+        """A Batch JSONL line's `url` and the batch's `endpoint`."""
+        return "/v1" + self.path
+
+
 @dataclass(frozen=True)
 class EndpointConfig(Table):
     TABLE = "endpoint"
@@ -101,11 +120,13 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    api: Api = setting(Api.CHAT, parse=choice(Api), check=lambda v: None if isinstance(v, Api) else f"must be an Api, not {v!r}",
+                       doc='"chat": POST /chat/completions; "responses": POST /responses (OpenAI\'s Responses API)')
 
     @property
     def url(self) -> str:
         assert self.base_url is not None, "a [serve] job's base_url is set when its endpoint starts"
-        return self.base_url.rstrip("/") + "/chat/completions"
+        return self.base_url.rstrip("/") + self.api.path
 
 
 @dataclass(frozen=True)

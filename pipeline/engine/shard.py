@@ -132,7 +132,8 @@ class ShardEngine:
             warm_imports()
             cache = await self._open_cache()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
-                              max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
+                              max_connections=self.limits.workers, proxy=self.job.endpoint_proxy(),
+                              api=self.job.endpoint.api) as client:
                 sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
                                    self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate,
                                    cache=cache)
