@@ -172,7 +172,7 @@ def _work(job: JobLike, manifest: Any, options: RunOptions, dry_run: bool) -> tu
 
 
 def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint], None]]:
-    media = [job.input.image_column, job.input.video_column]
+    media = [job.input.image_column, job.input.video_column, job.input.audio_column]
     frame = Frame.of(manifest, convert=lambda table: bytes_as_values(table, media))
     assert job.output.checkpoint is not None  # set by the loader
     stored = replace(job.input, path=job.output.checkpoint / MANIFEST_FILE)

@@ -19,11 +19,12 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .audio import AudioConfig, AudioFormat, AudioPart
 from .pricing import ModelPrice, PricingConfig
 from .serve import ServeOptions
 
 __all__ = [
     "Api", "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig", "RunConfig",
-    "LabelsConfig", "PricingConfig", "ModelPrice", "ServeOptions", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
+    "LabelsConfig", "AudioConfig", "AudioPart", "AudioFormat", "PricingConfig", "ModelPrice", "ServeOptions", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
 ]

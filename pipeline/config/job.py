@@ -28,6 +28,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .audio import AudioConfig
 from .pricing import ModelPrice, PricingConfig
 from .proxy import Proxy, ProxyChoice, ProxyError
 from .serve import ServeOptions
@@ -62,6 +63,7 @@ class Job:
     labels: LabelsConfig | None = None
     pricing: PricingConfig | None = None
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     # A job whose manifest is given in memory (the Python API's manifest=): [input] path is where
     # it is stored, in the checkpoint folder, and relative local image paths resolve against
     # `files_base` (the working directory) instead of the manifest's folder.
@@ -92,6 +94,8 @@ class Job:
             "images": self.images.request_shape(),
             # Keys added later are there only when set, so checkpoints made before them stay valid.
             **({"api": str(self.endpoint.api)} if self.endpoint.api is not Api.CHAT else {}),
+            **({"audio_column": self.input.audio_column, "audio": self.audio.request_shape()}
+               if self.input.audio_column else {}),
         }
 
     def shape_digest(self) -> str:
@@ -141,7 +145,7 @@ def load_job(path: str | os.PathLike[str] | dict[str, Any], *, require_key: bool
 
 
 IN_MEMORY_PATH = "manifest.parquet"  # [input] path of a job whose manifest comes in memory, until it is stored
-_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve")
+_TABLES = ("input", "endpoint", "request", "limits", "images", "audio", "output", "run", "labels", "pricing", "serve")
 
 
 def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, input_optional: bool = False) -> Job:
@@ -188,7 +192,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=limits,
         output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
-        pricing=pricing, images=table(ImagesConfig), in_memory=in_memory,
+        pricing=pricing, images=table(ImagesConfig), audio=table(AudioConfig), in_memory=in_memory,
     )
 
 
@@ -212,8 +216,9 @@ def _api_fits(endpoint: EndpointConfig, inp: InputConfig, request: RequestConfig
     """What the Responses API cannot take is named now, not as a 400 on every row."""
     if endpoint.api is not Api.RESPONSES:
         return
-    if inp.video_column is not None:
-        raise JobError(f'{src}: [input] video_column: the Responses API takes no video; use [endpoint] api = "chat"')
+    for key, what in (("video_column", "video"), ("audio_column", "audio")):
+        if getattr(inp, key) is not None:
+            raise JobError(f'{src}: [input] {key}: the Responses API takes no {what}; use [endpoint] api = "chat"')
     for reserved in ("input", "instructions"):
         if reserved in request.params:
             raise JobError(f'{src}: [request] {reserved}: set by the pipeline for [endpoint] api = "responses"; remove it')
@@ -240,5 +245,5 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
-    return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
+    return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, AudioConfig, OutputConfig,
                           RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions])

@@ -75,6 +75,7 @@ class InputConfig(Table):
     image_column: str | None = setting(None, doc="an http(s) URL, data: URI or local path (relative to the manifest), or a list of them")
     prompt_column: str | None = setting(None, doc="a row's own prompt")
     video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
+    audio_column: str | None = setting(None, doc="an audio clip (local file, http(s) URL, data: URI) or a list of them; see [audio]")
 
     @property
     def format(self) -> str:

@@ -40,7 +40,7 @@ ENCODE_OFF_LOOP_BYTES = 1 << 20  # bodies with more inlined media than this are 
 
 class Built(NamedTuple):
     prompt: str
-    media: int  # image and video parts, for the token estimate
+    media: int  # image, video and audio parts, for the token estimate
     body: bytes
 
 
@@ -52,7 +52,7 @@ def request_columns(job: Job, columns: list[str]) -> list[str]:
     """The manifest columns a request is built from (media, prompt, the prompt's placeholders), in
     the manifest's order: the only cells read into Python per row."""
     inp = job.input
-    wanted = {c for c in (inp.image_column, inp.prompt_column, inp.video_column) if c}
+    wanted = {c for c in (inp.image_column, inp.prompt_column, inp.video_column, inp.audio_column) if c}
     wanted.update(placeholders(job.request.prompt or ""))
     return [c for c in columns if c in wanted]
 
@@ -62,7 +62,7 @@ class RequestBuilder:
                  labels: Labels | None = None) -> None:
         self.job = job
         self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor,
-                                  files_base=job.files_base, proxies=job.proxies())
+                                  files_base=job.files_base, proxies=job.proxies(), audio=job.audio)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]

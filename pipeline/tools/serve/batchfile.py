@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config.serve import ServeOptions
-from .completion import Video, completion, user_parts
+from .completion import Media, completion, user_parts
 from .responses import as_response, chat_view
 
 __all__ = ["Request", "read_input", "answer_lines", "line_fault", "jsonl", "MAX_ERRORS"]
@@ -43,7 +43,7 @@ class Request:
     custom_id: str
     body: dict[str, Any]
     prompt: str
-    urls: list[str | Video]
+    urls: list[Media]
     chat: dict[str, Any] | None = None
 
 
