@@ -27,7 +27,7 @@ from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.images import MB
 
-__all__ = ["write_report", "REPORT_NAME", "MAX_MB"]
+__all__ = ["write_report", "vega_bundle", "script_safe", "write_page", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
@@ -45,7 +45,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
                        f"(or 'pipeline[report]')") from None
     store = PartStore.for_output(job.output)
     redactor = Redactor([job.api_key(), *store.secrets()])
-    bundle = _script_safe(_vega_bundle())
+    bundle = script_safe(vega_bundle())
     data = collect(job, int(max_mb * MB), redactor, fixed_bytes=len(bundle.encode()))
     page = {
         "rows": data.rows, "total": data.total, "sampling": data.sampling, "labels": data.labels,
@@ -60,28 +60,30 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     )
     body = html.encode("utf-8")
     if out is not None:
-        _write(Path(out), body)
+        write_page(Path(out), body)
         return str(out)
     if store.local is not None:
         path = store.local / REPORT_NAME
-        _write(path, body)
+        write_page(path, body)
         return str(path)
     store.write(REPORT_NAME, body)
     return f"{str(job.output.path).rstrip('/')}/{REPORT_NAME}"
 
 
-def _vega_bundle() -> str:
+def vega_bundle() -> str:
+    """vega-embed with Vega and Vega-Lite, as one script to inline (the versions Altair's specs need)."""
     import vl_convert
     from altair.utils._importers import vl_version_for_vl_convert
 
     return str(vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()))
 
 
-def _script_safe(js: str) -> str:
+def script_safe(js: str) -> str:
     return js.replace("</script", "<\\/script")
 
 
-def _write(path: Path, body: bytes) -> None:
+def write_page(path: Path, body: bytes) -> None:
+    """A page written whole or not at all (a temporary name, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:

@@ -25,6 +25,7 @@ def completion(body: dict[str, Any], prompt: str, urls: list[Media], opts: Serve
                fault: str | None, number: int, authorization: str) -> dict[str, Any]:
     """The chat.completion answering `body` (request number `number`), in the seed's shape."""
     answer = _json_answer(body, prompt, opts, valid=fault != "invalid_json")
+    answer = next((text for needle, text in opts.row_answers.items() if needle in prompt), answer)
     if fault == "answer_echoes_key":  # a model that repeats what it was sent, headers included
         answer = f"Answer to {prompt!r}: your request said Authorization: {authorization}"
     content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length", answer=answer)
