@@ -14,6 +14,7 @@ import io
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -120,6 +121,19 @@ def test_wav_mp3_a_too_long_clip_and_one_outside_the_roots(tmp_path: Path, endpo
         name = key.split()[-1].rstrip("?")
         assert part["type"] == "input_audio" and part["input_audio"]["format"] == name
         assert base64.b64decode(part["input_audio"]["data"]) == clips[name].read_bytes()  # sent as it is
+
+
+def test_the_dry_run_checks_audio_cells_from_their_first_bytes(tmp_path: Path, clips: dict[str, Path]) -> None:
+    rows = [{"id": k, "clip": f"clips/{clips[k].name}", "prompt": f"Hear {k}"} for k in ("wav", "mp3", "flac", "text")]
+    rows += [{"id": "outside", "clip": str(clips["outside"]), "prompt": "Hear outside"},
+             {"id": "none", "clip": "", "prompt": "Hear nothing"},
+             {"id": "url", "clip": "https://audio.example/a.wav", "prompt": "Hear a URL"}]
+    job = _job(tmp_path, type("E", (), {"base_url": "http://127.0.0.1:9/v1"})(), rows)
+    r = run_cli("run", str(job), "--dry-run")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "7 rows in 1 shard(s); 3 ready, 4 would fail" in r.stdout
+    for kind, row in (("audio_format", "flac"), ("not_audio", "text"), ("outside_roots", "outside"), ("missing_audio", "none")):
+        assert re.search(rf"{kind}: 1 row\(s\)\n +row \d+ \(id {row}\)", r.stdout), (kind, r.stdout)
 
 
 def test_convert_mono_and_sample_rate_as_audio_url_parts(tmp_path: Path, endpoint_factory: Any,

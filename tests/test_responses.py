@@ -197,6 +197,21 @@ def test_the_request_cache_and_the_dry_run_work_as_for_chat(tmp_path: Path, endp
     assert dry.returncode == 0 and dry.stdout.rstrip().endswith("ready"), dry.stdout + dry.stderr
 
 
+def test_the_budget_holds_as_for_chat(tmp_path: Path, endpoint_factory: Any) -> None:
+    ep = endpoint_factory(latency_ms=30)
+    url_manifest(tmp_path / "m.csv", 12)
+    prices = {"input_per_million": 1000.0, "output_per_million": 4000.0, "budget": 1.5}  # ~0.3 an answer
+    job = write_job(tmp_path / "b.toml", {**job_dict(tmp_path / "m.csv", ep.base_url, tmp_path / "out-b", pricing=prices,
+                                                     endpoint={"api": "responses"}, limits={"max_concurrency": 1}),
+                                          "name": "b"})
+    r = run_cli("run", str(job))
+    assert r.returncode == 3 and "budget" in r.stderr, r.stderr
+    rows = read_output(tmp_path / "out-b")
+    assert 0 < len(rows) < 12 and sum(row["cost"] for row in rows) <= 1.5
+    for row in rows:  # each row costs its own Responses usage
+        assert row["cost"] == pytest.approx((row["prompt_tokens"] * 1000 + row["completion_tokens"] * 4000) / 1e6)
+
+
 def test_the_api_is_a_checked_choice(tmp_path: Path) -> None:
     url_manifest(tmp_path / "m.csv", 1)
     base = job_dict(tmp_path / "m.csv", "http://127.0.0.1:9/v1", tmp_path / "out")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ..config import AudioConfig, AudioFormat, AudioPart
@@ -43,7 +44,8 @@ from .workers import Workers
 if TYPE_CHECKING:
     from .fetch import Fetcher
 
-__all__ = ["AudioBuilder", "Clip", "sniff_audio", "local_clip", "data_uri_clip", "bytes_clip", "TAKES", "MIME"]
+__all__ = ["AudioBuilder", "Clip", "sniff_audio", "local_clip", "data_uri_clip", "bytes_clip", "clip_problem", "TAKES",
+           "MIME"]
 
 # What each part takes: OpenAI's description allows wav and mp3; vLLM decodes these four.
 TAKES = {AudioPart.INPUT_AUDIO: ("wav", "mp3"), AudioPart.AUDIO_URL: ("wav", "mp3", "flac", "ogg")}
@@ -143,6 +145,32 @@ def _reencode(data: bytes, value: str, cfg: AudioConfig) -> bytes:
         raise InputError(f"audio could not be re-encoded as {cfg.convert} ({type(exc).__name__}: {exc}; "
                          f"[audio] sample_rate may help): {show(value)}") from None
     return out.getvalue()
+
+
+def clip_problem(value: str, files: LocalFiles, cfg: AudioConfig, source_mb: float) -> tuple[str, str] | None:
+    """(kind, message) when this clip would fail its row, judged from a few bytes (the dry run);
+    None when it may be sent. A URL is not fetched: only its form is checked."""
+    kind = kind_of(value)
+    if kind == "url":
+        return None
+    cap, why = _source_cap(cfg, source_mb)
+    if kind == "data":
+        size = data_uri_size(value)
+        head = base64.b64decode(value.partition(",")[2][:64], validate=False)
+    else:
+        fd = files.open(value, "audio")  # the run's own confined open; PathError names the problem
+        try:
+            size, head = os.fstat(fd).st_size, os.read(fd, 16)
+        finally:
+            os.close(fd)
+    fmt = sniff_audio(head)
+    if fmt is None or fmt == "m4a":
+        return "not_audio", f"not audio the run can read (WAV, MP3, FLAC or OGG) by its content: {show(value)}"
+    if cfg.convert is None and fmt not in TAKES[cfg.part]:
+        return "audio_format", f"{fmt} audio is not taken by the {cfg.part} part; set [audio] convert: {show(value)}"
+    if size > cap:
+        return "too_large", f"audio too large ({size} bytes; {why}): {show(value)}"
+    return None
 
 
 # -- the pool jobs (blocking: run in the worker pool) ------------------------------------------
