@@ -1,4 +1,4 @@
-"""Benchmarks of image cells (`make bench` scenario "media"; alone: python -m bench.media [memory|s3]).
+"""Benchmarks of image cells (`make bench` scenario "media"; alone: python -m bench.media [memory|memory1000|s3]).
 
 memory: a Parquet manifest of 20,000 rows x ~100 KB embedded JPEGs (2 GB; row groups of 100 rows,
   as Hugging Face `datasets` writes image data) run end to end against the built-in endpoint, at
@@ -172,12 +172,12 @@ def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 2)
 
 
-def memory(rows: int = ROWS) -> dict[str, Any]:
+def memory(rows: int = ROWS, shard_sizes: tuple[int, ...] = (10_000, 1_000)) -> dict[str, Any]:
     manifest, image_bytes = _manifest(rows)
     out: dict[str, Any] = {"rows": rows, "images_gb": round(image_bytes / 1e9, 2), "row_group_rows": GROUP_ROWS,
                            "manifest_gb": round(manifest.stat().st_size / 1e9, 2)}
     with serving(analyze_images=False) as (url, _):
-        for shard_rows in (10_000, 1_000):
+        for shard_rows in shard_sizes:
             name = f"mem-{shard_rows}"
             r = _run(_job(name, manifest, url, shard_rows=shard_rows), plan=HERE / name / ".pipeline" / name / "plan.json")
             assert r["exit_code"] == 0, r["stderr"]
@@ -268,5 +268,6 @@ if __name__ == "__main__":
     import json
 
     which = sys.argv[1:] or ["s3", "memory"]
-    results = {w: (s3_vs_local() if w == "s3" else memory()) for w in which}
+    results = {w: (s3_vs_local() if w == "s3" else memory(shard_sizes=(1_000,)) if w == "memory1000" else memory())
+               for w in which}
     print(json.dumps(results, indent=1))

@@ -341,3 +341,34 @@ def test_presign_is_refused_in_batch_mode(tmp_path: Path) -> None:
                    images={"image_mode": "presign"})
     with pytest.raises(pipeline.errors.JobError, match=r'"presign" is not used in \[run\] mode = "batch"'):
         pipeline.load_job(job)
+
+
+def test_an_object_store_without_its_backend_is_an_error_row_naming_the_package(tmp_path: Path, endpoint) -> None:
+    pytest.importorskip("fsspec")
+    if any(__import__("importlib").util.find_spec(m) for m in ("gcsfs", "adlfs")):
+        pytest.skip("gcsfs or adlfs is installed here")
+    rows = [{"id": "g", "prompt": "gs", "image": "gs://photos/a.png"}, {"id": "a", "prompt": "az", "image": "az://c/a.png"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = _job(tmp_path, tmp_path / "m.jsonl", endpoint.base_url,
+               images={"pool": "thread", "allowed_buckets": ["gcs://photos/", "abfs://c/"]})  # aliases fold to gs, az
+    assert run_cli("run", str(job)).returncode == 1
+    out = {row["id"]: row["error"] for row in read_output(tmp_path / "out")}
+    assert "gs:// image URIs need their fsspec backend: pip install gcsfs" in out["g"]
+    assert "az:// image URIs need their fsspec backend: pip install adlfs" in out["a"]
+
+
+def test_the_dry_run_checks_bytes_and_object_uris_without_fetching(tmp_path: Path) -> None:
+    table = pa.table({"id": ["ok", "text", "far", "near"], "prompt": ["a"] * 4,
+                      "image": pa.array([picture(1), b"plain text", None, None], pa.binary()),
+                      "uri": ["", "", "s3://elsewhere/a.png", "s3://team/a.png"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    job = job_dict(tmp_path / "m.parquet", "http://127.0.0.1:9/v1", tmp_path / "out", images={"allowed_buckets": ["s3://team/"]})
+    job["input"]["image_column"] = "image"
+    bytes_job = write_job(tmp_path / "bytes.toml", {**job, "name": "b"})
+    dry = run_cli("run", str(bytes_job), "--dry-run")
+    assert "not an image (PNG, JPEG, WEBP or GIF) by their content" in dry.stdout, dry.stdout
+    job["input"]["image_column"] = "uri"
+    uri_job = write_job(tmp_path / "uri.toml", {**job, "name": "u"})
+    dry = run_cli("run", str(uri_job), "--dry-run")
+    assert "outside the allowed buckets (s3://team/)" in dry.stdout and "s3://elsewhere/a.png" in dry.stdout, dry.stdout
+    assert "s3://team/a.png" not in dry.stdout  # allowed: counted as ready, nothing fetched
