@@ -13,7 +13,7 @@ dataset takes, so the output holds a reference instead (unless `[output] keep_me
 - a list of those: a list of references; null stays null. Any other column is returned as it is.
 
 The bytes are hashed where Arrow holds them (no copy into Python objects; hashlib releases the
-GIL), ~1 GB/s on one core.
+GIL), ~0.8 GB/s on one core of the bench machine.
 """
 
 from __future__ import annotations
