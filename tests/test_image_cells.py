@@ -372,3 +372,35 @@ def test_the_dry_run_checks_bytes_and_object_uris_without_fetching(tmp_path: Pat
     dry = run_cli("run", str(uri_job), "--dry-run")
     assert "outside the allowed buckets (s3://team/)" in dry.stdout and "s3://elsewhere/a.png" in dry.stdout, dry.stdout
     assert "s3://team/a.png" not in dry.stdout  # allowed: counted as ready, nothing fetched
+
+
+def test_the_manifests_own_bucket_folder_is_allowed_by_default() -> None:
+    from pipeline.rows.objects import object_roots
+
+    assert object_roots((), Path("/data/m.csv")) == ()  # a local manifest: nothing until allowed
+    assert object_roots((), "s3://team/photos/2026-11/manifest.parquet") == ("s3://team/photos/2026-11/",)
+    assert object_roots((), "s3://team/photos/2026-11/") == ("s3://team/photos/2026-11/",)
+    assert object_roots((), "s3://team/photos/*/part-*.parquet") == ("s3://team/photos/",)
+    assert object_roots(("gs://other/",), ["s3a://team/a.csv"]) == ("gs://other/", "s3://team/")
+
+
+def test_credentials_in_storage_options_are_used_and_never_shown(tmp_path: Path, endpoint, s3: S3,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    name = s3.new_bucket()
+    fs = s3.fs()
+    fs.pipe_file(f"{name}/0.png", picture(0))
+    for k in [k for k in os.environ if k.startswith("AWS_")]:  # the job's options alone
+        monkeypatch.delenv(k)
+    cells = [f"s3://{name}/0.png", f"s3://{name}/missing.png"]
+    job = _s3_job(tmp_path, s3, endpoint.base_url, cells)
+    text = job.read_text().replace(f'storage_options = {{"endpoint_url" = "{s3.url}"}}',
+                                   f'storage_options = {{"endpoint_url" = "{s3.url}", "key" = "{s3.key}", "secret" = "{s3.secret}"}}')
+    assert text != job.read_text()
+    job.write_text(text)
+    r = run_cli("run", str(job))
+    assert r.returncode == 1, r.stderr
+    out = {row["id"]: row for row in read_output(tmp_path / "out")}
+    assert out["r0"]["status"] == "ok" and "object not found" in out["r1"]["error"]
+    assert sent_images(endpoint)["object 0"] == [picture(0)]
+    text = files_text(tmp_path / "out", tmp_path / ".pipeline") + r.stderr + r.stdout
+    assert s3.secret not in text and s3.key not in text
