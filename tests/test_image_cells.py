@@ -25,6 +25,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import S3, job_dict, read_output, run_cli, write_job
 from PIL import Image
 
@@ -404,3 +406,21 @@ def test_credentials_in_storage_options_are_used_and_never_shown(tmp_path: Path,
     assert sent_images(endpoint)["object 0"] == [picture(0)]
     text = files_text(tmp_path / "out", tmp_path / ".pipeline") + r.stderr + r.stdout
     assert s3.secret not in text and s3.key not in text
+
+
+@settings(max_examples=150, deadline=None)
+@given(cells=st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), st.binary(max_size=8)), max_size=3)), max_size=12),
+       cut=st.tuples(st.integers(0, 12), st.integers(0, 12)), chunks=st.integers(1, 3))
+def test_references_match_each_cell_whatever_the_slicing_and_chunking(cells: list, cut: tuple[int, int], chunks: int) -> None:
+    """A shard is any slice of any chunking: each row's reference is its own items' digests."""
+    def ref(b: bytes | None) -> str | None:
+        return None if b is None else "sha256:" + hashlib.sha256(b).hexdigest()
+
+    start, length = min(cut), abs(cut[1] - cut[0])
+    arr = pa.array(cells, pa.list_(pa.binary())).slice(start, length)
+    step = max(1, len(arr) // chunks)
+    column = pa.chunked_array([arr.slice(i, step) for i in range(0, len(arr), step)] or [arr], arr.type)
+    want = [None if c is None else [ref(b) for b in c] for c in cells[start:start + length]]
+    assert referenced(column).to_pylist() == want
+    flat = pa.chunked_array([pa.array([c[0] if c else None for c in cells], pa.binary()).slice(start, length)])
+    assert referenced(flat).to_pylist() == [ref(c[0]) if c else None for c in cells[start:start + length]]
