@@ -9,7 +9,6 @@ from .job import Job, job_keys_markdown, load_job, parse_job
 from .sections import (
     DEFAULT_OUTPUT_TOKENS,
     MANIFEST_FORMATS,
-    Api,
     EndpointConfig,
     ImagesConfig,
     InputConfig,
@@ -19,6 +18,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .apis import Api
 from .audio import AudioConfig, AudioFormat, AudioPart
 from .pricing import ModelPrice, PricingConfig
 from .serve import ServeOptions

@@ -61,6 +61,7 @@ __all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
 
 STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
+BATCH_BYTES = 8 << 20  # ... and at most about this much of their cells (image bytes in the manifest)
 
 
 def make_labels(job: Job) -> Labels | None:
@@ -131,9 +132,8 @@ class ShardEngine:
                 self.breaker.vouch()  # shards answered by earlier runs: refusals now are the rows' own
             warm_imports()
             cache = await self._open_cache()
-            async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
-                              max_connections=self.limits.workers, proxy=self.job.endpoint_proxy(),
-                              api=self.job.endpoint.api) as client:
+            async with Client(self.job.endpoint.url, self.job.api_key(), api=self.job.endpoint.api, proxy=self.job.endpoint_proxy(),
+                              timeout_s=self.limits.timeout_s, max_connections=self.limits.workers) as client:
                 sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
                                    self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate,
                                    cache=cache)
@@ -282,8 +282,10 @@ class ShardEngine:
         for shard in shards:
             work = await self._open_shard(shard)
             needed, send = work.table.select(self.columns), work.send
-            for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
-                batch = send[start : start + ROWS_PER_BATCH]
+            # Python rows only a batch at a time; fewer rows when cells hold image bytes (100 KB each)
+            step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, needed.num_rows) // max(1, needed.nbytes)))
+            for start in range(0, len(send), step):
+                batch = send[start : start + step]
                 for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
                     await self.queue.put((work, i, cells))
             work.enqueued = True

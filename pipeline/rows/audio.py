@@ -7,8 +7,10 @@
     "audio_url" (vLLM):                {"type": "audio_url", "audio_url": {"url": URL or data:audio/...;base64,...}}
 
 A cell holds one value or a list (values.py), each a local file (read by files.py, only beneath
-the allowed roots, `[images] allowed_roots` widening them as for images), an http(s) URL or a
-data: URI. The format is told by the bytes (RIFF/WAVE, MP3 frames or ID3, fLaC, OggS), never the
+the allowed roots, `[images] allowed_roots` widening them as for images), an http(s) URL, a
+data: URI, an object-store URI (objects.py: the image reader, confined to `[images]
+allowed_buckets`; presigned for an `audio_url` part under `image_mode = "presign"`), or bytes held
+in the manifest (a binary cell, a Hugging Face `Audio` struct's bytes). The format is told by the bytes (RIFF/WAVE, MP3 frames or ID3, fLaC, OggS), never the
 name or a Content-Type; the clip's length is read with libsndfile (soundfile), and a clip longer
 than `max_seconds` fails its row: clips are never split (a model would hear the pieces as one
 recording, or a row would become several). With `convert` every clip is decoded and re-encoded
@@ -38,11 +40,13 @@ from ..config import AudioConfig, AudioFormat, AudioPart
 from ..errors import InputError, JobError
 from .files import LocalFiles
 from .images import MB, b64_size, data_uri_size, parse_data_uri
-from .values import image_values, kind_of, show
+from .values import Blob, Value, image_values, kind_of, show
 from .workers import Workers
 
 if TYPE_CHECKING:
+    from ..config import ImagesConfig
     from .fetch import Fetcher
+    from .objects import ObjectStore
 
 __all__ = ["AudioBuilder", "Clip", "sniff_audio", "local_clip", "data_uri_clip", "bytes_clip", "clip_problem", "TAKES",
            "MIME"]
@@ -68,6 +72,9 @@ class MediaSource(Protocol):
 
     files: LocalFiles
     workers: Workers
+    objects: ObjectStore
+    cfg: ImagesConfig
+    presign_s: float
 
     @property
     def fetcher(self) -> Fetcher: ...
@@ -96,7 +103,7 @@ def _source_cap(cfg: AudioConfig, images_source_mb: float) -> tuple[int, str]:
     return int(cfg.max_audio_mb * MB) * 3 // 4, f"over {cfg.max_audio_mb:g} MB as base64, the per-clip limit [audio] max_audio_mb"
 
 
-def prepare_clip(data: bytes, value: str, cfg: AudioConfig, declared: str | None = None) -> Clip:
+def prepare_clip(data: bytes, value: Value, cfg: AudioConfig, declared: str | None = None) -> Clip:
     """The clip to send for these bytes: told by content, its length checked, re-encoded with
     `convert`. Raises InputError."""
     fmt = sniff_audio(data)
@@ -126,7 +133,7 @@ def prepare_clip(data: bytes, value: str, cfg: AudioConfig, declared: str | None
     return Clip(fmt, base64.b64encode(data).decode("ascii"), seconds)
 
 
-def _reencode(data: bytes, value: str, cfg: AudioConfig) -> bytes:
+def _reencode(data: bytes, value: Value, cfg: AudioConfig) -> bytes:
     import soundfile
 
     assert cfg.convert is not None
@@ -147,14 +154,22 @@ def _reencode(data: bytes, value: str, cfg: AudioConfig) -> bytes:
     return out.getvalue()
 
 
-def clip_problem(value: str, files: LocalFiles, cfg: AudioConfig, source_mb: float) -> tuple[str, str] | None:
+def clip_problem(value: Value, files: LocalFiles, cfg: AudioConfig, source_mb: float,
+                 objects: ObjectStore | None = None) -> tuple[str, str] | None:
     """(kind, message) when this clip would fail its row, judged from a few bytes (the dry run);
-    None when it may be sent. A URL is not fetched: only its form is checked."""
+    None when it may be sent. A URL or an object is not fetched: only its form (and an object's
+    bucket) is checked."""
     kind = kind_of(value)
     if kind == "url":
         return None
+    if kind == "object":
+        if objects is not None:
+            objects.confined(str(value))  # InputError naming the allowed buckets
+        return None
     cap, why = _source_cap(cfg, source_mb)
-    if kind == "data":
+    if isinstance(value, Blob):
+        size, head = len(value.data), value.data[:16]
+    elif kind == "data":
         size = data_uri_size(value)
         head = base64.b64decode(value.partition(",")[2][:64], validate=False)
     else:
@@ -186,7 +201,7 @@ def data_uri_clip(value: str, cfg: AudioConfig) -> Clip:
     return prepare_clip(parse_data_uri(value)[1], value, cfg)
 
 
-def bytes_clip(data: bytes, value: str, cfg: AudioConfig, declared: str | None) -> Clip:
+def bytes_clip(data: bytes, value: Value, cfg: AudioConfig, declared: str | None) -> Clip:
     """A fetched clip's bytes; `declared` is the server's Content-Type, only to explain a refusal."""
     return prepare_clip(data, value, cfg, declared)
 
@@ -218,16 +233,26 @@ class AudioBuilder:
                 raise result
         return got  # type: ignore[return-value]
 
-    async def _clip(self, value: str) -> tuple[dict[str, Any], int]:
+    async def _clip(self, value: Value) -> tuple[dict[str, Any], int]:
         cfg, workers = self.cfg, self.media.workers
         kind = kind_of(value)
-        if kind == "url":
+        cap, why = _source_cap(cfg, self.source_mb)
+        if isinstance(value, Blob):
+            if len(value.data) > cap:  # refused here, not copied to a worker first
+                raise InputError(f"audio bytes too large ({len(value.data)} bytes; {why}): {show(value)}")
+            clip = await workers.run(value, bytes_clip, value.data, value, cfg, None)
+        elif kind == "object":
+            if cfg.part is AudioPart.AUDIO_URL and cfg.convert is None and self.media.cfg.image_mode == "presign":
+                url = await self.media.objects.presign(value, self.media.presign_s)
+                return {"type": "audio_url", "audio_url": {"url": url}}, 0  # the provider fetches it
+            data = await self.media.objects.read(value, cap, why)
+            clip = await workers.run(value, bytes_clip, data, value, cfg, None)
+        elif kind == "url":
             if cfg.part is AudioPart.AUDIO_URL and cfg.convert is None:
                 return {"type": "audio_url", "audio_url": {"url": value}}, 0  # the provider fetches it
             got = await self.media.fetcher.fetch(value)
             clip = await workers.run(value, bytes_clip, got.data, value, cfg, got.content_type)
         elif kind == "data":
-            cap, why = _source_cap(cfg, self.source_mb)
             if data_uri_size(value) > cap:  # checked on its length, before a worker decodes it
                 raise InputError(f"data: URI audio too large ({data_uri_size(value)} bytes once decoded; {why}): {show(value)}")
             clip = await workers.run(value, data_uri_clip, value, cfg)

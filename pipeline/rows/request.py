@@ -7,7 +7,7 @@ seed shows (here), or the Responses API's (responses.py, `[endpoint] api = "resp
                                      {"type": "video_url", "video_url": {"url": ...}}]}],
      "max_tokens": ..., **other [request] keys}
 
-    built = await builder.build(row)      # Built(prompt, media count, body bytes); InputError
+    built = await builder.build(row)      # Built(prompt, media count, body bytes, cache key bytes); InputError
     await builder.aclose()
 
 Prompts may hold `{column}` placeholders filled from the row; other braces (JSON examples in a
@@ -28,6 +28,7 @@ from ..errors import InputError, JobError
 from ..redact import Redactor
 from .media import MediaBuilder
 from .responses import ResponsesBody
+from .objects import Signed
 
 if TYPE_CHECKING:
     from .labels import Labels
@@ -42,6 +43,7 @@ class Built(NamedTuple):
     prompt: str
     media: int  # image, video and audio parts, for the token estimate
     body: bytes
+    cache_body: bytes  # what the request cache keys on: `body` with presigned URLs as their object URIs
 
 
 def placeholders(template: str) -> list[str]:
@@ -61,8 +63,11 @@ class RequestBuilder:
     def __init__(self, job: Job, columns: list[str], *, redactor: Redactor | None = None,
                  labels: Labels | None = None) -> None:
         self.job = job
+        # A presigned URL outlives every attempt of its row (they share one body) by presign_expiry_s.
+        presign_s = job.images.presign_expiry_s + job.limits.timeout_s * job.limits.max_attempts
         self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor,
-                                  files_base=job.files_base, proxies=job.proxies(), audio=job.audio)
+                                  files_base=job.files_base, proxies=job.proxies(), presign_s=presign_s,
+                                  audio=job.audio)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]
@@ -100,7 +105,7 @@ class RequestBuilder:
             encoded = await asyncio.to_thread(self.encode, body)  # megabytes of base64: not on the loop
         else:
             encoded = self.encode(body)
-        return Built(prompt, len(parts), encoded)
+        return Built(prompt, len(parts), encoded, _unsigned(encoded, parts))
 
     async def aclose(self) -> None:
         await self.media.aclose()
@@ -135,6 +140,18 @@ class ChatBody:
     def body(self, prompt: str, media: list[dict[str, Any]]) -> dict[str, Any]:
         parts: list[dict[str, Any]] = [{"type": "text", "text": prompt}, *media]
         return {"model": self.model, "messages": [*self._head, {"role": "user", "content": parts}], **self._tail}
+
+
+def _unsigned(encoded: bytes, parts: list[dict[str, Any]]) -> bytes:
+    """The encoded body with each presigned URL replaced by its object URI (a presigned URL is
+    percent-encoded: its JSON text is the URL itself)."""
+    for part in parts:
+        inner = part.get(part.get("type", ""))
+        urls = inner if isinstance(inner, list) else [inner.get("url")] if isinstance(inner, dict) else []
+        for url in urls:
+            if isinstance(url, Signed):
+                encoded = encoded.replace(url.encode(), url.source.encode())
+    return encoded
 
 
 def _url_chars(part: dict[str, Any]) -> int:

@@ -1,6 +1,7 @@
 """The answer the built-in endpoint composes, from what a request shows: the user's text and
 what it can really see of each image or video part (an inlined image's format, size and main
-colours with Pillow; for URLs only the URL, as it has no network), a reasoning text (in a
+colours with Pillow; for URLs only the URL, or with `fetch_images` the bytes fetched from it and
+their sha256), a reasoning text (in a
 `<think>` block or in `reasoning_field`), a JSON object built from a labeling request's schema,
 and the chat.completion around it with its usage (and usage details: `_usage`). Faults that change the answer itself
 (`length`, `nochoices`, `invalid_json`, `answer_echoes_key`) are applied here.
@@ -9,6 +10,7 @@ and the chat.completion around it with its usage (and usage details: `_usage`). 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import zlib
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 from ...config.serve import ServeOptions
 from .audio import Audio
 
-__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Media"]
+__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Fetched", "Media"]
 
 
 def completion(body: dict[str, Any], prompt: str, urls: list[Media], opts: ServeOptions, *,
@@ -68,7 +70,7 @@ def _usage(body: dict[str, Any], prompt: str, urls: list[Media], content: str, r
         "prompt_tokens_details": None,
     }
     if opts.usage_details:
-        images = sum(1 for u in urls if isinstance(u, str))
+        images = sum(1 for u in urls if not isinstance(u, (Video, Audio)))
         usage["prompt_tokens_details"] = {"cached_tokens": min(opts.cached_prompt_tokens, prompt_tokens),
                                           "image_tokens": 85 * images,
                                           **({"audio_tokens": audio} if any(isinstance(u, Audio) for u in urls) else {})}
@@ -122,13 +124,25 @@ def describe_image(url: str, analyze: bool) -> str:
         return f"an inlined {mime} that could not be decoded ({type(exc).__name__})"
 
 
+class Fetched(NamedTuple):
+    """An image URL the endpoint fetched (`fetch_images`): what came back."""
+
+    data: bytes
+
+
+def describe_fetched(image: Fetched, analyze: bool) -> str:
+    digest = hashlib.sha256(image.data).hexdigest()[:16]
+    inlined = "data:image/unknown;base64," + base64.b64encode(image.data).decode()
+    return f"fetched ({len(image.data)} bytes, sha256 {digest}): " + describe_image(inlined, analyze)
+
+
 class Video(NamedTuple):
     """A video part: a URL or data URI (`video_url`), or a list of frames (DashScope's `video`)."""
 
     value: str | list[str]
 
 
-Media = str | Video | Audio  # an image URL, a video part, an audio part
+Media = str | Video | Fetched | Audio  # an image URL, a video part, a fetched image, an audio part
 
 
 def describe_video(video: Video, analyze: bool) -> str:
@@ -150,6 +164,8 @@ def describe_video(video: Video, analyze: bool) -> str:
 def _describe(media: Media, analyze: bool) -> str:
     if isinstance(media, Video):
         return describe_video(media, analyze)
+    if isinstance(media, Fetched):
+        return describe_fetched(media, analyze)
     if isinstance(media, Audio):
         return media.heard()[0]
     return describe_image(media, analyze)
