@@ -191,6 +191,41 @@ def test_a_clip_in_memory_as_bytes(tmp_path: Path, endpoint_factory: Any, clips:
     assert "1.50 s, 22050 Hz, 2 channel(s)" in read_output(tmp_path / "out-mem")[0]["answer"]
 
 
+def test_clips_as_parquet_bytes_and_in_a_bucket(tmp_path: Path, endpoint_factory: Any, clips: dict[str, Path],
+                                                s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image cells' reader serves audio too: bytes in a Parquet manifest (the output holds
+    their sha256, not the bytes) and s3:// objects, read with the environment's credentials and
+    confined to [images] allowed_buckets."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    bucket, other = s3.new_bucket(), s3.new_bucket()
+    s3.fs().pipe_file(f"{bucket}/clips/b.mp3", clips["mp3"].read_bytes())
+    s3.fs().pipe_file(f"{other}/x.wav", clips["wav"].read_bytes())
+    wav = clips["wav"].read_bytes()
+    pq.write_table(pa.table({"id": ["bytes"], "prompt": ["Hear bytes"], "clip": pa.array([wav], pa.binary())}),
+                   tmp_path / "bytes.parquet")
+    pq.write_table(pa.table({"id": ["s3", "denied"], "prompt": ["Hear s3", "Hear elsewhere"],
+                             "clip": [f"s3://{bucket}/clips/b.mp3", f"s3://{other}/x.wav"]}), tmp_path / "uris.parquet")
+    ep = endpoint_factory()
+    for name, code in (("bytes", 0), ("uris", 1)):
+        job = job_dict(tmp_path / f"{name}.parquet", ep.base_url, tmp_path / f"out-{name}",
+                       input={"path": str(tmp_path / f"{name}.parquet"), "id_column": "id", "audio_column": "clip",
+                              "prompt_column": "prompt", "image_column": None, "storage_options": {"endpoint_url": s3.url}},
+                       images={"allowed_buckets": [f"s3://{bucket}/"]})
+        r = run_cli("run", str(write_job(tmp_path / f"{name}.toml", {**job, "name": name})))
+        assert r.returncode == code, r.stderr
+    got = {**_rows(tmp_path, "bytes"), **_rows(tmp_path, "uris")}
+    assert "2.50 s, 16000 Hz" in got["bytes"]["answer"]
+    assert got["bytes"]["clip"] == "sha256:" + hashlib.sha256(wav).hexdigest()  # a reference, not the bytes
+    assert "1.50 s, 22050 Hz, 2 channel(s)" in got["s3"]["answer"]
+    assert got["denied"]["status"] == "error" and "allowed buckets" in got["denied"]["error"]
+
+
 def test_kill_9_then_resume_every_audio_row_exactly_once(tmp_path: Path, endpoint_factory: Any) -> None:
     (tmp_path / "clips").mkdir()
     for i in range(6):
