@@ -185,7 +185,7 @@ def test_a_batch_run_through_the_responses_api(tmp_path: Path, endpoint_factory:
         assert_valid("Response", line["response"]["body"])
 
 
-def test_the_request_cache_and_the_dry_run_work_as_for_chat(tmp_path: Path, endpoint_factory: Any) -> None:
+def test_the_request_cache_dry_run_and_report_work_as_for_chat(tmp_path: Path, endpoint_factory: Any) -> None:
     ep = endpoint_factory()
     cache = {"cache": str(tmp_path / "cache")}
     first = _run(tmp_path, ep, "c1", "responses", run=cache)
@@ -195,6 +195,10 @@ def test_the_request_cache_and_the_dry_run_work_as_for_chat(tmp_path: Path, endp
     assert all(r["from_cache"] for r in again) and [r["answer"] for r in again] == [r["answer"] for r in first]
     dry = run_cli("run", str(tmp_path / "c1.toml"), "--dry-run")
     assert dry.returncode == 0 and dry.stdout.rstrip().endswith("ready"), dry.stdout + dry.stderr
+    report = run_cli("report", str(tmp_path / "c1.toml"), "--out", str(tmp_path / "r.html"))
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert all(row["id"] in page and row["answer"][:40] in page.replace("\\u003c", "<") for row in first)
 
 
 def test_the_budget_holds_as_for_chat(tmp_path: Path, endpoint_factory: Any) -> None:
