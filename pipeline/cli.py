@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cancel-batches", action="store_true", help='[run] mode "batch": cancel the running batches, collect what they did')
     r.add_argument("--dry-run", action="store_true",
                    help="send nothing: check the job and every row, estimate tokens, cost and time (exit 0 ready, 1 not)")
+    r.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="json: every stderr line one JSON object, no progress bar (default: $PIPELINE_LOG_FORMAT, else text)")
 
     g = sub.add_parser("report", help="write a self-contained HTML page of the output: gallery, charts, runs")
     g.add_argument("job", type=Path, help="the job file (TOML)")
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
             options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report, wait=args.wait,
-                                 cancel_batches=args.cancel_batches, no_cache=args.no_cache)
+                                 cancel_batches=args.cancel_batches, no_cache=args.no_cache, log_format=args.log_format)
             return run(load_job(args.job), options)
         if args.command in ("export-batch", "import-batch"):
             from .config import load_job
@@ -136,14 +138,26 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _serve(args)
     except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 2
     except LockedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 75
     except LocalFailure as exc:  # before sending began: a full disk, an unwritable checkpoint
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 4
+
+
+def _error(args: argparse.Namespace, exc: Exception) -> None:
+    """The one line an error before (or instead of) a run is: JSON when the run's logs are."""
+    from .engine.console import Console, log_format
+
+    try:
+        as_json = args.command == "run" and log_format(getattr(args, "log_format", None)) == "json"
+    except JobError:  # PIPELINE_LOG_FORMAT itself is wrong: say that, plainly
+        as_json = False
+    console = Console(json_lines=as_json, job=None)
+    console.say(f"error: {exc}", event="error", kind=type(exc).__name__)
 
 
 def _without_pandas() -> None:

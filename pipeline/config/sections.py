@@ -298,6 +298,16 @@ class RunConfig(Table):
                                           'unset: never too old')
     cache_max_gb: float = setting(10.0, doc="the cache's size cap; past it, the least recently used answers are dropped",
                                   check=positive)
+    metrics_port: int | None = setting(None, check=between(1, 65535),
+                                       doc="serve Prometheus metrics on this port (/metrics) while the run lasts")
+    metrics_host: str = setting("0.0.0.0", doc="metrics_port: the address it listens on (\"127.0.0.1\": this machine only)")
+    metrics_file: Path | None = setting(None, check=lambda v: None if v is None or v.name.endswith(".prom") else
+                                        f"must end in .prom (node_exporter's textfile collector reads only those), not {v.name!r}",
+                                        doc="write the same metrics to this file every few seconds and at the end "
+                                            "(node_exporter's textfile collector)")
+    metrics_linger_s: float = setting(0.0, check=zero_or_more,
+                                      doc="metrics_port: after the run, keep serving the final figures until one scrape "
+                                          "has read them, for at most this long")
 
     def validate(self) -> None:
         if self.mode == "batch" and self.engine != "local":
