@@ -1,4 +1,5 @@
-"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline report JOB`, `pipeline serve`.
+"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline report JOB`, `pipeline cache`,
+`pipeline serve`.
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
 3 stopped by the provider (quota, key refused, endpoint down, budget), resumable; 5 batch mode
@@ -59,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
     s.add_argument("job", type=Path, help="the job file (TOML)")
     s.add_argument("--json", action="store_true", help="print JSON")
+
+    c = sub.add_parser("cache", help="the request cache: what it holds, and space given back (safe while runs use it)")
+    c.add_argument("folder", nargs="?", type=Path, default=None,
+                   help="the cache folder, or a job file whose [run] cache it is (default: the user's, as cache = true)")
+    c.add_argument("action", choices=("stats", "prune", "clear"))
+    c.add_argument("--older-than", default=None, metavar="AGE", help='prune: entries not used in this long ("30d", "12h")')
+    c.add_argument("--max-gb", type=float, default=None, help="prune: least recently used first, down to this size")
+    c.add_argument("--json", action="store_true", help="print JSON")
 
     _serve_parser(sub)
     return p
@@ -129,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(load_job(args.job, require_key=False), args.out, max_mb=args.max_mb or MAX_MB))
             return 0
+        if args.command == "cache":
+            from .tools.housekeeping import cache_command
+
+            return cache_command(args.folder, args.action, older_than=args.older_than, max_gb=args.max_gb,
+                                 as_json=args.json)
         if args.command == "status":
             from .config import load_job
             from .tools.status import job_status, render

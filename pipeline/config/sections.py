@@ -34,7 +34,7 @@ from .urls import check_url, is_url
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
     "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS",
-    "schema_problem",
+    "schema_problem", "default_cache_folder",
 ]
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -253,13 +253,18 @@ class OutputConfig(Table):
         return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
 
 
+def default_cache_folder() -> Path:
+    """`[run] cache = true`'s folder (and `pipeline cache`'s when given none)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+
+
 def _cache_folder(value: Any, where: str, base: Path) -> Path | None:
     """`true`: the user's cache folder; `false`: off; a path (`~` expanded, relative to the job file)."""
     if value is False:
         return None
     if value is True:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+        return default_cache_folder()
     if not isinstance(value, str) or not value or is_url(value):
         raise JobError(f"{where} must be a folder path, true or false, not {value!r}")
     return (base / Path(value).expanduser()).resolve()
