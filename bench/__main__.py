@@ -38,6 +38,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "images": _optional("images", "run_image_bench"),
         "ray": _optional("ray_bench", "run_ray_bench"),
         "report": _optional("report_bench", "run_report_bench"),
+        "report_scale": _optional("report_scale", "run_report_scale_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
     }
 
@@ -58,6 +59,9 @@ TARGETS = {
     "report": lambda r: (f"{r['rows']:,} rows: report {r['report_s']:.1f}s, {r['page_mb']:.1f} MB; in chromium: load "
                          f"{r['load_s']:.1f}s, filter {r['filter_ms']:.0f} ms, sort {r['sort_ms']:.0f} ms, page "
                          f"{r['page_turn_ms']:.0f} ms, search {r['search_ms_with_150ms_debounce']:.0f} ms (150 ms debounce)"),
+    "report_scale": lambda r: "; ".join(
+        f"{k.removeprefix('rows_')} rows: peak {v['peak_rss_mb']:.0f} MB (target < 300), {v['report_s']:.1f}s"
+        for k, v in r.items() if isinstance(v, dict)),
     "adaptive": lambda r: (
         f"auto {r['auto_vs_sweep']['auto_rows_per_s']:.0f} rows/s = {r['auto_vs_sweep']['auto_pct_of_best']:.1f}% of the best fixed "
         f"(target >= 95%), p95 {r['auto_vs_sweep']['auto_p95_ms_after_warmup']:.0f} ms (target <= 300), "
