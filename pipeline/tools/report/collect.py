@@ -97,10 +97,13 @@ def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) 
 
 def _parts(store: PartStore, names: list[str]) -> Iterator[pa.Table]:
     """The output's part files, one at a time, in shard (manifest) order."""
+    pool = pa.default_memory_pool()
     for name in names:
         part = store.read_table(name)
         if part is not None and part.num_rows:
             yield part
+        del part
+        pool.release_unused()  # what decoding a part took goes back: memory flat in parts read
 
 
 def _lengths(table: pa.Table, name: str) -> Any:
