@@ -63,8 +63,9 @@ TARGETS = {
     "report_scale": lambda r: "; ".join(
         f"{k.removeprefix('rows_')} rows: peak {v['peak_rss_mb']:.0f} MB (target < 300), {v['report_s']:.1f}s"
         for k, v in r.items() if isinstance(v, dict)),
-    "metrics": lambda r: (f"{r['rows_per_s_on']} rows/s with metrics vs {r['rows_per_s_off']} without: "
-                          f"{r['cost_pct_of_throughput']:.1f}% (target < 5%); counts {r['counts_settle_us_per_row']:.2f} us/row "
+    "metrics": lambda r: (f"CPU per row {r['cost_pct_of_cpu']:+.1f}% with metrics (target < 5%); {r['rows_per_s_on']} rows/s "
+                          f"with vs {r['rows_per_s_off']} without ({r['cost_pct_of_throughput']:.1f}%, wall-clock); "
+                          f"counts {r['counts_settle_us_per_row']:.2f} us/row "
                           f"= {r['counts_settle_pct_of_row_cpu']:.1f}% of a row's CPU"),
     "adaptive": lambda r: (
         f"auto {r['auto_vs_sweep']['auto_rows_per_s']:.0f} rows/s = {r['auto_vs_sweep']['auto_pct_of_best']:.1f}% of the best fixed "

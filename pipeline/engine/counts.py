@@ -27,7 +27,8 @@ __all__ = ["Counts", "Live", "LATENCY_BUCKETS_S", "TOKEN_KINDS"]
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _BOUNDS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
 TOKEN_KINDS = ("prompt", "completion", "reasoning", "cached")
-_SUMMED = ("ok", "failed", "sent", "cached", "spent", "rate_limited", "paused_s", "cost", "latency_sum_s")
+_SUMMED = ("ok", "failed", "sent", "cached", "spent", "rate_limited", "paused_s", "cost", "latency_sum_s",
+           "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens")
 
 
 @dataclass
@@ -44,7 +45,10 @@ class Counts:
     limits: dict[str, Any] = field(default_factory=dict)  # what "auto" limits came to
     by_kind: Counter[str] = field(default_factory=Counter)
     by_status: Counter[str] = field(default_factory=Counter)  # requests by HTTP status; "timeout" etc. without one
-    tokens: Counter[str] = field(default_factory=Counter)  # TOKEN_KINDS over the settled rows
+    prompt_tokens: int = 0  # TOKEN_KINDS over the settled rows (plain ints: a row adds to them cheaply)
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
     cost: float = 0.0  # the settled rows' cost, live (spent is the run's total, holds included)
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))  # answers per bucket
     latency_sum_s: float = 0.0
@@ -58,17 +62,24 @@ class Counts:
         else:
             self.failed += 1
             self.by_kind[row.error_kind or ""] += 1
-        tokens = self.tokens
-        for kind, value in (("prompt", row.prompt_tokens), ("completion", row.completion_tokens),
-                            ("reasoning", row.reasoning_tokens), ("cached", row.cached_tokens)):
-            if value:
-                tokens[kind] += value
+        if row.prompt_tokens:
+            self.prompt_tokens += row.prompt_tokens
+        if row.completion_tokens:
+            self.completion_tokens += row.completion_tokens
+        if row.reasoning_tokens:
+            self.reasoning_tokens += row.reasoning_tokens
+        if row.cached_tokens:
+            self.cached_tokens += row.cached_tokens
         if row.cost:
             self.cost += row.cost
         ms = row.latency_ms
         if ms is not None and row.ok:
             self.latency[bisect_left(_BOUNDS_MS, ms)] += 1
             self.latency_sum_s += ms / 1000.0
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {kind: getattr(self, f"{kind}_tokens") for kind in TOKEN_KINDS}
 
     def request(self, status: int | None, kind: str | None = None) -> None:
         """A request's outcome: its HTTP status; an answer is "2xx"; no status: the error's kind."""
@@ -77,7 +88,7 @@ class Counts:
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for a Ray worker's report."""
         return {**{k: getattr(self, k) for k in _SUMMED}, "by_kind": dict(self.by_kind),
-                "by_status": dict(self.by_status), "tokens": dict(self.tokens), "latency": list(self.latency),
+                "by_status": dict(self.by_status), "latency": list(self.latency),
                 "last_ok_at": self.last_ok_at}
 
     @classmethod
@@ -89,7 +100,6 @@ class Counts:
                 setattr(total, k, getattr(total, k) + r.get(k, 0))
             total.by_kind.update(r.get("by_kind", {}))
             total.by_status.update(r.get("by_status", {}))
-            total.tokens.update(r.get("tokens", {}))
             for i, n in enumerate(r.get("latency", ())):
                 total.latency[i] += n
             last = r.get("last_ok_at")
