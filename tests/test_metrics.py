@@ -202,3 +202,23 @@ def test_a_metrics_port_in_use_is_one_line_before_anything_is_sent(tmp_path: Pat
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "[run] metrics_port: cannot listen on 127.0.0.1:" in r.stderr and "choose another port" in r.stderr
     assert endpoint.stats()["requests"] == 0
+
+
+def test_batch_mode_counts_its_batches_by_state(tmp_path: Path, endpoint_factory: Any) -> None:
+    ep = endpoint_factory(batch_in_progress_s=2.0)
+    prom_file = tmp_path / "batch.prom"
+    manifest = url_manifest(tmp_path / "m.csv", 6)
+    job = write_job(tmp_path / "job.toml", job_dict(manifest, ep.base_url, tmp_path / "out",
+                                                    run={"mode": "batch", "poll_s": 0.3, "metrics_file": str(prom_file)}))
+    first = run_cli("run", str(job), "--no-wait")
+    assert first.returncode == 5, first.stderr
+    running = parse(prom_file)
+    states = {dict(k[1])["state"]: v for k, v in running.items() if k[0] == "pipeline_batches"}
+    assert sum(states.values()) == 1 and "collected" not in states, states
+    assert sample(running, "pipeline_exit_code") == 5
+    time.sleep(2.5)
+    assert run_cli("run", str(job), "--no-wait").returncode == 0
+    done = parse(prom_file)
+    assert sample(done, "pipeline_batches", state="collected") == 1
+    assert sample(done, "pipeline_rows_total", status="ok", error_kind="") == 6
+    assert sample(done, "pipeline_last_success_timestamp_seconds") is not None
