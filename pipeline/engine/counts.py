@@ -3,7 +3,7 @@ the metrics and a Ray cluster's coordinator read.
 
     counts = Counts()
     counts.settle(row)                  # a row's result: ok/failed, kind, tokens, cost, latency
-    counts.request(err)                 # a request's outcome by HTTP status (None: an answer)
+    counts.answered(); counts.refused(429, "rate_limit")   # requests by HTTP status
     counts.to_dict(); Counts.merged([d1, d2])      # over the wire, summed over workers
     Live(counts, in_flight=3, remaining=120, ...)  # the run as it is now (pipeline.engine.metrics)
 
@@ -81,9 +81,13 @@ class Counts:
     def tokens(self) -> dict[str, int]:
         return {kind: getattr(self, f"{kind}_tokens") for kind in TOKEN_KINDS}
 
-    def request(self, status: int | None, kind: str | None = None) -> None:
-        """A request's outcome: its HTTP status; an answer is "2xx"; no status: the error's kind."""
-        self.by_status["2xx" if kind is None else str(status) if status else kind] += 1
+    def answered(self) -> None:
+        """A request answered (any 2xx)."""
+        self.by_status["2xx"] += 1
+
+    def refused(self, status: int | None, kind: str) -> None:
+        """A failed request: its HTTP status, or the error's kind when none came (timeout, connection)."""
+        self.by_status[str(status) if status else str(kind)] += 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for a Ray worker's report."""
