@@ -108,16 +108,3 @@ class LocalExecutor(Executor):
                          f"({engine.counts.rate_limited} x 429 so far)", event="paused", level="warning", text=False,
                          seconds=round(wait, 3), rate_limited=engine.counts.rate_limited)
         return now
-
-    def _note_pause(self, engine: ShardEngine, noted: float) -> float:
-        """JSON logs: a pause of the whole pool for the provider's 429s is a line (at most one per
-        PAUSE_NOTE_EVERY_S); returns when the last line was said."""
-        limiter = engine.limiter
-        now = limiter.clock()
-        if limiter.paused_until <= now or now - noted < PAUSE_NOTE_EVERY_S:
-            return noted
-        wait = limiter.paused_until - now
-        self.console.say(f"paused: every request waits {wait:.1f}s for the provider's rate limit "
-                         f"({engine.counts.rate_limited} x 429 so far)", event="paused", level="warning", text=False,
-                         seconds=round(wait, 3), rate_limited=engine.counts.rate_limited)
-        return now
