@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="the request cache: what it holds, and space given back (safe while runs use it)")
     c.add_argument("folder", nargs="?", type=Path, default=None,
                    help="the cache folder, or a job file whose [run] cache it is (default: the user's, as cache = true)")
-    c.add_argument("action", choices=("stats", "prune", "clear"))
+    c.add_argument("action", choices=("stats", "prune", "clear"),
+                   help="stats: what it holds; prune: remove old or least recently used entries; clear: remove all")
     c.add_argument("--older-than", default=None, metavar="AGE", help='prune: entries not used in this long ("30d", "12h")')
     c.add_argument("--max-gb", type=float, default=None, help="prune: least recently used first, down to this size")
     c.add_argument("--json", action="store_true", help="print JSON")

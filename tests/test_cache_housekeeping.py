@@ -91,8 +91,7 @@ def test_prune_and_clear_while_another_process_runs_on_the_same_cache(tmp_path: 
     while proc.poll() is None and time.monotonic() < deadline:
         cache_cli(str(folder), "prune", "--max-gb", "0.004", "--older-than", "1d")
         cleared = cache_cli(str(folder), "clear")
-        assert cleared["file_bytes_after"] < cleared["file_bytes_before"] or cleared["removed"] == 0
-        assert file_bytes(folder) < full / 5  # the space was really given back
+        assert cleared["file_bytes_after"] < full / 5 and file_bytes(folder) < full / 5  # the space was given back
         rounds += 1
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

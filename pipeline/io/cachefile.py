@@ -26,6 +26,7 @@ __all__ = ["stats", "prune", "clear", "RECENT_RUNS", "file_bytes"]
 
 RECENT_RUNS = 10  # the hit rate of the last this many runs
 DELETE_BATCH = 5000
+CHECKPOINT_TRIES = 20
 ADMIN_BUSY_S = 60.0  # a run's write in progress: how long a housekeeping step waits for it
 
 
@@ -144,4 +145,8 @@ def _delete_past(conn: sqlite3.Connection, max_bytes: int) -> tuple[int, int]:
 def _give_back(conn: sqlite3.Connection) -> None:
     """VACUUM (the file rewritten without its free pages), then the WAL folded in and truncated."""
     conn.execute("VACUUM")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for _ in range(CHECKPOINT_TRIES):  # a run reading at that moment holds the WAL: try again shortly
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return
+        time.sleep(0.1)
