@@ -118,6 +118,16 @@ class Console:
         logging.lastResort = handler
 
 
+    def adopt_logger(self, name: str) -> None:
+        """JSON logs: a library logger with handlers of its own (Ray's) speaks through the console."""
+        if self.json:
+            logger = logging.getLogger(name)
+            for old in list(logger.handlers):
+                logger.removeHandler(old)
+            logger.addHandler(_ConsoleHandler(self))
+            logger.propagate = False
+
+
 class _ConsoleHandler(logging.Handler):
     def __init__(self, console: Console) -> None:
         super().__init__(logging.WARNING)

@@ -60,6 +60,7 @@ from .executor import Executor
 from .prepare import Prepared
 from .progress import PROGRESS_EVERY_S, Progress
 from .ray_task import Coordinator, shard_task
+from .console import Console
 from .counts import Counts, Live
 from .summary import Stopped
 
@@ -83,7 +84,7 @@ class RayExecutor(Executor):
                     tokens_per_minute=float(limits.tokens_per_minute), concurrency=driver.workers * limits.workers)
 
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
-        connected_here = _connect(self.job)
+        connected_here = _connect(self.job, self.console)
         try:
             self.driver = _Driver(self, ready)
             return self.host.run_loop(self.driver.run())
@@ -92,13 +93,17 @@ class RayExecutor(Executor):
                 ray.shutdown()  # ends a Ray started here; only disconnects from a cluster
 
 
-def _connect(job: Job) -> bool:
+def _connect(job: Job, console: Console) -> bool:
     if ray.is_initialized():  # e.g. a notebook or a test that started Ray itself
         return False
     address = job.run.ray_address
+    # JSON logs: Ray's own lines while it starts are JSON too; after, they go through the console
+    json_logs = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")} if console.json else {}
     try:
         # Workers' own output stays in Ray's session logs: the driver prints what a local run prints.
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 **json_logs)
+        console.adopt_logger("ray")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
