@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from ..config import Job
 from ..errors import JobError
-from ..redact import Redactor
+from ..redact import Redactor, option_secrets
 
 __all__ = ["Console", "log_format", "LOG_FORMATS", "LOG_FORMAT_ENV"]
 
@@ -61,7 +61,8 @@ class Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
         from ..io.storage import PartStore  # here: the CLI prints its errors without Arrow
 
-        secrets = [job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets()]
+        secrets = [job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
+                   *option_secrets(job.input.storage_options)]
         if job.notify is not None:
             secrets += job.notify.secrets()
         return cls(Redactor(secrets), json_lines=log_format(fmt) == "json", job=job.name)
@@ -116,7 +117,6 @@ class Console:
             root.removeHandler(old)
         root.addHandler(handler)
         logging.lastResort = handler
-
 
     def adopt_logger(self, name: str) -> None:
         """JSON logs: a library logger with handlers of its own (Ray's) speaks through the console."""
