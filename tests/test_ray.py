@@ -222,3 +222,27 @@ def test_ray_workers_write_their_parts_to_s3(tmp_path: Path, endpoint_factory, r
     assert sorted(map(key, rows)) == sorted(map(key, assert_exactly_once(tmp_path / "out-local", n)))
     assert ep.stats()["requests"] == n
     assert not (tmp_path / "out-ray").exists()
+
+
+def test_metrics_are_one_series_set_for_the_cluster(tmp_path: Path, endpoint_factory, ray_address: str) -> None:
+    """The driver's textfile sums every worker's counts through the coordinator: one series per
+    family and label set, none per worker, matching the output and the endpoint's own count."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ep = endpoint_factory(latency_ms=20, row_faults={"row-00042": "400"})
+    prom = tmp_path / "ray.prom"
+    job = make_job(tmp_path, ep.base_url, 400, run={"ray_workers": 2, "metrics_file": str(prom)})
+    assert run(load_job(job)) == 1
+    samples = [s for family in text_string_to_metric_families(prom.read_text()) for s in family.samples]
+    keys = [(s.name, tuple(sorted(s.labels.items()))) for s in samples]
+    assert len(keys) == len(set(keys)) and all(set(s.labels) <= {"job_name", "status", "error_kind", "code", "kind",
+                                                                  "auto", "le", "state"} for s in samples)
+    value = {k: s.value for k, s in zip(keys, samples)}
+    ok = sum(1 for r in read_output(tmp_path / "out-t") if r["status"] == "ok")
+    assert ok == 399 and value[("pipeline_rows_total", (("error_kind", ""), ("job_name", "t"), ("status", "ok")))] == ok
+    assert value[("pipeline_rows_total", (("error_kind", "bad_request"), ("job_name", "t"), ("status", "error")))] == 1
+    requests = sum(v for (name, _), v in value.items() if name == "pipeline_requests_total")
+    assert requests == ep.stats()["requests"]
+    assert value[("pipeline_rows_remaining", (("job_name", "t"),))] == 0
+    assert value[("pipeline_exit_code", (("job_name", "t"),))] == 1
+    assert value[("pipeline_answer_latency_seconds_count", (("job_name", "t"),))] == ok

@@ -27,6 +27,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .notify import NotifyConfig
 from .pricing import ModelPrice, PricingConfig
 from .proxy import Proxy, ProxyChoice, ProxyError
 from .serve import ServeOptions
@@ -61,6 +62,7 @@ class Job:
     labels: LabelsConfig | None = None
     pricing: PricingConfig | None = None
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    notify: NotifyConfig | None = None  # who is told when a run ends
     # A job whose manifest is given in memory (the Python API's manifest=): [input] path is where
     # it is stored, in the checkpoint folder, and relative local image paths resolve against
     # `files_base` (the working directory) instead of the manifest's folder.
@@ -138,7 +140,7 @@ def load_job(path: str | os.PathLike[str] | dict[str, Any], *, require_key: bool
 
 
 IN_MEMORY_PATH = "manifest.parquet"  # [input] path of a job whose manifest comes in memory, until it is stored
-_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve")
+_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve", "notify")
 
 
 def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, input_optional: bool = False) -> Job:
@@ -189,6 +191,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=limits,
         output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
         pricing=pricing, images=images, in_memory=in_memory,
+        notify=table(NotifyConfig) if "notify" in data else None,
     )
 
 
@@ -230,4 +233,4 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
     return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
-                          RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions])
+                          RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions, NotifyConfig])

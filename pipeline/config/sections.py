@@ -34,7 +34,7 @@ from .urls import check_url, is_url, object_prefix
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
     "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS",
-    "schema_problem",
+    "schema_problem", "default_cache_folder",
 ]
 
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -283,13 +283,18 @@ class OutputConfig(Table):
         return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
 
 
+def default_cache_folder() -> Path:
+    """`[run] cache = true`'s folder (and `pipeline cache`'s when given none)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+
+
 def _cache_folder(value: Any, where: str, base: Path) -> Path | None:
     """`true`: the user's cache folder; `false`: off; a path (`~` expanded, relative to the job file)."""
     if value is False:
         return None
     if value is True:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+        return default_cache_folder()
     if not isinstance(value, str) or not value or is_url(value):
         raise JobError(f"{where} must be a folder path, true or false, not {value!r}")
     return (base / Path(value).expanduser()).resolve()
@@ -328,6 +333,16 @@ class RunConfig(Table):
                                           'unset: never too old')
     cache_max_gb: float = setting(10.0, doc="the cache's size cap; past it, the least recently used answers are dropped",
                                   check=positive)
+    metrics_port: int | None = setting(None, check=between(1, 65535),
+                                       doc="serve Prometheus metrics on this port (/metrics) while the run lasts")
+    metrics_host: str = setting("0.0.0.0", doc="metrics_port: the address it listens on (\"127.0.0.1\": this machine only)")
+    metrics_file: Path | None = setting(None, check=lambda v: None if v is None or v.name.endswith(".prom") else
+                                        f"must end in .prom (node_exporter's textfile collector reads only those), not {v.name!r}",
+                                        doc="write the same metrics to this file every few seconds and at the end "
+                                            "(node_exporter's textfile collector)")
+    metrics_linger_s: float = setting(0.0, check=zero_or_more,
+                                      doc="metrics_port: after the run, keep serving the final figures until one scrape "
+                                          "has read them, for at most this long")
 
     def validate(self) -> None:
         if self.mode == "batch" and self.engine != "local":

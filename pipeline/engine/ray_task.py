@@ -16,8 +16,8 @@ import contextlib
 import fcntl
 import math
 import os
+import time
 import uuid
-from collections import Counter
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
@@ -29,6 +29,7 @@ from ..errors import LocalFailure, StopJob
 from ..io.checkpoint import Checkpoint
 from ..io.manifest import Plan, Shard
 from .console import Console
+from .counts import Counts
 from .lease import LeasedLimiter, RateBudget
 from .options import RunOptions
 from .process import on_signals
@@ -59,7 +60,7 @@ class Coordinator:
         self.budget.pause(seconds)
 
     def report(self, attempt: str, counts: dict[str, Any], token_debt: float = 0.0) -> dict[str, Any]:
-        self.reports[attempt] = counts
+        self.reports[attempt] = {**counts, "heard": time.monotonic()}
         self.budget.correct(token_debt)
         return {"epoch": self.budget.epoch, "stop": self.stopped}
 
@@ -69,15 +70,15 @@ class Coordinator:
 
     def state(self) -> dict[str, Any]:
         """This run's counts over every attempt, rows done per shard, and the stop if any."""
-        counts: Counter[str] = Counter()
-        by_kind: Counter[str] = Counter()
         done: dict[int, int] = {}
         for r in self.reports.values():
-            counts.update({k: r[k] for k in ("ok", "failed", "sent")})
-            by_kind.update(r["by_kind"])
             # A rerun of a shard starts from its journal: the furthest attempt is the shard's progress.
             done[r["shard"]] = max(done.get(r["shard"], 0), r["done"])
-        return {"counts": dict(counts), "by_kind": dict(by_kind), "done": sum(done.values()), "stop": self.stopped}
+        total = Counts.merged(self.reports.values())  # one set of counts for the cluster (the metrics')
+        recent = time.monotonic() - 4 * REPORT_EVERY_S  # a dead worker's last report holds no request now
+        in_flight = sum(r.get("in_flight", 0) for r in self.reports.values() if r["heard"] >= recent)
+        return {"counts": total.to_dict(), "by_kind": dict(total.by_kind), "done": sum(done.values()),
+                "stop": self.stopped, "in_flight": in_flight}
 
 
 class ActorBudget:
@@ -166,8 +167,8 @@ class _Reporter:
         own = engine.stop_reason if limiter.stop_reason is None else None  # quota, auth, endpoint down here
         if own is not None:
             limiter.stop(own)
-        counts = {"shard": self.shard.index, "done": engine.done_before + c.ok + c.failed,
-                  "ok": c.ok, "failed": c.failed, "sent": c.sent, "by_kind": dict(c.by_kind)}
+        counts = {**c.to_dict(), "shard": self.shard.index, "done": engine.done_before + c.ok + c.failed,
+                  "in_flight": engine.gate.in_flight}
         try:
             if own is not None:
                 self.coordinator.stop.remote(own.kind, str(own))

@@ -228,12 +228,14 @@ class RowSender:
                             answer.cached_tokens)
             state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
             self.breaker.success()
+            self.counts.answered()
             self.limiter.settle(tokens, answer.total_tokens)
             return _answer_row(state, answer, latency, warning)
         finally:
             self.spend.settle(held, cost)
 
     def _failed(self, state: RowState, err: RequestError, sent_at: float) -> ResultRow | float:
+        self.counts.refused(err.status, err.kind)
         if err.kind in STOP_KINDS:
             raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
         self.limiter.observe(err.headers)

@@ -379,11 +379,7 @@ class ShardEngine:
     def _deliver(self, work: _ShardWork, row: ResultRow) -> None:
         redactor = self.console.redactor  # what a provider or a model echoed never reaches a file
         self.journal.append(work.shard.index, row.scrubbed(redactor.scrub) if redactor else row)
-        if row.ok:
-            self.counts.ok += 1
-        else:
-            self.counts.failed += 1
-            self.counts.by_kind[row.error_kind or ""] += 1
+        self.counts.settle(row)
         work.pending -= 1
         if work.pending == 0 and work.enqueued:
             self._schedule_commit(work)
