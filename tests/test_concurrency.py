@@ -141,6 +141,71 @@ async def test_the_gate_lets_in_only_the_limit_and_more_when_it_rises() -> None:
     assert Gate(None).controller is None  # fixed max_concurrency: no gate at all
 
 
+async def test_the_gate_hands_a_freed_place_to_the_oldest_waiter() -> None:
+    """Limit 1: A holds the place, B waits; A leaves and comes straight back. B goes next, then A:
+    a newcomer never takes a place a waiter was woken for (before, B ran after A went three times)."""
+    gate = Gate(Gradient(cap=1, limit=1), clock=lambda: 0.0)
+    order: list[str] = []
+
+    async def worker(name: str, times: int) -> None:
+        for _ in range(times):
+            async with gate:
+                order.append(name)
+                await asyncio.sleep(0)  # a request's await: the others run meanwhile
+
+    a = asyncio.create_task(worker("A", 3))  # runs first: inside, then at its await ...
+    b = asyncio.create_task(worker("B", 3))  # ... B queues
+    await asyncio.wait_for(asyncio.gather(a, b), 5)
+    assert order == ["A", "B", "A", "B", "A", "B"]
+    assert gate.in_flight == 0
+
+
+async def test_the_gate_admits_in_arrival_order_under_churn() -> None:
+    """Twelve workers over a limit of three, each going round twenty times: places are granted in
+    exactly the order they were asked for, so nobody waits longer than the queue ahead of it."""
+    gate = Gate(Gradient(cap=3, limit=3), clock=lambda: 0.0)
+    asked: list[tuple[int, int]] = []
+    granted: list[tuple[int, int]] = []
+    inside = 0
+
+    async def worker(me: int) -> None:
+        nonlocal inside
+        for turn in range(20):
+            asked.append((me, turn))
+            async with gate:
+                granted.append((me, turn))
+                inside += 1
+                assert inside <= 3
+                for _ in range(me % 3 + 1):  # service times differ: the order of leaving churns
+                    await asyncio.sleep(0)
+                inside -= 1
+
+    await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(12))), 10)
+    assert granted == asked
+    assert gate.in_flight == 0
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_place_passes_it_on() -> None:
+    gate = Gate(Gradient(cap=1, limit=1), clock=lambda: 0.0)
+    entered: list[str] = []
+
+    async def request(name: str) -> None:
+        async with gate:
+            entered.append(name)
+            await asyncio.sleep(0)
+
+    await gate.__aenter__()  # the place is taken
+    b = asyncio.create_task(request("B"))
+    c = asyncio.create_task(request("C"))
+    await asyncio.sleep(0)  # both queue
+    await gate.__aexit__()  # the place is handed to B ...
+    b.cancel()  # ... cancelled before it resumed: C must get it, not lose it
+    await asyncio.wait_for(c, 5)
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert entered == ["C"] and gate.in_flight == 0
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 1000.0

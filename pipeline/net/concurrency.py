@@ -149,7 +149,10 @@ def _quantile(samples: list[float]) -> float:
 
 class Gate:
     """Requests in flight, at most the controller's limit (no controller: no gate, the workers'
-    count is the limit). Waiters go in arrival order; a raised limit lets more in at once."""
+    count is the limit). Waiters go in arrival order: a freed place is taken for the oldest waiter
+    before it is woken (as tools/serve/capacity.py does), so a request that leaves and comes
+    straight back queues behind it instead of taking the place again. A raised limit lets more
+    in at once."""
 
     def __init__(self, controller: Gradient | None, clock: Callable[[], float] = time.monotonic) -> None:
         self.controller = controller
@@ -158,35 +161,37 @@ class Gate:
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def __aenter__(self) -> Gate:
-        if self.controller is not None:
-            while self.in_flight >= self.controller.allowed or self._waiters:
-                fut = asyncio.get_running_loop().create_future()
-                self._waiters.append(fut)
-                try:
-                    await fut
-                except asyncio.CancelledError:
-                    if fut in self._waiters:
-                        self._waiters.remove(fut)
-                    self._wake()
-                    raise
-                if self.in_flight < self.controller.allowed:
-                    break
-        self.in_flight += 1
+        if self.controller is None or (not self._waiters and self.in_flight < self.controller.allowed):
+            self.in_flight += 1
+            return self
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(place)
+        try:
+            await place  # in_flight already counts it when this returns
+        except asyncio.CancelledError:
+            if place.done() and not place.cancelled():
+                self._leave()  # handed a place just as it was cancelled: pass it on
+            elif place in self._waiters:
+                self._waiters.remove(place)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
         self.in_flight -= 1
         self._wake()
 
     def _wake(self) -> None:
+        """Hand free places to the oldest waiters, taking each place for its waiter."""
         if self.controller is None:
             return
-        room = self.controller.allowed - self.in_flight
-        while room > 0 and self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                room -= 1
+        while self._waiters and self.in_flight < self.controller.allowed:
+            place = self._waiters.popleft()
+            if not place.done():
+                self.in_flight += 1
+                place.set_result(None)
 
     def answered(self, latency_s: float) -> None:
         if self.controller is not None:
