@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.config import AUTO
 from pipeline.net.concurrency import GROW_BELOW, PROBE_WINDOWS, SHRINK_ABOVE, START, WINDOW_S, Gate, Gradient
 from pipeline.net.limiter import AUTO_MARGIN, AUTO_START_RPM, Limiter
 
@@ -216,7 +217,7 @@ class _Clock:
 
 async def test_auto_rate_waits_for_the_first_answer_then_paces_at_the_announced_limit() -> None:
     clock = _Clock()
-    limiter = Limiter("auto", clock=clock)
+    limiter = Limiter(AUTO, clock=clock)
     assert limiter.rpm == AUTO_START_RPM
     first = await limiter.acquire()
     assert first is not None
@@ -231,7 +232,7 @@ async def test_auto_rate_waits_for_the_first_answer_then_paces_at_the_announced_
 
 
 async def test_auto_rate_without_headers_goes_on_at_the_starting_pace() -> None:
-    limiter = Limiter("auto", "auto")
+    limiter = Limiter(AUTO, AUTO)
     assert await limiter.acquire() is not None
     limiter.observe({})  # an answer with no x-ratelimit-*: the others may go
     assert await asyncio.wait_for(limiter.acquire(), 2) is not None

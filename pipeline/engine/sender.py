@@ -33,7 +33,7 @@ from ..io.cache import Cache, request_key
 from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
-from ..net.limiter import Limiter
+from ..net.limiter import Pacer
 from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from ..records import ResultRow
 from ..rows.answer import Answer, parse_response
@@ -90,7 +90,7 @@ def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None =
 
 
 class RowSender:
-    def __init__(self, job: Job, builder: RequestBuilder, client: Client, limiter: Limiter, spend: SpendLimit,
+    def __init__(self, job: Job, builder: RequestBuilder, client: Client, limiter: Pacer, spend: SpendLimit,
                  breaker: Breaker, labels: Labels | None, stopping: asyncio.Event, before_send: Callable[[], None],
                  counts: Counts, stop: Callable[[StopJob], None], gate: Gate | None = None,
                  cache: CacheUse | None = None) -> None:
@@ -180,7 +180,7 @@ class RowSender:
     async def _answer(self, state: RowState, built: Built) -> ResultRow | None:
         """Attempts until an answer or an error out of attempts; None when a stop came first."""
         tokens = estimate_tokens(self.job, prompt_chars(self.job, built.prompt), built.media).total \
-            if self.limits.tokens_per_minute == "auto" or self.limits.tokens_per_minute > 0 else 0.0
+            if self.limits.counts_tokens else 0.0
         worst = worst_case_cost(self.job, built.prompt, built.media) if self.spend.limit is not None else 0.0
         while not self.stopping.is_set():
             state.attempts += 1

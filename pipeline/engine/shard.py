@@ -43,7 +43,7 @@ from ..io.manifest import Plan, Shard, read_shard, row_ids
 from ..net.breaker import Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
-from ..net.limiter import Limiter
+from ..net.limiter import Pacer
 from ..records import ResultRow
 from ..rows.pricing import SpendLimit
 from ..rows.request import RequestBuilder, request_columns
@@ -83,7 +83,7 @@ class _ShardWork:
 
 
 class ShardEngine:
-    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Limiter, console: Console,
+    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Pacer, console: Console,
                  options: RunOptions, committed_rows: dict[int, int] | None = None,
                  expire: Callable[[int], None] = exit_process) -> None:
         self.job, self.ckpt, self.plan, self.options = job, ckpt, plan, options
@@ -172,7 +172,7 @@ class ShardEngine:
         if self.cache is not None:  # the answers waiting are written (never raises: the cache warns)
             await asyncio.to_thread(self.cache.close)
         self.counts.spent = self.spend.spent_now
-        self.counts.paused_s = getattr(self.limiter, "paused_s", 0.0)  # a Ray worker's lease has none
+        self.counts.paused_s = self.limiter.paused_s
         self.counts.limits = self._limits_used()
         try:
             await self.builder.aclose()  # the fetcher's session and the image workers
@@ -187,13 +187,7 @@ class ShardEngine:
         ctl = self.gate.controller
         if ctl is not None:
             used["max_concurrency"] = {"auto": True, "last": ctl.allowed, "low": int(ctl.low), "high": int(ctl.high)}
-        limiter = self.limiter
-        if getattr(limiter, "auto_requests", False):
-            used["requests_per_minute"] = {"auto": True, "paced_at": round(limiter.rpm, 1)}
-        if getattr(limiter, "auto_tokens", False):
-            tokens = limiter.tokens
-            used["tokens_per_minute"] = {"auto": True, "paced_at": round(tokens.per_minute, 1) if tokens else None}
-        return used
+        return {**used, **self.limiter.found()}
 
     async def _supervise(self, shards: list[Shard], sender: RowSender) -> None:
         async with asyncio.TaskGroup() as tasks:
