@@ -133,9 +133,10 @@ class ShardEngine:
             cache = await self._open_cache()
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
-                sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
-                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate,
-                                   cache=cache)
+                sender = RowSender(job=self.job, builder=self.builder, client=client, limiter=self.limiter,
+                                   spend=self.spend, breaker=self.breaker, counts=self.counts, labels=self.labels,
+                                   stopping=self.stopping, before_send=self.journal.flush_before_send,
+                                   on_stop=self.stop, gate=self.gate, cache=cache)
                 await self._supervise(shards, sender)
             await self._commit_partial()
         finally:
