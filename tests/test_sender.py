@@ -92,3 +92,18 @@ async def test_a_row_refused_by_429s_past_its_wait_stops_the_run_by_the_senders_
     assert state.rate_limited == state.attempts == 7
     assert counts.rate_limited == 7 and ep.stats()["statuses"] == {"429": 7}
     assert rng.draws == 6  # each retry's jitter came from the random source given
+
+
+async def test_time_under_429_pacing_is_not_failing_time_for_the_endpoint_down_verdict(
+        tmp_path: Path, endpoint_factory: Any) -> None:
+    """A 500, minutes of 429s, two more 500s, then the answer: the endpoint was up and pacing us all
+    along. Before, the first and the second 500 were 400 s apart on the clock, past breaker_seconds
+    (120): "the endpoint looks down", the run stopped."""
+    ep = endpoint_factory(row_faults={"picture": "500:1", "Describe": "429ms:4", "row-": "500:6"},
+                          fault_retry_after_s=0.001)
+    clock = Ticking(100.0)
+    result, state, _ = await send_one(tmp_path, ep.base_url, clock=clock, rng=Draws(), max_attempts=5,
+                                      breaker_failures=50, breaker_seconds=120)
+    assert not isinstance(result, StopJob), result
+    assert result.status == "ok" and state.attempts == 7 and state.rate_limited == 3
+    assert ep.stats()["statuses"] == {"500": 3, "429": 3, "200": 1}

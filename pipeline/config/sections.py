@@ -151,8 +151,8 @@ class LimitsConfig(Table):
     breaker_seconds: float = setting(120.0, doc="... or this long failing with no success", check=positive)
     breaker_refusals: int = setting(
         5, check=zero_or_more,
-        doc="the run's first refusals (400/404/422), all the same with nothing answered, that stop it as a wrong "
-            "job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
+        doc="refusals (400/404/422) all alike, from every part of the manifest, with nothing answered, that stop "
+            "the run as a wrong job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
     grace_s: float = setting(10.0, doc="on Ctrl-C/SIGTERM, how long requests in flight may finish", check=zero_or_more)
     max_response_mb: float = setting(64.0, doc="an answer larger than this (as sent or decompressed) is a failed attempt",
                                      check=positive)

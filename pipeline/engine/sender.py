@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
@@ -32,7 +35,7 @@ from ..config import Job
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
 from ..io.cache import Cache, request_key
-from ..net.breaker import REFUSAL_KINDS, Breaker
+from ..net.breaker import REFUSAL_KINDS, Breaker, refusal_key, wrong_job_message
 from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
 from ..net.limiter import Pacer
@@ -52,7 +55,7 @@ from .summary import Counts
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["RowSender", "RowState", "CacheUse", "error_row", "FULL_KINDS"]
+__all__ = ["RowSender", "RowState", "CacheUse", "error_row", "internal_error_row", "FULL_KINDS"]
 
 FULL_KINDS = ("server", "timeout", "connection")  # what a full server answers: "auto" concurrency backs off
 HASH_OFF_LOOP = 64 << 10  # a body this large (inline images) is hashed in a thread: sha256 ~100 us per 64 KB
@@ -67,14 +70,30 @@ class CacheUse:
     read: bool  # False (--no-cache): every row is sent; fresh answers are still stored
     scrub: Callable[[dict[str, Any]], dict[str, Any]]  # a secret echoed in an answer is never stored
 
+    @classmethod
+    async def open(cls, job: Job, *, read: bool, warn: Callable[[str], None],
+                   scrub: Callable[[dict[str, Any]], dict[str, Any]]) -> CacheUse | None:
+        """The job's request cache (`[run] cache`); None when off or unusable (warned once: the run goes on)."""
+        run = job.run
+        if run.cache is None:
+            return None
+        cache = await asyncio.to_thread(Cache.open, run.cache, ttl_s=run.cache_ttl,
+                                        max_bytes=int(run.cache_max_gb * 1e9), warn=warn)
+        if cache is None:
+            return None
+        # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
+        url = job.endpoint.url if job.serve is None else "serve:" + json.dumps(job.serve, sort_keys=True, default=str)
+        return cls(cache, url, read, scrub)
+
 
 class RowState:
     """What one row's sending has done so far: an unexpected failure still reports it truly."""
 
-    __slots__ = ("row_id", "attempts", "spent", "rate_limited", "paced_since", "data")
+    __slots__ = ("row_id", "at", "attempts", "spent", "rate_limited", "paced_since", "data")
 
-    def __init__(self, row_id: str) -> None:
+    def __init__(self, row_id: str, at: float = 0.0) -> None:
         self.row_id = row_id
+        self.at = at  # the row's place in the run's rows, 0 <= at < 1 (where its refusal comes from)
         self.attempts = 0  # requests made, rate-limit 429s included (the `attempts` column)
         self.spent: float | None = None  # this row's cost over its attempts
         self.rate_limited = 0  # of those, refused by a rate-limit 429: they spend no max_attempts
@@ -89,6 +108,21 @@ class RowState:
 
 def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None = None) -> ResultRow:
     return ResultRow(row_id, status="error", error=err.describe(), error_kind=str(err.kind), attempts=attempts, cost=cost)
+
+
+def internal_error_row(state: RowState, exc: Exception, *, log: Path, scrub: Callable[[str], str],
+                       say: Callable[[str], None] | None) -> ResultRow:
+    """A bug met by one row: an error row of kind "internal", its traceback (scrubbed) appended to
+    `log`; `say`: tell the user so (the run's first such row)."""
+    text = scrub("".join(traceback.format_exception(exc)))
+    with contextlib.suppress(OSError):
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
+    if say is not None:
+        say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
+            f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
+    err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
+    return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
 
 class RowSender:
@@ -251,6 +285,7 @@ class RowSender:
             self.gate.dropped()
         if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
             self.counts.rate_limited += 1
+            self.breaker.rate_limited()  # paced, not failing: no time towards "the endpoint looks down"
             self.limiter.slow_down(server_delay(err.headers, self.wall_clock(), rate_limited=True), sent_at=sent_at)
             if err.should_retry is not False:
                 return self._paced(state, err)
@@ -260,8 +295,8 @@ class RowSender:
                 kind="endpoint_down",
             ) from None
         if not should_retry(err, state.tries, self.limits.max_attempts):
-            if err.kind in REFUSAL_KINDS and self.breaker.refusal((err.status, err.kind, err.code, err.message)):
-                raise StopJob(_wrong_job_message(err, self.breaker.refusals), kind="refused") from None
+            if err.kind in REFUSAL_KINDS and self.breaker.refusal(refusal_key(err), state.at):
+                raise StopJob(wrong_job_message(err.describe(), self.breaker.refusals), kind="refused") from None
             return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
         return float(retry_delay(err, state.tries, now=self.wall_clock(), jitter=self.rng.random(),
                                  max_server_delay=self.limits.max_retry_after_s))
@@ -299,13 +334,6 @@ def _answer_row(state: RowState, answer: Answer, latency: float | None, warning:
         row.status, row.error_kind = "error", "truncated"
         row.error = "cut off by max_tokens before the answer began (finish_reason: length)"
     return row
-
-
-def _wrong_job_message(err: RequestError, count: int) -> str:
-    return (f"the endpoint refused the run's first {count} requests the same way and answered none "
-            f"({err.describe()}): the job looks wrong, not its rows (the key a gateway expects, the model name, "
-            f"base_url); fix it and run again, the rows stay pending (if these rows really are bad, set "
-            f"[limits] breaker_refusals = 0)")
 
 
 def _stop_message(err: RequestError, key_env: str | None) -> str:

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
@@ -35,12 +33,12 @@ import pyarrow as pa
 
 from ..config import Job
 from ..crashpoints import crash_point, fault_point
-from ..errors import LocalFailure, RowError, StopJob, local_failure
+from ..errors import LocalFailure, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, read_shard, row_ids
-from ..net.breaker import Breaker
+from ..net.breaker import REFUSAL_KINDS, Breaker, SharedBreaker, wrong_job_message
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
 from ..net.limiter import Pacer
@@ -50,8 +48,9 @@ from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
 from .console import Console
 from .options import RunOptions
+from .probes import Probes
 from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
-from .sender import CacheUse, RowSender, RowState, error_row
+from .sender import CacheUse, RowSender, RowState, internal_error_row
 from .summary import EXIT_LOCAL_FAILURE, EXIT_STOPPED, Counts, Stopped
 
 if TYPE_CHECKING:
@@ -85,7 +84,7 @@ class _ShardWork:
 class ShardEngine:
     def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Pacer, console: Console,
                  options: RunOptions, committed_rows: dict[int, int] | None = None,
-                 expire: Callable[[int], None] = exit_process) -> None:
+                 expire: Callable[[int], None] = exit_process, breaker: type[Breaker] = Breaker) -> None:
         self.job, self.ckpt, self.plan, self.options = job, ckpt, plan, options
         self.limits = job.limits
         self.limiter = limiter
@@ -95,7 +94,7 @@ class ShardEngine:
         self.builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=self.labels)
         # Under --retry-failed the rows sent are ones already refused: alike refusals are theirs again.
         refusals = job.limits.breaker_refusals if options.retry_failed is None else 0
-        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)
+        self.breaker = breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)  # Ray: SharedBreaker
         self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
         self.counts = Counts()
         self.done_before = 0  # rows of the given shards answered before this run
@@ -109,7 +108,7 @@ class ShardEngine:
         self.stopping = asyncio.Event()
         self.finalize_lock = asyncio.Lock()
         self.idle: set[asyncio.Task[None]] = set()  # workers waiting for a row: nothing in flight
-        self.tasks: asyncio.TaskGroup | None = None
+        self.tasks: asyncio.TaskGroup | None = None  # while the run's tasks are running
         self.deadline: Deadline | None = None
         self.expire = expire  # what a stop that does not end in time comes to: the process ends (CLI)
         self.internal_errors = 0
@@ -122,6 +121,7 @@ class ShardEngine:
 
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
+        self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, enqueue=self._enqueue, tripped=self._tripped)
         try:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
@@ -130,7 +130,9 @@ class ShardEngine:
             if any(rec.ok for rec in commits.values()):
                 self.breaker.vouch()  # shards answered by earlier runs: refusals now are the rows' own
             warm_imports()
-            cache = await self._open_cache()
+            cache = await CacheUse.open(self.job, read=not self.options.no_cache, warn=self.console.say,
+                                        scrub=self.console.redactor.scrub_record)
+            self.cache = cache.cache if cache is not None else None
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
                 sender = RowSender(job=self.job, builder=self.builder, client=client, limiter=self.limiter,
@@ -149,20 +151,6 @@ class ShardEngine:
         if self.failure is not None:
             return self.failure
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
-
-    async def _open_cache(self) -> CacheUse | None:
-        """The request cache (`[run] cache`); None when off or unusable (warned once: the run goes on)."""
-        run = self.job.run
-        if run.cache is None:
-            return None
-        self.cache = await asyncio.to_thread(Cache.open, run.cache, ttl_s=run.cache_ttl,
-                                             max_bytes=int(run.cache_max_gb * 1e9), warn=self.console.say)
-        if self.cache is None:
-            return None
-        # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
-        url = self.job.endpoint.url if self.job.serve is None else \
-            "serve:" + json.dumps(self.job.serve, sort_keys=True, default=str)
-        return CacheUse(self.cache, url, not self.options.no_cache, self.console.redactor.scrub_record)
 
     async def _close(self) -> None:
         """Release everything the run holds; a failure here is recorded, never raised over the run's."""
@@ -198,11 +186,14 @@ class ShardEngine:
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
             workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
-            if self.stop_reason is None and self.stop_signal is None and self.failure is None:
+            if self.held:
+                await self.breaker.verdict()  # a Ray worker's held refusals wait for the cluster's
+            if self.stop_reason is None and self.stop_signal is None and self.failure is None and not self.breaker.tripped:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
             syncer.cancel()
             if writer is not None:
                 writer.cancel()  # what it has not written yet, _close writes
+        self.tasks = None
         # the group has waited for every shard commit it started
 
     async def _until_done(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
@@ -216,6 +207,7 @@ class ShardEngine:
         finally:
             stop.cancel()
         producer.cancel()  # the workers are gone or stopping: nobody takes its rows any more
+        self.probes.cancel()
         if not pending:
             return
         for worker in list(self.idle):
@@ -273,18 +265,31 @@ class ShardEngine:
     # -- producer ------------------------------------------------------------------------
 
     async def _produce(self, shards: list[Shard]) -> None:
+        probes = self.probes
         for shard in shards:
-            work = await self._open_shard(shard)
+            work = await probes.work_for(shard)
             needed, send = work.table.select(self.columns), work.send
             for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
                 batch = send[start : start + ROWS_PER_BATCH]
                 for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
-                    await self.queue.put((work, i, cells))
+                    if not probes.taken(shard, i):  # else a probe sent it ahead
+                        probes.producing(shard, i)
+                        await self.queue.put((work, i, cells))
+            probes.passed(shard)
             work.enqueued = True
             if work.pending == 0:
                 self._schedule_commit(work)
+        await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
+
+    async def _enqueue(self, work: _ShardWork, i: int) -> None:
+        """A probe's row, ahead of the producer."""
+        await self.queue.put((work, i, work.table.select(self.columns).slice(i, 1).to_pylist()[0]))
+
+    def _tripped(self) -> None:
+        said = next((row.error or "" for _, row in self.held if row.error_kind in REFUSAL_KINDS), "")
+        self.stop(StopJob(wrong_job_message(said, self.breaker.refusals), kind="refused"))
 
     async def _open_shard(self, shard: Shard) -> _ShardWork:
         """The shard's rows, and which of them to send: those without an answer (and, with
@@ -321,7 +326,7 @@ class ShardEngine:
             if item is None:
                 return
             work, index, cells = item
-            row = await self._row(sender, work.ids[index], cells)
+            row = await self._row(sender, work.ids[index], cells, self.probes.at(work.shard, index))
             if row is None:  # stopped before an answer: the row stays pending
                 return
             try:
@@ -330,29 +335,18 @@ class ShardEngine:
                 self.stop(local_failure(exc, "journaling an answer"))
                 return
 
-    async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any]) -> ResultRow | None:
+    async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any], at: float) -> ResultRow | None:
         """The row's result; None when a stop came first. Raises only CancelledError."""
-        state = RowState(row_id)
+        state = RowState(row_id, at)
         try:
             return await sender.send(state, cells)
         except (StopJob, LocalFailure) as reason:
             self.stop(reason)
         except Exception as exc:  # noqa: BLE001 - a bug met by this row: an error row, the run goes on
-            return self._internal_error(state, exc)
+            self.internal_errors += 1
+            return internal_error_row(state, exc, log=self.ckpt.folder / "errors.log", scrub=self.console.redactor.scrub,
+                                      say=self.console.say if self.internal_errors == 1 else None)
         return None
-
-    def _internal_error(self, state: RowState, exc: Exception) -> ResultRow:
-        self.internal_errors += 1
-        log = self.ckpt.folder / "errors.log"
-        text = self.console.redactor.scrub("".join(traceback.format_exception(exc)))
-        with contextlib.suppress(OSError):
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
-        if self.internal_errors == 1:
-            self.console.say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
-                             f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
-        err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
-        return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
     def _settle_row(self, work: _ShardWork, row: ResultRow) -> None:
         crash_point("after_response")
@@ -363,6 +357,8 @@ class ShardEngine:
             # not the row's fault, perhaps. Hold the error until the breaker is settled; if it
             # trips instead, the row stays pending for the next run.
             self.held.append((work, row))
+            if row.error_kind in REFUSAL_KINDS and (tasks := self.tasks) is not None:
+                self.probes.ask(lambda probe: tasks.create_task(self._guarded(probe, "reading the manifest")))
             return
         self._deliver(work, row)
         if self.held and self.breaker.settled:
@@ -384,6 +380,16 @@ class ShardEngine:
         held, self.held = self.held, []
         for work, row in held:
             self._deliver(work, row)
+
+    def hear_cluster(self, news: dict[str, Any], *, stopped: bool) -> None:
+        """A Ray worker: the cluster's breaker news (answers anywhere, refusals that differ, a stop)."""
+        assert isinstance(self.breaker, SharedBreaker)
+        if stopped:
+            self.breaker.trip()
+        else:
+            self.breaker.hear(news)
+        if self.held and self.breaker.settled and self.tasks is not None and not self.stopping.is_set():
+            self._release_held()
 
     # -- commits -------------------------------------------------------------------------
 
