@@ -100,20 +100,23 @@ class Probes(Generic[W]):
             task.add_done_callback(self.running.discard)
 
     async def _send(self, parts: list[int]) -> None:
-        for part in parts:
-            if part in self.parts_sent:
-                continue  # rows of it are out already: their verdict will come
-            low, high = self._bounds(part)
-            low = max(low, self.cursor)
-            for shard in self._shards_from(low, high):
-                work = await self.work_for(shard)
-                if (i := self._claim(shard, work.send, low, high)) is not None:
-                    await self.enqueue(work, i)
-                    break
-            else:
-                if self.breaker.cover(part):  # nothing left to try there, and that was the last part
-                    self.tripped()
-                    return
+        covered = await asyncio.gather(*(self._send_one(part) for part in parts))  # shards opened side by side
+        if any(covered) and self.breaker.tripped:  # a part with nothing left to try there was the last one
+            self.tripped()
+
+    async def _send_one(self, part: int) -> bool:
+        """A probe of `part`; True when it has no row left to send (covered as it is)."""
+        if part in self.parts_sent:
+            return False  # rows of it are out already: their verdict will come
+        low, high = self._bounds(part)
+        low = max(low, self.cursor)
+        for shard in self._shards_from(low, high):
+            work = await self.work_for(shard)
+            if (i := self._claim(shard, work.send, low, high)) is not None:
+                await self.enqueue(work, i)
+                return False
+        self.breaker.cover(part)
+        return True
 
     def _bounds(self, part: int) -> tuple[int, int]:
         """The places of `part`: [low, high)."""

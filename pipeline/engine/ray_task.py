@@ -173,7 +173,8 @@ class _Reporter:
             await self.report(engine, limiter)
 
     async def report(self, engine: ShardEngine, limiter: LeasedLimiter) -> None:
-        c = engine.counts
+        c, breaker = engine.counts, engine.breaker
+        assert isinstance(breaker, SharedBreaker)
         own = engine.stop_reason if limiter.stop_reason is None else None  # quota, auth, endpoint down here
         if own is not None:
             limiter.stop(own)
@@ -182,14 +183,16 @@ class _Reporter:
         try:
             if own is not None:
                 self.coordinator.stop.remote(own.kind, str(own))
-            assert isinstance(engine.breaker, SharedBreaker)
             reply = await self.coordinator.report.remote(self.attempt, counts, limiter.take_token_debt(),
-                                                         engine.breaker.take_events())
+                                                         breaker.take_events())
         except ray.exceptions.RayError as exc:  # the coordinator is gone: so is the driver, or soon
             limiter.stop(StopJob(f"lost the run's coordinator ({type(exc).__name__}); run again to continue",
                                  kind="coordinator_lost"))
             return
         limiter.hear(reply["epoch"])
-        engine.hear_cluster(reply["breaker"], stopped=reply["stop"] is not None)
         if reply["stop"] is not None:
+            breaker.trip()  # what it holds stays pending
             limiter.stop(StopJob(reply["stop"][1], kind=reply["stop"][0]))
+        else:
+            breaker.hear(reply["breaker"])  # an answer elsewhere: what it holds may be the rows' own
+            engine.release_settled()

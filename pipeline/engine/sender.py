@@ -24,9 +24,7 @@ import contextlib
 import json
 import random
 import time
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
@@ -35,7 +33,7 @@ from ..config import Job
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
 from ..io.cache import Cache, request_key
-from ..net.breaker import REFUSAL_KINDS, Breaker, refusal_key, wrong_job_message
+from ..net.breaker import REFUSAL_KINDS, Breaker, refusal_key
 from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
 from ..net.limiter import Pacer
@@ -55,7 +53,7 @@ from .summary import Counts
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["RowSender", "RowState", "CacheUse", "error_row", "internal_error_row", "FULL_KINDS"]
+__all__ = ["RowSender", "RowState", "CacheUse", "error_row", "FULL_KINDS"]
 
 FULL_KINDS = ("server", "timeout", "connection")  # what a full server answers: "auto" concurrency backs off
 HASH_OFF_LOOP = 64 << 10  # a body this large (inline images) is hashed in a thread: sha256 ~100 us per 64 KB
@@ -108,21 +106,6 @@ class RowState:
 
 def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None = None) -> ResultRow:
     return ResultRow(row_id, status="error", error=err.describe(), error_kind=str(err.kind), attempts=attempts, cost=cost)
-
-
-def internal_error_row(state: RowState, exc: Exception, *, log: Path, scrub: Callable[[str], str],
-                       say: Callable[[str], None] | None) -> ResultRow:
-    """A bug met by one row: an error row of kind "internal", its traceback (scrubbed) appended to
-    `log`; `say`: tell the user so (the run's first such row)."""
-    text = scrub("".join(traceback.format_exception(exc)))
-    with contextlib.suppress(OSError):
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
-    if say is not None:
-        say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
-            f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
-    err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
-    return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
 
 class RowSender:
@@ -295,8 +278,8 @@ class RowSender:
                 kind="endpoint_down",
             ) from None
         if not should_retry(err, state.tries, self.limits.max_attempts):
-            if err.kind in REFUSAL_KINDS and self.breaker.refusal(refusal_key(err), state.at):
-                raise StopJob(wrong_job_message(err.describe(), self.breaker.refusals), kind="refused") from None
+            if err.kind in REFUSAL_KINDS and self.breaker.refusal(refusal_key(err), state.at, said=err.describe()):
+                raise self.breaker.stop() from None
             return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
         return float(retry_delay(err, state.tries, now=self.wall_clock(), jitter=self.rng.random(),
                                  max_server_delay=self.limits.max_retry_after_s))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
@@ -33,12 +34,12 @@ import pyarrow as pa
 
 from ..config import Job
 from ..crashpoints import crash_point, fault_point
-from ..errors import LocalFailure, StopJob, local_failure
+from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, read_shard, row_ids
-from ..net.breaker import REFUSAL_KINDS, Breaker, SharedBreaker, wrong_job_message
+from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
 from ..net.limiter import Pacer
@@ -50,7 +51,7 @@ from .console import Console
 from .options import RunOptions
 from .probes import Probes
 from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
-from .sender import CacheUse, RowSender, RowState, internal_error_row
+from .sender import CacheUse, RowSender, RowState, error_row
 from .summary import EXIT_LOCAL_FAILURE, EXIT_STOPPED, Counts, Stopped
 
 if TYPE_CHECKING:
@@ -121,7 +122,8 @@ class ShardEngine:
 
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
-        self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, enqueue=self._enqueue, tripped=self._tripped)
+        self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, tripped=lambda: self.stop(self.breaker.stop()),
+                             enqueue=lambda work, i: self.queue.put((work, i, work.table.select(self.columns).slice(i, 1).to_pylist()[0])))
         try:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
@@ -283,14 +285,6 @@ class ShardEngine:
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
 
-    async def _enqueue(self, work: _ShardWork, i: int) -> None:
-        """A probe's row, ahead of the producer."""
-        await self.queue.put((work, i, work.table.select(self.columns).slice(i, 1).to_pylist()[0]))
-
-    def _tripped(self) -> None:
-        said = next((row.error or "" for _, row in self.held if row.error_kind in REFUSAL_KINDS), "")
-        self.stop(StopJob(wrong_job_message(said, self.breaker.refusals), kind="refused"))
-
     async def _open_shard(self, shard: Shard) -> _ShardWork:
         """The shard's rows, and which of them to send: those without an answer (and, with
         --retry-failed, those whose answer is an error of the kinds asked for)."""
@@ -343,10 +337,21 @@ class ShardEngine:
         except (StopJob, LocalFailure) as reason:
             self.stop(reason)
         except Exception as exc:  # noqa: BLE001 - a bug met by this row: an error row, the run goes on
-            self.internal_errors += 1
-            return internal_error_row(state, exc, log=self.ckpt.folder / "errors.log", scrub=self.console.redactor.scrub,
-                                      say=self.console.say if self.internal_errors == 1 else None)
+            return self._internal_error(state, exc)
         return None
+
+    def _internal_error(self, state: RowState, exc: Exception) -> ResultRow:
+        self.internal_errors += 1
+        log = self.ckpt.folder / "errors.log"
+        text = self.console.redactor.scrub("".join(traceback.format_exception(exc)))
+        with contextlib.suppress(OSError):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
+        if self.internal_errors == 1:
+            self.console.say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
+                             f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
+        err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
+        return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
     def _settle_row(self, work: _ShardWork, row: ResultRow) -> None:
         crash_point("after_response")
@@ -381,13 +386,8 @@ class ShardEngine:
         for work, row in held:
             self._deliver(work, row)
 
-    def hear_cluster(self, news: dict[str, Any], *, stopped: bool) -> None:
-        """A Ray worker: the cluster's breaker news (answers anywhere, refusals that differ, a stop)."""
-        assert isinstance(self.breaker, SharedBreaker)
-        if stopped:
-            self.breaker.trip()
-        else:
-            self.breaker.hear(news)
+    def release_settled(self) -> None:
+        """The breaker was settled from outside (a Ray worker's cluster news): what it held is the rows' own."""
         if self.held and self.breaker.settled and self.tasks is not None and not self.stopping.is_set():
             self._release_held()
 

@@ -44,7 +44,7 @@ import re
 import time
 from typing import Any, Callable, Hashable
 
-from ..errors import ErrorKind, RequestError
+from ..errors import ErrorKind, RequestError, StopJob
 
 __all__ = ["Breaker", "SharedBreaker", "ClusterVerdict", "refusal_key", "wrong_job_message", "ENDPOINT_FAULTS",
            "REFUSAL_KINDS", "VERDICT_WAIT_S"]
@@ -81,6 +81,7 @@ class Breaker:
         self.refusals = 0  # the first refusals, all alike so far
         self.tripped = False  # by refusals: final for the run
         self._first_refusal: Hashable | None = None
+        self.said = ""  # the first alike refusal as the provider put it, for the stop's message
         self._mixed = False  # refusals differed, or the job was vouched for: refusals are the rows'
         self._tickets = 0  # requests sent so far
         self._in_flight: set[int] = set()  # their tickets, until answered or failed
@@ -138,17 +139,17 @@ class Breaker:
         """Which part of the run's rows the place `at` (0 <= at < 1) is in."""
         return min(self.max_refusals - 1, max(0, int(at * self.max_refusals)))
 
-    def refusal(self, key: Hashable, at: float) -> bool:
+    def refusal(self, key: Hashable, at: float, *, said: str = "") -> bool:
         """Record a request refused for good (call `done` for it first), `key` saying which refusal
-        it is (`refusal_key`), `at` where its row is in the run's rows (0 <= at < 1); True when the
-        breaker trips: refusals alike, from every part of the rows, nothing answered, and no request
-        sent before enough of them came back is still out."""
+        it is (`refusal_key`), `at` where its row is in the run's rows (0 <= at < 1), `said` how the
+        error reads; True when the breaker trips (raise `stop()`): refusals alike, from every part of
+        the rows, nothing answered, and no request sent before enough of them came back is still out."""
         if self.tripped:
             return True
         if not self.doubting:
             return False
         if self._first_refusal is None:
-            self._first_refusal = key
+            self._first_refusal, self.said = key, said
         elif key != self._first_refusal:
             self._mixed = True
             return False
@@ -168,6 +169,10 @@ class Breaker:
             self._horizon = self._tickets
         self.tripped = self.missing == [] and min(self._in_flight, default=self._horizon + 1) > self._horizon
         return self.tripped
+
+    def stop(self) -> StopJob:
+        """The wrong-job stop, for the run to raise once `refusal` or `cover` said it trips."""
+        return StopJob(wrong_job_message(self.said, self.refusals), kind="refused")
 
     @property
     def missing(self) -> list[int]:
@@ -240,10 +245,10 @@ class SharedBreaker(Breaker):
         super().vouch()
         self._vouched = True
 
-    def refusal(self, key: Hashable, at: float) -> bool:
+    def refusal(self, key: Hashable, at: float, *, said: str = "") -> bool:
         if self.doubting:
             self._keys.append(key)
-        if super().refusal(key, at):
+        if super().refusal(key, at, said=said):
             self.tripped = False  # not this worker's to decide: its suspicion goes to the cluster
             self._suspect = key
         return False
