@@ -139,7 +139,28 @@ async def test_the_gate_lets_in_only_the_limit_and_more_when_it_rises() -> None:
     release.set()
     await asyncio.gather(*tasks)
     assert most == 5 and gate.in_flight == 0
-    assert Gate(None).controller is None  # fixed max_concurrency: no gate at all
+
+
+async def test_without_a_controller_the_gate_never_holds_a_request() -> None:
+    """Fixed max_concurrency: the workers' count is the limit, the gate only counts."""
+    gate = Gate(None, clock=lambda: 0.0)
+    entered, release = asyncio.Event(), asyncio.Event()
+    inside = 0
+
+    async def request() -> None:
+        nonlocal inside
+        async with gate:
+            inside += 1
+            if inside == 50:
+                entered.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(request()) for _ in range(50)]
+    await asyncio.wait_for(entered.wait(), 5)  # all fifty inside at once
+    assert gate.in_flight == 50
+    release.set()
+    await asyncio.gather(*tasks)
+    assert gate.in_flight == 0
 
 
 async def test_the_gate_hands_a_freed_place_to_the_oldest_waiter() -> None:

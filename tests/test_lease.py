@@ -131,8 +131,12 @@ async def leave_one_slot_over(limiter: LeasedLimiter, shared: LocalBudget) -> No
     """Three requests wait; the second leases for itself and the third, which then stops waiting."""
     first, second, gives_up = (asyncio.ensure_future(limiter.acquire()) for _ in range(3))
     asked = len(shared.asked)
-    while len(shared.asked) < asked + 2:
+    for _ in range(10_000):  # a bound, not a wait: each turn of the loop lets the acquires run
+        if len(shared.asked) >= asked + 2:
+            break
         await asyncio.sleep(0)
+    else:
+        pytest.fail(f"the waiting requests asked for {len(shared.asked) - asked} leases, not 2")
     gives_up.cancel()  # e.g. its run is stopping
     await asyncio.gather(first, second)
     assert len(limiter.slots) == 1
