@@ -30,6 +30,7 @@ from .fields import (
     setting,
     zero_or_more,
 )
+from .headers import headers_problem
 from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url
 
@@ -100,6 +101,10 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    headers: dict[str, str] = setting(default_factory=dict, check=headers_problem,
+                                      doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
+                                          'part of the request cache\'s key unless billing or tracing only, a secret '
+                                          '(its name says key, token, ...) hashed there and scrubbed from every output')
 
     @property
     def url(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from ..config import Job
+from ..config.headers import secret_values
 from ..io.storage import PartStore
 from ..redact import Redactor
 
@@ -23,7 +24,8 @@ class Console:
     @classmethod
     def for_job(cls, job: Job) -> Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
-        return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets()]))
+        return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
+                             *secret_values(job.endpoint.headers)]))
 
     def say(self, message: str) -> None:
         print(self.redactor.scrub(message), file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from ..config import Job
+from ..config.headers import cache_scope
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
 from ..io.cache import Cache, request_key
@@ -64,7 +65,7 @@ class CacheUse:
     """The request cache as one run uses it."""
 
     cache: Cache
-    url: str  # the endpoint: part of every key
+    url: str  # the endpoint and the [endpoint] headers that can change an answer: part of every key
     read: bool  # False (--no-cache): every row is sent; fresh answers are still stored
     scrub: Callable[[dict[str, Any]], dict[str, Any]]  # a secret echoed in an answer is never stored
 
@@ -81,7 +82,7 @@ class CacheUse:
             return None
         # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
         url = job.endpoint.url if job.serve is None else "serve:" + json.dumps(job.serve, sort_keys=True, default=str)
-        return cls(cache, url, read, scrub)
+        return cls(cache, cache_scope(url, job.endpoint.headers), read, scrub)
 
 
 class RowState:
