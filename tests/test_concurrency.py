@@ -133,7 +133,7 @@ async def test_the_gate_lets_in_only_the_limit_and_more_when_it_rises() -> None:
     await asyncio.sleep(0.01)
     assert inside == 2 and gate.in_flight == 2
     ctl.limit = 5
-    gate._wake()  # a raised limit lets waiters in at once (answered() does this after each answer)
+    gate.wake()  # a raised limit lets waiters in at once (answered() does this after each answer)
     await asyncio.sleep(0.01)
     assert inside == 5
     release.set()

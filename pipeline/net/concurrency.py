@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Gradient", "Gate", "START", "WINDOW_S", "QUANTILE", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
+__all__ = ["Gradient", "Gate", "Places", "START", "WINDOW_S", "QUANTILE", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
            "PROBE_WINDOWS", "MIN_SAMPLES"]
 
 START = 8.0  # the first limit: what a fixed default would be
@@ -147,56 +147,80 @@ def _quantile(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * QUANTILE / 100))]
 
 
-class Gate:
-    """Requests in flight, at most the controller's limit (no controller: no gate, the workers'
-    count is the limit). Waiters go in arrival order: a freed place is taken for the oldest waiter
-    before it is woken (as tools/serve/capacity.py does), so a request that leaves and comes
-    straight back queues behind it instead of taking the place again. A raised limit lets more
-    in at once."""
+class Places:
+    """Places taken in arrival order. A freed place is taken for the oldest waiter before it is
+    woken, so a newcomer, or a holder that leaves and comes straight back, queues behind it instead
+    of taking the place again. Subclasses say how many there are (`free`); the Gate and the built-in
+    endpoint's GPU-server model (tools/serve/capacity.py) are two."""
 
-    def __init__(self, controller: Gradient | None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.controller = controller
-        self.clock = clock
-        self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+    def __init__(self) -> None:
+        self.busy = 0  # places taken (handed to a waiter included)
+        self.waiting: deque[asyncio.Future[None]] = deque()
 
-    async def __aenter__(self) -> Gate:
-        if self.controller is None or (not self._waiters and self.in_flight < self.controller.allowed):
-            self.in_flight += 1
-            return self
+    def free(self) -> bool:
+        """Whether one more place may be taken now."""
+        raise NotImplementedError
+
+    def _take(self) -> None:
+        self.busy += 1
+
+    async def take(self) -> None:
+        """Wait for a place, in arrival order."""
+        if not self.waiting and self.free():
+            self._take()
+            return
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(place)
+        self.waiting.append(place)
         try:
-            await place  # in_flight already counts it when this returns
+            await place  # the place is already taken for it when this returns
         except asyncio.CancelledError:
             if place.done() and not place.cancelled():
-                self._leave()  # handed a place just as it was cancelled: pass it on
-            elif place in self._waiters:
-                self._waiters.remove(place)
+                self.leave()  # handed a place just as it was cancelled: pass it on
+            elif place in self.waiting:
+                self.waiting.remove(place)
             raise
+
+    def leave(self) -> None:
+        self.busy -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Hand free places to the oldest waiters (after a place was freed or the number raised)."""
+        while self.waiting and self.free():
+            place = self.waiting.popleft()
+            if not place.done():
+                self._take()
+                place.set_result(None)
+
+
+class Gate(Places):
+    """Requests in flight, at most the controller's limit (no controller: no gate, the workers'
+    count is the limit; it only counts). Waiters go in arrival order (Places); a raised limit
+    lets more in at once."""
+
+    def __init__(self, controller: Gradient | None, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.controller = controller
+        self.clock = clock
+
+    @property
+    def in_flight(self) -> int:
+        return self.busy
+
+    def free(self) -> bool:
+        return self.controller is None or self.busy < self.controller.allowed
+
+    async def __aenter__(self) -> Gate:
+        await self.take()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._leave()
-
-    def _leave(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        """Hand free places to the oldest waiters, taking each place for its waiter."""
-        if self.controller is None:
-            return
-        while self._waiters and self.in_flight < self.controller.allowed:
-            place = self._waiters.popleft()
-            if not place.done():
-                self.in_flight += 1
-                place.set_result(None)
+        self.leave()
 
     def answered(self, latency_s: float) -> None:
         if self.controller is not None:
-            self.controller.answered(latency_s, self.in_flight, self.clock())
-            self._wake()
+            self.controller.answered(latency_s, self.busy, self.clock())
+            self.wake()
 
     def dropped(self) -> None:
         if self.controller is not None:
