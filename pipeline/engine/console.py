@@ -12,7 +12,7 @@ import sys
 from ..config import Job
 from ..config.headers import secret_values
 from ..io.storage import PartStore
-from ..redact import Redactor
+from ..redact import Redactor, option_secrets
 
 __all__ = ["Console"]
 
@@ -25,7 +25,7 @@ class Console:
     def for_job(cls, job: Job) -> Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
         return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
-                             *secret_values(job.endpoint.headers)]))
+                             *option_secrets(job.input.storage_options), *secret_values(job.endpoint.headers)]))
 
     def say(self, message: str) -> None:
         print(self.redactor.scrub(message), file=sys.stderr, flush=True)

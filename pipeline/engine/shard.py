@@ -61,6 +61,7 @@ __all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
 
 STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
+BATCH_BYTES = 8 << 20  # ... and at most about this much of their cells (image bytes in the manifest)
 
 
 def make_labels(job: Job) -> Labels | None:
@@ -175,10 +176,9 @@ class ShardEngine:
 
     def _limits_used(self) -> dict[str, Any]:
         """What "auto" limits came to, for the summary and `pipeline status`."""
-        used: dict[str, Any] = {}
         ctl = self.gate.controller
-        if ctl is not None:
-            used["max_concurrency"] = {"auto": True, "last": ctl.allowed, "low": int(ctl.low), "high": int(ctl.high)}
+        used = {} if ctl is None else {"max_concurrency": {"auto": True, "last": ctl.allowed, "low": int(ctl.low),
+                                                           "high": int(ctl.high)}}
         return {**used, **self.limiter.found()}
 
     async def _supervise(self, shards: list[Shard], sender: RowSender) -> None:
@@ -272,8 +272,10 @@ class ShardEngine:
         for shard in shards:
             work = await probes.work_for(shard)
             needed, send = work.table.select(self.columns), work.send
-            for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
-                batch = send[start : start + ROWS_PER_BATCH]
+            # Python rows only a batch at a time; fewer rows when cells hold image bytes (100 KB each)
+            step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, needed.num_rows) // max(1, needed.nbytes)))
+            for start in range(0, len(send), step):
+                batch = send[start : start + step]
                 for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
                     if not probes.taken(shard, i):  # else a probe sent it ahead
                         probes.producing(shard, i)
@@ -367,8 +369,7 @@ class ShardEngine:
                 self.probes.ask(lambda probe: tasks.create_task(self._guarded(probe, "reading the manifest")))
             return
         self._deliver(work, row)
-        if self.held and self.breaker.settled:
-            self._release_held()
+        self.release_settled()
 
     def _deliver(self, work: _ShardWork, row: ResultRow) -> None:
         redactor = self.console.redactor  # what a provider or a model echoed never reaches a file
@@ -388,8 +389,8 @@ class ShardEngine:
             self._deliver(work, row)
 
     def release_settled(self) -> None:
-        """The breaker was settled from outside (a Ray worker's cluster news): what it held is the rows' own."""
-        if self.held and self.breaker.settled and self.tasks is not None and not self.stopping.is_set():
+        """Once the breaker is settled (here, or by a Ray worker's cluster news): what it held is the rows' own."""
+        if self.held and self.breaker.settled and self.tasks is not None:
             self._release_held()
 
     # -- commits -------------------------------------------------------------------------
