@@ -19,6 +19,8 @@ from ..durations import parse_duration
 from ..errors import JobError
 from ..records import RESULT_COLUMNS
 from .fields import (
+    AUTO,
+    Auto,
     Table,
     at_least,
     between,
@@ -28,12 +30,13 @@ from .fields import (
     setting,
     zero_or_more,
 )
+from .headers import headers_problem
 from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url, object_prefix
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
-    "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS",
+    "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "Auto", "DEFAULT_OUTPUT_TOKENS",
     "schema_problem", "default_cache_folder",
 ]
 
@@ -41,21 +44,18 @@ MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parq
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
 
 
-AUTO = "auto"
-
-
 def _or_auto(check: Any) -> Any:
-    """A number as `check` says, or the word "auto"."""
-    return lambda v: None if v == AUTO else (f'must be a number or "auto", not {v!r}' if isinstance(v, str) else check(v))
+    """A number as `check` says, or AUTO."""
+    return lambda v: None if isinstance(v, Auto) else (f'must be a number or "auto", not {v!r}' if isinstance(v, str) else check(v))
 
 
 def _number_or_auto(kind: type) -> Any:
-    """Reads a number (of `kind`) or the word "auto"; any other text names both choices."""
+    """Reads a number (of `kind`) or the word "auto" (as AUTO); any other text names both choices."""
     def parse(value: Any, where: str, base: Path) -> Any:
         if isinstance(value, str):
-            if value != AUTO:
+            if value != str(AUTO):
                 raise JobError(f'{where} must be a number or "auto", not {value!r}')
-            return value
+            return AUTO
         return read_value(value, kind, where, base)
     return parse
 
@@ -107,6 +107,10 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    headers: dict[str, str] = setting(default_factory=dict, check=headers_problem,
+                                      doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
+                                          'part of the request cache\'s key unless billing or tracing only, a secret '
+                                          '(its name says key, token, ...) hashed there and scrubbed from every output')
 
     @property
     def url(self) -> str:
@@ -135,13 +139,13 @@ class RequestConfig(Table):
 @dataclass(frozen=True)
 class LimitsConfig(Table):
     TABLE = "limits"
-    requests_per_minute: float | str = setting(60.0, check=_or_auto(positive), parse=_number_or_auto(float),
+    requests_per_minute: float | Auto = setting(60.0, check=_or_auto(positive), parse=_number_or_auto(float),
                                                doc='paced smoothly: never a minute\'s quota in one second; "auto": the '
                                                    "provider's x-ratelimit-limit-requests, less a margin")
-    tokens_per_minute: float | str = setting(0.0, check=_or_auto(zero_or_more), parse=_number_or_auto(float),
+    tokens_per_minute: float | Auto = setting(0.0, check=_or_auto(zero_or_more), parse=_number_or_auto(float),
                                              doc='0: no token limit; "auto": the provider\'s x-ratelimit-limit-tokens')
     burst: int = setting(1, doc="requests allowed at once on top of the smooth pace", check=positive)
-    max_concurrency: int | str = setting(8, check=_or_auto(positive), parse=_number_or_auto(int), doc='requests in flight; "auto": found from the '
+    max_concurrency: int | Auto = setting(8, check=_or_auto(positive), parse=_number_or_auto(int), doc='requests in flight; "auto": found from the '
                                          "server's latency, growing while it stays flat (up to max_concurrency_cap)")
     max_concurrency_cap: int = setting(256, doc='max_concurrency = "auto": the most requests in flight it may reach',
                                        check=positive)
@@ -158,11 +162,17 @@ class LimitsConfig(Table):
     breaker_seconds: float = setting(120.0, doc="... or this long failing with no success", check=positive)
     breaker_refusals: int = setting(
         5, check=zero_or_more,
-        doc="the run's first refusals (400/404/422), all the same with nothing answered, that stop it as a wrong "
-            "job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
+        doc="refusals (400/404/422) all alike, from every part of the manifest, with nothing answered, that stop "
+            "the run as a wrong job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
     grace_s: float = setting(10.0, doc="on Ctrl-C/SIGTERM, how long requests in flight may finish", check=zero_or_more)
     max_response_mb: float = setting(64.0, doc="an answer larger than this (as sent or decompressed) is a failed attempt",
                                      check=positive)
+
+    def __post_init__(self) -> None:
+        for name in _AUTO_LIMITS:  # built in code with the word, as the job file says it: the typed value
+            if getattr(self, name) == str(AUTO):
+                object.__setattr__(self, name, AUTO)
+        super().__post_init__()
 
     @property
     def max_response_bytes(self) -> int:
@@ -170,16 +180,24 @@ class LimitsConfig(Table):
 
     @property
     def auto_concurrency(self) -> bool:
-        return self.max_concurrency == AUTO
+        return isinstance(self.max_concurrency, Auto)
 
     @property
     def workers(self) -> int:
         """Requests that may be in flight at most (the workers): the cap when found automatically."""
-        return self.max_concurrency_cap if self.auto_concurrency else int(self.max_concurrency)
+        return self.max_concurrency_cap if isinstance(self.max_concurrency, Auto) else self.max_concurrency
 
     @property
     def auto_rate(self) -> bool:
-        return AUTO in (self.requests_per_minute, self.tokens_per_minute)
+        return isinstance(self.requests_per_minute, Auto) or isinstance(self.tokens_per_minute, Auto)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether requests are paced by tokens too (a number above zero, or "auto")."""
+        return isinstance(self.tokens_per_minute, Auto) or self.tokens_per_minute > 0
+
+
+_AUTO_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrency")
 
 
 def _object_prefixes(value: Any, where: str, base: Path) -> tuple[str, ...]:

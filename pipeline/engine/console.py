@@ -26,6 +26,7 @@ import warnings
 from typing import Any, TextIO
 
 from ..config import Job
+from ..config.headers import secret_values
 from ..errors import JobError
 from ..redact import Redactor, option_secrets
 
@@ -62,7 +63,7 @@ class Console:
         from ..io.storage import PartStore  # here: the CLI prints its errors without Arrow
 
         secrets = [job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
-                   *option_secrets(job.input.storage_options)]
+                   *option_secrets(job.input.storage_options), *secret_values(job.endpoint.headers)]
         if job.notify is not None:
             secrets += job.notify.secrets()
         return cls(Redactor(secrets), json_lines=log_format(fmt) == "json", job=job.name)
