@@ -63,5 +63,5 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
         data_json=jinja2.utils.markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
     )
     path = Path(out) if out is not None else Path.cwd() / default_name(jobs)
-    write_page(path, html.encode("utf-8"))
+    write_page(path, [html.encode("utf-8")])
     return str(path)
