@@ -33,7 +33,6 @@ class Prepared:
 def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -> Prepared:
     store = PartStore.for_output(job.output)
     first = not ckpt.job_path.exists()
-    had_folder = store.local is None or store.local.exists()
     claimed = store.claim(job.name, ckpt.folder)  # before --restart may remove anything there
     try:
         if options.restart:
@@ -44,7 +43,7 @@ def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -
         if first:  # refused before anything was sent (a bad manifest): leave nothing behind
             ckpt.job_path.unlink(missing_ok=True)
             if claimed:
-                store.unclaim(created_folder=not had_folder)
+                store.unclaim()
         raise
     commits = verified_commits(store, ckpt, console)
     return Prepared(plan, commits, shards_to_run(plan, commits, options.retry_failed))

@@ -18,11 +18,11 @@ Needs the `report` extra (Altair, vl-convert for the inlined Vega bundle, Jinja2
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ...config import Job
 from ...errors import JobError
+from ...io.durable import atomic_write
 from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.images import MB
@@ -60,14 +60,10 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     )
     body = html.encode("utf-8")
     if out is not None:
-        _write(Path(out), body)
+        atomic_write(Path(out), body)
         return str(out)
-    if store.local is not None:
-        path = store.local / REPORT_NAME
-        _write(path, body)
-        return str(path)
     store.write(REPORT_NAME, body)
-    return f"{str(job.output.path).rstrip('/')}/{REPORT_NAME}"
+    return store.where(REPORT_NAME)
 
 
 def _vega_bundle() -> str:
@@ -79,14 +75,3 @@ def _vega_bundle() -> str:
 
 def _script_safe(js: str) -> str:
     return js.replace("</script", "<\\/script")
-
-
-def _write(path: Path, body: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
