@@ -32,7 +32,7 @@ class Prepared:
 
 def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -> Prepared:
     store = PartStore.for_output(job.output)
-    first = not ckpt.job_path.exists()
+    first = not ckpt.has_job()
     claimed = store.claim(job.name, ckpt.folder)  # before --restart may remove anything there
     try:
         if options.restart:
@@ -41,7 +41,7 @@ def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -
         plan = current_plan(job, ckpt)
     except JobError:
         if first:  # refused before anything was sent (a bad manifest): leave nothing behind
-            ckpt.job_path.unlink(missing_ok=True)
+            ckpt.forget_job()
             if claimed:
                 store.unclaim()
         raise
