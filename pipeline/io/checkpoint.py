@@ -233,8 +233,9 @@ class Checkpoint:
         return read_journal_table(self.journal_dir, shard, schema, repair=repair)
 
     def log_error(self, text: str) -> None:
-        """A bug's traceback appended to errors.log (`errors_path`)."""
-        self.store.append(ERRORS, text.encode(errors="backslashreplace"))
+        """A bug's traceback appended to errors.log (`errors_path`); from the event loop, so not
+        fsynced (nothing is rebuilt from it)."""
+        self.store.append(ERRORS, text.encode(errors="backslashreplace"), sync=False)
 
     def ledger(self) -> Ledger:
         """Batch mode's record of its files and batches."""

@@ -144,17 +144,19 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def durable_append(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+def durable_append(path: Path, data: bytes, *, exclusive: bool = False, sync: bool = True) -> None:
     """Append whole lines with one write and fsync them. `exclusive`: under a flock, for files
     that several processes append to (their lines never interleave; a reader holding the flock
-    sees whole lines only)."""
+    sees whole lines only). `sync=False`: a log nothing is rebuilt from, written from the event
+    loop, where an fsync would stall every request in flight (a kill still loses nothing)."""
     try:
         fd = open_append(path)
         try:
             if exclusive:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)  # releases the flock
     except OSError as exc:  # a torn line it may leave is cut by the next read_lines(repair=True)

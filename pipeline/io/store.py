@@ -181,9 +181,9 @@ class LocalStore(_Secrets):
     def create(self, name: str, data: bytes) -> None:
         create_exclusive(self.folder / name, data)
 
-    def append(self, name: str, data: bytes, *, exclusive: bool = False) -> None:
+    def append(self, name: str, data: bytes, *, exclusive: bool = False, sync: bool = True) -> None:
         """Whole lines, durable when it returns (pipeline.io.durable.durable_append)."""
-        durable_append(self.folder / name, data, exclusive=exclusive)
+        durable_append(self.folder / name, data, exclusive=exclusive, sync=sync)
 
     def read_lines(self, name: str, *, repair: bool = False, exclusive: bool = False) -> bytes | None:
         return read_lines(self.folder / name, repair=repair, exclusive=exclusive)
