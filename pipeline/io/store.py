@@ -72,7 +72,7 @@ class Store(Protocol):
     def child(self, name: str) -> Store: ...
     def make(self) -> bool: ...  # True when this call made the folder (a bucket has none: False)
     def unmake(self) -> None: ...  # the folder goes if it is empty (a bucket: nothing to do)
-    def names(self) -> list[str]: ...  # the objects directly in it (no child folders)
+    def names(self) -> list[str]: ...  # the objects directly in it, sorted (no child folders)
     def listing(self) -> dict[str, Entry]: ...  # the same with sizes and ETags, in one listing
     def read(self, name: str) -> bytes | None: ...
     def open(self, name: str) -> ContextManager[Any]: ...  # a binary file pyarrow reads
@@ -149,7 +149,8 @@ class LocalStore(_Secrets):
     def _files(self) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(self.folder) as entries:
-                return [e for e in entries if e.is_file()]  # a child folder is no object of this one
+                # sorted, as a bucket lists its keys; a child folder is no object of this one
+                return sorted((e for e in entries if e.is_file()), key=lambda e: e.name)
         except FileNotFoundError:
             return []
 
@@ -271,8 +272,9 @@ class FsspecStore(_Secrets):
                     raise JobError(f"{self.label}: {bucket} does not exist at {self}; create it (or fix the URL), "
                                    f"then run again") from None
                 return {}  # the folder is made by the first write
-            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: Entry(int(e.get("size") or 0), _etag_of(e))
-                    for e in entries if e.get("type") == "file"}
+            found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: Entry(int(e.get("size") or 0), _etag_of(e))
+                     for e in entries if e.get("type") == "file"}
+            return dict(sorted(found.items()))
 
         return self._call("list", listing)
 
