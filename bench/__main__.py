@@ -39,6 +39,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "ray": _optional("ray_bench", "run_ray_bench"),
         "report": _optional("report_bench", "run_report_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
+        "media": _optional("media", "run_media_bench"),
     }
 
 
@@ -68,6 +69,13 @@ TARGETS = {
         f"(target >= 97%), {r['auto_rate']['429s']} x 429 (<= 2); 20k at 500 ms: {r['latency_20k']['pct_of_256']:.1f}% "
         f"of 256 rows/s (>= 97%); instant {r['instant_vs_bare']['pct_of_bare']:.1f}% of bare aiohttp end to end, "
         f"{r['instant_vs_bare'].get('sending_pct_of_bare', 0):.1f}% over the sending phase (>= 90%)"),
+    "media": lambda r: (
+        f"{r['s3_vs_local']['s3']['images_per_s']:.0f} images/s inlined from S3 (moto) vs "
+        f"{r['s3_vs_local']['local']['images_per_s']:.0f} from local disk; 20,000 x 100 KB Parquet bytes: peak RSS "
+        f"{r['memory']['shard_rows_10000']['peak_rss_mb']} MB at shard_rows 10,000, "
+        f"{r['memory']['shard_rows_1000']['peak_rss_mb']} MB at 1,000 (target < 400); output "
+        f"{r['memory']['shard_rows_10000']['output_mb']:.1f} MB, checkpoint {r['memory']['shard_rows_10000']['checkpoint_mb']:.1f} MB "
+        f"for {r['memory']['images_gb']:.1f} GB of images"),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

@@ -48,7 +48,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     """Journal -> part file -> rename -> commit record; None when no row of the shard has a result."""
     extra = labels.fields() if labels is not None else ()
     lines = ckpt.journal_lines(shard.index, journal_schema(extra))
-    part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra)
+    part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra, media_columns(job))
     if part.num_rows == 0:
         return None
     fault_point("commit")
@@ -65,6 +65,13 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     )
     ckpt.record_commit(record)
     return record
+
+
+def media_columns(job: Job) -> frozenset[str]:
+    """The input columns whose image bytes the output holds as references (none with keep_media)."""
+    if job.output.keep_media:
+        return frozenset()
+    return frozenset(c for c in (job.input.image_column, job.input.video_column) if c)
 
 
 def _token_sums(part: pa.Table) -> dict[str, int]:
@@ -102,7 +109,8 @@ def write_empty_dataset(job: Job, plan: Plan, labels: Labels | None) -> None:
     """A manifest with no rows: an empty dataset with every column, so a reader of the output
     finds a table (with no rows) rather than no folder."""
     extra = labels.fields() if labels is not None else ()
-    write_empty_part(PartStore.for_output(job.output), _empty_input(job, plan), job.input.id_column, extra)
+    write_empty_part(PartStore.for_output(job.output), _empty_input(job, plan), job.input.id_column, extra,
+                     media_columns(job))
 
 
 def _empty_input(job: Job, plan: Plan) -> pa.Table:

@@ -11,7 +11,7 @@ import sys
 
 from ..config import Job
 from ..io.storage import PartStore
-from ..redact import Redactor
+from ..redact import Redactor, option_secrets
 
 __all__ = ["Console"]
 
@@ -23,7 +23,8 @@ class Console:
     @classmethod
     def for_job(cls, job: Job) -> Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
-        return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets()]))
+        return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
+                             *option_secrets(job.input.storage_options)]))
 
     def say(self, message: str) -> None:
         print(self.redactor.scrub(message), file=sys.stderr, flush=True)

@@ -60,6 +60,7 @@ __all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
 
 STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
+BATCH_BYTES = 8 << 20  # ... and at most about this much of their cells (image bytes in the manifest)
 
 
 def make_labels(job: Job) -> Labels | None:
@@ -280,8 +281,10 @@ class ShardEngine:
         for shard in shards:
             work = await self._open_shard(shard)
             needed, send = work.table.select(self.columns), work.send
-            for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
-                batch = send[start : start + ROWS_PER_BATCH]
+            # Python rows only a batch at a time; fewer rows when cells hold image bytes (100 KB each)
+            step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, needed.num_rows) // max(1, needed.nbytes)))
+            for start in range(0, len(send), step):
+                batch = send[start : start + step]
                 for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
                     await self.queue.put((work, i, cells))
             work.enqueued = True

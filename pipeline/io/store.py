@@ -44,13 +44,11 @@ from typing import IO, Any, ContextManager, NamedTuple, Protocol, TypeVar
 
 from ..config.urls import check_url, display
 from ..errors import JobError
-from ..redact import Redactor
+from ..redact import Redactor, option_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_secrets"]
 
-# Keys of storage_options that name a place, not a secret: kept in messages (they help the fix).
-PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
 # Credentials the backends read from the environment: scrubbed too, should a message echo one.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
               "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
@@ -95,16 +93,7 @@ def open_store(location: Path | str, options: Mapping[str, Any] | None = None, l
 
 def storage_secrets(options: Mapping[str, Any]) -> list[str]:
     """Values that must never be shown: storage_options' credentials and the backends' env vars."""
-    found: list[str] = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, str) and key not in PLAIN_OPTIONS and len(value) >= 4:
-            found.append(value)
-
-    walk(options, "")
+    found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)] + option_secrets(dict(options))
     return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
 
 

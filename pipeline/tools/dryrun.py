@@ -38,9 +38,10 @@ from ..io.manifest import Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
+from ..rows.objects import ObjectStore
 from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
-from ..rows.values import image_values
+from ..rows.values import Blob, Value, image_values, kind_of
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
@@ -117,7 +118,8 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 bad = True
             count = 0
             if image_col is not None:
-                count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report)
+                count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report,
+                                      builder.media.objects)
                 bad = bad or count < 0
             if bad:  # the estimates count only the rows that would be sent
                 report.bad_rows += 1
@@ -126,7 +128,8 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 report.images += count
 
 
-def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report) -> int:
+def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report,
+                  objects: ObjectStore | None = None) -> int:
     """The row's number of images, or -1 when its images would make it fail."""
     try:
         values = image_values(cell)
@@ -138,16 +141,31 @@ def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, wh
         return -1
     bad = False
     for value in values:
-        problem = image_problem(value, images, max_bytes)
+        problem = image_problem(value, images, max_bytes, objects)
         if problem is not None:
             report.problem(problem[0], where, problem[1])
             bad = True
     return -1 if bad else len(values)
 
 
-def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, str] | None:
+def image_problem(value: Value, images: LocalFiles, max_bytes: int,
+                  objects: ObjectStore | None = None) -> tuple[str, str] | None:
     """(kind, message) when this image value would fail the row, else None. Reads at most a few
-    bytes of a local file: the run reads it whole."""
+    bytes of a local file: the run reads it whole. Object URIs are checked against the allowed
+    buckets only (nothing is fetched)."""
+    if isinstance(value, Blob):
+        if sniff_mime(value.data[:16]) is None:
+            return "not_an_image", "image bytes in the manifest are not an image (PNG, JPEG, WEBP or GIF) by their content"
+        if len(value.data) > max_bytes:
+            return "too_large", f"image bytes in the manifest too large ({len(value.data)} bytes, over {max_bytes})"
+        return None
+    if objects is not None and "://" in value and not value.startswith(("http://", "https://")):
+        try:
+            if kind_of(value) == "object":
+                objects.confined(value)
+                return None
+        except InputError as err:
+            return "bad_url", err.message
     shown = repr(value[:120])
     if value.startswith(("http://", "https://")):
         parts = urlsplit(value)
@@ -164,7 +182,7 @@ def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, 
             return "bad_url", f"the data URI's payload is not base64: {shown}"
         return None
     if "://" in value:
-        return "bad_url", f"unsupported URL scheme (use http, https, data: or a local path): {shown}"
+        return "bad_url", f"unsupported URL scheme (use http, https, data:, s3, gs, az or a local path): {shown}"
     try:
         fd = images.open(value)  # the run's own confined open: beneath the allowed roots, no race
     except PathError as err:
