@@ -8,8 +8,7 @@ job has no result for is shown as missing there, never dropped.
     path = write_compare([job_a, job_b])                   # compare-<a>-<b>.html in the working folder
     path = write_compare(jobs, out=Path("c.html"), max_mb=20)
 
-Offline as the report is (pipeline.tools.report, whose Vega bundle, thumbnails and page writing it
-uses): the chart library inlined, images as thumbnails, remote images as links, a
+Offline as the report is (pipeline.tools.report, whose Vega bundle and thumbnails it uses): the chart library inlined, images as thumbnails, remote images as links, a
 Content-Security-Policy that lets nothing load. Nothing is sent and no job is locked: jobs may
 still be running. Needs the `report` extra.
 """
@@ -21,8 +20,10 @@ from pathlib import Path
 
 from ...config import Job
 from ...errors import JobError
+from ...io.durable import atomic_write
 from ...io.storage import PartStore
-from ...redact import Redactor
+from ...config.headers import secret_values
+from ...redact import Redactor, option_secrets
 from ...rows.images import MB
 
 __all__ = ["write_compare", "default_name", "MAX_MB"]
@@ -32,6 +33,12 @@ MAX_MB = 20.0
 
 def default_name(jobs: list[Job]) -> str:
     return "compare-" + "-".join(job.name for job in jobs) + ".html"
+
+
+def _secrets(job: Job) -> list[str | None]:
+    """What the report keeps out of its page, and the endpoint's secret headers: none may show here."""
+    return [job.api_key(), *PartStore.for_output(job.output).secrets(), *option_secrets(job.input.storage_options),
+            *(job.notify.secrets() if job.notify is not None else ()), *secret_values(job.endpoint.headers)]
 
 
 def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = MAX_MB) -> str:
@@ -44,14 +51,13 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
     try:
         import jinja2
 
-        from ..report import script_safe, vega_bundle, write_page
+        from ..report import script_safe, vega_bundle
         from .charts import charts
         from .collect import collect
     except ImportError as exc:
         raise JobError(f"compare needs the report extra ({exc.name} is missing): pip install -e '.[report]' in the "
                        f"clone (or 'pipeline[report]')") from None
-    secrets = [s for job in jobs for s in (job.api_key(), *PartStore.for_output(job.output).secrets())]
-    redactor = Redactor(secrets)
+    redactor = Redactor([s for job in jobs for s in _secrets(job)])
     bundle = script_safe(vega_bundle())
     data = collect(jobs, int(max_mb * MB) - len(bundle.encode()), redactor)
     page = {"jobs": data.jobs, "fields": data.fields, "labels": data.labels, "rows": data.rows, "total": data.total,
@@ -63,5 +69,5 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
         data_json=jinja2.utils.markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
     )
     path = Path(out) if out is not None else Path.cwd() / default_name(jobs)
-    write_page(path, [html.encode("utf-8")])
+    atomic_write(path, html.encode("utf-8"))
     return str(path)
