@@ -175,7 +175,7 @@ def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint],
     media = [job.input.image_column, job.input.video_column]
     frame = Frame.of(manifest, convert=lambda table: bytes_as_values(table, media))
     assert job.output.checkpoint is not None  # set by the loader
-    stored = replace(job.input, path=job.output.checkpoint / MANIFEST_FILE)
+    stored = replace(job.input, path=job.output.checkpoint / MANIFEST_FILE, format="parquet", storage_options={})
     base = job.files_base or Path.cwd()  # relative image paths in a frame: from where the caller is
     return replace(job, input=stored, in_memory=True, files_base=base), lambda ckpt: _store(frame, ckpt)
 

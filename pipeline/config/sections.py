@@ -28,6 +28,7 @@ from .fields import (
     setting,
     zero_or_more,
 )
+from .inputs import MANIFEST_FORMATS, InputConfig
 from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url
 
@@ -37,7 +38,6 @@ __all__ = [
     "schema_problem",
 ]
 
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
 
 
@@ -58,25 +58,6 @@ def _number_or_auto(kind: type) -> Any:
             return value
         return read_value(value, kind, where, base)
     return parse
-
-
-def _manifest_format(path: Path) -> str | None:
-    fmt = MANIFEST_FORMATS.get(path.suffix.lower())
-    return None if fmt is not None else f"unsupported manifest type {path.suffix!r}; use .csv, .jsonl or .parquet"
-
-
-@dataclass(frozen=True)
-class InputConfig(Table):
-    TABLE = "input"
-    path: Path = setting(doc="the manifest: .csv, .jsonl or .parquet", check=_manifest_format)
-    id_column: str | None = setting(None, doc="a row's id; without it, its row number (stable on append)")
-    image_column: str | None = setting(None, doc="an http(s) URL, data: URI or local path (relative to the manifest), or a list of them")
-    prompt_column: str | None = setting(None, doc="a row's own prompt")
-    video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
-
-    @property
-    def format(self) -> str:
-        return MANIFEST_FORMATS[self.path.suffix.lower()]
 
 
 def _proxy_problem(value: str | None) -> str | None:

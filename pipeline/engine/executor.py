@@ -57,7 +57,7 @@ class Executor:
                 started = time.time()
                 if ready.plan.total_rows == 0:
                     write_empty_dataset(job, ready.plan, make_labels(job))
-                    console.say(f"{job.name}: the manifest {job.input.path} has no rows; nothing to send")
+                    console.say(f"{job.name}: the manifest {job.input.display} has no rows; nothing to send")
             except OSError as exc:
                 raise local_failure(exc, "preparing the run") from None
             counts, stopped = self.execute(ckpt, ready) if ready.todo else (Counts(), None)

@@ -39,7 +39,7 @@ from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
-from ..io.manifest import Plan, Shard, read_shard, row_ids
+from ..io.manifest import Plan, Shard, Unreadable
 from ..net.breaker import Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
@@ -49,6 +49,7 @@ from ..rows.pricing import SpendLimit
 from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
 from .console import Console
+from .feed import ROWS_PER_BATCH, Feed
 from .options import RunOptions
 from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
 from .sender import CacheUse, RowSender, RowState, error_row
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
 
 STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
-ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
-
 
 def make_labels(job: Job) -> Labels | None:
     """The job's [labels] checker, compiled once per run; imported only then (jsonschema is slow to import)."""
@@ -114,7 +113,7 @@ class ShardEngine:
         self.expire = expire  # what a stop that does not end in time comes to: the process ends (CLI)
         self.internal_errors = 0
         self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
-        self.columns = request_columns(job, plan.columns)
+        self.feed = Feed(job, plan, request_columns(job, plan.columns))
         self.gate = Gate(Gradient(cap=job.limits.workers) if job.limits.auto_concurrency else None)
         self.cache: Cache | None = None  # [run] cache, opened by run(); None: off or unusable
 
@@ -279,12 +278,14 @@ class ShardEngine:
 
     async def _produce(self, shards: list[Shard]) -> None:
         for shard in shards:
-            work = await self._open_shard(shard)
-            needed, send = work.table.select(self.columns), work.send
-            for start in range(0, len(send), ROWS_PER_BATCH):  # Python rows only a batch at a time
-                batch = send[start : start + ROWS_PER_BATCH]
-                for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
-                    await self.queue.put((work, i, cells))
+            try:
+                work = await self._open_shard(shard)
+            except Unreadable as exc:  # its rows stay pending (the run says so at its end); the others go on
+                self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")
+                continue
+            async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
+                for item in batch:
+                    await self.queue.put((work, *item))
             work.enqueued = True
             if work.pending == 0:
                 self._schedule_commit(work)
@@ -294,8 +295,8 @@ class ShardEngine:
     async def _open_shard(self, shard: Shard) -> _ShardWork:
         """The shard's rows, and which of them to send: those without an answer (and, with
         --retry-failed, those whose answer is an error of the kinds asked for)."""
-        table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
-        ids = row_ids(self.job.input, table, shard)
+        rows = await self.feed.open(shard)
+        ids = rows.ids
         done, restored = await asyncio.to_thread(
             answers_so_far, self.job, self.ckpt, shard, self.committed_rows.get(shard.index, 0), self.labels)
         fault_point("produce")
@@ -308,8 +309,10 @@ class ShardEngine:
         self.done_before += len(ids) - len(send)
         if self.breaker.doubting and any(rec[0] == "ok" for rec in done.values()):
             self.breaker.vouch()  # this job was answered before: refusals now are the rows' own
-        work = _ShardWork(shard, table, ids, send, pending=len(send))
+        work = _ShardWork(shard, rows.table, ids, [i for i in send if i not in rows.errors], pending=len(send))
         self.work[shard.index] = work
+        for i in [i for i in send if i in rows.errors]:  # unreadable: error rows of kind "input", never sent
+            self._settle_row(work, error_row(ids[i], RowError(rows.errors[i], kind="input"), attempts=0))
         return work
 
     # -- workers -------------------------------------------------------------------------

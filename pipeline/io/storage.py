@@ -38,7 +38,7 @@ from ..errors import JobError
 from ..records import CommitRecord
 from ..redact import Redactor
 
-__all__ = ["PartStore", "file_digest", "bytes_digest", "OWNER_FILE", "DIGEST_BYTES"]
+__all__ = ["PartStore", "file_digest", "bytes_digest", "storage_secrets", "storage_failure", "OWNER_FILE", "DIGEST_BYTES"]
 
 # Keys of storage_options that name a place, not a secret: kept in messages (they help the fix).
 PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
@@ -290,20 +290,35 @@ class PartStore:
 
     def secrets(self) -> list[str]:
         """Values that must never be shown: storage_options' credentials and the backends' env vars."""
-        found: list[str] = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
-
-        def walk(value: Any, key: str) -> None:
-            if isinstance(value, Mapping):
-                for k, v in value.items():
-                    walk(v, str(k))
-            elif isinstance(value, str) and key not in PLAIN_OPTIONS and len(value) >= 4:
-                found.append(value)
-
-        walk(self._options, "")
-        return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
+        return storage_secrets(self._options)
 
     def scrub(self, message: str) -> str:
         return Redactor(self.secrets(), placeholder="[secret]").scrub(message)
+
+
+def storage_secrets(options: Mapping[str, Any]) -> list[str]:
+    """Values that must never be shown: `options`' credentials (every text but the place-naming
+    keys) and the backends' environment variables; the longer first."""
+    found: list[str] = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, str) and key not in PLAIN_OPTIONS and len(value) >= 4:
+            found.append(value)
+
+    walk(options, "")
+    return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
+
+
+def storage_failure(key: str, what: str, place: str, exc: BaseException, options: Mapping[str, Any], then: str) -> JobError:
+    """The one shape of a storage backend's failure: one line naming the key, what was done where,
+    the backend's own words with every secret scrubbed, and what to check."""
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    scrubbed = Redactor(storage_secrets(options), placeholder="[secret]").scrub(detail)
+    return JobError(f"{key}: could not {what} {place}: {scrubbed} ({type(exc).__name__}); check the URL, the "
+                    f"credentials and {key.split()[0]} storage_options, then {then}")
 
 
 def _etag_of(info: Mapping[str, Any]) -> str | None:
@@ -316,8 +331,5 @@ def _etag_of(info: Mapping[str, Any]) -> str | None:
 
 def _translate(store: PartStore, what: str, exc: BaseException) -> JobError:
     """The one place a storage backend's failure becomes a JobError: one line, secrets scrubbed."""
-    detail = " ".join(str(exc).split()) or type(exc).__name__
-    return JobError(
-        f"[output] path: could not {what} {store}: {store.scrub(detail)} ({type(exc).__name__}); check the URL, "
-        f"the credentials and [output] storage_options, then run again (answers so far are kept in the checkpoint)"
-    )
+    return storage_failure("[output] path", what, str(store), exc, store._options,
+                           "run again (answers so far are kept in the checkpoint)")

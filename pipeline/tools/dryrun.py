@@ -34,7 +34,7 @@ from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
 from ..io.checkpoint import Checkpoint, parse_commits
 from ..io.checks import SHOW
-from ..io.manifest import Plan, plan_manifest, read_shard
+from ..io.manifest import Plan, Unreadable, plan_manifest, read_rows
 from ..io.storage import PartStore
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
@@ -45,6 +45,7 @@ from ..rows.values import image_values
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
 SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
+SHOW_FILES = 10  # files of a source listed with their rows and images
 
 
 class Report:
@@ -58,6 +59,7 @@ class Report:
         self.problems: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.job_problems: list[str] = []
+        self.files: dict[str, list[int]] = {}  # a source's file -> [rows, images]
 
     def problem(self, kind: str, where: str, message: str) -> None:
         self.problems[kind] += 1
@@ -99,12 +101,22 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
     max_bytes = int((job.images.max_source_mb if resizing else job.images.max_image_mb * 3 / 4) * 1024 * 1024)
     id_col, image_col = job.input.id_column, job.input.image_column
     for shard in plan.shards:
-        table = read_shard(job.input, plan, shard)
-        for i, row in enumerate(table.to_pylist()):
-            number = shard.first_row + i
+        try:
+            rows = read_rows(job.input, plan, shard)
+        except Unreadable as exc:
+            raise JobError(f"[input] path: {exc}") from None
+        counts = report.files.setdefault(plan.file_of(shard).name, [0, 0])
+        for i, row in enumerate(rows.table.to_pylist()):
             # Planning has refused missing and repeated ids: every row has its own here.
-            where = f"row {number}" if id_col is None else f"row {number} (id {row.get(id_col)})"
+            number = shard.first_row + i
+            where = f"row {rows.ids[i]}" if not plan.single else \
+                f"row {number}" if id_col is None else f"row {number} (id {row.get(id_col)})"
             report.rows += 1
+            counts[0] += 1
+            if i in rows.errors:
+                report.problem("unreadable", where, rows.errors[i])
+                report.bad_rows += 1
+                continue
             bad = False
             chars = 0
             try:
@@ -124,10 +136,19 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
             else:
                 report.text_chars += chars
                 report.images += count
+                counts[1] += count
 
 
 def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report) -> int:
     """The row's number of images, or -1 when its images would make it fail."""
+    if isinstance(cell, dict) and "bytes" in cell:  # Hugging Face's Image: its bytes, else its path
+        cell = cell["bytes"] if cell["bytes"] is not None else cell.get("path")
+    if isinstance(cell, (bytes, bytearray)):  # the image itself (a binary column, a WebDataset member)
+        problem = _bytes_problem(bytes(cell), max_bytes)
+        if problem is not None:
+            report.problem(problem[0], where, problem[1])
+            return -1
+        return 1
     try:
         values = image_values(cell)
     except InputError as err:
@@ -143,6 +164,14 @@ def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, wh
             report.problem(problem[0], where, problem[1])
             bad = True
     return -1 if bad else len(values)
+
+
+def _bytes_problem(data: bytes, max_bytes: int) -> tuple[str, str] | None:
+    if sniff_mime(data[:16]) is None:
+        return "not_an_image", f"not an image (PNG, JPEG, WEBP or GIF) by its content: {len(data)} bytes"
+    if len(data) > max_bytes:
+        return "too_large", f"image too large ({len(data)} bytes, over {max_bytes})"
+    return None
 
 
 def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, str] | None:
@@ -192,12 +221,13 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
         say("not ready: fix the job problem above")
         return
     if not plan.shards:
-        say(f"manifest: {job.input.path} has no rows; a run would send nothing")
+        say(f"manifest: {job.input.display} has no rows; a run would send nothing")
         say("not ready: fix the job problem(s) above" if report.job_problems else "nothing to do")
         return
     good = report.rows - report.bad_rows
-    say(f"manifest: {job.input.path}, {report.rows} rows in {len(plan.shards)} shard(s); "
+    say(f"manifest: {job.input.display}, {report.rows} rows in {len(plan.shards)} shard(s); "
         f"{good} ready, {report.bad_rows} would fail")
+    _say_source(plan, report, say)
     done = _rows_done(Checkpoint(job.output.checkpoint))
     if done:
         say(f"checkpoint: {done} rows already have a result; a run sends only the others (the estimates cover all rows)")
@@ -233,6 +263,17 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
     if report.job_problems:
         reasons.append("fix the job problem(s) above")
     say(f"not ready: {'; '.join(reasons)}" if reasons else "ready")
+
+
+def _say_source(plan: Plan, report: Report, say: Any) -> None:
+    """The source: its format and files, and the rows and images of each (the first few)."""
+    files = len(plan.files)
+    say(f"source: {plan.format}, {files} file{'s' if files > 1 else ''}; {report.rows} rows, {report.images} image(s)")
+    if files > 1 and plan.format != "images":  # (an image folder's files are its rows)
+        for name, (rows, images) in list(report.files.items())[:SHOW_FILES]:
+            say(f"  {name}: {rows} rows, {images} image(s)")
+        if len(report.files) > SHOW_FILES:
+            say(f"  ... and {len(report.files) - SHOW_FILES} more files")
 
 
 def _rows_done(ckpt: Checkpoint) -> int:
