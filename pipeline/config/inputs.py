@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,15 @@ class InputConfig(Table):
             else:
                 folders.append(text if Path(text).is_dir() else os.path.dirname(text))
         return Path(os.path.commonpath(folders))
+
+    def at(self, value: Any, base: Path) -> InputConfig:
+        """This table with another path (the Python API's manifest="s3://b/ds/*.parquet"): the
+        format is found again unless the job names it."""
+        if isinstance(value, (list, tuple)):
+            value = [os.fspath(v) for v in value]
+        where = "manifest="
+        path = _input_path(os.fspath(value) if isinstance(value, os.PathLike) else value, where, base)
+        return replace(self, path=path, format=None if self.inferred else self.format, inferred=False)
 
     def __repr__(self) -> str:  # storage_options may hold credentials
         return f"InputConfig(path={self.path!r}, format={self.format!r}, id_column={self.id_column!r})"

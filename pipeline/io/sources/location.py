@@ -109,6 +109,8 @@ class Place:
         """Every file of the path that `accept` takes by its name, sorted; a folder's or a glob's
         other files are counted by suffix (for the message a mixed folder gets)."""
         items = self._items()
+        if self.cfg.remote:  # a listing cached by an earlier run in this process would hide new files
+            self.fs.invalidate_cache()
         found: dict[str, FileInfo] = {}
         skipped: dict[str, int] = {}
         single = False

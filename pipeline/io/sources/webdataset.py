@@ -64,9 +64,11 @@ class _Sample:
         self.fields: dict[str, bytes] = {}
 
 
-def _samples(f: BinaryIO) -> Iterator[_Sample]:
+def _samples(f: BinaryIO, end: list[int] | None = None) -> Iterator[_Sample]:
     """The samples from the file's position on, member by member (one sample's bytes held at a
-    time). A damaged tar raises tarfile.TarError (or EOFError / OSError) where it is met."""
+    time). A damaged tar raises tarfile.TarError (or EOFError / OSError) where it is met; one cut
+    inside a member's header ends quietly (tarfile's way): `end` gets where its last member ends."""
+    start = f.tell()
     tar = tarfile.open(fileobj=f, mode="r|")
     sample: _Sample | None = None
     for member in tar:
@@ -82,6 +84,17 @@ def _samples(f: BinaryIO) -> Iterator[_Sample]:
         sample.fields[parts[1]] = source.read()
     if sample is not None:
         yield sample
+    if end is not None:
+        end.append(start + tar.offset)
+
+
+def _check_tail(f: BinaryIO, end: int) -> None:
+    """After the last member only zeros may follow (the end-of-archive blocks and padding)."""
+    f.seek(end)
+    tail = f.read(1 << 16)
+    if tail.strip(b"\0"):
+        raise tarfile.ReadError(f"the bytes after its last whole member (at byte {end}) are not a member: cut short "
+                                f"or damaged")
 
 
 def _hash(h: Any, sample: _Sample) -> None:
@@ -108,8 +121,9 @@ class WebDatasetSource(FileSource):
         h = hashlib.blake2b(digest_size=12)
         count, first, start, note = 0, 0, 0, ""
         with self._open(state.single, info.name) as f:
+            end: list[int] = []
             try:
-                for sample in _samples(f):
+                for sample in _samples(f, end):
                     if count - first == shard_rows:  # the shard is full: it ends where this sample begins
                         shards.append(Shard(-1, first, shard_rows, start, sample.offset, h.hexdigest(), info.name))
                         h, first = hashlib.blake2b(digest_size=12), count
@@ -118,6 +132,7 @@ class WebDatasetSource(FileSource):
                     _hash(h, sample)
                     self.fields |= {c for field in sample.fields if (c := _column(field)) is not None}
                     count += 1
+                _check_tail(f, end[0])
             except (tarfile.TarError, EOFError, OSError) as exc:
                 note = f"the tar {self.place.shown(state.single, info.name)} is damaged after sample {count}: {short(exc)}"
                 if count - first == shard_rows:  # the row saying so starts a shard of its own
