@@ -39,6 +39,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "ray": _optional("ray_bench", "run_ray_bench"),
         "report": _optional("report_bench", "run_report_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
+        "sources": _optional("sources", "run_sources_bench"),
     }
 
 
@@ -68,6 +69,7 @@ TARGETS = {
         f"(target >= 97%), {r['auto_rate']['429s']} x 429 (<= 2); 20k at 500 ms: {r['latency_20k']['pct_of_256']:.1f}% "
         f"of 256 rows/s (>= 97%); instant {r['instant_vs_bare']['pct_of_bare']:.1f}% of bare aiohttp end to end, "
         f"{r['instant_vs_bare'].get('sending_pct_of_bare', 0):.1f}% over the sending phase (>= 90%)"),
+    "sources": lambda r: __import__("bench.sources", fromlist=["target_line"]).target_line(r),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

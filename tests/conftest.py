@@ -196,10 +196,8 @@ class S3:
         return pq.read_table(prefix, filesystem=fs).to_pylist() if fs.exists(prefix) else []
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3]:
-    pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
+def start_moto(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """moto's S3 server in its own process on a free loopback port: (its URL, the process)."""
     import socket
     import time
 
@@ -207,16 +205,23 @@ def s3() -> Iterator[S3]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
             urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            break
+            return url, proc
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
+    url, proc = start_moto()
     yield S3(url, proc)
     proc.terminate()
     proc.wait(10)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_output, write_job, write_rows
+from conftest import ROOT, job_dict, read_output, write_job, write_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -166,6 +169,39 @@ def test_the_dry_run_counts_rows_and_images_per_file(tmp_path: Path, endpoint, c
     assert "source: jsonl, 2 files; 10 rows, 10 image(s)" in out
     assert "  p0.jsonl: 4 rows, 4 image(s)" in out and "  p1.jsonl: 6 rows, 6 image(s)" in out
     assert endpoint.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("ids", ["row numbers", "an id column"])
+def test_a_file_removed_mid_run_makes_error_rows_or_waits_and_the_job_goes_on(tmp_path: Path, endpoint_factory,
+                                                                              ids: str) -> None:
+    ep = endpoint_factory(latency_ms=50)
+    ds = tmp_path / "ds"
+    first = write_part(ds / "a.csv", 120)
+    for name, n in (("a.csv", 120), ("b.csv", 10)):
+        rows = [{"id": f"{name}:{i}", "image": f"https://images.example/{name}/{i}.png", "prompt": f"Describe {name}:{i}"}
+                for i in range(n)]
+        write_rows(ds / name, rows, "csv")
+    job = job_file(tmp_path, "ds", ep.base_url, run={"shard_rows": 30}, limits={"max_concurrency": 2},
+                   input={"id_column": "id" if ids == "an id column" else None})
+    commits = tmp_path / ".pipeline" / "t" / "commits.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (commits.exists() and commits.read_text().strip()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    (ds / "b.csv").unlink()  # b.csv's shard is opened after a.csv's 120 rows are queued: seconds from now
+    _, err = proc.communicate(timeout=120)
+    rows = read_output(tmp_path / "out-t")
+    assert_answered([r for r in rows if r["id"].startswith("a.csv")], first)
+    if ids == "row numbers":  # known without the file: error rows naming it, the job went on
+        assert proc.returncode == 1, err
+        gone = [r for r in rows if r["id"].startswith("b.csv")]
+        assert len(gone) == 10 and all(r["error_kind"] == "input" and "b.csv cannot be read (FileNotFoundError" in r["error"]
+                                       for r in gone)
+    else:  # in the file: the shard waits for a later run, said once
+        assert proc.returncode == 4 and "note: shard 4 is left for a later run" in err and "b.csv cannot be read" in err
+        assert "10 rows have no result" in err and len(rows) == 120
+    assert ep.stats()["requests"] == 120
 
 
 # -- an old checkpoint ---------------------------------------------------------------------------

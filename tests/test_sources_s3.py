@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +25,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, S3, job_dict, read_output, write_job
+from conftest import ROOT, S3, job_dict, read_output, start_moto, write_job
 from test_sources import assert_answered, cli, webdataset
 
 import pipeline
@@ -168,21 +165,7 @@ def test_webdataset_shards_in_a_bucket_stream_each_sample_with_its_bytes(tmp_pat
 def checked_s3() -> Iterator[str]:
     """A second moto server that checks credentials (none is known to it: every key is refused)."""
     pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the second moto server did not start"
-            time.sleep(0.1)
+    url, proc = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     yield url
     proc.terminate()
     proc.wait(10)

@@ -7,7 +7,8 @@
 
 Columns holding bytes (a Parquet binary column, HF's Image struct, a WebDataset's image) are not
 held with the shard's other columns: the ones a request needs are read again a batch at a time
-as the rows are queued, so memory holds a batch of images, not a shard of them. The part file of
+as the rows are queued (MEDIA_ROWS at a time), so memory holds a batch of images, not a shard of
+them. The part file of
 a shard is made from the held (light) columns.
 """
 
@@ -21,9 +22,10 @@ import pyarrow as pa
 from ..config import Job
 from ..io.manifest import Plan, Shard, ShardRows, light_columns, read_rows, shard_batches
 
-__all__ = ["Feed", "ROWS_PER_BATCH"]
+__all__ = ["Feed", "ROWS_PER_BATCH", "MEDIA_ROWS"]
 
 ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
+MEDIA_ROWS = 64  # ... when their cells hold bytes: 64 MB of 1 MB images, not 512 MB
 
 
 class Feed:
@@ -48,7 +50,7 @@ class Feed:
             return
         if not send:
             return
-        stream = shard_batches(self.job.input, self.plan, shard, self.streamed, ROWS_PER_BATCH)
+        stream = shard_batches(self.job.input, self.plan, shard, self.streamed, MEDIA_ROWS)
         try:
             first, k = 0, 0
             while k < len(send):

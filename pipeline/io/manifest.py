@@ -42,6 +42,10 @@ def current_plan(cfg: InputConfig, shard_rows: int, old: Plan | None) -> tuple[P
     others keep their shards), and rows already planned that changed, or files gone, are refused."""
     source = source_for(cfg, old.format if old is not None and cfg.format is None else None)
     listing = source.list()
+    if old is not None and old.single != listing.single:  # the rows' ids would change: all sent again
+        was, now = ("one file", "a set of files") if old.single else ("a set of files", "one file")
+        raise JobError(f"[input] path: this job's checkpoint was made from {was} and the path now names {now}; its "
+                       f"rows would get other ids and be sent again; point path back, or {_RESTART}")
     if old is not None and old.checked and old.format == source.format and _same_files(old, listing):
         return old, False
     plan = source.plan(shard_rows, listing, previous=old)
@@ -89,8 +93,21 @@ def _range_digest(cfg: InputConfig, old: Plan, new: Plan, shard: Shard) -> str:
 
 def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
     """The shard's rows (only `columns`, if given), their ids, and the rows that cannot be read.
-    Raises Unreadable when its file cannot be read at all any more."""
-    return source_for(cfg, plan.format).read(plan, shard, columns)
+    A file gone or changed since planning makes every row of the shard one that cannot be read
+    (nulls in every column), where the ids are known without the file; else, and when its
+    storage fails, this raises Unreadable (the shard waits for the next run)."""
+    source = source_for(cfg, plan.format)
+    try:
+        return source.read(plan, shard, columns)
+    except Unreadable as exc:
+        ids = source.known_ids(plan, shard) if exc.lasting else None
+        if ids is None:
+            raise
+        schema = plan_schema(plan)
+        if columns is not None:
+            schema = pa.schema([schema.field(c) for c in columns])
+        table = pa.table({f.name: pa.nulls(len(ids), f.type) for f in schema}, schema=schema)
+        return ShardRows(table, ids, dict.fromkeys(range(len(ids)), str(exc)))
 
 
 def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:

@@ -26,7 +26,7 @@ import binascii
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 from urllib.parse import urlsplit
 
 from ..config import DEFAULT_OUTPUT_TOKENS, Job
@@ -34,7 +34,7 @@ from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
 from ..io.checkpoint import Checkpoint, parse_commits
 from ..io.checks import SHOW
-from ..io.manifest import Plan, Unreadable, plan_manifest, read_rows
+from ..io.manifest import Plan, Shard, Unreadable, light_columns, plan_manifest, read_rows, shard_batches
 from ..io.storage import PartStore
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
@@ -42,10 +42,14 @@ from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
 from ..rows.values import image_values
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
 SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
 SHOW_FILES = 10  # files of a source listed with their rows and images
+MEDIA_ROWS = 64  # rows read at a time from a source whose rows hold bytes
 
 
 class Report:
@@ -100,13 +104,14 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
     resizing = bool(job.images.max_side or job.images.max_pixels)
     max_bytes = int((job.images.max_source_mb if resizing else job.images.max_image_mb * 3 / 4) * 1024 * 1024)
     id_col, image_col = job.input.id_column, job.input.image_column
+    light = light_columns(plan)
     for shard in plan.shards:
         try:
-            rows = read_rows(job.input, plan, shard)
+            rows = read_rows(job.input, plan, shard, light)
         except Unreadable as exc:
             raise JobError(f"[input] path: {exc}") from None
         counts = report.files.setdefault(plan.file_of(shard).name, [0, 0])
-        for i, row in enumerate(rows.table.to_pylist()):
+        for i, row in enumerate(_rows(job, plan, shard, rows.table, light is None)):
             # Planning has refused missing and repeated ids: every row has its own here.
             number = shard.first_row + i
             where = f"row {rows.ids[i]}" if not plan.single else \
@@ -137,6 +142,15 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 report.text_chars += chars
                 report.images += count
                 counts[1] += count
+
+
+def _rows(job: Job, plan: Plan, shard: Shard, held: pa.Table, whole: bool) -> Iterator[dict[str, Any]]:
+    """The shard's rows as dicts; with columns of bytes, a few rows at a time (never a shard of images)."""
+    if whole:
+        yield from held.to_pylist()
+        return
+    for batch in shard_batches(job.input, plan, shard, plan.columns, MEDIA_ROWS):
+        yield from batch.to_pylist()
 
 
 def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report) -> int:

@@ -43,7 +43,19 @@ class ShardRows(NamedTuple):
 
 
 class Unreadable(Exception):
-    """A shard's file cannot be read now (removed, changed, refused by its storage)."""
+    """A shard's file cannot be read now. `lasting`: it is gone or changed (its rows become error
+    rows where their ids are known without it); else its storage failed (the shard waits for
+    the next run)."""
+
+    def __init__(self, message: str, lasting: bool = True) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+
+    @classmethod
+    def of(cls, shown: str, exc: BaseException) -> Unreadable:
+        """A failure to open or read a file: lasting when it is not there any more."""
+        text = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        return cls(f"{shown} cannot be read ({text})", lasting=isinstance(exc, FileNotFoundError))
 
 
 def encode_schema(schema: pa.Schema) -> str:
@@ -141,13 +153,19 @@ class Source:
         """Each row's id: the id column as text, or its row number (`file:row` for several files)."""
         if self.cfg.id_column is not None:
             return _id_column(self.cfg, table, shard)
-        rows = range(shard.first_row, shard.first_row + table.num_rows)
-        if plan.single:
-            return [str(r) for r in rows]
-        return [f"{shard.file}:{r}" for r in rows]
+        ids = self.known_ids(plan, shard)
+        assert ids is not None and len(ids) == table.num_rows
+        return ids
 
     def shown(self, plan: Plan, name: str) -> str:
         return self.place.shown(plan.single, name)
+
+    def known_ids(self, plan: Plan, shard: Shard) -> list[str] | None:
+        """The shard's ids without reading its file (None: they are in it)."""
+        if self.cfg.id_column is not None:
+            return None
+        rows = range(shard.first_row, shard.first_row + shard.rows)
+        return [str(r) for r in rows] if plan.single else [f"{shard.file}:{r}" for r in rows]
 
 
 class FileSource(Source):

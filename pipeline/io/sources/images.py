@@ -11,7 +11,8 @@ sniffed when they are read for a request (a file that is not an image becomes an
     json     the text of a sidecar "cats/001.json", likewise
 
 so `[request] prompt = "Caption this {folder} photo: {txt}"` works. Sidecars are read with their
-shard (at most 1 MiB each; a larger or unreadable one makes its row an error row of kind "input").
+shard (at most 1 MiB each; a larger or unreadable one makes its row an error row of kind "input"),
+without their last line break.
 
 Nothing is read while planning: an image's size and stamp (mtime or ETag) are its identity, and
 a shard's digest is of its images' and sidecars' names and identities. A shard holds the images it
@@ -133,7 +134,10 @@ class ImageSource(Source):
             return None, f"cannot read the sidecar {shown} ({type(exc).__name__}: {short(exc)})"
         if len(data) > MAX_SIDECAR:
             return None, f"the sidecar {shown} is over {MAX_SIDECAR >> 20} MiB; sidecars are captions and labels"
-        return data.decode("utf-8", "replace"), None
+        return data.decode("utf-8", "replace").rstrip("\r\n"), None  # a caption file's last line break is no part of it
+
+    def known_ids(self, plan: Plan, shard: Shard) -> list[str] | None:
+        return [f.name for f in plan.files if f.shard == shard.index and f.rows == 1] if self.cfg.id_column is None else None
 
     def range_digest(self, plan: Plan, shard: Shard) -> str:
         return ""  # a shard's images never grow in number: a digest that differs is an image changed

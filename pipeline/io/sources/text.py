@@ -150,8 +150,8 @@ class _TextSource(FileSource):
         try:
             with self.place.open(plan.single, info.name) as f:
                 body = read_range(f, shard.start, shard.end)
-        except OSError as exc:
-            raise Unreadable(f"{shown} cannot be read ({type(exc).__name__}: {short(exc)})") from None
+        except (OSError, JobError) as exc:
+            raise Unreadable.of(shown, exc) from None
         where = f"{shown} rows {shard.first_row}-{shard.first_row + shard.rows - 1}"
         try:
             if self.csv:

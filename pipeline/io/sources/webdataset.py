@@ -8,7 +8,8 @@ A row's columns:
     image    the bytes of its jpg, jpeg, png or webp member (the first found in that order), or null
     txt, json, cls, caption_txt, ...   the text of its members whose last extension is txt, text,
              json or cls (dots made "_", so a prompt may say {caption_txt}); null where a sample
-             has none; at most 1 MiB each (a larger one makes the row an error row)
+             has none; without a last line break; at most 1 MiB each (a larger one makes the row an
+             error row)
 
 A tar is streamed member by member (tarfile's stream mode over an fsspec file), never extracted
 to disk: planning reads each tar once, counting samples, hashing each shard's members (names and
@@ -197,9 +198,11 @@ class WebDatasetSource(FileSource):
                         batch = []
                     if done == wanted:
                         break
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError) as exc:
             raise Unreadable(f"{shown} cannot be read as planned after {done} samples of shard "
                              f"{shard.index} ({type(exc).__name__}: {short(exc)})") from None
+        except (OSError, JobError) as exc:
+            raise Unreadable.of(shown, exc) from None
         if done < wanted:
             raise Unreadable(f"{shown} ends after {done} of the {wanted} samples planned for shard {shard.index} "
                              f"(has it changed?)")
@@ -225,12 +228,15 @@ class WebDatasetSource(FileSource):
                     if data is not None and len(data) > MAX_TEXT:
                         errors[i] = f"member {sample.key}.{name} of {info.name} is over 1 MiB; text members are captions and labels"
                         data = None
-                    values[name].append(None if data is None else data.decode("utf-8", "replace"))
+                    values[name].append(None if data is None else data.decode("utf-8", "replace").rstrip("\r\n"))
         table = pa.table({n: pa.array(v, schema.field(n).type) for n, v in values.items()}, schema=schema)
         ids = [f"{_tar(plan, info)}:{s.key}" for s in batch]
         if self.cfg.id_column is not None and self.cfg.id_column in values:
             ids = [str(v) for v in values[self.cfg.id_column]]
         return table, ids, errors
+
+    def known_ids(self, plan: Plan, shard: Shard) -> list[str] | None:
+        return None  # the keys are in the tar
 
     def range_digest(self, plan: Plan, shard: Shard) -> str:
         h = hashlib.blake2b(digest_size=12)
