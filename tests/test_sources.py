@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import InputConfig
+from pipeline.errors import JobError
 from pipeline.io.manifest import plan_manifest, read_rows, shard_batches
 from pipeline.io.plan import Plan
 
@@ -159,6 +160,16 @@ def test_a_folder_of_mixed_or_no_known_files_is_one_clear_error(tmp_path: Path, 
     assert code == 0, err  # a format named: only its files are read
     assert Counter(r["id"] for r in read_output(tmp_path / "out-chosen")) == Counter(["a.csv:0", "a.csv:1"])
     assert endpoint.stats()["requests"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_files_whose_columns_differ_are_refused_naming_both(tmp_path: Path, fmt: str) -> None:
+    write_part(tmp_path / "ds" / f"a.{fmt}", 3)
+    write_rows(tmp_path / "ds" / f"b.{fmt}", [{"image": "https://x/1.png", "caption": "c"}], fmt)
+    with pytest.raises(JobError) as caught:
+        plan_manifest(InputConfig(path=tmp_path / "ds"), 10)
+    assert str(caught.value).startswith(f"[input] path: b.{fmt} has ") and f"a.{fmt}" in str(caught.value)
+    assert "every file needs the same columns" in str(caught.value)
 
 
 def test_the_dry_run_counts_rows_and_images_per_file(tmp_path: Path, endpoint, capsys) -> None:

@@ -90,6 +90,7 @@ class PlanState:
     ids: IdCheck | None
     single: bool
     schema: pa.Schema | None = None
+    first: str = ""  # the file whose columns the others must have
     max_record: int = 0
     ordinal: int = 0  # rows of the files before this one
     starts: list[int] = field(default_factory=list)  # each file's first ordinal, for naming rows
@@ -198,20 +199,23 @@ class FileSource(Source):
         state = PlanState(Problems(self.cfg, _name(self.cfg, listing)), None, listing.single)
         if self.cfg.id_column is not None:
             state.ids = IdCheck(state.problems, state.label)
+        keep = {f.name: keep[f.name] for f in listing.files if f.name in keep and keep[f.name].same(f)}
         if keep:
             assert previous is not None
             self.adopt(previous, state)
+            state.first = next(iter(keep))
         files: list[FileInfo] = []
         drafts: list[Shard] = []
         kept: set[str] = set()
+        earlier: dict[str, list[Shard]] = {}
+        for s in previous.shards if keep and previous is not None else ():
+            earlier.setdefault(s.file, []).append(s)
         for info in listing.files:
             state.begin(info.name)
             old = keep.get(info.name)
-            if old is not None and old.same(info):
-                assert previous is not None
+            if old is not None:
                 files.append(old)
-                mine = [s for s in previous.shards if s.file == old.name]
-                drafts += mine
+                drafts += earlier.get(old.name, [])
                 kept.add(old.name)
                 state.ordinal += old.rows
                 continue

@@ -145,9 +145,9 @@ class ParquetSource(FileSource):
         schema = pf.schema_arrow.remove_metadata()
         if state.schema is None:
             check_columns(self.cfg, schema.names)
-            state.schema = schema
+            state.schema, state.first = schema, info.name
         elif not schema.equals(state.schema):
-            raise JobError(f"[input] path: {info.name} has other columns than {state.names[0]} ({_differ(schema, state.schema)}); "
+            raise JobError(f"[input] path: {info.name} has other columns than {state.first} ({_differ(schema, state.schema)}); "
                            f"every file needs the same columns and types")
         total = pf.metadata.num_rows
         cache: dict[tuple[int, ...], pa.Table] = {}

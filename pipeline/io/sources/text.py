@@ -72,10 +72,10 @@ class _TextSource(FileSource):
             return b""
         if state.schema is None:
             check_columns(self.cfg, schema.names)
-            state.schema = schema
+            state.schema, state.first = schema, info.name
         elif schema.names != state.schema.names:
             raise JobError(f"[input] path: {info.name} has the columns {', '.join(schema.names)} where "
-                           f"{state.names[0]} has {', '.join(state.schema.names)}; every file needs the same columns")
+                           f"{state.first} has {', '.join(state.schema.names)}; every file needs the same columns")
         return header
 
     def _check_shards(self, f: BinaryIO, info: FileInfo, header: bytes, layout: Layout, state: PlanState) -> list[Shard]:
