@@ -172,6 +172,18 @@ def test_files_whose_columns_differ_are_refused_naming_both(tmp_path: Path, fmt:
     assert "every file needs the same columns" in str(caught.value)
 
 
+def test_a_damaged_parquet_part_stops_planning_in_one_line(tmp_path: Path) -> None:
+    write_part(tmp_path / "ds" / "a.parquet", 3)
+    pq.write_table(pa.table({"image": ["x" * 100] * 1000, "prompt": ["p"] * 1000}), tmp_path / "ds" / "b.parquet",
+                   row_group_size=100)
+    data = (tmp_path / "ds" / "b.parquet").read_bytes()
+    (tmp_path / "ds" / "b.parquet").write_bytes(data[:2000] + b"\0" * 3000 + data[5000:])  # its pages overwritten
+    with pytest.raises(JobError) as caught:
+        plan_manifest(InputConfig(path=tmp_path / "ds"), 100)
+    assert str(caught.value).startswith("[input] path: could not read ") and "b.parquet" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def test_the_dry_run_counts_rows_and_images_per_file(tmp_path: Path, endpoint, capsys) -> None:
     write_part(tmp_path / "ds" / "p0.jsonl", 4)
     write_part(tmp_path / "ds" / "p1.jsonl", 6)

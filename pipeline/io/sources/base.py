@@ -219,7 +219,10 @@ class FileSource(Source):
                 kept.add(old.name)
                 state.ordinal += old.rows
                 continue
-            planned, shards = self.plan_file(info, shard_rows, state)
+            try:
+                planned, shards = self.plan_file(info, shard_rows, state)
+            except OSError as exc:  # its storage, or the disk: not the rows' fault, and no row read
+                raise self.place.failure("read", self.place.shown(listing.single, info.name), exc) from None
             files.append(planned)
             drafts += shards
             state.ordinal += planned.rows

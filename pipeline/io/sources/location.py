@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Callable, TypeVar
 from ...config import InputConfig
 from ...config.inputs import has_glob, is_hidden
 from ...errors import JobError
+from ..checks import short
 from ..plan import FileInfo
 from ..storage import storage_failure
 
@@ -76,6 +77,12 @@ class Place:
         except Exception as exc:  # noqa: BLE001 - every backend's failure type is foreign here
             raise storage_failure("[input] path", what, where, exc, self.cfg.storage_options,
                                   "run again") from None
+
+    def failure(self, what: str, where: str, exc: OSError) -> JobError:
+        """A file that could not be read while planning: one line (a URL's with secrets scrubbed)."""
+        if self.cfg.remote:
+            return storage_failure("[input] path", what, where, exc, self.cfg.storage_options, "run again")
+        return JobError(f"[input] path: could not {what} {where} ({exc.strerror or short(exc)})")
 
     # -- the root --------------------------------------------------------------------------
 

@@ -137,7 +137,7 @@ class ParquetSource(FileSource):
                 return self._plan_open(pf, info, shard_rows, state)
         except FileNotFoundError:
             raise JobError(f"[input] path: {shown} disappeared while it was planned") from None
-        except (pa.ArrowInvalid, OSError) as exc:
+        except pa.ArrowInvalid as exc:
             raise JobError(f"[input] path: cannot read the Parquet manifest {shown} ({short(exc)})") from None
 
     def _plan_open(self, pf: pq.ParquetFile, info: FileInfo, shard_rows: int,

@@ -134,7 +134,7 @@ class WebDatasetSource(FileSource):
                     self.fields |= {c for field in sample.fields if (c := _column(field)) is not None}
                     count += 1
                 _check_tail(f, end[0])
-            except (tarfile.TarError, EOFError, OSError) as exc:
+            except (tarfile.TarError, EOFError) as exc:
                 note = f"the tar {self.place.shown(state.single, info.name)} is damaged after sample {count}: {short(exc)}"
                 if count - first == shard_rows:  # the row saying so starts a shard of its own
                     shards.append(Shard(-1, first, shard_rows, start, f.tell(), h.hexdigest(), info.name))
