@@ -80,7 +80,9 @@ def _measure(code: str) -> dict[str, Any]:
             return int(line.split()[1]) / 1024
 
         from pipeline.config import InputConfig
+        from pipeline.engine.process import tune_memory
         from pipeline.io.manifest import current_plan, plan_manifest
+        tune_memory()  # the allocators `pipeline run` sets
         base_rss = hwm()
     """)
     tail = "\nout['peak_rss_mb'] = hwm()\nout['imports_rss_mb'] = base_rss\nprint(json.dumps(out))\n"
