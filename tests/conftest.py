@@ -155,6 +155,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     )
 
 
+def start_run(job: Path, first_commit: Path, timeout: float = 60) -> subprocess.Popen:
+    """`pipeline run JOB` in its own process, returned once its first shard is committed (or it
+    ended, or `timeout` passed): the moment a test kills it, or changes its input under it."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (first_commit.exists() and first_commit.read_text().strip()) and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    return proc
+
+
 def read_output(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if any(path.glob("*.parquet")) else []
 

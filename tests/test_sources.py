@@ -13,10 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, job_dict, read_output, write_job, write_rows
+from conftest import job_dict, read_output, start_run, write_job, write_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -206,12 +203,7 @@ def test_a_file_removed_mid_run_makes_error_rows_or_waits_and_the_job_goes_on(tm
         write_rows(ds / name, rows, "csv")
     job = job_file(tmp_path, "ds", ep.base_url, run={"shard_rows": 30}, limits={"max_concurrency": 2},
                    input={"id_column": "id" if ids == "an id column" else None})
-    commits = tmp_path / ".pipeline" / "t" / "commits.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (commits.exists() and commits.read_text().strip()) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    proc = start_run(job, tmp_path / ".pipeline" / "t" / "commits.jsonl")
     (ds / "b.csv").unlink()  # b.csv's shard is opened after a.csv's 120 rows are queued: seconds from now
     _, err = proc.communicate(timeout=120)
     rows = read_output(tmp_path / "out-t")
