@@ -40,6 +40,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "report": _optional("report_bench", "run_report_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
         "sources": _optional("sources", "run_sources_bench"),
+        "media": _optional("media", "run_media_bench"),
     }
 
 
@@ -70,6 +71,13 @@ TARGETS = {
         f"of 256 rows/s (>= 97%); instant {r['instant_vs_bare']['pct_of_bare']:.1f}% of bare aiohttp end to end, "
         f"{r['instant_vs_bare'].get('sending_pct_of_bare', 0):.1f}% over the sending phase (>= 90%)"),
     "sources": lambda r: __import__("bench.sources", fromlist=["target_line"]).target_line(r),
+    "media": lambda r: (
+        f"{r['s3_vs_local']['s3']['images_per_s']:.0f} images/s inlined from S3 (moto) vs "
+        f"{r['s3_vs_local']['local']['images_per_s']:.0f} from local disk; 20,000 x 100 KB Parquet bytes: peak RSS "
+        f"{r['memory']['shard_rows_10000']['peak_rss_mb']} MB at shard_rows 10,000, "
+        f"{r['memory']['shard_rows_1000']['peak_rss_mb']} MB at 1,000 (target < 400); output "
+        f"{r['memory']['shard_rows_10000']['output_mb']:.1f} MB, checkpoint {r['memory']['shard_rows_10000']['checkpoint_mb']:.1f} MB "
+        f"for {r['memory']['images_gb']:.1f} GB of images"),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

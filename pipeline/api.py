@@ -39,7 +39,6 @@ from .engine.shard import STOP_DEADLINE_S
 from .errors import JobError, LocalFailure
 from .io.checkpoint import Checkpoint
 from .io.frames import MANIFEST_FILE, Frame
-from .rows.images import bytes_as_values
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,8 +179,9 @@ def _is_location(manifest: Any) -> bool:
 
 
 def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint], None]]:
-    media = [job.input.image_column, job.input.video_column]
-    frame = Frame.of(manifest, convert=lambda table: bytes_as_values(table, media))
+    # Image bytes (a binary column, HF's Image struct) are stored as they are, once: the run reads
+    # them per shard like a Parquet manifest's, and the output holds references (io/references.py).
+    frame = Frame.of(manifest)
     assert job.output.checkpoint is not None  # set by the loader
     stored = replace(job.input, path=job.output.checkpoint / MANIFEST_FILE, format="parquet", storage_options={})
     base = job.files_base or Path.cwd()  # relative image paths in a frame: from where the caller is

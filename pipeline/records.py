@@ -89,8 +89,11 @@ class ResultRow:
 
     def scrubbed(self, scrub: Callable[[str], str]) -> ResultRow:
         """A copy with `scrub` applied to every text (a secret a provider or a model echoed)."""
-        texts = {name: scrub(value) for name in _TEXTS if isinstance(value := getattr(self, name), str)}
+        texts = {name: new for name in _TEXTS
+                 if isinstance(value := getattr(self, name), str) and (new := scrub(value)) != value}
         labels = {k: scrub(v) if isinstance(v, str) else v for k, v in self.labels.items()} if self.labels else None
+        if not texts and labels == self.labels:
+            return self  # nothing to hide (the common row): no copy
         return dataclasses.replace(self, **texts, labels=labels)
 
 

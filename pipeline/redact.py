@@ -10,6 +10,11 @@ straddle the cut, and half a key left after a cut is no longer found by a scrub 
 A secret is hidden in the forms a message can carry it in: as is, JSON-escaped (a body echoed in
 an error text) and percent-encoded (a URL), hex digits of either case. A text that ends with the
 first characters of a secret (someone upstream cut it) has that tail hidden too.
+
+Presigned URLs carry secrets no list can name ahead (a signature per URL, a session token): the
+values of their signing query parameters (`X-Amz-Signature`, `X-Amz-Credential`,
+`X-Amz-Security-Token`, SigV2's `Signature` and `AWSAccessKeyId`, GCS's `X-Goog-*`, Azure's SAS
+`sig`) are hidden in every text, whatever secrets were given.
 """
 
 from __future__ import annotations
@@ -20,10 +25,37 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
-__all__ = ["Redactor", "KEY_PLACEHOLDER", "MIN_PARTIAL"]
+__all__ = ["Redactor", "KEY_PLACEHOLDER", "MIN_PARTIAL", "option_secrets", "PLAIN_OPTIONS"]
 
 KEY_PLACEHOLDER = "[key]"
 MIN_PARTIAL = 6  # a text ending with this many first characters of a secret has them hidden
+SIGNED_PLACEHOLDER = "[signed]"
+# A presigned URL's signing parameters, after "?" or "&" (also JSON's \u0026), up to the next
+# separator: the name is kept (a reader sees a URL was signed), the value hidden.
+_SIGNED = re.compile(
+    r"((?:[?&]|\\u0026)(?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)|"
+    r"Signature|AWSAccessKeyId|GoogleAccessId|sig)=)[^&\s\"'<>\\]+", re.IGNORECASE)
+# What every one of those names holds, either case: a text with none of them needs no regex scan
+# (a plain `in` is ~100x faster than an IGNORECASE regex over a long answer).
+_SIGNED_MARKS = ("ignature=", "IGNATURE=", "redential=", "REDENTIAL=", "ecurity-token=", "ecurity-Token=",
+                 "ECURITY-TOKEN=", "ccessKeyId=", "ccessId=", "sig=", "SIG=")
+# fsspec storage options that are settings, not credentials
+PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
+
+
+def option_secrets(options: Any) -> list[str]:
+    """The values of fsspec storage options that may be credentials (every text but PLAIN_OPTIONS)."""
+    found: list[str] = []
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, str) and key not in PLAIN_OPTIONS and len(value) >= 4:
+            found.append(value)
+
+    walk(options, "")
+    return found
 
 
 def _forms(secret: str) -> set[str]:
@@ -58,14 +90,18 @@ class Redactor:
         self._regex = re.compile("|".join(_pattern(f) for f in self._forms)) if self._forms else None
 
     def __bool__(self) -> bool:
-        return self._regex is not None
+        return True  # signed URLs are scrubbed even when no secret was given
 
     def __repr__(self) -> str:  # never the secrets themselves
         return f"Redactor({len(self._forms)} forms)"
 
     def scrub(self, text: str) -> str:
         """`text` with every form of every secret, and a trailing start of one, replaced."""
-        if self._regex is None or not text:
+        if not text:
+            return text
+        if "=" in text and any(mark in text for mark in _SIGNED_MARKS):  # most texts hold no signed URL
+            text = _SIGNED.sub(lambda m: m.group(1) + SIGNED_PLACEHOLDER, text)
+        if self._regex is None:
             return text
         text = self._regex.sub(self.placeholder, text)
         return self._hide_partial_tail(text)
@@ -83,8 +119,6 @@ class Redactor:
 
     def scrub_record(self, record: dict[str, Any]) -> dict[str, Any]:
         """A copy of `record` with every text in it (nested lists and dicts too) scrubbed."""
-        if self._regex is None:
-            return record
         return {k: self._scrub_value(v) for k, v in record.items()}
 
     def _scrub_value(self, value: Any) -> Any:

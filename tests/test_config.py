@@ -45,7 +45,7 @@ def job(**tables: Any) -> Any:
     ({"limits": {"max_concurrency": 0}}, "/jobs/a.toml: [limits] max_concurrency must be more than zero, not 0"),
     ({"limits": {"grace_s": -1}}, "[limits] grace_s must be zero or more, not -1.0"),
     ({"limits": {"timeout_s": float("inf")}}, "[limits] timeout_s must be more than zero, not inf"),
-    ({"images": {"image_mode": "base64"}}, '[images] image_mode must be "url" or "inline", not \'base64\''),
+    ({"images": {"image_mode": "base64"}}, '[images] image_mode must be "url", "inline" or "presign", not \'base64\''),
     ({"images": {"jpeg_quality": 100}}, "[images] jpeg_quality must be between 1 and 95, not 100"),
     ({"images": {"allowed_roots": "/data"}}, "[images] allowed_roots must be a list, not str"),
     ({"request": {"image_detail": "max"}}, '[request] image_detail must be "low", "high" or "auto"'),

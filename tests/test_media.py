@@ -763,7 +763,7 @@ def _job(tmp_path: Path, **images: Any) -> dict[str, Any]:
 def test_images_table_is_checked_and_shapes_the_request(tmp_path: Path) -> None:
     with pytest.raises(JobError, match=r"\[images\] max_sid: unknown key"):
         parse_job(_job(tmp_path, max_sid=10), tmp_path / "j.toml")
-    with pytest.raises(JobError, match=r"image_mode must be \"url\" or \"inline\""):
+    with pytest.raises(JobError, match=r"image_mode must be \"url\", \"inline\" or \"presign\""):
         parse_job(_job(tmp_path, image_mode="fetch"), tmp_path / "j.toml")
     with pytest.raises(JobError, match=r"pool must be \"process\" or \"thread\""):
         parse_job(_job(tmp_path, pool="fork"), tmp_path / "j.toml")

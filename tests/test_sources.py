@@ -11,6 +11,7 @@ files into any shards and reads every row back exactly once. Buckets: tests/test
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import tarfile
@@ -289,12 +290,7 @@ def test_an_image_folder_sends_each_image_once_with_its_sidecar(tmp_path: Path, 
     assert set(rows) == set(files)
     assert rows["cats/a.jpg"]["answer"].startswith("Answer to \"Describe a.jpg in 'cats': a red square\"")
     assert rows["top.PNG"]["answer"].startswith("Answer to \"Describe top.PNG in '': \"")
-    sent = {}
-    for req in endpoint.requests():
-        parts = json.loads(req["body"])["messages"][-1]["content"]
-        text = parts[0]["text"]
-        url = parts[1]["image_url"]["url"]
-        sent[text] = base64.b64decode(url.split(",", 1)[1])
+    sent = sent_images(endpoint)
     assert sent["Describe b.png in 'cats': "] == files["cats/b.png"], "the endpoint sees the image's own bytes"
     assert len(sent) == 3
 
@@ -363,6 +359,44 @@ def test_webdataset_samples_reach_the_rows_with_their_own_bytes(tmp_path: Path) 
     assert batches[0].column("image").to_pylist() == [r["image"] for r in rows[4:7]]
 
 
+def sent_images(endpoint: Any) -> dict[str, bytes]:
+    """What the endpoint was shown: each request's prompt -> its image's bytes (from the data URI)."""
+    out = {}
+    for req in endpoint.requests():
+        parts = json.loads(req["body"])["messages"][-1]["content"]
+        out[parts[0]["text"]] = base64.b64decode(parts[1]["image_url"]["url"].split(",", 1)[1])
+    return out
+
+
+def jpeg_tar(path: Path, keys: list[str]) -> dict[str, bytes]:
+    """A tar of real JPEGs (one colour each) with a caption per sample naming its key."""
+    images = {}
+    with tarfile.open(path, "w") as tar:
+        for n, key in enumerate(keys):
+            buf = io.BytesIO()
+            Image.new("RGB", (8 + n, 8), (30 * n % 256, 90, 150)).save(buf, "JPEG")
+            images[key] = buf.getvalue()
+            _member(tar, f"{key}.jpg", images[key])
+            _member(tar, f"{key}.txt", f"caption of {key}\n".encode())
+    return images
+
+
+def test_a_webdataset_run_shows_the_model_each_samples_own_image(tmp_path: Path, endpoint, capsys) -> None:
+    images = jpeg_tar(tmp_path / "shard-000.tar", [f"s{k:03d}" for k in range(5)])
+    job = job_dict(tmp_path / "unused", endpoint.base_url, tmp_path / "out", name="t",
+                   input={"path": "shard-000.tar", "id_column": None, "image_column": None, "prompt_column": None},
+                   request={"prompt": "Is this {txt}?"}, run={"shard_rows": 2})
+    path = write_job(tmp_path / "t.toml", job)
+    code, _, err = cli(capsys, "run", str(path))
+    assert code == 0, err
+    sent = sent_images(endpoint)
+    assert sent == {f"Is this caption of {key}?": data for key, data in images.items()}
+    rows = read_output(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == [f"shard-000.tar:{k}" for k in images]
+    assert all(r["image"] == "sha256:" + hashlib.sha256(images[r["key"]]).hexdigest() for r in rows)  # no bytes
+    assert cli(capsys, "run", str(path))[0] == 0 and endpoint.stats()["requests"] == 5
+
+
 def test_a_damaged_tar_keeps_its_samples_and_says_where_in_one_error_row(tmp_path: Path) -> None:
     path = tmp_path / "shard.tar"
     webdataset(path, 6)
@@ -386,7 +420,7 @@ def test_a_damaged_tar_keeps_its_samples_and_says_where_in_one_error_row(tmp_pat
 # -- the engine holds no shard of bytes ----------------------------------------------------------
 
 
-def test_a_binary_column_is_streamed_a_batch_at_a_time_and_not_held(tmp_path: Path) -> None:
+def test_a_binary_column_is_held_as_references_and_its_bytes_streamed_a_batch_at_a_time(tmp_path: Path) -> None:
     import asyncio
 
     from pipeline.config import parse_job
@@ -404,7 +438,8 @@ def test_a_binary_column_is_streamed_a_batch_at_a_time_and_not_held(tmp_path: Pa
 
     async def cells() -> list[tuple[int, dict[str, Any]]]:
         rows = await feed.open(plan.shards[0])
-        assert rows.table.column_names == ["prompt"], "the shard is held without its bytes"
+        held = rows.table.column("image").to_pylist()  # what the part file gets: references, not bytes
+        assert held == [f"sha256:{hashlib.sha256(images[i]).hexdigest()}" for i in range(30)]
         return [c async for batch in feed.cells(plan.shards[0], rows.table, [1, 2, 17, 29]) for c in batch]
 
     got = asyncio.run(cells())

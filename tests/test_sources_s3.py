@@ -21,8 +21,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from conftest import S3, job_dict, read_output, start_moto, start_run, write_job
-from test_sources import assert_answered, cli, webdataset
+from test_sources import assert_answered, cli, jpeg_tar, sent_images, webdataset
 
 import pipeline
 from pipeline.config import InputConfig
@@ -112,6 +113,35 @@ def test_kill_9_mid_run_over_a_bucket_source_then_resume_every_row_once(tmp_path
     assert_answered(read_output(tmp_path / "out-t"), ids)
     extra = sum(c - 1 for c in ep.stats()["per_row"].values())
     assert extra <= 4, f"{extra} rows bought twice; only the killed run's 4 in flight may be"
+
+
+def test_a_bucket_prefix_of_images_and_its_webdataset_shards_run_showing_each_image(tmp_path: Path, endpoint, aws: S3,
+                                                                                      capsys) -> None:
+    bucket = aws.new_bucket()
+    photos = {}
+    for n, name in enumerate(["a/1.jpg", "a/2.png", "b/3.webp"]):
+        buf = io.BytesIO()
+        Image.new("RGB", (6 + n, 6), (80 * n, 10, 10)).save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[name.rsplit(".", 1)[1]])
+        photos[name] = buf.getvalue()
+        aws.fs().pipe(f"{bucket}/photos/{name}", photos[name])
+    job = job_file(tmp_path, f"s3://{bucket}/photos/", endpoint.base_url, name="photos",
+                   input={"format": "images", "image_column": None, "prompt_column": None}, request={"prompt": "Describe {path}"},
+                   images={"image_mode": "inline"})
+    code, _, err = cli(capsys, "run", str(job))
+    assert code == 0, err  # the images are in the manifest's own bucket folder: allowed without more
+    assert sent_images(endpoint) == {f"Describe {name}": data for name, data in photos.items()}
+    assert {r["id"]: r["image"] for r in read_output(tmp_path / "out-photos")} == {
+        name: f"s3://{bucket}/photos/{name}" for name in photos}
+
+    tar = tmp_path / "shard-000.tar"
+    images = jpeg_tar(tar, ["k1", "k2", "k3"])
+    aws.fs().put_file(str(tar), f"{bucket}/wds/shard-000.tar")
+    endpoint.reset()
+    job = job_file(tmp_path, f"s3://{bucket}/wds/*.tar", endpoint.base_url, name="wds",
+                   input={"image_column": None, "prompt_column": None}, request={"prompt": "Is this {txt}?"})
+    code, _, err = cli(capsys, "run", str(job))
+    assert code == 0, err
+    assert sent_images(endpoint) == {f"Is this caption of {k}?": data for k, data in images.items()}
 
 
 def test_a_bucket_prefix_of_images_is_a_row_per_image(tmp_path: Path, aws: S3) -> None:

@@ -101,19 +101,18 @@ class InputConfig(Table):
                                "list of these, or an fsspec URL of them (s3://, gs://, az://, file://)")
     format: str | None = setting(None, check=one_of(*FORMATS),
                                  doc='"csv", "jsonl", "parquet", "images" or "webdataset"; none: what the path says')
-    storage_options: dict[str, Any] = setting(default_factory=dict,
-                                              doc="a URL only: passed to fsspec (may hold credentials, never shown)")
+    storage_options: dict[str, Any] = setting(default_factory=dict, doc="passed to fsspec to read s3://, gs://, az:// "
+                                              "paths and image URIs (may hold credentials: scrubbed everywhere)")
     id_column: str | None = setting(None, doc="a row's id; without it, its row number (file:row for several files; "
                                               "an image's path; shard:key in a WebDataset)")
-    image_column: str | None = setting(None, doc="an http(s) URL, data: URI or local path (relative to the manifest), or "
-                                                 "a list of them; \"image\" for an image folder or a WebDataset")
+    image_column: str | None = setting(None, doc="an http(s) URL, data: URI, local path (relative to the manifest), "
+                                                 "object URI (s3://), image bytes or HF Image struct, or a list of them; "
+                                                 "\"image\" for an image folder or a WebDataset")
     prompt_column: str | None = setting(None, doc="a row's own prompt")
     video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
     inferred: bool = setting(False, key=False, doc="")  # set here: `format` was not given
 
     def validate(self) -> None:
-        if self.storage_options and not self.remote:
-            raise JobError("[input] storage_options: only used when [input] path is a URL (s3://...); remove it")
         if self.format is None:
             found = self._format_from_path()
             object.__setattr__(self, "format", found)

@@ -179,12 +179,16 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     if run.mode == "batch" and pricing is not None and pricing.budget is not None:
         raise JobError(f"{src}: [pricing] budget: not enforced in [run] mode = \"batch\" yet (a batch is paid as a whole); "
                        f"remove budget, or split the manifest")
+    images = table(ImagesConfig)
+    if run.mode == "batch" and images.image_mode == "presign":
+        raise JobError(f'{src}: [images] image_mode: "presign" is not used in [run] mode = "batch" (its request files, '
+                       f'kept in the checkpoint, would hold the signatures); use "inline" or "url"')
     if serve is not None:
         table(ServeOptions)  # a bad [serve] table is reported now, not when its endpoint starts
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=limits,
         output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
-        pricing=pricing, images=table(ImagesConfig), in_memory=in_memory,
+        pricing=pricing, images=images, in_memory=in_memory,
     )
 
 

@@ -30,7 +30,7 @@ from .fields import (
 )
 from .inputs import MANIFEST_FORMATS, InputConfig
 from .proxy import ProxyError, parse_proxy
-from .urls import check_url, is_url
+from .urls import check_url, is_url, object_prefix
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
@@ -157,13 +157,28 @@ class LimitsConfig(Table):
         return AUTO in (self.requests_per_minute, self.tokens_per_minute)
 
 
+def _object_prefixes(value: Any, where: str, base: Path) -> tuple[str, ...]:
+    """A list of object-store prefixes, each folded to "<scheme>://bucket[/prefix]/"."""
+    if not isinstance(value, list):
+        raise JobError(f'{where} must be a list of URLs like ["s3://bucket/prefix/"], not {value!r}')
+    out = []
+    for item in value:
+        prefix = object_prefix(item) if isinstance(item, str) else None
+        if prefix is None:
+            raise JobError(f'{where}: {item!r} is not an object-store prefix (s3://, gs:// or az://bucket[/prefix])')
+        out.append(prefix)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ImagesConfig(Table):
     """How image and video values become request parts (see rows/media.py)."""
 
     TABLE = "images"
-    image_mode: str = setting("url", doc='"url": URLs go as they are; "inline": fetched here, sent as data URIs',
-                              check=one_of("url", "inline"))
+    image_mode: str = setting("url", check=one_of("url", "inline", "presign"),
+                              doc='"url": URLs go as they are; "inline": fetched here, sent as data URIs; "presign": '
+                                  "s3:// (gs://) URIs go as presigned https URLs the provider fetches (object URIs are "
+                                  "read and inlined otherwise)")
     max_side: int = setting(0, doc="> 0: downscale so the longer side is at most this", check=zero_or_more)
     max_pixels: int = setting(0, doc="> 0: downscale so width x height is at most this", check=zero_or_more)
     jpeg_quality: int = setting(85, doc="for re-encoded images", check=between(1, 95))
@@ -172,6 +187,13 @@ class ImagesConfig(Table):
     max_aspect_ratio: float = setting(200.0, doc="longer side / shorter side (Qwen's resizer refuses more)", check=at_least(1))
     max_source_mb: float = setting(50.0, doc="bytes read from one file or URL before decoding, at most", check=positive)
     allowed_roots: tuple[Path, ...] = setting((), doc="besides the manifest's folder, where local files may be read")
+    allowed_buckets: tuple[str, ...] = setting(
+        (), parse=_object_prefixes,
+        doc='object-store prefixes image URIs may name, e.g. ["s3://team-data/"]; besides the manifest\'s own '
+            "bucket prefix when it is in one (otherwise none: s3://, gs://, az:// cells are refused until allowed)")
+    presign_expiry_s: float = setting(3600.0, check=between(60, 7 * 86400),
+                                      doc='image_mode "presign": how long a URL stays valid, plus [limits] timeout_s x '
+                                          "max_attempts (a row's attempts share one URL); SigV4 allows 7 days at most")
     fetch_concurrency: int = setting(8, doc="inline fetches at once", check=positive)
     fetch_timeout_s: float = setting(30.0, doc="per fetch attempt, redirects and body included", check=positive)
     fetch_retries: int = setting(2, doc="extra attempts on timeouts, connection errors, 5xx, 429", check=zero_or_more)
@@ -225,6 +247,8 @@ class OutputConfig(Table):
                                           "<job file's folder>/.pipeline/<name> for a URL output")
     storage_options: dict[str, Any] = setting(default_factory=dict, doc="a URL output only: passed to fsspec (may hold credentials)")
     report: bool = setting(False, doc="write <output>/_report.html at the end of every run (needs the report extra)")
+    keep_media: bool = setting(False, doc="copy image bytes held in the manifest into the output; false: a reference "
+                                          "instead (the HF Image's path, else sha256:<hex> of the bytes)")
 
     def validate(self) -> None:
         if self.storage_options and not isinstance(self.path, str):

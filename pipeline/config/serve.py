@@ -95,6 +95,9 @@ class ServeOptions(Table):
                                    doc='where reasoning goes: "content" (a `<think>` block first), "reasoning_content" or "reasoning"')
     answer_bytes: int = setting(0, doc="more than 0: each answer padded to about this size (benchmarks)", check=zero_or_more)
     analyze_images: bool = setting(True, doc="describe inlined images' size and colours (Pillow)")
+    fetch_images: bool = setting(False, doc="fetch http(s) image URLs as a provider does (GET, 10 s, 20 MB) and describe "
+                                            "what came, with its sha256; one that cannot be fetched is a 400 naming the "
+                                            "URL, as OpenAI answers (the endpoint reaches only what this machine does)")
     usage_details: bool = setting(True, doc="usage has prompt_tokens_details (cached_tokens, image_tokens) and "
                                             "completion_tokens_details (reasoning_tokens); off: both null, as many servers send")
     cached_prompt_tokens: int = setting(0, doc="each answer reports this many of its prompt tokens (at most all) as read "

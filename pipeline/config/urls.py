@@ -1,9 +1,11 @@
-"""Output locations: a local folder or an fsspec URL (`s3://bucket/prefix`), checked when the job
-is loaded (the URL's backend is installed) and shown without credentials.
+"""fsspec URLs: an output location (a local folder or `s3://bucket/prefix`), checked when the job
+is loaded (the URL's backend is installed) and shown without credentials; the object stores an
+image cell may name.
 
     is_url("s3://b/captions")              # True
     check_url(url, "[output] path")        # JobError naming what to pip install
     display("s3://key:secret@b/x")         # "s3://b/x"
+    object_prefix("gcs://b/imgs")          # "gs://b/imgs/" (None: not an object-store URL)
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from pathlib import Path
 
 from ..errors import JobError
 
-__all__ = ["is_url", "check_url", "display"]
+__all__ = ["is_url", "check_url", "display", "object_prefix", "OBJECT_SCHEMES"]
+
+# The object stores an image cell may name, by fsspec protocol (aliases folded: gcs is gs, abfs is az).
+OBJECT_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
 
 _USERINFO = re.compile(r"^([a-zA-Z][\w+.-]*://)[^/@]*@")
 
@@ -25,6 +30,17 @@ def is_url(text: str) -> bool:
 def display(location: Path | str) -> str:
     """The output's place as shown in messages and summaries: a URL without user:password@."""
     return _USERINFO.sub(r"\1", location) if isinstance(location, str) else str(location)
+
+
+def object_prefix(url: str) -> str | None:
+    """An object-store URL as a prefix to confine to: its scheme folded, one trailing "/" (so
+    "s3://team" never admits "s3://team-data"); None when it is not an object-store URL."""
+    scheme, sep, rest = url.partition("://")
+    folded = OBJECT_SCHEMES.get(scheme.lower())
+    rest = rest.strip("/")
+    if not sep or folded is None or not rest:
+        return None
+    return f"{folded}://{rest}/"
 
 
 def _protocol(url: str) -> str:

@@ -36,14 +36,14 @@ from ..errors import InputError, LocalFailure, RequestError, RowError, StopJob, 
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..io.ledger import TERMINAL, Batch, Ledger
-from ..io.manifest import Shard, light_columns, read_rows
+from ..io.manifest import Shard, read_rows
 from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
 from ..net.text import loads_json
 from ..records import ResultRow
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
-from .commit import answers_so_far, commit_shard
+from .commit import answers_so_far, commit_shard, media_columns
 from .executor import Executor
 from .prepare import Prepared
 from .progress import Progress
@@ -95,7 +95,7 @@ class _BatchRun:
         self.tries: dict[str, int] = {}  # row id -> batches that held it (the row's attempts)
         self.committed_now: set[int] = set()  # shards this run committed whole: nothing left to send or commit
         self.columns = request_columns(executor.job, ready.plan.columns)
-        self.light = light_columns(ready.plan)  # what a part file is made from (no bytes)
+        self.refer = media_columns(executor.job)  # held as references for a part file, not as bytes
         self.unanswered = 0  # rows of collected batches that got no result (they wait for another batch)
         self.sent_now: set[str] = set()  # rows put in a batch by this run (--retry-failed sends a row once)
         self.cancel = executor.options.cancel_batches
@@ -264,7 +264,7 @@ class _BatchRun:
                                               self.labels)
             if len(done) >= shard.rows:
                 self.journal.close_shard(index)
-                held = await asyncio.to_thread(read_rows, self.job.input, self.ready.plan, shard, self.light)
+                held = await asyncio.to_thread(read_rows, self.job.input, self.ready.plan, shard, None, self.refer)
                 await asyncio.to_thread(commit_shard, self.job, self.ckpt, shard, held.table, held.ids, self.labels)
                 self.committed_now.add(index)
 

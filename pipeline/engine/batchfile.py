@@ -20,11 +20,11 @@ from ..config import Job
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
-from ..io.manifest import Plan, light_columns, read_rows
+from ..io.manifest import Plan, read_rows
 from ..net.text import loads_json
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
-from .commit import answers_so_far, commit_shard
+from .commit import answers_so_far, commit_shard, media_columns
 from .console import Console
 from .options import RunOptions
 from .prepare import prepare
@@ -93,7 +93,7 @@ def import_batch(job: Job, path: Path) -> int:
         shard_of: dict[str, int] = {}
         held = {}
         for shard in ready.plan.shards:
-            held[shard.index] = read_rows(job.input, ready.plan, shard, light_columns(ready.plan))
+            held[shard.index] = read_rows(job.input, ready.plan, shard, None, media_columns(job))
             for row_id in held[shard.index].ids:
                 shard_of[row_id] = shard.index
         journal = Journal(ckpt.journal_dir)

@@ -21,7 +21,7 @@ from ..config import Job
 from ..crashpoints import fault_point
 from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id, read_journal_table, repair_tail
-from ..io.manifest import Plan, Shard, light_columns, plan_schema
+from ..io.manifest import Plan, Shard, plan_schema
 from ..io.storage import PartStore
 from ..io.writer import (
     build_part,
@@ -46,7 +46,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     """Journal -> part file -> rename -> commit record; None when no row of the shard has a result."""
     extra = labels.fields() if labels is not None else ()
     lines = read_journal_table(ckpt.journal_dir, shard.index, journal_schema(extra))
-    part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra)
+    part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra, media_columns(job))
     if part.num_rows == 0:
         return None
     fault_point("commit")
@@ -63,6 +63,13 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     )
     ckpt.record_commit(record)
     return record
+
+
+def media_columns(job: Job) -> frozenset[str]:
+    """The input columns whose image bytes the output holds as references (none with keep_media)."""
+    if job.output.keep_media:
+        return frozenset()
+    return frozenset(c for c in (job.input.image_column, job.input.video_column) if c)
 
 
 def _token_sums(part: pa.Table) -> dict[str, int]:
@@ -101,14 +108,10 @@ def write_empty_dataset(job: Job, plan: Plan, labels: Labels | None) -> None:
     """A manifest with no rows: an empty dataset with every column, so a reader of the output
     finds a table (with no rows) rather than no folder."""
     extra = labels.fields() if labels is not None else ()
-    write_empty_part(PartStore.for_output(job.output), _empty_input(plan), job.input.id_column, extra)
+    write_empty_part(PartStore.for_output(job.output), _empty_input(plan), job.input.id_column, extra,
+                     media_columns(job))
 
 
 def _empty_input(plan: Plan) -> pa.Table:
-    """The manifest's columns with no rows, typed as its shards would be read (byte columns left
-    out, as from every part file)."""
-    schema = plan_schema(plan)
-    light = light_columns(plan)
-    if light is not None:
-        schema = pa.schema([schema.field(c) for c in light])
-    return pa.Table.from_batches([], schema=schema)
+    """The manifest's columns with no rows, typed as its shards would be read."""
+    return pa.Table.from_batches([], schema=plan_schema(plan))

@@ -1,6 +1,6 @@
 """The console: the lines the person running a job reads, on stderr, never with a secret in them.
 
-    console = Console.for_job(job)       # hides the API key and the storage credentials (output and input)
+    console = Console.for_job(job)       # hides the API key and the storage credentials
     console.say("note: ...")
     row = console.redactor.scrub ...     # the same secrets, for what is written to files
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 from ..config import Job
-from ..io.storage import PartStore, storage_secrets
-from ..redact import Redactor
+from ..io.storage import PartStore
+from ..redact import Redactor, option_secrets
 
 __all__ = ["Console"]
 
@@ -24,7 +24,7 @@ class Console:
     def for_job(cls, job: Job) -> Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
         return cls(Redactor([job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
-                             *storage_secrets(job.input.storage_options)]))
+                             *option_secrets(job.input.storage_options)]))
 
     def say(self, message: str) -> None:
         print(self.redactor.scrub(message), file=sys.stderr, flush=True)

@@ -114,7 +114,7 @@ class RowSender:
         except InputError as err:
             return error_row(state.row_id, err, attempts=0)
         fault_point("row")
-        key = await self._key(built.body) if self.cache is not None else None
+        key = await self._key(built.cache_body) if self.cache is not None else None  # presigned URLs keyed by URI
         if key is not None and self.cache is not None and self.cache.read:
             hit = self._from_cache(state, key)
             if hit is not None:

@@ -18,7 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,19 +32,19 @@ MANIFEST_FILE = "manifest.parquet"  # in the checkpoint folder; --restart leaves
 # Parquet manifest's schema metadata, and rows appended must leave the earlier shards' digests as
 # they were. Written after the file: a crash between the two only means one rewrite too many.
 DIGEST_SUFFIX = ".digest"
+GROUP_BYTES = 64 << 20  # of data per row group of the stored file
 
 
 @dataclass(frozen=True)
 class Frame:
     table: pa.Table
     digest: str
-    convert: Callable[[pa.Table], pa.Table] | None = None  # applied when stored (e.g. image bytes made values)
 
     @classmethod
-    def of(cls, data: Any, convert: Callable[[pa.Table], pa.Table] | None = None) -> Frame:
+    def of(cls, data: Any) -> Frame:
         """The digest is of the rows as given: an unchanged frame costs a hash, never a conversion."""
         table = _as_table(data).replace_schema_metadata(None)  # pandas' or HF's metadata is not content
-        return cls(table, _digest(table), convert)
+        return cls(table, _digest(table))
 
     def store(self, folder: Path) -> Path:
         """The frame as <folder>/manifest.parquet, written (atomically) only if its content changed."""
@@ -54,8 +54,7 @@ class Frame:
             return path
         folder.mkdir(parents=True, exist_ok=True)
         digest_path.unlink(missing_ok=True)
-        table = self.convert(self.table) if self.convert is not None else self.table
-        _atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
+        _atomic(path, lambda f: pq.write_table(self.table, f, compression="zstd", row_group_size=_group_rows(self.table)))
         _atomic(digest_path, lambda f: f.write(self.digest.encode()))
         return path
 
@@ -71,6 +70,13 @@ def _atomic(path: Path, write: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _group_rows(table: pa.Table) -> int:
+    """Rows per row group: ~GROUP_BYTES of data each, so a run reading one shard of a frame with
+    image bytes reads that much, not the whole frame (one group is Parquet's default)."""
+    per_row = table.nbytes // max(1, table.num_rows)
+    return max(1, min(1 << 20, GROUP_BYTES // max(1, per_row)))
 
 
 def _as_table(data: Any) -> pa.Table:

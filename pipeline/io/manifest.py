@@ -22,12 +22,14 @@ import pyarrow as pa
 from ..config import InputConfig
 from ..errors import JobError
 from .plan import FileInfo, Plan, Shard, load_plan_dict
+from .references import holds_bytes, referenced
 from .sources import Listing, ShardRows, Unreadable, decode_schema, heavy_columns, source_for
 
 __all__ = ["Shard", "Plan", "FileInfo", "ShardRows", "Unreadable", "plan_manifest", "current_plan", "read_rows",
-           "read_shard", "shard_batches", "load_plan_dict", "plan_schema", "heavy_columns", "light_columns"]
+           "read_shard", "shard_batches", "load_plan_dict", "plan_schema", "heavy_columns", "REFER_ROWS"]
 
 _RESTART = "run with --restart (in Python: restart=True) to start over"
+REFER_ROWS = 64  # rows of image bytes read at a time to make their references
 
 
 def plan_manifest(cfg: InputConfig, shard_rows: int) -> Plan:
@@ -91,22 +93,30 @@ def _range_digest(cfg: InputConfig, old: Plan, new: Plan, shard: Shard) -> str:
     return source.range_digest(old, shard)
 
 
-def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
+def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | None = None,
+              refer: frozenset[str] = frozenset()) -> ShardRows:
     """The shard's rows (only `columns`, if given), their ids, and the rows that cannot be read.
+    Columns in `refer` that hold image bytes are read a window of rows at a time and held as
+    references (pipeline.io.references): a shard's ids and references, never its bytes.
     A file gone or changed since planning makes every row of the shard one that cannot be read
     (nulls in every column), where the ids are known without the file; else, and when its
     storage fails, this raises Unreadable (the shard waits for the next run)."""
     source = source_for(cfg, plan.format)
+    wanted = plan.columns if columns is None else columns
+    schema = plan_schema(plan)
+    refs = [c for c in wanted if c in refer and holds_bytes(schema.field(c).type)]
     try:
-        return source.read(plan, shard, columns)
+        rows = source.read(plan, shard, [c for c in wanted if c not in refs] if refs else columns)
+        held = {c: rows.table.column(c) for c in rows.table.column_names}
+        for c in refs:
+            held[c] = pa.chunked_array([referenced(w.column(c)) for w in source.batches(plan, shard, [c], REFER_ROWS)],
+                                       pa.list_(pa.string()) if pa.types.is_list(schema.field(c).type) else pa.string())
+        return ShardRows(pa.table({c: held[c] for c in wanted}) if refs else rows.table, rows.ids, rows.errors)
     except Unreadable as exc:
         ids = source.known_ids(plan, shard) if exc.lasting else None
         if ids is None:
             raise
-        schema = plan_schema(plan)
-        if columns is not None:
-            schema = pa.schema([schema.field(c) for c in columns])
-        table = pa.table({f.name: pa.nulls(len(ids), f.type) for f in schema}, schema=schema)
+        table = pa.table({f.name: pa.nulls(len(ids), f.type) for f in (schema.field(c) for c in wanted)})
         return ShardRows(table, ids, dict.fromkeys(range(len(ids)), str(exc)))
 
 
@@ -125,10 +135,3 @@ def plan_schema(plan: Plan) -> pa.Schema:
     if plan.schema:
         return decode_schema(plan.schema)
     return pa.schema([(c, pa.string()) for c in plan.columns])
-
-
-def light_columns(plan: Plan) -> list[str] | None:
-    """The plan's columns without bytes (None: all of them): what a run holds of a shard, and
-    what its part file is made from."""
-    heavy = set(heavy_columns(plan_schema(plan)))
-    return [c for c in plan.columns if c not in heavy] if heavy else None

@@ -36,12 +36,10 @@ import pyarrow.parquet as pq
 from ..config.urls import check_url, display
 from ..errors import JobError
 from ..records import CommitRecord
-from ..redact import Redactor
+from ..redact import Redactor, option_secrets
 
 __all__ = ["PartStore", "file_digest", "bytes_digest", "storage_secrets", "storage_failure", "OWNER_FILE", "DIGEST_BYTES"]
 
-# Keys of storage_options that name a place, not a secret: kept in messages (they help the fix).
-PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
 # Credentials the backends read from the environment: scrubbed too, should a message echo one.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
               "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
@@ -297,18 +295,9 @@ class PartStore:
 
 
 def storage_secrets(options: Mapping[str, Any]) -> list[str]:
-    """Values that must never be shown: `options`' credentials (every text but the place-naming
-    keys) and the backends' environment variables; the longer first."""
-    found: list[str] = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
-
-    def walk(value: Any, key: str) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, str) and key not in PLAIN_OPTIONS and len(value) >= 4:
-            found.append(value)
-
-    walk(options, "")
+    """Values that must never be shown: `options`' credentials (redact.option_secrets) and the
+    backends' environment variables; the longer first."""
+    found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)] + option_secrets(dict(options))
     return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
 
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from ..crashpoints import crash_point
 from ..records import RESULT_COLUMNS, result_schema
+from .references import referenced
 from .storage import PartStore, bytes_digest, file_digest
 
 __all__ = ["part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]
@@ -47,11 +48,13 @@ def build_part(
     results: pa.Table,
     id_column: str | None,
     extra_fields: list[pa.Field] | tuple[pa.Field, ...] = (),
+    media: frozenset[str] = frozenset(),
 ) -> pa.Table:
     """Rows of `table` that have a result, in manifest order, with the result columns added.
 
     `results` has one row per id (see journal.latest_per_id) with `extra_fields` (label columns)
     and the result columns (records.result_schema); rows are matched by id, never by position.
+    `media`: input columns whose image bytes the output holds as references (references.py).
     """
     # Plain dicts, not pc.index_in: its hash table reserves ~40 MB that the allocator then keeps.
     position = {row_id: i for i, row_id in enumerate(results.column("id").to_pylist())}
@@ -65,7 +68,7 @@ def build_part(
     arrays: list[pa.Array | pa.ChunkedArray] = [pa.array(ids, pa.string())]
     names = ["id"]
     for col, name in output_columns(table.column_names, id_column, frozenset(f.name for f in extra_fields)):
-        arrays.append(table.column(col))
+        arrays.append(referenced(table.column(col)) if col in media else table.column(col))
         names.append(name)
     for field in (*extra_fields, *result_schema()):
         arrays.append(matched.column(field.name).cast(field.type))
@@ -126,12 +129,12 @@ def write_part(store: PartStore, shard: int, table: pa.Table) -> WrittenPart:
 
 
 def write_empty_part(store: PartStore, table: pa.Table, id_column: str | None,
-                     extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> None:
+                     extra_fields: list[pa.Field] | tuple[pa.Field, ...] = (), media: frozenset[str] = frozenset()) -> None:
     """A manifest with no rows: one part with no rows and every output column, so the output is
     a readable (empty) dataset. Not a shard's part: no commit record; the first shard's commit
     replaces it once rows are appended."""
     results = pa.Table.from_batches([], schema=journal_schema(extra_fields))
-    write_part(store, 0, build_part(table, [], results, id_column, extra_fields))
+    write_part(store, 0, build_part(table, [], results, id_column, extra_fields, media))
 
 
 def remove_leftovers(store: PartStore) -> list[str]:

@@ -3,7 +3,6 @@
     mime = sniff_mime(data)                        # by content, whatever the name or Content-Type says
     mime, out = prepare_image(data, value, cfg)    # decoded, upright, downscaled, re-encoded if changed
     uri, size = local_image(files, value, cfg)     # a pool job: read, prepare, encode, check the size
-    table = bytes_as_values(table, ["image"])      # image bytes in a frame (HF's Image feature) made data: URIs
 
 Local files and data URIs are checked to be images by their bytes and by decoding them (a text
 file named .png is refused, so is a truncated JPEG), then sent as data URIs. With `max_side`/
@@ -13,7 +12,8 @@ recognised by their container's signature, never decoded. Sizes are checked on t
 before anything is sent; a source (a local file, a data: URI on its declared length) is capped
 before it is read or decoded: what could never be sent is refused early.
 
-The pool jobs (`local_image`, `data_uri_image`, `bytes_image`, `video_uri`, `local_video`) are
+Image bytes held in the manifest (a Blob) and objects read from a bucket are prepared as fetched
+bytes are (`bytes_image`, `video_uri`). The pool jobs (`local_image`, `data_uri_image`, `bytes_image`, `video_uri`, `local_video`) are
 blocking, top-level functions: media.py hands them to the worker pool (workers.py), whose
 processes import them by this module's path. Every refusal is an InputError (kind "input") naming the cause and the value.
 """
@@ -24,21 +24,16 @@ import base64
 import binascii
 import io
 import math
-from typing import TYPE_CHECKING, Any
-
 from PIL import Image
 
 from ..config import ImagesConfig
 from ..errors import InputError
 from .files import LocalFiles
-from .values import show
-
-if TYPE_CHECKING:  # pyarrow only for a frame's bytes: the worker processes that import this module never load it
-    import pyarrow as pa
+from .values import Blob, Value, show
 
 __all__ = [
     "MB",
-    "bytes_as_values",
+    "check_blob",
     "sniff_mime",
     "sniff_video",
     "b64_size",
@@ -145,6 +140,14 @@ def check_data_uri(value: str, cfg: ImagesConfig, *, video: bool = False) -> Non
         raise InputError(f"data: URI {what} too large ({size} bytes once decoded; {why}): {show(value)}")
 
 
+def check_blob(value: Blob, cfg: ImagesConfig, *, video: bool = False) -> None:
+    """InputError when bytes held in the manifest are more than may be sent; checked before they
+    are copied to a worker."""
+    cap, why = source_cap(cfg, video=video)
+    if len(value.data) > cap:
+        raise InputError(f"{'video' if video else 'image'} bytes too large ({len(value.data)} bytes; {why}): {show(value)}")
+
+
 def parse_data_uri(value: str, cfg: ImagesConfig | None = None) -> tuple[str, bytes]:
     """(declared MIME type, bytes) of a base64 `data:` URI; with `cfg`, its size is checked first."""
     if cfg is not None:
@@ -164,7 +167,7 @@ def parse_data_uri(value: str, cfg: ImagesConfig | None = None) -> tuple[str, by
 
 
 def prepare_image(
-    data: bytes, value: str, cfg: ImagesConfig, *, jpeg: bool = False, declared: str | None = None
+    data: bytes, value: Value, cfg: ImagesConfig, *, jpeg: bool = False, declared: str | None = None
 ) -> tuple[str, bytes]:
     """(MIME type, bytes) to send for an image's bytes. Raises InputError.
 
@@ -263,7 +266,7 @@ def _normalised(img: Image.Image, *, keep_alpha: bool) -> Image.Image:
     return img.convert("RGB")
 
 
-def _image_uri(mime: str, data: bytes, value: str, cfg: ImagesConfig) -> tuple[str, int]:
+def _image_uri(mime: str, data: bytes, value: Value, cfg: ImagesConfig) -> tuple[str, int]:
     limit = int(cfg.max_image_mb * MB)
     size = b64_size(len(data))
     if size > limit:
@@ -290,13 +293,14 @@ def data_uri_image(value: str, cfg: ImagesConfig, jpeg: bool = False) -> tuple[s
     return _image_uri(mime, out, value, cfg)
 
 
-def bytes_image(data: bytes, value: str, cfg: ImagesConfig, declared: str | None, jpeg: bool = False) -> tuple[str, int]:
-    """(data URI, its length) for a fetched image's bytes; `declared` is the server's Content-Type."""
+def bytes_image(data: bytes, value: Value, cfg: ImagesConfig, declared: str | None, jpeg: bool = False) -> tuple[str, int]:
+    """(data URI, its length) for an image's bytes (fetched, read from a bucket, or held in the
+    manifest: `value` names them); `declared` is a server's Content-Type."""
     mime, out = prepare_image(data, value, cfg, jpeg=jpeg, declared=declared)
     return _image_uri(mime, out, value, cfg)
 
 
-def video_uri(data: bytes, value: str, declared: str | None = None) -> tuple[str, int]:
+def video_uri(data: bytes, value: Value, declared: str | None = None) -> tuple[str, int]:
     """(data URI, its length) for a video's bytes, refused unless they are a known container."""
     mime = sniff_video(data)
     if mime is None:
@@ -311,42 +315,3 @@ def local_video(files: LocalFiles, value: str, cfg: ImagesConfig) -> tuple[str, 
     cap, why = source_cap(cfg, video=True)
     data = files.read(value, cap, "video", why)
     return video_uri(data, value)
-
-
-def bytes_as_values(table: pa.Table, columns: list[str | None]) -> pa.Table:
-    """A manifest held in memory may carry its images as bytes: a binary column, or Hugging Face's
-    `Image` feature (a struct of `bytes` and `path`), one or a list per cell. Those cells become
-    values like any manifest's: a data: URI of the bytes (typed by their content), else the path."""
-    import pyarrow as pa
-
-    for name in columns:
-        if name is None or name not in table.column_names:
-            continue
-        kind = table.schema.field(name).type
-        many = pa.types.is_list(kind) or pa.types.is_large_list(kind)
-        item = kind.value_type if many else kind
-        if not (_is_binary(item) or (pa.types.is_struct(item) and item.get_field_index("bytes") >= 0)):
-            continue
-        cells = table.column(name).to_pylist()
-        values = [None if c is None else [_as_value(v) for v in c] if many else _as_value(c) for c in cells]
-        typ = pa.list_(pa.large_string()) if many else pa.large_string()
-        table = table.set_column(table.column_names.index(name), name, pa.array(values, typ))
-    return table
-
-
-def _is_binary(kind: Any) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-
-
-def _as_value(cell: Any) -> str | None:
-    if isinstance(cell, dict):
-        data, path = cell.get("bytes"), cell.get("path")
-        return _data_uri(data) if data else path
-    return _data_uri(cell) if cell else None
-
-
-def _data_uri(data: bytes) -> str:
-    mime = sniff_mime(data) or sniff_video(data) or "application/octet-stream"  # refused later, with a reason
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"

@@ -4,16 +4,19 @@
     parts = await media.parts(row)      # [{"type": "image_url", ...}, {"type": "video_url", ...}]
     await media.aclose()
 
-Values (values.py). An image cell holds URLs, data URIs or local paths; a video cell holds one
-video (URL, data URI, local file) or a list of frame images, sent as `video_frames_format` says:
+Values (values.py). An image cell holds URLs, data URIs, object-store URIs, local paths or image
+bytes (a binary cell, HF's Image struct), one or a list; a video cell holds one video (URL, data
+URI, object URI, local file, bytes) or a list of frame images, sent as `video_frames_format` says:
   "vllm":      {"type": "video_url", "video_url": {"url": "data:video/jpeg;base64,<f1>,<f2>,..."}}
   "dashscope": {"type": "video", "video": [frame URL or data URI, ...]}
 
 What is sent. A URL goes as it is (`image_mode = "url"`) or is fetched here and inlined
-(`"inline"`, fetch.py). Local files (read by files.py, only beneath the allowed roots) and data
-URIs become checked, possibly downscaled data URIs (images.py). A data: URI is checked on its
-declared length before it is decoded or handed to a worker; the request's total is checked on
-the base64 text against `max_request_mb` before anything is sent.
+(`"inline"`, fetch.py). An object URI (objects.py: confined to the allowed buckets) is read with
+the job's credentials and inlined, or with `"presign"` goes as a presigned https URL the provider
+fetches. Local files (read by files.py, only beneath the allowed roots), data URIs and bytes held
+in the manifest become checked, possibly downscaled data URIs (images.py). A data: URI or a blob
+is checked on its length before it is decoded or handed to a worker; the request's total is
+checked on the base64 text against `max_request_mb` before anything is sent.
 
 Workers. Reading, decoding, resizing and base64 run in the job's worker pool (workers.py:
 low-priority processes or threads), never on the event loop, so a batch of large images does
@@ -35,13 +38,16 @@ from .files import LocalFiles
 from .images import (
     MB,
     bytes_image,
+    check_blob,
     check_data_uri,
     data_uri_image,
     local_image,
     local_video,
+    source_cap,
     video_uri,
 )
-from .values import image_values, is_list_cell, kind_of, show
+from .objects import ObjectStore, object_roots
+from .values import Blob, Value, image_values, is_list_cell, kind_of, show
 from .workers import Workers
 
 if TYPE_CHECKING:
@@ -58,7 +64,7 @@ class MediaBuilder:
 
     def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
                  redactor: Redactor | None = None, files_base: Path | None = None,
-                 proxies: ProxyChoice | None = None) -> None:
+                 proxies: ProxyChoice | None = None, presign_s: float | None = None) -> None:
         self.inp = inp
         self.proxies = proxies  # which proxy each fetched URL goes through (none: all directly)
         self.cfg = cfg
@@ -66,6 +72,9 @@ class MediaBuilder:
         self.redactor = redactor  # an image host's error text may echo a secret, too
         self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots, base=files_base or inp.local_base)
         self.workers = Workers(cfg)
+        self.objects = ObjectStore(inp.storage_options, object_roots(cfg.allowed_buckets, inp.path),
+                                   threads=cfg.fetch_concurrency, timeout_s=cfg.fetch_timeout_s, redactor=redactor)
+        self.presign_s = cfg.presign_expiry_s if presign_s is None else presign_s  # a presigned URL's validity
         self._fetcher: Fetcher | None = None
 
     @property
@@ -89,6 +98,7 @@ class MediaBuilder:
     async def aclose(self) -> None:
         if self._fetcher is not None:
             await self._fetcher.close()
+        self.objects.close()
         self.workers.close()
 
     async def parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -118,24 +128,34 @@ class MediaBuilder:
             )
         return [part for part, _ in results]
 
-    def _image_part(self, url: str) -> dict[str, Any]:
+    def _image_part(self, url: Value) -> dict[str, Any]:
         image: dict[str, Any] = {"url": url}
         if self.detail:
             image["detail"] = self.detail
         return {"type": "image_url", "image_url": image}
 
-    async def _image(self, value: str) -> tuple[dict[str, Any], int]:
+    async def _image(self, value: Value) -> tuple[dict[str, Any], int]:
         url, size = await self._image_url(value, jpeg=False, fetch_urls=self.cfg.image_mode == "inline")
         return self._image_part(url), size
 
-    async def _image_url(self, value: str, *, jpeg: bool, fetch_urls: bool) -> tuple[str, int]:
-        """(URL or data URI, its base64 size) for one image value."""
+    async def _image_url(self, value: Value, *, jpeg: bool, fetch_urls: bool) -> tuple[str, int]:
+        """(URL or data URI, its base64 size) for one image value. `fetch_urls`: inline what a URL
+        names (else it goes as it is, an object URI presigned under image_mode "presign")."""
         kind = kind_of(value)
+        if isinstance(value, Blob):
+            check_blob(value, self.cfg)  # a huge blob is refused here, not copied to a worker first
+            return await self.workers.run(value, bytes_image, value.data, value, self.cfg, None, jpeg)
         if kind == "url":
             if not fetch_urls:
                 return value, 0  # the provider fetches it; its size is not ours to know
             got = await self.fetcher.fetch(value)
             return await self.workers.run(value, bytes_image, got.data, value, self.cfg, got.content_type, jpeg)
+        if kind == "object":
+            if not fetch_urls and self.cfg.image_mode == "presign":
+                return await self.objects.presign(value, self.presign_s), 0  # the provider fetches it
+            cap, why = source_cap(self.cfg)
+            data = await self.objects.read(value, cap, why)
+            return await self.workers.run(value, bytes_image, data, value, self.cfg, None, jpeg)
         if kind == "data":
             check_data_uri(value, self.cfg)  # a huge one is refused here, not copied to a worker first
             return await self.workers.run(value, data_uri_image, value, self.cfg, jpeg)
@@ -147,11 +167,20 @@ class MediaBuilder:
             return await self._frames(values)
         value = values[0]
         kind = kind_of(value)
-        if kind == "url":
+        if isinstance(value, Blob):
+            check_blob(value, self.cfg, video=True)
+            url, size = await self.workers.run(value, video_uri, value.data, value)
+        elif kind == "url":
             if self.cfg.image_mode != "inline":
                 return _video_part(value), 0
             got = await self.fetcher.fetch(value)
             url, size = await self.workers.run(value, video_uri, got.data, value, got.content_type)
+        elif kind == "object":
+            if self.cfg.image_mode == "presign":
+                return _video_part(await self.objects.presign(value, self.presign_s)), 0
+            cap, why = source_cap(self.cfg, video=True)
+            data = await self.objects.read(value, cap, why)
+            url, size = await self.workers.run(value, video_uri, data, value)
         elif kind == "data":
             if not value.lower().startswith("data:video/"):
                 raise InputError(f"a data: URI in the video column must be data:video/...: {show(value)}")
@@ -161,7 +190,7 @@ class MediaBuilder:
             url, size = await self.workers.run(value, local_video, self.files, value, self.cfg)
         return _video_part(url), size
 
-    async def _frames(self, values: list[str]) -> tuple[dict[str, Any], int]:
+    async def _frames(self, values: list[Value]) -> tuple[dict[str, Any], int]:
         if self.cfg.video_frames_format == "dashscope":
             fetch = self.cfg.image_mode == "inline"
             got = await _all_in_order([self._image_url(v, jpeg=False, fetch_urls=fetch) for v in values])

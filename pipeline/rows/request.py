@@ -6,7 +6,7 @@
                                      {"type": "video_url", "video_url": {"url": ...}}]}],
      "max_tokens": ..., **other [request] keys}
 
-    built = await builder.build(row)      # Built(prompt, media count, body bytes); InputError
+    built = await builder.build(row)      # Built(prompt, media count, body bytes, cache key bytes); InputError
     await builder.aclose()
 
 Prompts may hold `{column}` placeholders filled from the row; other braces (JSON examples in a
@@ -26,6 +26,7 @@ from ..config import Job
 from ..errors import InputError, JobError
 from ..redact import Redactor
 from .media import MediaBuilder
+from .objects import Signed
 
 if TYPE_CHECKING:
     from .labels import Labels
@@ -40,6 +41,7 @@ class Built(NamedTuple):
     prompt: str
     media: int  # image and video parts, for the token estimate
     body: bytes
+    cache_body: bytes  # what the request cache keys on: `body` with presigned URLs as their object URIs
 
 
 def placeholders(template: str) -> list[str]:
@@ -59,8 +61,10 @@ class RequestBuilder:
     def __init__(self, job: Job, columns: list[str], *, redactor: Redactor | None = None,
                  labels: Labels | None = None) -> None:
         self.job = job
+        # A presigned URL outlives every attempt of its row (they share one body) by presign_expiry_s.
+        presign_s = job.images.presign_expiry_s + job.limits.timeout_s * job.limits.max_attempts
         self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor,
-                                  files_base=job.files_base, proxies=job.proxies())
+                                  files_base=job.files_base, proxies=job.proxies(), presign_s=presign_s)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]
@@ -106,7 +110,7 @@ class RequestBuilder:
             encoded = await asyncio.to_thread(self.encode, body)  # megabytes of base64: not on the loop
         else:
             encoded = self.encode(body)
-        return Built(prompt, len(parts), encoded)
+        return Built(prompt, len(parts), encoded, _unsigned(encoded, parts))
 
     async def aclose(self) -> None:
         await self.media.aclose()
@@ -122,6 +126,18 @@ class RequestBuilder:
 
     def encode(self, body: dict[str, Any]) -> bytes:
         return orjson.dumps(body)  # compact UTF-8, as json.dumps(ensure_ascii=False) but ~10x faster
+
+
+def _unsigned(encoded: bytes, parts: list[dict[str, Any]]) -> bytes:
+    """The encoded body with each presigned URL replaced by its object URI (a presigned URL is
+    percent-encoded: its JSON text is the URL itself)."""
+    for part in parts:
+        inner = part.get(part.get("type", ""))
+        urls = inner if isinstance(inner, list) else [inner.get("url")] if isinstance(inner, dict) else []
+        for url in urls:
+            if isinstance(url, Signed):
+                encoded = encoded.replace(url.encode(), url.source.encode())
+    return encoded
 
 
 def _url_chars(part: dict[str, Any]) -> int:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from ..config import ImagesConfig
 from ..errors import InputError
 from ..lifeline import start_worker
-from .values import show
+from .values import Value, show
 
 __all__ = ["Workers", "WORKER_NICE"]
 
@@ -53,7 +53,7 @@ class Workers:
         self.cfg = cfg
         self._pool = _make_pool(cfg)
 
-    async def run(self, value: str, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, value: Value, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) in the pool; `value` names the row's value if the job cannot be done. A worker
         process that dies takes the pool with it: the pool is replaced and the call tried once
         more before the value fails."""

@@ -34,13 +34,23 @@ from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
 from ..io.checkpoint import Checkpoint, parse_commits
 from ..io.checks import SHOW
-from ..io.manifest import Plan, Shard, Unreadable, light_columns, plan_manifest, read_rows, shard_batches
+from ..io.manifest import (
+    Plan,
+    Shard,
+    Unreadable,
+    heavy_columns,
+    plan_manifest,
+    plan_schema,
+    read_rows,
+    shard_batches,
+)
 from ..io.storage import PartStore
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
+from ..rows.objects import ObjectStore
 from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
-from ..rows.values import image_values
+from ..rows.values import Blob, Value, image_values, kind_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -104,14 +114,14 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
     resizing = bool(job.images.max_side or job.images.max_pixels)
     max_bytes = int((job.images.max_source_mb if resizing else job.images.max_image_mb * 3 / 4) * 1024 * 1024)
     id_col, image_col = job.input.id_column, job.input.image_column
-    light = light_columns(plan)
+    heavy = set(heavy_columns(plan_schema(plan)))
     for shard in plan.shards:
         try:
-            rows = read_rows(job.input, plan, shard, light)
+            rows = read_rows(job.input, plan, shard, [c for c in plan.columns if c not in heavy] if heavy else None)
         except Unreadable as exc:
             raise JobError(f"[input] path: {exc}") from None
         counts = report.files.setdefault(plan.file_of(shard).name, [0, 0])
-        for i, row in enumerate(_rows(job, plan, shard, rows.table, light is None)):
+        for i, row in enumerate(_rows(job, plan, shard, rows.table, not heavy)):
             # Planning has refused missing and repeated ids: every row has its own here.
             number = shard.first_row + i
             where = f"row {rows.ids[i]}" if not plan.single else \
@@ -134,7 +144,8 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 bad = True
             count = 0
             if image_col is not None:
-                count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report)
+                count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report,
+                                      builder.media.objects)
                 bad = bad or count < 0
             if bad:  # the estimates count only the rows that would be sent
                 report.bad_rows += 1
@@ -153,16 +164,9 @@ def _rows(job: Job, plan: Plan, shard: Shard, held: pa.Table, whole: bool) -> It
         yield from batch.to_pylist()
 
 
-def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report) -> int:
+def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report,
+                  objects: ObjectStore | None = None) -> int:
     """The row's number of images, or -1 when its images would make it fail."""
-    if isinstance(cell, dict) and "bytes" in cell:  # Hugging Face's Image: its bytes, else its path
-        cell = cell["bytes"] if cell["bytes"] is not None else cell.get("path")
-    if isinstance(cell, (bytes, bytearray)):  # the image itself (a binary column, a WebDataset member)
-        problem = _bytes_problem(bytes(cell), max_bytes)
-        if problem is not None:
-            report.problem(problem[0], where, problem[1])
-            return -1
-        return 1
     try:
         values = image_values(cell)
     except InputError as err:
@@ -173,24 +177,31 @@ def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, wh
         return -1
     bad = False
     for value in values:
-        problem = image_problem(value, images, max_bytes)
+        problem = image_problem(value, images, max_bytes, objects)
         if problem is not None:
             report.problem(problem[0], where, problem[1])
             bad = True
     return -1 if bad else len(values)
 
 
-def _bytes_problem(data: bytes, max_bytes: int) -> tuple[str, str] | None:
-    if sniff_mime(data[:16]) is None:
-        return "not_an_image", f"not an image (PNG, JPEG, WEBP or GIF) by its content: {len(data)} bytes"
-    if len(data) > max_bytes:
-        return "too_large", f"image too large ({len(data)} bytes, over {max_bytes})"
-    return None
-
-
-def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, str] | None:
+def image_problem(value: Value, images: LocalFiles, max_bytes: int,
+                  objects: ObjectStore | None = None) -> tuple[str, str] | None:
     """(kind, message) when this image value would fail the row, else None. Reads at most a few
-    bytes of a local file: the run reads it whole."""
+    bytes of a local file: the run reads it whole. Object URIs are checked against the allowed
+    buckets only (nothing is fetched)."""
+    if isinstance(value, Blob):
+        if sniff_mime(value.data[:16]) is None:
+            return "not_an_image", "image bytes in the manifest are not an image (PNG, JPEG, WEBP or GIF) by their content"
+        if len(value.data) > max_bytes:
+            return "too_large", f"image bytes in the manifest too large ({len(value.data)} bytes, over {max_bytes})"
+        return None
+    if objects is not None and "://" in value and not value.startswith(("http://", "https://")):
+        try:
+            if kind_of(value) == "object":
+                objects.confined(value)
+                return None
+        except InputError as err:
+            return "bad_url", err.message
     shown = repr(value[:120])
     if value.startswith(("http://", "https://")):
         parts = urlsplit(value)
@@ -207,7 +218,7 @@ def image_problem(value: str, images: LocalFiles, max_bytes: int) -> tuple[str, 
             return "bad_url", f"the data URI's payload is not base64: {shown}"
         return None
     if "://" in value:
-        return "bad_url", f"unsupported URL scheme (use http, https, data: or a local path): {shown}"
+        return "bad_url", f"unsupported URL scheme (use http, https, data:, s3, gs, az or a local path): {shown}"
     try:
         fd = images.open(value)  # the run's own confined open: beneath the allowed roots, no race
     except PathError as err:

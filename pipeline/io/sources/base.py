@@ -30,6 +30,7 @@ from ...config import InputConfig
 from ...errors import JobError
 from ..checks import IdCheck, Problems
 from ..plan import FileInfo, Plan, Shard
+from ..references import holds_bytes
 from .location import Listing, Place
 
 __all__ = ["Source", "FileSource", "ShardRows", "Unreadable", "PlanState", "heavy_columns", "encode_schema",
@@ -67,18 +68,9 @@ def decode_schema(text: str) -> pa.Schema:
 
 
 def heavy_columns(schema: pa.Schema) -> list[str]:
-    """Columns holding bytes (binary, or a struct or list with bytes inside: HF's Image), which a
-    run reads a batch at a time instead of holding a shard's worth."""
-    def heavy(t: pa.DataType) -> bool:
-        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-            return True
-        if pa.types.is_struct(t):
-            return any(heavy(t.field(i).type) for i in range(t.num_fields))
-        if pa.types.is_list(t) or pa.types.is_large_list(t):
-            return heavy(t.value_type)
-        return False
-
-    return [f.name for f in schema if heavy(f.type)]
+    """Columns holding image bytes (binary, HF's Image struct, lists of either: io/references.py),
+    which are read a window of rows at a time rather than held for a whole shard."""
+    return [f.name for f in schema if holds_bytes(f.type)]
 
 
 @dataclass

@@ -27,11 +27,12 @@ from ...config import Job
 from ...config.urls import display
 from ...errors import PipelineError
 from ...io.checkpoint import Checkpoint, dataset_state
+from ...io.references import DIGEST_PREFIX, holds_bytes
 from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.files import LocalFiles
 from ...rows.images import MB, parse_data_uri
-from ...rows.values import image_values, kind_of
+from ...rows.values import Blob, image_values, kind_of
 
 __all__ = ["ReportData", "collect", "THUMB_PX", "TEXT_CHARS"]
 
@@ -97,7 +98,8 @@ def _sample(table: pa.Table, job: Job, max_bytes: int, fixed_bytes: int = 0) -> 
         return [], None
     texts = pc.add(_lengths(table, "answer"), pc.add(_lengths(table, "reasoning"), _lengths(table, "error")))
     size = pc.add(pa.scalar(ROW_BYTES), pc.divide(texts, 10))
-    if job.input.image_column and job.input.image_column in table.column_names:
+    if job.input.image_column and job.input.image_column in table.column_names and not holds_bytes(
+            table.schema.field(job.input.image_column).type):  # bytes kept (keep_media): reckoned as thumbnails below
         cells = pc.cast(table.column(job.input.image_column), pa.string())  # a list cell: its text
         # a thumbnail for a local file or a data: URI; a URL is a link (its own length, in the texts' margin)
         thumbs = pc.fill_null(pc.and_(pc.greater(pc.utf8_length(cells), 0), pc.invert(pc.starts_with(cells, "http"))), False)
@@ -182,10 +184,13 @@ def _images(cell: Any, files: LocalFiles, job: Job) -> list[dict[str, str]]:
     for value in values[:IMAGES_PER_ROW]:
         try:
             kind = kind_of(value)
-            if kind == "url":
-                shown.append({"link": value})
+            if kind in ("url", "object"):
+                shown.append({"link": value})  # an object URI: shown, never read (the report fetches nothing)
                 continue
-            data = parse_data_uri(value)[1] if kind == "data" else files.read(
+            if isinstance(value, str) and value.startswith(DIGEST_PREFIX):
+                shown.append({"note": f"image bytes given in the manifest ({value[:23]}...; [output] keep_media keeps them)"})
+                continue
+            data = value.data if isinstance(value, Blob) else parse_data_uri(value)[1] if kind == "data" else files.read(
                 value, int(job.images.max_source_mb * MB), "image", "over [images] max_source_mb")
             shown.append({"thumb": thumbnail(data)})
         except (PipelineError, OSError, ValueError) as exc:

@@ -26,10 +26,11 @@ import contextlib
 import time
 from typing import Any, AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from ...config.serve import ServeOptions
-from .completion import completion, user_parts
+from .completion import Fetched, completion, user_parts
 from .delivery import deliver
 from .batchroutes import add_batch_routes
 from .capacity import follow_schedule
@@ -123,6 +124,11 @@ async def _served(request: web.Request, state: ServeState, body: dict[str, Any],
         return web.Response(status=499)
     opts = state.opts
     prompt, urls = parts  # the prompt is the row's key
+    if opts.fetch_images:
+        fetched = await _fetch_images(urls)
+        if isinstance(fetched, web.Response):
+            return fetched
+        urls = fetched
     stream = body.get("stream") is True
     fault = pick_fault(state, prompt)
     if fault:
@@ -136,6 +142,31 @@ async def _served(request: web.Request, state: ServeState, body: dict[str, Any],
     payload = completion(body, prompt, urls, opts, fault=fault, number=state.requests,
                          authorization=request.headers.get("Authorization", ""))
     return await deliver(request, state, payload, body, fault, rate_headers)
+
+
+FETCH_TIMEOUT_S = 10.0
+FETCH_MAX_BYTES = 20 << 20  # OpenAI's per-image limit
+
+
+async def _fetch_images(urls: list[Any]) -> list[Any] | web.Response:
+    """`fetch_images`: each http(s) image URL fetched, as a provider does; the 400 a provider sends
+    (naming the URL, as OpenAI's "Error while downloading ...") when one cannot be."""
+    out: list[Any] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_S)) as session:
+        for url in urls:
+            if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+                out.append(url)
+                continue
+            try:
+                async with session.get(url) as resp:
+                    data = await resp.content.read(FETCH_MAX_BYTES + 1)
+                    failed = f"HTTP {resp.status}" if resp.status != 200 else "too large" if len(data) > FETCH_MAX_BYTES else ""
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                failed = type(exc).__name__
+            if failed:
+                return error_response(400, f"Error while downloading {url} ({failed}).", "invalid_image_url")
+            out.append(Fetched(data))
+    return out
 
 
 def _overloaded(state: ServeState) -> web.Response:

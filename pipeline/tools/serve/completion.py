@@ -1,6 +1,7 @@
 """The answer the built-in endpoint composes, from what a request shows: the user's text and
 what it can really see of each image or video part (an inlined image's format, size and main
-colours with Pillow; for URLs only the URL, as it has no network), a reasoning text (in a
+colours with Pillow; for URLs only the URL, or with `fetch_images` the bytes fetched from it and
+their sha256), a reasoning text (in a
 `<think>` block or in `reasoning_field`), a JSON object built from a labeling request's schema,
 and the chat.completion around it with its usage (and usage details: `_usage`). Faults that change the answer itself
 (`length`, `nochoices`, `invalid_json`, `answer_echoes_key`) are applied here.
@@ -9,6 +10,7 @@ and the chat.completion around it with its usage (and usage details: `_usage`). 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import zlib
@@ -17,10 +19,10 @@ from typing import Any, NamedTuple
 
 from ...config.serve import ServeOptions
 
-__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video"]
+__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Fetched"]
 
 
-def completion(body: dict[str, Any], prompt: str, urls: list[str | Video], opts: ServeOptions, *,
+def completion(body: dict[str, Any], prompt: str, urls: list[str | Video | Fetched], opts: ServeOptions, *,
                fault: str | None, number: int, authorization: str) -> dict[str, Any]:
     """The chat.completion answering `body` (request number `number`), in the seed's shape."""
     answer = _json_answer(body, prompt, opts, valid=fault != "invalid_json")
@@ -45,7 +47,7 @@ def completion(body: dict[str, Any], prompt: str, urls: list[str | Video], opts:
     }
 
 
-def _usage(body: dict[str, Any], prompt: str, urls: list[str | Video], content: str, reasoning: str,
+def _usage(body: dict[str, Any], prompt: str, urls: list[str | Video | Fetched], content: str, reasoning: str,
            opts: ServeOptions, fault: str | None) -> dict[str, Any]:
     """Tokens estimated at four characters each (85 per image or video); a `length` cut used all of
     max_tokens. The details (unless `usage_details` is off): `image_tokens` 85 per image,
@@ -114,6 +116,18 @@ def describe_image(url: str, analyze: bool) -> str:
         return f"an inlined {mime} that could not be decoded ({type(exc).__name__})"
 
 
+class Fetched(NamedTuple):
+    """An image URL the endpoint fetched (`fetch_images`): what came back."""
+
+    data: bytes
+
+
+def describe_fetched(image: Fetched, analyze: bool) -> str:
+    digest = hashlib.sha256(image.data).hexdigest()[:16]
+    inlined = "data:image/unknown;base64," + base64.b64encode(image.data).decode()
+    return f"fetched ({len(image.data)} bytes, sha256 {digest}): " + describe_image(inlined, analyze)
+
+
 class Video(NamedTuple):
     """A video part: a URL or data URI (`video_url`), or a list of frames (DashScope's `video`)."""
 
@@ -137,12 +151,12 @@ def describe_video(video: Video, analyze: bool) -> str:
 
 
 def _compose(
-    prompt: str, urls: list[str | Video], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
+    prompt: str, urls: list[str | Video | Fetched], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
 ) -> tuple[str, str]:
     """(content, reasoning): the answer given, or one describing each part; cut in the middle of
     thinking for `length_cut`."""
-    seen = [describe_video(u, opts.analyze_images) if isinstance(u, Video) else describe_image(u, opts.analyze_images)
-            for u in urls]
+    seen = [describe_video(u, opts.analyze_images) if isinstance(u, Video) else describe_fetched(u, opts.analyze_images)
+            if isinstance(u, Fetched) else describe_image(u, opts.analyze_images) for u in urls]
     reasoning = f"The user asks: {prompt!r}. I am shown {len(urls)} image(s); I describe each briefly."
     if length_cut:
         content = f"<think>\n{reasoning} Let me look more closely at" if opts.reasoning_field == "content" else ""
