@@ -280,13 +280,11 @@ def test_an_image_folder_sends_each_image_once_with_its_sidecar(tmp_path: Path, 
              "top.PNG": _image(imgs / "top.PNG", (0, 0, 200), 10)}
     (imgs / "cats" / "a.txt").write_text("a red square")
     (imgs / "README.md").write_text("not an image")
-    job = job_dict(tmp_path / "unused", endpoint.base_url, tmp_path / "out", name="t",
-                   input={"path": "imgs", "id_column": None, "image_column": None, "prompt_column": None},
-                   request={"prompt": "Describe {name} in '{folder}': {txt}"}, run={"shard_rows": 2})
-    path = write_job(tmp_path / "t.toml", job)
+    path = job_file(tmp_path, "imgs", endpoint.base_url, input={"image_column": None, "prompt_column": None},
+                    request={"prompt": "Describe {name} in '{folder}': {txt}"}, run={"shard_rows": 2})
     code, _, err = cli(capsys, "run", str(path))
     assert code == 0, err
-    rows = {r["id"]: r for r in read_output(tmp_path / "out")}
+    rows = {r["id"]: r for r in read_output(tmp_path / "out-t")}
     assert set(rows) == set(files)
     assert rows["cats/a.jpg"]["answer"].startswith("Answer to \"Describe a.jpg in 'cats': a red square\"")
     assert rows["top.PNG"]["answer"].startswith("Answer to \"Describe top.PNG in '': \"")
@@ -297,7 +295,7 @@ def test_an_image_folder_sends_each_image_once_with_its_sidecar(tmp_path: Path, 
     files["cats/c.webp"] = _image(imgs / "cats" / "c.webp", (9, 9, 9), 5)
     code, _, err = cli(capsys, "run", str(path))
     assert code == 0 and endpoint.stats()["requests"] == 4, err
-    assert {r["id"] for r in read_output(tmp_path / "out")} == set(files)
+    assert {r["id"] for r in read_output(tmp_path / "out-t")} == set(files)
     (imgs / "cats" / "a.txt").write_text("a blue square")  # a sidecar is part of its row
     code, _, err = cli(capsys, "run", str(path))
     assert code == 2 and "changed since its rows were planned" in err
@@ -383,15 +381,13 @@ def jpeg_tar(path: Path, keys: list[str]) -> dict[str, bytes]:
 
 def test_a_webdataset_run_shows_the_model_each_samples_own_image(tmp_path: Path, endpoint, capsys) -> None:
     images = jpeg_tar(tmp_path / "shard-000.tar", [f"s{k:03d}" for k in range(5)])
-    job = job_dict(tmp_path / "unused", endpoint.base_url, tmp_path / "out", name="t",
-                   input={"path": "shard-000.tar", "id_column": None, "image_column": None, "prompt_column": None},
-                   request={"prompt": "Is this {txt}?"}, run={"shard_rows": 2})
-    path = write_job(tmp_path / "t.toml", job)
+    path = job_file(tmp_path, "shard-000.tar", endpoint.base_url, input={"image_column": None, "prompt_column": None},
+                    request={"prompt": "Is this {txt}?"}, run={"shard_rows": 2})
     code, _, err = cli(capsys, "run", str(path))
     assert code == 0, err
     sent = sent_images(endpoint)
     assert sent == {f"Is this caption of {key}?": data for key, data in images.items()}
-    rows = read_output(tmp_path / "out")
+    rows = read_output(tmp_path / "out-t")
     assert sorted(r["id"] for r in rows) == [f"shard-000.tar:{k}" for k in images]
     assert all(r["image"] == "sha256:" + hashlib.sha256(images[r["key"]]).hexdigest() for r in rows)  # no bytes
     assert cli(capsys, "run", str(path))[0] == 0 and endpoint.stats()["requests"] == 5
