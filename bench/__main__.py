@@ -38,6 +38,8 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "images": _optional("images", "run_image_bench"),
         "ray": _optional("ray_bench", "run_ray_bench"),
         "report": _optional("report_bench", "run_report_bench"),
+        "report_scale": _optional("report_scale", "run_report_scale_bench"),
+        "metrics": _optional("metrics_cost", "run_metrics_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
         "sources": _optional("sources", "run_sources_bench"),
         "media": _optional("media", "run_media_bench"),
@@ -60,6 +62,13 @@ TARGETS = {
     "report": lambda r: (f"{r['rows']:,} rows: report {r['report_s']:.1f}s, {r['page_mb']:.1f} MB; in chromium: load "
                          f"{r['load_s']:.1f}s, filter {r['filter_ms']:.0f} ms, sort {r['sort_ms']:.0f} ms, page "
                          f"{r['page_turn_ms']:.0f} ms, search {r['search_ms_with_150ms_debounce']:.0f} ms (150 ms debounce)"),
+    "report_scale": lambda r: "; ".join(
+        f"{k.removeprefix('rows_')} rows: peak {v['peak_rss_mb']:.0f} MB (target < 300), {v['report_s']:.1f}s"
+        for k, v in r.items() if isinstance(v, dict)),
+    "metrics": lambda r: (f"CPU per row {r['cost_pct_of_cpu']:+.1f}% with metrics (target < 5%); {r['rows_per_s_on']} rows/s "
+                          f"with vs {r['rows_per_s_off']} without ({r['cost_pct_of_throughput']:.1f}%, wall-clock); "
+                          f"counts {r['counts_settle_us_per_row']:.2f} us/row "
+                          f"= {r['counts_settle_pct_of_row_cpu']:.1f}% of a row's CPU"),
     "adaptive": lambda r: (
         f"auto {r['auto_vs_sweep']['auto_rows_per_s']:.0f} rows/s = {r['auto_vs_sweep']['auto_pct_of_best']:.1f}% of the best fixed "
         f"(target >= 95%), p95 {r['auto_vs_sweep']['auto_p95_ms_after_warmup']:.0f} ms (target <= 300), "

@@ -1,4 +1,5 @@
-"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline report JOB`, `pipeline serve`.
+"""The command line: `pipeline run JOB`, `pipeline status JOB`, `pipeline report JOB`, `pipeline cache`,
+`pipeline serve`.
 
 Exit codes: 0 every row ok; 1 finished with failed rows; 2 bad job file or usage;
 3 stopped by the provider (quota, key refused, endpoint down, budget), resumable; 5 batch mode
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cancel-batches", action="store_true", help='[run] mode "batch": cancel the running batches, collect what they did')
     r.add_argument("--dry-run", action="store_true",
                    help="send nothing: check the job and every row, estimate tokens, cost and time (exit 0 ready, 1 not)")
+    r.add_argument("--log-format", choices=("text", "json"), default=None,
+                   help="json: every stderr line one JSON object, no progress bar (default: $PIPELINE_LOG_FORMAT, else text)")
 
     g = sub.add_parser("report", help="write a self-contained HTML page of the output: gallery, charts, runs")
     g.add_argument("job", type=Path, help="the job file (TOML)")
@@ -57,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="what a job has done, from its checkpoint (sends nothing)")
     s.add_argument("job", type=Path, help="the job file (TOML)")
     s.add_argument("--json", action="store_true", help="print JSON")
+
+    c = sub.add_parser("cache", help="the request cache: what it holds, and space given back (safe while runs use it)")
+    c.add_argument("folder", nargs="?", type=Path, default=None,
+                   help="the cache folder, or a job file whose [run] cache it is (default: the user's, as cache = true)")
+    c.add_argument("action", choices=("stats", "prune", "clear"),
+                   help="stats: what it holds; prune: remove old or least recently used entries; clear: remove all")
+    c.add_argument("--older-than", default=None, metavar="AGE", help='prune: entries not used in this long ("30d", "12h")')
+    c.add_argument("--max-gb", type=float, default=None, help="prune: least recently used first, down to this size")
+    c.add_argument("--json", action="store_true", help="print JSON")
 
     _serve_parser(sub)
     return p
@@ -112,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
             options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report, wait=args.wait,
-                                 cancel_batches=args.cancel_batches, no_cache=args.no_cache)
+                                 cancel_batches=args.cancel_batches, no_cache=args.no_cache, log_format=args.log_format)
             return run(load_job(args.job), options)
         if args.command in ("export-batch", "import-batch"):
             from .config import load_job
@@ -123,10 +135,18 @@ def main(argv: list[str] | None = None) -> int:
             return import_batch(load_job(args.job, require_key=False), args.file)
         if args.command == "report":
             from .config import load_job
+            from .engine.process import tune_memory
             from .tools.report import MAX_MB, write_report
+
+            tune_memory()  # this process is the report's: Arrow on the system allocator gives each part back
 
             print(write_report(load_job(args.job, require_key=False), args.out, max_mb=args.max_mb or MAX_MB))
             return 0
+        if args.command == "cache":
+            from .tools.housekeeping import cache_command
+
+            return cache_command(args.folder, args.action, older_than=args.older_than, max_gb=args.max_gb,
+                                 as_json=args.json)
         if args.command == "status":
             from .config import load_job
             from .tools.status import job_status, render
@@ -136,14 +156,26 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _serve(args)
     except JobError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 2
     except LockedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 75
     except LocalFailure as exc:  # before sending began: a full disk, an unwritable checkpoint
-        print(f"error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return 4
+
+
+def _error(args: argparse.Namespace, exc: Exception) -> None:
+    """The one line an error before (or instead of) a run is: JSON when the run's logs are."""
+    from .engine.console import Console, log_format
+
+    try:
+        as_json = args.command == "run" and log_format(getattr(args, "log_format", None)) == "json"
+    except JobError:  # PIPELINE_LOG_FORMAT itself is wrong: say that, plainly
+        as_json = False
+    console = Console(json_lines=as_json, job=None)
+    console.say(f"error: {exc}", event="error", kind=type(exc).__name__)
 
 
 def _without_pandas() -> None:

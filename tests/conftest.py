@@ -47,6 +47,11 @@ class Endpoint:
         req = urllib.request.Request(self.root + "/stats/reset", method="POST", data=b"")
         urllib.request.urlopen(req, timeout=10).read()
 
+    def advance_batches(self, seconds: float) -> None:
+        """Move the endpoint's batch clock `seconds` ahead: its batches age without a test waiting."""
+        req = urllib.request.Request(self.root + "/admin/batch_clock", data=json.dumps({"advance_s": seconds}).encode())
+        urllib.request.urlopen(req, timeout=10).read()
+
 
 def start_endpoint(**options: Any) -> Endpoint:
     proc = subprocess.Popen(

@@ -7,7 +7,6 @@ export-batch / import-batch round trip.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -101,13 +100,16 @@ def test_expired_batches_send_their_undone_rows_again(tmp_path: Path, endpoint_f
     ep = endpoint_factory(batch_outcome="expired", batch_expire_fraction=0.5)
     job = _job(tmp_path, ep.base_url, 8, limits={"max_attempts": 6})
     r = run_cli("run", str(job))
-    assert r.returncode in (0, 1), r.stderr
-    rows = _exactly_once(tmp_path / "out-b", 8)
+    assert r.returncode == 1, r.stderr
+    rows = {row["id"]: row for row in _exactly_once(tmp_path / "out-b", 8)}
     batches = _batches(ep)
-    assert len(batches) >= 2 and all(b["status"] == "expired" for b in batches)
-    assert len(batches[1]["custom_ids"]) < 8  # only what the first left undone
-    failed = [row for row in rows if row["status"] != "ok"]
-    assert all("expired" in row["error"] and row["attempts"] == 6 for row in failed)
+    assert all(b["status"] == "expired" for b in batches)
+    # each expired batch did the first half of its lines: the rest, and only the rest, went again
+    assert [len(b["custom_ids"]) for b in batches] == [8, 4, 2, 1, 1, 1]
+    assert [b["custom_ids"] for b in batches[1:3]] == [[f"row-{i:05d}" for i in range(4, 8)], ["row-00006", "row-00007"]]
+    (failed,) = [row for row in rows.values() if row["status"] != "ok"]  # the one no batch got to, 6 times
+    assert failed["id"] == "row-00007" and "expired" in failed["error"] and failed["attempts"] == 6
+    assert [rows[f"row-{i:05d}"]["attempts"] for i in range(7)] == [1, 1, 1, 1, 2, 2, 3]
 
 
 def test_failed_batches_end_as_error_rows_after_max_attempts(tmp_path: Path, endpoint_factory: Any) -> None:
@@ -121,34 +123,37 @@ def test_failed_batches_end_as_error_rows_after_max_attempts(tmp_path: Path, end
 
 
 def test_no_wait_submits_and_exits_5_then_collects(tmp_path: Path, endpoint_factory: Any) -> None:
-    ep = endpoint_factory(batch_in_progress_s=3.0)
+    ep = endpoint_factory(batch_in_progress_s=3600.0)  # an hour at the provider, passed on its batch clock
     job = _job(tmp_path, ep.base_url, 6)
     first = run_cli("run", str(job), "--no-wait")
     assert first.returncode == 5, first.stderr
     assert "still running at the provider" in first.stderr
     status = run_cli("status", str(job))
     assert "running" in status.stdout and "6 requests" in status.stdout
-    time.sleep(4.0)
+    again = run_cli("run", str(job), "--no-wait")  # nothing new: still running, nothing created twice
+    assert again.returncode == 5 and len(_batches(ep)) == 1, again.stderr
+    ep.advance_batches(3600 + 60)
     second = run_cli("run", str(job), "--no-wait")
     assert second.returncode == 0, second.stderr
     assert len(_batches(ep)) == 1
     _exactly_once(tmp_path / "out-b", 6)
 
 
-@pytest.mark.serial  # the cancel must land inside a 4 s batch, 2.2 s in: a slow CLI start under load missed it
 def test_cancel_batches_keeps_what_was_done_and_a_rerun_finishes(tmp_path: Path, endpoint_factory: Any) -> None:
-    ep = endpoint_factory(batch_in_progress_s=4.0)
+    ep = endpoint_factory(batch_in_progress_s=1000.0)
     job = _job(tmp_path, ep.base_url, 8)
     assert run_cli("run", str(job), "--no-wait").returncode == 5
-    time.sleep(2.2)  # about half of the lines done
+    ep.advance_batches(0.2 + 500)  # validated, then half of the lines done (a slow CLI start moves it by seconds)
     cancelled = run_cli("run", str(job), "--cancel-batches")
     assert cancelled.returncode == 3, cancelled.stderr
     assert "cancelled as asked" in cancelled.stderr
     assert _batches(ep)[0]["status"] == "cancelled"
     journaled = json.loads(run_cli("status", str(job), "--json").stdout)
     kept = journaled["ok"] + journaled["journaled_uncommitted"]
-    assert 0 < kept < 8  # the lines done before the cancel are kept
-    assert run_cli("run", str(job)).returncode == 0
+    assert kept == 4  # the lines done before the cancel are kept
+    assert run_cli("run", str(job), "--no-wait").returncode == 5  # the rows the cancel left, in a new batch ...
+    ep.advance_batches(2000)  # ... done
+    assert run_cli("run", str(job), "--no-wait").returncode == 0
     batches = _batches(ep)
     assert len(batches) == 2 and len(batches[1]["custom_ids"]) == 8 - kept  # only the rows the cancel left
     _exactly_once(tmp_path / "out-b", 8)
@@ -157,11 +162,11 @@ def test_cancel_batches_keeps_what_was_done_and_a_rerun_finishes(tmp_path: Path,
 def test_cancel_batches_of_a_batch_that_already_ended_collects_it(tmp_path: Path, endpoint_factory: Any) -> None:
     """--cancel-batches after the batch completed (the ledger last saw it running): the provider
     answers 409 "Cannot cancel a batch with status 'completed'"; its answers are collected, exit 0."""
-    ep = endpoint_factory(batch_in_progress_s=0.3)
+    ep = endpoint_factory(batch_in_progress_s=1000.0)
     job = _job(tmp_path, ep.base_url, 4)
     assert run_cli("run", str(job), "--no-wait").returncode == 5
-    while _batches(ep)[0]["status"] != "completed":
-        time.sleep(0.1)
+    ep.advance_batches(2000)
+    assert _batches(ep)[0]["status"] == "completed"
     result = run_cli("run", str(job), "--cancel-batches")
     assert result.returncode == 0, result.stderr
     _exactly_once(tmp_path / "out-b", 4)
@@ -193,11 +198,8 @@ def _submit_by_hand(base_url: str, path: Path) -> bytes:
     file_id = _http(base_url + "/files", body, f"multipart/form-data; boundary={boundary}")["id"]
     batch = _http(base_url + "/batches", json.dumps({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                                                      "completion_window": "24h"}).encode(), "application/json")
-    for _ in range(100):
-        batch = _http(f"{base_url}/batches/{batch['id']}")
-        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
-            break
-        time.sleep(0.2)
+    _http(base_url.removesuffix("/v1") + "/admin/batch_clock", b'{"advance_s": 60}', "application/json")  # a minute later
+    batch = _http(f"{base_url}/batches/{batch['id']}")
     assert batch["status"] == "completed", batch
     with urllib.request.urlopen(f"{base_url}/files/{batch['output_file_id']}/content", timeout=10) as resp:
         return resp.read()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.config import AUTO
 from pipeline.net.concurrency import GROW_BELOW, PROBE_WINDOWS, SHRINK_ABOVE, START, WINDOW_S, Gate, Gradient
 from pipeline.net.limiter import AUTO_MARGIN, AUTO_START_RPM, Limiter
 
@@ -132,13 +133,99 @@ async def test_the_gate_lets_in_only_the_limit_and_more_when_it_rises() -> None:
     await asyncio.sleep(0.01)
     assert inside == 2 and gate.in_flight == 2
     ctl.limit = 5
-    gate._wake()  # a raised limit lets waiters in at once (answered() does this after each answer)
+    gate.wake()  # a raised limit lets waiters in at once (answered() does this after each answer)
     await asyncio.sleep(0.01)
     assert inside == 5
     release.set()
     await asyncio.gather(*tasks)
     assert most == 5 and gate.in_flight == 0
-    assert Gate(None).controller is None  # fixed max_concurrency: no gate at all
+
+
+async def test_without_a_controller_the_gate_never_holds_a_request() -> None:
+    """Fixed max_concurrency: the workers' count is the limit, the gate only counts."""
+    gate = Gate(None, clock=lambda: 0.0)
+    entered, release = asyncio.Event(), asyncio.Event()
+    inside = 0
+
+    async def request() -> None:
+        nonlocal inside
+        async with gate:
+            inside += 1
+            if inside == 50:
+                entered.set()
+            await release.wait()
+
+    tasks = [asyncio.create_task(request()) for _ in range(50)]
+    await asyncio.wait_for(entered.wait(), 5)  # all fifty inside at once
+    assert gate.in_flight == 50
+    release.set()
+    await asyncio.gather(*tasks)
+    assert gate.in_flight == 0
+
+
+async def test_the_gate_hands_a_freed_place_to_the_oldest_waiter() -> None:
+    """Limit 1: A holds the place, B waits; A leaves and comes straight back. B goes next, then A:
+    a newcomer never takes a place a waiter was woken for (before, B ran after A went three times)."""
+    gate = Gate(Gradient(cap=1, limit=1), clock=lambda: 0.0)
+    order: list[str] = []
+
+    async def worker(name: str, times: int) -> None:
+        for _ in range(times):
+            async with gate:
+                order.append(name)
+                await asyncio.sleep(0)  # a request's await: the others run meanwhile
+
+    a = asyncio.create_task(worker("A", 3))  # runs first: inside, then at its await ...
+    b = asyncio.create_task(worker("B", 3))  # ... B queues
+    await asyncio.wait_for(asyncio.gather(a, b), 5)
+    assert order == ["A", "B", "A", "B", "A", "B"]
+    assert gate.in_flight == 0
+
+
+async def test_the_gate_admits_in_arrival_order_under_churn() -> None:
+    """Twelve workers over a limit of three, each going round twenty times: places are granted in
+    exactly the order they were asked for, so nobody waits longer than the queue ahead of it."""
+    gate = Gate(Gradient(cap=3, limit=3), clock=lambda: 0.0)
+    asked: list[tuple[int, int]] = []
+    granted: list[tuple[int, int]] = []
+    inside = 0
+
+    async def worker(me: int) -> None:
+        nonlocal inside
+        for turn in range(20):
+            asked.append((me, turn))
+            async with gate:
+                granted.append((me, turn))
+                inside += 1
+                assert inside <= 3
+                for _ in range(me % 3 + 1):  # service times differ: the order of leaving churns
+                    await asyncio.sleep(0)
+                inside -= 1
+
+    await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(12))), 10)
+    assert granted == asked
+    assert gate.in_flight == 0
+
+
+async def test_a_waiter_cancelled_as_it_is_handed_a_place_passes_it_on() -> None:
+    gate = Gate(Gradient(cap=1, limit=1), clock=lambda: 0.0)
+    entered: list[str] = []
+
+    async def request(name: str) -> None:
+        async with gate:
+            entered.append(name)
+            await asyncio.sleep(0)
+
+    await gate.__aenter__()  # the place is taken
+    b = asyncio.create_task(request("B"))
+    c = asyncio.create_task(request("C"))
+    await asyncio.sleep(0)  # both queue
+    await gate.__aexit__()  # the place is handed to B ...
+    b.cancel()  # ... cancelled before it resumed: C must get it, not lose it
+    await asyncio.wait_for(c, 5)
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert entered == ["C"] and gate.in_flight == 0
 
 
 class _Clock:
@@ -151,7 +238,7 @@ class _Clock:
 
 async def test_auto_rate_waits_for_the_first_answer_then_paces_at_the_announced_limit() -> None:
     clock = _Clock()
-    limiter = Limiter("auto", clock=clock)
+    limiter = Limiter(AUTO, clock=clock)
     assert limiter.rpm == AUTO_START_RPM
     first = await limiter.acquire()
     assert first is not None
@@ -166,7 +253,7 @@ async def test_auto_rate_waits_for_the_first_answer_then_paces_at_the_announced_
 
 
 async def test_auto_rate_without_headers_goes_on_at_the_starting_pace() -> None:
-    limiter = Limiter("auto", "auto")
+    limiter = Limiter(AUTO, AUTO)
     assert await limiter.acquire() is not None
     limiter.observe({})  # an answer with no x-ratelimit-*: the others may go
     assert await asyncio.wait_for(limiter.acquire(), 2) is not None

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-from pipeline.config import ImagesConfig, LimitsConfig, ServeOptions, job_keys_markdown, parse_job
+from pipeline.config import AUTO, Auto, ImagesConfig, LimitsConfig, ServeOptions, job_keys_markdown, parse_job
 from pipeline.errors import ErrorKind, JobError, error_kinds_markdown
 from pipeline.net.retry import STOP_KINDS
 
@@ -82,6 +82,20 @@ def test_values_are_read_by_their_declared_types() -> None:
     assert j.input.path == Path("/jobs/m.csv") and j.input.format == "csv"
     assert j.output.checkpoint == Path("/jobs/.pipeline/t")
     assert j.limits.max_concurrency == LimitsConfig().max_concurrency  # defaults come from the one declaration
+
+
+def test_auto_limits_are_read_as_a_typed_value_not_a_string() -> None:
+    j = job(limits={"requests_per_minute": "auto", "tokens_per_minute": "auto", "max_concurrency": "auto"})
+    for value in (j.limits.requests_per_minute, j.limits.tokens_per_minute, j.limits.max_concurrency):
+        assert isinstance(value, Auto) and value == AUTO and not isinstance(value, str)
+    assert j.limits.auto_rate and j.limits.auto_concurrency and j.limits.counts_tokens
+    assert j.limits.workers == j.limits.max_concurrency_cap
+    # built in code with the job file's word: the same typed value
+    assert LimitsConfig(max_concurrency="auto").max_concurrency is AUTO
+    plain = job(limits={"requests_per_minute": 90})
+    assert not plain.limits.auto_rate and not plain.limits.counts_tokens and plain.limits.workers == 8
+    with pytest.raises(JobError, match=r'\[limits\] tokens_per_minute must be a number or "auto"'):
+        LimitsConfig(tokens_per_minute="lots")
 
 
 def test_checks_run_on_construction_from_code_too() -> None:

@@ -69,9 +69,14 @@ def test_a_successs_renamed_headers_reach_the_limiter_and_plain_ones_win() -> No
 WRONG_KEY = (400, "bad_request", "no_db_connection", "No connected db.")
 
 
+def _spread(b: Breaker) -> float:
+    """The next refusal's row: each part of the run's rows in turn (the first from the first part)."""
+    return (b.refusals % max(1, b.max_refusals)) / max(1, b.max_refusals)
+
+
 def _refused(b: Breaker, key: tuple = WRONG_KEY) -> bool:
     b.done(b.sent())
-    return b.refusal(key)
+    return b.refusal(key, _spread(b))
 
 
 def test_the_first_refusals_all_alike_with_nothing_answered_trip_the_breaker() -> None:
@@ -91,7 +96,7 @@ def test_fast_refusals_wait_for_the_requests_sent_before_them() -> None:
     verdicts = []
     for ticket in fast:
         b.done(ticket)
-        verdicts.append(b.refusal(WRONG_KEY))
+        verdicts.append(b.refusal(WRONG_KEY, _spread(b)))
     assert verdicts == [False] * 4 and b.doubting  # 4 alike, but 2 sent before them are out
     late = b.sent()  # sent after the verdict was due: not waited for
     assert late > slow[-1]
@@ -106,14 +111,14 @@ def test_alike_refusals_trip_once_the_older_requests_came_back_refused_too() -> 
     verdicts = []
     for ticket in tickets:
         b.done(ticket)
-        verdicts.append(b.refusal(WRONG_KEY))
+        verdicts.append(b.refusal(WRONG_KEY, _spread(b)))
     assert verdicts == [False, False, False, False, True]  # the third waited for the two still out
 
     b = Breaker(50, 120.0, max_refusals=3, clock=lambda: 0.0)
     first = [b.sent() for _ in range(3)]
     for ticket in first:
         b.done(ticket)
-        tripped = b.refusal(WRONG_KEY)
+        tripped = b.refusal(WRONG_KEY, _spread(b))
     assert tripped  # nothing else was out: a request sent after the verdict is not waited for
 
 
@@ -201,7 +206,7 @@ def test_the_same_refusal_for_the_first_requests_stops_the_run_once_rows_pending
     job = _job(tmp_path, ep.base_url, 40, limits={"max_concurrency": 4})
     result = run_cli("run", str(job))
     assert result.returncode == EXIT_STOPPED, result.stderr
-    said = re.findall(r"refused the run's first (\d+) requests the same way", result.stderr)
+    said = re.findall(r"refused (\d+) requests the same way, from every part of the run.s rows", result.stderr)
     assert len(said) == 1 and int(said[0]) >= 5, result.stderr  # once; 5, or the few more that were out
     assert "HTTP 400" in result.stderr and "breaker_refusals" in result.stderr
     assert read_output(tmp_path / "out") == []

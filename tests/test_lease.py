@@ -131,8 +131,12 @@ async def leave_one_slot_over(limiter: LeasedLimiter, shared: LocalBudget) -> No
     """Three requests wait; the second leases for itself and the third, which then stops waiting."""
     first, second, gives_up = (asyncio.ensure_future(limiter.acquire()) for _ in range(3))
     asked = len(shared.asked)
-    while len(shared.asked) < asked + 2:
+    for _ in range(10_000):  # a bound, not a wait: each turn of the loop lets the acquires run
+        if len(shared.asked) >= asked + 2:
+            break
         await asyncio.sleep(0)
+    else:
+        pytest.fail(f"the waiting requests asked for {len(shared.asked) - asked} leases, not 2")
     gives_up.cancel()  # e.g. its run is stopping
     await asyncio.gather(first, second)
     assert len(limiter.slots) == 1
@@ -200,3 +204,25 @@ async def test_worker_leases_tokens_for_the_waiting_requests_and_gives_back_what
     assert debt == -600 - 1000
     shared.budget.correct(debt)
     assert shared.budget.tokens.free_at == pytest.approx(free_at - 0.16, abs=0.005)  # got them back (at the bucket's safety-trimmed rate)
+
+
+def test_the_lease_and_the_local_limiter_fill_the_one_pacer_interface() -> None:
+    """The engine is given either; both declare every member of net.limiter.Pacer with its signature,
+    and the lease is not a Limiter borrowed for its shape."""
+    import inspect
+
+    from pipeline.net.limiter import Limiter, Pacer
+
+    members = [name for name in vars(Pacer) if not name.startswith("_")]
+    assert set(members) >= {"acquire", "settle", "slow_down", "observe", "found"}
+    lease = LeasedLimiter(LocalBudget(RateBudget(600, clock=Clock())), limits(), clock=Clock())
+    local = Limiter(600)
+    for pacer in (lease, local):
+        for name in members:
+            want = inspect.signature(getattr(Pacer, name))
+            assert inspect.signature(getattr(type(pacer), name)).parameters.keys() == want.parameters.keys(), name
+        assert pacer.paused_s == 0.0
+    assert not isinstance(lease, Limiter)
+    assert lease.found() == {} and local.found() == {}
+    lease.slow_down(3.0)  # a 429 here: this worker's pause is counted for the summary
+    assert lease.paused_s == pytest.approx(3.0)

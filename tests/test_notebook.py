@@ -76,7 +76,9 @@ def test_a_kernel_interrupt_stops_the_run_like_ctrl_c(tmp_path: Path, endpoint_f
             time.sleep(0.05)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=60)
+        deadline = time.monotonic() + 120
         while reply["parent_header"].get("msg_id") != msg_id:  # a loaded machine: start_new_kernel's readiness
+            assert time.monotonic() < deadline, "no reply to the interrupted cell"
             reply = kc.get_shell_msg(timeout=60)  # check sent kernel_info twice; its late reply is not ours
         assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok", reply["content"]
         text = _iopub_text(kc, msg_id)
@@ -93,7 +95,8 @@ def test_a_kernel_interrupt_stops_the_run_like_ctrl_c(tmp_path: Path, endpoint_f
 
 def _iopub_text(kc: Any, msg_id: str) -> str:
     text = []
-    while True:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         try:
             msg = kc.get_iopub_msg(timeout=10)
         except queue.Empty:

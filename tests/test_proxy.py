@@ -417,6 +417,44 @@ def test_no_proxy_bypasses_it_for_the_endpoint(tmp_path: Path, http_ep: Endpoint
     assert proxy.since(mark) == ""
 
 
+def test_the_environment_is_read_once_when_the_job_is_loaded(tmp_path: Path, http_ep: Endpoint,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy variable set between load_job and run (a notebook cell, a library) is not picked up
+    halfway: the run goes as the job was loaded. Before, the client re-read the environment and
+    sent every request to the dead proxy."""
+    from pipeline.api import run
+    from pipeline.config import load_job
+
+    job = load_job(job_dict(url_manifest(tmp_path / "m.csv", 6), http_ep.base_url, tmp_path / "out"))
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    result = run(job, progress=False)
+    assert result.exit_code == 0, result.summary
+    _ok(tmp_path, 6)
+    assert http_ep.stats()["requests"] == 6
+
+
+def test_a_pickled_job_takes_its_proxy_choice_to_a_worker_with_another_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    from pipeline.config import load_job
+
+    monkeypatch.setenv("HTTPS_PROXY", f"http://{USER}:{quote(PASSWORD, safe='')}@proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "images.internal, 10.0.0.0/8")
+    job = load_job(job_dict(url_manifest(tmp_path / "m.csv", 1), "https://api.example/v1", tmp_path / "out"))
+    monkeypatch.delenv("HTTPS_PROXY")  # a Ray worker's node, set up otherwise
+    monkeypatch.setenv("NO_PROXY", "*")
+    moved = pickle.loads(pickle.dumps(job))
+    proxy = moved.endpoint_proxy()
+    assert proxy is not None and (proxy.host, proxy.port, proxy.password) == ("proxy.corp", 3128, PASSWORD)
+    assert moved.proxies().for_url("https://cdn.example/a.png") == proxy
+    assert moved.proxies().for_url("https://images.internal/a.png") is None
+    assert moved.proxies().for_url("https://10.1.2.3/a.png") is None
+    assert PASSWORD in moved.proxies().secrets()
+    assert PASSWORD not in repr(moved)
+
+
 def test_an_unusable_proxy_variable_is_named_before_anything_is_sent(tmp_path: Path, http_ep: Endpoint) -> None:
     ep = http_ep
     done = _run(tmp_path, ep.base_url, {"HTTP_PROXY": "socks5://u:hidden-pw@127.0.0.1:1080"})

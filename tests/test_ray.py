@@ -195,6 +195,43 @@ def test_a_stop_on_one_worker_stops_the_cluster_and_resumes(tmp_path: Path, endp
     assert ep.stats()["requests"] == n + 1
 
 
+def _bad_shard_manifest(path: Path, n: int, bad: int) -> None:
+    from conftest import write_rows
+
+    write_rows(path, [{"id": f"row-{i:05d}", "image": f"https://images.example/{i}.png",
+                       "prompt": f"BADROW {i}" if i < bad else f"good picture {i}"} for i in range(n)], "csv")
+
+
+def test_one_breaker_for_the_cluster_a_shard_of_bad_rows_is_no_wrong_job(
+        tmp_path: Path, endpoint_factory, ray_address: str, capsys) -> None:
+    """Shard 0 is all rows refused alike in milliseconds; shard 1's rows are answered, slowly. Before,
+    shard 0's worker judged alone: "wrong job", the run stopped (exit 3). Now the verdict is the
+    cluster's: an answer on the other worker settles it, and the bad rows are written (exit 1)."""
+    ep = endpoint_factory(row_faults={"BADROW": "400"}, row_latency_ms={"good": 1500})
+    _bad_shard_manifest(tmp_path / "m.csv", 40, bad=20)
+    job = make_job(tmp_path, ep.base_url, 40, address=ray_address, run={"ray_workers": 2, "shard_rows": 20})
+    assert run(load_job(job)) == 1, capsys.readouterr().err
+    rows = assert_exactly_once(tmp_path / "out-t", 40)
+    assert {r["id"] for r in rows if r["status"] == "error"} == {f"row-{i:05d}" for i in range(20)}
+    assert ep.stats()["requests"] == 40
+
+
+def test_a_wrong_job_on_ray_stops_every_worker_with_nothing_written(
+        tmp_path: Path, endpoint_factory, ray_address: str, capsys) -> None:
+    ep = endpoint_factory(faults={"400": 1.0}, latency_ms=20)
+    job = make_job(tmp_path, ep.base_url, 200, address=ray_address, run={"ray_workers": 2, "shard_rows": 50})
+    assert run(load_job(job)) == 3
+    err = capsys.readouterr().err
+    assert "the job looks wrong" in err and "every worker's shard" in err
+    assert read_output(tmp_path / "out-t") == []
+    # both running shards' tasks stopped, and the stop reached the driver before it started the next:
+    # the last two shards were never sent (their rows are not refused one by one)
+    sent = {int(prompt.rsplit("-", 1)[1]) for prompt in ep.stats()["per_row"]}
+    assert sent and max(sent) < 100, sorted(sent)
+    status = json.loads(run_cli("status", str(job), "--json").stdout)
+    assert status["pending"] == 200 and status["failed"] == 0
+
+
 def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
     job = make_job(tmp_path, "http://127.0.0.1:9/v1", 5)
     code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -222,3 +259,27 @@ def test_ray_workers_write_their_parts_to_s3(tmp_path: Path, endpoint_factory, r
     assert sorted(map(key, rows)) == sorted(map(key, assert_exactly_once(tmp_path / "out-local", n)))
     assert ep.stats()["requests"] == n
     assert not (tmp_path / "out-ray").exists()
+
+
+def test_metrics_are_one_series_set_for_the_cluster(tmp_path: Path, endpoint_factory, ray_address: str) -> None:
+    """The driver's textfile sums every worker's counts through the coordinator: one series per
+    family and label set, none per worker, matching the output and the endpoint's own count."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ep = endpoint_factory(latency_ms=20, row_faults={"row-00042": "400"})
+    prom = tmp_path / "ray.prom"
+    job = make_job(tmp_path, ep.base_url, 400, run={"ray_workers": 2, "metrics_file": str(prom)})
+    assert run(load_job(job)) == 1
+    samples = [s for family in text_string_to_metric_families(prom.read_text()) for s in family.samples]
+    keys = [(s.name, tuple(sorted(s.labels.items()))) for s in samples]
+    assert len(keys) == len(set(keys)) and all(set(s.labels) <= {"job_name", "status", "error_kind", "code", "kind",
+                                                                  "auto", "le", "state"} for s in samples)
+    value = {k: s.value for k, s in zip(keys, samples)}
+    ok = sum(1 for r in read_output(tmp_path / "out-t") if r["status"] == "ok")
+    assert ok == 399 and value[("pipeline_rows_total", (("error_kind", ""), ("job_name", "t"), ("status", "ok")))] == ok
+    assert value[("pipeline_rows_total", (("error_kind", "bad_request"), ("job_name", "t"), ("status", "error")))] == 1
+    requests = sum(v for (name, _), v in value.items() if name == "pipeline_requests_total")
+    assert requests == ep.stats()["requests"]
+    assert value[("pipeline_rows_remaining", (("job_name", "t"),))] == 0
+    assert value[("pipeline_exit_code", (("job_name", "t"),))] == 1
+    assert value[("pipeline_answer_latency_seconds_count", (("job_name", "t"),))] == ok

@@ -4,7 +4,7 @@
     job.limits.requests_per_minute
 """
 
-from .fields import Table, keys_markdown, read_table, setting
+from .fields import AUTO, Auto, Table, keys_markdown, read_table, setting
 from .job import Job, job_keys_markdown, load_job, parse_job
 from .sections import (
     DEFAULT_OUTPUT_TOKENS,
@@ -25,4 +25,5 @@ __all__ = [
     "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig", "RunConfig",
     "LabelsConfig", "PricingConfig", "ModelPrice", "ServeOptions", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
+    "Auto", "AUTO",
 ]

@@ -30,13 +30,28 @@ from ..errors import JobError
 
 __all__ = [
     "Table", "setting", "read_table", "keys_markdown", "positive", "zero_or_more", "one_of", "between",
-    "at_least", "Check",
+    "at_least", "Check", "Auto", "AUTO",
 ]
 
 T = TypeVar("T", bound="Table")
 Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it ("must be ..."), or None
 _KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
          list: "a list", Path: "a path"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Auto:
+    """A limit the run finds for itself ("auto" in the job file), a value of its own type so code
+    asks `isinstance(v, Auto)` and a type checker knows the number in the other branch."""
+
+    def __str__(self) -> str:
+        return "auto"
+
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+AUTO = Auto()
 
 
 def setting(default: Any = dataclasses.MISSING, *, doc: str, check: Check | None = None,
@@ -219,7 +234,7 @@ def _type_text(kind: Any) -> str:
         return "list of " + (item.replace("list", "lists", 1) if item.startswith("list of") else item + "s")
     if origin is dict:
         return "table"
-    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}.get(kind, "any")
+    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path", Auto: '`"auto"`'}.get(kind, "any")
 
 
 def _default_text(f: dataclasses.Field[Any]) -> str:

@@ -27,6 +27,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .notify import NotifyConfig
 from .pricing import ModelPrice, PricingConfig
 from .proxy import Proxy, ProxyChoice, ProxyError
 from .serve import ServeOptions
@@ -61,11 +62,16 @@ class Job:
     labels: LabelsConfig | None = None
     pricing: PricingConfig | None = None
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    notify: NotifyConfig | None = None  # who is told when a run ends
     # A job whose manifest is given in memory (the Python API's manifest=): [input] path is where
     # it is stored, in the checkpoint folder, and relative local image paths resolve against
     # `files_base` (the working directory) instead of the manifest's folder.
     in_memory: bool = False
     files_base: Path | None = None
+    # Which proxy each request goes through, chosen once from `[endpoint] proxy` and the
+    # environment as the job was loaded: a run never mixes two environments, and a job pickled to
+    # a Ray worker carries the choice made where it was loaded.
+    proxy_choice: ProxyChoice = field(default_factory=lambda: ProxyChoice(None, os.environ), compare=False, repr=False)
 
     def request_shape(self) -> dict[str, Any]:
         """What shapes a request's answer; a change here invalidates the checkpoint's answers.
@@ -102,8 +108,8 @@ class Job:
         return os.environ.get(self.endpoint.api_key_env) or None
 
     def proxies(self) -> ProxyChoice:
-        """Which proxy each request goes through: `[endpoint] proxy` and this process's environment."""
-        return ProxyChoice(self.endpoint.proxy, os.environ)
+        """Which proxy each request goes through: `[endpoint] proxy` and the environment when the job was loaded."""
+        return self.proxy_choice
 
     def endpoint_proxy(self) -> Proxy | None:
         """The endpoint's proxy; never one for the built-in endpoint a [serve] run starts on loopback."""
@@ -138,7 +144,7 @@ def load_job(path: str | os.PathLike[str] | dict[str, Any], *, require_key: bool
 
 
 IN_MEMORY_PATH = "manifest.parquet"  # [input] path of a job whose manifest comes in memory, until it is stored
-_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve")
+_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve", "notify")
 
 
 def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, input_optional: bool = False) -> Job:
@@ -162,6 +168,12 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
 
     serve = data.get("serve")
     endpoint = _endpoint(table(EndpointConfig), serve, src, require_key)
+    proxies = ProxyChoice(endpoint.proxy, os.environ)  # the environment read once, now
+    if require_key and serve is None:  # a proxy variable that cannot be used is named now, not per row
+        try:
+            proxies.for_url(endpoint.url)
+        except ProxyError as err:
+            raise JobError(f"{src}: {err}") from None
     request = table(RequestConfig, rest="params")
     input_cfg = table(InputConfig)
     if request.prompt is None and input_cfg.prompt_column is None:
@@ -188,7 +200,8 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=limits,
         output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
-        pricing=pricing, images=images, in_memory=in_memory,
+        pricing=pricing, images=images, in_memory=in_memory, proxy_choice=proxies,
+        notify=table(NotifyConfig) if "notify" in data else None,
     )
 
 
@@ -197,11 +210,6 @@ def _endpoint(endpoint: EndpointConfig, serve: Any, src: str, require_key: bool)
         if serve is None:
             raise JobError(f"{src}: [endpoint] base_url is required")
         endpoint = replace(endpoint, base_url="http://127.0.0.1:0/v1")  # replaced by the started endpoint's address
-    if require_key and serve is None:  # a proxy variable that cannot be used is named now, not per row
-        try:
-            ProxyChoice(endpoint.proxy, os.environ).for_url(endpoint.url)
-        except ProxyError as err:
-            raise JobError(f"{src}: {err}") from None
     if require_key and endpoint.api_key_env and not os.environ.get(endpoint.api_key_env):
         raise JobError(f"{src}: [endpoint] api_key_env: the variable {endpoint.api_key_env} is not set; "
                        f"export {endpoint.api_key_env}=... before running")
@@ -230,4 +238,4 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
     return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
-                          RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions])
+                          RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions, NotifyConfig])

@@ -4,6 +4,11 @@ SDK (httpx) choose; pure functions of the URL, `[endpoint] proxy` and the enviro
     choice = ProxyChoice("http://user:pw@proxy.corp:3128", os.environ)   # or ProxyChoice(None, env)
     choice.for_url("https://api.openai.com/v1/chat/completions")         # Proxy(proxy.corp:3128) or None
 
+A job makes its choice once, when it is loaded (`Job.proxies()`): a run never mixes two
+environments, and a job pickled to a Ray worker takes the choice with it, whatever the worker's
+environment says. The choice parses all it needs at once (NO_PROXY into its entries, the proxy
+for each scheme), so choosing per image URL is a few comparisons.
+
 The rules, in order:
 1. `[endpoint] proxy = ""`: no proxy for anything; the environment is not read.
 2. NO_PROXY (`no_proxy` wins over `NO_PROXY`) names hosts that are reached directly: `*` all of
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["Proxy", "ProxyChoice", "ProxyError", "parse_proxy", "bypassed", "choose", "NO_PROXY_VARIABLES"]
+__all__ = ["Proxy", "ProxyChoice", "ProxyError", "NoProxy", "parse_proxy", "bypassed", "choose", "NO_PROXY_VARIABLES"]
 
 NO_PROXY_VARIABLES = ("no_proxy", "NO_PROXY")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -94,6 +99,8 @@ def parse_proxy(text: str, source: str) -> Proxy:
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text or not (text[0].isdigit() or ":" in text):  # a name (most hosts): no exception to pay for
+        return None
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -111,29 +118,61 @@ def _entry(entry: str) -> tuple[str, int | None]:
     return entry, None
 
 
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class NoProxy:
+    """NO_PROXY's value, parsed once: `everything` (*), or entries of (name, its IP or network, port)."""
+
+    everything: bool = False
+    entries: tuple[tuple[str, _Address | None, int | None], ...] = ()
+
+    @classmethod
+    def parse(cls, value: str) -> NoProxy:
+        entries: list[tuple[str, _Address | None, int | None]] = []
+        for entry in re.split(r"[,\s]+", value.lower()):
+            if entry == "*":
+                return cls(everything=True)
+            name, port = _entry(entry)
+            name = name.lstrip("*").lstrip(".").rstrip(".")
+            if not name:
+                continue
+            address: _Address | None = _ip(name)
+            if "/" in name:
+                try:
+                    address = ipaddress.ip_network(name, strict=False)
+                except ValueError:
+                    continue  # not a range: it matches nothing
+            entries.append((name, address, port))
+        return cls(entries=tuple(entries))
+
+    def __bool__(self) -> bool:
+        return self.everything or bool(self.entries)
+
+    def bypasses(self, host: str, port: int) -> bool:
+        """True when `host`:`port` is reached directly."""
+        if self.everything:
+            return True
+        host = host.lower().strip("[]").rstrip(".")
+        ip = _ip(host)
+        for name, address, want in self.entries:
+            if want is not None and want != port:
+                continue
+            if isinstance(address, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                if ip is not None and ip in address:
+                    return True
+            elif ip is not None:
+                if address == ip:
+                    return True
+            elif host == name or host.endswith("." + name):
+                return True
+        return False
+
+
 def bypassed(host: str, port: int, no_proxy: str) -> bool:
     """True when NO_PROXY's value `no_proxy` says `host`:`port` is reached directly."""
-    host = host.lower().strip("[]").rstrip(".")
-    ip = _ip(host)
-    for entry in re.split(r"[,\s]+", no_proxy.lower()):
-        if entry == "*":
-            return True
-        name, want = _entry(entry)
-        name = name.lstrip("*").lstrip(".").rstrip(".")
-        if not name or (want is not None and want != port):
-            continue
-        if "/" in name:
-            try:
-                if ip is not None and ip in ipaddress.ip_network(name, strict=False):
-                    return True
-            except ValueError:
-                pass
-        elif ip is not None:
-            if _ip(name) == ip:
-                return True
-        elif host == name or host.endswith("." + name):
-            return True
-    return False
+    return NoProxy.parse(no_proxy).bypasses(host, port)
 
 
 def _first(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
@@ -167,8 +206,9 @@ def choose(url: str, setting: str | None, environ: Mapping[str, str]) -> Proxy |
 
 
 class ProxyChoice:
-    """The choice for one run: `[endpoint] proxy` and the environment as they were at its start.
-    Parsed proxies are kept, so choosing per image URL costs a dictionary look-up or two."""
+    """The choice for one run: `[endpoint] proxy` and the environment as they were when it was
+    made, all parsed then (a proxy that cannot be used is kept as its error, raised when a request
+    would go through it). Plain data: it pickles with the job."""
 
     def __init__(self, setting: str | None, environ: Mapping[str, str]) -> None:
         self.setting = setting
@@ -179,8 +219,26 @@ class ProxyChoice:
         if "REQUEST_METHOD" in environ:
             self.environ["REQUEST_METHOD"] = environ["REQUEST_METHOD"]
         found = _first(self.environ, NO_PROXY_VARIABLES)
-        self.no_proxy = found[1] if found else ""
-        self._parsed: dict[str, Proxy | ProxyError] = {}
+        self.no_proxy = NoProxy.parse(found[1] if found else "")
+        self._parsed: dict[str, Proxy | str] = {}  # source -> the proxy, or why it cannot be used
+        # scheme -> where its proxy comes from (None: directly)
+        self.by_scheme = {scheme: self._source(scheme) for scheme in _DEFAULT_PORTS}
+
+    def _source(self, scheme: str) -> str | None:
+        if self.off:
+            return None
+        if self.setting is not None:
+            found: tuple[str, str] | None = ("[endpoint] proxy", self.setting)
+        else:
+            found = _first(self.environ, _variables(scheme, self.environ))
+            if found is None or not found[1].strip():
+                return None
+        source, text = found
+        try:
+            self._parsed[source] = parse_proxy(text, source)
+        except ProxyError as err:
+            self._parsed[source] = str(err)
+        return source
 
     def for_url(self, url: str) -> Proxy | None:
         if self.off:
@@ -193,25 +251,20 @@ class ProxyChoice:
             port = parts.port or _DEFAULT_PORTS[scheme]
         except ValueError:
             return None  # not a URL anyone can reach; the caller says so
-        if self.no_proxy and bypassed(parts.hostname, port, self.no_proxy):
+        source = self.by_scheme[scheme]
+        if source is None or (self.no_proxy and self.no_proxy.bypasses(parts.hostname, port)):
             return None
-        if self.setting is not None:
-            return self._parse("[endpoint] proxy", self.setting)
-        found = _first(self.environ, _variables(scheme, self.environ))
-        if found is None or not found[1].strip():
-            return None
-        return self._parse(*found)
+        got = self._parsed[source]
+        if isinstance(got, str):
+            raise ProxyError(got)
+        return got
 
     def _parse(self, source: str, text: str) -> Proxy:
         got = self._parsed.get(source)
         if got is None:
-            try:
-                got = parse_proxy(text, source)
-            except ProxyError as err:
-                got = err
-            self._parsed[source] = got
-        if isinstance(got, ProxyError):
-            raise ProxyError(str(got))
+            got = parse_proxy(text, source)
+        if isinstance(got, str):
+            raise ProxyError(got)
         return got
 
     def secrets(self) -> list[str]:

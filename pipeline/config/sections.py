@@ -8,7 +8,6 @@ request body as they are (`params`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -17,8 +16,9 @@ from typing import Any
 
 from ..durations import parse_duration
 from ..errors import JobError
-from ..records import RESULT_COLUMNS
 from .fields import (
+    AUTO,
+    Auto,
     Table,
     at_least,
     between,
@@ -28,34 +28,33 @@ from .fields import (
     setting,
     zero_or_more,
 )
+from .headers import headers_problem
 from .inputs import MANIFEST_FORMATS, InputConfig
+from .labels import LabelsConfig, schema_problem
 from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url, object_prefix
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
-    "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "DEFAULT_OUTPUT_TOKENS",
-    "schema_problem",
+    "RunConfig", "LabelsConfig", "MANIFEST_FORMATS", "AUTO", "Auto", "DEFAULT_OUTPUT_TOKENS",
+    "schema_problem", "default_cache_folder",
 ]
 
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
 
 
-AUTO = "auto"
-
-
 def _or_auto(check: Any) -> Any:
-    """A number as `check` says, or the word "auto"."""
-    return lambda v: None if v == AUTO else (f'must be a number or "auto", not {v!r}' if isinstance(v, str) else check(v))
+    """A number as `check` says, or AUTO."""
+    return lambda v: None if isinstance(v, Auto) else (f'must be a number or "auto", not {v!r}' if isinstance(v, str) else check(v))
 
 
 def _number_or_auto(kind: type) -> Any:
-    """Reads a number (of `kind`) or the word "auto"; any other text names both choices."""
+    """Reads a number (of `kind`) or the word "auto" (as AUTO); any other text names both choices."""
     def parse(value: Any, where: str, base: Path) -> Any:
         if isinstance(value, str):
-            if value != AUTO:
+            if value != str(AUTO):
                 raise JobError(f'{where} must be a number or "auto", not {value!r}')
-            return value
+            return AUTO
         return read_value(value, kind, where, base)
     return parse
 
@@ -82,6 +81,10 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    headers: dict[str, str] = setting(default_factory=dict, check=headers_problem,
+                                      doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
+                                          'part of the request cache\'s key unless billing or tracing only, a secret '
+                                          '(its name says key, token, ...) hashed there and scrubbed from every output')
 
     @property
     def url(self) -> str:
@@ -110,13 +113,13 @@ class RequestConfig(Table):
 @dataclass(frozen=True)
 class LimitsConfig(Table):
     TABLE = "limits"
-    requests_per_minute: float | str = setting(60.0, check=_or_auto(positive), parse=_number_or_auto(float),
+    requests_per_minute: float | Auto = setting(60.0, check=_or_auto(positive), parse=_number_or_auto(float),
                                                doc='paced smoothly: never a minute\'s quota in one second; "auto": the '
                                                    "provider's x-ratelimit-limit-requests, less a margin")
-    tokens_per_minute: float | str = setting(0.0, check=_or_auto(zero_or_more), parse=_number_or_auto(float),
+    tokens_per_minute: float | Auto = setting(0.0, check=_or_auto(zero_or_more), parse=_number_or_auto(float),
                                              doc='0: no token limit; "auto": the provider\'s x-ratelimit-limit-tokens')
     burst: int = setting(1, doc="requests allowed at once on top of the smooth pace", check=positive)
-    max_concurrency: int | str = setting(8, check=_or_auto(positive), parse=_number_or_auto(int), doc='requests in flight; "auto": found from the '
+    max_concurrency: int | Auto = setting(8, check=_or_auto(positive), parse=_number_or_auto(int), doc='requests in flight; "auto": found from the '
                                          "server's latency, growing while it stays flat (up to max_concurrency_cap)")
     max_concurrency_cap: int = setting(256, doc='max_concurrency = "auto": the most requests in flight it may reach',
                                        check=positive)
@@ -133,11 +136,17 @@ class LimitsConfig(Table):
     breaker_seconds: float = setting(120.0, doc="... or this long failing with no success", check=positive)
     breaker_refusals: int = setting(
         5, check=zero_or_more,
-        doc="the run's first refusals (400/404/422), all the same with nothing answered, that stop it as a wrong "
-            "job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
+        doc="refusals (400/404/422) all alike, from every part of the manifest, with nothing answered, that stop "
+            "the run as a wrong job (key behind a gateway, model, base_url): exit 3, rows pending; 0: never")
     grace_s: float = setting(10.0, doc="on Ctrl-C/SIGTERM, how long requests in flight may finish", check=zero_or_more)
     max_response_mb: float = setting(64.0, doc="an answer larger than this (as sent or decompressed) is a failed attempt",
                                      check=positive)
+
+    def __post_init__(self) -> None:
+        for name in _AUTO_LIMITS:  # built in code with the word, as the job file says it: the typed value
+            if getattr(self, name) == str(AUTO):
+                object.__setattr__(self, name, AUTO)
+        super().__post_init__()
 
     @property
     def max_response_bytes(self) -> int:
@@ -145,16 +154,24 @@ class LimitsConfig(Table):
 
     @property
     def auto_concurrency(self) -> bool:
-        return self.max_concurrency == AUTO
+        return isinstance(self.max_concurrency, Auto)
 
     @property
     def workers(self) -> int:
         """Requests that may be in flight at most (the workers): the cap when found automatically."""
-        return self.max_concurrency_cap if self.auto_concurrency else int(self.max_concurrency)
+        return self.max_concurrency_cap if isinstance(self.max_concurrency, Auto) else self.max_concurrency
 
     @property
     def auto_rate(self) -> bool:
-        return AUTO in (self.requests_per_minute, self.tokens_per_minute)
+        return isinstance(self.requests_per_minute, Auto) or isinstance(self.tokens_per_minute, Auto)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether requests are paced by tokens too (a number above zero, or "auto")."""
+        return isinstance(self.tokens_per_minute, Auto) or self.tokens_per_minute > 0
+
+
+_AUTO_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrency")
 
 
 def _object_prefixes(value: Any, where: str, base: Path) -> tuple[str, ...]:
@@ -258,13 +275,18 @@ class OutputConfig(Table):
         return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
 
 
+def default_cache_folder() -> Path:
+    """`[run] cache = true`'s folder (and `pipeline cache`'s when given none)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+
+
 def _cache_folder(value: Any, where: str, base: Path) -> Path | None:
     """`true`: the user's cache folder; `false`: off; a path (`~` expanded, relative to the job file)."""
     if value is False:
         return None
     if value is True:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        return (Path(xdg) if xdg else Path.home() / ".cache") / "pipeline"
+        return default_cache_folder()
     if not isinstance(value, str) or not value or is_url(value):
         raise JobError(f"{where} must be a folder path, true or false, not {value!r}")
     return (base / Path(value).expanduser()).resolve()
@@ -303,6 +325,16 @@ class RunConfig(Table):
                                           'unset: never too old')
     cache_max_gb: float = setting(10.0, doc="the cache's size cap; past it, the least recently used answers are dropped",
                                   check=positive)
+    metrics_port: int | None = setting(None, check=between(1, 65535),
+                                       doc="serve Prometheus metrics on this port (/metrics) while the run lasts")
+    metrics_host: str = setting("0.0.0.0", doc="metrics_port: the address it listens on (\"127.0.0.1\": this machine only)")
+    metrics_file: Path | None = setting(None, check=lambda v: None if v is None or v.name.endswith(".prom") else
+                                        f"must end in .prom (node_exporter's textfile collector reads only those), not {v.name!r}",
+                                        doc="write the same metrics to this file every few seconds and at the end "
+                                            "(node_exporter's textfile collector)")
+    metrics_linger_s: float = setting(0.0, check=zero_or_more,
+                                      doc="metrics_port: after the run, keep serving the final figures until one scrape "
+                                          "has read them, for at most this long")
 
     def validate(self) -> None:
         if self.mode == "batch" and self.engine != "local":
@@ -310,63 +342,3 @@ class RunConfig(Table):
         if self.cache is not None and (self.mode == "batch" or self.engine == "ray"):
             where = 'mode = "batch"' if self.mode == "batch" else 'engine = "ray"'
             raise JobError(f"[run] cache: not used with [run] {where} yet; remove cache (or set it to false)")
-
-
-def _schema(value: Any, where: str, base: Path) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return value
-    if not isinstance(value, str):
-        raise JobError(f"{where} must be a table (a JSON Schema) or the path of a JSON file, not {type(value).__name__}")
-    if value.lstrip().startswith("{"):  # inline JSON, as people paste a schema: schema = '{"type": "object", ...}'
-        try:
-            inline = json.loads(value)
-        except ValueError as exc:
-            raise JobError(f"{where}: not valid JSON ({exc})") from None
-        if not isinstance(inline, dict):
-            raise JobError(f"{where}: must be a JSON object (a JSON Schema)")
-        return inline
-    path = (base / value).resolve()
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise JobError(f"{where}: cannot read {path} ({exc.strerror})") from None
-    except ValueError as exc:
-        raise JobError(f"{where}: {path} is not valid JSON ({exc})") from None
-    if not isinstance(schema, dict):
-        raise JobError(f"{where}: {path} must hold a JSON object (a JSON Schema)")
-    return schema
-
-
-@dataclass(frozen=True)
-class LabelsConfig(Table):
-    """A labeling job: the answer must be JSON following `schema`; its top-level fields are columns."""
-
-    TABLE = "labels"
-    schema: dict[str, Any] = setting(doc="a JSON Schema (a table, a JSON string, or the path of a JSON file); its properties are columns",
-                                     parse=_schema)
-    max_invalid_retries: int = setting(2, doc="answers failing the schema are asked again this many times", check=zero_or_more)
-    send_response_format: bool = setting(True, doc="false for endpoints that refuse `response_format`")
-    name: str = setting("labels", doc="the json_schema name sent in response_format")
-
-    def validate(self) -> None:
-        problem = schema_problem(self.schema)
-        if problem:
-            raise JobError(f"[labels] schema: {problem}")
-
-
-def schema_problem(schema: Any) -> str | None:
-    """Why this schema cannot drive a labeling job, or None when it can."""
-    if not isinstance(schema, dict):
-        return "must be a JSON Schema object"
-    import jsonschema  # here, not at the top: ~70 ms, and most jobs have no [labels]
-
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        return f"not a valid JSON Schema ({exc.message})"
-    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
-        return 'must be {"type": "object", "properties": {...}}: its top-level properties become the label columns'
-    clash = sorted(RESULT_COLUMNS & set(schema["properties"]))
-    if clash:
-        return f"property {clash[0]!r} is also an output column; rename it"
-    return None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from typing import Any
 
@@ -34,8 +33,7 @@ import pyarrow as pa
 from ..crashpoints import crash_point
 from ..errors import InputError, LocalFailure, RequestError, RowError, StopJob, local_failure
 from ..io.checkpoint import Checkpoint
-from ..io.journal import Journal
-from ..io.ledger import TERMINAL, Batch, Ledger
+from ..io.ledger import TERMINAL, Batch
 from ..io.manifest import Shard, read_rows
 from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
@@ -49,7 +47,8 @@ from .prepare import Prepared
 from .progress import Progress
 from .sender import error_row
 from .shard import make_labels
-from .summary import Counts, Stopped, Waiting
+from .counts import Counts, Live
+from .summary import Stopped, Waiting
 
 __all__ = ["BatchExecutor"]
 
@@ -58,16 +57,24 @@ POLL_GROWTH = 1.5
 
 
 class BatchExecutor(Executor):
+    batch_run: _BatchRun | None = None
+
+    def live(self) -> Live:
+        run = self.batch_run
+        if run is None:
+            return super().live()
+        return Live(Counts.merged([run.counts.to_dict()]), remaining=run.remaining, batches=dict(run.states))
+
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         return self.host.run_loop(self._execute(ckpt, ready))
 
     async def _execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
-        run = _BatchRun(self, ckpt, ready)
+        run = self.batch_run = _BatchRun(self, ckpt, ready)
         try:
             async with self.serving() as job:
                 run.job = job
                 with self.host.signals(asyncio.get_running_loop(), run.interrupt, None), \
-                        Progress(self.options.progress, total=ready.plan.total_rows, auto=self.host.auto_progress) as bar:
+                        Progress(self.progress, total=ready.plan.total_rows, auto=self.host.auto_progress) as bar:
                     run.bar = bar
                     await run.rounds()
         except (StopJob, LocalFailure) as stop:
@@ -83,8 +90,8 @@ class _BatchRun:
     def __init__(self, executor: BatchExecutor, ckpt: Checkpoint, ready: Prepared) -> None:
         self.job = executor.job
         self.options, self.console, self.ckpt, self.ready = executor.options, executor.console, ckpt, ready
-        self.ledger = Ledger(ckpt.folder)
-        self.journal = Journal(ckpt.journal_dir)
+        self.ledger = ckpt.ledger()
+        self.journal = ckpt.journal()
         self.labels = make_labels(executor.job)
         self.counts = Counts()
         self.stopped: Stopped = None
@@ -99,6 +106,8 @@ class _BatchRun:
         self.unanswered = 0  # rows of collected batches that got no result (they wait for another batch)
         self.sent_now: set[str] = set()  # rows put in a batch by this run (--retry-failed sends a row once)
         self.cancel = executor.options.cancel_batches
+        self.states: dict[str, int] = {}  # batches by state, as last looked at (the metrics read it)
+        self.remaining: int | None = None
         self.wait = executor.job.run.wait if executor.options.wait is None else executor.options.wait
 
     def interrupt(self, sig: int) -> None:
@@ -118,7 +127,8 @@ class _BatchRun:
                 self.tries[row_id] = self.tries.get(row_id, 0) + 1
         wait_s = min(FIRST_POLL_S, job.run.poll_s)
         async with BatchAPI(job.endpoint.base_url or "", job.api_key(), timeout_s=job.limits.timeout_s,
-                            max_attempts=job.limits.max_attempts, proxy=job.endpoint_proxy()) as api:
+                            max_attempts=job.limits.max_attempts, proxy=job.endpoint_proxy(),
+                            headers=job.endpoint.headers) as api:
             builder = RequestBuilder(job, self.ready.plan.columns, redactor=self.console.redactor, labels=self.labels)
             try:
                 while not self.stopping.is_set():
@@ -146,9 +156,14 @@ class _BatchRun:
                 await builder.aclose()
 
     def _show(self) -> None:
+        states: dict[str, int] = {}
+        for b in self.ledger.batches():
+            state = "collected" if b.collected else (b.status or "submitting")
+            states[state] = states.get(state, 0) + 1
+        self.states, self.remaining = states, self._left()
         if self.bar is not None:
             c = self.counts
-            self.bar.show(self.ready.plan.total_rows - self._left(), ok=c.ok, failed=c.failed)
+            self.bar.show(self.ready.plan.total_rows - self.remaining, ok=c.ok, failed=c.failed)
 
     def _left(self) -> int:
         return sum(len(b.rows) for b in self.ledger.batches() if b.active)
@@ -250,11 +265,7 @@ class _BatchRun:
         row.finished_at = time.time()
         redactor = self.console.redactor
         self.journal.append(shard, row.scrubbed(redactor.scrub) if redactor else row)
-        if row.ok:
-            self.counts.ok += 1
-        else:
-            self.counts.failed += 1
-            self.counts.by_kind[row.error_kind or ""] += 1
+        self.counts.settle(row)
         return True
 
     async def _commit_ready(self, shards: set[int]) -> None:
@@ -330,11 +341,7 @@ class _BatchRun:
         data = b"".join(lines)
         number = self.ledger.next_number()
         name = f"b{number:06d}-{hashlib.blake2b(data, digest_size=4).hexdigest()}"
-        self.ledger.files.mkdir(parents=True, exist_ok=True)
-        path = self.ledger.files / f"{name}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        await asyncio.to_thread(_write_synced, tmp, data)
-        tmp.replace(path)
+        path = await asyncio.to_thread(self.ledger.write_file, f"{name}.jsonl", data)
         self.ledger.planned(name, rows, path)
         self.sent_now.update(row_id for _, row_id in rows)
         for _, row_id in rows:
@@ -342,10 +349,3 @@ class _BatchRun:
         batch = Batch(name, rows, str(path))
         await self._upload(api, batch)
         await self._create(api, batch)
-
-
-def _write_synced(path: Any, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())

@@ -42,6 +42,16 @@ class Feed:
         """The shard's columns (media bytes as references), ids and unreadable rows (raises Unreadable)."""
         return await asyncio.to_thread(read_rows, self.job.input, self.plan, shard, None, self.refer)
 
+    async def one(self, shard: Shard, table: pa.Table, i: int) -> dict[str, Any]:
+        """The cells of row `i` alone (a probe's row, ahead of the producer)."""
+        batches = self.cells(shard, table, [i])
+        try:
+            async for batch in batches:
+                return batch[0][1]
+        finally:
+            await batches.aclose()  # type: ignore[attr-defined]
+        raise AssertionError(f"row {i} of shard {shard.index} is not there")  # a plan's rows are
+
     async def cells(self, shard: Shard, table: pa.Table, send: list[int]) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
         """The cells of the rows at positions `send` (ascending), a batch at a time."""
         held = table.select(self.held)

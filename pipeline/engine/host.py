@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Coroutine, Iterator
 
 from ..config import Job
+from .console import Console
 from .process import event_loop_runner, exit_process, on_signals, tune_memory
 from .summary import cli_again
 
@@ -41,6 +42,10 @@ class Host:
 
     def tune(self) -> None:
         tune_memory()
+
+    def capture(self, console: Console) -> None:
+        """JSON logs: what else reaches stderr (warnings, library logs, a crash) as JSON lines too."""
+        console.capture_process_output()
 
     def run_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return event_loop_runner()(coro)
@@ -79,6 +84,9 @@ class CallerHost(Host):
 
     def tune(self) -> None:
         pass  # the caller's allocators are the caller's: no arena limits, no Arrow pool swap
+
+    def capture(self, console: Console) -> None:
+        pass  # the caller's warnings, loggers and hooks are the caller's
 
     def run_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """On a new loop in this (the run's) thread; the process-wide loop policy is left alone."""

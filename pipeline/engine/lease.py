@@ -2,7 +2,7 @@
 
     budget = RateBudget(requests_per_minute=600, tokens_per_minute=0)   # one, in a Ray actor
     grant = budget.lease(want=4, tokens=0.0, token_debt=0.0)           # each worker, now and then
-    limiter = LeasedLimiter(remote_budget, limits)                      # the worker's Limiter
+    limiter = LeasedLimiter(remote_budget, limits)                      # the worker's Pacer
 
 `RateBudget` keeps the cluster's only schedule: a leaky bucket whose places are start times
 ("slots"). A lease is a few consecutive slots, as delays from now; no two leases share a slot, so
@@ -106,21 +106,26 @@ class RateBudgetHandle(Protocol):
     def pause(self, seconds: float) -> None: ...  # fire and forget
 
 
-class LeasedLimiter(Limiter):
-    """A worker's limiter with the local Limiter's face; its pace comes from a shared budget.
+class LeasedLimiter:
+    """A worker's Pacer (net.limiter): its pace comes from a shared budget. A local Limiter keeps
+    its own pause and slowdown (the same policy as a local run's), so a 429 pauses this worker at
+    once, before the budget's news reaches the others.
 
     `acquire` raises StopJob once `stop()` was called: the engine's workers then stop taking rows,
     as they do for a provider's stop, while requests already in flight finish.
     """
 
     def __init__(self, budget: RateBudgetHandle, limits: LimitsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
-                         max_pause_s=limits.max_retry_after_s, clock=clock)
+        self.local = Limiter(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
+                             max_pause_s=limits.max_retry_after_s, clock=clock)
+        self.clock = clock
         self.budget = budget
         # At most about LEASE_S of the cluster's pace per lease, and never more than this worker
         # can start at once (more would sit idle and expire).
-        self.want = max(1, min(limits.max_concurrency, math.floor(self.rate_per_s * LEASE_S)))
-        self.token_chunk = limits.tokens_per_minute / 60.0 * TOKEN_LEASE_S
+        self.want = max(1, min(limits.workers, math.floor(self.local.rate_per_s * LEASE_S)))
+        tokens = self.local.tokens
+        self.counts_tokens = tokens is not None
+        self.token_chunk = tokens.per_minute / 60.0 * TOKEN_LEASE_S if tokens is not None else 0.0
         self.slots: deque[float] = deque()
         self.tokens_left = 0.0
         self.tokens_at = 0.0
@@ -132,7 +137,14 @@ class LeasedLimiter(Limiter):
         self._waiting = 0  # requests in acquire(): the most slots worth leasing now
         self.leases = 0
 
-    # -- the Limiter face ----------------------------------------------------------------
+    # -- the Pacer -------------------------------------------------------------------------
+
+    @property
+    def paused_s(self) -> float:
+        return self.local.paused_s
+
+    def found(self) -> dict[str, dict[str, Any]]:
+        return {}  # a cluster's limits are numbers ("auto" is found by one process)
 
     async def acquire(self, estimated_tokens: float = 0.0, *, stop: asyncio.Event | None = None) -> float | None:
         """The local Limiter's contract: the time the place was granted, None if `stop` came first."""
@@ -144,7 +156,7 @@ class LeasedLimiter(Limiter):
             try:
                 async with self._lock:  # slots are taken in order, and one lease is asked for at a time
                     start = await self._slot()
-                    if not requeued and self.tokens is not None and estimated_tokens > 0:
+                    if not requeued and self.counts_tokens and estimated_tokens > 0:
                         start = max(start, await self._tokens(estimated_tokens))
             finally:
                 self._waiting -= 1
@@ -158,20 +170,20 @@ class LeasedLimiter(Limiter):
             requeued = True
 
     def settle(self, estimated_tokens: float, actual_tokens: int | None) -> None:
-        if self.tokens is not None and actual_tokens is not None:
+        if self.counts_tokens and actual_tokens is not None:
             self.token_debt += actual_tokens - estimated_tokens
 
     def slow_down(self, pause_s: float | None, *, sent_at: float | None = None) -> None:
-        super().slow_down(pause_s, sent_at=sent_at)  # this worker pauses at once ...
+        self.local.slow_down(pause_s, sent_at=sent_at)  # this worker pauses at once ...
         self.slots.clear()
         self.budget.slow_down(pause_s)  # ... and everyone from their next lease
 
     def observe(self, headers: dict[str, str]) -> None:
-        before = self.paused_until
-        super().observe(headers)
-        if self.paused_until > before:
+        before = self.local.paused_until
+        self.local.observe(headers)
+        if self.local.paused_until > before:
             self.slots.clear()
-            self.budget.pause(self.paused_until - self.clock())
+            self.budget.pause(self.local.paused_until - self.clock())
 
     # -- news from the budget --------------------------------------------------------------
 
@@ -207,7 +219,7 @@ class LeasedLimiter(Limiter):
                 self.slots.popleft()  # too late to use without bunching with others' slots
             if self.slots:
                 return self.slots.popleft()
-            await self._sleep(self.paused_until - now)
+            await self._sleep(self.local.paused_until - now)
             # Only as many slots as requests are waiting: a slot nobody takes is lost to everyone.
             await self._lease(min(self.want, self._waiting), 0.0)
 

@@ -15,12 +15,37 @@ from .executor import Executor
 from .prepare import Prepared
 from .progress import PROGRESS_EVERY_S, Progress
 from .shard import ShardEngine
-from .summary import Counts, Stopped
+from .counts import Counts, Live
+from .summary import Stopped
 
 __all__ = ["LocalExecutor"]
 
 
+PAUSE_NOTE_EVERY_S = 5.0  # JSON logs: at most one "paused" line this often
+
+
 class LocalExecutor(Executor):
+    engine: ShardEngine | None = None
+
+    def live(self) -> Live:
+        engine, ready = self.engine, self.ready
+        if engine is None or ready is None:
+            return super().live()
+        c = Counts.merged([engine.counts.to_dict()])  # a copy: the loop's thread goes on counting
+        limiter, ctl = engine.limiter, engine.gate.controller
+        tokens = limiter.tokens.per_minute if limiter.tokens is not None else 0.0
+        auto = {"requests_per_minute": limiter.auto_requests, "tokens_per_minute": limiter.auto_tokens,
+                "max_concurrency": ctl is not None}
+        return Live(c, in_flight=engine.gate.in_flight, paused_s=limiter.paused_s,
+                    remaining=ready.plan.total_rows - self._done(engine, ready),
+                    requests_per_minute=limiter.rpm * limiter.factor, tokens_per_minute=tokens,
+                    concurrency=ctl.allowed if ctl is not None else engine.limits.workers,
+                    auto=frozenset(k for k, on in auto.items() if on))
+
+    def _done(self, engine: ShardEngine, ready: Prepared) -> int:
+        c = engine.counts
+        return self._done_before(ready) + engine.done_before + c.ok + c.failed
+
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         return self.host.run_loop(self._execute(ckpt, ready))
 
@@ -31,7 +56,7 @@ class LocalExecutor(Executor):
                 limits = job.limits
                 limiter = Limiter(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
                                   max_pause_s=limits.max_retry_after_s)
-                engine = ShardEngine(job, ckpt, ready.plan, limiter=limiter, console=self.console, options=self.options,
+                engine = self.engine = ShardEngine(job, ckpt, ready.plan, limiter=limiter, console=self.console, options=self.options,
                                      committed_rows={i: c.rows for i, c in ready.commits.items()}, expire=self.host.expire)
                 with self.host.signals(asyncio.get_running_loop(), engine.interrupt, engine.sync_journal):
                     stopped = await self._with_progress(engine, ready)
@@ -49,16 +74,18 @@ class LocalExecutor(Executor):
         return (engine.counts if engine is not None else Counts()), stopped
 
     async def _with_progress(self, engine: ShardEngine, ready: Prepared) -> Stopped:
-        with Progress(self.options.progress, total=ready.plan.total_rows, auto=self.host.auto_progress) as bar:
+        with Progress(self.progress, total=ready.plan.total_rows, auto=self.host.auto_progress) as bar:
             def show() -> None:
                 c = engine.counts
                 spent = engine.spend.spent if self.job.pricing is not None else None
-                bar.show(engine.done_before + c.ok + c.failed, ok=c.ok, failed=c.failed, spent=spent)
+                bar.show(self._done(engine, ready), ok=c.ok, failed=c.failed, spent=spent)
 
             async def tick() -> None:
+                noted = -PAUSE_NOTE_EVERY_S
                 while True:
                     await asyncio.sleep(PROGRESS_EVERY_S)
                     show()
+                    noted = self._note_pause(engine, noted)
 
             ticker = asyncio.create_task(tick())
             try:
@@ -68,3 +95,16 @@ class LocalExecutor(Executor):
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
                 show()
+
+    def _note_pause(self, engine: ShardEngine, noted: float) -> float:
+        """JSON logs: a pause of the whole pool for the provider's 429s is a line (at most one per
+        PAUSE_NOTE_EVERY_S); returns when the last line was said."""
+        limiter = engine.limiter
+        now = limiter.clock()
+        if limiter.paused_until <= now or now - noted < PAUSE_NOTE_EVERY_S:
+            return noted
+        wait = limiter.paused_until - now
+        self.console.say(f"paused: every request waits {wait:.1f}s for the provider's rate limit "
+                         f"({engine.counts.rate_limited} x 429 so far)", event="paused", level="warning", text=False,
+                         seconds=round(wait, 3), rate_limited=engine.counts.rate_limited)
+        return now

@@ -19,6 +19,7 @@ class RunOptions:
     cancel_batches: bool = False  # batch mode: cancel the running batches, collect what they did
     wait: bool | None = None  # batch mode: None: the job's [run] wait; False: submit, collect, exit 5
     no_cache: bool = False  # [run] cache: send every row (fresh answers are still stored)
+    log_format: str | None = None  # "text" or "json"; None: PIPELINE_LOG_FORMAT, else text
 
 
 def retry_kinds(value: bool | str | Iterable[str] | None, flag: str = "--retry-failed") -> frozenset[str] | None:

@@ -60,7 +60,9 @@ from .executor import Executor
 from .prepare import Prepared
 from .progress import PROGRESS_EVERY_S, Progress
 from .ray_task import Coordinator, shard_task
-from .summary import Counts, Stopped
+from .console import Console
+from .counts import Counts, Live
+from .summary import Stopped
 
 __all__ = ["RayExecutor", "TASK_RETRIES"]
 
@@ -68,22 +70,40 @@ TASK_RETRIES = 3  # a shard whose worker process died is run again this many tim
 
 
 class RayExecutor(Executor):
+    driver: _Driver | None = None
+
+    def live(self) -> Live:
+        """One series set for the cluster: the coordinator's sum of every worker's counts."""
+        driver = self.driver
+        if driver is None:
+            return super().live()
+        c, limits = driver.counts, self.job.limits
+        return Live(Counts.merged([c.to_dict()]), in_flight=driver.in_flight,
+                    remaining=driver.ready.plan.total_rows - driver.base_done - driver.done,
+                    requests_per_minute=float(limits.requests_per_minute),
+                    tokens_per_minute=float(limits.tokens_per_minute), concurrency=driver.workers * limits.workers)
+
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
-        connected_here = _connect(self.job)
+        connected_here = _connect(self.job, self.console)
         try:
-            return self.host.run_loop(_Driver(self, ready).run())
+            self.driver = _Driver(self, ready)
+            return self.host.run_loop(self.driver.run())
         finally:
             if connected_here:
                 ray.shutdown()  # ends a Ray started here; only disconnects from a cluster
 
 
-def _connect(job: Job) -> bool:
+def _connect(job: Job, console: Console) -> bool:
     if ray.is_initialized():  # e.g. a notebook or a test that started Ray itself
         return False
     address = job.run.ray_address
+    # JSON logs: Ray's own lines while it starts are JSON too; after, they go through the console
+    json_logs = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")} if console.json else {}
     try:
         # Workers' own output stays in Ray's session logs: the driver prints what a local run prints.
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 **json_logs)
+        console.adopt_logger("ray")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -103,6 +123,9 @@ class _Driver:
         self.stop_signal: int | None = None
         self.failure: LocalFailure | None = None
         self.counts = Counts()
+        self.in_flight = 0  # requests out over the cluster, as last heard
+        self.done = 0  # rows of the shards to do that have a result, as last heard
+        self.workers = 1
         self.base_done = ready.plan.total_rows - sum(s.rows for s in ready.todo)  # shards committed before
         self.coordinator: Any = None
 
@@ -111,7 +134,7 @@ class _Driver:
             self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_restarts=0).remote(job.limits)
             loop = asyncio.get_running_loop()
             with self.executor.host.signals(loop, self._interrupt, self._at_once), \
-                    Progress(self.options.progress, total=self.ready.plan.total_rows, initial=self.base_done,
+                    Progress(self.executor.progress, total=self.ready.plan.total_rows, initial=self.base_done,
                              auto=self.executor.host.auto_progress) as bar:
                 try:
                     await self._drive(job, bar)
@@ -125,7 +148,7 @@ class _Driver:
 
     async def _drive(self, job: Job, bar: Progress) -> None:
         cpus = float(ray.cluster_resources().get("CPU", 0))
-        workers = self.job.run.ray_workers or max(1, int(cpus))
+        workers = self.workers = self.job.run.ray_workers or max(1, int(cpus))
         # More workers than CPUs share them: a worker mostly waits on the endpoint.
         task = ray.remote(shard_task).options(
             num_cpus=min(1.0, cpus / workers) if cpus else 1.0, max_retries=TASK_RETRIES, retry_exceptions=False
@@ -135,11 +158,15 @@ class _Driver:
         queue: deque[Shard] = deque(self.ready.todo)
         running: dict[asyncio.Future[Any], Shard] = {}
         rerun: Counter[int] = Counter()
+        voters: list[int] = []
         while True:
             while queue and not self.stopping and len(running) < workers:
                 shard = queue.popleft()
                 ref = task.remote(job_ref, plan_ref, shard, worker_options, self.coordinator)
                 running[asyncio.wrap_future(ref.future())] = shard
+            if voters != (now := sorted(s.index for s in running.values())):
+                voters = now
+                self.coordinator.running.remote(voters)  # whose breakers vote on a wrong job
             if not running:
                 break
             done, _ = await asyncio.wait(running, timeout=PROGRESS_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
@@ -198,9 +225,9 @@ class _Driver:
 
     async def _poll(self, bar: Progress) -> None:
         state = await self.coordinator.state.remote()
-        c = state["counts"]
-        self.counts = Counts(ok=c.get("ok", 0), failed=c.get("failed", 0), sent=c.get("sent", 0),
-                             by_kind=Counter(state["by_kind"]))
+        self.counts = Counts.merged([state["counts"]])
+        self.in_flight = state.get("in_flight", 0)
         if state["stop"] is not None and not self.stopping:
             self._halt(*state["stop"])
+        self.done = state["done"]
         bar.show(self.base_done + state["done"], ok=self.counts.ok, failed=self.counts.failed)

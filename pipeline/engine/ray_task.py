@@ -6,20 +6,21 @@
 A task runs ShardEngine on its one shard with `asyncio.run`, paced by its share of the cluster's
 one rate budget (pipeline.engine.lease: LeasedLimiter over the coordinator's RateBudget). It
 reports its counts every REPORT_EVERY_S and hears back the budget's epoch (a 429 anywhere slows
-everyone) and the run's stop flag (a provider's stop, a failed shard, Ctrl-C on the driver).
+everyone) and the run's stop flag (a provider's stop, a failed shard, Ctrl-C on the driver). Its
+breaker never trips on its own: its events go with each report to the coordinator's one
+ClusterVerdict (endpoint down, wrong job), whose news (an answer anywhere) come back with the reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import math
 import os
+import time
 import uuid
-from collections import Counter
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import ray
 import ray.exceptions
@@ -28,7 +29,9 @@ from ..config import Job, LimitsConfig
 from ..errors import LocalFailure, StopJob
 from ..io.checkpoint import Checkpoint
 from ..io.manifest import Plan, Shard
+from ..net.breaker import ClusterVerdict, SharedBreaker
 from .console import Console
+from .counts import Counts
 from .lease import LeasedLimiter, RateBudget
 from .options import RunOptions
 from .process import on_signals
@@ -48,6 +51,7 @@ class Coordinator:
                                  burst=limits.burst, max_pause_s=limits.max_retry_after_s)
         self.reports: dict[str, dict[str, Any]] = {}  # attempt -> its latest counts
         self.stopped: tuple[str, str] | None = None  # (kind, message)
+        self.verdict = ClusterVerdict(limits.breaker_failures, limits.breaker_seconds, limits.breaker_refusals)
 
     def lease(self, want: int, tokens: float, token_debt: float) -> dict[str, Any]:
         return self.budget.lease(want, tokens, token_debt)
@@ -58,10 +62,17 @@ class Coordinator:
     def pause(self, seconds: float) -> None:
         self.budget.pause(seconds)
 
-    def report(self, attempt: str, counts: dict[str, Any], token_debt: float = 0.0) -> dict[str, Any]:
-        self.reports[attempt] = counts
+    def report(self, attempt: str, counts: dict[str, Any], token_debt: float = 0.0,
+               breaker: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.reports[attempt] = {**counts, "heard": time.monotonic()}
         self.budget.correct(token_debt)
-        return {"epoch": self.budget.epoch, "stop": self.stopped}
+        if breaker is not None and (stop := self.verdict.hear(counts["shard"], breaker)) is not None:
+            self.stop(*stop)
+        return {"epoch": self.budget.epoch, "stop": self.stopped, "breaker": self.verdict.news()}
+
+    def running(self, shards: list[int]) -> None:
+        """The driver's shards in flight: the tasks whose breakers vote on a wrong job."""
+        self.verdict.running(shards)
 
     def stop(self, kind: str, message: str) -> None:
         if self.stopped is None:
@@ -69,15 +80,15 @@ class Coordinator:
 
     def state(self) -> dict[str, Any]:
         """This run's counts over every attempt, rows done per shard, and the stop if any."""
-        counts: Counter[str] = Counter()
-        by_kind: Counter[str] = Counter()
         done: dict[int, int] = {}
         for r in self.reports.values():
-            counts.update({k: r[k] for k in ("ok", "failed", "sent")})
-            by_kind.update(r["by_kind"])
             # A rerun of a shard starts from its journal: the furthest attempt is the shard's progress.
             done[r["shard"]] = max(done.get(r["shard"], 0), r["done"])
-        return {"counts": dict(counts), "by_kind": dict(by_kind), "done": sum(done.values()), "stop": self.stopped}
+        total = Counts.merged(self.reports.values())  # one set of counts for the cluster (the metrics')
+        recent = time.monotonic() - 4 * REPORT_EVERY_S  # a dead worker's last report holds no request now
+        in_flight = sum(r.get("in_flight", 0) for r in self.reports.values() if r["heard"] >= recent)
+        return {"counts": total.to_dict(), "by_kind": dict(total.by_kind), "done": sum(done.values()),
+                "stop": self.stopped, "in_flight": in_flight}
 
 
 class ActorBudget:
@@ -115,11 +126,11 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
     job = _sized_for_task(job)
     ckpt = Checkpoint(job.output.checkpoint)
     reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard)
-    async with _shard_lock(ckpt, shard):
+    async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)
         committed = ckpt.commits().get(shard.index)  # lets a lost journal fall back to the part file
         engine = ShardEngine(job, ckpt, plan, limiter=limiter, console=Console.for_job(job), options=options,
-                             committed_rows={shard.index: committed.rows} if committed else None)
+                             committed_rows={shard.index: committed.rows} if committed else None, breaker=SharedBreaker)
         reports = asyncio.create_task(reporter.forever(engine, limiter))
         try:
             with on_signals(asyncio.get_running_loop(), first=engine.interrupt, at_once=engine.sync_journal):
@@ -138,18 +149,6 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
     }
 
 
-@contextlib.asynccontextmanager
-async def _shard_lock(ckpt: Checkpoint, shard: Shard) -> AsyncIterator[None]:
-    """One process per shard: a task of a killed driver may still be dying when the next run starts."""
-    ckpt.journal_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ckpt.journal_dir / f"shard-{shard.index:06d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 class _Reporter:
     """A task's counts to the coordinator; back come the budget's epoch and the stop flag."""
 
@@ -162,20 +161,26 @@ class _Reporter:
             await self.report(engine, limiter)
 
     async def report(self, engine: ShardEngine, limiter: LeasedLimiter) -> None:
-        c = engine.counts
+        c, breaker = engine.counts, engine.breaker
+        assert isinstance(breaker, SharedBreaker)
         own = engine.stop_reason if limiter.stop_reason is None else None  # quota, auth, endpoint down here
         if own is not None:
             limiter.stop(own)
-        counts = {"shard": self.shard.index, "done": engine.done_before + c.ok + c.failed,
-                  "ok": c.ok, "failed": c.failed, "sent": c.sent, "by_kind": dict(c.by_kind)}
+        counts = {**c.to_dict(), "shard": self.shard.index, "done": engine.done_before + c.ok + c.failed,
+                  "in_flight": engine.gate.in_flight}
         try:
             if own is not None:
                 self.coordinator.stop.remote(own.kind, str(own))
-            reply = await self.coordinator.report.remote(self.attempt, counts, limiter.take_token_debt())
+            reply = await self.coordinator.report.remote(self.attempt, counts, limiter.take_token_debt(),
+                                                         breaker.take_events())
         except ray.exceptions.RayError as exc:  # the coordinator is gone: so is the driver, or soon
             limiter.stop(StopJob(f"lost the run's coordinator ({type(exc).__name__}); run again to continue",
                                  kind="coordinator_lost"))
             return
         limiter.hear(reply["epoch"])
         if reply["stop"] is not None:
+            breaker.trip()  # what it holds stays pending
             limiter.stop(StopJob(reply["stop"][1], kind=reply["stop"][0]))
+        else:
+            breaker.hear(reply["breaker"])  # an answer elsewhere: what it holds may be the rows' own
+            engine.release_settled()

@@ -1,13 +1,15 @@
 """The sender: one row's way from its manifest cells to a result row, attempt by attempt.
 
-    sender = RowSender(job, builder, client, limiter, spend, breaker, labels, stopping, before_send, counts, stop)
+    sender = RowSender(job=job, builder=builder, client=client, limiter=limiter, spend=spend, breaker=breaker,
+                       counts=counts, stopping=stopping, before_send=journal.flush_before_send, on_stop=engine.stop)
     row = await sender.send(RowState("r1"), {"image": ..., "prompt": ...})   # None: a stop came first
 
 Each attempt: wait for a place (the limiter paces requests and tokens), hold the attempt's worst
 case against the budget, send, parse. A failed attempt is retried as the pure policy says
 (pipeline.net.retry), pausing the whole pool on a 429; quota and auth failures and a tripped
 breaker raise StopJob (they apply to every row). An answer that fails the `[labels]` schema is
-asked again up to max_invalid_retries, and the last one is kept (it was paid for).
+asked again up to max_invalid_retries, and the last one is kept (it was paid for). Its clocks and
+its random source (retry jitter) are parameters, as the breaker's and the retry policy's are.
 
 With the request cache (`[run] cache`, pipeline.io.cache), a built request is first looked up by
 its key: a hit is parsed and checked as a live answer would be and becomes the row's result at once
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -27,13 +30,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from ..config import Job
+from ..config.headers import cache_scope
 from ..crashpoints import fault_point
 from ..errors import InputError, RequestError, RowError, StopJob, local_failure
 from ..io.cache import Cache, request_key
-from ..net.breaker import REFUSAL_KINDS, Breaker
+from ..net.breaker import REFUSAL_KINDS, Breaker, refusal_key
 from ..net.client import PROXY_REFUSED, Client
 from ..net.concurrency import Gate
-from ..net.limiter import Limiter
+from ..net.limiter import Pacer
 from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from ..records import ResultRow
 from ..rows.answer import Answer, parse_response
@@ -61,22 +65,38 @@ class CacheUse:
     """The request cache as one run uses it."""
 
     cache: Cache
-    url: str  # the endpoint: part of every key
+    url: str  # the endpoint and the [endpoint] headers that can change an answer: part of every key
     read: bool  # False (--no-cache): every row is sent; fresh answers are still stored
     scrub: Callable[[dict[str, Any]], dict[str, Any]]  # a secret echoed in an answer is never stored
+
+    @classmethod
+    async def open(cls, job: Job, *, read: bool, warn: Callable[[str], None],
+                   scrub: Callable[[dict[str, Any]], dict[str, Any]]) -> CacheUse | None:
+        """The job's request cache (`[run] cache`); None when off or unusable (warned once: the run goes on)."""
+        run = job.run
+        if run.cache is None:
+            return None
+        cache = await asyncio.to_thread(Cache.open, run.cache, ttl_s=run.cache_ttl,
+                                        max_bytes=int(run.cache_max_gb * 1e9), warn=warn)
+        if cache is None:
+            return None
+        # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
+        url = job.endpoint.url if job.serve is None else "serve:" + json.dumps(job.serve, sort_keys=True, default=str)
+        return cls(cache, cache_scope(url, job.endpoint.headers), read, scrub)
 
 
 class RowState:
     """What one row's sending has done so far: an unexpected failure still reports it truly."""
 
-    __slots__ = ("row_id", "attempts", "spent", "rate_limited", "paced_since", "data")
+    __slots__ = ("row_id", "at", "attempts", "spent", "rate_limited", "paced_since", "data")
 
-    def __init__(self, row_id: str) -> None:
+    def __init__(self, row_id: str, at: float = 0.0) -> None:
         self.row_id = row_id
+        self.at = at  # the row's place in the run's rows, 0 <= at < 1 (where its refusal comes from)
         self.attempts = 0  # requests made, rate-limit 429s included (the `attempts` column)
         self.spent: float | None = None  # this row's cost over its attempts
         self.rate_limited = 0  # of those, refused by a rate-limit 429: they spend no max_attempts
-        self.paced_since: float | None = None  # monotonic time of the row's first 429
+        self.paced_since: float | None = None  # the sender's clock at the row's first 429
         self.data: Any = None  # the last answer's decoded body (what the cache stores)
 
     @property
@@ -90,18 +110,26 @@ def error_row(row_id: str, err: RowError, *, attempts: int, cost: float | None =
 
 
 class RowSender:
-    def __init__(self, job: Job, builder: RequestBuilder, client: Client, limiter: Limiter, spend: SpendLimit,
-                 breaker: Breaker, labels: Labels | None, stopping: asyncio.Event, before_send: Callable[[], None],
-                 counts: Counts, stop: Callable[[StopJob], None], gate: Gate | None = None,
-                 cache: CacheUse | None = None) -> None:
+    def __init__(self, *, job: Job, builder: RequestBuilder, client: Client, limiter: Pacer, spend: SpendLimit,
+                 breaker: Breaker, counts: Counts, stopping: asyncio.Event, before_send: Callable[[], None],
+                 on_stop: Callable[[StopJob], None], labels: Labels | None = None, gate: Gate | None = None,
+                 cache: CacheUse | None = None, clock: Callable[[], float] | None = None,
+                 wall_clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
+        """`stopping`: set when the run stops (a wait ends at once, no new attempt starts);
+        `before_send`: answers already received are journaled before a request leaves;
+        `on_stop`: a budget stop while a paid (invalid) answer is in hand: the run stops, the answer is kept;
+        `clock`: how long a row has been paced by 429s (the breaker's, whose answer times it is compared with);
+        `wall_clock`: the Unix time, for a Retry-After given as a date; `rng`: the retry delays' jitter."""
         self.job, self.limits = job, job.limits
         self.builder, self.client, self.limiter, self.spend, self.breaker = builder, client, limiter, spend, breaker
         self.labels = labels
         self.stopping = stopping
-        self.before_send = before_send  # answers already received are journaled before a request leaves
+        self.before_send = before_send
         self.counts = counts
-        self.stop = stop  # a budget stop while a paid (invalid) answer is in hand: stop, keep the answer
-        self.rng = random.Random()
+        self.on_stop = on_stop
+        self.clock = clock if clock is not None else breaker.clock
+        self.wall_clock = wall_clock
+        self.rng = rng if rng is not None else random.Random()
         self.post = client.post_stream if job.request.stream else client.post
         self.gate = gate if gate is not None else Gate(None)  # "auto" concurrency: requests in flight, found
         self.cache = cache
@@ -127,7 +155,7 @@ class RowSender:
             except StopJob as stop:
                 if invalid is None:
                     raise
-                self.stop(stop)
+                self.on_stop(stop)
                 break
             if row is None:
                 break
@@ -180,7 +208,7 @@ class RowSender:
     async def _answer(self, state: RowState, built: Built) -> ResultRow | None:
         """Attempts until an answer or an error out of attempts; None when a stop came first."""
         tokens = estimate_tokens(self.job, prompt_chars(self.job, built.prompt), built.media).total \
-            if self.limits.tokens_per_minute == "auto" or self.limits.tokens_per_minute > 0 else 0.0
+            if self.limits.counts_tokens else 0.0
         worst = worst_case_cost(self.job, built.prompt, built.media) if self.spend.limit is not None else 0.0
         while not self.stopping.is_set():
             state.attempts += 1
@@ -228,12 +256,14 @@ class RowSender:
                             answer.cached_tokens)
             state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
             self.breaker.success()
+            self.counts.answered()
             self.limiter.settle(tokens, answer.total_tokens)
             return _answer_row(state, answer, latency, warning)
         finally:
             self.spend.settle(held, cost)
 
     def _failed(self, state: RowState, err: RequestError, sent_at: float) -> ResultRow | float:
+        self.counts.refused(err.status, err.kind)
         if err.kind in STOP_KINDS:
             raise StopJob(_stop_message(err, self.job.endpoint.api_key_env), kind=err.kind) from None
         self.limiter.observe(err.headers)
@@ -241,7 +271,8 @@ class RowSender:
             self.gate.dropped()
         if err.kind == "rate_limit":  # the whole pool pauses and slows, not just this row
             self.counts.rate_limited += 1
-            self.limiter.slow_down(server_delay(err.headers, time.time(), rate_limited=True), sent_at=sent_at)
+            self.breaker.rate_limited()  # paced, not failing: no time towards "the endpoint looks down"
+            self.limiter.slow_down(server_delay(err.headers, self.wall_clock(), rate_limited=True), sent_at=sent_at)
             if err.should_retry is not False:
                 return self._paced(state, err)
         if self.breaker.failure(err.kind):
@@ -250,10 +281,10 @@ class RowSender:
                 kind="endpoint_down",
             ) from None
         if not should_retry(err, state.tries, self.limits.max_attempts):
-            if err.kind in REFUSAL_KINDS and self.breaker.refusal((err.status, err.kind, err.code, err.message)):
-                raise StopJob(_wrong_job_message(err, self.breaker.refusals), kind="refused") from None
+            if err.kind in REFUSAL_KINDS and self.breaker.refusal(refusal_key(err), state.at, said=err.describe()):
+                raise self.breaker.stop() from None
             return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
-        return float(retry_delay(err, state.tries, now=time.time(), jitter=self.rng.random(),
+        return float(retry_delay(err, state.tries, now=self.wall_clock(), jitter=self.rng.random(),
                                  max_server_delay=self.limits.max_retry_after_s))
 
     def _paced(self, state: RowState, err: RequestError) -> ResultRow | float:
@@ -261,12 +292,12 @@ class RowSender:
         Past that it fails as rate_limit, unless nothing at all was answered meanwhile: then the
         provider is refusing everyone (a spent daily quota, say) and the run stops, rows pending."""
         state.rate_limited += 1
-        now = time.monotonic()
+        now = self.clock()
         if state.paced_since is None:
             state.paced_since = now
         waited = now - state.paced_since
         if waited < self.limits.max_rate_limit_wait_s:
-            return float(retry_delay(err, state.rate_limited, now=time.time(), jitter=self.rng.random(),
+            return float(retry_delay(err, state.rate_limited, now=self.wall_clock(), jitter=self.rng.random(),
                                      max_server_delay=self.limits.max_retry_after_s))
         if not self.breaker.answered_since(state.paced_since):
             raise StopJob(f"the provider refused every request for its rate limit for {waited:.0f}s "
@@ -289,13 +320,6 @@ def _answer_row(state: RowState, answer: Answer, latency: float | None, warning:
         row.status, row.error_kind = "error", "truncated"
         row.error = "cut off by max_tokens before the answer began (finish_reason: length)"
     return row
-
-
-def _wrong_job_message(err: RequestError, count: int) -> str:
-    return (f"the endpoint refused the run's first {count} requests the same way and answered none "
-            f"({err.describe()}): the job looks wrong, not its rows (the key a gateway expects, the model name, "
-            f"base_url); fix it and run again, the rows stay pending (if these rows really are bad, set "
-            f"[limits] breaker_refusals = 0)")
 
 
 def _stop_message(err: RequestError, key_env: str | None) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,12 +37,11 @@ from ..crashpoints import crash_point, fault_point
 from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
-from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, Unreadable
-from ..net.breaker import Breaker
+from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
-from ..net.limiter import Limiter
+from ..net.limiter import Pacer
 from ..records import ResultRow
 from ..rows.pricing import SpendLimit
 from ..rows.request import RequestBuilder, request_columns
@@ -51,6 +49,7 @@ from .commit import answers_so_far, commit_shard
 from .console import Console
 from .feed import ROWS_PER_BATCH, Feed
 from .options import RunOptions
+from .probes import Probes
 from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
 from .sender import CacheUse, RowSender, RowState, error_row
 from .summary import EXIT_LOCAL_FAILURE, EXIT_STOPPED, Counts, Stopped
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
 
 STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
+
 
 def make_labels(job: Job) -> Labels | None:
     """The job's [labels] checker, compiled once per run; imported only then (jsonschema is slow to import)."""
@@ -82,9 +82,9 @@ class _ShardWork:
 
 
 class ShardEngine:
-    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Limiter, console: Console,
+    def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Pacer, console: Console,
                  options: RunOptions, committed_rows: dict[int, int] | None = None,
-                 expire: Callable[[int], None] = exit_process) -> None:
+                 expire: Callable[[int], None] = exit_process, breaker: type[Breaker] = Breaker) -> None:
         self.job, self.ckpt, self.plan, self.options = job, ckpt, plan, options
         self.limits = job.limits
         self.limiter = limiter
@@ -94,8 +94,8 @@ class ShardEngine:
         self.builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=self.labels)
         # Under --retry-failed the rows sent are ones already refused: alike refusals are theirs again.
         refusals = job.limits.breaker_refusals if options.retry_failed is None else 0
-        self.breaker = Breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)
-        self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
+        self.breaker = breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)  # Ray: SharedBreaker
+        self.journal = ckpt.journal(on_failure=self._journal_failed)
         self.counts = Counts()
         self.done_before = 0  # rows of the given shards answered before this run
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(
@@ -108,7 +108,7 @@ class ShardEngine:
         self.stopping = asyncio.Event()
         self.finalize_lock = asyncio.Lock()
         self.idle: set[asyncio.Task[None]] = set()  # workers waiting for a row: nothing in flight
-        self.tasks: asyncio.TaskGroup | None = None
+        self.tasks: asyncio.TaskGroup | None = None  # while the run's tasks are running
         self.deadline: Deadline | None = None
         self.expire = expire  # what a stop that does not end in time comes to: the process ends (CLI)
         self.internal_errors = 0
@@ -121,20 +121,26 @@ class ShardEngine:
 
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
+        self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, tripped=lambda: self.stop(self.breaker.stop()),
+                             enqueue=self._enqueue_one)
         try:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
                 self.spend = await asyncio.to_thread(
-                    SpendLimit.for_run, self.job, self.ckpt.journal_dir, commits, [s.index for s in shards])
+                    SpendLimit.for_run, self.job, self.ckpt, commits, [s.index for s in shards])
             if any(rec.ok for rec in commits.values()):
                 self.breaker.vouch()  # shards answered by earlier runs: refusals now are the rows' own
             warm_imports()
-            cache = await self._open_cache()
+            cache = await CacheUse.open(self.job, read=not self.options.no_cache, warn=self.console.say,
+                                        scrub=self.console.redactor.scrub_record)
+            self.cache = cache.cache if cache is not None else None
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
-                              max_connections=self.limits.workers, proxy=self.job.endpoint_proxy()) as client:
-                sender = RowSender(self.job, self.builder, client, self.limiter, self.spend, self.breaker, self.labels,
-                                   self.stopping, self.journal.flush_before_send, self.counts, self.stop, self.gate,
-                                   cache=cache)
+                              max_connections=self.limits.workers, proxy=self.job.endpoint_proxy(),
+                              headers=self.job.endpoint.headers) as client:
+                sender = RowSender(job=self.job, builder=self.builder, client=client, limiter=self.limiter,
+                                   spend=self.spend, breaker=self.breaker, counts=self.counts, labels=self.labels,
+                                   stopping=self.stopping, before_send=self.journal.flush_before_send,
+                                   on_stop=self.stop, gate=self.gate, cache=cache)
                 await self._supervise(shards, sender)
             await self._commit_partial()
         finally:
@@ -148,20 +154,6 @@ class ShardEngine:
             return self.failure
         return self.stop_signal if self.stop_signal is not None else self.stop_reason
 
-    async def _open_cache(self) -> CacheUse | None:
-        """The request cache (`[run] cache`); None when off or unusable (warned once: the run goes on)."""
-        run = self.job.run
-        if run.cache is None:
-            return None
-        self.cache = await asyncio.to_thread(Cache.open, run.cache, ttl_s=run.cache_ttl,
-                                             max_bytes=int(run.cache_max_gb * 1e9), warn=self.console.say)
-        if self.cache is None:
-            return None
-        # the built-in endpoint ([serve]) has a new port each run: keyed by its options instead
-        url = self.job.endpoint.url if self.job.serve is None else \
-            "serve:" + json.dumps(self.job.serve, sort_keys=True, default=str)
-        return CacheUse(self.cache, url, not self.options.no_cache, self.console.redactor.scrub_record)
-
     async def _close(self) -> None:
         """Release everything the run holds; a failure here is recorded, never raised over the run's."""
         try:
@@ -171,7 +163,7 @@ class ShardEngine:
         if self.cache is not None:  # the answers waiting are written (never raises: the cache warns)
             await asyncio.to_thread(self.cache.close)
         self.counts.spent = self.spend.spent_now
-        self.counts.paused_s = getattr(self.limiter, "paused_s", 0.0)  # a Ray worker's lease has none
+        self.counts.paused_s = self.limiter.paused_s
         self.counts.limits = self._limits_used()
         try:
             await self.builder.aclose()  # the fetcher's session and the image workers
@@ -182,17 +174,10 @@ class ShardEngine:
 
     def _limits_used(self) -> dict[str, Any]:
         """What "auto" limits came to, for the summary and `pipeline status`."""
-        used: dict[str, Any] = {}
         ctl = self.gate.controller
-        if ctl is not None:
-            used["max_concurrency"] = {"auto": True, "last": ctl.allowed, "low": int(ctl.low), "high": int(ctl.high)}
-        limiter = self.limiter
-        if getattr(limiter, "auto_requests", False):
-            used["requests_per_minute"] = {"auto": True, "paced_at": round(limiter.rpm, 1)}
-        if getattr(limiter, "auto_tokens", False):
-            tokens = limiter.tokens
-            used["tokens_per_minute"] = {"auto": True, "paced_at": round(tokens.per_minute, 1) if tokens else None}
-        return used
+        used = {} if ctl is None else {"max_concurrency": {"auto": True, "last": ctl.allowed, "low": int(ctl.low),
+                                                           "high": int(ctl.high)}}
+        return {**used, **self.limiter.found()}
 
     async def _supervise(self, shards: list[Shard], sender: RowSender) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -202,11 +187,14 @@ class ShardEngine:
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
             workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
-            if self.stop_reason is None and self.stop_signal is None and self.failure is None:
+            if self.held:
+                await self.breaker.verdict()  # a Ray worker's held refusals wait for the cluster's
+            if self.stop_reason is None and self.stop_signal is None and self.failure is None and not self.breaker.tripped:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
             syncer.cancel()
             if writer is not None:
                 writer.cancel()  # what it has not written yet, _close writes
+        self.tasks = None
         # the group has waited for every shard commit it started
 
     async def _until_done(self, producer: asyncio.Task[None], workers: list[asyncio.Task[None]]) -> None:
@@ -220,6 +208,7 @@ class ShardEngine:
         finally:
             stop.cancel()
         producer.cancel()  # the workers are gone or stopping: nobody takes its rows any more
+        self.probes.cancel()
         if not pending:
             return
         for worker in list(self.idle):
@@ -277,18 +266,23 @@ class ShardEngine:
     # -- producer ------------------------------------------------------------------------
 
     async def _produce(self, shards: list[Shard]) -> None:
+        probes = self.probes
         for shard in shards:
             try:
-                work = await self._open_shard(shard)
+                work = await probes.work_for(shard)
             except Unreadable as exc:  # its rows stay pending (the run says so at its end); the others go on
                 self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")
                 continue
             async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
-                for item in batch:
-                    await self.queue.put((work, *item))
+                for i, cells in batch:
+                    if not probes.taken(shard, i):  # else a probe sent it ahead
+                        probes.producing(shard, i)
+                        await self.queue.put((work, i, cells))
+            probes.passed(shard)
             work.enqueued = True
             if work.pending == 0:
                 self._schedule_commit(work)
+        await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
 
@@ -315,6 +309,10 @@ class ShardEngine:
             self._settle_row(work, error_row(ids[i], RowError(rows.errors[i], kind="input"), attempts=0))
         return work
 
+    async def _enqueue_one(self, work: _ShardWork, i: int) -> None:
+        """A probe's row, ahead of the producer."""
+        await self.queue.put((work, i, await self.feed.one(work.shard, work.table, i)))
+
     # -- workers -------------------------------------------------------------------------
 
     async def _worker(self, sender: RowSender) -> None:
@@ -329,7 +327,7 @@ class ShardEngine:
             if item is None:
                 return
             work, index, cells = item
-            row = await self._row(sender, work.ids[index], cells)
+            row = await self._row(sender, work.ids[index], cells, self.probes.at(work.shard, index))
             if row is None:  # stopped before an answer: the row stays pending
                 return
             try:
@@ -338,9 +336,9 @@ class ShardEngine:
                 self.stop(local_failure(exc, "journaling an answer"))
                 return
 
-    async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any]) -> ResultRow | None:
+    async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any], at: float) -> ResultRow | None:
         """The row's result; None when a stop came first. Raises only CancelledError."""
-        state = RowState(row_id)
+        state = RowState(row_id, at)
         try:
             return await sender.send(state, cells)
         except (StopJob, LocalFailure) as reason:
@@ -351,14 +349,12 @@ class ShardEngine:
 
     def _internal_error(self, state: RowState, exc: Exception) -> ResultRow:
         self.internal_errors += 1
-        log = self.ckpt.folder / "errors.log"
         text = self.console.redactor.scrub("".join(traceback.format_exception(exc)))
         with contextlib.suppress(OSError):
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
+            self.ckpt.log_error(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
         if self.internal_errors == 1:
             self.console.say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
-                             f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
+                             f"written as error_kind \"internal\" and the run goes on; traceback in {self.ckpt.errors_path}")
         err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
         return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 
@@ -371,19 +367,16 @@ class ShardEngine:
             # not the row's fault, perhaps. Hold the error until the breaker is settled; if it
             # trips instead, the row stays pending for the next run.
             self.held.append((work, row))
+            if row.error_kind in REFUSAL_KINDS and (tasks := self.tasks) is not None:
+                self.probes.ask(lambda probe: tasks.create_task(self._guarded(probe, "reading the manifest")))
             return
         self._deliver(work, row)
-        if self.held and self.breaker.settled:
-            self._release_held()
+        self.release_settled()
 
     def _deliver(self, work: _ShardWork, row: ResultRow) -> None:
         redactor = self.console.redactor  # what a provider or a model echoed never reaches a file
         self.journal.append(work.shard.index, row.scrubbed(redactor.scrub) if redactor else row)
-        if row.ok:
-            self.counts.ok += 1
-        else:
-            self.counts.failed += 1
-            self.counts.by_kind[row.error_kind or ""] += 1
+        self.counts.settle(row)
         work.pending -= 1
         if work.pending == 0 and work.enqueued:
             self._schedule_commit(work)
@@ -392,6 +385,11 @@ class ShardEngine:
         held, self.held = self.held, []
         for work, row in held:
             self._deliver(work, row)
+
+    def release_settled(self) -> None:
+        """Once the breaker is settled (here, or by a Ray worker's cluster news): what it held is the rows' own."""
+        if self.held and self.breaker.settled and self.tasks is not None:
+            self._release_held()
 
     # -- commits -------------------------------------------------------------------------
 

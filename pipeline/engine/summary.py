@@ -16,8 +16,7 @@ collect); 130 / 143 stopped by Ctrl-C / SIGTERM. 3, 4, 5, 130 and 143 are resuma
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from ..config import Job
@@ -27,6 +26,7 @@ from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.manifest import Plan
 from ..tools.status import token_detail
 from .console import Console
+from .counts import Counts
 from .process import (
     EXIT_FAILED_ROWS,
     EXIT_LOCAL_FAILURE,
@@ -54,21 +54,6 @@ class Waiting:
 
 
 Stopped = Union[StopJob, LocalFailure, Waiting, int, None]  # why a run ended early: the provider, this machine, a signal
-
-
-@dataclass
-class Counts:
-    """This run's rows and requests (the output's totals come from the commit records)."""
-
-    ok: int = 0
-    failed: int = 0
-    sent: int = 0  # HTTP requests made this run
-    cached: int = 0  # rows answered from the request cache ([run] cache): no request, no cost
-    spent: float = 0.0  # cost of this run's answers, from [pricing]
-    rate_limited: int = 0  # 429 answers (the provider pacing us)
-    paused_s: float = 0.0  # time every request waited because of them (Retry-After and the like)
-    limits: dict[str, Any] = field(default_factory=dict)  # what "auto" limits came to
-    by_kind: Counter[str] = field(default_factory=Counter)
 
 
 def exit_code(stopped: Stopped, state: dict[str, Any]) -> int:
@@ -109,7 +94,7 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
     except OSError as exc:
         console.say(f"error: could not write {ckpt.summary_path} ({exc.strerror}); the summary is only printed below")
         code = EXIT_LOCAL_FAILURE if code in (EXIT_OK, EXIT_FAILED_ROWS) else code
-    _say_summary(job, state, counts, ended - started, stopped, code, console, again)
+    _say_summary(job, state, counts, ended - started, stopped, code, console, again, summary)
     return code, summary
 
 
@@ -137,27 +122,27 @@ def _limit_text(name: str, used: dict[str, Any]) -> str:
 
 
 def _say_summary(job: Job, state: dict[str, Any], counts: Counts, seconds: float, stopped: Stopped, code: int,
-                 console: Console, again: Callable[[Job, bool], str]) -> None:
+                 console: Console, again: Callable[[Job, bool], str], summary: dict[str, Any]) -> None:
     say = console.say
     failed = ", ".join(f"{k} {n}" for k, n in sorted(state["failed_by_kind"].items())) or "none"
     say(f"{job.name}: {state['ok']} ok, {state['failed']} failed ({failed}), {state['pending']} pending of {state['rows']} rows; "
         f"{counts.sent} requests this run in {seconds:.1f}s; {state['tokens']['total_tokens']} tokens in all "
         f"({token_detail(state['tokens'], 'reasoning_tokens')}, {token_detail(state['tokens'], 'cached_tokens')}); "
-        f"results in {display(job.output.path)}")
+        f"results in {display(job.output.path)}", event="summary", level="error" if code >= 2 else "info", summary=summary)
     if counts.cached:
-        say(f"{counts.cached} answered from the cache (no request, no cost)")
+        say(f"{counts.cached} answered from the cache (no request, no cost)", event="cached")
     if counts.limits:
-        say("limits found: " + "; ".join(_limit_text(name, used) for name, used in counts.limits.items()))
+        say("limits found: " + "; ".join(_limit_text(name, used) for name, used in counts.limits.items()), event="limits_found")
     if job.pricing is not None:
         limit = f" of a budget of {job.pricing.budget:g}" if job.pricing.budget is not None else ""
-        say(f"spent {state['spend']:.4f}{limit} in all ({counts.spent:.4f} this run)")
+        say(f"spent {state['spend']:.4f}{limit} in all ({counts.spent:.4f} this run)", event="spent")
     if isinstance(stopped, StopJob):
-        say(f"stopped: {stopped}")
+        say(f"stopped: {stopped}", event="stopped", kind=stopped.kind)
     elif isinstance(stopped, LocalFailure):
-        say(f"stopped by a local failure: {stopped}")
+        say(f"stopped by a local failure: {stopped}", event="stopped", level="error", kind=stopped.kind)
     elif isinstance(stopped, Waiting):
-        say(f"waiting: {stopped}")
+        say(f"waiting: {stopped}", event="waiting")
     if code in (EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_WAITING, *EXIT_SIGNAL.values()) or state["pending"]:
-        say(f"to continue: {again(job, False)}")
+        say(f"to continue: {again(job, False)}", event="hint")
     elif state["failed"]:
-        say(f"to send the failed rows again: {again(job, True)}")
+        say(f"to send the failed rows again: {again(job, True)}", event="hint")

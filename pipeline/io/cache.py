@@ -22,7 +22,10 @@ Size: bounded by `max_bytes` over the values' lengths. Each entry has a last-use
 hit when more than TOUCH_AFTER_S old, in the writer's batches: an update costs ~100 us of the
 writer's time, so a re-run soon after the first writes none); past the cap, the least recently used entries are deleted
 down to EVICT_TO of it, checked at open and after a write that may have crossed it. Freed pages
-are reused by SQLite (the file does not shrink, nor grow past the cap plus its overhead).
+are reused by SQLite (the file does not shrink, nor grow past the cap plus its overhead);
+`pipeline cache prune` and `clear` (pipeline.io.cachefile) give the space back, even while runs
+use the file: a batch that meets their lock is written with the next one. Each run's lookups,
+hits and stores are kept in the `runs` table at close (`pipeline cache stats`).
 
 Failure contract: the cache never stops a run nor loses an answer. The first error (a damaged or
 unwritable file, a full disk) is reported once through `warn` and the cache turns itself off for
@@ -60,6 +63,12 @@ CREATE TABLE IF NOT EXISTS entries (
     used REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_used ON entries (used);
+CREATE TABLE IF NOT EXISTS runs (
+    ended REAL NOT NULL,
+    lookups INTEGER NOT NULL,
+    hits INTEGER NOT NULL,
+    stored INTEGER NOT NULL
+);
 """
 
 
@@ -87,6 +96,7 @@ class Cache:
         self._size: int | None = None  # the values' total as this process last summed it
         self._written_since_sum = 0
         self._lock = threading.Lock()  # one write at a time; close waits for a write in progress
+        self.lookups = self.hits = self.stored = 0  # this run's, kept in `runs` at close (`pipeline cache stats`)
         self._reader = self._connect(READ_TIMEOUT_S)
         self._writer = self._connect(BUSY_TIMEOUT_S)
 
@@ -125,8 +135,10 @@ class Cache:
         """The value stored for `key`, unless missing, older than the TTL, or the cache is off."""
         if self.failed:
             return None
+        self.lookups += 1
         value = self._pending.get(key)
         if value is not None:
+            self.hits += 1
             return value
         try:
             found = self._reader.execute("SELECT value, created, used FROM entries WHERE key = ?", (key,)).fetchone()
@@ -143,11 +155,13 @@ class Cache:
             return None
         if now - found[2] > TOUCH_AFTER_S:
             self._used.add(key)
+        self.hits += 1
         return bytes(found[0])
 
     def put(self, key: bytes, value: bytes) -> None:
         if not self.failed:
             self._pending[key] = value
+            self.stored += 1
 
     @property
     def waiting(self) -> int:
@@ -166,10 +180,12 @@ class Cache:
 
     # -- the writer's side -----------------------------------------------------------------
 
-    def write(self) -> None:
-        """Write what waits, in one transaction; evict if the cap may have been crossed. Blocking."""
+    def write(self, *, closing: bool = False) -> None:
+        """Write what waits, in one transaction; evict if the cap may have been crossed. Blocking.
+        A file busy past BUSY_TIMEOUT_S (`pipeline cache prune` vacuuming it) keeps the batch for
+        the next write; closing, the run's figures go in `runs` with it."""
         with self._lock:
-            if self.failed or not self.waiting:
+            if self.failed or not (self.waiting or closing):
                 return
             pending, self._pending = self._pending, {}
             used, self._used = self._used, set()
@@ -181,9 +197,18 @@ class Cache:
                         "INSERT OR REPLACE INTO entries (key, value, size, created, used) VALUES (?, ?, ?, ?, ?)",
                         [(k, v, len(v), now, now) for k, v in pending.items()])
                     self._writer.executemany("UPDATE entries SET used = ? WHERE key = ?", [(now, k) for k in used])
+                    if closing and self.lookups + self.stored:
+                        self._writer.execute("INSERT INTO runs (ended, lookups, hits, stored) VALUES (?, ?, ?, ?)",
+                                             (now, self.lookups, self.hits, self.stored))
                 self._written_since_sum += sum(len(v) for v in pending.values())
                 if self._size is None or self._size + self._written_since_sum > self.max_bytes:
                     self._evict_if_over()
+            except sqlite3.OperationalError as exc:
+                if closing or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _BUSY:
+                    self._fail(exc)
+                    return
+                self._pending = {**pending, **self._pending}  # not written: the next batch tries again
+                self._used |= used
             except Exception as exc:  # noqa: BLE001 - the cache is optional: any failure turns it off, never the run
                 self._fail(exc)
 
@@ -212,7 +237,7 @@ class Cache:
     def close(self) -> None:
         """Write what waits and close. Blocking; never raises for the cache's failures."""
         try:
-            self.write()
+            self.write(closing=True)
         finally:
             with self._lock:
                 self._close_connections()

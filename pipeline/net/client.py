@@ -37,11 +37,12 @@ import asyncio
 import functools
 import sys
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import orjson
 
 from ..config import LimitsConfig
+from ..config.headers import secret_values
 from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
@@ -321,11 +322,12 @@ class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int,
-                 proxy: Proxy | None = None) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None) -> None:
         self.url = url
         self.proxy = proxy
-        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ())])
-        self._headers = {"Content-Type": "application/json"}
+        extra = dict(headers or {})  # [endpoint] headers
+        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
+        self._headers = {**extra, "Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout_s = timeout_s

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Gradient", "Gate", "START", "WINDOW_S", "QUANTILE", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
+__all__ = ["Gradient", "Gate", "Places", "START", "WINDOW_S", "QUANTILE", "GROW_BELOW", "SHRINK_ABOVE", "TARGET", "MIN_LIMIT", "PROBE_EVERY_S",
            "PROBE_WINDOWS", "MIN_SAMPLES"]
 
 START = 8.0  # the first limit: what a fixed default would be
@@ -147,51 +147,80 @@ def _quantile(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * QUANTILE / 100))]
 
 
-class Gate:
+class Places:
+    """Places taken in arrival order. A freed place is taken for the oldest waiter before it is
+    woken, so a newcomer, or a holder that leaves and comes straight back, queues behind it instead
+    of taking the place again. Subclasses say how many there are (`free`); the Gate and the built-in
+    endpoint's GPU-server model (tools/serve/capacity.py) are two."""
+
+    def __init__(self) -> None:
+        self.busy = 0  # places taken (handed to a waiter included)
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+    def free(self) -> bool:
+        """Whether one more place may be taken now."""
+        raise NotImplementedError
+
+    def _take(self) -> None:
+        self.busy += 1
+
+    async def take(self) -> None:
+        """Wait for a place, in arrival order."""
+        if not self.waiting and self.free():
+            self._take()
+            return
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiting.append(place)
+        try:
+            await place  # the place is already taken for it when this returns
+        except asyncio.CancelledError:
+            if place.done() and not place.cancelled():
+                self.leave()  # handed a place just as it was cancelled: pass it on
+            elif place in self.waiting:
+                self.waiting.remove(place)
+            raise
+
+    def leave(self) -> None:
+        self.busy -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Hand free places to the oldest waiters (after a place was freed or the number raised)."""
+        while self.waiting and self.free():
+            place = self.waiting.popleft()
+            if not place.done():
+                self._take()
+                place.set_result(None)
+
+
+class Gate(Places):
     """Requests in flight, at most the controller's limit (no controller: no gate, the workers'
-    count is the limit). Waiters go in arrival order; a raised limit lets more in at once."""
+    count is the limit; it only counts). Waiters go in arrival order (Places); a raised limit
+    lets more in at once."""
 
     def __init__(self, controller: Gradient | None, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         self.controller = controller
         self.clock = clock
-        self.in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_flight(self) -> int:
+        return self.busy
+
+    def free(self) -> bool:
+        return self.controller is None or self.busy < self.controller.allowed
 
     async def __aenter__(self) -> Gate:
-        if self.controller is not None:
-            while self.in_flight >= self.controller.allowed or self._waiters:
-                fut = asyncio.get_running_loop().create_future()
-                self._waiters.append(fut)
-                try:
-                    await fut
-                except asyncio.CancelledError:
-                    if fut in self._waiters:
-                        self._waiters.remove(fut)
-                    self._wake()
-                    raise
-                if self.in_flight < self.controller.allowed:
-                    break
-        self.in_flight += 1
+        await self.take()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.controller is None:
-            return
-        room = self.controller.allowed - self.in_flight
-        while room > 0 and self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                room -= 1
+        self.leave()
 
     def answered(self, latency_s: float) -> None:
         if self.controller is not None:
-            self.controller.answered(latency_s, self.in_flight, self.clock())
-            self._wake()
+            self.controller.answered(latency_s, self.busy, self.clock())
+            self.wake()
 
     def dropped(self) -> None:
         if self.controller is not None:

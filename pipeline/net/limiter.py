@@ -27,6 +27,9 @@ leaves the pace at AUTO_START_RPM, adapting to 429s as always.
 
 The clock is a parameter (the event loop's clock by default) so tests drive it virtually.
 Concurrency (requests in flight) is not this module's business: it is the shard engine's worker count.
+
+`Pacer` is what the engine asks of a rate source; `Limiter` is one, a Ray worker's share of the
+cluster's budget (pipeline.engine.lease.LeasedLimiter) another.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol
 
+from ..config.fields import Auto
 from ..durations import parse_duration
 
-__all__ = ["Limiter", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S",
+__all__ = ["Limiter", "Pacer", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S",
            "AUTO_START_RPM", "AUTO_MARGIN", "AUTO_PROBE_S"]
 
 # A place due this soon is granted now: at high rates a sleep per request cost more than the
@@ -94,19 +98,40 @@ class TokenBucket:
         self.free_at += delta / self.rate
 
 
+class Pacer(Protocol):
+    """What the engine asks of a rate source, before and after each attempt."""
+
+    paused_s: float  # how long every request was held by pauses, in all (for the run's summary)
+
+    async def acquire(self, estimated_tokens: float = 0.0, *, stop: asyncio.Event | None = None) -> float | None:
+        """Wait for a place to send; the time it was granted, or None when `stop` came first."""
+
+    def settle(self, estimated_tokens: float, actual_tokens: int | None) -> None:
+        """The usage an answer reported, against the estimate it was paced by."""
+
+    def slow_down(self, pause_s: float | None, *, sent_at: float | None = None) -> None:
+        """A 429: pause for the server's delay, then go slower."""
+
+    def observe(self, headers: dict[str, str]) -> None:
+        """An answer's x-ratelimit-* headers."""
+
+    def found(self) -> dict[str, dict[str, Any]]:
+        """What "auto" limits came to (for the summary and `pipeline status`); {} without any."""
+
+
 class Limiter:
     def __init__(
         self,
-        requests_per_minute: float | str,
-        tokens_per_minute: float | str = 0.0,
+        requests_per_minute: float | Auto,
+        tokens_per_minute: float | Auto = 0.0,
         *,
         burst: int = 1,
         max_pause_s: float = 120.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.auto_requests = requests_per_minute == "auto"
-        self.auto_tokens = tokens_per_minute == "auto"
-        self.rpm = AUTO_START_RPM if self.auto_requests else float(requests_per_minute)
+        self.auto_requests = isinstance(requests_per_minute, Auto)
+        self.auto_tokens = isinstance(tokens_per_minute, Auto)
+        self.rpm = AUTO_START_RPM if isinstance(requests_per_minute, Auto) else float(requests_per_minute)
         self.known: asyncio.Event | None = None  # "auto": set once the first answer's headers were read
         self.probing = False
         self.burst = max(1, burst)
@@ -120,8 +145,17 @@ class Limiter:
         self.slowdowns = 0
         self.next_slot = -math.inf  # GCRA's theoretical arrival time of the next request
         self.generation = 0  # bumped by each slowdown: slots reserved before it are given up
-        tpm = 0.0 if self.auto_tokens else float(tokens_per_minute)
+        tpm = 0.0 if isinstance(tokens_per_minute, Auto) else float(tokens_per_minute)
         self.tokens = TokenBucket(tpm, self.clock) if tpm > 0 else None
+
+    def found(self) -> dict[str, dict[str, Any]]:
+        used: dict[str, dict[str, Any]] = {}
+        if self.auto_requests:
+            used["requests_per_minute"] = {"auto": True, "paced_at": round(self.rpm, 1)}
+        if self.auto_tokens:
+            tokens = self.tokens
+            used["tokens_per_minute"] = {"auto": True, "paced_at": round(tokens.per_minute, 1) if tokens else None}
+        return used
 
     @property
     def rate_per_s(self) -> float:

@@ -29,10 +29,10 @@ from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 from urllib.parse import urlsplit
 
-from ..config import DEFAULT_OUTPUT_TOKENS, Job
+from ..config import DEFAULT_OUTPUT_TOKENS, Auto, Job
 from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
-from ..io.checkpoint import Checkpoint, parse_commits
+from ..io.checkpoint import Checkpoint
 from ..io.checks import SHOW
 from ..io.manifest import (
     Plan,
@@ -304,28 +304,28 @@ def _say_source(plan: Plan, report: Report, say: Any) -> None:
 def _rows_done(ckpt: Checkpoint) -> int:
     """Rows with a result, from the commit records; read only (Checkpoint.commits may repair)."""
     try:
-        data = ckpt.commits_path.read_bytes()
+        commits = ckpt.peek_commits()
     except OSError:
         return 0
-    return sum(rec.rows for rec in parse_commits(data[: data.rfind(b"\n") + 1]).values())
+    return sum(rec.rows for rec in commits.values())
 
 
 def _minutes(job: Job, requests: int, tokens: int) -> float:
     """At the job's limits; an "auto" limit is only known from the provider's answers: the
     estimate then assumes the conservative pace a run starts at."""
     rpm, tpm = job.limits.requests_per_minute, job.limits.tokens_per_minute
-    minutes = requests / (rpm if rpm != "auto" else AUTO_START_RPM)
-    if tpm != "auto" and tpm > 0:
+    minutes = requests / (AUTO_START_RPM if isinstance(rpm, Auto) else rpm)
+    if not isinstance(tpm, Auto) and tpm > 0:
         minutes = max(minutes, tokens / tpm)
     return minutes
 
 
 def _limits(job: Job) -> str:
     rpm, tpm = job.limits.requests_per_minute, job.limits.tokens_per_minute
-    text = f"requests_per_minute {rpm:g}" if rpm != "auto" else \
+    text = f"requests_per_minute {rpm:g}" if not isinstance(rpm, Auto) else \
         f"requests_per_minute auto (read from the provider; estimated at the starting {AUTO_START_RPM:g}/min)"
-    if tpm == "auto" or tpm > 0:
-        text += f", tokens_per_minute {tpm:g}" if tpm != "auto" else ", tokens_per_minute auto"
+    if job.limits.counts_tokens:
+        text += f", tokens_per_minute {tpm:g}" if not isinstance(tpm, Auto) else ", tokens_per_minute auto"
     return text
 
 

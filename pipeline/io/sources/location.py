@@ -29,7 +29,7 @@ from ...config.inputs import has_glob, is_hidden
 from ...errors import JobError
 from ..checks import short
 from ..plan import FileInfo
-from ..storage import storage_failure
+from ..store import storage_failure
 
 __all__ = ["Place", "Listing"]
 

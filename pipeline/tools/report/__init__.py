@@ -18,11 +18,14 @@ Needs the `report` extra (Altair, vl-convert for the inlined Vega bundle, Jinja2
 from __future__ import annotations
 
 import json
-import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import IO, Callable
 
 from ...config import Job
 from ...errors import JobError
+from ...io.durable import atomic_write
 from ...io.storage import PartStore
 from ...redact import Redactor, option_secrets
 from ...rows.images import MB
@@ -31,6 +34,7 @@ __all__ = ["write_report", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
+_DATA = "/*pipeline-page-data*/"  # where the page's data goes, written in place rather than rendered in
 
 
 def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -> str:
@@ -44,49 +48,51 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
         raise JobError(f"the report needs its extra ({exc.name} is missing): pip install -e '.[report]' in the clone "
                        f"(or 'pipeline[report]')") from None
     store = PartStore.for_output(job.output)
-    redactor = Redactor([job.api_key(), *store.secrets(), *option_secrets(job.input.storage_options)])
+    redactor = Redactor([job.api_key(), *store.secrets(), *option_secrets(job.input.storage_options),
+                         *(job.notify.secrets() if job.notify is not None else ())])
     bundle = _script_safe(_vega_bundle())
     data = collect(job, int(max_mb * MB), redactor, fixed_bytes=len(bundle.encode()))
     page = {
         "rows": data.rows, "total": data.total, "sampling": data.sampling, "labels": data.labels,
         "charts": charts(data), "state": data.state, "settings": data.settings, "history": data.history,
     }
-    text = redactor.scrub(json.dumps(page, ensure_ascii=False, default=str))
+    text = json.dumps(page, ensure_ascii=False, default=str)
+    del page
+    data.rows = []  # the rows as Python objects go before the page is put together (peak memory)
+    text = redactor.scrub(text).replace("<", "\\u003c")  # no "</script>" inside
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True)
     html = env.get_template("page.html").render(
         job=data.job, output=data.output, generated=data.generated,
-        vega_bundle=jinja2.utils.markupsafe.Markup(bundle),
-        data_json=jinja2.utils.markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
+        vega_bundle=jinja2.utils.markupsafe.Markup(bundle), data_json=jinja2.utils.markupsafe.Markup(_DATA),
     )
-    body = html.encode("utf-8")
+    head, tail = html.split(_DATA, 1)
+    body = [head.encode("utf-8"), text.encode("utf-8"), tail.encode("utf-8")]  # never one more copy of the whole page
+    del text
     if out is not None:
-        _write(Path(out), body)
+        atomic_write(Path(out), _pieces(body))
         return str(out)
-    if store.local is not None:
-        path = store.local / REPORT_NAME
-        _write(path, body)
-        return str(path)
-    store.write(REPORT_NAME, body)
-    return f"{str(job.output.path).rstrip('/')}/{REPORT_NAME}"
+    store.write(REPORT_NAME, _pieces(body))
+    return store.where(REPORT_NAME)
+
+
+_BUNDLE = ("import sys, vl_convert; from altair.utils._importers import vl_version_for_vl_convert; "
+           "sys.stdout.write(vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()))")
 
 
 def _vega_bundle() -> str:
-    import vl_convert
-    from altair.utils._importers import vl_version_for_vl_convert
-
-    return str(vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()))
+    """The Vega bundle, made in a child process: vl-convert's JavaScript engine keeps ~150 MB
+    that this process would hold to its end (bench: report_scale)."""
+    made = subprocess.run([sys.executable, "-c", _BUNDLE], capture_output=True, check=False)
+    if made.returncode != 0:
+        raise JobError(f"the report could not make the chart library (vl-convert: "
+                       f"{made.stderr.decode('utf-8', 'replace').strip().splitlines()[-1:]})")
+    return made.stdout.decode("utf-8")
 
 
 def _script_safe(js: str) -> str:
     return js.replace("</script", "<\\/script")
 
 
-def _write(path: Path, body: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+def _pieces(body: list[bytes]) -> Callable[[IO[bytes]], object]:
+    """The page written piece by piece: never one more copy of the whole page."""
+    return lambda f: [f.write(piece) for piece in body]

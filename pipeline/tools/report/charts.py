@@ -1,5 +1,6 @@
-"""The report's charts: Vega-Lite specs made with Altair from every row's figures (binned here with
-NumPy, so a million rows make a spec of a few kilobytes), drawn in the page by vega-embed.
+"""The report's charts: Vega-Lite specs made with Altair from every row's figures (binned as the
+output is read, pipeline.tools.report.figures, so a million rows make a spec of a few kilobytes),
+drawn in the page by vega-embed.
 
     specs = charts(data)            # {"title": ..., "spec": {...}} per chart, in the page's order
 """
@@ -11,39 +12,33 @@ from typing import Any
 
 import altair as alt
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .collect import ReportData
+from .figures import Figures
 
 __all__ = ["charts", "WIDTH"]
 
 WIDTH = 380
 HEIGHT = 180
-BINS = 40
-MAX_LABEL_VALUES = 30  # a label with more distinct values (free text) gets no distribution chart
 
 
 def charts(data: ReportData) -> list[dict[str, Any]]:
-    t = data.figures
+    f = data.figures
     out = [
-        _chart("Rows done over time", "rows answered per minute (every row with a time)", _throughput(t)),
-        _chart("Latency", "per answered row, ms: p50, p90 and p99 marked", _latency(t)),
-        _chart("Attempts per row", "requests a row took", _counts(t, "attempts", "attempts")),
-        _chart("Errors by kind", "failed rows", _counts(t.filter(pc.fill_null(pc.not_equal(t["status"], "ok"), True))
-                                                        if t.num_rows else t, "error_kind", "kind", horizontal=True,
-                                                        empty="no failed rows")),
+        _chart("Rows done over time", "rows answered per minute (every row with a time)", _throughput(f)),
+        _chart("Latency", "per answered row, ms: p50, p90 and p99 marked", _latency(f)),
+        _chart("Attempts per row", "requests a row took", _counts(f, "attempts", "attempts")),
+        _chart("Errors by kind", "failed rows", _counts(f, "error_kind", "kind", horizontal=True, empty="no failed rows")),
         _chart("429s and pauses per run", "rate-limit answers and the time they paused every request", _pauses(data)),
-        _chart("Tokens per row", "total tokens (prompt + completion)", _histogram(t, "total_tokens", "tokens")),
+        _chart("Tokens per row", "total tokens (prompt + completion)", _histogram(f, "total_tokens", "tokens")),
     ]
-    if "cost" in t.column_names and t["cost"].null_count < t.num_rows:
-        out.append(_chart("Cost per row", "from [pricing], every attempt of the row", _histogram(t, "cost", "cost")))
+    if f.histogram("cost") is not None:
+        out.append(_chart("Cost per row", "from [pricing], every attempt of the row", _histogram(f, "cost", "cost")))
     for name in data.labels:
-        col = t[name]
-        if pa.types.is_floating(col.type):
-            out.append(_chart(f"Label: {name}", "distribution of the label's values", _histogram(t, name, name)))
-        elif len(pc.unique(col)) <= MAX_LABEL_VALUES:
-            out.append(_chart(f"Label: {name}", "rows per value", _counts(t, name, name, horizontal=True)))
+        if name in f.floats:
+            out.append(_chart(f"Label: {name}", "distribution of the label's values", _histogram(f, name, name)))
+        elif f.counts(name) is not None:
+            out.append(_chart(f"Label: {name}", "rows per value", _counts(f, name, name, horizontal=True)))
     return out
 
 
@@ -61,13 +56,13 @@ def _empty(what: str) -> alt.Chart:
     return alt.Chart(alt.Data(values=[{"text": what}])).mark_text(size=13, color="#888").encode(text="text:N")
 
 
-def _throughput(t: pa.Table) -> alt.Chart:
-    if "finished_at" not in t.column_names or t["finished_at"].null_count == t.num_rows:
+def _throughput(f: Figures) -> alt.Chart:
+    found = f.histogram("finished_at")
+    if found is None:
         return _empty("no row has a time (written by an earlier version)")
-    times = t["finished_at"].drop_null().to_numpy()
-    start, end = float(times.min()), float(times.max())
-    width = max(0.01, (end - start) / BINS)  # a run of a second still gets its shape
-    counts, edges = np.histogram(times, bins=np.arange(start, end + 2 * width, width))
+    counts, edges = found
+    start, end = float(edges[0]), float(edges[-2])
+    width = float(edges[1] - edges[0])
     values = [{"time": datetime.fromtimestamp(e, timezone.utc).isoformat(), "per_min": c * 60.0 / width,
                "done": int(d)} for e, c, d in zip(edges[1:], counts, np.cumsum(counts))]
     fmt = "%H:%M:%S" if end - start < 86400 else "%b %d %H:%M"
@@ -78,24 +73,22 @@ def _throughput(t: pa.Table) -> alt.Chart:
     return alt.layer(rate, done).resolve_scale(y="independent")
 
 
-def _latency(t: pa.Table) -> alt.LayerChart | alt.Chart:
-    ok = t.filter(pc.equal(t["status"], "ok")) if t.num_rows else t
-    if "latency_ms" not in ok.column_names or ok["latency_ms"].null_count == ok.num_rows:
+def _latency(f: Figures) -> alt.LayerChart | alt.Chart:
+    if f.histogram("latency_ms") is None:
         return _empty("no answered row")
-    hist = _histogram(ok, "latency_ms", "ms")
-    lat = ok["latency_ms"].drop_null().to_numpy()
-    marks = [{"p": f"p{q}", "ms": float(np.percentile(lat, q))} for q in (50, 90, 99)]
+    hist = _histogram(f, "latency_ms", "ms")
+    marks = [{"p": f"p{q}", "ms": ms} for q, ms in zip((50, 90, 99), f.percentiles("latency_ms", (50, 90, 99)))]
     rules = alt.Chart(alt.Data(values=marks)).mark_rule(color="#c0392b").encode(x="ms:Q", tooltip=["p:N", "ms:Q"])
     text = alt.Chart(alt.Data(values=marks)).mark_text(align="left", dx=3, dy=-60, color="#c0392b").encode(
         x="ms:Q", text="p:N")
     return alt.layer(hist, rules, text)
 
 
-def _histogram(t: pa.Table, column: str, title: str) -> alt.Chart:
-    if column not in t.column_names or t[column].null_count == t.num_rows:
+def _histogram(f: Figures, column: str, title: str) -> alt.Chart:
+    found = f.histogram(column)
+    if found is None:
         return _empty(f"no {title}")
-    values = t[column].drop_null().to_numpy().astype(float)
-    counts, edges = np.histogram(values, bins=min(BINS, max(1, len(np.unique(values)))))
+    counts, edges = found
     rows = [{"from": float(a), "to": float(b), "rows": int(c)} for a, b, c in zip(edges[:-1], edges[1:], counts)]
     return alt.Chart(alt.Data(values=rows)).mark_bar(color="#4c78a8").encode(
         x=alt.X("from:Q", bin="binned", title=title), x2="to:Q",
@@ -103,12 +96,12 @@ def _histogram(t: pa.Table, column: str, title: str) -> alt.Chart:
         tooltip=["from:Q", "to:Q", "rows:Q"])
 
 
-def _counts(t: pa.Table, column: str, title: str, horizontal: bool = False, empty: str = "no rows") -> alt.Chart:
-    if column not in t.column_names or t.num_rows == 0:
+def _counts(f: Figures, column: str, title: str, horizontal: bool = False, empty: str = "no rows") -> alt.Chart:
+    counts = f.counts(column)
+    if not counts:
         return _empty(empty)
-    counts = pc.value_counts(pc.cast(t[column], pa.string()) if not pa.types.is_integer(t[column].type) else t[column])
-    rows = [{"value": "(none)" if v["values"] is None else v["values"], "rows": v["counts"]} for v in counts.to_pylist()]
-    kind = "Q" if pa.types.is_integer(t[column].type) and not horizontal else "N"
+    rows = [{"value": "(none)" if v is None else v, "rows": n} for v, n in counts]
+    kind = "Q" if f.integer(column) and not horizontal else "N"
     value = alt.X(f"value:{'O' if kind == 'Q' else 'N'}", title=title, sort="-y" if not horizontal else None)
     chart = alt.Chart(alt.Data(values=rows)).mark_bar(color="#4c78a8")
     axis = _count_axis(max(r["rows"] for r in rows))

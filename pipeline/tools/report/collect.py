@@ -1,6 +1,7 @@
 """What a report shows, read from a job's output and checkpoint (nothing is sent, nothing locked):
 the gallery's rows (all of them, or a stated sample within the size cap), every row's figures for
-the charts, the job's settings without secrets, and the run history.
+the charts, the job's settings without secrets, and the run history. The output is read a part
+file at a time, twice: memory stays flat in the number of rows (bench: report_scale).
 
     data = collect(job, max_bytes=20 * MB)
     data.rows, data.sampling, data.figures, data.settings, data.history
@@ -18,8 +19,9 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,6 +35,7 @@ from ...redact import Redactor
 from ...rows.files import LocalFiles
 from ...rows.images import MB, parse_data_uri
 from ...rows.values import Blob, image_values, kind_of
+from .figures import Figures
 
 __all__ = ["ReportData", "collect", "THUMB_PX", "TEXT_CHARS"]
 
@@ -56,29 +59,52 @@ class ReportData:
     labels: list[str]
     image_column: str | None
     prompt_column: str | None
-    figures: pa.Table  # every row's figures, for the charts
+    figures: Figures  # every row's figures, gathered for the charts
     state: dict[str, Any]
     settings: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) -> ReportData:
-    """`max_bytes`: the page's cap; `fixed_bytes`: what it holds besides (the chart library)."""
-    table = PartStore.for_output(job.output).read_all()
+    """`max_bytes`: the page's cap; `fixed_bytes`: what it holds besides (the chart library).
+    Two streaming passes over the part files, one at a time: the first sizes the rows and finds the
+    figures' ranges, the second bins the figures and takes the rows the page holds."""
+    store = PartStore.for_output(job.output)
+    names = sorted(n for n in store.names() if n.startswith("part-") and n.endswith(".parquet"))
     ckpt = Checkpoint(job.output.checkpoint)
     plan = ckpt.load_plan()
     labels = list(job.labels.schema.get("properties", {})) if job.labels is not None else []
-    chosen, sampling = _sample(table, job, max_bytes, fixed_bytes)
-    rows = _rows(table.take(pa.array(chosen, pa.int64())) if table.num_rows else table, job, labels, redactor)
-    keep = [c for c in ("status", "error_kind", "attempts", "latency_ms", "prompt_tokens", "completion_tokens",
-                        "total_tokens", "cost", "finished_at", *labels) if c in table.column_names]
+    figures = Figures(labels)
+    sizes = _Sizes()
+    for part in _parts(store, names):
+        figures.first(part)
+        sizes.add(part, job)
+    figures.settle()
+    pick = sizes.rule(max(0, max_bytes - fixed_bytes - PAGE_BYTES), max_bytes)
+    rows: list[dict[str, Any]] = []
+    for part in _parts(store, names):
+        figures.second(part)
+        chosen = pick.take(part)
+        if chosen:
+            rows += _rows(part.take(pa.array(chosen, pa.int64())), job, labels, redactor)
     return ReportData(
         job=job.name, output=display(job.output.path), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rows=rows,
-        total=table.num_rows, sampling=sampling, labels=[name for name in labels if name in table.column_names],
-        image_column=job.input.image_column, prompt_column=job.input.prompt_column, figures=table.select(keep),
+        total=sizes.n, sampling=pick.sampling, labels=[name for name in labels if name in figures.present],
+        image_column=job.input.image_column, prompt_column=job.input.prompt_column, figures=figures,
         state=dataset_state(plan, ckpt.commits()) if plan is not None else {},
         settings=settings(job), history=[_run(r) for r in ckpt.history()],
     )
+
+
+def _parts(store: PartStore, names: list[str]) -> Iterator[pa.Table]:
+    """The output's part files, one at a time, in shard (manifest) order."""
+    pool = pa.default_memory_pool()
+    for name in names:
+        part = store.read_table(name)
+        if part is not None and part.num_rows:
+            yield part
+        del part
+        pool.release_unused()  # what decoding a part took goes back: memory flat in parts read
 
 
 def _lengths(table: pa.Table, name: str) -> Any:
@@ -91,11 +117,8 @@ def _lengths(table: pa.Table, name: str) -> Any:
     return pc.multiply(pc.min_element_wise(pc.fill_null(pc.binary_length(col), 0), TEXT_CHARS * 4), 11)
 
 
-def _sample(table: pa.Table, job: Job, max_bytes: int, fixed_bytes: int = 0) -> tuple[list[int], str | None]:
-    """Which rows the page holds (positions), and the rule when not all of them."""
-    n = table.num_rows
-    if n == 0:
-        return [], None
+def _row_sizes(table: pa.Table, job: Job) -> np.ndarray:
+    """What each row is reckoned to take in the page: texts, a thumbnail or a link."""
     texts = pc.add(_lengths(table, "answer"), pc.add(_lengths(table, "reasoning"), _lengths(table, "error")))
     size = pc.add(pa.scalar(ROW_BYTES), pc.divide(texts, 10))
     if job.input.image_column and job.input.image_column in table.column_names and not holds_bytes(
@@ -105,26 +128,70 @@ def _sample(table: pa.Table, job: Job, max_bytes: int, fixed_bytes: int = 0) -> 
         thumbs = pc.fill_null(pc.and_(pc.greater(pc.utf8_length(cells), 0), pc.invert(pc.starts_with(cells, "http"))), False)
         size = pc.add(size, pc.add(pc.multiply(pc.cast(thumbs, pa.int64()), THUMB_BYTES),
                                    pc.fill_null(pc.min_element_wise(pc.utf8_length(cells), 2048), 0)))
-    sizes = size.to_numpy(zero_copy_only=False) if isinstance(size, pa.ChunkedArray) else [int(size.as_py())] * n
-    budget = max(0, max_bytes - fixed_bytes - PAGE_BYTES)
-    if sum(sizes) <= budget:
-        return list(range(n)), None
-    failed_mask = pc.fill_null(pc.not_equal(table.column("status"), "ok"), True).to_pylist()
-    failed = [i for i in range(n) if failed_mask[i]]
-    others = [i for i in range(n) if not failed_mask[i]]
-    f_size = sum(sizes[i] for i in failed)
-    if f_size > budget:  # even the failed rows do not fit: an even sample of them, nothing else
-        step = math.ceil(f_size / budget) if budget else len(failed) + 1
-        kept = failed[::step]
-        return kept, (f"the page holds {len(kept):,} of {n:,} rows (the cap is {max_bytes / MB:g} MB): every "
-                      f"{_nth(step)} failed row, in manifest order; the charts count every row")
-    left = budget - f_size
-    o_size = sum(sizes[i] for i in others)
-    step = max(1, math.ceil(o_size / left)) if left > 0 else len(others) + 1
-    kept = sorted(failed + others[::step])
-    return kept, (f"the page holds {len(kept):,} of {n:,} rows (the cap is {max_bytes / MB:g} MB): all "
-                  f"{len(failed):,} failed rows, then every {_nth(step)} other row in manifest order; "
-                  f"the charts count every row")
+    if isinstance(size, (pa.ChunkedArray, pa.Array)):
+        return np.asarray(size.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return np.full(table.num_rows, float(size.as_py()))
+
+
+def _failed(table: pa.Table) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.not_equal(table.column("status"), "ok"), True).to_numpy(zero_copy_only=False))
+
+
+class _Sizes:
+    """The first pass's sums: rows, failed rows, and what each kind would take in the page."""
+
+    def __init__(self) -> None:
+        self.n = self.failed = 0
+        self.failed_bytes = self.other_bytes = 0.0
+
+    def add(self, part: pa.Table, job: Job) -> None:
+        sizes, failed = _row_sizes(part, job), _failed(part)
+        self.n += part.num_rows
+        self.failed += int(failed.sum())
+        self.failed_bytes += float(sizes[failed].sum())
+        self.other_bytes += float(sizes[~failed].sum())
+
+    def rule(self, budget: int, max_bytes: int) -> _Pick:
+        """Every row when all fit; else every failed row (an even sample of them if even they do
+        not fit), then an even sample of the others (every k-th, in manifest order)."""
+        n, others = self.n, self.n - self.failed
+        if self.failed_bytes + self.other_bytes <= budget:
+            return _Pick(1, 1, None)
+        cap = f"the page holds {{kept:,}} of {n:,} rows (the cap is {max_bytes / MB:g} MB): "
+        if self.failed_bytes > budget:
+            step = math.ceil(self.failed_bytes / budget) if budget else self.failed + 1
+            return _Pick(step, 0, cap + f"every {_nth(step)} failed row, in manifest order; the charts count every row")
+        left = budget - self.failed_bytes
+        step = max(1, math.ceil(self.other_bytes / left)) if left > 0 else others + 1
+        return _Pick(1, step, cap + f"all {self.failed:,} failed rows, then every {_nth(step)} other row in manifest "
+                                    f"order; the charts count every row")
+
+
+class _Pick:
+    """The second pass's choice, part by part: every `failed_step`-th failed row and every
+    `other_step`-th other row (0: none), counted across parts in manifest order."""
+
+    def __init__(self, failed_step: int, other_step: int, rule: str | None) -> None:
+        self.failed_step, self.other_step, self.rule = failed_step, other_step, rule
+        self.failed_seen = self.others_seen = self.kept = 0
+
+    def take(self, part: pa.Table) -> list[int]:
+        chosen = []
+        for i, failed in enumerate(_failed(part).tolist()):
+            if failed:
+                if self.failed_seen % self.failed_step == 0:
+                    chosen.append(i)
+                self.failed_seen += 1
+            else:
+                if self.other_step and self.others_seen % self.other_step == 0:
+                    chosen.append(i)
+                self.others_seen += 1
+        self.kept += len(chosen)
+        return chosen
+
+    @property
+    def sampling(self) -> str | None:
+        return None if self.rule is None else self.rule.format(kept=self.kept)
 
 
 def _nth(k: int) -> str:

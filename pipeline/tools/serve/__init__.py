@@ -46,6 +46,7 @@ it has no network; for video parts (`video_url`, DashScope's `video`) their kind
   finalizing and completed at the pace of `batch_validating_s`, `batch_in_progress_s` and
   `batch_finalizing_s`, its answers composed as online ones; `batch_line_faults`, `batch_outcome`
   ("failed", "expired"), `batch_shuffle_output` and cancels rehearse what a batch executor meets;
+  POST /admin/batch_clock `{"advance_s": N}` ages every batch N seconds at once (tests);
 - usage as OpenAI reports it: `prompt_tokens` (85 per image or video, the text at four characters
   a token), `completion_tokens`, and the details `prompt_tokens_details.image_tokens` (85 per image),
   `prompt_tokens_details.cached_tokens` (a fixed `cached_prompt_tokens` per answer, at most its

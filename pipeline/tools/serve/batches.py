@@ -6,6 +6,9 @@ from the time since it was created, read whenever it is asked for (no background
 for `batch_finalizing_s` and `completed`. A cancel makes it `cancelling` for `batch_cancelling_s`,
 then `cancelled` with the lines done by the cancel. Its output and error files are composed once,
 on the first read after it ended (`settle`), in a thread.
+
+The time is the store's batch clock (`now`): the wall clock plus what POST /admin/batch_clock
+{"advance_s": N} moved it forward, so a test makes a day-long batch end without waiting for it.
 """
 
 from __future__ import annotations
@@ -143,9 +146,19 @@ class BatchStore:
         self.batches: dict[str, Batch] = {}
         self.files_uploaded = 0
         self.batches_created = 0
+        self.advanced = 0.0  # seconds the batch clock was moved ahead of the wall clock
+
+    def now(self) -> float:
+        """The batch clock: what every status, count and timestamp is read at."""
+        return time.time() + self.advanced
+
+    def advance(self, seconds: float) -> float:
+        """Move the batch clock forward (never back: a batch's status never goes back either)."""
+        self.advanced += max(0.0, seconds)
+        return self.now()
 
     def add_file(self, filename: str, purpose: str, data: bytes, *, uploaded: bool = True) -> StoredFile:
-        stored = StoredFile(f"file-{uuid.uuid4().hex[:24]}", filename, purpose, data, int(time.time()))
+        stored = StoredFile(f"file-{uuid.uuid4().hex[:24]}", filename, purpose, data, int(self.now()))
         self.files[stored.id] = stored
         self.files_uploaded += uploaded
         return stored
@@ -156,7 +169,7 @@ class BatchStore:
         if not errors and self.opts.batch_outcome == "failed":
             errors = [{"code": "token_limit_exceeded", "message": _TOKEN_LIMIT, "param": None, "line": None}]
         batch = Batch(f"batch_{uuid.uuid4().hex}", self.opts, source.id, endpoint, completion_window, metadata,
-                      time.time(), requests, errors, [line_fault(r.prompt, self.opts) is not None for r in requests])
+                      self.now(), requests, errors, [line_fault(r.prompt, self.opts) is not None for r in requests])
         self.batches[batch.id] = batch
         self.batches_created += 1
         return batch

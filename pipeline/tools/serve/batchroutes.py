@@ -4,13 +4,13 @@ behind the same `api_key` check as chat completions:
     POST /v1/files (multipart: purpose=batch, file=*.jsonl)   GET /v1/files   GET /v1/files/{id}
     GET /v1/files/{id}/content   DELETE /v1/files/{id}
     POST /v1/batches   GET /v1/batches[?limit=&after=]   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
+    POST /admin/batch_clock {"advance_s": N}   (tests: the batch clock N seconds ahead; no key asked)
 
 What a batch does over time, and its files: `batches.py`; its lines: `batchfile.py`.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
@@ -35,6 +35,16 @@ def add_batch_routes(app: web.Application) -> None:
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, _keyed(handler))
+    app.router.add_post("/admin/batch_clock", _advance)
+
+
+async def _advance(request: web.Request) -> web.Response:
+    """POST /admin/batch_clock {"advance_s": N}: every batch is N seconds older from now on."""
+    try:
+        seconds = float((await request.json())["advance_s"])
+    except (ValueError, KeyError, TypeError):
+        return openai_error(400, "Send {\"advance_s\": seconds}.", "advance_s")
+    return web.json_response({"now": request.app[STATE].batches.advance(seconds)})
 
 
 def _keyed(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -133,14 +143,14 @@ async def _create(request: web.Request, store: BatchStore) -> web.Response:
         return openai_error(400, f"The input file {source.id} has purpose {source.purpose!r}, not 'batch'.",
                             "input_file_id", "invalid_value")
     batch = store.create(source, body["endpoint"], body["completion_window"], metadata)
-    return web.json_response(batch.to_dict(time.time()))
+    return web.json_response(batch.to_dict(store.now()))
 
 
 async def _batch(request: web.Request, store: BatchStore) -> web.Response:
     batch = store.batches.get(request.match_info["id"])
     if batch is None:
         return openai_error(404, f"No batch found with id '{request.match_info['id']}'.", "batch_id")
-    now = time.time()
+    now = store.now()
     await store.settle(batch, now)
     return web.json_response(batch.to_dict(now))
 
@@ -157,7 +167,7 @@ async def _list_batches(request: web.Request, store: BatchStore) -> web.Response
     after = request.query.get("after")
     if after is not None:
         newest = newest[newest.index(after) + 1:] if after in newest else []
-    now = time.time()
+    now = store.now()
     page = [store.batches[i] for i in newest[:limit]]
     for batch in page:
         await store.settle(batch, now)
@@ -170,7 +180,7 @@ async def _cancel(request: web.Request, store: BatchStore) -> web.Response:
     batch = store.batches.get(request.match_info["id"])
     if batch is None:
         return openai_error(404, f"No batch found with id '{request.match_info['id']}'.", "batch_id")
-    now = time.time()
+    now = store.now()
     status = batch.status(now)
     if status in ENDED:
         await store.settle(batch, now)

@@ -19,23 +19,23 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from typing import Any
 
 from ...config.serve import ServeOptions
+from ...net.concurrency import Places
 
 __all__ = ["Capacity", "follow_schedule", "SCHEDULE_TICK_S"]
 
 SCHEDULE_TICK_S = 0.02  # how often `capacity_schedule` is looked at
 
 
-class Capacity:
-    """Places in service and the queue of those waiting for one; the counts /stats reports."""
+class Capacity(Places):
+    """Places in service and the queue of those waiting for one (net.concurrency.Places: a freed
+    place goes to the oldest waiter, taken for it before it resumes); the counts /stats reports."""
 
     def __init__(self, opts: ServeOptions) -> None:
+        super().__init__()
         self.opts = opts
-        self.busy = 0  # in service now, also while the capacity is 0 (a later limit counts them)
-        self.waiting: deque[asyncio.Future[None]] = deque()
         self.restart()
 
     def restart(self) -> None:
@@ -49,51 +49,26 @@ class Capacity:
         self.rejected = 0
         self.tick()
 
-    def _free(self) -> bool:
-        return self.limit <= 0 or self.busy < self.limit
+    def free(self) -> bool:
+        return self.limit <= 0 or self.busy < self.limit  # busy counts also while the capacity is 0
 
     def _take(self) -> None:
-        self.busy += 1
+        super()._take()
         self.max_busy = max(self.max_busy, self.busy)
 
     async def enter(self) -> bool:
         """Wait for a place, in arrival order; False at once when the queue is full."""
-        if not self.waiting and self._free():
-            self._take()
-            return True
         bound = self.opts.queue_limit
-        if bound is not None and len(self.waiting) >= bound:
+        if (self.waiting or not self.free()) and bound is not None and len(self.waiting) >= bound:
             self.rejected += 1
             return False
-        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append(place)
-        self.max_queued = max(self.max_queued, len(self.waiting))
-        try:
-            await place
-        except asyncio.CancelledError:
-            if place.done() and not place.cancelled():
-                self.leave()  # handed a place just as it was cancelled: pass it on
-            elif place in self.waiting:
-                self.waiting.remove(place)
-            raise
+        self.max_queued = max(self.max_queued, len(self.waiting) + (1 if self.waiting or not self.free() else 0))
+        await self.take()
         return True
-
-    def leave(self) -> None:
-        self.busy -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        """Hand free places to the oldest waiters (the place is taken for them, so no newcomer
-        arriving before they resume can get it first)."""
-        while self.waiting and self._free():
-            place = self.waiting.popleft()
-            if not place.done():
-                self._take()
-                place.set_result(None)
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
-        self._wake()
+        self.wake()
 
     def tick(self) -> None:
         """Apply the schedule's step whose time has come (once: a POST after it holds until the next)."""

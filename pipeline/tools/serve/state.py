@@ -62,7 +62,7 @@ class ServeState:
             **self.capacity.stats(),
             "connections": len(self.peers),
             "redirects_followed": self.redirects_followed,
-            **self.batches.stats(time.time()),
+            **self.batches.stats(self.batches.now()),
         }
 
 

@@ -1,0 +1,111 @@
+"""Telling someone a run ended: `[notify] command` (the summary JSON on its stdin) and `webhook`
+(the summary POSTed as JSON with a Slack-style `text` line), on the endings `on` names.
+
+    notify(job, summary, console)        # after last_run.json is written; never raises
+
+How a run ended, by exit code: "success" 0; "failure" 1, 2, 4 (failed rows, a bad manifest, a
+local failure); "stopped" 3, 130, 143 (the provider, a signal); "waiting" 5 (batches still at the
+provider); "locked" 75 (the job was already running). The command and the webhook run at once,
+each cut off after `timeout_s` (the command's whole process group is killed). A notifier that
+fails, hangs or is missing is a warning: it never changes the run's exit code, and the answers
+are already written by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+from typing import Any
+
+from ..config import Job
+from ..config.notify import NotifyConfig
+from .console import Console
+
+__all__ = ["notify", "ending", "summary_text"]
+
+_ENDINGS = {0: "success", 1: "failure", 2: "failure", 4: "failure", 3: "stopped", 130: "stopped", 143: "stopped",
+            5: "waiting", 75: "locked"}
+OUTPUT_SHOWN = 300  # characters of a failed command's output shown in the warning
+
+
+def ending(code: int) -> str:
+    return _ENDINGS.get(code, "failure")
+
+
+def summary_text(summary: dict[str, Any], how: str) -> str:
+    """One line for a chat channel."""
+    head = f"pipeline {summary.get('job')} on {socket.gethostname()}: {how} (exit {summary.get('exit_code')})"
+    if "rows" in summary:
+        head += (f": {summary.get('ok', 0)} ok, {summary.get('failed', 0)} failed, {summary.get('pending', 0)} pending "
+                 f"of {summary['rows']} rows")
+    why = (summary.get("stopped") or {}).get("message") or summary.get("error")
+    return f"{head}; {why}" if why else head
+
+
+def notify(job: Job, summary: dict[str, Any], console: Console) -> None:
+    """Run the notifiers the job asks for on this ending; never raises, never waits past timeout_s."""
+    cfg = job.notify
+    how = ending(int(summary.get("exit_code", 4)))
+    if cfg is None or how not in cfg.on:
+        return
+    payload = console.redactor.scrub_record({**summary, "ending": how, "text": summary_text(summary, how)})
+    body = json.dumps(payload, ensure_ascii=False, default=str).encode()
+    try:
+        done = asyncio.run(_both(cfg, body, console))
+    except Exception as exc:  # noqa: BLE001 - telling someone must never change how the run ended
+        console.say(f"warning: could not notify ({type(exc).__name__}: {exc})", event="notify_failed")
+        return
+    if done:
+        console.say(f"note: notified ({', '.join(done)}) of the run's ending: {how}", event="notified", ending=how)
+
+
+async def _both(cfg: NotifyConfig, body: bytes, console: Console) -> list[str]:
+    jobs = []
+    if cfg.command:
+        jobs.append(("command", _command(cfg, body)))
+    if cfg.webhook:
+        jobs.append(("webhook", _webhook(cfg, body)))
+    results = await asyncio.gather(*(work for _, work in jobs), return_exceptions=True)
+    done = []
+    for (what, _), result in zip(jobs, results):
+        if isinstance(result, BaseException):
+            reason = f"cut off after {cfg.timeout_s:g}s" if isinstance(result, asyncio.TimeoutError) else \
+                f"{type(result).__name__}: {result}"
+            console.say(f"warning: the notify {what} failed ({reason}); the run's result is unchanged",
+                        event="notify_failed", notifier=what)
+        else:
+            done.append(what)
+    return done
+
+
+async def _command(cfg: NotifyConfig, body: bytes) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *cfg.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True)  # its own group: a timeout kills what it started too
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(body), cfg.timeout_s)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        said = out.decode("utf-8", "replace").strip()[-OUTPUT_SHOWN:]
+        raise RuntimeError(f"{cfg.command[0]} exited with {proc.returncode}" + (f": {said}" if said else ""))
+
+
+async def _webhook(cfg: NotifyConfig, body: bytes) -> None:
+    import aiohttp
+
+    assert cfg.webhook is not None
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:  # HTTPS_PROXY, NO_PROXY
+        async with session.post(cfg.webhook, data=body, headers={"Content-Type": "application/json"},
+                                allow_redirects=False) as resp:
+            await resp.read()
+            if resp.status >= 300:
+                raise RuntimeError(f"the webhook answered HTTP {resp.status}")
