@@ -58,10 +58,10 @@ AUTO = Auto()
 
 def setting(default: Any = dataclasses.MISSING, *, doc: str, check: Check | None = None,
             default_factory: Any = dataclasses.MISSING, parse: Callable[..., Any] | None = None,
-            key: bool = True) -> Any:
+            key: bool = True, kind: str | None = None) -> Any:
     """A field of a Table. `parse(value, where, base)` replaces the type-driven reading;
-    `key=False`: not read from the file (set by the loader)."""
-    meta = {"doc": doc, "check": check, "parse": parse, "key": key}
+    `key=False`: not read from the file (set by the loader); `kind`: its type as the README says it."""
+    meta = {"doc": doc, "check": check, "parse": parse, "key": key, "kind": kind}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -234,7 +234,7 @@ def keys_markdown(tables: list[type[Table]]) -> str:
                 if f.metadata.get("doc") and f.default_factory is dict:
                     out.append(f"| any other key | any | | {f.metadata['doc']} |")
                 continue
-            out.append(f"| `{f.name}` | {_type_text(hints[f.name])} | {_default_text(f)} | {f.metadata['doc']} |")
+            out.append(f"| `{f.name}` | {f.metadata.get('kind') or _type_text(hints[f.name])} | {_default_text(f)} | {f.metadata['doc']} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

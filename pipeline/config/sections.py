@@ -31,6 +31,7 @@ from .fields import (
 )
 from .apis import Api
 from .headers import headers_problem
+from .inputs import MANIFEST_FORMATS, InputConfig
 from .labels import LabelsConfig, schema_problem
 from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url, object_prefix
@@ -41,7 +42,6 @@ __all__ = [
     "schema_problem", "default_cache_folder",
 ]
 
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
 
 
@@ -59,33 +59,6 @@ def _number_or_auto(kind: type) -> Any:
             return AUTO
         return read_value(value, kind, where, base)
     return parse
-
-
-def _manifest_format(path: Path) -> str | None:
-    fmt = MANIFEST_FORMATS.get(path.suffix.lower())
-    return None if fmt is not None else f"unsupported manifest type {path.suffix!r}; use .csv, .jsonl or .parquet"
-
-
-@dataclass(frozen=True)
-class InputConfig(Table):
-    TABLE = "input"
-    path: Path = setting(doc="the manifest: .csv, .jsonl or .parquet", check=_manifest_format)
-    id_column: str | None = setting(None, doc="a row's id; without it, its row number (stable on append)")
-    image_column: str | None = setting(None, doc="an http(s) URL, data: URI or local path (relative to the manifest), or a list of them")
-    prompt_column: str | None = setting(None, doc="a row's own prompt")
-    video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
-    audio_column: str | None = setting(None, doc="an audio clip (local file, URL, data: URI, object URI, bytes) or a list of them; see [audio]")
-    storage_options: dict[str, Any] = setting(default_factory=dict, doc="passed to fsspec to read s3://, gs://, az:// "
-                                              "paths and image URIs (may hold credentials: scrubbed everywhere)")
-
-    @property
-    def format(self) -> str:
-        return MANIFEST_FORMATS[self.path.suffix.lower()]
-
-    def __repr__(self) -> str:  # storage_options may hold credentials
-        return (f"InputConfig(path={self.path!r}, id_column={self.id_column!r}, image_column={self.image_column!r}, "
-                f"prompt_column={self.prompt_column!r}, video_column={self.video_column!r}, "
-                f"audio_column={self.audio_column!r})")
 
 
 def _proxy_problem(value: str | None) -> str | None:

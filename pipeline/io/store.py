@@ -47,7 +47,8 @@ from ..errors import JobError
 from ..redact import Redactor, option_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
-__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_secrets"]
+__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_secrets",
+           "storage_failure"]
 
 # Credentials the backends read from the environment: scrubbed too, should a message echo one.
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
@@ -95,6 +96,19 @@ def storage_secrets(options: Mapping[str, Any]) -> list[str]:
     """Values that must never be shown: storage_options' credentials and the backends' env vars."""
     found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)] + option_secrets(dict(options))
     return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
+
+
+def storage_failure(label: str, what: str, place: str, exc: BaseException, options: Mapping[str, Any],
+                    then: str) -> JobError:
+    """The one shape of a backend's failure: one line naming the setting, what was done where, the
+    backend's own words with every secret scrubbed, and what to check (the output's store and the
+    input's sources both say it so)."""
+    if isinstance(exc, JobError):
+        return exc
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    scrubbed = Redactor(storage_secrets(options), placeholder="[secret]").scrub(detail)
+    return JobError(f"{label}: could not {what} {place}: {scrubbed} ({type(exc).__name__}); check the URL, the "
+                    f"credentials and {label.split()[0]} storage_options, then {then}")
 
 
 class _Secrets:
@@ -235,13 +249,8 @@ class FsspecStore(_Secrets):
 
     def _translated(self, what: str, exc: Exception) -> JobError:
         """The one place a backend's failure becomes a one-line JobError, its secrets scrubbed."""
-        if isinstance(exc, JobError):
-            return exc
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return JobError(
-            f"{self.label}: could not {what} {self}: {self.scrub(detail)} ({type(exc).__name__}); check the URL, "
-            f"the credentials and [output] storage_options, then run again (answers so far are kept in the checkpoint)"
-        )
+        return storage_failure(self.label, what, str(self), exc, self._options,
+                               "run again (answers so far are kept in the checkpoint)")
 
     def _path(self, name: str) -> str:
         return f"{self._remote()[1]}/{name}"

@@ -174,7 +174,8 @@ def _sample(rows: list[dict[str, Any]], max_bytes: int) -> tuple[list[int], str 
 
 def _thumbnails(rows: list[dict[str, Any]], sides: list[_Side]) -> None:
     """Each shown row's image cell (from the first job that has the row) as thumbnails or links."""
-    files = [LocalFiles.for_manifest(s.job.input.path, s.job.images.allowed_roots, base=s.job.files_base) for s in sides]
+    files = [LocalFiles.for_manifest(s.job.input.path, s.job.images.allowed_roots, base=s.job.files_base or s.job.input.local_base)
+             for s in sides]
 
     def images(row: dict[str, Any]) -> list[dict[str, str]]:
         cell, side = row.pop("image"), sides[row["source"]]
