@@ -22,12 +22,14 @@ from .fields import (
     Table,
     at_least,
     between,
+    choice,
     one_of,
     positive,
     read_value,
     setting,
     zero_or_more,
 )
+from .apis import Api
 from .headers import headers_problem
 from .inputs import MANIFEST_FORMATS, InputConfig
 from .labels import LabelsConfig, schema_problem
@@ -81,6 +83,8 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    api: Api = setting(Api.CHAT, parse=choice(Api), check=lambda v: None if isinstance(v, Api) else f"must be an Api, not {v!r}",
+                       doc='"chat": POST /chat/completions; "responses": POST /responses (OpenAI\'s Responses API)')
     headers: dict[str, str] = setting(default_factory=dict, check=headers_problem,
                                       doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
                                           'part of the request cache\'s key unless billing or tracing only, a secret '
@@ -89,7 +93,7 @@ class EndpointConfig(Table):
     @property
     def url(self) -> str:
         assert self.base_url is not None, "a [serve] job's base_url is set when its endpoint starts"
-        return self.base_url.rstrip("/") + "/chat/completions"
+        return self.base_url.rstrip("/") + self.api.path
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,7 @@ class _BatchRun:
     async def _create(self, api: BatchAPI, batch: Batch) -> None:
         found = await api.find(batch.name)  # created by a run that died before writing its id down
         if found is None:
-            found = await api.create(batch.file_id or "", self.job.run.batch_window,
+            found = await api.create(batch.file_id or "", self.job.endpoint.api.batch_url, self.job.run.batch_window,
                                      {"pipeline_job": self.job.name, "pipeline_batch": batch.name})
             crash_point("batch_after_create")
         batch.batch_id = str(found["id"])
@@ -298,7 +298,7 @@ class _BatchRun:
                     self._settle(shard.index, row_id, error_row(row_id, err, attempts=0), None)
                     touched.add(shard.index)
                     continue
-                line = request_line(row_id, built.body)
+                line = request_line(row_id, built.body, self.job.endpoint.api)
                 if rows and (len(rows) >= cap_lines or size + len(line) > cap_bytes):
                     await self._send(api, rows, lines)
                     lines, rows, size = [], [], 0

@@ -71,7 +71,7 @@ async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: C
                     except InputError:
                         skipped += 1
                         continue
-                    f.write(request_line(row_id, built.body))
+                    f.write(request_line(row_id, built.body, job.endpoint.api))
                     count += 1
     finally:
         await builder.aclose()
