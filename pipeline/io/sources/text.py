@@ -138,7 +138,7 @@ class _TextSource(FileSource):
         info = plan.file_of(shard)
         with self.place.open(plan.single, info.name) as f:
             body = read_range(f, shard.start, shard.end)
-        quiet = PlanState(Problems(self.cfg), None, plan.single, decode_schema(plan.schema), plan.max_record)
+        quiet = PlanState(Problems(self.cfg), None, plan.single, decode_schema(plan.schema), max_record=plan.max_record)
         return self._shard_ids(shard, base64.b64decode(info.header), body, quiet, [0])
 
     # -- reading ----------------------------------------------------------------------------
