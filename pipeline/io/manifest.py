@@ -43,7 +43,7 @@ def current_plan(cfg: InputConfig, shard_rows: int, old: Plan | None) -> tuple[P
     listing is read when no file changed; else the files added or changed are planned (the
     others keep their shards), and rows already planned that changed, or files gone, are refused."""
     source = source_for(cfg, old.format if old is not None and cfg.format is None else None)
-    listing = source.list()
+    listing = source.listing()
     if old is not None and old.single != listing.single:  # the rows' ids would change: all sent again
         was, now = ("one file", "a set of files") if old.single else ("a set of files", "one file")
         raise JobError(f"[input] path: this job's checkpoint was made from {was} and the path now names {now}; its "

@@ -116,7 +116,7 @@ class Source:
     def accept(self, name: str) -> bool:
         return name.lower().endswith(self.suffixes)
 
-    def list(self) -> Listing:
+    def listing(self) -> Listing:
         listing = self.place.listing(self.accept)
         if not listing.files:
             what = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items())) or "no files"
@@ -186,7 +186,7 @@ class FileSource(Source):
                     checked=True, single=listing.single)
 
     def plan(self, shard_rows: int, listing: Listing | None = None, previous: Plan | None = None) -> Plan:
-        listing = listing if listing is not None else self.list()
+        listing = listing if listing is not None else self.listing()
         keep = _keepable(previous, self.format, shard_rows, listing)
         state = PlanState(Problems(self.cfg, _name(self.cfg, listing)), None, listing.single)
         if self.cfg.id_column is not None:
