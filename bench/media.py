@@ -192,7 +192,7 @@ def memory(rows: int = ROWS, shard_sizes: tuple[int, ...] = (10_000, 1_000)) -> 
 # -- S3 vs local disk ------------------------------------------------------------------------
 
 
-def _moto() -> tuple[subprocess.Popen, str]:
+def _moto() -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -47,7 +47,7 @@ class Coordinator:
     time (a plain Ray actor), so its state needs no lock."""
 
     def __init__(self, limits: LimitsConfig) -> None:
-        self.budget = RateBudget(limits.requests_per_minute, limits.tokens_per_minute,
+        self.budget = RateBudget(*limits.fixed_rate(),
                                  burst=limits.burst, max_pause_s=limits.max_retry_after_s)
         self.reports: dict[str, dict[str, Any]] = {}  # attempt -> its latest counts
         self.stopped: tuple[str, str] | None = None  # (kind, message)

@@ -72,7 +72,7 @@ class MediaBuilder:
         self.cfg = cfg
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
-        self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots, base=files_base or inp.local_base)
+        self.files = LocalFiles.at(files_base or inp.local_base, cfg.allowed_roots)
         self.workers = Workers(cfg)
         self.objects = ObjectStore(inp.storage_options, object_roots(cfg.allowed_buckets, inp.path),
                                    threads=cfg.fetch_concurrency, timeout_s=cfg.fetch_timeout_s, redactor=redactor)

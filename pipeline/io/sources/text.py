@@ -122,12 +122,13 @@ class _TextSource(FileSource):
             rows = np.delete(rows, bad)
         else:
             try:
-                table = read_jsonl(body, state.schema, block)
+                read: pa.Table | None = read_jsonl(body, state.schema, block)
             except pa.ArrowInvalid:
-                table = None
-            if table is None or table.num_rows != shard.rows:
+                read = None
+            if read is None or read.num_rows != shard.rows:
                 diagnose_jsonl(body, state.schema, block, lambda i: state.row(name, shard.first_row + i), problems, budget)
                 return None
+            table = read
         if table.num_rows != rows.size:  # the scan and pyarrow disagree: a bug, never a guess
             found = table.num_rows + shard.rows - rows.size
             problems.add("unreadable", f"{where}: pyarrow reads {found} rows where the planner found {shard.rows}")
