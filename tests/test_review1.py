@@ -1,0 +1,101 @@
+"""Review 1 of the merges of issues 23, 25 and 27: failing tests for defects found (each names the
+finding). Real parts: the built-in endpoint, real runs, real Parquet, a real S3 API server."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import S3, job_dict, read_output, run_cli, url_manifest, write_job
+
+from pipeline.config import load_job
+from pipeline.redact import Redactor
+
+
+# -- F1: a [notify] argument (or any storage option value) that is an ordinary word rewrites the
+#    paid answers: the console's redactor, which every journaled row passes through, holds them.
+
+def test_notify_command_arguments_never_change_the_answers(tmp_path: Path, endpoint: Any) -> None:
+    manifest = url_manifest(tmp_path / "m.csv", 3)
+    plain = write_job(tmp_path / "plain.toml", job_dict(manifest, endpoint.base_url, tmp_path / "out-plain", name="plain"))
+    # the README's own example has ["--team", "vision"]; here words the built-in endpoint's answer holds
+    paged = write_job(tmp_path / "paged.toml", job_dict(
+        manifest, endpoint.base_url, tmp_path / "out-paged", name="paged",
+        notify={"command": ["/bin/true", "--team", "picture", "--severity", "Describe"]}))
+    assert run_cli("run", str(plain)).returncode == 0
+    assert run_cli("run", str(paged)).returncode == 0
+    want = {r["id"]: r["answer"] for r in read_output(tmp_path / "out-plain")}
+    got = {r["id"]: r["answer"] for r in read_output(tmp_path / "out-paged")}
+    assert got == want  # today: "Answer to '[key] [key] row-00001': ..."
+
+
+def test_storage_option_settings_are_not_secrets_that_rewrite_text() -> None:
+    from pipeline.redact import option_secrets
+
+    # s3fs settings, not credentials: acl, a cache type, a signature version
+    secrets = option_secrets({"key": "AKIAREALKEY123", "secret": "real/secret+value",
+                              "acl": "private", "default_cache_type": "none",
+                              "config_kwargs": {"signature_version": "s3v4"}})
+    assert Redactor(secrets).scrub("An anonymous man in a private garden, none around") == \
+        "An anonymous man in a private garden, none around"
+
+
+# -- F2: a run that ends before its summary (exit 2: manifest edited; 4: local failure) leaves the
+#    node_exporter textfile saying pipeline_running 1, with no exit code, forever.
+
+def test_the_textfile_says_how_a_run_that_failed_to_start_ended(tmp_path: Path, endpoint: Any) -> None:
+    manifest = url_manifest(tmp_path / "m.csv", 20)
+    prom = tmp_path / "t.prom"
+    job = write_job(tmp_path / "job.toml", job_dict(manifest, endpoint.base_url, tmp_path / "out",
+                                                    run={"shard_rows": 10, "metrics_file": str(prom)}))
+    assert run_cli("run", str(job)).returncode == 0
+    manifest.write_text(manifest.read_text().replace("row-00003", "row-zzz03"))  # edited: refused
+    r = run_cli("run", str(job))
+    assert r.returncode == 2, r.stderr
+    text = prom.read_text()
+    assert 'pipeline_running{job_name="t"} 0.0' in text, text  # today: 1.0
+    assert 'pipeline_exit_code{job_name="t"} 2.0' in text, text  # today: absent
+
+
+# -- F3: signing parameters escaped as HTML (&amp;) or inside an encoded URL are not scrubbed.
+
+@pytest.mark.parametrize("text", [
+    "<img src=\"https://b.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&amp;X-Amz-Credential=AKIAXX%2F2026"
+    "&amp;X-Amz-Signature=deadbeefdeadbeef\">",
+    "fetch?url=https%3A%2F%2Fb.s3.amazonaws.com%2Fk.png%3FX-Amz-Credential%3DAKIAXX%252F2026%26X-Amz-Signature%3Ddeadbeefdeadbeef",
+])
+def test_signed_url_parameters_are_scrubbed_in_every_escaping(text: str) -> None:
+    out = Redactor().scrub(text)
+    assert "deadbeefdeadbeef" not in out and "AKIAXX" not in out, out
+
+
+# -- F4: a secret [endpoint] header is in the Job's repr (a notebook cell's output, a saved .ipynb),
+#    where storage_options and [notify] are hidden.
+
+def test_a_secret_header_is_not_in_the_jobs_repr(tmp_path: Path) -> None:
+    manifest = url_manifest(tmp_path / "m.csv", 1)
+    job = load_job(write_job(tmp_path / "job.toml", job_dict(
+        manifest, "http://127.0.0.1:9/v1", tmp_path / "out",
+        endpoint={"headers": {"x-portkey-api-key": "pk-SECRET-123456"}})))
+    assert "pk-SECRET-123456" not in repr(job)
+
+
+# -- F5: the S3 server the presign tests trust serves a presigned URL whatever its signature:
+#    "signed: the object's bytes" proves nothing about the signing.
+
+def test_the_s3_test_server_refuses_a_bad_signature(s3: S3) -> None:
+    bucket = s3.new_bucket()
+    fs = s3.fs()
+    fs.pipe_file(f"{bucket}/x.png", b"hello")
+    import s3fs
+
+    signer = s3fs.S3FileSystem(**{**s3.options(), "config_kwargs": {"signature_version": "s3v4"}})
+    url = signer.sign(f"{bucket}/x.png", expiration=60)
+    assert urllib.request.urlopen(url, timeout=10).read() == b"hello"
+    tampered = re.sub(r"X-Amz-Signature=[0-9a-f]+", "X-Amz-Signature=" + "0" * 64, url)
+    with pytest.raises(urllib.error.HTTPError):  # today: moto answers b"hello"
+        urllib.request.urlopen(tampered, timeout=10).read()
