@@ -38,7 +38,7 @@ from .engine.options import retry_kinds
 from .engine.shard import STOP_DEADLINE_S
 from .errors import JobError, LocalFailure
 from .io.checkpoint import Checkpoint
-from .io.frames import MANIFEST_FILE, Frame
+from .io.frames import Frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -175,14 +175,14 @@ def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint],
     # them per shard like a Parquet manifest's, and the output holds references (io/references.py).
     frame = Frame.of(manifest)
     assert job.output.checkpoint is not None  # set by the loader
-    stored = replace(job.input, path=job.output.checkpoint / MANIFEST_FILE)
+    stored = replace(job.input, path=Checkpoint(job.output.checkpoint).manifest_path)
     base = job.files_base or Path.cwd()  # relative image paths in a frame: from where the caller is
     return replace(job, input=stored, in_memory=True, files_base=base), lambda ckpt: _store(frame, ckpt)
 
 
 def _store(frame: Frame, ckpt: Checkpoint) -> None:
     try:
-        frame.store(ckpt.folder)
+        ckpt.save_manifest(frame)
     except OSError as exc:
         from .errors import local_failure
 

@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, S3, job_dict, read_output, run_cli, url_manifest, write_job
 
 from pipeline.cli import main
+from pipeline.errors import JobError
 from pipeline.io.storage import OWNER_FILE, PartStore
 
 CONCURRENCY = 4
@@ -214,3 +215,33 @@ def test_s3_without_fsspec_names_the_extra(tmp_path: Path, capsys, monkeypatch) 
     code, _, err = cli(capsys, "run", str(job))
     assert code == 2
     assert err.strip().splitlines() == [f"error: {job}: [output] path: s3:// URLs need fsspec and its backend: pip install -e '.[s3]' in the clone (or 'pipeline[s3]')"]
+
+
+def test_two_jobs_claiming_one_bucket_folder_at_once_one_wins(s3: S3) -> None:
+    """The owner marker is a create-only put (If-None-Match): of two jobs claiming the same
+    folder at the same moment, one owns it and the other is refused, never both."""
+    import threading
+
+    url = f"s3://{s3.new_bucket()}/out"
+    outcome: dict[str, str] = {}
+    start = threading.Barrier(2)
+
+    def claim(job: str) -> None:
+        parts = PartStore(url, s3.options())
+        parts.names()  # reach the bucket before the barrier: the claims race, not the set-up
+        start.wait(timeout=30)
+        try:
+            outcome[job] = "owner" if parts.claim(job, f"/ckpt/{job}") else "again"
+        except JobError as exc:
+            outcome[job] = str(exc)
+
+    threads = [threading.Thread(target=claim, args=(job,)) for job in ("captions", "labels")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    owner = [job for job, result in outcome.items() if result == "owner"]
+    assert len(owner) == 1, outcome
+    other = "labels" if owner == ["captions"] else "captions"
+    assert f"belongs to the job {owner[0]!r}" in outcome[other]
+    assert json.loads(s3.fs().cat_file(f"{url.removeprefix('s3://')}/{OWNER_FILE}"))["job"] == owner[0]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from typing import Any
 
@@ -34,8 +33,7 @@ import pyarrow as pa
 from ..crashpoints import crash_point
 from ..errors import InputError, LocalFailure, RequestError, StopJob, local_failure
 from ..io.checkpoint import Checkpoint
-from ..io.journal import Journal
-from ..io.ledger import TERMINAL, Batch, Ledger
+from ..io.ledger import TERMINAL, Batch
 from ..io.manifest import Shard, read_shard, row_ids
 from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
@@ -92,8 +90,8 @@ class _BatchRun:
     def __init__(self, executor: BatchExecutor, ckpt: Checkpoint, ready: Prepared) -> None:
         self.job = executor.job
         self.options, self.console, self.ckpt, self.ready = executor.options, executor.console, ckpt, ready
-        self.ledger = Ledger(ckpt.folder)
-        self.journal = Journal(ckpt.journal_dir)
+        self.ledger = ckpt.ledger()
+        self.journal = ckpt.journal()
         self.labels = make_labels(executor.job)
         self.counts = Counts()
         self.stopped: Stopped = None
@@ -338,11 +336,7 @@ class _BatchRun:
         data = b"".join(lines)
         number = self.ledger.next_number()
         name = f"b{number:06d}-{hashlib.blake2b(data, digest_size=4).hexdigest()}"
-        self.ledger.files.mkdir(parents=True, exist_ok=True)
-        path = self.ledger.files / f"{name}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        await asyncio.to_thread(_write_synced, tmp, data)
-        tmp.replace(path)
+        path = await asyncio.to_thread(self.ledger.write_file, f"{name}.jsonl", data)
         self.ledger.planned(name, rows, path)
         self.sent_now.update(row_id for _, row_id in rows)
         for _, row_id in rows:
@@ -350,10 +344,3 @@ class _BatchRun:
         batch = Batch(name, rows, str(path))
         await self._upload(api, batch)
         await self._create(api, batch)
-
-
-def _write_synced(path: Any, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())

@@ -12,14 +12,13 @@ Both hold the job's lock, so neither races a run of the same job.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
 from ..config import Job
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint
-from ..io.journal import Journal
+from ..io.durable import atomic_file
 from ..io.manifest import Plan, read_shard, row_ids
 from ..net.text import loads_json
 from ..rows.batchlines import request_line, result_of
@@ -55,9 +54,8 @@ async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: C
     builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=labels)
     columns = request_columns(job, plan.columns)
     count = skipped = 0
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:  # a file with every line, or none at all
             for shard in plan.shards:
                 done, _ = answers_so_far(job, ckpt, shard, 0, labels)
                 table = read_shard(job.input, plan, shard)
@@ -72,11 +70,7 @@ async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: C
                         continue
                     f.write(request_line(row_id, built.body))
                     count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
         await builder.aclose()
     return count, skipped
 
@@ -93,7 +87,7 @@ def import_batch(job: Job, path: Path) -> int:
             tables[shard.index] = read_shard(job.input, ready.plan, shard)
             for row_id in row_ids(job.input, tables[shard.index], shard):
                 shard_of[row_id] = shard.index
-        journal = Journal(ckpt.journal_dir)
+        journal = ckpt.journal()
         ok = failed = unknown = 0
         touched: set[int] = set()
         with open(path, "rb") as f:

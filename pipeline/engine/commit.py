@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from ..config import Job
 from ..crashpoints import fault_point
 from ..io.checkpoint import Checkpoint
-from ..io.journal import latest_per_id, read_journal_table, repair_tail
+from ..io.journal import latest_per_id
 from ..io.manifest import Plan, Shard
 from ..io.storage import PartStore
 from ..io.writer import (
@@ -47,7 +47,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
                  labels: Labels | None) -> CommitRecord | None:
     """Journal -> part file -> rename -> commit record; None when no row of the shard has a result."""
     extra = labels.fields() if labels is not None else ()
-    lines = read_journal_table(ckpt.journal_dir, shard.index, journal_schema(extra))
+    lines = ckpt.journal_lines(shard.index, journal_schema(extra))
     part = build_part(table, ids, latest_per_id(lines), job.input.id_column, extra, media_columns(job))
     if part.num_rows == 0:
         return None
@@ -90,8 +90,7 @@ def answers_so_far(job: Job, ckpt: Checkpoint, shard: Shard, committed_rows: int
     """(id -> (status, error_kind)) of the shard's answered rows, from its journal, or from its
     committed part file if the journal was lost (a deleted checkpoint folder must not make
     --retry-failed buy the whole shard again); plus the rows to write back to the journal."""
-    repair_tail(ckpt.journal_dir, shard.index)
-    latest = latest_per_id(read_journal_table(ckpt.journal_dir, shard.index, DONE_SCHEMA))
+    latest = latest_per_id(ckpt.journal_lines(shard.index, DONE_SCHEMA, repair=True))
     done = dict(zip(latest.column("id").to_pylist(),
                     zip(latest.column("status").to_pylist(), latest.column("error_kind").to_pylist())))
     restored: list[ResultRow] = []

@@ -32,8 +32,7 @@ class Prepared:
 
 def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -> Prepared:
     store = PartStore.for_output(job.output)
-    first = not ckpt.job_path.exists()
-    had_folder = store.local is None or store.local.exists()
+    first = not ckpt.has_job()
     claimed = store.claim(job.name, ckpt.folder)  # before --restart may remove anything there
     try:
         if options.restart:
@@ -42,9 +41,9 @@ def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -
         plan = current_plan(job, ckpt)
     except JobError:
         if first:  # refused before anything was sent (a bad manifest): leave nothing behind
-            ckpt.job_path.unlink(missing_ok=True)
+            ckpt.forget_job()
             if claimed:
-                store.unclaim(created_folder=not had_folder)
+                store.unclaim()
         raise
     commits = verified_commits(store, ckpt, console)
     return Prepared(plan, commits, shards_to_run(plan, commits, options.retry_failed))

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import math
 import os
 import time
 import uuid
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import ray
 import ray.exceptions
@@ -127,7 +126,7 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
     job = _sized_for_task(job)
     ckpt = Checkpoint(job.output.checkpoint)
     reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard)
-    async with _shard_lock(ckpt, shard):
+    async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)
         committed = ckpt.commits().get(shard.index)  # lets a lost journal fall back to the part file
         engine = ShardEngine(job, ckpt, plan, limiter=limiter, console=Console.for_job(job), options=options,
@@ -148,18 +147,6 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
         "stop": [stopped.kind, str(stopped)] if isinstance(stopped, StopJob) else None,
         "failure": [stopped.kind, str(stopped)] if isinstance(stopped, LocalFailure) else None,
     }
-
-
-@contextlib.asynccontextmanager
-async def _shard_lock(ckpt: Checkpoint, shard: Shard) -> AsyncIterator[None]:
-    """One process per shard: a task of a killed driver may still be dying when the next run starts."""
-    ckpt.journal_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ckpt.journal_dir / f"shard-{shard.index:06d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 class _Reporter:

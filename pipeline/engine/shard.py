@@ -37,7 +37,6 @@ from ..crashpoints import crash_point, fault_point
 from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
-from ..io.journal import Journal
 from ..io.manifest import Plan, Shard, read_shard, row_ids
 from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import Client
@@ -97,7 +96,7 @@ class ShardEngine:
         # Under --retry-failed the rows sent are ones already refused: alike refusals are theirs again.
         refusals = job.limits.breaker_refusals if options.retry_failed is None else 0
         self.breaker = breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)  # Ray: SharedBreaker
-        self.journal = Journal(ckpt.journal_dir, on_failure=self._journal_failed)
+        self.journal = ckpt.journal(on_failure=self._journal_failed)
         self.counts = Counts()
         self.done_before = 0  # rows of the given shards answered before this run
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(
@@ -129,7 +128,7 @@ class ShardEngine:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
                 self.spend = await asyncio.to_thread(
-                    SpendLimit.for_run, self.job, self.ckpt.journal_dir, commits, [s.index for s in shards])
+                    SpendLimit.for_run, self.job, self.ckpt, commits, [s.index for s in shards])
             if any(rec.ok for rec in commits.values()):
                 self.breaker.vouch()  # shards answered by earlier runs: refusals now are the rows' own
             warm_imports()
@@ -345,14 +344,12 @@ class ShardEngine:
 
     def _internal_error(self, state: RowState, exc: Exception) -> ResultRow:
         self.internal_errors += 1
-        log = self.ckpt.folder / "errors.log"
         text = self.console.redactor.scrub("".join(traceback.format_exception(exc)))
         with contextlib.suppress(OSError):
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
+            self.ckpt.log_error(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
         if self.internal_errors == 1:
             self.console.say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
-                             f"written as error_kind \"internal\" and the run goes on; traceback in {log}")
+                             f"written as error_kind \"internal\" and the run goes on; traceback in {self.ckpt.errors_path}")
         err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
         return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 

@@ -4,49 +4,65 @@
     <checkpoint>/job.json        the request shape the answers were made with
     <checkpoint>/plan.json       the manifest's shards (boundaries, digests, file size and mtime)
     <checkpoint>/journal/        shard-NNNNNN.jsonl: every result, appended as it arrives
+                                 (pipeline.io.journal); shard-NNNNNN.lock: the Ray task's flock
     <checkpoint>/commits.jsonl   one line per committed part file, written after its rename:
                                  the source of truth for what the output folder holds
     <checkpoint>/last_run.json   the last run's summary (counts, tokens, times, exit code)
+    <checkpoint>/runs.jsonl      every run's summary, one line each (the report's history)
+    <checkpoint>/errors.log      tracebacks of rows that met a bug (error_kind "internal")
+    <checkpoint>/manifest.parquet  an in-memory manifest, stored (+ .digest; pipeline.io.frames)
+    <checkpoint>/batches.jsonl   batch mode's ledger, and batches/ its batch files (pipeline.io.ledger)
 
+`Checkpoint` names every one of these paths: no other module builds one. Its files are written
+through its store, a LocalStore (pipeline.io.store: the one atomic write, the one durable append).
 The default checkpoint folder is `<output's parent>/.pipeline/<job name>`, or, when the output is
-a URL (pipeline.io.storage), `<job file's folder>/.pipeline/<job name>`: the checkpoint is always a
-POSIX path, for its appends, fsync and flock.
+a URL, `<job file's folder>/.pipeline/<job name>`: the checkpoint is a POSIX path, for its
+appends, fsync and flock, which an object store lacks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
 
 from ..errors import JobError, LockedError, local_failure
 from ..records import DETAIL_TOKEN_COLUMNS, TOKEN_COLUMNS, CommitRecord
+from .durable import atomic_write
+from .journal import Journal, read_journal_table
+from .ledger import Ledger
 from .manifest import Plan, load_plan_dict
 from .storage import PartStore
+from .store import LocalStore
 from .writer import remove_parts
+
+if TYPE_CHECKING:
+    from .frames import Frame
 
 __all__ = ["Checkpoint", "write_json_atomic", "parse_commits", "dataset_state"]
 
+JOB, PLAN, COMMITS, SUMMARY, HISTORY = "job.json", "plan.json", "commits.jsonl", "last_run.json", "runs.jsonl"
+LOCK, JOURNAL, ERRORS, MANIFEST = "lock", "journal", "errors.log", "manifest.parquet"
+LEDGER, BATCH_FILES = "batches.jsonl", "batches"
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, indent=1, default=str).encode()
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _named(exc, path) from None
+    atomic_write(path, _json(data))
 
 
 def parse_commits(data: bytes) -> dict[int, CommitRecord]:
@@ -62,20 +78,6 @@ def parse_commits(data: bytes) -> dict[int, CommitRecord]:
     return out
 
 
-def _named(exc: OSError, path: Path) -> OSError:
-    """A write error names its file: a message about a full disk must say which file failed."""
-    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        raise JobError(f"checkpoint file {path} is damaged; run with --restart to start over") from None
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -87,15 +89,25 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Checkpoint:
+    """The checkpoint's operations: the lock (`locked`, `shard_lock`), answers (`journal`,
+    `journal_lines`), commits (`record_commit`, `commits`), the job, plan, summaries, errors log,
+    stored manifest and batch ledger. Callers use these, never a path (the Path attributes are
+    for messages and tests). A checkpoint in a bucket is a second implementation of these methods
+    over an FsspecStore: a lease object for the locks, immutable journal segments, create-only
+    commit objects."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.journal_dir = folder / "journal"
-        self.commits_path = folder / "commits.jsonl"
-        self.plan_path = folder / "plan.json"
-        self.job_path = folder / "job.json"
-        self.summary_path = folder / "last_run.json"
-        self.history_path = folder / "runs.jsonl"  # every run's summary, one line each (the report's history)
-        self.lock_path = folder / "lock"
+        self.store = LocalStore(folder)
+        self.journal_dir = folder / JOURNAL
+        self.commits_path = folder / COMMITS
+        self.plan_path = folder / PLAN
+        self.job_path = folder / JOB
+        self.summary_path = folder / SUMMARY
+        self.history_path = folder / HISTORY
+        self.lock_path = folder / LOCK
+        self.errors_path = folder / ERRORS
+        self.manifest_path = folder / MANIFEST  # an in-memory manifest's file (the job's [input] path)
         self.took_over_from: int | None = None
 
     @contextmanager
@@ -133,7 +145,7 @@ class Checkpoint:
             finally:  # an exit, clean or refused (a bad job, exit 2), leaves no pid behind; a killed run's stays
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, 0)
-                if made and sorted(p.name for p in self.folder.iterdir()) == ["lock"]:
+                if made and [p.name for p in self.folder.iterdir()] == [LOCK]:
                     with contextlib.suppress(OSError):  # nothing was written but the lock: nothing to keep
                         self.lock_path.unlink()
                         for folder in made:  # deepest first; one that is not empty stays
@@ -141,14 +153,35 @@ class Checkpoint:
         finally:
             os.close(fd)  # releases the flock
 
+    @contextlib.asynccontextmanager
+    async def shard_lock(self, shard: int) -> AsyncIterator[None]:
+        """One process per shard (the Ray engine): a task of a killed driver may still be dying when
+        the next run starts. Waits (in a thread) until that process is gone."""
+        path = self.journal_dir / f"shard-{shard:06d}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     # -- the job's identity --------------------------------------------------------------
+
+    def has_job(self) -> bool:
+        """Whether a run got as far as recording the job (see `forget_job`)."""
+        return self.job_path.exists()
+
+    def forget_job(self) -> None:
+        """A first run refused before anything was sent leaves no record of the job."""
+        self.store.remove(JOB)
 
     def check_job(self, shape: dict[str, Any], shard_rows: int) -> None:
         """Refuse to mix answers made with a different request shape (exit 2 unless --restart)."""
-        saved = _read_json(self.job_path)
+        saved = self._read_json(JOB)
         record = {"shape": shape, "shard_rows": shard_rows}
         if saved is None:
-            write_json_atomic(self.job_path, record)
+            self.store.write(JOB, _json(record))
             return
         changed = sorted(k for k in set(shape) | set(saved.get("shape", {})) if shape.get(k) != saved["shape"].get(k))
         if saved.get("shard_rows") != shard_rows:
@@ -160,22 +193,53 @@ class Checkpoint:
             )
 
     def reset(self, output: PartStore) -> None:
-        """--restart: forget every answer and remove the part files made from them."""
-        for p in (self.job_path, self.plan_path, self.commits_path, self.summary_path, self.history_path):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(self.journal_dir, ignore_errors=True)
-        (self.folder / "batches.jsonl").unlink(missing_ok=True)  # batch mode's ledger (its batches are forgotten)
-        shutil.rmtree(self.folder / "batches", ignore_errors=True)
+        """--restart: forget every answer and remove the part files made from them (and batch
+        mode's ledger: its batches are forgotten). An in-memory manifest stays: the run rewrites it."""
+        for name in (JOB, PLAN, COMMITS, SUMMARY, HISTORY, LEDGER):
+            self.store.remove(name)
+        for name in (JOURNAL, BATCH_FILES):
+            self.store.child(name).clear()
         remove_parts(output)
+
+    def save_manifest(self, frame: Frame) -> None:
+        """An in-memory manifest as `manifest_path`, rewritten only when its content changed."""
+        frame.store(self.store, MANIFEST)
 
     # -- the plan ------------------------------------------------------------------------
 
     def load_plan(self) -> Plan | None:
-        data = _read_json(self.plan_path)
+        data = self._read_json(PLAN)
         return load_plan_dict(data) if data else None
 
     def save_plan(self, plan: Plan) -> None:
-        write_json_atomic(self.plan_path, plan.to_dict())
+        self.store.write(PLAN, _json(plan.to_dict()))
+
+    def _read_json(self, name: str) -> Any:
+        raw = self.store.read(name)
+        try:
+            return None if raw is None else json.loads(raw)
+        except ValueError:
+            raise JobError(f"checkpoint file {self.store.where(name)} is damaged; run with --restart to start over") from None
+
+    # -- answers -------------------------------------------------------------------------
+
+    def journal(self, on_failure: Callable[[OSError], None] | None = None) -> Journal:
+        """The journal that answers are appended to as they arrive."""
+        return Journal(self.journal_dir, on_failure=on_failure)
+
+    def journal_lines(self, shard: int, schema: pa.Schema, *, repair: bool = False) -> pa.Table:
+        """Every whole journal line of a shard (superseded ones too); `repair`: cut a torn tail
+        from the file first (only while holding the job's lock)."""
+        return read_journal_table(self.journal_dir, shard, schema, repair=repair)
+
+    def log_error(self, text: str) -> None:
+        """A bug's traceback appended to errors.log (`errors_path`); from the event loop, so not
+        fsynced (nothing is rebuilt from it)."""
+        self.store.append(ERRORS, text.encode(errors="backslashreplace"), sync=False)
+
+    def ledger(self) -> Ledger:
+        """Batch mode's record of its files and batches."""
+        return Ledger(self.store, LEDGER, BATCH_FILES)
 
     # -- commits -------------------------------------------------------------------------
 
@@ -186,54 +250,35 @@ class Checkpoint:
         under an exclusive flock, so a reader holding the lock sees whole lines, and a torn tail
         can only be a dead writer's, safe to cut.
         """
-        try:
-            f = open(self.commits_path, "rb")
-        except FileNotFoundError:
-            return {}
-        with f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):
-                os.truncate(self.commits_path, end)
-        return parse_commits(data[:end])
+        return parse_commits(self.store.read_lines(COMMITS, repair=True, exclusive=True) or b"")
+
+    def peek_commits(self) -> dict[int, CommitRecord]:
+        """The same, read only: no lock taken, nothing repaired (a dry run, beside a running job)."""
+        return parse_commits(self.store.read_lines(COMMITS) or b"")
 
     def record_commit(self, record: CommitRecord) -> None:
-        line = record.to_json() + b"\n"
-        try:
-            with open(self.commits_path, "ab") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)  # appends from several worker processes never interleave
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:  # a torn line it may leave is cut by commits() on the next read
-            raise _named(exc, self.commits_path) from None
+        # under the flock: appends from several worker processes never interleave
+        self.store.append(COMMITS, record.to_json() + b"\n", exclusive=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """last_run.json, and the same as one line appended to runs.jsonl (a torn last line, from a
         crash mid-append, is skipped by `history`)."""
-        write_json_atomic(self.summary_path, summary)
-        line = json.dumps(summary, ensure_ascii=False, default=str) + "\n"
-        try:
-            with open(self.history_path, "a", encoding="utf-8") as f:
-                f.write(line)
-        except OSError as exc:
-            raise _named(exc, self.history_path) from None
+        self.store.write(SUMMARY, _json(summary))
+        self.store.append(HISTORY, json.dumps(summary, ensure_ascii=False, default=str).encode() + b"\n")
 
     def last_summary(self) -> dict[str, Any] | None:
-        return _read_json(self.summary_path)
+        return self._read_json(SUMMARY)  # type: ignore[no-any-return]
 
     def history(self) -> list[dict[str, Any]]:
         """Every run's summary, oldest first (runs before the history was kept: the last one only)."""
-        runs = []
-        try:
-            with open(self.history_path, encoding="utf-8") as f:
-                for line in f:
-                    with contextlib.suppress(ValueError):
-                        runs.append(json.loads(line))
-        except FileNotFoundError:
+        data = self.store.read_lines(HISTORY)
+        if data is None:
             last = self.last_summary()
             return [last] if last else []
+        runs = []
+        for line in data.splitlines():
+            with contextlib.suppress(ValueError):
+                runs.append(json.loads(line))
         return runs
 
 

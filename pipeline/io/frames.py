@@ -3,7 +3,7 @@ list of dicts (or anything speaking the Arrow C stream protocol, e.g. polars) ma
 
     frame = Frame.of(df)                   # a JobError naming the accepted types for anything else
     frame.digest                           # of the content: the same rows, the same digest
-    frame.store(ckpt.folder)               # <checkpoint>/manifest.parquet (+ .digest), rewritten only on a change
+    ckpt.save_manifest(frame)              # <checkpoint>/manifest.parquet (+ .digest), rewritten only on a change
 
 The stored file is the job's manifest from then on, so a frame resumes like a file: the same frame
 again finds its answers and sends nothing (the file, its mtime and so the plan are untouched); a
@@ -15,19 +15,17 @@ Arrow happens to chunk them, so a frame rebuilt the same way is the same frame.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import JobError
+from .store import Store
 
-__all__ = ["Frame", "MANIFEST_FILE"]
+__all__ = ["Frame"]
 
-MANIFEST_FILE = "manifest.parquet"  # in the checkpoint folder; --restart leaves it (the next run rewrites it)
 # The content digest sits beside the file, not in its metadata: the plan's shard digests cover a
 # Parquet manifest's schema metadata, and rows appended must leave the earlier shards' digests as
 # they were. Written after the file: a crash between the two only means one rewrite too many.
@@ -46,30 +44,15 @@ class Frame:
         table = _as_table(data).replace_schema_metadata(None)  # pandas' or HF's metadata is not content
         return cls(table, _digest(table))
 
-    def store(self, folder: Path) -> Path:
-        """The frame as <folder>/manifest.parquet, written (atomically) only if its content changed."""
-        path = folder / MANIFEST_FILE
-        digest_path = folder / (MANIFEST_FILE + DIGEST_SUFFIX)
-        if path.exists() and _read(digest_path) == self.digest:
-            return path
-        folder.mkdir(parents=True, exist_ok=True)
-        digest_path.unlink(missing_ok=True)
-        _atomic(path, lambda f: pq.write_table(self.table, f, compression="zstd", row_group_size=_group_rows(self.table)))
-        _atomic(digest_path, lambda f: f.write(self.digest.encode()))
-        return path
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    def store(self, store: Store, name: str) -> None:
+        """The frame as `name` in `store` (the checkpoint names it), written (atomically) only if
+        its content changed."""
+        digest_name = name + DIGEST_SUFFIX
+        if _text(store.read(digest_name)) == self.digest and name in store.names():
+            return
+        store.remove(digest_name)
+        store.write(name, lambda f: pq.write_table(self.table, f, compression="zstd", row_group_size=_group_rows(self.table)))
+        store.write(digest_name, self.digest.encode())
 
 
 def _group_rows(table: pa.Table) -> int:
@@ -120,8 +103,8 @@ def _digest(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def _read(path: Path) -> str | None:
+def _text(raw: bytes | None) -> str | None:
     try:
-        return path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None  # none yet, or unreadable: written again
+        return raw.decode("ascii").strip() if raw is not None else None
+    except UnicodeDecodeError:
+        return None  # unreadable: written again

@@ -2,7 +2,8 @@
 
 Lines are written with one `write` straight to the file (in the OS's hands: a killed process
 loses nothing written) and fsynced as a group every `SYNC_INTERVAL_S` (a power cut loses at most
-that much). The journal is the source of truth for answers: part files are rebuilt from it, so it
+that much): the durable append of pipeline.io.durable, its descriptors kept open and its fsyncs
+gathered. The checkpoint (pipeline.io.checkpoint) says where the journal folder is. The journal is the source of truth for answers: part files are rebuilt from it, so it
 is kept after a shard is committed. A torn last line (a crash mid-write) is cut off on reading.
 Later lines win: a retried row's new result replaces its old one.
 """
@@ -22,8 +23,9 @@ import pyarrow.json as pajson
 
 from ..crashpoints import crash_point
 from ..records import ResultRow
+from .durable import open_append, read_lines, write_all
 
-__all__ = ["Journal", "repair_tail", "read_journal_table", "latest_per_id", "journal_path", "SYNC_INTERVAL_S"]
+__all__ = ["Journal", "read_journal_table", "latest_per_id", "journal_path", "SYNC_INTERVAL_S"]
 
 SYNC_INTERVAL_S = 0.2
 
@@ -32,36 +34,14 @@ def journal_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:06d}.jsonl"
 
 
-def repair_tail(folder: Path, shard: int) -> None:
-    """Cut a torn last line (a crash mid-append) so the next append starts on a fresh line."""
-    path = journal_path(folder, shard)
-    try:
-        with open(path, "r+b") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(max(0, size - 1))
-            if f.read(1) == b"\n":
-                return
-            data = path.read_bytes()
-            f.truncate(data.rfind(b"\n") + 1)
-            os.fsync(f.fileno())
-    except FileNotFoundError:
-        pass
-
-
-def read_journal_table(folder: Path, shard: int, schema: pa.Schema) -> pa.Table:
-    """Every whole line of a shard's journal as an Arrow table (superseded lines included).
+def read_journal_table(folder: Path, shard: int, schema: pa.Schema, *, repair: bool = False) -> pa.Table:
+    """Every whole line of a shard's journal as an Arrow table (superseded lines included);
+    `repair`: the torn tail a crash left is cut from the file too (by its one writer only).
 
     Parsed by Arrow in C++: a 10,000-row shard costs no Python object per row, which is what
     keeps a long run's memory flat. Falls back to line-by-line parsing if a line is damaged.
     """
-    path = journal_path(folder, shard)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return pa.Table.from_batches([], schema=schema)  # not empty_table(): it imports pandas (~40 MB)
-    data = data[: data.rfind(b"\n") + 1]
+    data = read_lines(journal_path(folder, shard), repair=repair)
     if not data:
         return pa.Table.from_batches([], schema=schema)  # not empty_table(): it imports pandas (~40 MB)
     try:
@@ -108,7 +88,7 @@ class Journal:
     first failure is kept in `failure` (an OSError naming the journal file) and handed to
     `on_failure` (the engine stops the run); every later `append`, `flush` or `sync` raises it
     again, so no caller can believe a line was stored. Lines already written stay valid: a torn
-    last line is cut by `repair_tail` on the next run.
+    last line is cut on the next run (`read_journal_table(..., repair=True)`).
     """
 
     def __init__(self, folder: Path, on_failure: Callable[[OSError], None] | None = None) -> None:
@@ -155,11 +135,10 @@ class Journal:
             try:
                 fd = self._fds.get(shard)
                 if fd is None:
-                    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                    self._fds[shard] = fd
+                    fd = self._fds[shard] = open_append(path)
                 for i, line in enumerate(lines):  # the crash test: earlier lines whole, this one torn
                     crash_point("mid_journal_line", lambda: os.write(fd, b"".join(lines[:i]) + line[: len(line) // 2]))
-                _write_all(fd, b"".join(lines))
+                write_all(fd, b"".join(lines))
                 self._dirty.add(fd)
             except OSError as exc:
                 self._failed(exc, path)
@@ -222,15 +201,6 @@ class Journal:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._fds.clear()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write may write less than asked (a disk filling up): go on until all is written or it
-    raises, so a short write is never taken for a stored line."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 def _fsync_all(fds: set[int]) -> tuple[int, OSError] | None:

@@ -1,6 +1,7 @@
 """The batch ledger: what batch mode has done at the provider, durable before it is relied on.
 
-    ledger = Ledger(ckpt.folder)
+    ledger = ckpt.ledger()
+    path = ledger.write_file(name, data)    # the batch file, atomically, in the checkpoint
     ledger.planned(name, rows, path)        # the batch file is written; its rows are spoken for
     ledger.uploaded(name, file_id)          # after POST /v1/files
     ledger.created(name, batch_id)          # after POST /v1/batches
@@ -8,20 +9,21 @@
     ledger.collected(name)                  # its answers are journaled: it is over
     batches = ledger.batches()              # every batch, folded from the records, in order
 
-One JSON line per event in `<checkpoint>/batches.jsonl`, appended and fsynced before the step it
-records is built upon. A crash between a provider call and its record is what resume must allow
-for: a file uploaded but not recorded is uploaded again (files cost nothing), and a batch created
-but not recorded is found again by its name in the batch's metadata, never created twice
+One JSON line per event in `<checkpoint>/batches.jsonl`, appended and fsynced (the durable append
+of pipeline.io.durable) before the step it records is built upon; the checkpoint names the file and
+the folder of batch files. A crash between a provider call and its record is what resume must
+allow for: a file uploaded but not recorded is uploaded again (files cost nothing), and a batch
+created but not recorded is found again by its name in the batch's metadata, never created twice
 (pipeline.engine.batch). A torn last line (a crash mid-append) is skipped.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from .store import LocalStore
 
 __all__ = ["Ledger", "Batch", "TERMINAL"]
 
@@ -46,26 +48,23 @@ class Batch:
 
 
 class Ledger:
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "batches.jsonl"
-        self.files = folder / "batches"
+    def __init__(self, store: LocalStore, name: str, files: str) -> None:
+        self.store = store  # the checkpoint's, which names the ledger and its folder of batch files
+        self.name = name
+        self.files = store.child(files)
         self._folded: dict[str, Batch] | None = None  # read once; each append is folded in as written
 
     def _append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.store.append(self.name, (json.dumps(record, ensure_ascii=False) + "\n").encode())
         if self._folded is not None:
             _fold(self._folded, record)
 
-    def planned(self, name: str, rows: list[tuple[int, str]], path: Path) -> None:
+    def write_file(self, name: str, data: bytes) -> str:
+        """A batch file, written atomically before `planned` records it; returns its path."""
+        self.files.write(name, data)
+        return self.files.where(name)
+
+    def planned(self, name: str, rows: list[tuple[int, str]], path: str) -> None:
         self._append({"event": "planned", "name": name, "rows": rows, "path": str(path)})
 
     def uploaded(self, name: str, file_id: str) -> None:
@@ -88,10 +87,7 @@ class Ledger:
         once; the ledger's own appends keep the fold current (one run holds the job's lock)."""
         if self._folded is None:
             self._folded = {}
-            try:
-                lines = self.path.read_bytes().splitlines()
-            except FileNotFoundError:
-                lines = []
+            lines = (self.store.read_lines(self.name) or b"").splitlines()
             for line in lines:
                 try:
                     _fold(self._folded, json.loads(line))

@@ -1,16 +1,13 @@
 """The writer: a shard's rows and results into one Parquet part file, atomically.
 
-A part is written under a hidden temporary name (`.part-000003.parquet.tmp`: ignored by
-pyarrow.dataset, pandas and a DuckDB `*.parquet` glob), fsynced, renamed over its final name and
-the folder fsynced, so a reader sees either the old complete file or the new complete file.
-On an object store (an fsspec URL, pipeline.io.storage) the complete file is one put instead: an
-object is visible whole or not at all.
+A part is one atomic write of its store (pipeline.io.store): in a local folder a hidden temporary
+name (`.part-000003.parquet.tmp`: ignored by pyarrow.dataset, pandas and a DuckDB `*.parquet`
+glob), fsynced, renamed over its final name and the folder fsynced; in a bucket one put of the
+complete file. A reader sees either the old complete file or the new complete file.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -19,10 +16,9 @@ import pyarrow.parquet as pq
 from ..crashpoints import crash_point
 from ..records import RESULT_COLUMNS, result_schema
 from .references import referenced
-from .storage import PartStore, bytes_digest, file_digest
+from .storage import PartStore
 
 __all__ = ["part_name", "build_part", "journal_schema", "write_part", "write_empty_part", "WrittenPart", "remove_leftovers", "remove_parts", "output_columns"]
-
 
 
 def part_name(shard: int) -> str:
@@ -81,14 +77,6 @@ def journal_schema(extra_fields: list[pa.Field] | tuple[pa.Field, ...] = ()) -> 
     return pa.schema([pa.field("id", pa.string()), *extra_fields, *result_schema()])
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class WrittenPart(NamedTuple):
     name: str
     size: int
@@ -99,33 +87,11 @@ class WrittenPart(NamedTuple):
 def write_part(store: PartStore, shard: int, table: pa.Table) -> WrittenPart:
     """Write atomically; returns what the commit record keeps of the file."""
     name = part_name(shard)
-    if store.local is None:  # an object store: one put of the whole file, nothing to rename
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue().to_pybytes()
-        size = store.write(name, data)
-        crash_point("after_rename")  # the part is in place, no commit record yet
-        return WrittenPart(name, size, bytes_digest(data), store.etag(name))
-    folder = store.local
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)  # a full disk: give back what the torn file took
-        if isinstance(exc, OSError) and not exc.filename:  # Arrow's write errors name no file
-            raise OSError(exc.errno, exc.strerror or str(exc), str(folder / name)) from None
-        raise
-    crash_point("after_part_write")
-    size = tmp.stat().st_size
-    digest = file_digest(tmp)  # read back from the page cache: what is on disk, not what was meant
-    os.replace(tmp, folder / name)
-    _fsync_dir(folder)
-    crash_point("after_rename")
-    return WrittenPart(name, size, digest, None)
+    written = store.write(name, lambda f: pq.write_table(table, f, compression="zstd"), digest=True,
+                          before_replace=lambda: crash_point("after_part_write"))
+    crash_point("after_rename")  # the part is in place, no commit record yet
+    assert written.digest is not None
+    return WrittenPart(name, written.size, written.digest, written.etag)
 
 
 def write_empty_part(store: PartStore, table: pa.Table, id_column: str | None,

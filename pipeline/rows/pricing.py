@@ -2,7 +2,7 @@
 
     cost = row_cost(job, answer.model, prompt_tokens, completion_tokens, total_tokens, answer.cached_tokens)
     tokens = estimate_tokens(job, prompt_chars(job, prompt), media=1)   # the one estimate, before usage
-    budget = SpendLimit.for_run(job, journal_dir, commits, todo)  # the job's spend so far (checkpoint)
+    budget = SpendLimit.for_run(job, ckpt, commits, todo)  # the job's spend so far (its journals)
     held = await budget.hold(worst)                  # StopJob(kind="budget") if it could pass
     budget.settle(held, cost)                        # when the answer (or the failure) is in
 
@@ -30,22 +30,23 @@ stops sending, commits and exits 3 (raise the budget to continue).
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 
 from ..config import DEFAULT_OUTPUT_TOKENS, Job
 from ..errors import StopJob
-from ..io.journal import journal_path
 from ..records import CommitRecord
+
+if TYPE_CHECKING:
+    from ..io.checkpoint import Checkpoint
 
 __all__ = ["total_cost", "row_cost", "worst_case_cost", "estimate_tokens", "prompt_chars", "TokenEstimate", "shard_spend",
            "SpendLimit", "CHARS_PER_TOKEN"]
 
 CHARS_PER_TOKEN = 4  # a rough average over English and code; CJK text runs nearer 1-2
 _ROUND = 10  # decimals kept on costs: no float dust in the output
+_COST = pa.schema([("cost", pa.float64())])  # the journal's one column a spend needs
 
 
 def row_cost(job: Job, model: str | None, prompt: int | None, completion: int | None, total: int | None,
@@ -110,21 +111,9 @@ def total_cost(lines: pa.Table) -> float:
     return round(sum(filter(None, lines.column("cost").to_pylist())), _ROUND)
 
 
-def shard_spend(journal_dir: Path, shard: int) -> float:
+def shard_spend(ckpt: Checkpoint, shard: int) -> float:
     """The sum of `cost` over every journal line of a shard (superseded attempts included)."""
-    try:
-        data = journal_path(journal_dir, shard).read_bytes()
-    except FileNotFoundError:
-        return 0.0
-    total = 0.0
-    for line in data[: data.rfind(b"\n") + 1].splitlines():
-        try:
-            cost = json.loads(line).get("cost")
-        except ValueError:
-            continue  # a torn line: its row is sent again
-        if isinstance(cost, (int, float)):
-            total += cost
-    return round(total, _ROUND)
+    return total_cost(ckpt.journal_lines(shard, _COST))
 
 
 class SpendLimit:
@@ -140,7 +129,7 @@ class SpendLimit:
         self._settled = asyncio.Event()
 
     @classmethod
-    def for_run(cls, job: Job, journal_dir: Path, commits: dict[int, CommitRecord], todo: list[int]) -> "SpendLimit":
+    def for_run(cls, job: Job, ckpt: Checkpoint, commits: dict[int, CommitRecord], todo: list[int]) -> "SpendLimit":
         """`todo`: indices of the shards this run works on (their journal is read in full)."""
         spent = 0.0
         if job.pricing is not None:
@@ -149,7 +138,7 @@ class SpendLimit:
                 if index not in todo_set:
                     spent += rec.spend or 0.0
             for index in todo_set:
-                spent += shard_spend(journal_dir, index)
+                spent += shard_spend(ckpt, index)
         return cls(job, spent)
 
     @property

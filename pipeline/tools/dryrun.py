@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from ..config import DEFAULT_OUTPUT_TOKENS, Auto, Job
 from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
-from ..io.checkpoint import Checkpoint, parse_commits
+from ..io.checkpoint import Checkpoint
 from ..io.checks import SHOW
 from ..io.manifest import Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
@@ -256,10 +256,10 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
 def _rows_done(ckpt: Checkpoint) -> int:
     """Rows with a result, from the commit records; read only (Checkpoint.commits may repair)."""
     try:
-        data = ckpt.commits_path.read_bytes()
+        commits = ckpt.peek_commits()
     except OSError:
         return 0
-    return sum(rec.rows for rec in parse_commits(data[: data.rfind(b"\n") + 1]).values())
+    return sum(rec.rows for rec in commits.values())
 
 
 def _minutes(job: Job, requests: int, tokens: int) -> float:

@@ -11,8 +11,8 @@ from ..config import Job
 from ..config.urls import display
 from ..errors import ErrorKind
 from ..io.checkpoint import Checkpoint, dataset_state
-from ..io.journal import latest_per_id, read_journal_table
-from ..io.ledger import TERMINAL, Ledger
+from ..io.journal import latest_per_id
+from ..io.ledger import TERMINAL
 
 __all__ = ["job_status", "render", "token_detail", "tokens_line"]
 
@@ -31,7 +31,7 @@ def job_status(job: Job) -> dict[str, Any]:
     for shard in plan.shards:
         rec = commits.get(shard.index)
         if rec is None or rec.rows < shard.rows:
-            answered = latest_per_id(read_journal_table(ckpt.journal_dir, shard.index, _IDS)).num_rows
+            answered = latest_per_id(ckpt.journal_lines(shard.index, _IDS)).num_rows
             journaled += max(0, answered - (rec.rows if rec else 0))
     return {
         "job": job.name,
@@ -43,7 +43,7 @@ def job_status(job: Job) -> dict[str, Any]:
         "last_run": ckpt.last_summary(),
         "batches": [{"name": b.name, "batch_id": b.batch_id, "status": b.status or ("created" if b.batch_id else "planned"),
                      "rows": len(b.rows), "counts": b.counts, "collected": b.collected}
-                    for b in Ledger(ckpt.folder).batches()],
+                    for b in ckpt.ledger().batches()],
     }
 
 

@@ -18,13 +18,14 @@ Needs the `report` extra (Altair, vl-convert for the inlined Vega bundle, Jinja2
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO, Callable
 
 from ...config import Job
 from ...errors import JobError
+from ...io.durable import atomic_write
 from ...io.storage import PartStore
 from ...redact import Redactor, option_secrets
 from ...rows.images import MB
@@ -68,14 +69,10 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     body = [head.encode("utf-8"), text.encode("utf-8"), tail.encode("utf-8")]  # never one more copy of the whole page
     del text
     if out is not None:
-        _write(Path(out), body)
+        atomic_write(Path(out), _pieces(body))
         return str(out)
-    if store.local is not None:
-        path = store.local / REPORT_NAME
-        _write(path, body)
-        return str(path)
-    store.write(REPORT_NAME, b"".join(body))
-    return f"{str(job.output.path).rstrip('/')}/{REPORT_NAME}"
+    store.write(REPORT_NAME, _pieces(body))
+    return store.where(REPORT_NAME)
 
 
 _BUNDLE = ("import sys, vl_convert; from altair.utils._importers import vl_version_for_vl_convert; "
@@ -96,13 +93,6 @@ def _script_safe(js: str) -> str:
     return js.replace("</script", "<\\/script")
 
 
-def _write(path: Path, body: list[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        for piece in body:
-            f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+def _pieces(body: list[bytes]) -> Callable[[IO[bytes]], object]:
+    """The page written piece by piece: never one more copy of the whole page."""
+    return lambda f: [f.write(piece) for piece in body]
