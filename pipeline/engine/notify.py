@@ -87,7 +87,7 @@ async def _command(cfg: NotifyConfig, body: bytes) -> None:
         *cfg.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         start_new_session=True)  # its own group: a timeout kills what it started too
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(body), cfg.timeout_s)
+        out = await asyncio.wait_for(_talk(proc, body), cfg.timeout_s)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -96,6 +96,25 @@ async def _command(cfg: NotifyConfig, body: bytes) -> None:
     if proc.returncode != 0:
         said = out.decode("utf-8", "replace").strip()[-OUTPUT_SHOWN:]
         raise RuntimeError(f"{cfg.command[0]} exited with {proc.returncode}" + (f": {said}" if said else ""))
+
+
+async def _talk(proc: asyncio.subprocess.Process, body: bytes) -> bytes:
+    """communicate(), for a command that need not read its stdin (a pager called with arguments
+    alone, /bin/true): one that exits first closes the pipe, which uvloop reports as a RuntimeError
+    where asyncio's own loop gives the BrokenPipeError communicate() ignores."""
+    assert proc.stdin is not None and proc.stdout is not None
+
+    async def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            proc.stdin.write(body)
+            await proc.stdin.drain()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            proc.stdin.close()
+
+    _, out = await asyncio.gather(feed(), proc.stdout.read())  # at once: a chatty command never blocks the feed
+    await proc.wait()
+    return out
 
 
 async def _webhook(cfg: NotifyConfig, body: bytes) -> None:
