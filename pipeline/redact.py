@@ -20,12 +20,14 @@ values of their signing query parameters (`X-Amz-Signature`, `X-Amz-Credential`,
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus
 
-__all__ = ["Redactor", "KEY_PLACEHOLDER", "MIN_PARTIAL", "option_secrets", "PLAIN_OPTIONS"]
+__all__ = ["Redactor", "KEY_PLACEHOLDER", "MIN_PARTIAL", "SECRET_WORDS", "CREDENTIAL_OPTIONS", "secret_name",
+           "option_secrets", "storage_secrets"]
 
 KEY_PLACEHOLDER = "[key]"
 MIN_PARTIAL = 6  # a text ending with this many first characters of a secret has them hidden
@@ -39,23 +41,57 @@ _SIGNED = re.compile(
 # (a plain `in` is ~100x faster than an IGNORECASE regex over a long answer).
 _SIGNED_MARKS = ("ignature=", "IGNATURE=", "redential=", "REDENTIAL=", "ecurity-token=", "ecurity-Token=",
                  "ECURITY-TOKEN=", "ccessKeyId=", "ccessId=", "sig=", "SIG=")
-# fsspec storage options that are settings, not credentials
-PLAIN_OPTIONS = frozenset({"endpoint_url", "region_name", "region", "anon", "use_ssl", "profile", "project"})
+# Names (compared lower-cased) whose values are secrets wherever a name is free to choose: an
+# [endpoint] header, a storage option's header, a setting shown in the report.
+SECRET_WORDS = ("key", "token", "auth", "secret", "password", "cookie", "signature", "credential")
+# Storage options that hold credentials, by name (lower-cased), at any depth of `storage_options`:
+# s3fs (username and password are its aliases of key and secret), botocore's client_kwargs,
+# s3_additional_kwargs' SSE-C key, a gcsfs token given as a dict, adlfs. Every other option is a
+# setting (acl, a cache type, a region, a signature version): hiding its value would rewrite any
+# answer that holds the word ("private", "none").
+CREDENTIAL_OPTIONS = frozenset({
+    "key", "secret", "token", "username", "password", "passwd",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "session_token", "ssecustomerkey",
+    "access_key", "access_key_id", "secret_key", "secret_access_key", "api_key",
+    "private_key", "private_key_id", "client_secret", "refresh_token", "access_token", "id_token",
+    "account_key", "sas_token", "connection_string", "credential", "credentials",
+})
+# gcsfs `token` values that name a way to authenticate, not a credential.
+TOKEN_METHODS = frozenset({"anon", "google_default", "cache", "browser", "cloud"})
+# Credentials the storage backends read from the environment: hidden too, should a message echo one.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
+              "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "AZURE_CLIENT_SECRET")
+MIN_OPTION = 4  # a shorter value ("s3", "v4") is no credential, and hiding it would garble every text
+
+
+def secret_name(name: str) -> bool:
+    """Whether a freely named value (a header, a setting) is a secret: its name holds a SECRET_WORD."""
+    low = name.lower()
+    return any(word in low for word in SECRET_WORDS)
 
 
 def option_secrets(options: Any) -> list[str]:
-    """The values of fsspec storage options that may be credentials (every text but PLAIN_OPTIONS)."""
+    """The credentials among fsspec storage options: the values named in CREDENTIAL_OPTIONS (a
+    gcsfs token's way to authenticate aside) and secret headers (client_kwargs' `headers`)."""
     found: list[str] = []
 
-    def walk(value: Any, key: str) -> None:
+    def walk(value: Any, key: str, in_headers: bool) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
-                walk(v, str(k))
-        elif isinstance(value, str) and key not in PLAIN_OPTIONS and len(value) >= 4:
-            found.append(value)
+                walk(v, str(k), key.lower() == "headers")  # a header, by its own name
+        elif isinstance(value, str) and len(value) >= MIN_OPTION:
+            low = key.lower()
+            if (low in CREDENTIAL_OPTIONS and value not in TOKEN_METHODS) or (in_headers and secret_name(key)):
+                found.append(value)
 
-    walk(options, "")
+    walk(options, "", False)
     return found
+
+
+def storage_secrets(options: Any) -> list[str]:
+    """What a storage backend must never show: the credentials in `options` and in SECRET_ENV."""
+    found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)] + option_secrets(options or {})
+    return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
 
 
 def _forms(secret: str) -> set[str]:

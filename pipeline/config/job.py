@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobError
+from ..redact import storage_secrets
 from .fields import Table, keys_markdown, read_table, setting
+from .headers import secret_values
 from .sections import (
     EndpointConfig,
     ImagesConfig,
@@ -106,6 +108,14 @@ class Job:
         if not self.endpoint.api_key_env:
             return None
         return os.environ.get(self.endpoint.api_key_env) or None
+
+    def secrets(self) -> list[str]:
+        """Everything no message, log, journaled row, cached answer, report or file of this job may
+        show: the key, the proxies' passwords, secret [endpoint] headers, the storage credentials
+        of input and output (and the backends' credential variables), the [notify] webhook."""
+        return [s for s in (self.api_key(), *self.proxies().secrets(), *secret_values(self.endpoint.headers),
+                            *storage_secrets({"input": self.input.storage_options, "output": self.output.storage_options}),
+                            *(self.notify.secrets() if self.notify is not None else ())) if s]
 
     def proxies(self) -> ProxyChoice:
         """Which proxy each request goes through: `[endpoint] proxy` and the environment when the job was loaded."""

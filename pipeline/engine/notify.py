@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import Job
 from ..config.notify import NotifyConfig
+from ..redact import Redactor
 from .console import Console
 
 __all__ = ["notify", "ending", "summary_text"]
@@ -54,16 +55,19 @@ def notify(job: Job, summary: dict[str, Any], console: Console) -> None:
         return
     payload = console.redactor.scrub_record({**summary, "ending": how, "text": summary_text(summary, how)})
     body = json.dumps(payload, ensure_ascii=False, default=str).encode()
+    # The arguments are hidden here only: the job's redactor, which the answers pass through, never
+    # holds them (an argument such as "vision" would rewrite every answer that says it).
+    hide = Redactor(cfg.own_secrets())
     try:
-        done = asyncio.run(_both(cfg, body, console))
+        done = asyncio.run(_both(cfg, body, console, hide))
     except Exception as exc:  # noqa: BLE001 - telling someone must never change how the run ended
-        console.say(f"warning: could not notify ({type(exc).__name__}: {exc})", event="notify_failed")
+        console.say(hide.scrub(f"warning: could not notify ({type(exc).__name__}: {exc})"), event="notify_failed")
         return
     if done:
         console.say(f"note: notified ({', '.join(done)}) of the run's ending: {how}", event="notified", ending=how)
 
 
-async def _both(cfg: NotifyConfig, body: bytes, console: Console) -> list[str]:
+async def _both(cfg: NotifyConfig, body: bytes, console: Console, hide: Redactor) -> list[str]:
     jobs = []
     if cfg.command:
         jobs.append(("command", _command(cfg, body)))
@@ -75,7 +79,7 @@ async def _both(cfg: NotifyConfig, body: bytes, console: Console) -> list[str]:
         if isinstance(result, BaseException):
             reason = f"cut off after {cfg.timeout_s:g}s" if isinstance(result, asyncio.TimeoutError) else \
                 f"{type(result).__name__}: {result}"
-            console.say(f"warning: the notify {what} failed ({reason}); the run's result is unchanged",
+            console.say(hide.scrub(f"warning: the notify {what} failed ({reason}); the run's result is unchanged"),
                         event="notify_failed", notifier=what)
         else:
             done.append(what)

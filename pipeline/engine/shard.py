@@ -137,7 +137,7 @@ class ShardEngine:
             self.cache = cache.cache if cache is not None else None
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy(),
-                              headers=self.job.endpoint.headers) as client:
+                              headers=self.job.endpoint.headers, redactor=self.console.redactor) as client:
                 sender = RowSender(job=self.job, builder=self.builder, client=client, limiter=self.limiter,
                                    spend=self.spend, breaker=self.breaker, counts=self.counts, labels=self.labels,
                                    stopping=self.stopping, before_send=self.journal.flush_before_send,

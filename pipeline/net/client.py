@@ -62,7 +62,7 @@ from .text import loads_json, text_warning
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["Client", "Reply", "translate", "classify_status", "aiohttp_proxy", "DEFAULT_MAX_RESPONSE_BYTES",
+__all__ = ["Client", "Reply", "translate", "endpoint_redactor", "classify_status", "aiohttp_proxy", "DEFAULT_MAX_RESPONSE_BYTES",
            "PROXY_REFUSED"]
 
 # 429 bodies that mean "no money left", not "too fast": retrying cannot help.
@@ -318,15 +318,22 @@ class _Streamed:
         return assembler.result(), assembler.warning
 
 
+def endpoint_redactor(api_key: str | None, proxy: Proxy | None, headers: Mapping[str, str]) -> Redactor:
+    """What a client used on its own hides: its key, its proxy's password, its secret headers. A
+    run hands its clients the job's redactor instead (Job.secrets(), one list for everything)."""
+    return Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(headers)])
+
+
 class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int,
-                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None,
+                 redactor: Redactor | None = None) -> None:
         self.url = url
         self.proxy = proxy
         extra = dict(headers or {})  # [endpoint] headers
-        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
+        self.redactor = redactor or endpoint_redactor(api_key, proxy, extra)
         self._headers = {**extra, "Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
