@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import json
+import urllib.parse
 import os
 import random
 import re
@@ -25,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from conftest import S3, job_dict, read_output, run_cli, write_job
 from PIL import Image
@@ -117,6 +118,40 @@ def test_presigned_url_parameters_are_scrubbed_from_any_text() -> None:
     assert "sig=[signed]" in r.scrub("https://a.blob.core.windows.net/c/b.jpg?sv=2020&sig=abc%2Fdef&se=2026")
     plain = "The picture shows a cat; 2 + 2 = 4."
     assert r.scrub(plain) is plain
+
+
+@pytest.mark.parametrize("text", [
+    # HTML: a page or an answer in markdown/HTML holds the URL with &amp;
+    "<img src=\"https://b.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&amp;X-Amz-Credential=AKIAXX%2F2026"
+    "&amp;X-Amz-Signature=deadbeefdeadbeef\">",
+    # percent-encoded inside another URL's query (a proxy or image CDN link), once and twice
+    "fetch?url=https%3A%2F%2Fb.s3.amazonaws.com%2Fk.png%3FX-Amz-Credential%3DAKIAXX%252F2026%26X-Amz-Signature%3Ddeadbeefdeadbeef",
+    "r?u=https%253A%252F%252Fb%252Fk.png%253FX-Amz-Credential%253DAKIAXX%26X-Amz-Signature%253Ddeadbeefdeadbeef%2526x%253D1",
+    '{"url": "https://b/k.png?X-Amz-Credential=AKIAXX\\u0026X-Amz-Signature=deadbeefdeadbeef"}',  # JSON's \u0026
+])
+def test_signed_url_parameters_are_scrubbed_in_every_escaping(text: str) -> None:
+    out = Redactor().scrub(text)
+    assert "deadbeefdeadbeef" not in out and "AKIAXX" not in out, out
+    assert "[signed]" in out and "X-Amz-Signature" in out  # the name stays: a reader sees the URL was signed
+
+
+_ESCAPES = {
+    "plain": lambda u: u, "html": lambda u: u.replace("&", "&amp;"),
+    "json": lambda u: json.dumps(u)[1:-1].replace("&", "\\u0026"),
+    "percent": lambda u: urllib.parse.quote(u, safe=""), "percent twice": lambda u: urllib.parse.quote(urllib.parse.quote(u, safe=""), safe=""),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(sig=st.text("0123456789abcdef", min_size=16, max_size=64), name=st.sampled_from(
+           ["X-Amz-Signature", "x-amz-signature", "X-Goog-Signature", "Signature", "sig", "X-Amz-Security-Token"]),
+       escape=st.sampled_from(sorted(_ESCAPES)), before=st.text(max_size=40), after=st.text(max_size=40))
+def test_a_signature_never_survives_a_scrub_whatever_its_escaping(sig: str, name: str, escape: str, before: str,
+                                                                   after: str) -> None:
+    url = f"https://b.example/k.png?X-Amz-Date=20260101T000000Z&{name}={sig}&x=1"
+    text = f"{before} {_ESCAPES[escape](url)} {after}"
+    assume(sig not in before + after)
+    assert sig not in Redactor().scrub(text)
 
 
 # -- bytes in a Parquet manifest ---------------------------------------------------------------
