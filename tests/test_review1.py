@@ -16,17 +16,6 @@ from pipeline.config import load_job
 from pipeline.redact import Redactor
 
 
-# -- F4: a secret [endpoint] header is in the Job's repr (a notebook cell's output, a saved .ipynb),
-#    where storage_options and [notify] are hidden.
-
-def test_a_secret_header_is_not_in_the_jobs_repr(tmp_path: Path) -> None:
-    manifest = url_manifest(tmp_path / "m.csv", 1)
-    job = load_job(write_job(tmp_path / "job.toml", job_dict(
-        manifest, "http://127.0.0.1:9/v1", tmp_path / "out",
-        endpoint={"headers": {"x-portkey-api-key": "pk-SECRET-123456"}})))
-    assert "pk-SECRET-123456" not in repr(job)
-
-
 # -- F5: the S3 server the presign tests trust serves a presigned URL whatever its signature:
 #    "signed: the object's bytes" proves nothing about the signing.
 
