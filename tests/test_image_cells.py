@@ -14,11 +14,11 @@ import base64
 import hashlib
 import io
 import json
-import urllib.parse
 import os
 import random
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -323,6 +323,31 @@ def _signatures(endpoint: Any) -> list[str]:
     return found
 
 
+def sigv4_valid(url: str, key: str, secret: str) -> bool:
+    """Whether `url`'s X-Amz-Signature is the SigV4 query signature of that very URL (host, path,
+    expiry, scope) by `key`/`secret`, recomputed by botocore at the URL's own X-Amz-Date (botocore's
+    clock patched to it). moto's server cannot tell: it checks only an Authorization header's
+    signature, and serves a presigned URL whatever its X-Amz-Signature says."""
+    import datetime
+    from unittest import mock
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    parts = urllib.parse.urlsplit(url)
+    params = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    signed_at = datetime.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+    region = params["X-Amz-Credential"].split("/")[2]
+    own = urllib.parse.urlencode({k: v for k, v in params.items() if not k.startswith("X-Amz-")})
+    request = AWSRequest(method="GET", url=urllib.parse.urlunsplit(parts._replace(query=own)))
+    auth = botocore.auth.S3SigV4QueryAuth(Credentials(key, secret), "s3", region, expires=int(params["X-Amz-Expires"]))
+    with mock.patch.object(botocore.auth, "get_current_datetime", lambda: signed_at):
+        auth.add_auth(request)
+    expected = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query))
+    return expected["X-Amz-Signature"] == params["X-Amz-Signature"] and expected["X-Amz-Credential"] == params["X-Amz-Credential"]
+
+
 def test_presigned_urls_let_the_provider_fetch_the_objects_and_leave_no_signature(tmp_path: Path, endpoint_factory,
                                                                                     s3: S3, bucket: str) -> None:
     ep = endpoint_factory(record=True, fetch_images=True)  # fetches image URLs as a provider does
@@ -345,6 +370,11 @@ def test_presigned_urls_let_the_provider_fetch_the_objects_and_leave_no_signatur
     assert refused.value.code == 403
     number = int(re.search(r"/img/(\d)\.png\?", urls[0]).group(1))
     assert urllib.request.urlopen(urls[0], timeout=10).read() == picture(number)  # signed: the object's bytes
+    # moto serves a presigned URL whatever its signature: the signature is checked here instead.
+    assert all(sigv4_valid(u, s3.key, s3.secret) for u in urls)
+    tampered = re.sub(r"X-Amz-Signature=[0-9a-f]+", "X-Amz-Signature=" + "0" * 64, urls[0])
+    assert not sigv4_valid(tampered, s3.key, s3.secret) and not sigv4_valid(urls[0], s3.key, "another-secret")
+    assert not sigv4_valid(urls[0].replace("/img/", "/img2/"), s3.key, s3.secret)  # signed for another object
     # No signature or credential in the output, the checkpoint, the cache or stderr.
     secrets = _signatures(ep) + [s3.secret]
     assert secrets and not any(s in files_text(tmp_path / "out", tmp_path / ".pipeline", cache) + r.stderr for s in secrets)
