@@ -343,3 +343,28 @@ def test_a_job_refused_alike_everywhere_still_stops_at_once_with_nothing_written
     again = run_cli("run", str(job))  # the rerun of a tripped job: still wrong, it stops the same way
     assert again.returncode == EXIT_STOPPED and "the job looks wrong" in again.stderr
     assert read_output(tmp_path / "out") == [] and status_of(job)["pending"] == 400
+
+
+def test_a_wrong_job_still_stops_early_when_a_probed_row_has_a_missing_image(tmp_path: Path,
+                                                                              endpoint_factory: Any) -> None:
+    """A probe's row that fails here (a missing image: an `input` error row, no request) tried
+    nothing: its part is probed again with its next row. Before, the part counted as probed for
+    good and the verdict waited for the producer to get there: 318 requests of 400."""
+    ep = endpoint_factory(faults={"400": 1.0})
+    n = 400
+    # the first row of each later part (80, 160, 240, 320: where probes look first) names a missing file
+    write_rows(tmp_path / "m.csv", [{"id": f"row-{i:05d}", "prompt": f"picture {i}",
+                                     "image": "missing.png" if i in (80, 160, 240, 320) else f"https://images.example/{i}.png"}
+                                    for i in range(n)], "csv")
+    job = write_job(tmp_path / "job.toml", job_dict(tmp_path / "m.csv", ep.base_url, tmp_path / "out",
+                                                    limits={"max_concurrency": 4}, run={"shard_rows": 1000}))
+    result = run_cli("run", str(job))
+    assert result.returncode == EXIT_STOPPED and "the job looks wrong" in result.stderr, result.stderr
+    rows = read_output(tmp_path / "out")  # the missing images are the rows' own failures, written
+    assert sorted(r["id"] for r in rows) == [f"row-{i:05d}" for i in (80, 160, 240, 320)]
+    assert all(r["error_kind"] == "input" for r in rows)
+    assert status_of(job)["pending"] == n - 4
+    # the first alike refusals, the rows then queued and in flight, a probe per part and one more for each
+    # missing image (about 20; the producer waits while the verdict waits for the probes), not the
+    # manifest row by row
+    assert ep.stats()["requests"] < 50, ep.stats()["requests"]

@@ -46,25 +46,3 @@ def test_a_wrong_job_on_ray_with_a_short_last_shard_writes_nothing(tmp_path: Pat
     status = json.loads(run_cli("status", str(job), "--json").stdout)
     assert read_output(tmp_path / "out") == [], "a wrong job writes nothing"  # today: the 3 rows, failed
     assert status["pending"] == 53 and status["failed"] == 0, status
-
-
-# -- F7: a probe's row that fails here (a missing image: an `input` error row, no request) leaves its
-#    part probed for good: the wrong-job verdict then waits until the producer itself reaches that
-#    part, so a wrong job is refused row by row through most of the manifest.
-
-def test_a_wrong_job_still_stops_early_when_a_probed_row_has_a_missing_image(tmp_path: Path,
-                                                                              endpoint_factory: Any) -> None:
-    from conftest import write_rows
-
-    ep = endpoint_factory(faults={"400": 1.0})
-    n = 400
-    # the first row of each later part (80, 160, 240, 320: where probes look first) names a missing file
-    rows = [{"id": f"row-{i:05d}", "image": "missing.png" if i in (80, 160, 240, 320) else f"https://images.example/{i}.png",
-             "prompt": f"picture {i}"} for i in range(n)]
-    write_rows(tmp_path / "m.csv", rows, "csv")
-    job = write_job(tmp_path / "job.toml", job_dict(tmp_path / "m.csv", ep.base_url, tmp_path / "out",
-                                                    limits={"max_concurrency": 4}, run={"shard_rows": 1000}))
-    r = run_cli("run", str(job))
-    assert r.returncode == 3 and "the job looks wrong" in r.stderr, r.stderr
-    # as test_breaker's wrong job: the first rows and a probe per part, not the manifest row by row
-    assert ep.stats()["requests"] < 200, ep.stats()["requests"]

@@ -123,7 +123,8 @@ class ShardEngine:
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
         self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, tripped=lambda: self.stop(self.breaker.stop()),
-                             enqueue=lambda work, i: self.queue.put((work, i, work.table.select(self.columns).slice(i, 1).to_pylist()[0])))
+                             enqueue=lambda work, i: self.queue.put((work, i, work.table.select(self.columns).slice(i, 1).to_pylist()[0])),
+                             spawn=lambda probe: self._group().create_task(self._guarded(probe, "reading the manifest")))
         try:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
@@ -276,6 +277,7 @@ class ShardEngine:
             for start in range(0, len(send), step):
                 batch = send[start : start + step]
                 for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
+                    await probes.hold()  # while a verdict waits for the probes: no more rows refused alike
                     if not probes.taken(shard, i):  # else a probe sent it ahead
                         probes.producing(shard, i)
                         await self.queue.put((work, i, cells))
@@ -330,6 +332,7 @@ class ShardEngine:
             except Exception as exc:  # noqa: BLE001 - the journal or a commit failed: the run stops
                 self.stop(local_failure(exc, "journaling an answer"))
                 return
+            self.probes.settled(work.shard, index, requested=row.attempts > 0)  # failed here: its part is probed again
 
     async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any], at: float) -> ResultRow | None:
         """The row's result; None when a stop came first. Raises only CancelledError."""
@@ -362,8 +365,8 @@ class ShardEngine:
             # not the row's fault, perhaps. Hold the error until the breaker is settled; if it
             # trips instead, the row stays pending for the next run.
             self.held.append((work, row))
-            if row.error_kind in REFUSAL_KINDS and (tasks := self.tasks) is not None:
-                self.probes.ask(lambda probe: tasks.create_task(self._guarded(probe, "reading the manifest")))
+            if row.error_kind in REFUSAL_KINDS:
+                self.probes.ask()
             return
         self._deliver(work, row)
         self.release_settled()
@@ -388,9 +391,12 @@ class ShardEngine:
 
     # -- commits -------------------------------------------------------------------------
 
+    def _group(self) -> asyncio.TaskGroup:
+        assert self.tasks is not None, "rows settle, and commits start, only while the run's tasks run"
+        return self.tasks
+
     def _schedule_commit(self, work: _ShardWork) -> None:
-        assert self.tasks is not None
-        self.tasks.create_task(self._guarded(self._commit(work), f"committing shard {work.shard.index}"))
+        self._group().create_task(self._guarded(self._commit(work), f"committing shard {work.shard.index}"))
 
     async def _commit(self, work: _ShardWork) -> None:
         async with self.finalize_lock:

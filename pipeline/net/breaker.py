@@ -188,6 +188,11 @@ class Breaker:
         self._probed.update(asked)
         return asked
 
+    def reprobe(self, part: int) -> None:
+        """The row probing `part` settled without a request (it failed here: a missing image): the
+        part is asked for again, so its next row is tried."""
+        self._probed.discard(part)
+
     @property
     def doubting(self) -> bool:
         """Whether refusals may still mean a wrong job: nothing answered, none differing."""
