@@ -232,6 +232,22 @@ def test_a_wrong_job_on_ray_stops_every_worker_with_nothing_written(
     assert status["pending"] == 200 and status["failed"] == 0
 
 
+def test_a_wrong_job_on_ray_with_a_short_last_shard_writes_nothing(tmp_path: Path, endpoint_factory,
+                                                                   ray_address: str, capsys) -> None:
+    """Shards of 50 and 3 rows: the short one has fewer rows to send than breaker_refusals. Before,
+    its task could never vote "wrong job": the cluster could not trip while it ran, and after
+    VERDICT_WAIT_S it wrote its held refusals as failed rows (and the stop said they stayed pending).
+    Now a task whose rows are all sent, refused alike, votes so whatever their count."""
+    ep = endpoint_factory(faults={"400": 1.0}, latency_ms=20)
+    job = make_job(tmp_path, ep.base_url, 53, address=ray_address, run={"ray_workers": 2, "shard_rows": 50})
+    assert run(load_job(job)) == 3
+    err = capsys.readouterr().err
+    assert "the job looks wrong" in err and "every worker's shard" in err
+    assert read_output(tmp_path / "out-t") == [], "a wrong job writes nothing"
+    status = json.loads(run_cli("status", str(job), "--json").stdout)
+    assert status["pending"] == 53 and status["failed"] == 0, status
+
+
 def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:
     job = make_job(tmp_path, "http://127.0.0.1:9/v1", 5)
     code = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -189,9 +189,8 @@ class ShardEngine:
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
             workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
-            if self.held:
-                await self.breaker.verdict()  # a Ray worker's held refusals wait for the cluster's
-            if self.stop_reason is None and self.stop_signal is None and self.failure is None and not self.breaker.tripped:
+            theirs = await self.breaker.verdict() if self.held else True  # a Ray worker's wait for the cluster's
+            if self.stop_reason is None and self.stop_signal is None and self.failure is None and theirs:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
             syncer.cancel()
             if writer is not None:
