@@ -172,6 +172,30 @@ def test_hanging_notifiers_are_cut_off_at_their_timeout_and_the_exit_code_stands
     assert len(read_output(tmp_path / "out-t")) == 30  # every row written
 
 
+def test_a_webhook_whose_name_lookup_hangs_is_cut_off_at_its_timeout(tmp_path: Path) -> None:
+    # The run's process resolves hooks.slow-dns.test in 60 s (a resolver that hangs), then leaves a
+    # mark. asyncio.run waited for that lookup's thread, with no limit, after cutting the webhook off.
+    site, mark = tmp_path / "site", tmp_path / "lookup-returned"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import socket, time\n"
+        "_lookup = socket.getaddrinfo\n"
+        "def getaddrinfo(host, *args, **kwargs):\n"
+        "    if host == 'hooks.slow-dns.test':\n"
+        "        time.sleep(60)\n"
+        f"        open({str(mark)!r}, 'w').close()\n"
+        "    return _lookup(host, *args, **kwargs)\n"
+        "socket.getaddrinfo = getaddrinfo\n")
+    # a manifest that is not there: exit 2 before any event loop of the run's (the stdlib's loop then,
+    # whose name lookups run in its executor's threads)
+    job = write_job(tmp_path / "t.toml", job_dict(tmp_path / "missing.csv", "http://127.0.0.1:9/v1", tmp_path / "out",
+                                                  notify={"webhook": "http://hooks.slow-dns.test/hook", "timeout_s": 1}))
+    r = run_cli("run", str(job), env={"PYTHONPATH": str(site)})
+    assert r.returncode == 2, r.stderr  # the run's truth, not the notifier's
+    assert "warning: the notify webhook failed (cut off after 1s); the run's result is unchanged" in r.stderr
+    assert not mark.exists()  # the run ended while the lookup still hung: it was not waited for
+
+
 def test_a_missing_command_is_a_warning(tmp_path: Path, endpoint_factory: Any) -> None:
     ep = endpoint_factory(row_faults={"row-00002": "400"})
     job = make_job(tmp_path, ep.base_url, {"command": [str(tmp_path / "no-such-pager")]})
