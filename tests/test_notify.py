@@ -23,6 +23,7 @@ TOKEN = "T0NIGHTLY/B0SECRET/xoxb-webhook-token-42"
 class Hook:
     def __init__(self) -> None:
         self.posts: list[dict[str, Any]] = []
+        self.answered = 0  # posts answered (after hang_s)
         self.hang_s = 0.0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -40,6 +41,7 @@ class Hook:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 hook.posts.append({"path": self.path, "type": self.headers["Content-Type"], "body": json.loads(body)})
                 time.sleep(hook.hang_s)
+                hook.answered += 1
                 self.send_response(200)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -158,14 +160,11 @@ def test_hanging_notifiers_are_cut_off_at_their_timeout_and_the_exit_code_stands
     script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
     job = make_job(tmp_path, ep.base_url, {"webhook": hook.url, "command": [sys.executable, "-c", script],
                                            "timeout_s": 1.5})
-    started = time.monotonic()
     r = run_cli("run", str(job))
-    took = time.monotonic() - started
     assert r.returncode == 1, r.stderr  # the rows' truth, not the notifiers'
     assert "the notify webhook failed (cut off after 1.5s)" in r.stderr
     assert "the notify command failed (cut off after 1.5s)" in r.stderr
-    assert took < 25, took  # neither notifier's 30 s was waited for
-    assert len(hook.posts) == 1  # it was reached, then given up on
+    assert len(hook.posts) == 1 and hook.answered == 0  # it was reached, then given up on: its 30 s not waited for
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the hanging command was killed, not left behind
