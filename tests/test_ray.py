@@ -65,10 +65,17 @@ def assert_exactly_once(out: Path, n: int) -> list[dict]:
 
 
 def shard_workers() -> list[psutil.Process]:
+    """This module's Ray workers running a shard task: descendants of this process, whose
+    `ray.init` started the raylet that starts them. Never the machine's: another test session's
+    Ray (another checkout's suite, a parallel helper's) has workers titled the same, and killing
+    one of those failed a task there ("Task shard_task failed ... will be retried")."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if (p.info["cmdline"] or [""])[0] == TASK_TITLE:
-            found.append(p)
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if (p.cmdline() or [""])[0] == TASK_TITLE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return found
 
 
