@@ -49,10 +49,16 @@ _SEPARATORS = ("?", "&", "%", "\\")
 
 def _unsigned(text: str) -> str:
     """`text` with the values of presigned URLs' signing parameters hidden."""
-    if "=" not in text and "%" not in text:  # a parameter's "=" (or its %3D): most texts hold neither
+    # A parameter's "=", or its %3D: most texts hold neither (a one-character `in` is memchr, ~25 ns
+    # a KB, where `"%3D" in text` costs ~1.5 us); with no "=", only a percent-encoded URL can.
+    if "=" in text:
+        separators = _SEPARATORS
+    elif "%" in text:
+        separators = ("%",)
+    else:
         return text
     values: list[tuple[int, int]] = []
-    for sep in _SEPARATORS:
+    for sep in separators:
         at = text.find(sep)
         while at >= 0:
             m = _SIGNED.match(text, at)
