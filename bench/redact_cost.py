@@ -13,9 +13,7 @@ read with `git show` and timed the same way, in this process.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
-import subprocess
 import sys
 import tempfile
 import timeit
@@ -23,7 +21,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from .common import module_at
+
 KEY = "sk-proj-0123456789abcdefghijklmnopqrstuvwxyzABCD"
 SIGNED = ("https://b.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAXYZ%2F20260101"
           "%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20260101T000000Z&X-Amz-Signature=64fedec0fd75f2ee537c151d376f")
@@ -50,18 +49,6 @@ def time_module(redact: ModuleType, number: int = 20000) -> dict[str, dict[str, 
     return out
 
 
-def _from_git(ref: str, folder: Path) -> ModuleType:
-    source = subprocess.run(["git", "show", f"{ref}:pipeline/redact.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = folder / f"redact_{ref}.py"
-    path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location(f"pipeline._bench_redact_{ref}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _show(label: str, figures: dict[str, dict[str, float]]) -> None:
     for name, f in figures.items():
         print(f"{label:>10}  {name:<18} no secret {f['no_secret_us']:6.2f} us   with the key {f['with_key_us']:6.2f} us",
@@ -78,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _show("this tree", results["this tree"])
     if args.ref:
         with tempfile.TemporaryDirectory() as tmp:
-            results[args.ref] = time_module(_from_git(args.ref, Path(tmp)))
+            results[args.ref] = time_module(module_at(args.ref, "pipeline/redact.py", Path(tmp)))
         _show(args.ref, results[args.ref])
     return results
 
