@@ -13,6 +13,7 @@ checks the signature itself (tests/test_image_cells.py, sigv4_valid).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,13 +23,13 @@ import urllib.request
 __all__ = ["start_moto_s3", "stop_moto_s3"]
 
 
-def start_moto_s3(timeout_s: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """Start the server and wait until it answers (within `timeout_s`)."""
+def start_moto_s3(timeout_s: float = 30.0, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start the server (`env` added to its environment) and wait until it answers (within `timeout_s`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

@@ -160,6 +160,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     )
 
 
+def start_run(job: Path, first_commit: Path, timeout: float = 60) -> subprocess.Popen:
+    """`pipeline run JOB` in its own process, returned once its first shard is committed (or it
+    ended, or `timeout` passed): the moment a test kills it, or changes its input under it."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (first_commit.exists() and first_commit.read_text().strip()) and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    return proc
+
+
 def read_output(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if any(path.glob("*.parquet")) else []
 
@@ -201,12 +215,21 @@ class S3:
         return pq.read_table(prefix, filesystem=fs).to_pylist() if fs.exists(prefix) else []
 
 
+def start_moto(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """moto's S3 server in its own process on a free loopback port: (its URL, the process); `env`
+    adds to its environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT=0: it checks credentials)."""
+    from bench.moto_s3 import start_moto_s3  # shared with the benchmarks
+
+    proc, url = start_moto_s3(env=env)
+    return url, proc
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3]:
     pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
-    from bench.moto_s3 import start_moto_s3, stop_moto_s3  # shared with the benchmarks
+    from bench.moto_s3 import stop_moto_s3
 
-    proc, url = start_moto_s3()
+    url, proc = start_moto()
     yield S3(url, proc)
     stop_moto_s3(proc)

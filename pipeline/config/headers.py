@@ -20,8 +20,9 @@ import re
 from typing import Mapping
 
 from ..redact import SECRET_WORDS, secret_name
+from .proxy import Proxy
 
-__all__ = ["NEUTRAL", "RESERVED", "SECRET_WORDS", "headers_problem", "secret_values", "cache_scope"]
+__all__ = ["NEUTRAL", "RESERVED", "SECRET_WORDS", "headers_problem", "secret_values", "endpoint_secrets", "cache_scope"]
 
 # Lower-case names that never change an answer: who pays, who is attributed, how it is traced.
 NEUTRAL = frozenset({"openai-organization", "openai-project", "user-agent", "x-request-id", "x-client-request-id",
@@ -47,6 +48,12 @@ def headers_problem(headers: Mapping[str, object]) -> str | None:
 def secret_values(headers: Mapping[str, str]) -> list[str]:
     """The values no output, message or cache may hold."""
     return [value for name, value in headers.items() if secret_name(name) and value]
+
+
+def endpoint_secrets(api_key: str | None, proxy: Proxy | None, headers: Mapping[str, str]) -> list[str]:
+    """What every request to the endpoint carries that no output may show: the key, the proxy's
+    password, secret headers (Job.secrets() holds them; a Client used on its own hides these)."""
+    return [s for s in (api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(headers)) if s]
 
 
 def cache_scope(url: str, headers: Mapping[str, str]) -> str:

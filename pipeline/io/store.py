@@ -47,7 +47,7 @@ from ..errors import JobError
 from ..redact import Redactor, storage_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
-__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store"]
+__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_failure"]
 
 T = TypeVar("T")
 Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing them into a file
@@ -86,6 +86,19 @@ def open_store(location: Path | str, options: Mapping[str, Any] | None = None, l
     if isinstance(location, str):
         return FsspecStore(location, options, label)
     return LocalStore(location, options)
+
+
+def storage_failure(label: str, what: str, place: str, exc: BaseException, options: Mapping[str, Any],
+                    then: str) -> JobError:
+    """The one shape of a backend's failure: one line naming the setting, what was done where, the
+    backend's own words with every secret scrubbed, and what to check (the output's store and the
+    input's sources both say it so)."""
+    if isinstance(exc, JobError):
+        return exc
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    scrubbed = Redactor(storage_secrets(options), placeholder="[secret]").scrub(detail)
+    return JobError(f"{label}: could not {what} {place}: {scrubbed} ({type(exc).__name__}); check the URL, the "
+                    f"credentials and {label.split()[0]} storage_options, then {then}")
 
 
 class _Secrets:
@@ -226,13 +239,8 @@ class FsspecStore(_Secrets):
 
     def _translated(self, what: str, exc: Exception) -> JobError:
         """The one place a backend's failure becomes a one-line JobError, its secrets scrubbed."""
-        if isinstance(exc, JobError):
-            return exc
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return JobError(
-            f"{self.label}: could not {what} {self}: {self.scrub(detail)} ({type(exc).__name__}); check the URL, "
-            f"the credentials and [output] storage_options, then run again (answers so far are kept in the checkpoint)"
-        )
+        return storage_failure(self.label, what, str(self), exc, self._options,
+                               "run again (answers so far are kept in the checkpoint)")
 
     def _path(self, name: str) -> str:
         return f"{self._remote()[1]}/{name}"

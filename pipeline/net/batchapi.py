@@ -2,7 +2,7 @@
 
     async with BatchAPI(base_url, key, timeout_s=60, max_attempts=5) as api:
         file_id = await api.upload("pipeline-captions-b000001.jsonl", data)
-        batch = await api.create(file_id, "24h", {"pipeline_batch": name})
+        batch = await api.create(file_id, "/v1/chat/completions", "24h", {"pipeline_batch": name})
         batch = await api.find(name)          # a batch created with that metadata, or None
         batch = await api.get(batch["id"]); await api.cancel(batch["id"])
         data = await api.content(batch["output_file_id"])
@@ -25,10 +25,11 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
+from ..config.headers import endpoint_secrets
 from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
-from .client import aiohttp_proxy, endpoint_redactor, translate
+from .client import aiohttp_proxy, translate
 from .retry import retry_delay, should_retry
 
 __all__ = ["BatchAPI", "LIST_PAGES"]
@@ -45,7 +46,7 @@ class BatchAPI:
         self.proxy = proxy
         self._via = aiohttp_proxy(proxy)
         extra = dict(headers or {})  # [endpoint] headers
-        self.redactor = redactor or endpoint_redactor(api_key, proxy, extra)
+        self.redactor = redactor or Redactor(endpoint_secrets(api_key, proxy, extra))  # a run's: Job.secrets()
         self._headers = {**extra, "Authorization": f"Bearer {api_key}"} if api_key else extra
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = max_attempts
@@ -72,8 +73,9 @@ class BatchAPI:
         reply = await self._call("POST", "/files", form=form)
         return str(reply["id"])
 
-    async def create(self, file_id: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
-        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": window,
+    async def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """`endpoint`: the lines' `url` ("/v1/chat/completions", "/v1/responses")."""
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": window,
                 "metadata": metadata}
         return await self._call("POST", "/batches", json=body, retry=False)
 
