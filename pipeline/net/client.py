@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, TypedDict
 import orjson
 
 from ..config import Api, LimitsConfig
-from ..config.headers import secret_values
+from ..config.headers import endpoint_secrets
 from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
@@ -331,12 +331,13 @@ class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int,
-                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None, api: Api = Api.CHAT) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None, api: Api = Api.CHAT,
+                 redactor: Redactor | None = None) -> None:
         self.url = url
         self.api = api  # how a streamed answer is read
         self.proxy = proxy
         extra = dict(headers or {})  # [endpoint] headers
-        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
+        self.redactor = redactor or Redactor(endpoint_secrets(api_key, proxy, extra))  # a run's: Job.secrets()
         self._headers = {**extra, "Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"

@@ -27,7 +27,7 @@ from ...config import Job
 from ...errors import JobError
 from ...io.durable import atomic_write
 from ...io.storage import PartStore
-from ...redact import Redactor, option_secrets
+from ...redact import Redactor
 from ...rows.images import MB
 
 __all__ = ["write_report", "vega_bundle", "script_safe", "REPORT_NAME", "MAX_MB"]
@@ -49,8 +49,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
         raise JobError(f"the report needs its extra ({exc.name} is missing): pip install -e '.[report]' in the clone "
                        f"(or 'pipeline[report]')") from None
     store = PartStore.for_output(job.output)
-    redactor = Redactor([job.api_key(), *store.secrets(), *option_secrets(job.input.storage_options),
-                         *(job.notify.secrets() if job.notify is not None else ())])
+    redactor = Redactor(job.secrets())
     bundle = script_safe(vega_bundle())
     data = collect(job, int(max_mb * MB), redactor, fixed_bytes=len(bundle.encode()))
     page = {
