@@ -124,7 +124,7 @@ def _sized_for_task(job: Job) -> Job:
 
 async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
     job = _sized_for_task(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard)
     async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)

@@ -15,7 +15,7 @@ or files added" from "rows edited" (refused: answers would mismatch). The format
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pyarrow as pa
 
@@ -125,7 +125,7 @@ def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
     return read_rows(cfg, plan, shard).table
 
 
-def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
     """The shard's `columns`, `rows` at a time: byte columns are never held for a whole shard."""
     return source_for(cfg, plan.format).batches(plan, shard, columns, rows)
 

@@ -205,11 +205,8 @@ def _proxy_error(status: int, reason: str, proxy: Proxy | None, headers: dict[st
     return RequestError(hide.cut(message, _MESSAGE_CAP), kind=kind, status=status, headers=headers, code=PROXY_REFUSED)
 
 
-class ProxyArgs(TypedDict, total=False):
-    """aiohttp's per-request proxy arguments (none: directly)."""
-
-    proxy: str
-    proxy_auth: aiohttp.BasicAuth | None
+# aiohttp's per-request proxy arguments (none: directly)
+ProxyArgs = TypedDict("ProxyArgs", {"proxy": str, "proxy_auth": "aiohttp.BasicAuth | None"}, total=False)
 
 
 @functools.lru_cache(maxsize=16)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import bisect
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Iterator, NamedTuple
+from typing import ClassVar, Generator, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -132,7 +132,7 @@ class Source:
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
         raise NotImplementedError
 
-    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
         """The shard's `columns`, `rows` at a time (formats whose rows hold bytes stream them)."""
         table = self.read(plan, shard, columns).table
         for start in range(0, table.num_rows, rows):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -191,7 +191,7 @@ class WebDatasetSource(FileSource):
         schema = self._schema(plan, columns)
         return ShardRows(pa.concat_tables(tables) if tables else schema.empty_table(), ids, errors)
 
-    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
         for table, _, _ in self._stream(plan, shard, columns, rows):
             yield table
 
