@@ -282,7 +282,7 @@ class ShardEngine:
             probes.passed(shard)
             work.enqueued = True
             if work.pending == 0:
-                self._spawn(self._commit(work), f"committing shard {work.shard.index}")
+                _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
         await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
@@ -381,7 +381,7 @@ class ShardEngine:
         self.counts.settle(row)
         work.pending -= 1
         if work.pending == 0 and work.enqueued:
-            self._spawn(self._commit(work), f"committing shard {work.shard.index}")
+            _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
 
     def _release_held(self) -> None:
         held, self.held = self.held, []
