@@ -172,6 +172,32 @@ def _popen(job: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str
                             env={**os.environ, "CACHE_TEST_KEY": KEY, **(env or {})})
 
 
+_OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from pipeline.io.cache import Cache
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+warned = []
+cache = Cache.open(folder, ttl_s=None, max_bytes=1 << 20, warn=warned.append)
+assert cache is not None and not warned, warned
+cache.close()
+"""
+
+
+def test_processes_opening_a_new_cache_at_once_all_use_it(tmp_path: Path) -> None:
+    # Switching a new file to WAL answered "locked" at once to all but one of the processes that
+    # opened it together (no busy wait), and those runs went on without the cache.
+    import time
+    for n in range(12):
+        start = time.time() + 0.4
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(tmp_path / f"c{n}"), str(start)],
+                                  cwd=ROOT, text=True, stderr=subprocess.PIPE) for _ in range(3)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+
+
 def test_two_processes_share_one_cache(tmp_path: Path, endpoint: Any) -> None:
     manifest = url_manifest(tmp_path / "m.csv", 40)
     a = _popen(_job(tmp_path, endpoint, manifest, name="a", out="a"))

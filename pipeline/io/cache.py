@@ -111,7 +111,7 @@ class Cache:
             folder.mkdir(parents=True, exist_ok=True)
             cache = cls(path, ttl_s=ttl_s, max_bytes=max_bytes, warn=warn, clock=clock)
             cache._writer.executescript(_SCHEMA)
-            cache._reader.execute("SELECT 1 FROM entries LIMIT 1").fetchall()  # a damaged file fails here
+            cache._writer.execute("SELECT 1 FROM entries LIMIT 1").fetchall()  # a damaged file fails here
             with cache._lock:
                 cache._evict_if_over()
             return cache
@@ -123,11 +123,29 @@ class Cache:
             return None
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
-        # check_same_thread off: the writer runs in to_thread's threads, one batch at a time
-        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # check_same_thread off: the writer runs in to_thread's threads, one batch at a time.
+        # The setup waits as a write does; only then does the connection take its own timeout (a
+        # lookup's is short: a busy file is a miss).
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        self._wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         return conn
+
+    @staticmethod
+    def _wal(conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL needs it alone, and SQLite answers "locked" at once, without
+        # its busy handler, while another process opens the same new file: two runs sharing a fresh
+        # cache folder met it. Asked again until BUSY_TIMEOUT_S, as a write would wait.
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     # -- the event loop's side -------------------------------------------------------------
 
