@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 
@@ -23,14 +23,23 @@ from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id
 from ..io.manifest import Plan, Shard, plan_schema
 from ..io.storage import PartStore
-from ..io.writer import build_part, journal_schema, write_empty_part, write_part
+from ..io.writer import build_part, journal_schema, layout_key, output_columns, write_empty_part, write_part
 from ..records import DETAIL_TOKEN_COLUMNS, TOKEN_COLUMNS, CommitRecord
 from ..rows.pricing import total_cost
 
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["commit_shard", "write_empty_dataset", "media_columns"]
+__all__ = ["commit_shard", "write_empty_dataset", "media_columns", "Layout", "part_layout"]
+
+
+class Layout(NamedTuple):
+    """The columns a part is written with now (pipeline.engine.upgrade brings older parts to it)."""
+
+    schema: pa.Schema  # input columns typed as planned (a part's own reads may type them otherwise)
+    free: frozenset[str]  # the input columns, whose types are the manifest's, not the layout's
+    renamed: dict[str, str]  # output name -> input column, where an input column takes an `input_` prefix
+    key: str  # layout_key(schema, free): what a commit record keeps
 
 
 def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids: list[str],
@@ -52,6 +61,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         tokens=_token_sums(part),
         at=time.time(), part_digest=written.digest, etag=written.etag,
         spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
+        layout=layout_key(part.schema, _free(job, table.column_names, extra)),
     )
     ckpt.record_commit(record)
     return record
@@ -62,6 +72,24 @@ def media_columns(job: Job) -> frozenset[str]:
     if job.output.keep_media:
         return frozenset()
     return frozenset(c for c in (job.input.image_column, job.input.video_column) if c)
+
+
+def part_layout(job: Job, plan: Plan, labels: Labels | None) -> Layout:
+    """The current layout of the job's parts: the columns an empty part of its manifest has."""
+    extra = labels.fields() if labels is not None else ()
+    results = pa.Table.from_batches([], schema=journal_schema(extra))
+    schema = build_part(_empty_input(plan), [], results, job.input.id_column, extra, media_columns(job)).schema
+    free = _free(job, plan.columns, extra)
+    renamed = {out: col for col, out in output_columns(plan.columns, job.input.id_column,
+                                                       frozenset(f.name for f in extra)) if out != col}
+    return Layout(schema, free, renamed, layout_key(schema, free))
+
+
+def _free(job: Job, columns: list[str], extra: list[pa.Field] | tuple[pa.Field, ...]) -> frozenset[str]:
+    """Output names of the input columns typed by the manifest (image bytes held as references are not)."""
+    media = media_columns(job)
+    return frozenset(out for col, out in output_columns(columns, job.input.id_column, frozenset(f.name for f in extra))
+                     if col not in media)
 
 
 def _token_sums(part: pa.Table) -> dict[str, int]:
