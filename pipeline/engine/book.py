@@ -3,6 +3,7 @@ a shard committed when its last row is in. Every executor (local, Ray, batch), e
 import-batch keep their shards here, so the one decision is taken in one place.
 
     book = Book(job, ckpt, plan, commits, retry=None, labels=labels, journal=journal, counts=counts)
+    todo = shards_to_send(plan, commits, retry)  # the shards with rows to send, from the commit records
     answers = await book.answers(shard)        # what the shard has: its journal, or its committed part
     send = book.open(shard, rows.ids, answers) # positions of the rows to send; the shard's rows left
     if book.settle(shard.index, row): ...      # journaled and counted; True: that was its last row
@@ -42,10 +43,31 @@ from .counts import Counts
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["Book", "Answers", "read_answers", "DONE_SCHEMA"]
+__all__ = ["Book", "Answers", "read_answers", "shards_to_send", "wanted", "DONE_SCHEMA"]
 
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
 Answer = tuple[str, str | None]  # (status, error_kind)
+
+
+def wanted(answer: Answer | None, retry: frozenset[str] | None) -> bool:
+    """THE decision, for a row: it has no answer; or --retry-failed (`retry`: the kinds asked for,
+    empty for all) and its answer is an error of a kind asked for."""
+    if answer is None:
+        return True
+    return retry is not None and answer[0] == "error" and (not retry or answer[1] in retry)
+
+
+def shards_to_send(plan: Plan, commits: Mapping[int, CommitRecord], retry: frozenset[str] | None) -> list[Shard]:
+    """The same decision for whole shards, from their commit records alone: those not committed
+    whole (as planned now), and those whose part holds rows `wanted` again."""
+    todo = []
+    for shard in plan.shards:
+        rec = commits.get(shard.index)
+        complete = rec is not None and rec.rows == shard.rows and rec.digest == shard.digest
+        again = rec is not None and any(n and wanted(("error", kind), retry) for kind, n in rec.failed.items())
+        if not complete or again:
+            todo.append(shard)
+    return todo
 
 
 @dataclass
@@ -92,13 +114,6 @@ class Book:
 
     # -- which rows need sending -----------------------------------------------------------
 
-    def wanted(self, answer: Answer | None) -> bool:
-        """THE decision: no answer; or --retry-failed and an error of a kind asked for."""
-        if answer is None:
-            return True
-        retry = self.retry
-        return retry is not None and answer[0] == "error" and (not retry or answer[1] in retry)
-
     async def answers(self, shard: Shard) -> Answers:
         """The shard's answers (read in a thread); rows read back from its part are journaled again."""
         if self.journal is not None:
@@ -114,14 +129,14 @@ class Book:
         """Positions (ascending) of the shard's rows to send, leaving out `held` ones (in a batch
         already); every row not answered becomes one the shard waits for."""
         done = answers.done
-        send = [i for i, row_id in enumerate(ids) if self.wanted(done.get(row_id))]
+        send = [i for i, row_id in enumerate(ids) if wanted(done.get(row_id), self.retry)]
         self.left[shard.index] = {ids[i] for i in send}
         return [i for i in send if ids[i] not in held] if held else send
 
     def open_known(self, shard: Shard, answers: Answers, held: set[str]) -> bool:
         """Without reading the shard: True, and the shard opened, when each of its rows is answered
         for good or `held` (waiting in a batch): nothing of it to send."""
-        final = {row_id for row_id, answer in answers.done.items() if not self.wanted(answer)}
+        final = {row_id for row_id, answer in answers.done.items() if not wanted(answer, self.retry)}
         waiting = held - final
         if len(final) + len(waiting) < shard.rows:
             return False

@@ -20,10 +20,11 @@ from ..io.storage import PartStore
 from ..io.writer import remove_leftovers
 from ..records import CommitRecord
 from .console import Console
+from .book import shards_to_send
 from .options import RunOptions
 from .upgrade import adopted, upgrade_parts
 
-__all__ = ["Prepared", "prepare", "shards_to_run"]
+__all__ = ["Prepared", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -
                 store.unclaim()
         raise
     commits = upgrade_parts(job, ckpt, plan, verified_commits(store, ckpt, console), console)
-    return Prepared(plan, commits, shards_to_run(plan, commits, options.retry_failed))
+    return Prepared(plan, commits, shards_to_send(plan, commits, options.retry_failed))
 
 
 def current_plan(job: Job, ckpt: Checkpoint) -> Plan:
@@ -80,16 +81,3 @@ def verified_commits(store: PartStore, ckpt: Checkpoint, console: Console) -> di
         else:
             console.say(f"note: {rec.file} does not match its commit record; it is rebuilt from the journal")
     return good
-
-
-def shards_to_run(plan: Plan, commits: dict[int, CommitRecord], retry: frozenset[str] | None) -> list[Shard]:
-    todo = []
-    for shard in plan.shards:
-        rec = commits.get(shard.index)
-        complete = rec is not None and rec.rows == shard.rows and rec.digest == shard.digest
-        wants_retry = retry is not None and rec is not None and any(
-            n and (not retry or kind in retry) for kind, n in rec.failed.items()
-        )
-        if not complete or wants_retry:
-            todo.append(shard)
-    return todo
