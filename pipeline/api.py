@@ -7,6 +7,7 @@ cell or an async app.
     res = await pipeline.arun(job, manifest=df)         # inside a running event loop
     res.exit_code, res.ok, res.failed, res.pending, res.output
     res.to_pandas(); res.to_arrow(); res.to_dataset()
+    pipeline.compare(job_a, job_b, out="ab.html")       # several models' outputs side by side
 
 The semantics of `pipeline run`: the same checkpoint, resume, summary and exit codes (in
 `res.exit_code`). What differs, because the process is the caller's: the run has a thread and an
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["load_job", "run", "arun", "RunResult"]
+__all__ = ["load_job", "run", "arun", "compare", "RunResult"]
 
 T = TypeVar("T")
 JobLike = Job | str | os.PathLike[str] | dict[str, Any]
@@ -57,6 +58,16 @@ def load_job(job: JobLike, *, require_key: bool = True) -> Job:
     if isinstance(job, Job):
         return job
     return config.load_job(job, require_key=require_key, input_optional=True)
+
+
+def compare(*jobs: JobLike, out: str | os.PathLike[str] | None = None, max_mb: float | None = None) -> str:
+    """`pipeline compare`: one offline HTML page of these jobs' outputs side by side (a manifest
+    run through several models), rows joined by id; returns its path (default:
+    compare-<names>.html in the working folder). Sends nothing, locks nothing."""
+    from .tools.compare import MAX_MB, write_compare
+
+    loaded = [load_job(job, require_key=False) for job in jobs]
+    return write_compare(loaded, Path(out) if out is not None else None, max_mb=max_mb or MAX_MB)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import types
 import typing
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar, Union
 
@@ -30,10 +31,11 @@ from ..errors import JobError
 
 __all__ = [
     "Table", "setting", "read_table", "keys_markdown", "positive", "zero_or_more", "one_of", "between",
-    "at_least", "Check", "Auto", "AUTO",
+    "at_least", "Check", "choice", "Auto", "AUTO",
 ]
 
 T = TypeVar("T", bound="Table")
+E = TypeVar("E", bound=StrEnum)
 Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it ("must be ..."), or None
 _KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
          list: "a list", Path: "a path"}
@@ -91,6 +93,18 @@ def one_of(*choices: str) -> Check:
     shown = " or ".join(f'"{c}"' for c in choices) if len(choices) <= 2 else \
         ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
     return lambda v: None if v is None or v in choices else f"must be {shown}, not {v!r}"
+
+
+def choice(kind: type[E]) -> Callable[[Any, str, Path], E]:
+    """Reads a key whose values are a StrEnum's: the job holds the typed value, never the string."""
+    shown = " or ".join(f'"{m.value}"' for m in kind)
+
+    def parse(value: Any, where: str, base: Path) -> E:
+        try:
+            return kind(value)
+        except ValueError:
+            raise JobError(f"{where} must be {shown}, not {value!r}") from None
+    return parse
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -234,6 +248,8 @@ def _type_text(kind: Any) -> str:
         return "list of " + (item.replace("list", "lists", 1) if item.startswith("list of") else item + "s")
     if origin is dict:
         return "table"
+    if isinstance(kind, type) and issubclass(kind, StrEnum):
+        return "string"
     return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path", Auto: '`"auto"`'}.get(kind, "any")
 
 

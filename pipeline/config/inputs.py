@@ -110,6 +110,7 @@ class InputConfig(Table):
                                                  "\"image\" for an image folder or a WebDataset")
     prompt_column: str | None = setting(None, doc="a row's own prompt")
     video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
+    audio_column: str | None = setting(None, doc="an audio clip (local file, URL, data: URI, object URI, bytes) or a list of them; see [audio]")
     inferred: bool = setting(False, key=False, doc="")  # set here: `format` was not given
 
     def validate(self) -> None:

@@ -16,23 +16,26 @@ from typing import Any
 
 from ..durations import parse_duration
 from ..errors import JobError
+from ..redact import secret_name
 from .fields import (
     AUTO,
     Auto,
     Table,
     at_least,
     between,
+    choice,
     one_of,
     positive,
     read_value,
     setting,
     zero_or_more,
 )
+from .apis import Api
 from .headers import headers_problem
 from .inputs import MANIFEST_FORMATS, InputConfig
 from .labels import LabelsConfig, schema_problem
 from .proxy import ProxyError, parse_proxy
-from .urls import check_url, is_url, object_prefix
+from .urls import check_url, display, is_url, object_prefix
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
@@ -81,15 +84,23 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    api: Api = setting(Api.CHAT, parse=choice(Api), check=lambda v: None if isinstance(v, Api) else f"must be an Api, not {v!r}",
+                       doc='"chat": POST /chat/completions; "responses": POST /responses (OpenAI\'s Responses API)')
     headers: dict[str, str] = setting(default_factory=dict, check=headers_problem,
                                       doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
                                           'part of the request cache\'s key unless billing or tracing only, a secret '
                                           '(its name says key, token, ...) hashed there and scrubbed from every output')
 
+    def __repr__(self) -> str:  # a secret header's value and the proxy's password never (a notebook saves its output)
+        headers = {name: "[secret]" if secret_name(name) else value for name, value in self.headers.items()}
+        proxy = display(self.proxy) if self.proxy else self.proxy
+        return (f"EndpointConfig(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r}, "
+                f"proxy={proxy!r}, headers={headers!r})")
+
     @property
     def url(self) -> str:
         assert self.base_url is not None, "a [serve] job's base_url is set when its endpoint starts"
-        return self.base_url.rstrip("/") + "/chat/completions"
+        return self.base_url.rstrip("/") + self.api.path
 
 
 @dataclass(frozen=True)
@@ -272,7 +283,8 @@ class OutputConfig(Table):
             raise JobError("[output] storage_options: only used when [output] path is a URL (s3://...); remove it")
 
     def __repr__(self) -> str:  # storage_options may hold credentials
-        return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
+        path = display(self.path) if isinstance(self.path, str) else self.path  # a URL's user:password@ never
+        return f"OutputConfig(path={path!r}, checkpoint={self.checkpoint!r})"
 
 
 def default_cache_folder() -> Path:

@@ -128,7 +128,7 @@ class _BatchRun:
         wait_s = min(FIRST_POLL_S, job.run.poll_s)
         async with BatchAPI(job.endpoint.base_url or "", job.api_key(), timeout_s=job.limits.timeout_s,
                             max_attempts=job.limits.max_attempts, proxy=job.endpoint_proxy(),
-                            headers=job.endpoint.headers) as api:
+                            headers=job.endpoint.headers, redactor=self.console.redactor) as api:
             builder = RequestBuilder(job, self.ready.plan.columns, redactor=self.console.redactor, labels=self.labels)
             try:
                 while not self.stopping.is_set():
@@ -198,7 +198,7 @@ class _BatchRun:
     async def _create(self, api: BatchAPI, batch: Batch) -> None:
         found = await api.find(batch.name)  # created by a run that died before writing its id down
         if found is None:
-            found = await api.create(batch.file_id or "", self.job.run.batch_window,
+            found = await api.create(batch.file_id or "", self.job.endpoint.api.batch_url, self.job.run.batch_window,
                                      {"pipeline_job": self.job.name, "pipeline_batch": batch.name})
             crash_point("batch_after_create")
         batch.batch_id = str(found["id"])
@@ -302,7 +302,7 @@ class _BatchRun:
                         self._settle(shard.index, row_id, error_row(row_id, err, attempts=0), None)
                         touched.add(shard.index)
                         continue
-                    line = request_line(row_id, built.body)
+                    line = request_line(row_id, built.body, self.job.endpoint.api)
                     if rows and (len(rows) >= cap_lines or size + len(line) > cap_bytes):
                         await self._send(api, rows, lines)
                         lines, rows, size = [], [], 0

@@ -75,7 +75,7 @@ async def _export(job: Job, ckpt: Checkpoint, ready: Prepared, path: Path, conso
                             except InputError:
                                 skipped += 1
                                 continue
-                            f.write(request_line(rows.ids[i], built.body))
+                            f.write(request_line(rows.ids[i], built.body, job.endpoint.api))
                             count += 1
     finally:
         await builder.aclose()

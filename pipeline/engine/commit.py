@@ -71,7 +71,7 @@ def media_columns(job: Job) -> frozenset[str]:
     """The input columns whose image bytes the output holds as references (none with keep_media)."""
     if job.output.keep_media:
         return frozenset()
-    return frozenset(c for c in (job.input.image_column, job.input.video_column) if c)
+    return frozenset(c for c in (job.input.image_column, job.input.video_column, job.input.audio_column) if c)
 
 
 def part_layout(job: Job, plan: Plan, labels: Labels | None) -> Layout:

@@ -158,15 +158,15 @@ class _Driver:
         queue: deque[Shard] = deque(self.ready.todo)
         running: dict[asyncio.Future[Any], Shard] = {}
         rerun: Counter[int] = Counter()
-        voters: list[int] = []
+        voters: tuple[list[int], int] = ([], 0)
         while True:
             while queue and not self.stopping and len(running) < workers:
                 shard = queue.popleft()
                 ref = task.remote(job_ref, plan_ref, shard, worker_options, self.coordinator)
                 running[asyncio.wrap_future(ref.future())] = shard
-            if voters != (now := sorted(s.index for s in running.values())):
+            if voters != (now := (sorted(s.index for s in running.values()), len(queue))):
                 voters = now
-                self.coordinator.running.remote(voters)  # whose breakers vote on a wrong job
+                self.coordinator.running.remote(*voters)  # whose breakers vote on a wrong job, how many wait
             if not running:
                 break
             done, _ = await asyncio.wait(running, timeout=PROGRESS_EVERY_S, return_when=asyncio.FIRST_COMPLETED)

@@ -70,9 +70,9 @@ class Coordinator:
             self.stop(*stop)
         return {"epoch": self.budget.epoch, "stop": self.stopped, "breaker": self.verdict.news()}
 
-    def running(self, shards: list[int]) -> None:
-        """The driver's shards in flight: the tasks whose breakers vote on a wrong job."""
-        self.verdict.running(shards)
+    def running(self, shards: list[int], queued: int = 0) -> None:
+        """The driver's shards in flight (the tasks whose breakers vote on a wrong job), and how many wait."""
+        self.verdict.running(shards, queued)
 
     def stop(self, kind: str, message: str) -> None:
         if self.stopped is None:

@@ -2,7 +2,7 @@
 
     async with BatchAPI(base_url, key, timeout_s=60, max_attempts=5) as api:
         file_id = await api.upload("pipeline-captions-b000001.jsonl", data)
-        batch = await api.create(file_id, "24h", {"pipeline_batch": name})
+        batch = await api.create(file_id, "/v1/chat/completions", "24h", {"pipeline_batch": name})
         batch = await api.find(name)          # a batch created with that metadata, or None
         batch = await api.get(batch["id"]); await api.cancel(batch["id"])
         data = await api.content(batch["output_file_id"])
@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
-from ..config.headers import secret_values
+from ..config.headers import endpoint_secrets
 from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
@@ -40,12 +40,13 @@ LIST_PAGES = 20  # pages of 100 batches looked through for one created before a 
 
 class BatchAPI:
     def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int,
-                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None,
+                 redactor: Redactor | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.proxy = proxy
         self._via = aiohttp_proxy(proxy)
         extra = dict(headers or {})  # [endpoint] headers
-        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
+        self.redactor = redactor or Redactor(endpoint_secrets(api_key, proxy, extra))  # a run's: Job.secrets()
         self._headers = {**extra, "Authorization": f"Bearer {api_key}"} if api_key else extra
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = max_attempts
@@ -72,8 +73,9 @@ class BatchAPI:
         reply = await self._call("POST", "/files", form=form)
         return str(reply["id"])
 
-    async def create(self, file_id: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
-        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": window,
+    async def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """`endpoint`: the lines' `url` ("/v1/chat/completions", "/v1/responses")."""
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": window,
                 "metadata": metadata}
         return await self._call("POST", "/batches", json=body, retry=False)
 

@@ -7,7 +7,8 @@ UTF-8, CSV rows with the wrong number of fields, broken JSON lines, missing or r
 pipeline.io.manifest). Then it reads the manifest one shard at a time (memory stays flat) and checks
 each row as the run would build it, without reading whole image files: prompts (empty, with no
 fallback), image cells (none, a bad JSON list), URLs (scheme, host), data URIs, local files
-(missing, unreadable, not an image by its first bytes, too large, outside the allowed folder). It
+(missing, unreadable, not an image by its first bytes, too large, outside the allowed folder), and
+audio cells alike (rows/audio.py's `clip_problem`: format by the first bytes, the part's formats, size). It
 counts the rows, estimates the tokens (text at ~4 characters a token, each image at
 `[limits] image_token_estimate`, output at most `max_tokens`), the cost from `[pricing]` and the
 time the rate limits imply, and lists the first few problems of each kind with their counts.
@@ -45,12 +46,13 @@ from ..io.manifest import (
     shard_batches,
 )
 from ..io.storage import PartStore
+from ..rows.audio import clip_problem
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
 from ..rows.objects import ObjectStore
 from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
-from ..rows.values import Blob, Value, image_values, kind_of
+from ..rows.values import Blob, Value, image_values, kind_of, show
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -148,6 +150,9 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report,
                                       builder.media.objects)
                 bad = bad or count < 0
+            if job.input.audio_column is not None:
+                clips = _check_audio(job, row.get(job.input.audio_column), images, where, report, builder.media.objects)
+                bad, count = bad or clips < 0, count + max(clips, 0)
             if bad:  # the estimates count only the rows that would be sent
                 report.bad_rows += 1
             else:
@@ -184,6 +189,30 @@ def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, wh
             report.problem(problem[0], where, problem[1])
             bad = True
     return -1 if bad else len(values)
+
+
+def _check_audio(job: Job, cell: Any, files: LocalFiles, where: str, report: Report, objects: ObjectStore) -> int:
+    """The row's number of clips, or -1 when its audio would make it fail (the run's checks, on a few bytes)."""
+    column = job.input.audio_column
+    try:
+        values = image_values(cell)
+    except InputError as err:
+        report.problem("bad_audio_cell", where, err.message)
+        return -1
+    if not values:
+        report.problem("missing_audio", where, f"no audio in {column!r}")
+        return -1
+    problems = []
+    for value in values:
+        try:
+            problems.append(clip_problem(value, files, job.audio, job.images.max_source_mb, objects))
+        except PathError as err:
+            problems.append((err.problem, err.message))
+        except (InputError, OSError, ValueError) as err:
+            problems.append(("unreadable_file", f"cannot read the clip ({err}): {show(value)}"))
+    for found in filter(None, problems):
+        report.problem(found[0], where, found[1])
+    return -1 if any(problems) else len(values)
 
 
 def image_problem(value: Value, images: LocalFiles, max_bytes: int,

@@ -27,10 +27,10 @@ from ...config import Job
 from ...errors import JobError
 from ...io.durable import atomic_write
 from ...io.storage import PartStore
-from ...redact import Redactor, option_secrets
+from ...redact import Redactor
 from ...rows.images import MB
 
-__all__ = ["write_report", "REPORT_NAME", "MAX_MB"]
+__all__ = ["write_report", "vega_bundle", "script_safe", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
@@ -48,9 +48,8 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
         raise JobError(f"the report needs its extra ({exc.name} is missing): pip install -e '.[report]' in the clone "
                        f"(or 'pipeline[report]')") from None
     store = PartStore.for_output(job.output)
-    redactor = Redactor([job.api_key(), *store.secrets(), *option_secrets(job.input.storage_options),
-                         *(job.notify.secrets() if job.notify is not None else ())])
-    bundle = _script_safe(_vega_bundle())
+    redactor = Redactor(job.secrets())
+    bundle = script_safe(vega_bundle())
     data = collect(job, int(max_mb * MB), redactor, fixed_bytes=len(bundle.encode()))
     page = {
         "rows": data.rows, "total": data.total, "sampling": data.sampling, "labels": data.labels,
@@ -79,7 +78,7 @@ _BUNDLE = ("import sys, vl_convert; from altair.utils._importers import vl_versi
            "sys.stdout.write(vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()))")
 
 
-def _vega_bundle() -> str:
+def vega_bundle() -> str:
     """The Vega bundle, made in a child process: vl-convert's JavaScript engine keeps ~150 MB
     that this process would hold to its end (bench: report_scale)."""
     made = subprocess.run([sys.executable, "-c", _BUNDLE], capture_output=True, check=False)
@@ -89,7 +88,8 @@ def _vega_bundle() -> str:
     return made.stdout.decode("utf-8")
 
 
-def _script_safe(js: str) -> str:
+def script_safe(js: str) -> str:
+    """Script text that cannot end its <script> element early."""
     return js.replace("</script", "<\\/script")
 
 

@@ -31,7 +31,7 @@ from ...errors import PipelineError
 from ...io.checkpoint import Checkpoint, dataset_state
 from ...io.references import DIGEST_PREFIX, holds_bytes
 from ...io.storage import PartStore
-from ...redact import Redactor
+from ...redact import Redactor, secret_name
 from ...rows.files import LocalFiles
 from ...rows.images import MB, parse_data_uri
 from ...rows.values import Blob, image_values, kind_of
@@ -282,9 +282,6 @@ def thumbnail(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
 def settings(job: Job) -> dict[str, Any]:
     """The job as it was run, for the page: what shapes a request, the limits, where things are.
     Never the key (only the name of its variable) nor storage options or the endpoint's own key."""
@@ -298,8 +295,8 @@ def settings(job: Job) -> dict[str, Any]:
         "limits": {k: v for k, v in vars(job.limits).items()},
         "run": {k: v for k, v in vars(job.run).items()},
         "pricing": None if job.pricing is None else {k: v for k, v in vars(job.pricing).items()
-                                                       if not any(w in k for w in _SECRET_WORDS)},
-        "serve": None if job.serve is None else {k: v for k, v in job.serve.items() if not any(w in k for w in _SECRET_WORDS)},
+                                                       if not secret_name(k)},
+        "serve": None if job.serve is None else {k: v for k, v in job.serve.items() if not secret_name(k)},
     }
 
 
