@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any, Callable, Coroutine, TypeVar
 
 from ..config import Job
 from ..errors import InputError
@@ -34,13 +35,20 @@ from .shard import make_labels
 
 __all__ = ["export_batch", "import_batch"]
 
+T = TypeVar("T")
 
-def export_batch(job: Job, path: Path) -> int:
-    console = Console.for_job(job)
+
+def _prepared(job: Job, console: Console, work: Callable[[Checkpoint, Prepared], Coroutine[Any, Any, T]]) -> T:
+    """`work` under the job's lock, the job prepared as for a run, on an event loop of its own."""
     ckpt = Checkpoint(job.output.checkpoint)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
-        count, skipped = asyncio.run(_export(job, ckpt, ready, path, console))
+        return asyncio.run(work(ckpt, ready))
+
+
+def export_batch(job: Job, path: Path) -> int:
+    console = Console.for_job(job)
+    count, skipped = _prepared(job, console, lambda ckpt, ready: _export(job, ckpt, ready, path, console))
     size = path.stat().st_size
     console.say(f"{job.name}: wrote {count} requests ({size / 2**20:.1f} MB) to {path}; {skipped} rows could not be "
                 f"built (see `pipeline run --dry-run`)" if skipped else f"{job.name}: wrote {count} requests "
@@ -84,10 +92,7 @@ async def _export(job: Job, ckpt: Checkpoint, ready: Prepared, path: Path, conso
 
 def import_batch(job: Job, path: Path) -> int:
     console = Console.for_job(job)
-    ckpt = Checkpoint(job.output.checkpoint)
-    with ckpt.locked(job.name):
-        ready = prepare(job, ckpt, RunOptions(), console)
-        counts, unknown = asyncio.run(_import(job, ckpt, ready, path, console))
+    counts, unknown = _prepared(job, console, lambda ckpt, ready: _import(job, ckpt, ready, path, console))
     note = f"; {unknown} lines name no row of this manifest (skipped)" if unknown else ""
     console.say(f"{job.name}: imported {counts.ok} answers and {counts.failed} failed requests from {path}{note}")
     return 0
