@@ -47,7 +47,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
     }
 
 
-TARGETS = {
+TARGETS: dict[str, Callable[[dict[str, Any]], str]] = {
     "instant": lambda r: (f"{r['rows_per_s']:.0f} rows/s, median of {r['runs']} runs {r['rows_per_s_all']} (target >= 3000); "
                           f"{r['cpu_ms_per_row']:.3f} ms CPU/row (target <= 0.3)"),
     "latency": lambda r: (f"{r['pct_of_ideal']:.1f}% of in-flight/latency = {r['ideal_rows_per_s']:.0f} rows/s end to end (target >= 97%); "

@@ -23,7 +23,7 @@ import urllib.request
 __all__ = ["start_moto_s3", "stop_moto_s3"]
 
 
-def start_moto_s3(timeout_s: float = 30.0, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_moto_s3(timeout_s: float = 30.0, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start the server (`env` added to its environment) and wait until it answers (within `timeout_s`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,7 +43,7 @@ def start_moto_s3(timeout_s: float = 30.0, env: dict[str, str] | None = None) ->
             time.sleep(0.1)
 
 
-def stop_moto_s3(proc: subprocess.Popen) -> None:
+def stop_moto_s3(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
         proc.wait(10)

@@ -51,6 +51,7 @@ def _unsigned(text: str) -> str:
     """`text` with the values of presigned URLs' signing parameters hidden."""
     # A parameter's "=", or its %3D: most texts hold neither (a one-character `in` is memchr, ~25 ns
     # a KB, where `"%3D" in text` costs ~1.5 us); with no "=", only a percent-encoded URL can.
+    separators: tuple[str, ...]
     if "=" in text:
         separators = _SEPARATORS
     elif "%" in text:

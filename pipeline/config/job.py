@@ -110,6 +110,13 @@ class Job:
         blob = json.dumps(self.request_shape(), sort_keys=True, ensure_ascii=False, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint's folder: `[output] checkpoint`, or its default, set when the job is loaded."""
+        if self.output.checkpoint is None:
+            raise JobError("[output] checkpoint: not set; build the job with load_job or parse_job")
+        return self.output.checkpoint
+
     def api_key(self) -> str | None:
         """The key from the environment; never stored anywhere by the pipeline."""
         if not self.endpoint.api_key_env:

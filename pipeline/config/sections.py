@@ -176,6 +176,14 @@ class LimitsConfig(Table):
     def auto_rate(self) -> bool:
         return isinstance(self.requests_per_minute, Auto) or isinstance(self.tokens_per_minute, Auto)
 
+    def fixed_rate(self) -> tuple[float, float]:
+        """Requests and tokens per minute as numbers: a Ray cluster's pace ("auto" is refused
+        for it when the job is loaded, as one process finds it)."""
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        if isinstance(rpm, Auto) or isinstance(tpm, Auto):
+            raise JobError('[limits]: "auto" limits are found by one process; give numbers')
+        return rpm, tpm
+
     @property
     def counts_tokens(self) -> bool:
         """Whether requests are paced by tokens too (a number above zero, or "auto")."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from ..crashpoints import crash_point
 from ..errors import InputError, LocalFailure, RequestError, RowError, StopJob, local_failure
@@ -315,7 +315,8 @@ class _BatchRun:
             self.journal.sync()
             await self._commit_ready(touched)
 
-    async def _pending(self, shard: Shard, held: set[str], touched: set[int]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def _pending(self, shard: Shard, held: set[str],
+                       touched: set[int]) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
         """The shard's rows with no result and no batch, with the cells a request needs, their image
         bytes read a batch of rows at a time (pipeline.engine.feed). The shard is read only when it
         has such rows: the book knows the others from the journal and the ledger. Rows that cannot
@@ -341,7 +342,7 @@ class _BatchRun:
             self._settle(shard.index, ids[i], error_row(ids[i], RowError(rows.errors[i], kind="input"), attempts=0), None)
             touched.add(shard.index)
         cells = self.feed.cells(shard, rows.table, [i for i in send if i not in rows.errors])
-        async with contextlib.aclosing(cells):  # type: ignore[type-var]
+        async with contextlib.aclosing(cells):
             async for batch in cells:
                 for i, row in batch:
                     yield ids[i], row

@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 def _prepared(job: Job, console: Console, work: Callable[[Checkpoint, Prepared], Coroutine[Any, Any, T]]) -> T:
     """`work` under the job's lock, the job prepared as for a run, on an event loop of its own."""
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
         return asyncio.run(work(ckpt, ready))
@@ -75,7 +75,7 @@ async def _export(job: Job, ckpt: Checkpoint, ready: Prepared, path: Path, conso
                 send = book.open(shard, rows.ids, await book.answers(shard))
                 skipped += sum(1 for i in send if i in rows.errors)  # cannot be read: no request (a run writes its error row)
                 cells = feed.cells(shard, rows.table, [i for i in send if i not in rows.errors])
-                async with contextlib.aclosing(cells):  # type: ignore[type-var]
+                async with contextlib.aclosing(cells):
                     async for batch in cells:
                         for i, row in batch:
                             try:
@@ -124,7 +124,7 @@ async def _import(job: Job, ckpt: Checkpoint, ready: Prepared, path: Path, conso
                 if index is None:
                     unknown += 1
                     continue
-                row = got.row if got.row is not None else error_row(got.row_id, got.error, attempts=1)  # type: ignore[arg-type]
+                row = got.row if got.row is not None else error_row(got.row_id, got.error, attempts=1)  # type: ignore[arg-type]  # no row: an error says why
                 row.attempts = max(row.attempts, 1)
                 book.settle(index, row)
                 touched.add(index)

@@ -95,14 +95,15 @@ class Console:
         if not self.json:
             return
 
-        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any) -> None:
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
             self.say(f"warning: {category.__name__}: {message}", event="python_warning", where=f"{filename}:{lineno}")
 
         def crash(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
             self.say(f"error: {kind.__name__}: {exc}", event="crash",
                      traceback="".join(traceback.format_exception(kind, exc, tb)))
 
-        warnings.showwarning = show  # type: ignore[assignment]
+        warnings.showwarning = show
         sys.excepthook = crash
         threading.excepthook = lambda args: crash(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
         handler = _ConsoleHandler(self)

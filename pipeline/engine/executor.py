@@ -73,7 +73,7 @@ class Executor:
 
     def _run(self) -> int:
         job, console = self.job, self.console
-        ckpt = Checkpoint(job.output.checkpoint)
+        ckpt = Checkpoint(job.checkpoint)
         with ckpt.locked(job.name):
             if ckpt.took_over_from is not None:
                 console.say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running",

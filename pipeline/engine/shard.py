@@ -283,7 +283,7 @@ class ShardEngine:
             probes.passed(shard)
             work.enqueued = True
             if self.book.complete(shard.index):
-                self._spawn(self._commit(work), f"committing shard {work.shard.index}")
+                _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
         await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
@@ -371,7 +371,7 @@ class ShardEngine:
 
     def _deliver(self, work: _ShardWork, row: ResultRow) -> None:
         if self.book.settle(work.shard.index, row) and work.enqueued:
-            self._spawn(self._commit(work), f"committing shard {work.shard.index}")
+            _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
 
     def _release_held(self) -> None:
         held, self.held = self.held, []

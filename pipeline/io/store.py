@@ -320,7 +320,7 @@ def _bytes_of(data: Data) -> bytes:
     import pyarrow as pa  # an in-memory sink pyarrow writes into without a Python file object
 
     sink = pa.BufferOutputStream()
-    data(sink)  # type: ignore[arg-type]
+    data(sink)
     return bytes(sink.getvalue().to_pybytes())
 
 

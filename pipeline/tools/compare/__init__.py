@@ -42,6 +42,7 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
         raise JobError(f"compare: the jobs' names repeat ({', '.join(names)}); each job is told by its name")
     try:
         import jinja2
+        import markupsafe  # jinja2's own dependency
 
         from ..report import script_safe, vega_bundle
         from .charts import charts
@@ -57,8 +58,8 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
     text = redactor.scrub(json.dumps(page, ensure_ascii=False, default=str))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True)
     html = env.get_template("page.html").render(
-        title=" vs ".join(names), vega_bundle=jinja2.utils.markupsafe.Markup(bundle),
-        data_json=jinja2.utils.markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
+        title=" vs ".join(names), vega_bundle=markupsafe.Markup(bundle),
+        data_json=markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
     )
     path = Path(out) if out is not None else Path.cwd() / default_name(jobs)
     atomic_write(path, html.encode("utf-8"))

@@ -41,6 +41,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     """Write the report; returns where it is (a path, or a URL for an object-store output)."""
     try:
         import jinja2
+        import markupsafe  # jinja2's own dependency
 
         from .charts import charts
         from .collect import collect
@@ -62,7 +63,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True)
     html = env.get_template("page.html").render(
         job=data.job, output=data.output, generated=data.generated,
-        vega_bundle=jinja2.utils.markupsafe.Markup(bundle), data_json=jinja2.utils.markupsafe.Markup(_DATA),
+        vega_bundle=markupsafe.Markup(bundle), data_json=markupsafe.Markup(_DATA),
     )
     head, tail = html.split(_DATA, 1)
     body = [head.encode("utf-8"), text.encode("utf-8"), tail.encode("utf-8")]  # never one more copy of the whole page
