@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             from .engine.options import retry_kinds
 
             if args.dry_run:
+                from .engine.process import tune_memory
                 from .tools.dryrun import dry_run
 
+                tune_memory()  # as a run: image bytes read a batch at a time are given back as they go
                 return dry_run(load_job(args.job, require_key=False))
             _without_pandas()
             options = RunOptions(retry_failed=retry_kinds(args.retry_failed), restart=args.restart, progress=args.progress, report=args.report, wait=args.wait,
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("export-batch", "import-batch"):
             from .config import load_job
             from .engine.batchfile import export_batch, import_batch
+            from .engine.process import tune_memory
 
+            tune_memory()  # as a run: Arrow's freed buffers go back to the system, not kept by its pool
             if args.command == "export-batch":
                 return export_batch(load_job(args.job, require_key=False), args.file)
             return import_batch(load_job(args.job, require_key=False), args.file)

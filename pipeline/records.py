@@ -134,6 +134,7 @@ class CommitRecord:
     part_digest: str | None = None  # of the part file's bytes (None: written by an earlier version)
     etag: str | None = None  # an object store's ETag of the part
     spend: float | None = None  # with [pricing]: every attempt paid for in the shard
+    layout: str | None = None  # the part's columns (pipeline.io.writer.layout_key): another one is upgraded
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)

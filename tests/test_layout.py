@@ -147,6 +147,15 @@ def test_architecture_names_every_module() -> None:
     assert not missing, f"ARCHITECTURE.md does not name: {', '.join(missing)}"
 
 
+def test_one_atomic_write() -> None:
+    """A file is replaced whole in one place, io/durable.py (temporary name, fsync, rename, fsync
+    of the folder); everything else writes through it or through a store (issue 25)."""
+    renames = ("os.replace(", "os.rename(", ".rename(", "shutil.move(")
+    found = sorted(name for name, path in modules().items()
+                   if any(r in path.read_text(encoding="utf-8") for r in renames))
+    assert found == ["pipeline.io.durable"], found
+
+
 def test_the_built_in_endpoint_and_status_start_without_arrow() -> None:
     """`pipeline serve` starts once per test endpoint and per [serve] run: it must not pay for
     pyarrow (~0.3 s); nor must reading a job file."""

@@ -24,25 +24,24 @@ max_attempts batches; others are written as error rows, as online.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import time
-from typing import Any
-
-import pyarrow as pa
+from typing import Any, AsyncGenerator
 
 from ..crashpoints import crash_point
 from ..errors import InputError, LocalFailure, RequestError, RowError, StopJob, local_failure
 from ..io.checkpoint import Checkpoint
 from ..io.ledger import TERMINAL, Batch
-from ..io.manifest import Shard, read_rows
+from ..io.manifest import Shard
 from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
 from ..net.text import loads_json
 from ..records import ResultRow
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
-from .commit import answers_so_far, commit_shard, media_columns
+from .book import Book
 from .executor import Executor
+from .feed import Feed
 from .prepare import Prepared
 from .progress import Progress
 from .sender import error_row
@@ -97,14 +96,15 @@ class _BatchRun:
         self.stopped: Stopped = None
         self.stopping = asyncio.Event()
         self.bar: Progress | None = None
+        # Which rows to send, and each shard's rows still waiting, kept between rounds: a shard is
+        # read again only when some of its rows came back for another batch.
+        self.book = Book(executor.job, ckpt, ready.plan, ready.commits, retry=executor.options.retry_failed,
+                         labels=self.labels, journal=self.journal, counts=self.counts,
+                         scrub=executor.console.redactor.scrub)
+        self.feed = Feed(executor.job, ready.plan, request_columns(executor.job, ready.plan.columns))
         self.shards = {s.index: s for s in ready.plan.shards}
-        self.committed = {i: c.rows for i, c in ready.commits.items()}
         self.tries: dict[str, int] = {}  # row id -> batches that held it (the row's attempts)
-        self.committed_now: set[int] = set()  # shards this run committed whole: nothing left to send or commit
-        self.columns = request_columns(executor.job, ready.plan.columns)
-        self.refer = media_columns(executor.job)  # held as references for a part file, not as bytes
         self.unanswered = 0  # rows of collected batches that got no result (they wait for another batch)
-        self.sent_now: set[str] = set()  # rows put in a batch by this run (--retry-failed sends a row once)
         self.cancel = executor.options.cancel_batches
         self.states: dict[str, int] = {}  # batches by state, as last looked at (the metrics read it)
         self.remaining: int | None = None
@@ -138,8 +138,7 @@ class _BatchRun:
                     running = [b for b in self.ledger.batches() if b.active]
                     self._show()
                     if not running:
-                        # shards answered whole by an earlier run that died before committing them
-                        await self._commit_ready({s.index for s in self.ready.todo})
+                        await self._commit_complete()
                         if self.cancel and self.stopped is None and self.unanswered:
                             self.stopped = StopJob("the batches were cancelled as asked; the rows they did not answer have "
                                                    "none yet: run again (without --cancel-batches) to send them", kind="cancelled")
@@ -246,7 +245,7 @@ class _BatchRun:
         await self._commit_ready(touched)
 
     def _settle(self, shard: int, row_id: str, row: ResultRow | None, err: RequestError | None) -> bool:
-        """Journal the row's result, or leave it for the next batch; True when journaled."""
+        """Journal the row's result (through the book), or leave it for the next batch; True when journaled."""
         tries = self.tries.get(row_id, 1)
         if err is not None and err.kind in STOP_KINDS:
             self.stopped = StopJob(f"the provider refused a request of the batch: {err.describe()}", kind=err.kind)
@@ -262,80 +261,91 @@ class _BatchRun:
                 row = error_row(row_id, err, attempts=tries)
         assert row is not None
         row.attempts = tries
-        row.finished_at = time.time()
-        redactor = self.console.redactor
-        self.journal.append(shard, row.scrubbed(redactor.scrub) if redactor else row)
-        self.counts.settle(row)
+        self.book.settle(shard, row)
         return True
 
     async def _commit_ready(self, shards: set[int]) -> None:
-        for index in sorted(shards - self.committed_now):  # a shard committed whole stays whole
-            shard = self.shards[index]
-            done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(index, 0),
-                                              self.labels)
-            if len(done) >= shard.rows:
-                self.journal.close_shard(index)
-                held = await asyncio.to_thread(read_rows, self.job.input, self.ready.plan, shard, None, self.refer)
-                await asyncio.to_thread(commit_shard, self.job, self.ckpt, shard, held.table, held.ids, self.labels)
-                self.committed_now.add(index)
+        """Commit those of `shards` whose every row is answered."""
+        for index in sorted(shards):
+            if self.book.complete(index):
+                await self.book.commit(self.shards[index])
+
+    async def _commit_complete(self) -> None:
+        """No batch runs: commit every shard answered whole (by this run, or by an earlier one that
+        died before committing it), from the journal and commit records alone."""
+        for shard in self.ready.todo:
+            if not self.book.is_open(shard.index) and shard.index not in self.book.committed:
+                self.book.open_known(shard, await self.book.answers(shard), set())
+        await self._commit_ready({s.index for s in self.ready.todo})
 
     # -- planning and submitting new batches ------------------------------------------------
 
     async def _submit(self, api: BatchAPI, builder: RequestBuilder) -> None:
-        held = {row_id for b in self.ledger.batches() if b.active for _, row_id in b.rows}
+        held: dict[int, set[str]] = {}  # rows waiting in a batch, by shard
+        for b in self.ledger.batches():
+            if b.active:
+                for shard_index, row_id in b.rows:
+                    held.setdefault(shard_index, set()).add(row_id)
         lines: list[bytes] = []
         rows: list[tuple[int, str]] = []
         size = 0
         cap_bytes, cap_lines = int(self.job.run.batch_max_mb * 1024 * 1024), self.job.run.batch_max_requests
         touched: set[int] = set()
-        for shard in self.ready.plan.shards:
-            for row_id, cells in await self._pending(shard, held, touched):
-                if self.stopping.is_set():
-                    return
-                try:
-                    built = await builder.build(cells)
-                except InputError as err:  # as online: an error row, never sent
-                    self._settle(shard.index, row_id, error_row(row_id, err, attempts=0), None)
-                    touched.add(shard.index)
-                    continue
-                line = request_line(row_id, built.body, self.job.endpoint.api)
-                if rows and (len(rows) >= cap_lines or size + len(line) > cap_bytes):
-                    await self._send(api, rows, lines)
-                    lines, rows, size = [], [], 0
-                lines.append(line)
-                rows.append((shard.index, row_id))
-                size += len(line)
+        for shard in self.ready.todo:
+            async with contextlib.aclosing(self._pending(shard, held.get(shard.index, set()), touched)) as pending:
+                async for row_id, cells in pending:
+                    if self.stopping.is_set():
+                        return
+                    try:
+                        built = await builder.build(cells)
+                    except InputError as err:  # as online: an error row, never sent
+                        self._settle(shard.index, row_id, error_row(row_id, err, attempts=0), None)
+                        touched.add(shard.index)
+                        continue
+                    line = request_line(row_id, built.body, self.job.endpoint.api)
+                    if rows and (len(rows) >= cap_lines or size + len(line) > cap_bytes):
+                        await self._send(api, rows, lines)
+                        lines, rows, size = [], [], 0
+                    lines.append(line)
+                    rows.append((shard.index, row_id))
+                    size += len(line)
         if rows:
             await self._send(api, rows, lines)
         if touched:
             self.journal.sync()
             await self._commit_ready(touched)
 
-    async def _pending(self, shard: Shard, held: set[str], touched: set[int]) -> list[tuple[str, dict[str, Any]]]:
-        """The shard's rows with no result and no batch, with the cells a request needs (rows that
-        cannot be read are journaled as error rows, their shard added to `touched`)."""
-        rec = self.ready.commits.get(shard.index)
-        if shard.index in self.committed_now or (
-                rec is not None and rec.rows == shard.rows and self.options.retry_failed is None):
-            return []  # committed whole: nothing to send
-        done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(shard.index, 0),
-                                          self.labels)
-        retry = self.options.retry_failed
-        rows = await asyncio.to_thread(read_rows, self.job.input, self.ready.plan, shard)
-        table, ids = rows.table, rows.ids
-        for i, error in rows.errors.items():  # unreadable: an error row of kind "input", never sent
-            if ids[i] not in done and ids[i] not in held:
-                self._settle(shard.index, ids[i], error_row(ids[i], RowError(error, kind="input"), attempts=0), None)
-                touched.add(shard.index)
-        send = [i for i, row_id in enumerate(ids) if row_id not in held and i not in rows.errors
-                and ((rec_done := done.get(row_id)) is None
-                     or (retry is not None and rec_done[0] == "error" and (not retry or rec_done[1] in retry)
-                         and row_id not in self.sent_now))]
-        if not send:
-            return []
-        # only the rows to send become Python objects (their images may be large), as online
-        cells = table.select(self.columns).take(pa.array(send, pa.int64())).to_pylist()
-        return [(ids[i], row) for i, row in zip(send, cells)]
+    async def _pending(self, shard: Shard, held: set[str],
+                       touched: set[int]) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """The shard's rows with no result and no batch, with the cells a request needs, their image
+        bytes read a batch of rows at a time (pipeline.engine.feed). The shard is read only when it
+        has such rows: the book knows the others from the journal and the ledger. Rows that cannot
+        be read are journaled as error rows, their shard added to `touched`."""
+        book = self.book
+        if shard.index in book.committed:
+            return
+        if book.is_open(shard.index):
+            want = book.waiting(shard.index) - held
+            if not want:
+                return  # every row answered, or waiting in a batch
+            rows = await self.feed.open(shard)
+            send = [i for i, row_id in enumerate(rows.ids) if row_id in want]
+        else:
+            answers = await book.answers(shard)
+            if book.open_known(shard, answers, held):
+                touched.add(shard.index)  # answered whole: committed with the others
+                return
+            rows = await self.feed.open(shard)
+            send = book.open(shard, rows.ids, answers, held)
+        ids = rows.ids
+        for i in [i for i in send if i in rows.errors]:  # unreadable: an error row of kind "input", never sent
+            self._settle(shard.index, ids[i], error_row(ids[i], RowError(rows.errors[i], kind="input"), attempts=0), None)
+            touched.add(shard.index)
+        cells = self.feed.cells(shard, rows.table, [i for i in send if i not in rows.errors])
+        async with contextlib.aclosing(cells):
+            async for batch in cells:
+                for i, row in batch:
+                    yield ids[i], row
 
     async def _send(self, api: BatchAPI, rows: list[tuple[int, str]], lines: list[bytes]) -> None:
         data = b"".join(lines)
@@ -343,7 +353,6 @@ class _BatchRun:
         name = f"b{number:06d}-{hashlib.blake2b(data, digest_size=4).hexdigest()}"
         path = await asyncio.to_thread(self.ledger.write_file, f"{name}.jsonl", data)
         self.ledger.planned(name, rows, path)
-        self.sent_now.update(row_id for _, row_id in rows)
         for _, row_id in rows:
             self.tries[row_id] = self.tries.get(row_id, 0) + 1
         batch = Batch(name, rows, str(path))

@@ -1,19 +1,19 @@
-"""Committing a shard, and finding what a shard has already: the journal is the source of truth.
+"""Committing a shard: the journal is the source of truth.
 
     rec = commit_shard(job, ckpt, shard, table, ids, labels)   # journal -> part file -> commit record
-    done, restored = answers_so_far(job, ckpt, shard, committed_rows, labels)
 
 A commit reads the shard's journal (every result since the shard began, later lines winning),
 joins it to the shard's rows by id, writes the part file atomically (pipeline.io.writer) and only
 then appends the commit record: a crash at any point leaves either the old state or the new one.
-Blocking; the engine runs these in threads.
+Blocking; the engine runs these in threads. Which shards are complete, and what a shard has
+already, is the book's (pipeline.engine.book).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 
@@ -23,22 +23,23 @@ from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id
 from ..io.manifest import Plan, Shard, plan_schema
 from ..io.storage import PartStore
-from ..io.writer import (
-    build_part,
-    journal_schema,
-    part_name,
-    write_empty_part,
-    write_part,
-)
-from ..records import DETAIL_TOKEN_COLUMNS, TOKEN_COLUMNS, CommitRecord, ResultRow
+from ..io.writer import build_part, journal_schema, layout_key, output_columns, write_empty_part, write_part
+from ..records import DETAIL_TOKEN_COLUMNS, TOKEN_COLUMNS, CommitRecord
 from ..rows.pricing import total_cost
 
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["commit_shard", "answers_so_far", "write_empty_dataset", "DONE_SCHEMA"]
+__all__ = ["commit_shard", "write_empty_dataset", "media_columns", "Layout", "part_layout"]
 
-DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
+
+class Layout(NamedTuple):
+    """The columns a part is written with now (pipeline.engine.upgrade brings older parts to it)."""
+
+    schema: pa.Schema  # input columns typed as planned (a part's own reads may type them otherwise)
+    free: frozenset[str]  # the input columns, whose types are the manifest's, not the layout's
+    renamed: dict[str, str]  # output name -> input column, where an input column takes an `input_` prefix
+    key: str  # layout_key(schema, free): what a commit record keeps
 
 
 def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids: list[str],
@@ -60,6 +61,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         tokens=_token_sums(part),
         at=time.time(), part_digest=written.digest, etag=written.etag,
         spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
+        layout=layout_key(part.schema, _free(job, table.column_names, extra)),
     )
     ckpt.record_commit(record)
     return record
@@ -72,6 +74,24 @@ def media_columns(job: Job) -> frozenset[str]:
     return frozenset(c for c in (job.input.image_column, job.input.video_column, job.input.audio_column) if c)
 
 
+def part_layout(job: Job, plan: Plan, labels: Labels | None) -> Layout:
+    """The current layout of the job's parts: the columns an empty part of its manifest has."""
+    extra = labels.fields() if labels is not None else ()
+    results = pa.Table.from_batches([], schema=journal_schema(extra))
+    schema = build_part(_empty_input(plan), [], results, job.input.id_column, extra, media_columns(job)).schema
+    free = _free(job, plan.columns, extra)
+    renamed = {out: col for col, out in output_columns(plan.columns, job.input.id_column,
+                                                       frozenset(f.name for f in extra)) if out != col}
+    return Layout(schema, free, renamed, layout_key(schema, free))
+
+
+def _free(job: Job, columns: list[str], extra: list[pa.Field] | tuple[pa.Field, ...]) -> frozenset[str]:
+    """Output names of the input columns typed by the manifest (image bytes held as references are not)."""
+    media = media_columns(job)
+    return frozenset(out for col, out in output_columns(columns, job.input.id_column, frozenset(f.name for f in extra))
+                     if col not in media)
+
+
 def _token_sums(part: pa.Table) -> dict[str, int]:
     """TOKEN_COLUMNS summed over a part; a usage detail no row reported is left out (unknown, not 0).
     In Python, not pyarrow.compute: its first import stalls the loop ~60 ms."""
@@ -81,26 +101,6 @@ def _token_sums(part: pa.Table) -> dict[str, int]:
         if values or key not in DETAIL_TOKEN_COLUMNS:
             sums[key] = sum(values)
     return sums
-
-
-def answers_so_far(job: Job, ckpt: Checkpoint, shard: Shard, committed_rows: int,
-                   labels: Labels | None) -> tuple[dict[str, tuple[str, str | None]], list[ResultRow]]:
-    """(id -> (status, error_kind)) of the shard's answered rows, from its journal, or from its
-    committed part file if the journal was lost (a deleted checkpoint folder must not make
-    --retry-failed buy the whole shard again); plus the rows to write back to the journal."""
-    latest = latest_per_id(ckpt.journal_lines(shard.index, DONE_SCHEMA, repair=True))
-    done = dict(zip(latest.column("id").to_pylist(),
-                    zip(latest.column("status").to_pylist(), latest.column("error_kind").to_pylist())))
-    restored: list[ResultRow] = []
-    if len(done) < committed_rows:
-        label_names = labels.names if labels is not None else []
-        columns = journal_schema(labels.fields() if labels is not None else ()).names
-        part = PartStore.for_output(job.output).read_table(part_name(shard.index), columns)
-        for rec in part.to_pylist() if part is not None else ():
-            if rec["id"] not in done:
-                done[rec["id"]] = (rec["status"], rec["error_kind"])
-                restored.append(ResultRow.from_dict(rec, label_names))
-    return done, restored
 
 
 def write_empty_dataset(job: Job, plan: Plan, labels: Labels | None) -> None:

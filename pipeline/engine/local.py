@@ -58,7 +58,7 @@ class LocalExecutor(Executor):
                 limiter = self.limiter = Limiter(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
                                                  max_pause_s=limits.max_retry_after_s)
                 engine = self.engine = ShardEngine(job, ckpt, ready.plan, limiter=limiter, console=self.console, options=self.options,
-                                     committed_rows={i: c.rows for i, c in ready.commits.items()}, expire=self.host.expire)
+                                     commits=ready.commits, expire=self.host.expire)
                 with self.host.signals(asyncio.get_running_loop(), engine.interrupt, engine.sync_journal):
                     stopped = await self._with_progress(engine, limiter, ready)
         except asyncio.CancelledError:

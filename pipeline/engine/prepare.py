@@ -1,6 +1,7 @@
 """Preparing a run, under the job's lock and before anything is sent: the output folder is this
 job's, the request shape is the checkpoint's, the plan is current (rows may only be appended), the
-committed parts are as their records say, and the shards still to do are known.
+committed parts are as their records say and in this version's columns (pipeline.engine.upgrade),
+and the shards still to do are known.
 
     ready = prepare(job, ckpt, options, console)
     ready.plan, ready.commits, ready.todo
@@ -19,9 +20,11 @@ from ..io.storage import PartStore
 from ..io.writer import remove_leftovers
 from ..records import CommitRecord
 from .console import Console
+from .book import shards_to_send
 from .options import RunOptions
+from .upgrade import adopted, upgrade_parts
 
-__all__ = ["Prepared", "prepare", "shards_to_run"]
+__all__ = ["Prepared", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,8 @@ def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -
             if claimed:
                 store.unclaim()
         raise
-    commits = verified_commits(store, ckpt, console)
-    return Prepared(plan, commits, shards_to_run(plan, commits, options.retry_failed))
+    commits = upgrade_parts(job, ckpt, plan, verified_commits(store, ckpt, console), console)
+    return Prepared(plan, commits, shards_to_send(plan, commits, options.retry_failed))
 
 
 def current_plan(job: Job, ckpt: Checkpoint) -> Plan:
@@ -72,19 +75,9 @@ def verified_commits(store: PartStore, ckpt: Checkpoint, console: Console) -> di
     for index, rec in commits.items():
         if rec.file in in_place:
             good[index] = rec
+        elif (upgraded := adopted(store, rec)) is not None:  # an upgrade whose record a kill cut off
+            ckpt.record_commit(upgraded)
+            good[index] = upgraded
         else:
             console.say(f"note: {rec.file} does not match its commit record; it is rebuilt from the journal")
     return good
-
-
-def shards_to_run(plan: Plan, commits: dict[int, CommitRecord], retry: frozenset[str] | None) -> list[Shard]:
-    todo = []
-    for shard in plan.shards:
-        rec = commits.get(shard.index)
-        complete = rec is not None and rec.rows == shard.rows and rec.digest == shard.digest
-        wants_retry = retry is not None and rec is not None and any(
-            n and (not retry or kind in retry) for kind, n in rec.failed.items()
-        )
-        if not complete or wants_retry:
-            todo.append(shard)
-    return todo

@@ -130,7 +130,7 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)
         committed = ckpt.commits().get(shard.index)  # lets a lost journal fall back to the part file
         engine = ShardEngine(job, ckpt, plan, limiter=limiter, console=Console.for_job(job), options=options,
-                             committed_rows={shard.index: committed.rows} if committed else None, breaker=SharedBreaker)
+                             commits={shard.index: committed} if committed else None, breaker=SharedBreaker)
         reports = asyncio.create_task(reporter.forever(engine, limiter))
         try:
             with on_signals(asyncio.get_running_loop(), first=engine.interrupt, at_once=engine.sync_journal):

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
@@ -37,15 +38,15 @@ from ..crashpoints import crash_point, fault_point
 from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
-from ..io.manifest import Plan, Shard, Unreadable
+from ..io.manifest import Plan, Shard, ShardRows, Unreadable
 from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
 from ..net.limiter import Pacer
-from ..records import ResultRow
+from ..records import CommitRecord, ResultRow
 from ..rows.pricing import SpendLimit
 from ..rows.request import RequestBuilder, request_columns
-from .commit import answers_so_far, commit_shard
+from .book import Book
 from .console import Console
 from .feed import ROWS_PER_BATCH, Feed
 from .options import RunOptions
@@ -77,19 +78,17 @@ class _ShardWork:
     table: pa.Table
     ids: list[str]
     send: list[int]  # positions of the rows to send
-    pending: int
-    enqueued: bool = False
+    enqueued: bool = False  # every row to send is queued: the shard commits when the book says it is complete
 
 
 class ShardEngine:
     def __init__(self, job: Job, ckpt: Checkpoint, plan: Plan, *, limiter: Pacer, console: Console,
-                 options: RunOptions, committed_rows: dict[int, int] | None = None,
+                 options: RunOptions, commits: Mapping[int, CommitRecord] | None = None,
                  expire: Callable[[int], None] = exit_process, breaker: type[Breaker] = Breaker) -> None:
         self.job, self.ckpt, self.plan, self.options = job, ckpt, plan, options
         self.limits = job.limits
         self.limiter = limiter
         self.console = console
-        self.committed_rows = committed_rows or {}
         self.labels = make_labels(job)
         self.builder = RequestBuilder(job, plan.columns, redactor=console.redactor, labels=self.labels)
         # Under --retry-failed the rows sent are ones already refused: alike refusals are theirs again.
@@ -97,6 +96,8 @@ class ShardEngine:
         self.breaker = breaker(job.limits.breaker_failures, job.limits.breaker_seconds, refusals)  # Ray: SharedBreaker
         self.journal = ckpt.journal(on_failure=self._journal_failed)
         self.counts = Counts()
+        self.book = Book(job, ckpt, plan, commits or {}, retry=options.retry_failed, labels=self.labels,
+                         journal=self.journal, counts=self.counts, scrub=console.redactor.scrub)
         self.done_before = 0  # rows of the given shards answered before this run
         self.queue: asyncio.Queue[tuple[_ShardWork, int, dict[str, Any]] | None] = asyncio.Queue(
             maxsize=2 * job.limits.workers)
@@ -281,30 +282,23 @@ class ShardEngine:
                         await self.queue.put((work, i, cells))
             probes.passed(shard)
             work.enqueued = True
-            if work.pending == 0:
+            if self.book.complete(shard.index):
                 _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
         await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
 
     async def _open_shard(self, shard: Shard) -> _ShardWork:
-        """The shard's rows, and which of them to send: those without an answer (and, with
-        --retry-failed, those whose answer is an error of the kinds asked for)."""
+        """The shard's rows, and which of them to send (the book decides: pipeline.engine.book)."""
         rows = await self.feed.open(shard)
         ids = rows.ids
-        done, restored = await asyncio.to_thread(
-            answers_so_far, self.job, self.ckpt, shard, self.committed_rows.get(shard.index, 0), self.labels)
+        answers = await self.book.answers(shard)
         fault_point("produce")
-        for row in restored:  # written back: the journal is whole again
-            self.journal.append(shard.index, row)
-        retry = self.options.retry_failed
-        send = [i for i, row_id in enumerate(ids)
-                if (rec := done.get(row_id)) is None
-                or (retry is not None and rec[0] == "error" and (not retry or rec[1] in retry))]
+        send = self.book.open(shard, ids, answers)
         self.done_before += len(ids) - len(send)
-        if self.breaker.doubting and any(rec[0] == "ok" for rec in done.values()):
+        if self.breaker.doubting and any(answer[0] == "ok" for answer in answers.done.values()):
             self.breaker.vouch()  # this job was answered before: refusals now are the rows' own
-        work = _ShardWork(shard, rows.table, ids, [i for i in send if i not in rows.errors], pending=len(send))
+        work = _ShardWork(shard, rows.table, ids, [i for i in send if i not in rows.errors])
         self.work[shard.index] = work
         for i in [i for i in send if i in rows.errors]:  # unreadable: error rows of kind "input", never sent
             self._settle_row(work, error_row(ids[i], RowError(rows.errors[i], kind="input"), attempts=0))
@@ -376,11 +370,7 @@ class ShardEngine:
         self.release_settled()
 
     def _deliver(self, work: _ShardWork, row: ResultRow) -> None:
-        redactor = self.console.redactor  # what a provider or a model echoed never reaches a file
-        self.journal.append(work.shard.index, row.scrubbed(redactor.scrub) if redactor else row)
-        self.counts.settle(row)
-        work.pending -= 1
-        if work.pending == 0 and work.enqueued:
+        if self.book.settle(work.shard.index, row) and work.enqueued:
             _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
 
     def _release_held(self) -> None:
@@ -404,10 +394,7 @@ class ShardEngine:
             if self.work.get(work.shard.index) is not work:
                 return
             del self.work[work.shard.index]
-            if self.journal.failure is None:
-                self.journal.close_shard(work.shard.index)
-            # else: the journal file holds what could be written; the part is made from that
-            await asyncio.to_thread(commit_shard, self.job, self.ckpt, work.shard, work.table, work.ids, self.labels)
+            await self.book.commit(work.shard, ShardRows(work.table, work.ids, {}))
             give_back_memory()
 
     async def _commit_partial(self) -> None:

@@ -62,6 +62,7 @@ __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
 SHOW_FILES = 10  # files of a source listed with their rows and images
 MEDIA_ROWS = 64  # rows read at a time from a source whose rows hold bytes
+ROWS_AT_ONCE = 512  # rows without bytes turned into Python objects at a time
 
 
 class Report:
@@ -163,7 +164,8 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
 def _rows(job: Job, plan: Plan, shard: Shard, held: pa.Table, whole: bool) -> Iterator[dict[str, Any]]:
     """The shard's rows as dicts; with columns of bytes, a few rows at a time (never a shard of images)."""
     if whole:
-        yield from held.to_pylist()
+        for batch in held.to_batches(max_chunksize=ROWS_AT_ONCE):
+            yield from batch.to_pylist()
         return
     for batch in shard_batches(job.input, plan, shard, plan.columns, MEDIA_ROWS):
         yield from batch.to_pylist()
