@@ -1,0 +1,187 @@
+"""Review 2 (store seam, source seam, audio / Responses / compare): failing tests that show defects.
+
+Each test names the finding of the review report it reproduces. They are expected to FAIL on the
+merged main (d765105 + 9cde42d) and to pass once the defect is fixed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import read_output
+from test_sources import cli, job_file
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(n: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8 + n, 8), (40 * n % 256, 90, 150)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# -- F1: WebDataset members of one key that are not consecutive ----------------------------------
+
+
+def test_f1_a_tar_whose_members_are_not_grouped_by_key_gives_each_row_one_id(tmp_path: Path, endpoint, capsys) -> None:
+    """`tar cf shard.tar dir/` stores members in readdir order (not sorted on ext4/xfs), so a
+    sample's .jpg and .txt need not be neighbours. The source then makes two rows of one key with
+    the same id `shard.tar:a`: the run pays for both and the output holds the id twice (or, on
+    resume, the shard never matches its journal)."""
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for n, key in enumerate(["a", "b", "c"]):
+            _member(tar, f"{key}.jpg", _jpeg(n))
+        for key in ["a", "b", "c"]:
+            _member(tar, f"{key}.txt", f"caption of {key}\n".encode())
+    path = job_file(tmp_path, "shard.tar", endpoint.base_url, input={"image_column": None, "prompt_column": None},
+                    request={"prompt": "Is this {txt}?"}, run={"shard_rows": 10})
+    code, _, err = cli(capsys, "run", str(path))
+    rows = read_output(tmp_path / "out-t")
+    ids = Counter(r["id"] for r in rows)
+    assert all(n == 1 for n in ids.values()), f"an id written more than once: {ids}"
+    assert ids == Counter({"shard.tar:a": 1, "shard.tar:b": 1, "shard.tar:c": 1}), ids
+    assert endpoint.stats()["requests"] <= 3, "a sample is paid once"
+
+
+# -- F2: a refusal (Responses API "refusal" content, chat "message.refusal") is bought max_attempts times --
+
+
+class _Refuser:
+    """A real HTTP server answering every POST with a paid refusal, as OpenAI documents it:
+    Responses: a message whose content is one {"type": "refusal", "refusal": ...} part;
+    chat: message.content null and message.refusal set. Usage is reported (the tokens are billed)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.posts = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.posts += 1
+                if self.path.endswith("/responses"):
+                    answer = {"id": f"resp_{outer.posts}", "object": "response", "created_at": 1, "status": "completed",
+                              "model": body["model"], "output": [{"type": "message", "id": "msg_1", "role": "assistant",
+                              "status": "completed", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}],
+                              "usage": {"input_tokens": 1000, "output_tokens": 12, "total_tokens": 1012,
+                                        "input_tokens_details": {"cached_tokens": 0},
+                                        "output_tokens_details": {"reasoning_tokens": 0}}}
+                else:
+                    answer = {"id": "c", "object": "chat.completion", "created": 1, "model": body["model"],
+                              "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                  "role": "assistant", "content": None, "refusal": "I can't help with that."}}],
+                              "usage": {"prompt_tokens": 1000, "completion_tokens": 12, "total_tokens": 1012}}
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("api", ["responses", "chat"])
+def test_f2_a_refusal_is_one_paid_answer_not_max_attempts_of_them(tmp_path: Path, capsys, api: str) -> None:
+    """A model's refusal is a paid, final answer. Today it parses as "no answer content"
+    (invalid_response: retryable and an endpoint fault), so every refused row is bought
+    max_attempts (5) times, its cost is never counted towards [run] budget, the refusal text is
+    lost, and a dataset with many refusals trips "the endpoint looks down"."""
+    from test_sources import write_part
+
+    write_part(tmp_path / "m.csv", 3)
+    server = _Refuser()
+    try:
+        path = job_file(tmp_path, "m.csv", server.base_url, endpoint={"api": api},
+                        limits={"max_concurrency": 1, "breaker_failures": 1000})
+        code, _, err = cli(capsys, "run", str(path))
+    finally:
+        server.close()
+    rows = read_output(tmp_path / "out-t")
+    assert len(rows) == 3, err
+    assert server.posts == 3, f"{server.posts} paid requests for 3 rows, each refused once ({rows[0]['error']})"
+
+
+# -- F3: a file changed between planning and sending is read as it is now, not refused --
+
+
+def test_f3_a_part_changed_after_planning_is_not_answered_as_planned(tmp_path: Path, endpoint_factory) -> None:
+    """Issue 23: "an object changed or deleted between planning and sending: an error row of kind
+    input naming the object". Only deletion and a different row count are caught: no read checks
+    the planned size and stamp (mtime / ETag), so rows of a part rewritten mid-run (same row
+    count) are bought on the new content under the old plan, and the next run then refuses the
+    whole job ("changed since its rows were planned ... --restart"), whose only way on re-buys it."""
+    from conftest import read_output, start_run
+    from test_sources import write_part
+
+    ds = tmp_path / "ds"
+    write_part(ds / "a.parquet", 60)
+    write_part(ds / "b.parquet", 10)
+    ep = endpoint_factory(record=True, latency_ms=20)
+    path = job_file(tmp_path, "ds", ep.base_url, run={"shard_rows": 30}, limits={"max_concurrency": 2})
+    proc = start_run(path, tmp_path / ".pipeline" / "t" / "commits.jsonl")
+    write_part(ds / "b.parquet", 10, tag="EDITED ")  # same rows, other prompts: a planned file rewritten
+    _, err = proc.communicate(timeout=120)
+    rows = {r["id"]: r for r in read_output(tmp_path / "out-t")}
+    edited = [i for i, r in rows.items() if i.startswith("b.parquet") and r["status"] == "ok" and "EDITED" in (r["answer"] or "")]
+    assert not edited, f"exit {proc.returncode}: {len(edited)} rows of b.parquet bought on content changed since planning"
+
+
+# -- F4: ids hang on the root a list's items share: adding an item elsewhere renames every file --
+
+
+def test_f4_adding_a_file_from_another_folder_to_a_list_sends_only_its_rows(tmp_path: Path, endpoint, capsys) -> None:
+    """Names (and so row ids `name:row`, the plan's file keys) are relative to the folder the
+    list's items share. A cron job that appends this month's file to its list
+    (`["data/2026-10/p.csv", "data/2026-10/q.csv"]` + `"data/2026-11/p.csv"`) moves that root
+    from data/2026-10 to data, so p.csv becomes 2026-10/p.csv: refused as "data/p.csv is gone since
+    its rows were planned" (a path that never existed; exit 2), and the only way on, --restart,
+    buys every row again. Files may be added, the README says."""
+    from test_sources import write_part
+
+    write_part(tmp_path / "data" / "2026-10" / "p.csv", 5)
+    write_part(tmp_path / "data" / "2026-10" / "q.csv", 5)
+    write_part(tmp_path / "data" / "2026-11" / "p.csv", 4, tag="new ")
+    one = job_file(tmp_path, ["data/2026-10/p.csv", "data/2026-10/q.csv"], endpoint.base_url)
+    assert cli(capsys, "run", str(one))[0] == 0
+    two = job_file(tmp_path, ["data/2026-10/p.csv", "data/2026-10/q.csv", "data/2026-11/p.csv"], endpoint.base_url)
+    code, out, err = cli(capsys, "run", str(two))
+    assert code == 0, err[-400:]
+    assert endpoint.stats()["requests"] == 14, "only the added file's rows are sent"
+
+
+def test_f4b_a_list_of_one_file_is_read(tmp_path: Path, endpoint, capsys) -> None:
+    """`path = ["m.csv"]` (a list of one, as a script building the list makes it) is taken for a
+    folder: exit 2 "could not read .../m.csv/. (Not a directory)"."""
+    from test_sources import write_part
+
+    write_part(tmp_path / "m.csv", 3)
+    code, _, err = cli(capsys, "run", str(job_file(tmp_path, ["m.csv"], endpoint.base_url)))
+    assert code == 0, err[-300:]
