@@ -282,3 +282,50 @@ def test_f7_a_tar_cut_while_its_shard_is_sent_leaves_that_shard_and_the_job_goes
     rows = read_output(tmp_path / "out-t")
     assert proc.returncode == 4, f"exit {proc.returncode}: {err[-500:]}"
     assert sum(r["id"].startswith("b.tar:") for r in rows) == 40, f"the other tar's shard is sent all the same: {err[-700:]}"
+
+
+# -- F8: a producer cancelled while it reads image bytes ends in ValueError, not CancelledError ------
+
+
+def test_f8_a_feed_cancelled_mid_read_ends_cancelled(tmp_path: Path) -> None:
+    """Feed.cells reads each batch with `await asyncio.to_thread(next, stream, None)` and closes
+    the stream in `finally` with `await asyncio.to_thread(stream.close)`. A stop (Ctrl-C, the
+    breaker, the budget) cancels the producer; if it is inside that read, the worker thread is
+    still running the generator when a second thread closes it: "ValueError: generator already
+    executing" replaces the CancelledError, _guarded takes it for a failure of shared machinery
+    and the run's clean stop becomes "stopped by a local failure: reading the manifest: internal
+    error ... please report it" (a local failure wins the exit code)."""
+    import asyncio
+    import os
+
+    from pipeline.config import load_job
+    from pipeline.engine.feed import Feed
+    from pipeline.io.manifest import plan_manifest
+    from pipeline.rows.request import request_columns
+
+    n = 192
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "prompt": ["p"] * n,
+                      "image": pa.array([os.urandom(1 << 20) for _ in range(n)], pa.binary())})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=16, compression="none")
+    job = load_job({"name": "t", "input": {"path": str(tmp_path / "m.parquet"), "id_column": "id",
+                                           "image_column": "image", "prompt_column": "prompt"},
+                    "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                    "output": {"path": str(tmp_path / "out")}}, require_key=False)
+    plan = plan_manifest(job.input, n)
+    feed = Feed(job, plan, request_columns(job, plan.columns))
+
+    async def scenario() -> BaseException | None:
+        rows = await feed.open(plan.shards[0])
+        cells = feed.cells(plan.shards[0], rows.table, list(range(n)))
+        await cells.__anext__()
+        reading = asyncio.create_task(cells.__anext__())  # the next 64 MB, in a worker thread
+        await asyncio.sleep(0.005)
+        reading.cancel()
+        try:
+            await reading
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    ended = asyncio.run(scenario())
+    assert isinstance(ended, asyncio.CancelledError), f"the cancelled read ended with {ended!r}"
