@@ -34,29 +34,6 @@ def _jpeg(n: int) -> bytes:
     return buf.getvalue()
 
 
-# -- F1: WebDataset members of one key that are not consecutive ----------------------------------
-
-
-def test_f1_a_tar_whose_members_are_not_grouped_by_key_gives_each_row_one_id(tmp_path: Path, endpoint, capsys) -> None:
-    """`tar cf shard.tar dir/` stores members in readdir order (not sorted on ext4/xfs), so a
-    sample's .jpg and .txt need not be neighbours. The source then makes two rows of one key with
-    the same id `shard.tar:a`: the run pays for both and the output holds the id twice (or, on
-    resume, the shard never matches its journal)."""
-    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
-        for n, key in enumerate(["a", "b", "c"]):
-            _member(tar, f"{key}.jpg", _jpeg(n))
-        for key in ["a", "b", "c"]:
-            _member(tar, f"{key}.txt", f"caption of {key}\n".encode())
-    path = job_file(tmp_path, "shard.tar", endpoint.base_url, input={"image_column": None, "prompt_column": None},
-                    request={"prompt": "Is this {txt}?"}, run={"shard_rows": 10})
-    code, _, err = cli(capsys, "run", str(path))
-    rows = read_output(tmp_path / "out-t")
-    ids = Counter(r["id"] for r in rows)
-    assert all(n == 1 for n in ids.values()), f"an id written more than once: {ids}"
-    assert ids == Counter({"shard.tar:a": 1, "shard.tar:b": 1, "shard.tar:c": 1}), ids
-    assert endpoint.stats()["requests"] <= 3, "a sample is paid once"
-
-
 # -- F2: a refusal (Responses API "refusal" content, chat "message.refusal") is bought max_attempts times --
 
 

@@ -416,6 +416,24 @@ def test_a_damaged_tar_keeps_its_samples_and_says_where_in_one_error_row(tmp_pat
 # -- the engine holds no shard of bytes ----------------------------------------------------------
 
 
+def test_a_tar_whose_members_of_one_key_are_apart_is_refused_naming_the_fix(tmp_path: Path, endpoint, capsys) -> None:
+    """`tar cf shard.tar dir/` stores members in readdir order, so a sample's .jpg and .txt need
+    not be neighbours. Read member by member, each key would be two rows with one id (both paid,
+    the output holding the id twice); planning refuses the tar instead, naming the key and the fix."""
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for key in ["a", "b", "c"]:
+            _member(tar, f"{key}.jpg", b"\xff\xd8\xff\xe0" + key.encode() * 50)
+        for key in ["a", "b", "c"]:
+            _member(tar, f"{key}.txt", f"caption of {key}\n".encode())
+    path = job_file(tmp_path, "shard.tar", endpoint.base_url, input={"image_column": None, "prompt_column": None},
+                    request={"prompt": "Is this {txt}?"}, run={"shard_rows": 10})
+    code, _, err = cli(capsys, "run", str(path))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "sample 'a'" in errors[0] and "tar --sort=name" in errors[0], errors[0]
+    assert endpoint.stats()["requests"] == 0 and read_output(tmp_path / "out-t") == []
+
+
 def test_a_binary_column_is_held_as_references_and_its_bytes_streamed_a_batch_at_a_time(tmp_path: Path) -> None:
     import asyncio
 

@@ -16,6 +16,12 @@ to disk: planning reads each tar once, counting samples, hashing each shard's me
 bytes) and noting where each shard's first member starts, so a shard is read by seeking there. A
 tar damaged part way (a bad header, cut short) keeps the samples before the damage, and one more
 row, `<tar>:@damaged`, an error row of kind "input" saying where and why.
+
+A tar whose members of one key are not neighbours (`tar cf` of a folder stores them in readdir
+order) is refused while planning, naming the key and the fix (`tar --sort=name`). WebDataset's own
+readers take such members for separate samples; merging them here would mean holding every
+sample's members until its last one is met (the whole tar, for a hash-ordered folder) or keeping
+each member's offset in the plan and reading members one range at a time from a bucket.
 """
 
 from __future__ import annotations
@@ -121,6 +127,7 @@ class WebDatasetSource(FileSource):
         shards: list[Shard] = []
         h = hashlib.blake2b(digest_size=12)
         count, first, start, note = 0, 0, 0, ""
+        seen: set[str] = set()  # this tar's keys: a key met again is a sample split in two
         with self._open(state.single, info.name) as f:
             end: list[int] = []
             try:
@@ -130,6 +137,9 @@ class WebDatasetSource(FileSource):
                         h, first = hashlib.blake2b(digest_size=12), count
                     if count == first:
                         start = sample.offset
+                    if sample.key in seen:
+                        raise JobError(self._split_sample(state, info, sample))
+                    seen.add(sample.key)
                     _hash(h, sample)
                     self.fields |= {c for field in sample.fields if (c := _column(field)) is not None}
                     count += 1
@@ -144,6 +154,13 @@ class WebDatasetSource(FileSource):
             if count > first:  # `end` is where reading stopped: informative, a shard is read by samples
                 shards.append(Shard(-1, first, count - first, start, f.tell(), h.hexdigest(), info.name))
         return FileInfo(info.name, info.size, info.stamp, count, note=note), shards
+
+    def _split_sample(self, state: PlanState, info: FileInfo, sample: _Sample) -> str:
+        shown = self.place.shown(state.single, info.name)
+        fields = ", ".join(f"{sample.key}.{f}" for f in sample.fields)
+        return (f"[input] path: {shown} holds the members of sample {sample.key!r} apart ({fields} at byte "
+                f"{sample.offset}, after other samples' members); WebDataset reads a sample from consecutive "
+                f"members: pack the tar sorted by name (tar --sort=name -cf {posixpath.basename(info.name)} ...)")
 
     def _open(self, single: bool, name: str) -> Any:
         try:
