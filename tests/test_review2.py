@@ -131,39 +131,6 @@ def test_f3_a_part_changed_after_planning_is_not_answered_as_planned(tmp_path: P
     assert not edited, f"exit {proc.returncode}: {len(edited)} rows of b.parquet bought on content changed since planning"
 
 
-# -- F4: ids hang on the root a list's items share: adding an item elsewhere renames every file --
-
-
-def test_f4_adding_a_file_from_another_folder_to_a_list_sends_only_its_rows(tmp_path: Path, endpoint, capsys) -> None:
-    """Names (and so row ids `name:row`, the plan's file keys) are relative to the folder the
-    list's items share. A cron job that appends this month's file to its list
-    (`["data/2026-10/p.csv", "data/2026-10/q.csv"]` + `"data/2026-11/p.csv"`) moves that root
-    from data/2026-10 to data, so p.csv becomes 2026-10/p.csv: refused as "data/p.csv is gone since
-    its rows were planned" (a path that never existed; exit 2), and the only way on, --restart,
-    buys every row again. Files may be added, the README says."""
-    from test_sources import write_part
-
-    write_part(tmp_path / "data" / "2026-10" / "p.csv", 5)
-    write_part(tmp_path / "data" / "2026-10" / "q.csv", 5)
-    write_part(tmp_path / "data" / "2026-11" / "p.csv", 4, tag="new ")
-    one = job_file(tmp_path, ["data/2026-10/p.csv", "data/2026-10/q.csv"], endpoint.base_url)
-    assert cli(capsys, "run", str(one))[0] == 0
-    two = job_file(tmp_path, ["data/2026-10/p.csv", "data/2026-10/q.csv", "data/2026-11/p.csv"], endpoint.base_url)
-    code, out, err = cli(capsys, "run", str(two))
-    assert code == 0, err[-400:]
-    assert endpoint.stats()["requests"] == 14, "only the added file's rows are sent"
-
-
-def test_f4b_a_list_of_one_file_is_read(tmp_path: Path, endpoint, capsys) -> None:
-    """`path = ["m.csv"]` (a list of one, as a script building the list makes it) is taken for a
-    folder: exit 2 "could not read .../m.csv/. (Not a directory)"."""
-    from test_sources import write_part
-
-    write_part(tmp_path / "m.csv", 3)
-    code, _, err = cli(capsys, "run", str(job_file(tmp_path, ["m.csv"], endpoint.base_url)))
-    assert code == 0, err[-300:]
-
-
 # -- F5: audio with `convert` is decoded whole before any cap on its samples --------------------
 
 

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -158,6 +159,34 @@ def test_a_folder_of_mixed_or_no_known_files_is_one_clear_error(tmp_path: Path, 
     assert code == 0, err  # a format named: only its files are read
     assert Counter(r["id"] for r in read_output(tmp_path / "out-chosen")) == Counter(["a.csv:0", "a.csv:1"])
     assert endpoint.stats()["requests"] == 2
+
+
+def test_adding_a_file_from_another_folder_to_a_list_sends_only_its_rows(tmp_path: Path, endpoint, capsys) -> None:
+    """Names (and so row ids `name:row`) are relative to the root the plan recorded: a cron job
+    that appends this month's file to its list (`["data/2026-10/p.csv", "data/2026-10/q.csv"]` +
+    `"data/2026-11/p.csv"`) keeps p.csv named p.csv (what the list's items share would move to
+    data, renaming it 2026-10/p.csv and buying every row again); the added file is named by its way
+    from that root."""
+    write_part(tmp_path / "data" / "2026-10" / "p.csv", 5)
+    write_part(tmp_path / "data" / "2026-10" / "q.csv", 5)
+    write_part(tmp_path / "data" / "2026-11" / "p.csv", 4, tag="new ")
+    one = job_file(tmp_path, ["data/2026-10/p.csv", "data/2026-10/q.csv"], endpoint.base_url)
+    assert cli(capsys, "run", str(one))[0] == 0
+    two = job_file(tmp_path, ["data/2026-10/p.csv", "data/2026-10/q.csv", "data/2026-11/p.csv"], endpoint.base_url)
+    code, out, err = cli(capsys, "run", str(two))
+    assert code == 0, err[-400:]
+    assert endpoint.stats()["requests"] == 14, "only the added file's rows are sent"
+    ids = [f"{name}:{i}" for name, n in (("p.csv", 5), ("q.csv", 5), ("../2026-11/p.csv", 4)) for i in range(n)]
+    assert Counter(r["id"] for r in read_output(tmp_path / "out-t")) == Counter(ids)
+
+
+def test_a_list_of_one_file_is_read(tmp_path: Path, endpoint, capsys) -> None:
+    """`path = ["m.csv"]` (a list of one, as a script building the list makes it) is a file in a
+    folder, not a folder ("could not read .../m.csv/. (Not a directory)" before)."""
+    write_part(tmp_path / "m.csv", 3)
+    code, _, err = cli(capsys, "run", str(job_file(tmp_path, ["m.csv"], endpoint.base_url)))
+    assert code == 0, err[-300:]
+    assert sorted(r["id"] for r in read_output(tmp_path / "out-t")) == ["m.csv:0", "m.csv:1", "m.csv:2"]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -464,37 +493,56 @@ def test_a_binary_column_is_held_as_references_and_its_bytes_streamed_a_batch_at
 
 
 @st.composite
-def file_sets(draw: st.DrawFn) -> tuple[str, list[tuple[str, int]], int]:
+def file_sets(draw: st.DrawFn) -> tuple[str, list[tuple[str, int]], int, str]:
     fmt = draw(st.sampled_from(FORMATS))
     names = draw(st.lists(st.sampled_from([f"{d}p{i}" for d in ("", "a/", "a/b/") for i in range(4)]),
                           min_size=1, max_size=5, unique=True))
-    return fmt, [(n, draw(st.integers(0, 9))) for n in names], draw(st.integers(1, 6))
+    how = draw(st.sampled_from(["folder", "glob", "list"]))
+    return fmt, [(n, draw(st.integers(0, 9))) for n in names], draw(st.integers(1, 6)), how
+
+
+def _rows_of(cfg: InputConfig, plan: Plan) -> list[tuple[str, str]]:
+    got = []
+    for shard in plan.shards:
+        assert 0 < shard.rows <= plan.shard_rows
+        rows = read_rows(cfg, plan, shard)
+        got += list(zip(rows.ids, rows.table.column("prompt").to_pylist()))
+    return got
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=file_sets(), more=st.integers(0, 5))
 def test_any_files_in_any_shards_give_every_row_once_with_stable_ids(tmp_path_factory: Any, spec: Any, more: int) -> None:
-    fmt, files, shard_rows = spec
-    root = tmp_path_factory.mktemp("set")
+    """A folder, a glob or a list of files: every row once, ids naming file and row; files added
+    (to a list: from another folder, which widens what its items share) keep every earlier id."""
+    from pipeline.io.manifest import current_plan
+
+    fmt, files, shard_rows, how = spec
+    top = tmp_path_factory.mktemp("set")
+    root = top / "in"
+    paths = [root / f"{name}.{fmt}" for name, _ in files]
+    base = root if how != "list" else Path(os.path.commonpath([p.parent for p in paths]))
     expected = []
-    for name, rows in sorted(files, key=lambda f: f[0] + f".{fmt}"):
-        write_part(root / f"{name}.{fmt}", rows, name=f"{name}.{fmt}")
-        expected += [(f"{name}.{fmt}:{i}", f"Describe {name}.{fmt}:{i}") for i in range(rows)]
-    cfg = InputConfig(path=root, format=fmt)
+    for path, (_, rows) in sorted(zip(paths, files)):
+        name = path.relative_to(base).as_posix()
+        write_part(path, rows, name=name)
+        expected += [(f"{name}:{i}", f"Describe {name}:{i}") for i in range(rows)]
+    item: Any = {"folder": root, "glob": str(root / "**" / f"*.{fmt}"), "list": tuple(paths)}[how]
+    cfg = InputConfig(path=item, format=fmt)
     plan = plan_manifest(cfg, shard_rows)
-    got = []
-    for shard in plan.shards:
-        assert 0 < shard.rows <= shard_rows
-        rows = read_rows(cfg, plan, shard)
-        got += list(zip(rows.ids, rows.table.column("prompt").to_pylist()))
+    got = _rows_of(cfg, plan)
     assert got == expected, "every row once, in sorted path order, its id naming file and row"
     assert plan_manifest(cfg, shard_rows) == plan, "planned again: the same shards, ids and digests"
 
-    write_part(root / "zz" / f"new.{fmt}", more)  # a file added: earlier shards keep index and rows
-    from pipeline.io.manifest import current_plan
-
+    added = (root / "zz" if how != "list" else top / "other") / f"new.{fmt}"  # a list's: outside its root
+    new = os.path.relpath(added, base)
+    write_part(added, more, name=new)
+    if how == "list":
+        cfg = InputConfig(path=(*item, added), format=fmt)
     again, changed = current_plan(cfg, shard_rows, plan)
     assert changed
     kept = {s.index: s for s in again.shards}
     assert all(kept[s.index] == s for s in plan.shards)
     assert again.total_rows == plan.total_rows + more
+    now = _rows_of(cfg, again)
+    assert sorted(now) == sorted(expected + [(f"{new}:{i}", f"Describe {new}:{i}") for i in range(more)])

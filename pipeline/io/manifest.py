@@ -43,7 +43,8 @@ def current_plan(cfg: InputConfig, shard_rows: int, old: Plan | None) -> tuple[P
     listing is read when no file changed; else the files added or changed are planned (the
     others keep their shards), and rows already planned that changed, or files gone, are refused."""
     source = source_for(cfg, old.format if old is not None and cfg.format is None else None)
-    listing = source.list()
+    keep = None if old is None or old.single else old.root if old.root is not None else source.place.root(False)
+    listing = source.list(keep)
     if old is not None and old.single != listing.single:  # the rows' ids would change: all sent again
         was, now = ("one file", "a set of files") if old.single else ("a set of files", "one file")
         raise JobError(f"[input] path: this job's checkpoint was made from {was} and the path now names {now}; its "
@@ -66,7 +67,7 @@ def _same_files(old: Plan, listing: Listing) -> bool:
 
 def _check_append_only(cfg: InputConfig, old: Plan, new: Plan) -> None:
     """Rows already planned must be unchanged: rows may only be appended, files only added."""
-    source = source_for(cfg, new.format)
+    source = source_for(cfg, new.format, new.root)
     names = {f.name for f in new.files}
     if not old.single:
         for f in old.files:
@@ -89,7 +90,7 @@ def _check_append_only(cfg: InputConfig, old: Plan, new: Plan) -> None:
 
 def _range_digest(cfg: InputConfig, old: Plan, new: Plan, shard: Shard) -> str:
     """The digest the old shard's range has in the source now, computed as `old` computed it."""
-    source = source_for(cfg, new.format)
+    source = source_for(cfg, new.format, new.root)
     return source.range_digest(old, shard)
 
 
@@ -101,7 +102,7 @@ def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | N
     A file gone or changed since planning makes every row of the shard one that cannot be read
     (nulls in every column), where the ids are known without the file; else, and when its
     storage fails, this raises Unreadable (the shard waits for the next run)."""
-    source = source_for(cfg, plan.format)
+    source = source_for(cfg, plan.format, plan.root)
     wanted = plan.columns if columns is None else columns
     schema = plan_schema(plan)
     refs = [c for c in wanted if c in refer and holds_bytes(schema.field(c).type)]
@@ -127,7 +128,7 @@ def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
 
 def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
     """The shard's `columns`, `rows` at a time: byte columns are never held for a whole shard."""
-    return source_for(cfg, plan.format).batches(plan, shard, columns, rows)
+    return source_for(cfg, plan.format, plan.root).batches(plan, shard, columns, rows)
 
 
 def plan_schema(plan: Plan) -> pa.Schema:

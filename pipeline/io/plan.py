@@ -76,6 +76,7 @@ class Plan:
     max_record: int = 0  # csv/jsonl: bytes of the longest record; 0 in a plan of an earlier version
     checked: bool = False  # every row was checked while planning (ids, encoding, fields); False in older plans
     single: bool = True  # the path names one file: a row's id is its row number, as before sources
+    root: str | None = None  # several files: the folder their names are relative to (None: found from the path)
     version: int = VERSION
 
     @property

@@ -109,15 +109,15 @@ class Source:
     format: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: InputConfig) -> None:
+    def __init__(self, cfg: InputConfig, root: str | None = None) -> None:
         self.cfg = cfg
-        self.place = Place(cfg)
+        self.place = Place(cfg, root)
 
     def accept(self, name: str) -> bool:
         return name.lower().endswith(self.suffixes)
 
-    def list(self) -> Listing:
-        listing = self.place.listing(self.accept)
+    def list(self, keep: str | None = None) -> Listing:
+        listing = self.place.listing(self.accept, keep)
         if not listing.files:
             what = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items())) or "no files"
             raise JobError(f"[input] path: {self.cfg.display} holds no {self.format} files ({'.'.join(self.suffixes[:1])} "
@@ -183,7 +183,7 @@ class FileSource(Source):
                shards: list[Shard]) -> Plan:
         schema = state.schema if state.schema is not None else pa.schema([])
         return Plan(self.format, shard_rows, schema.names, shards, files, encode_schema(schema), state.max_record,
-                    checked=True, single=listing.single)
+                    checked=True, single=listing.single, root=listing.root)
 
     def plan(self, shard_rows: int, listing: Listing | None = None, previous: Plan | None = None) -> Plan:
         listing = listing if listing is not None else self.list()

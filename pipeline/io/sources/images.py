@@ -50,8 +50,8 @@ class ImageSource(Source):
     format = "images"
     suffixes = IMAGE_SUFFIXES + SIDECARS
 
-    def list(self) -> Listing:
-        listing = super().list()
+    def list(self, keep: str | None = None) -> Listing:
+        listing = super().list(keep)
         if not any(_is_image(f.name) for f in listing.files):
             raise JobError(
                 f"[input] path: {self.cfg.display} holds no images (.jpg, .jpeg, .png, .webp or .gif); point path at them")
@@ -101,7 +101,7 @@ class ImageSource(Source):
         files.sort(key=lambda f: f.name)
         schema = pa.schema([(c, pa.string()) for c in columns])
         return Plan(self.format, shard_rows, columns, shards, files, encode_schema(schema), checked=True,
-                    single=listing.single)
+                    single=listing.single, root=listing.root)
 
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
         mine = [f for f in plan.files if f.shard == shard.index]
