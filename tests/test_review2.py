@@ -106,31 +106,6 @@ def test_f2_a_refusal_is_one_paid_answer_not_max_attempts_of_them(tmp_path: Path
     assert server.posts == 3, f"{server.posts} paid requests for 3 rows, each refused once ({rows[0]['error']})"
 
 
-# -- F3: a file changed between planning and sending is read as it is now, not refused --
-
-
-def test_f3_a_part_changed_after_planning_is_not_answered_as_planned(tmp_path: Path, endpoint_factory) -> None:
-    """Issue 23: "an object changed or deleted between planning and sending: an error row of kind
-    input naming the object". Only deletion and a different row count are caught: no read checks
-    the planned size and stamp (mtime / ETag), so rows of a part rewritten mid-run (same row
-    count) are bought on the new content under the old plan, and the next run then refuses the
-    whole job ("changed since its rows were planned ... --restart"), whose only way on re-buys it."""
-    from conftest import read_output, start_run
-    from test_sources import write_part
-
-    ds = tmp_path / "ds"
-    write_part(ds / "a.parquet", 60)
-    write_part(ds / "b.parquet", 10)
-    ep = endpoint_factory(record=True, latency_ms=20)
-    path = job_file(tmp_path, "ds", ep.base_url, run={"shard_rows": 30}, limits={"max_concurrency": 2})
-    proc = start_run(path, tmp_path / ".pipeline" / "t" / "commits.jsonl")
-    write_part(ds / "b.parquet", 10, tag="EDITED ")  # same rows, other prompts: a planned file rewritten
-    _, err = proc.communicate(timeout=120)
-    rows = {r["id"]: r for r in read_output(tmp_path / "out-t")}
-    edited = [i for i, r in rows.items() if i.startswith("b.parquet") and r["status"] == "ok" and "EDITED" in (r["answer"] or "")]
-    assert not edited, f"exit {proc.returncode}: {len(edited)} rows of b.parquet bought on content changed since planning"
-
-
 # -- F5: audio with `convert` is decoded whole before any cap on its samples --------------------
 
 

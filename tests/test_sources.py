@@ -271,6 +271,47 @@ def _as_version_1(plan_path: Path, manifest: Path) -> None:
     plan_path.write_text(json.dumps(d))
 
 
+def test_a_part_changed_after_planning_is_not_bought_as_planned(tmp_path: Path, endpoint_factory) -> None:
+    """A part rewritten mid-run with as many rows (other prompts) was bought on its new content
+    under the old plan, and the next run refused the job. Its shard's open compares the file's
+    size and stamp with the plan: the shard waits (one note, exit 4), the other shards go on, and
+    the next run's planning refuses the edit as it refuses any."""
+    ds = tmp_path / "ds"
+    write_part(ds / "a.parquet", 60)
+    write_part(ds / "b.parquet", 10)
+    ep = endpoint_factory(record=True, latency_ms=20)
+    path = job_file(tmp_path, "ds", ep.base_url, run={"shard_rows": 30}, limits={"max_concurrency": 2})
+    proc = start_run(path, tmp_path / ".pipeline" / "t" / "commits.jsonl")
+    write_part(ds / "b.parquet", 10, tag="EDITED ")  # same rows, other prompts: a planned file rewritten
+    _, err = proc.communicate(timeout=120)
+    rows = {r["id"]: r for r in read_output(tmp_path / "out-t")}
+    assert not [i for i in rows if i.startswith("b.parquet")], f"exit {proc.returncode}: b.parquet's rows bought"
+    assert len(rows) == 60 and all(r["status"] == "ok" for r in rows.values())
+    assert proc.returncode == 4 and "b.parquet changed since its rows were planned" in err, err[-600:]
+    assert not any("EDITED" in (r.get("body") or "") for r in ep.requests())
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "tar"])
+def test_a_file_rewritten_to_the_same_size_after_planning_is_not_read_as_planned(tmp_path: Path, fmt: str) -> None:
+    """Byte ranges and row counts cannot tell a file rewritten to the same size: its stamp does."""
+    import time
+
+    from pipeline.io.manifest import Unreadable
+
+    path = tmp_path / "ds" / f"m.{fmt}"
+    write = (lambda tag: webdataset(path, 5, first=tag)) if fmt == "tar" else (lambda tag: write_part(path, 5, tag=f"v{tag} "))
+    write(1)
+    cfg = InputConfig(path=tmp_path / "ds", format="webdataset" if fmt == "tar" else fmt)
+    plan = plan_manifest(cfg, 5)
+    size = path.stat().st_size
+    time.sleep(0.01)
+    write(2)
+    assert path.stat().st_size == size
+    with pytest.raises(Unreadable) as caught:
+        read_rows(cfg, plan, plan.shards[0])
+    assert not caught.value.lasting and f"m.{fmt} changed since its rows were planned" in str(caught.value)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_checkpoint_of_the_version_before_sources_resumes_without_paying_twice(
         tmp_path: Path, endpoint, capsys, fmt: str) -> None:

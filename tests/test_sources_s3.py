@@ -217,3 +217,27 @@ def test_storage_problems_at_planning_are_one_line_without_secrets(tmp_path: Pat
                                                    for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".toml")
     assert endpoint.stats()["requests"] == 0
     assert read_output(tmp_path / "out-j0") == []  # nothing written either
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_an_object_replaced_after_planning_is_not_read_under_the_old_plan(tmp_path: Path, aws: S3, listed: bool) -> None:
+    """An object changed between planning and sending is never read as its planned rows: its
+    shard waits (Unreadable, not lasting), and the next run's planning tells an object rewritten
+    as it was (sent) from one edited (refused). In the process that listed the bucket, s3fs reads
+    with If-Match on the listed ETag (no HEAD); a process that did not list it (a Ray worker)
+    compares the HEAD its open makes with the plan's ETag."""
+    from pipeline.io.manifest import Unreadable
+    from pipeline.io.sources.location import Place
+
+    bucket = aws.new_bucket()
+    put_part(aws, f"{bucket}/ds/a.parquet", 8)
+    cfg = InputConfig(path=f"s3://{bucket}/ds/", format="parquet", id_column=None)
+    plan = plan_manifest(cfg, 4)
+    put_part(aws, f"{bucket}/ds/a.parquet", 8, tag="edited ")  # as many rows: only its stamp tells
+    if not listed:
+        Place(cfg).fs.invalidate_cache()
+    for shard in plan.shards:
+        with pytest.raises(Unreadable) as caught:
+            read_rows(cfg, plan, shard, refer=frozenset({"image"}))
+        assert not caught.value.lasting
+        assert f"s3://{bucket}/ds/a.parquet changed since its rows were planned" in str(caught.value)

@@ -105,7 +105,7 @@ class ImageSource(Source):
 
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
         mine = [f for f in plan.files if f.shard == shard.index]
-        names = {f.name for f in mine}
+        names = {f.name: f for f in mine}
         rows: dict[str, list[str | None]] = {c: [] for c in plan.columns}
         errors: dict[int, str] = {}
         for f in (f for f in mine if f.rows == 1):
@@ -117,7 +117,7 @@ class ImageSource(Source):
             for ext in SIDECARS:
                 if ext[1:] in rows:
                     side = _stem(f.name) + ext
-                    text, error = self._sidecar(plan, side) if side in names else (None, None)
+                    text, error = self._sidecar(plan, names[side]) if side in names else (None, None)
                     rows[ext[1:]].append(text)
                     if error is not None:
                         errors[at] = error
@@ -125,10 +125,10 @@ class ImageSource(Source):
         ids = table.column(self.cfg.id_column or "path").to_pylist()
         return ShardRows(table if columns is None else table.select(columns), ids, errors)
 
-    def _sidecar(self, plan: Plan, name: str) -> tuple[str | None, str | None]:
-        shown = self.place.shown(plan.single, name)
+    def _sidecar(self, plan: Plan, info: FileInfo) -> tuple[str | None, str | None]:
+        shown = self.place.shown(plan.single, info.name)
         try:
-            with self.place.open(plan.single, name) as f:
+            with self.place.open(plan.single, info.name, info) as f:
                 data = f.read(MAX_SIDECAR + 1)
         except Exception as exc:  # noqa: BLE001 - a storage's failure: this row's, the others go on
             return None, f"cannot read the sidecar {shown} ({type(exc).__name__}: {short(exc)})"

@@ -33,9 +33,13 @@ from ..checks import short
 from ..plan import FileInfo
 from ..store import storage_failure
 
-__all__ = ["Place", "Listing"]
+__all__ = ["Place", "Listing", "Changed"]
 
 T = TypeVar("T")
+
+
+class Changed(OSError):
+    """A file is not as its plan recorded it (size or stamp), or changed while it was read."""
 
 
 @dataclass(frozen=True)
@@ -199,13 +203,40 @@ class Place:
         """The OS path of a local file (pyarrow maps it), None for a URL."""
         return None if self.cfg.remote else self.path_of(single, name)
 
-    def open(self, single: bool, name: str) -> BinaryIO:
-        """A file for reading; a missing one raises FileNotFoundError, a storage failure a JobError."""
+    def open(self, single: bool, name: str, expect: FileInfo | None = None) -> BinaryIO:
+        """A file for reading; a missing one raises FileNotFoundError, a storage failure a JobError,
+        one whose size or stamp is not `expect`'s (the plan's) Changed. Locally that is the open
+        file's fstat; in a bucket the object's details the open took anyway (s3fs: the listing's
+        or one HEAD), and s3fs then reads with If-Match on that ETag, so an object replaced later
+        fails its next read (FileExpired) instead of mixing two versions."""
         path = self.path_of(single, name)
         if not self.cfg.remote:
-            return open(path, "rb")
+            f = open(path, "rb")
+            if expect is not None:
+                st = os.fstat(f.fileno())
+                _compare(expect, st.st_size, str(st.st_mtime_ns), path, f)
+            return f
         fs = self.fs
-        return self.call("open", self._url(path), lambda: fs.open(path, "rb"))
+        f = self.call("open", self._url(path), lambda: fs.open(path, "rb"))
+        details = getattr(f, "details", None) if expect is not None else None
+        if expect is not None and isinstance(details, dict):
+            _compare(expect, int(details.get("size") or 0), _stamp(details), self._url(path), f)
+        return f
+
+    def check(self, single: bool, name: str, expect: FileInfo) -> None:
+        """A local file is still as planned (for readers that open it by path themselves)."""
+        path = self.path_of(single, name)
+        st = os.stat(path)
+        _compare(expect, st.st_size, str(st.st_mtime_ns), path, None)
+
+
+def _compare(expect: FileInfo, size: int, stamp: str, shown: str, f: Any) -> None:
+    if size == expect.size and (stamp == expect.stamp or not expect.stamp):
+        return
+    if f is not None:
+        f.close()
+    raise Changed(f"{shown} changed since its rows were planned (size {size} and stamp {stamp}, planned "
+                  f"{expect.size} and {expect.stamp})")
 
 
 def _stamp(info: dict[str, Any]) -> str:

@@ -205,7 +205,7 @@ class WebDatasetSource(FileSource):
         done = 0
         shown = self.place.shown(plan.single, info.name)
         try:
-            with self.place.open(plan.single, info.name) as f:
+            with self.place.open(plan.single, info.name, info) as f:
                 f.seek(shard.start)
                 for sample in _samples(f) if wanted else ():
                     batch.append(sample)
