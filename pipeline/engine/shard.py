@@ -270,14 +270,15 @@ class ShardEngine:
         for shard in shards:
             try:
                 work = await probes.work_for(shard)
-            except Unreadable as exc:  # its rows stay pending (the run says so at its end); the others go on
-                self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")
+                async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
+                    for i, cells in batch:
+                        if not probes.taken(shard, i):  # else a probe sent it ahead
+                            probes.producing(shard, i)
+                            await self.queue.put((work, i, cells))
+            except Unreadable as exc:  # at its open or as its bytes are read again: its rows not queued stay
+                self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")  # pending; the others go on
+                probes.passed(shard)
                 continue
-            async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
-                for i, cells in batch:
-                    if not probes.taken(shard, i):  # else a probe sent it ahead
-                        probes.producing(shard, i)
-                        await self.queue.put((work, i, cells))
             probes.passed(shard)
             work.enqueued = True
             if work.pending == 0:
