@@ -572,6 +572,48 @@ def test_a_binary_column_is_held_as_references_and_its_bytes_streamed_a_batch_at
     assert [(i, c["image"], c["prompt"]) for i, c in got] == [(i, images[i], f"p{i}") for i in (1, 2, 17, 29)]
 
 
+def test_a_feed_cancelled_mid_read_ends_cancelled(tmp_path: Path) -> None:
+    """A stop (Ctrl-C, the breaker, the budget) cancels the producer, perhaps inside Feed.cells'
+    read of a batch in a worker thread. Closing the stream while that thread still runs the
+    generator raised "ValueError: generator already executing" over the CancelledError, and the
+    clean stop became "stopped by a local failure ... internal error" (exit 5 wins). The feed waits
+    for the read in flight, then closes: the cancel is what it ends with."""
+    import asyncio
+    import os
+
+    from pipeline.config import load_job
+    from pipeline.engine.feed import Feed
+    from pipeline.io.manifest import plan_manifest
+    from pipeline.rows.request import request_columns
+
+    n = 192
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "prompt": ["p"] * n,
+                      "image": pa.array([os.urandom(1 << 20) for _ in range(n)], pa.binary())})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=16, compression="none")
+    job = load_job({"name": "t", "input": {"path": str(tmp_path / "m.parquet"), "id_column": "id",
+                                           "image_column": "image", "prompt_column": "prompt"},
+                    "endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+                    "output": {"path": str(tmp_path / "out")}}, require_key=False)
+    plan = plan_manifest(job.input, n)
+    feed = Feed(job, plan, request_columns(job, plan.columns))
+
+    async def scenario() -> BaseException | None:
+        rows = await feed.open(plan.shards[0])
+        cells = feed.cells(plan.shards[0], rows.table, list(range(n)))
+        await cells.__anext__()
+        reading = asyncio.create_task(cells.__anext__())  # the next 64 MB, in a worker thread
+        await asyncio.sleep(0.005)
+        reading.cancel()
+        try:
+            await reading
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    ended = asyncio.run(scenario())
+    assert isinstance(ended, asyncio.CancelledError), f"the cancelled read ended with {ended!r}"
+
+
 # -- any set of files, any shards ----------------------------------------------------------------
 
 

@@ -64,10 +64,12 @@ class Feed:
         if not send:
             return
         stream = shard_batches(self.job.input, self.plan, shard, self.streamed, MEDIA_ROWS)
+        reading: asyncio.Future[pa.Table | None] | None = None
         try:
             first, k = 0, 0
             while k < len(send):
-                batch = await asyncio.to_thread(next, stream, None)
+                reading = asyncio.ensure_future(asyncio.to_thread(next, stream, None))
+                batch = await asyncio.shield(reading)  # a stop cancels this await, never the thread's read
                 if batch is None:
                     break
                 last = first + batch.num_rows
@@ -81,4 +83,8 @@ class Feed:
                     yield [(i, {**a, **b}) for i, a, b in zip(mine, light, heavy)]
                 first = last
         finally:
+            if reading is not None:  # a read cut short by a stop still runs the generator in its thread:
+                await asyncio.wait([reading])  # closing it then would raise "generator already executing"
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: the stop is what this ends with
             await asyncio.to_thread(stream.close)  # type: ignore[attr-defined]
