@@ -104,7 +104,7 @@ class ImageSource(Source):
                     single=listing.single, root=listing.root)
 
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
-        mine = [f for f in plan.files if f.shard == shard.index]
+        mine = plan.files_of(shard.index)
         names = {f.name: f for f in mine}
         rows: dict[str, list[str | None]] = {c: [] for c in plan.columns}
         errors: dict[int, str] = {}
@@ -137,7 +137,7 @@ class ImageSource(Source):
         return data.decode("utf-8", "replace").rstrip("\r\n"), None  # a caption file's last line break is no part of it
 
     def known_ids(self, plan: Plan, shard: Shard) -> list[str] | None:
-        return [f.name for f in plan.files if f.shard == shard.index and f.rows == 1] if self.cfg.id_column is None else None
+        return [f.name for f in plan.files_of(shard.index) if f.rows == 1] if self.cfg.id_column is None else None
 
     def range_digest(self, plan: Plan, shard: Shard) -> str:
         return ""  # a shard's images never grow in number: a digest that differs is an image changed
