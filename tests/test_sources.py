@@ -592,14 +592,19 @@ def test_a_binary_column_is_held_as_references_and_its_bytes_streamed_a_batch_at
     feed = Feed(job, plan, ["image", "prompt"])
     assert feed.streamed == ["image"] and feed.held == ["prompt"]
 
-    async def cells() -> list[tuple[int, dict[str, Any]]]:
-        rows = await feed.open(plan.shards[0])
-        held = rows.table.column("image").to_pylist()  # what the part file gets: references, not bytes
-        assert held == [f"sha256:{hashlib.sha256(images[i]).hexdigest()}" for i in range(30)]
-        return [c async for batch in feed.cells(plan.shards[0], rows.table, [1, 2, 17, 29]) for c in batch]
+    refs = [f"sha256:{hashlib.sha256(images[i]).hexdigest()}" for i in range(30)]
 
-    got = asyncio.run(cells())
-    assert [(i, c["image"], c["prompt"]) for i, c in got] == [(i, images[i], f"p{i}") for i in (1, 2, 17, 29)]
+    async def cells(refer: bool) -> list[tuple[int, dict[str, Any]]]:
+        rows = await feed.open(plan.shards[0])
+        assert rows.table.column("image").null_count == 30  # no bytes read at the open: made as they are sent
+        got = [c async for batch in feed.cells(plan.shards[0], rows.table, [1, 2, 17, 29], refer=refer) for c in batch]
+        held = feed.filled(plan.shards[0], rows.table).column("image").to_pylist()  # what the part file gets
+        assert held == refs, "references, not bytes: from the producer's pass, else read for the part file"
+        return got
+
+    for refer in (True, False):
+        got = asyncio.run(cells(refer))
+        assert [(i, c["image"], c["prompt"]) for i, c in got] == [(i, images[i], f"p{i}") for i in (1, 2, 17, 29)]
 
 
 def test_a_feed_cancelled_mid_read_ends_cancelled(tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ class ShardEngine:
         for shard in shards:
             try:
                 work = await probes.work_for(shard)
-                async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
+                async for batch in self.feed.cells(shard, work.table, work.send, refer=True):  # a batch at a time
                     for i, cells in batch:
                         if not probes.taken(shard, i):  # else a probe sent it ahead
                             probes.producing(shard, i)
@@ -406,7 +406,8 @@ class ShardEngine:
             if self.journal.failure is None:
                 self.journal.close_shard(work.shard.index)
             # else: the journal file holds what could be written; the part is made from that
-            await asyncio.to_thread(commit_shard, self.job, self.ckpt, work.shard, work.table, work.ids, self.labels)
+            await asyncio.to_thread(lambda: commit_shard(self.job, self.ckpt, work.shard, self.feed.filled(
+                work.shard, work.table), work.ids, self.labels))  # the references its pass made from the bytes
             give_back_memory()
 
     async def _commit_partial(self) -> None:

@@ -26,7 +26,8 @@ from .references import holds_bytes, referenced
 from .sources import Listing, ShardRows, Unreadable, decode_schema, heavy_columns, source_for
 
 __all__ = ["Shard", "Plan", "FileInfo", "ShardRows", "Unreadable", "plan_manifest", "current_plan", "read_rows",
-           "read_shard", "shard_batches", "load_plan_dict", "plan_schema", "heavy_columns", "REFER_ROWS"]
+           "read_shard", "shard_batches", "load_plan_dict", "plan_schema", "heavy_columns", "reference_type",
+           "REFER_ROWS"]
 
 _RESTART = "run with --restart (in Python: restart=True) to start over"
 REFER_ROWS = 64  # rows of image bytes read at a time to make their references
@@ -95,10 +96,11 @@ def _range_digest(cfg: InputConfig, old: Plan, new: Plan, shard: Shard) -> str:
 
 
 def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | None = None,
-              refer: frozenset[str] = frozenset()) -> ShardRows:
+              refer: frozenset[str] = frozenset(), defer: bool = False) -> ShardRows:
     """The shard's rows (only `columns`, if given), their ids, and the rows that cannot be read.
     Columns in `refer` that hold image bytes are read a window of rows at a time and held as
-    references (pipeline.io.references): a shard's ids and references, never its bytes.
+    references (pipeline.io.references): a shard's ids and references, never its bytes; with
+    `defer` they are not read (nulls): the caller makes them from the bytes it reads to send.
     A file gone or changed since planning makes every row of the shard one that cannot be read
     (nulls in every column), where the ids are known without the file; else, and when its
     storage fails, this raises Unreadable (the shard waits for the next run)."""
@@ -110,8 +112,9 @@ def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | N
         rows = source.read(plan, shard, [c for c in wanted if c not in refs] if refs else columns)
         held = {c: rows.table.column(c) for c in rows.table.column_names}
         for c in refs:
-            held[c] = pa.chunked_array([referenced(w.column(c)) for w in source.batches(plan, shard, [c], REFER_ROWS)],
-                                       pa.list_(pa.string()) if pa.types.is_list(schema.field(c).type) else pa.string())
+            kind = reference_type(schema.field(c).type)
+            held[c] = pa.chunked_array([pa.nulls(len(rows.ids), kind)] if defer else [
+                referenced(w.column(c)) for w in source.batches(plan, shard, [c], REFER_ROWS)], kind)
         return ShardRows(pa.table({c: held[c] for c in wanted}) if refs else rows.table, rows.ids, rows.errors)
     except Unreadable as exc:
         ids = source.known_ids(plan, shard) if exc.lasting else None
@@ -119,6 +122,11 @@ def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | N
             raise
         table = pa.table({f.name: pa.nulls(len(ids), f.type) for f in (schema.field(c) for c in wanted)})
         return ShardRows(table, ids, dict.fromkeys(range(len(ids)), str(exc)))
+
+
+def reference_type(kind: pa.DataType) -> pa.DataType:
+    """The type a column of image bytes has as references: text, or a list of texts."""
+    return pa.list_(pa.string()) if pa.types.is_list(kind) or pa.types.is_large_list(kind) else pa.string()
 
 
 def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:

@@ -203,12 +203,13 @@ class Place:
         """The OS path of a local file (pyarrow maps it), None for a URL."""
         return None if self.cfg.remote else self.path_of(single, name)
 
-    def open(self, single: bool, name: str, expect: FileInfo | None = None) -> BinaryIO:
+    def open(self, single: bool, name: str, expect: FileInfo | None = None, exact: bool = False) -> BinaryIO:
         """A file for reading; a missing one raises FileNotFoundError, a storage failure a JobError,
         one whose size or stamp is not `expect`'s (the plan's) Changed. Locally that is the open
         file's fstat; in a bucket the object's details the open took anyway (s3fs: the listing's
         or one HEAD), and s3fs then reads with If-Match on that ETag, so an object replaced later
-        fails its next read (FileExpired) instead of mixing two versions."""
+        fails its next read (FileExpired) instead of mixing two versions. `exact`: for a reader that
+        asks for the ranges it needs (pyarrow): no read-ahead (s3fs's fetches 50 MB past a read)."""
         path = self.path_of(single, name)
         if not self.cfg.remote:
             f = open(path, "rb")
@@ -217,7 +218,8 @@ class Place:
                 _compare(expect, st.st_size, str(st.st_mtime_ns), path, f)
             return f
         fs = self.fs
-        f = self.call("open", self._url(path), lambda: fs.open(path, "rb"))
+        options = {"cache_type": "none"} if exact else {}
+        f = self.call("open", self._url(path), lambda: fs.open(path, "rb", **options))
         details = getattr(f, "details", None) if expect is not None else None
         if expect is not None and isinstance(details, dict):
             _compare(expect, int(details.get("size") or 0), _stamp(details), self._url(path), f)

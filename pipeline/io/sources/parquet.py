@@ -142,7 +142,7 @@ class ParquetSource(FileSource):
                 self.place.check(single, name, expect)
             yield pq.ParquetFile(local, buffer_size=_READ_BUFFER, pre_buffer=False)
             return
-        with self.place.open(single, name, expect) as f:
+        with self.place.open(single, name, expect, exact=True) as f:
             yield pq.ParquetFile(f, buffer_size=_READ_BUFFER, pre_buffer=False)
 
     def plan_file(self, info: FileInfo, shard_rows: int, state: PlanState) -> tuple[FileInfo, list[Shard]]:
