@@ -252,25 +252,6 @@ def test_a_file_removed_mid_run_makes_error_rows_or_waits_and_the_job_goes_on(tm
 # -- an old checkpoint ---------------------------------------------------------------------------
 
 
-def _as_version_1(plan_path: Path, manifest: Path) -> None:
-    """plan.json as the version before sources wrote it: the one file's size, mtime and header at
-    the top, no files, shards without their file."""
-    from pipeline.io.sources.parquet import table_digest
-
-    d = json.loads(plan_path.read_text())
-    info = d.pop("files")[0]
-    schema = d.pop("schema")
-    for key in ("single", "version"):
-        d.pop(key)
-    d["size"], d["mtime_ns"] = manifest.stat().st_size, manifest.stat().st_mtime_ns
-    d["header"] = info[4]["header"] if d["format"] == "csv" else schema if d["format"] == "jsonl" else ""
-    for s in d["shards"]:
-        del s["file"]
-        if d["format"] == "parquet":  # version 1 digested a whole shard at once
-            s["digest"] = table_digest(pq.ParquetFile(manifest).read().slice(s["start"], s["end"] - s["start"]))
-    plan_path.write_text(json.dumps(d))
-
-
 def test_a_tar_cut_while_its_shard_is_sent_leaves_that_shard_and_the_job_goes_on(tmp_path: Path,
                                                                                     endpoint_factory) -> None:
     """README (Input, unreadable rows): a file that cannot be read when its shard's turn comes is
@@ -348,26 +329,48 @@ def test_a_file_rewritten_to_the_same_size_after_planning_is_not_read_as_planned
     assert not caught.value.lasting and f"m.{fmt} changed since its rows were planned" in str(caught.value)
 
 
+@pytest.mark.parametrize("touched", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_checkpoint_of_the_version_before_sources_resumes_without_paying_twice(
-        tmp_path: Path, endpoint, capsys, fmt: str) -> None:
-    manifest = tmp_path / f"m.{fmt}"
-    write_part(manifest, 20)
-    job = job_file(tmp_path, manifest.name, endpoint.base_url)
-    assert cli(capsys, "run", str(job))[0] == 0
-    _as_version_1(tmp_path / ".pipeline" / "t" / "plan.json", manifest)
-    code, _, err = cli(capsys, "run", str(job))
-    assert code == 0 and endpoint.stats()["requests"] == 20, err  # the old plan is used as it is
-    rows = read_output(tmp_path / "out-t")
-    assert Counter(r["id"] for r in rows) == Counter(str(i) for i in range(20))  # row numbers, as before
+def test_a_run_of_the_version_before_sources_killed_mid_run_resumes_every_row_once(
+        tmp_path: Path, endpoint, capsys, fmt: str, touched: bool) -> None:
+    """A checkpoint written by the code before sources (commit 2d5af7c: plan.json of version 1,
+    made by tests/fixtures/v1_checkpoint/make.py), whose run was killed with SIGKILL after two
+    shards were committed and two rows of the third journaled, resumed by today's code: the
+    journaled rows are not bought again, the rest are, every row is in the output once with its
+    row-number id. `touched`: the manifest's mtime is not the plan's (a copy, a checkout), so it is
+    planned again and its shards' digests compared as version 1 computed them."""
+    import shutil
 
-    data = [{"image": f"https://images.example/{manifest.name}/{i}.png", "prompt": f"Describe {manifest.name}:{i}"} for i in range(26)]
-    write_rows(manifest, data, fmt)  # rewritten with 6 rows appended
+    folder = tmp_path / fmt
+    shutil.copytree(Path(__file__).parent / "fixtures" / "v1_checkpoint" / fmt, folder)
+    ckpt = folder / ".pipeline" / "t"
+    old = json.loads((ckpt / "plan.json").read_text())
+    assert "files" not in old and "version" not in old and old["mtime_ns"], "the old layout, as it was written"
+    if not touched:
+        os.utime(folder / f"m.{fmt}", ns=(old["mtime_ns"], old["mtime_ns"]))
+    owner = folder / "out" / "_pipeline_job.json"  # names its checkpoint by absolute path: where the copy is
+    owner.write_text(json.dumps({**json.loads(owner.read_text()), "checkpoint": str(ckpt)}))
+    job = folder / "job.toml"
+    job.write_text("\n".join(f'base_url = "{endpoint.base_url}"' if line.startswith("base_url") else line
+                             for line in job.read_text().splitlines()) + "\n")
+    journaled = len((ckpt / "journal" / "shard-000002.jsonl").read_text().splitlines())
+    assert journaled == 2
     code, _, err = cli(capsys, "run", str(job))
     assert code == 0, err
-    assert endpoint.stats()["requests"] == 26, "only the appended rows are sent"
-    assert Counter(r["id"] for r in read_output(tmp_path / "out-t")) == Counter(str(i) for i in range(26))
-    assert json.loads((tmp_path / ".pipeline" / "t" / "plan.json").read_text())["version"] == 2
+    assert endpoint.stats()["requests"] == 20 - 10 - journaled, "only the rows without an answer are bought"
+    assert_answered(read_output(folder / "out"), [str(i) for i in range(20)], prefix=f"m.{fmt}:")
+    assert cli(capsys, "run", str(job))[0] == 0 and endpoint.stats()["requests"] == 8  # done: nothing more
+
+    data = [{"image": f"https://images.example/{i}.png", "prompt": f"Describe m.{fmt}:{i}"} for i in range(26)]
+    if fmt == "parquet":
+        write_rows(folder / f"m.{fmt}", data, fmt)  # rewritten with 6 rows appended
+    else:  # 6 lines appended, written as the file's own
+        with open(folder / f"m.{fmt}", "a") as f:
+            f.writelines(f"{r['image']},{r['prompt']}\n" if fmt == "csv" else json.dumps(r) + "\n" for r in data[20:])
+    code, _, err = cli(capsys, "run", str(job))
+    assert code == 0 and endpoint.stats()["requests"] == 14, err  # only the appended rows
+    assert_answered(read_output(folder / "out"), [str(i) for i in range(26)], prefix=f"m.{fmt}:")
+    assert json.loads((ckpt / "plan.json").read_text())["version"] == 2
 
 
 # -- image folders -------------------------------------------------------------------------------
