@@ -18,7 +18,7 @@ are held whole and turned into Python objects ROWS_PER_BATCH rows (and about BAT
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncGenerator, Iterator
 
 import pyarrow as pa
 
@@ -80,19 +80,19 @@ class Feed:
             async for batch in batches:
                 return batch[0][1]
         finally:
-            await batches.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()
         raise AssertionError(f"row {i} of shard {shard.index} is not there")  # a plan's rows are
 
     async def cells(self, shard: Shard, table: pa.Table, send: list[int],
-                    refer: bool = False) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+                    refer: bool = False) -> AsyncGenerator[list[tuple[int, dict[str, Any]]], None]:
         """The cells of the rows at positions `send` (ascending), a batch at a time; `refer` (the
         producer's pass): the whole shard is read, its references made for `filled`."""
         held = table.select(self.held)
         if not self.streamed:
             step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, held.num_rows) // max(1, held.nbytes)))
             for start in range(0, len(send), step):
-                batch = send[start : start + step]
-                yield list(zip(batch, held.take(pa.array(batch, pa.int64())).to_pylist()))
+                rows = send[start : start + step]
+                yield list(zip(rows, held.take(pa.array(rows, pa.int64())).to_pylist()))
             return
         if not send:
             return
@@ -130,7 +130,7 @@ class Feed:
                 await asyncio.wait([reading])  # closing it then would raise "generator already executing"
                 if not reading.cancelled():
                     reading.exception()  # retrieved: the stop is what this ends with
-            await asyncio.to_thread(stream.close)  # type: ignore[attr-defined]
+            await asyncio.to_thread(stream.close)
 
 
 def _next(stream: Iterator[pa.Table], refer: list[str]) -> tuple[pa.Table, dict[str, pa.ChunkedArray]] | None:

@@ -15,7 +15,7 @@ or files added" from "rows edited" (refused: answers would mismatch). The format
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pyarrow as pa
 
@@ -45,7 +45,7 @@ def current_plan(cfg: InputConfig, shard_rows: int, old: Plan | None) -> tuple[P
     others keep their shards), and rows already planned that changed, or files gone, are refused."""
     source = source_for(cfg, old.format if old is not None and cfg.format is None else None)
     keep = None if old is None or old.single else old.root if old.root is not None else source.place.root(False)
-    listing = source.list(keep)
+    listing = source.listing(keep)
     if old is not None and old.single != listing.single:  # the rows' ids would change: all sent again
         was, now = ("one file", "a set of files") if old.single else ("a set of files", "one file")
         raise JobError(f"[input] path: this job's checkpoint was made from {was} and the path now names {now}; its "
@@ -134,7 +134,7 @@ def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
     return read_rows(cfg, plan, shard).table
 
 
-def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
     """The shard's `columns`, `rows` at a time: byte columns are never held for a whole shard."""
     return source_for(cfg, plan.format, plan.root).batches(plan, shard, columns, rows)
 

@@ -126,7 +126,7 @@ def parse_response(body: Any, api: Api = Api.CHAT) -> Answer:
         if isinstance(field, str) and field.strip():
             reasoning = field.strip()
             break
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = _details(body, "usage")
     finish = choice.get("finish_reason")
     prompt_details = _details(usage, "prompt_tokens_details")
     return Answer(
@@ -170,7 +170,7 @@ def _parse_responses(body: Any) -> Answer:
     details = body.get("incomplete_details")
     reason = details.get("reason") if isinstance(details, dict) else None
     finish = "stop" if status != "incomplete" else reason if isinstance(reason, str) else "incomplete"
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = _details(body, "usage")
     inputs = _details(usage, "input_tokens_details")
     return Answer(
         answer=answer, reasoning=reasoning, prompt_tokens=_int(usage.get("input_tokens")),

@@ -23,13 +23,11 @@ from typing import Any
 
 from ...config import Job
 from ...config.urls import display
-from ...errors import PipelineError
 from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.files import LocalFiles
-from ...rows.images import MB, parse_data_uri
-from ...rows.values import image_values, kind_of
-from ..report.collect import TEXT_CHARS, thumbnail
+from ...rows.images import MB
+from ..report.collect import TEXT_CHARS, image_cells
 from .agreement import agreement, confusion, mean_abs_difference
 
 __all__ = ["Comparison", "collect", "ROW_BYTES"]
@@ -174,27 +172,11 @@ def _sample(rows: list[dict[str, Any]], max_bytes: int) -> tuple[list[int], str 
 
 def _thumbnails(rows: list[dict[str, Any]], sides: list[_Side]) -> None:
     """Each shown row's image cell (from the first job that has the row) as thumbnails or links."""
-    files = [LocalFiles.for_manifest(s.job.input.path, s.job.images.allowed_roots, base=s.job.files_base or s.job.input.local_base)
+    files = [LocalFiles.at(s.job.files_base or s.job.input.local_base, s.job.images.allowed_roots)
              for s in sides]
 
     def images(row: dict[str, Any]) -> list[dict[str, str]]:
-        cell, side = row.pop("image"), sides[row["source"]]
-        try:
-            values = image_values(cell)
-        except PipelineError as exc:
-            return [{"note": str(exc)}]
-        shown: list[dict[str, str]] = []
-        for value in values[:IMAGES_SHOWN]:
-            try:
-                if kind_of(value) == "url":
-                    shown.append({"link": value})
-                    continue
-                data = parse_data_uri(value)[1] if kind_of(value) == "data" else files[row["source"]].read(
-                    value, int(side.job.images.max_source_mb * MB), "image", "over [images] max_source_mb")
-                shown.append({"thumb": thumbnail(data)})
-            except (PipelineError, OSError, ValueError) as exc:
-                shown.append({"note": f"no thumbnail: {exc}"})
-        return shown
+        return image_cells(row.pop("image"), files[row["source"]], sides[row["source"]].job, IMAGES_SHOWN)
 
     with ThreadPoolExecutor(4) as pool:
         for row, got in zip(rows, pool.map(images, rows)):
