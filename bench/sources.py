@@ -130,13 +130,33 @@ def run_sources_bench() -> dict[str, Any]:
         async def go():
             rows = await feed.open(plan.shards[0])
             n = 0
-            async for batch in feed.cells(plan.shards[0], rows.table, list(range(plan.shards[0].rows))):
+            async for batch in feed.cells(plan.shards[0], rows.table, list(range(plan.shards[0].rows)), refer=True):
                 n += sum(len(c["image"]) for _, c in batch)
+            feed.filled(plan.shards[0], rows.table)  # the references, made from the bytes fed
             return n
         t = time.perf_counter(); seen = asyncio.run(go()); fed = time.perf_counter() - t
         out = dict(shard_rows=plan.shards[0].rows, image_mb_fed=seen / 1e6, feed_s=fed)
     """)
-    return {"plan_10m": plan, "plan_10m_with_ids": with_ids, "plan_2gb_images": bytes_plan, "feed_one_shard": feed}
+    image_folder = _measure("""
+        from pipeline.config import InputConfig
+        from pipeline.io.checkpoint import _json
+        from pipeline.io.plan import FileInfo, load_plan_dict
+        from pipeline.io.sources.images import ImageSource
+        from pipeline.io.sources.location import Listing
+        root = Path("/tmp/bench-image-folder"); root.mkdir(exist_ok=True); (root / "a.jpg").write_bytes(b"x")
+        files = [FileInfo(f"cats/{i // 1000:04d}/{i:07d}.jpg", 100_000 + i, str(1712345678901234567 + i * 1000))
+                 for i in range(1_000_000)]  # a listing of a million images, as a bucket prefix gives it
+        source = ImageSource(InputConfig(path=root, format="images"), str(root))
+        t = time.perf_counter(); plan = source.plan(10_000, Listing(False, files, {}, str(root))); planned = time.perf_counter() - t
+        t = time.perf_counter(); data = _json(plan.to_dict()); written = time.perf_counter() - t
+        t = time.perf_counter(); plan = load_plan_dict(json.loads(data)); loaded = time.perf_counter() - t
+        source.read(plan, plan.shards[0])
+        t = time.perf_counter(); source.read(plan, plan.shards[50]); read = time.perf_counter() - t
+        out = dict(images=len(files), plan_s=planned, plan_json_mb=len(data) / 1e6, write_s=written, load_s=loaded,
+                   shard_read_s=read)
+    """)
+    return {"plan_10m": plan, "plan_10m_with_ids": with_ids, "plan_2gb_images": bytes_plan, "feed_one_shard": feed,
+            "plan_1m_image_folder": image_folder}
 
 
 def target_line(r: dict[str, Any]) -> str:
@@ -145,4 +165,6 @@ def target_line(r: dict[str, Any]) -> str:
             f"(listing {p['listing_s']:.2f}s), peak RSS {p['peak_rss_mb']:.0f} MB ({p['imports_rss_mb']:.0f} after imports); "
             f"unchanged rerun {p['rerun_s']:.2f}s; with ids {i['plan_s']:.1f}s, {i['peak_rss_mb']:.0f} MB; "
             f"{b['gb']:.1f} GB of images planned in {b['plan_s']:.1f}s at {b['peak_rss_mb']:.0f} MB; one shard of "
-            f"{f['shard_rows']:,} images fed in {f['feed_s']:.1f}s at {f['peak_rss_mb']:.0f} MB peak")
+            f"{f['shard_rows']:,} images fed in {f['feed_s']:.1f}s at {f['peak_rss_mb']:.0f} MB peak"
+            + (f"; an image folder of {g['images']:,}: plan.json {g['plan_json_mb']:.1f} MB, a shard read in "
+               f"{g['shard_read_s'] * 1000:.0f} ms" if (g := r.get("plan_1m_image_folder")) else ""))

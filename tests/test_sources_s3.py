@@ -217,3 +217,130 @@ def test_storage_problems_at_planning_are_one_line_without_secrets(tmp_path: Pat
                                                    for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".toml")
     assert endpoint.stats()["requests"] == 0
     assert read_output(tmp_path / "out-j0") == []  # nothing written either
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_an_object_replaced_after_planning_is_not_read_under_the_old_plan(tmp_path: Path, aws: S3, listed: bool) -> None:
+    """An object changed between planning and sending is never read as its planned rows: its
+    shard waits (Unreadable, not lasting), and the next run's planning tells an object rewritten
+    as it was (sent) from one edited (refused). In the process that listed the bucket, s3fs reads
+    with If-Match on the listed ETag (no HEAD); a process that did not list it (a Ray worker)
+    compares the HEAD its open makes with the plan's ETag."""
+    from pipeline.io.manifest import Unreadable
+    from pipeline.io.sources.location import Place
+
+    bucket = aws.new_bucket()
+    put_part(aws, f"{bucket}/ds/a.parquet", 8)
+    cfg = InputConfig(path=f"s3://{bucket}/ds/", format="parquet", id_column=None)
+    plan = plan_manifest(cfg, 4)
+    put_part(aws, f"{bucket}/ds/a.parquet", 8, tag="edited ")  # as many rows: only its stamp tells
+    if not listed:
+        Place(cfg).fs.invalidate_cache()
+    for shard in plan.shards:
+        with pytest.raises(Unreadable) as caught:
+            read_rows(cfg, plan, shard, refer=frozenset({"image"}))
+        assert not caught.value.lasting
+        assert f"s3://{bucket}/ds/a.parquet changed since its rows were planned" in str(caught.value)
+
+
+class _CountingS3:
+    """A real HTTP reverse proxy in front of moto that counts what a run asks of the bucket: GETs
+    of objects and the bytes they carry (what egress a bucket bills)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.gets = 0
+        self.bytes = 0
+        self.lock = threading.Lock()
+        outer, target = self, urllib.parse.urlsplit(upstream)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
+                resp = conn.getresponse()
+                data = resp.read()
+                if self.command == "GET" and "?" not in self.path.split("/", 2)[-1]:  # an object, not a listing
+                    with outer.lock:
+                        outer.gets += 1
+                        outer.bytes += len(data)
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward  # noqa: N815
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_a_run_reads_a_bucket_shards_image_bytes_once(tmp_path: Path, endpoint, aws: S3, fmt: str, capsys) -> None:
+    """A bucket bills every byte it sends: besides planning (which digests every shard), a run
+    reads a shard's image bytes once, as they are sent, the references its part file holds made
+    from those same bytes (before: once more for the references at the shard's open, and s3fs's
+    read-ahead fetched a Parquet object whole for its light columns). A tar is read twice: its
+    keys and captions at the shard's open, then its images as sent (before: three times)."""
+    from test_sources import _jpeg
+
+    bucket = aws.new_bucket()
+    images = [_jpeg(i) + bytes([i]) * 200_000 for i in range(12)]  # what a 200 kB photo costs to read
+    if fmt == "parquet":
+        table = pa.table({"image": pa.array(images, pa.binary()), "prompt": [f"Describe {i}" for i in range(12)]})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=4, compression="none")
+        aws.fs().pipe(f"{bucket}/ds/part.parquet", buf.getvalue())
+        over: dict[str, Any] = {"format": "parquet", "image_column": "image"}
+        request: dict[str, Any] = {}
+    else:
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, data in enumerate(images):
+                for name, value in ((f"{i:03d}.jpg", data), (f"{i:03d}.txt", f"caption {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(value)
+                    tar.addfile(info, io.BytesIO(value))
+        aws.fs().pipe(f"{bucket}/ds/part.tar", buf.getvalue())
+        over, request = {"format": "webdataset", "image_column": None, "prompt_column": None}, {"prompt": "Is this {txt}?"}
+    size = len(buf.getvalue())
+    proxy = _CountingS3(aws.url)
+    try:
+        options = {"endpoint_url": proxy.url}
+        plan_manifest(InputConfig(path=f"s3://{bucket}/ds/", storage_options=options, **{**over, "image_column": "image"}), 12)
+        planning, proxy.bytes, proxy.gets = proxy.bytes, 0, 0
+        job = job_file(tmp_path, f"s3://{bucket}/ds/", endpoint.base_url, run={"shard_rows": 12},
+                       input={**over, "storage_options": options}, **({"request": request} if request else {}))
+        code, _, err = cli(capsys, "run", str(job))
+    finally:
+        proxy.close()
+    assert code == 0, err
+    rows = read_output(tmp_path / "out-t")
+    assert len(rows) == 12 and all(r["image"].startswith("sha256:") for r in rows)
+    sending = proxy.bytes - planning
+    print(f"{fmt}: {size} bytes; planning read {planning}, the run {proxy.bytes} in {proxy.gets} GETs: "
+          f"{sending / size:.2f}x the object besides planning")
+    assert sending < (2.3 if fmt == "webdataset" else 1.3) * size, (planning, proxy.bytes, size)

@@ -247,3 +247,36 @@ def test_open_store_tells_a_folder_from_a_url(tmp_path: Path) -> None:
     assert remote.where("part-000000.parquet") == "s3://bucket/out/part-000000.parquet"
     assert remote.make() is False  # a bucket has no folders to make
     assert LocalStore(tmp_path / "new").make() is True and LocalStore(tmp_path / "new").make() is False
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from pipeline.io.durable import create_exclusive
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+try:
+    create_exclusive(Path(sys.argv[1]), b"x" * 5000)
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_create_that_fails_part_way_leaves_no_file_and_the_next_create_succeeds(tmp_path: Path) -> None:
+    """A conditional create whose write fails (a full disk here; a kill is the same) must not leave
+    an empty or partial file under the name: the owner marker would be there, empty, and every
+    later run refused as damaged. The data goes to a temporary name and is linked into place."""
+    import errno
+
+    from pipeline.io.durable import create_exclusive
+
+    path = tmp_path / "owner.json"
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == str(errno.EFBIG), out.stdout + out.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing under the name, no temporary file left"
+    create_exclusive(path, b'{"owner": 1}')
+    assert path.read_bytes() == b'{"owner": 1}'
+    with pytest.raises(FileExistsError):
+        create_exclusive(path, b'{"owner": 2}')
+    assert path.read_bytes() == b'{"owner": 1}' and [p.name for p in tmp_path.iterdir()] == ["owner.json"]

@@ -7,21 +7,34 @@
 
 A media column holding image bytes (a Parquet binary column, HF's Image struct, a WebDataset's
 image) is held as its references (what the part file will hold: pipeline.io.references), read a
-window of rows at a time; the bytes a request needs are read again as its rows are queued,
-MEDIA_ROWS at a time, so memory holds a batch of images, never a shard of them. With `[output]
-keep_media` the part file holds the bytes, so they are held with the shard. Other columns are
-held whole and turned into Python objects ROWS_PER_BATCH rows (and about BATCH_BYTES) at a time.
+window of rows at a time; the bytes a request needs are read as its rows are queued, MEDIA_ROWS
+at a time, so memory holds a batch of images, never a shard of them. The producer's pass makes
+the references from those same bytes (`filled` puts them in the table the part file is made from),
+so a bucket bills a shard's image bytes once, not once for references and once to send. With
+`[output] keep_media` the part file holds the bytes, so they are held with the shard. Other columns
+are held whole and turned into Python objects ROWS_PER_BATCH rows (and about BATCH_BYTES) at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncGenerator
+from typing import Any, AsyncGenerator, Iterator
 
 import pyarrow as pa
 
 from ..config import Job
-from ..io.manifest import Plan, Shard, ShardRows, heavy_columns, plan_schema, read_rows, shard_batches
+from ..io.manifest import (
+    Plan,
+    Shard,
+    ShardRows,
+    Unreadable,
+    heavy_columns,
+    plan_schema,
+    read_rows,
+    reference_type,
+    shard_batches,
+)
+from ..io.references import referenced
 from .commit import media_columns
 
 __all__ = ["Feed", "ROWS_PER_BATCH", "BATCH_BYTES", "MEDIA_ROWS"]
@@ -37,10 +50,28 @@ class Feed:
         self.refer = frozenset(media_columns(job)) & frozenset(heavy_columns(plan_schema(plan)))
         self.held = [c for c in columns if c not in self.refer]  # request columns held with the shard
         self.streamed = [c for c in columns if c in self.refer]  # ... and those read a batch at a time
+        self.defer = bool(self.streamed)  # references made as the bytes are read to send
+        self.made: dict[int, dict[str, pa.ChunkedArray]] = {}  # shard -> its references, made by its pass
 
     async def open(self, shard: Shard) -> ShardRows:
-        """The shard's columns (media bytes as references), ids and unreadable rows (raises Unreadable)."""
-        return await asyncio.to_thread(read_rows, self.job.input, self.plan, shard, None, self.refer)
+        """The shard's columns (media bytes as references, or nulls until its pass makes them), ids
+        and unreadable rows (raises Unreadable)."""
+        return await asyncio.to_thread(read_rows, self.job.input, self.plan, shard, None, self.refer, self.defer)
+
+    def filled(self, shard: Shard, table: pa.Table) -> pa.Table:
+        """The shard's table with its references, for its part file: those its pass made, else (a
+        stop cut the pass short, no row was sent) read now. Blocking."""
+        made = self.made.pop(shard.index, None)
+        if not self.defer:
+            return table
+        if made is None:
+            try:
+                made = {c: read_rows(self.job.input, self.plan, shard, [c], self.refer).table.column(c) for c in self.refer}
+            except Unreadable:  # gone since it was sent: the answers are kept, their references left null
+                return table
+        for c, column in made.items():
+            table = table.set_column(table.schema.get_field_index(c), c, column)
+        return table
 
     async def one(self, shard: Shard, table: pa.Table, i: int) -> dict[str, Any]:
         """The cells of row `i` alone (a probe's row, ahead of the producer)."""
@@ -52,8 +83,10 @@ class Feed:
             await batches.aclose()
         raise AssertionError(f"row {i} of shard {shard.index} is not there")  # a plan's rows are
 
-    async def cells(self, shard: Shard, table: pa.Table, send: list[int]) -> AsyncGenerator[list[tuple[int, dict[str, Any]]], None]:
-        """The cells of the rows at positions `send` (ascending), a batch at a time."""
+    async def cells(self, shard: Shard, table: pa.Table, send: list[int],
+                    refer: bool = False) -> AsyncGenerator[list[tuple[int, dict[str, Any]]], None]:
+        """The cells of the rows at positions `send` (ascending), a batch at a time; `refer` (the
+        producer's pass): the whole shard is read, its references made for `filled`."""
         held = table.select(self.held)
         if not self.streamed:
             step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, held.num_rows) // max(1, held.nbytes)))
@@ -63,13 +96,21 @@ class Feed:
             return
         if not send:
             return
-        stream = shard_batches(self.job.input, self.plan, shard, self.streamed, MEDIA_ROWS)
+        refer = refer and self.defer
+        made: dict[str, list[pa.Array]] = {c: [] for c in self.refer} if refer else {}
+        read = [c for c in self.plan.columns if c in self.refer] if refer else self.streamed
+        stream = shard_batches(self.job.input, self.plan, shard, read, MEDIA_ROWS)
+        reading: asyncio.Future[tuple[pa.Table, dict[str, pa.ChunkedArray]] | None] | None = None
         try:
             first, k = 0, 0
-            while k < len(send):
-                batch = await asyncio.to_thread(next, stream, None)
-                if batch is None:
+            while k < len(send) or refer:
+                reading = asyncio.ensure_future(asyncio.to_thread(_next, stream, list(made)))
+                got = await asyncio.shield(reading)  # a stop cancels this await, never the thread's read
+                if got is None:
                     break
+                batch, refs = got
+                for c, column in refs.items():
+                    made[c] += column.chunks
                 last = first + batch.num_rows
                 mine = []
                 while k < len(send) and send[k] < last:
@@ -77,8 +118,22 @@ class Feed:
                     k += 1
                 if mine:
                     light = held.take(pa.array(mine, pa.int64())).to_pylist()
-                    heavy = batch.take(pa.array([i - first for i in mine], pa.int64())).to_pylist()
+                    heavy = batch.select(self.streamed).take(pa.array([i - first for i in mine], pa.int64())).to_pylist()
                     yield [(i, {**a, **b}) for i, a, b in zip(mine, light, heavy)]
                 first = last
+            if refer and first == table.num_rows:
+                schema = plan_schema(self.plan)
+                self.made[shard.index] = {c: pa.chunked_array(chunks, reference_type(schema.field(c).type))
+                                          for c, chunks in made.items()}
         finally:
+            if reading is not None:  # a read cut short by a stop still runs the generator in its thread:
+                await asyncio.wait([reading])  # closing it then would raise "generator already executing"
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: the stop is what this ends with
             await asyncio.to_thread(stream.close)
+
+
+def _next(stream: Iterator[pa.Table], refer: list[str]) -> tuple[pa.Table, dict[str, pa.ChunkedArray]] | None:
+    """The stream's next batch and the references of its `refer` columns (hashed in this thread)."""
+    batch = next(stream, None)
+    return None if batch is None else (batch, {c: referenced(batch.column(c)) for c in refer})

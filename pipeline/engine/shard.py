@@ -271,19 +271,19 @@ class ShardEngine:
         for shard in shards:
             try:
                 work = await probes.work_for(shard)
-            except Unreadable as exc:  # its rows stay pending (the run says so at its end); the others go on
-                self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")
-                continue
-            async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
-                for i, cells in batch:
-                    await probes.hold()  # while a verdict waits for the probes: no more rows refused alike
-                    if not probes.taken(shard, i):  # else a probe sent it ahead
-                        probes.producing(shard, i)
-                        await self.queue.put((work, i, cells))
+                async for batch in self.feed.cells(shard, work.table, work.send, refer=True):  # a batch at a time
+                    for i, cells in batch:
+                        await probes.hold()  # while a verdict waits for the probes: no more rows refused alike
+                        if not probes.taken(shard, i):  # else a probe sent it ahead
+                            probes.producing(shard, i)
+                            await self.queue.put((work, i, cells))
+            except Unreadable as exc:  # at its open or as its bytes are read again: its rows not queued stay
+                self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")  # pending; the others go on
+            else:
+                work.enqueued = True
+                if self.book.complete(shard.index):
+                    _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
             probes.passed(shard)
-            work.enqueued = True
-            if self.book.complete(shard.index):
-                _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
         await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
@@ -394,7 +394,8 @@ class ShardEngine:
             if self.work.get(work.shard.index) is not work:
                 return
             del self.work[work.shard.index]
-            await self.book.commit(work.shard, ShardRows(work.table, work.ids, {}))
+            filled = await asyncio.to_thread(self.feed.filled, work.shard, work.table)  # the references its pass made
+            await self.book.commit(work.shard, ShardRows(filled, work.ids, {}))
             give_back_memory()
 
     async def _commit_partial(self) -> None:

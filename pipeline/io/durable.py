@@ -22,6 +22,7 @@ these; an object store has none of them (no append, no fsync, no flock).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -116,18 +117,41 @@ def atomic_write(path: Path, data: bytes | Callable[[IO[bytes]], object], *, dig
 
 
 def create_exclusive(path: Path, data: bytes) -> None:
-    """Create `path` with `data` only if no file has that name (FileExistsError otherwise): O_EXCL
-    decides between two processes creating it at once."""
+    """Create `path` with `data` only if no file has that name (FileExistsError otherwise). The
+    data is written and fsynced under a temporary name first, then linked into place (link fails
+    with EEXIST: it decides between two processes creating it at once), so a kill or a full disk
+    never leaves `path` empty: an empty owner file would refuse every later run as damaged."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except OSError as exc:  # a filesystem without hard links: O_EXCL, written in place
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            _create_in_place(path, data)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise named(exc, path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _create_in_place(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         write_all(fd, data)
         os.fsync(fd)
-    except OSError as exc:
-        raise named(exc, path) from None
     finally:
         os.close(fd)
-    fsync_dir(path.parent)
 
 
 def open_append(path: Path) -> int:
@@ -178,6 +202,11 @@ def read_lines(path: Path, *, repair: bool = False, exclusive: bool = False) -> 
         data = f.read()
         end = data.rfind(b"\n") + 1
         if repair and end < len(data):
-            os.truncate(path, end)
+            try:
+                os.truncate(path, end)
+            except OSError as exc:  # a reader that cannot write (status on a read-only checkpoint)
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                return data[:end]  # ... cannot append either: the tail stays, harmless
             os.fsync(f.fileno())
     return data[:end]

@@ -14,7 +14,8 @@ of pipeline.io.durable) before the step it records is built upon; the checkpoint
 the folder of batch files. A crash between a provider call and its record is what resume must
 allow for: a file uploaded but not recorded is uploaded again (files cost nothing), and a batch
 created but not recorded is found again by its name in the batch's metadata, never created twice
-(pipeline.engine.batch). A torn last line (a crash mid-append) is skipped.
+(pipeline.engine.batch). A torn last line (a crash mid-append) is cut when the ledger is next read
+(under the appenders' flock: only a dead writer's), so the next record starts on its own line.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Ledger:
         self._folded: dict[str, Batch] | None = None  # read once; each append is folded in as written
 
     def _append(self, record: dict[str, Any]) -> None:
-        self.store.append(self.name, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        self.store.append(self.name, (json.dumps(record, ensure_ascii=False) + "\n").encode(), exclusive=True)
         if self._folded is not None:
             _fold(self._folded, record)
 
@@ -87,7 +88,7 @@ class Ledger:
         once; the ledger's own appends keep the fold current (one run holds the job's lock)."""
         if self._folded is None:
             self._folded = {}
-            lines = (self.store.read_lines(self.name) or b"").splitlines()
+            lines = (self.store.read_lines(self.name, repair=True, exclusive=True) or b"").splitlines()
             for line in lines:
                 try:
                     _fold(self._folded, json.loads(line))

@@ -26,7 +26,8 @@ from .references import holds_bytes, referenced
 from .sources import Listing, ShardRows, Unreadable, decode_schema, heavy_columns, source_for
 
 __all__ = ["Shard", "Plan", "FileInfo", "ShardRows", "Unreadable", "plan_manifest", "current_plan", "read_rows",
-           "read_shard", "shard_batches", "load_plan_dict", "plan_schema", "heavy_columns", "REFER_ROWS"]
+           "read_shard", "shard_batches", "load_plan_dict", "plan_schema", "heavy_columns", "reference_type",
+           "REFER_ROWS"]
 
 _RESTART = "run with --restart (in Python: restart=True) to start over"
 REFER_ROWS = 64  # rows of image bytes read at a time to make their references
@@ -43,7 +44,8 @@ def current_plan(cfg: InputConfig, shard_rows: int, old: Plan | None) -> tuple[P
     listing is read when no file changed; else the files added or changed are planned (the
     others keep their shards), and rows already planned that changed, or files gone, are refused."""
     source = source_for(cfg, old.format if old is not None and cfg.format is None else None)
-    listing = source.listing()
+    keep = None if old is None or old.single else old.root if old.root is not None else source.place.root(False)
+    listing = source.listing(keep)
     if old is not None and old.single != listing.single:  # the rows' ids would change: all sent again
         was, now = ("one file", "a set of files") if old.single else ("a set of files", "one file")
         raise JobError(f"[input] path: this job's checkpoint was made from {was} and the path now names {now}; its "
@@ -66,7 +68,7 @@ def _same_files(old: Plan, listing: Listing) -> bool:
 
 def _check_append_only(cfg: InputConfig, old: Plan, new: Plan) -> None:
     """Rows already planned must be unchanged: rows may only be appended, files only added."""
-    source = source_for(cfg, new.format)
+    source = source_for(cfg, new.format, new.root)
     names = {f.name for f in new.files}
     if not old.single:
         for f in old.files:
@@ -89,19 +91,20 @@ def _check_append_only(cfg: InputConfig, old: Plan, new: Plan) -> None:
 
 def _range_digest(cfg: InputConfig, old: Plan, new: Plan, shard: Shard) -> str:
     """The digest the old shard's range has in the source now, computed as `old` computed it."""
-    source = source_for(cfg, new.format)
+    source = source_for(cfg, new.format, new.root)
     return source.range_digest(old, shard)
 
 
 def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | None = None,
-              refer: frozenset[str] = frozenset()) -> ShardRows:
+              refer: frozenset[str] = frozenset(), defer: bool = False) -> ShardRows:
     """The shard's rows (only `columns`, if given), their ids, and the rows that cannot be read.
     Columns in `refer` that hold image bytes are read a window of rows at a time and held as
-    references (pipeline.io.references): a shard's ids and references, never its bytes.
+    references (pipeline.io.references): a shard's ids and references, never its bytes; with
+    `defer` they are not read (nulls): the caller makes them from the bytes it reads to send.
     A file gone or changed since planning makes every row of the shard one that cannot be read
     (nulls in every column), where the ids are known without the file; else, and when its
     storage fails, this raises Unreadable (the shard waits for the next run)."""
-    source = source_for(cfg, plan.format)
+    source = source_for(cfg, plan.format, plan.root)
     wanted = plan.columns if columns is None else columns
     schema = plan_schema(plan)
     refs = [c for c in wanted if c in refer and holds_bytes(schema.field(c).type)]
@@ -109,8 +112,9 @@ def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | N
         rows = source.read(plan, shard, [c for c in wanted if c not in refs] if refs else columns)
         held = {c: rows.table.column(c) for c in rows.table.column_names}
         for c in refs:
-            held[c] = pa.chunked_array([referenced(w.column(c)) for w in source.batches(plan, shard, [c], REFER_ROWS)],
-                                       pa.list_(pa.string()) if pa.types.is_list(schema.field(c).type) else pa.string())
+            kind = reference_type(schema.field(c).type)
+            held[c] = pa.chunked_array([pa.nulls(len(rows.ids), kind)] if defer else [
+                referenced(w.column(c)) for w in source.batches(plan, shard, [c], REFER_ROWS)], kind)
         return ShardRows(pa.table({c: held[c] for c in wanted}) if refs else rows.table, rows.ids, rows.errors)
     except Unreadable as exc:
         ids = source.known_ids(plan, shard) if exc.lasting else None
@@ -120,6 +124,11 @@ def read_rows(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str] | N
         return ShardRows(table, ids, dict.fromkeys(range(len(ids)), str(exc)))
 
 
+def reference_type(kind: pa.DataType) -> pa.DataType:
+    """The type a column of image bytes has as references: text, or a list of texts."""
+    return pa.list_(pa.string()) if pa.types.is_list(kind) or pa.types.is_large_list(kind) else pa.string()
+
+
 def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
     """The shard's rows as a table; CSV cells stay strings exactly as written (ids like "007")."""
     return read_rows(cfg, plan, shard).table
@@ -127,7 +136,7 @@ def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
 
 def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
     """The shard's `columns`, `rows` at a time: byte columns are never held for a whole shard."""
-    return source_for(cfg, plan.format).batches(plan, shard, columns, rows)
+    return source_for(cfg, plan.format, plan.root).batches(plan, shard, columns, rows)
 
 
 def plan_schema(plan: Plan) -> pa.Schema:

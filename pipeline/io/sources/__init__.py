@@ -25,9 +25,9 @@ SOURCES: dict[str, type[Source]] = {s.format: s for s in (CsvSource, JsonlSource
                                                           WebDatasetSource)}
 
 
-def source_for(cfg: InputConfig, fmt: str | None = None) -> Source:
+def source_for(cfg: InputConfig, fmt: str | None = None, root: str | None = None) -> Source:
     """The source of `cfg` in format `fmt` (default: the job's; one the path does not tell is
-    found by listing the files: they must all be of one format)."""
+    found by listing the files: they must all be of one format); `root`: a plan's."""
     fmt = fmt or cfg.format
     if fmt is None:
         fmt = _infer(cfg)
@@ -35,7 +35,7 @@ def source_for(cfg: InputConfig, fmt: str | None = None) -> Source:
             raise JobError(f'[input] format: {cfg.display} holds {fmt}; set format = "{fmt}" (each '
                            f'{"image" if fmt == "images" else "sample"} is then a row, its image in the column '
                            f'"{IMAGE_COLUMN}")')
-    return SOURCES[fmt](cfg if cfg.format == fmt else replace(cfg, format=fmt))
+    return SOURCES[fmt](cfg if cfg.format == fmt else replace(cfg, format=fmt), root)
 
 
 def _infer(cfg: InputConfig) -> str:

@@ -31,7 +31,7 @@ from ...errors import JobError
 from ..checks import IdCheck, Problems
 from ..plan import FileInfo, Plan, Shard
 from ..references import holds_bytes
-from .location import Listing, Place
+from .location import Changed, Listing, Place
 
 __all__ = ["Source", "FileSource", "ShardRows", "Unreadable", "PlanState", "heavy_columns", "encode_schema",
            "decode_schema", "check_columns"]
@@ -44,9 +44,10 @@ class ShardRows(NamedTuple):
 
 
 class Unreadable(Exception):
-    """A shard's file cannot be read now. `lasting`: it is gone or changed (its rows become error
-    rows where their ids are known without it); else its storage failed (the shard waits for
-    the next run)."""
+    """A shard's file cannot be read now. `lasting`: it is gone (its rows become error rows where
+    their ids are known without it); else its storage failed, or it changed since planning (the
+    shard waits for the next run, whose planning tells a file touched or appended to, sent, from
+    one edited, refused)."""
 
     def __init__(self, message: str, lasting: bool = True) -> None:
         super().__init__(message)
@@ -56,6 +57,10 @@ class Unreadable(Exception):
     def of(cls, shown: str, exc: BaseException) -> Unreadable:
         """A failure to open or read a file: lasting when it is not there any more."""
         text = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        if isinstance(exc, Changed):  # waits: the next run plans it again (same digests: sent; else refused)
+            return cls(str(exc), lasting=False)
+        if type(exc).__name__ == "FileExpired":  # s3fs: the object was replaced since the ETag it reads by
+            return cls(f"{shown} changed since its rows were planned (the object was replaced)", lasting=False)
         return cls(f"{shown} cannot be read ({text})", lasting=isinstance(exc, FileNotFoundError))
 
 
@@ -109,15 +114,15 @@ class Source:
     format: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: InputConfig) -> None:
+    def __init__(self, cfg: InputConfig, root: str | None = None) -> None:
         self.cfg = cfg
-        self.place = Place(cfg)
+        self.place = Place(cfg, root)
 
     def accept(self, name: str) -> bool:
         return name.lower().endswith(self.suffixes)
 
-    def listing(self) -> Listing:
-        listing = self.place.listing(self.accept)
+    def listing(self, keep: str | None = None) -> Listing:
+        listing = self.place.listing(self.accept, keep)
         if not listing.files:
             what = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items())) or "no files"
             raise JobError(f"[input] path: {self.cfg.display} holds no {self.format} files ({'.'.join(self.suffixes[:1])} "
@@ -183,7 +188,7 @@ class FileSource(Source):
                shards: list[Shard]) -> Plan:
         schema = state.schema if state.schema is not None else pa.schema([])
         return Plan(self.format, shard_rows, schema.names, shards, files, encode_schema(schema), state.max_record,
-                    checked=True, single=listing.single)
+                    checked=True, single=listing.single, root=listing.root)
 
     def plan(self, shard_rows: int, listing: Listing | None = None, previous: Plan | None = None) -> Plan:
         listing = listing if listing is not None else self.listing()

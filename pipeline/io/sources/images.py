@@ -50,8 +50,8 @@ class ImageSource(Source):
     format = "images"
     suffixes = IMAGE_SUFFIXES + SIDECARS
 
-    def listing(self) -> Listing:
-        listing = super().listing()
+    def listing(self, keep: str | None = None) -> Listing:
+        listing = super().listing(keep)
         if not any(_is_image(f.name) for f in listing.files):
             raise JobError(
                 f"[input] path: {self.cfg.display} holds no images (.jpg, .jpeg, .png, .webp or .gif); point path at them")
@@ -103,11 +103,11 @@ class ImageSource(Source):
         files.sort(key=lambda f: f.name)
         schema = pa.schema([(c, pa.string()) for c in columns])
         return Plan(self.format, shard_rows, columns, shards, files, encode_schema(schema), checked=True,
-                    single=listing.single)
+                    single=listing.single, root=listing.root)
 
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
-        mine = [f for f in plan.files if f.shard == shard.index]
-        names = {f.name for f in mine}
+        mine = plan.files_of(shard.index)
+        names = {f.name: f for f in mine}
         rows: dict[str, list[str | None]] = {c: [] for c in plan.columns}
         errors: dict[int, str] = {}
         for f in (f for f in mine if f.rows == 1):
@@ -119,7 +119,7 @@ class ImageSource(Source):
             for ext in SIDECARS:
                 if ext[1:] in rows:
                     side = _stem(f.name) + ext
-                    text, error = self._sidecar(plan, side) if side in names else (None, None)
+                    text, error = self._sidecar(plan, names[side]) if side in names else (None, None)
                     rows[ext[1:]].append(text)
                     if error is not None:
                         errors[at] = error
@@ -127,10 +127,10 @@ class ImageSource(Source):
         ids = [str(v) for v in table.column(self.cfg.id_column or "path").to_pylist()]  # checked at planning: none missing
         return ShardRows(table if columns is None else table.select(columns), ids, errors)
 
-    def _sidecar(self, plan: Plan, name: str) -> tuple[str | None, str | None]:
-        shown = self.place.shown(plan.single, name)
+    def _sidecar(self, plan: Plan, info: FileInfo) -> tuple[str | None, str | None]:
+        shown = self.place.shown(plan.single, info.name)
         try:
-            with self.place.open(plan.single, name) as f:
+            with self.place.open(plan.single, info.name, info) as f:
                 data = f.read(MAX_SIDECAR + 1)
         except Exception as exc:  # noqa: BLE001 - a storage's failure: this row's, the others go on
             return None, f"cannot read the sidecar {shown} ({type(exc).__name__}: {short(exc)})"
@@ -139,7 +139,7 @@ class ImageSource(Source):
         return data.decode("utf-8", "replace").rstrip("\r\n"), None  # a caption file's last line break is no part of it
 
     def known_ids(self, plan: Plan, shard: Shard) -> list[str] | None:
-        return [f.name for f in plan.files if f.shard == shard.index and f.rows == 1] if self.cfg.id_column is None else None
+        return [f.name for f in plan.files_of(shard.index) if f.rows == 1] if self.cfg.id_column is None else None
 
     def range_digest(self, plan: Plan, shard: Shard) -> str:
         return ""  # a shard's images never grow in number: a digest that differs is an image changed

@@ -9,8 +9,10 @@ A path that names one file is a one-file source (`single`): its rows keep the id
 sources existed (row numbers). Anything else (a folder, a glob, a list) is read as a set of files
 named relative to a root: the folder, the fixed part of the glob, or the folder a list's items
 share. In a folder, names starting with "." or "_" are skipped as pyarrow.dataset skips them
-(`_SUCCESS`, `.crc` files, `_delta_log/`). The root is found from the path's text alone, so a Ray
-worker reading one shard lists nothing.
+(`_SUCCESS`, `.crc` files, `_delta_log/`). The plan records its root (`Listing.root`) and later
+listings keep it: a list item added from another folder must not rename (and so re-id) the files
+planned before, so a file outside that root is named by its way there, "../2026-11/p.csv".
+Reading a planned shard takes the plan's root (`Place(cfg, root)`), so a Ray worker lists nothing.
 
 A storage backend's failure (a missing bucket, refused credentials, an endpoint that does not
 answer) becomes one JobError line with every secret scrubbed (pipeline.io.storage).
@@ -31,9 +33,13 @@ from ..checks import short
 from ..plan import FileInfo
 from ..store import storage_failure
 
-__all__ = ["Place", "Listing"]
+__all__ = ["Place", "Listing", "Changed"]
 
 T = TypeVar("T")
+
+
+class Changed(OSError):
+    """A file is not as its plan recorded it (size or stamp), or changed while it was read."""
 
 
 @dataclass(frozen=True)
@@ -41,14 +47,16 @@ class Listing:
     single: bool  # the path names one file
     files: list[FileInfo]  # sorted by name
     skipped: dict[str, int]  # suffix -> files of the folder not taken (the format reads other files)
+    root: str | None = None  # what names are relative to (None: a one-file source)
 
 
 class Place:
     """The files of an `[input]`: listed, opened, and the errors of their storage named once."""
 
-    def __init__(self, cfg: InputConfig) -> None:
+    def __init__(self, cfg: InputConfig, root: str | None = None) -> None:
         self.cfg = cfg
         self._fs: Any = None
+        self.pinned = root  # a plan's root (None: found from the path)
 
     # -- the filesystem --------------------------------------------------------------------
 
@@ -91,16 +99,17 @@ class Place:
         items = self._items()
         if single:
             return items[0]
-        if len(items) == 1 and not has_glob(items[0]):
-            return items[0]  # a folder
-        folders = [_fixed_part(i) if has_glob(i) else posixpath.dirname(i) for i in items]
-        if len(items) == 1:
-            return folders[0]
-        return _common(folders)
+        if self.pinned is not None:
+            return self.pinned
+        kinds = ["glob" if has_glob(i) else "folder" if len(items) == 1 else "file" for i in items]
+        return _root_of(items, kinds)  # from the path's text, as plans made before roots were recorded
 
     def path_of(self, single: bool, name: str) -> str:
         root = self.root(single)
-        return root if single else f"{root.rstrip('/')}/{name}"
+        if single:
+            return root
+        path = f"{root.rstrip('/')}/{name}" if root else name
+        return posixpath.normpath(path) if name.startswith("../") else path
 
     def shown(self, single: bool, name: str) -> str:
         """A file as messages name it: its URL (without credentials) or its local path."""
@@ -112,9 +121,10 @@ class Place:
 
     # -- listing ---------------------------------------------------------------------------
 
-    def listing(self, accept: Callable[[str], bool]) -> Listing:
+    def listing(self, accept: Callable[[str], bool], keep: str | None = None) -> Listing:
         """Every file of the path that `accept` takes by its name, sorted; a folder's or a glob's
-        other files are counted by suffix (for the message a mixed folder gets)."""
+        other files are counted by suffix (for the message a mixed folder gets). Names stay
+        relative to `keep` (an earlier plan's root)."""
         items = self._items()
         if self.cfg.remote:  # a listing cached by an earlier run in this process would hide new files
             self.fs.invalidate_cache()
@@ -124,19 +134,20 @@ class Place:
         kinds = [self._kind(item) for item in items]
         if len(items) == 1 and kinds[0] == "file" and not isinstance(self.cfg.path, tuple):
             single = True
+        if not single:
+            self.pinned = keep if keep is not None else _root_of(items, kinds)
         root = self.root(single)
         for item, kind in zip(items, kinds):
             for path, size, stamp in self._files(item, kind):
-                name = posixpath.basename(path) if single else posixpath.relpath(path, root)
-                inside = posixpath.relpath(path, item if kind == "folder" else root)
-                if kind != "file" and any(is_hidden(part) for part in inside.split("/")):
+                name = posixpath.basename(path) if single else posixpath.relpath(path, root or ".")
+                if kind != "file" and _hidden(path, item if kind == "folder" else _fixed_part(item)):
                     continue
                 if kind != "file" and not accept(name):
                     suffix = os.path.splitext(name)[1].lower() or "(none)"
                     skipped[suffix] = skipped.get(suffix, 0) + 1
                     continue
                 found[name] = FileInfo(name, size, stamp)
-        return Listing(single, [found[n] for n in sorted(found)], skipped)
+        return Listing(single, [found[n] for n in sorted(found)], skipped, None if single else root)
 
     def _kind(self, item: str) -> str:
         """"glob", "folder" or "file"; a JobError naming a path that is not there."""
@@ -192,13 +203,42 @@ class Place:
         """The OS path of a local file (pyarrow maps it), None for a URL."""
         return None if self.cfg.remote else self.path_of(single, name)
 
-    def open(self, single: bool, name: str) -> BinaryIO:
-        """A file for reading; a missing one raises FileNotFoundError, a storage failure a JobError."""
+    def open(self, single: bool, name: str, expect: FileInfo | None = None, exact: bool = False) -> BinaryIO:
+        """A file for reading; a missing one raises FileNotFoundError, a storage failure a JobError,
+        one whose size or stamp is not `expect`'s (the plan's) Changed. Locally that is the open
+        file's fstat; in a bucket the object's details the open took anyway (s3fs: the listing's
+        or one HEAD), and s3fs then reads with If-Match on that ETag, so an object replaced later
+        fails its next read (FileExpired) instead of mixing two versions. `exact`: for a reader that
+        asks for the ranges it needs (pyarrow): no read-ahead (s3fs's fetches 50 MB past a read)."""
         path = self.path_of(single, name)
         if not self.cfg.remote:
-            return open(path, "rb")
+            f = open(path, "rb")
+            if expect is not None:
+                st = os.fstat(f.fileno())
+                _compare(expect, st.st_size, str(st.st_mtime_ns), path, f)
+            return f
         fs = self.fs
-        return self.call("open", self._url(path), lambda: fs.open(path, "rb"))
+        options = {"cache_type": "none"} if exact else {}
+        f = self.call("open", self._url(path), lambda: fs.open(path, "rb", **options))
+        details = getattr(f, "details", None) if expect is not None else None
+        if expect is not None and isinstance(details, dict):
+            _compare(expect, int(details.get("size") or 0), _stamp(details), self._url(path), f)
+        return f
+
+    def check(self, single: bool, name: str, expect: FileInfo) -> None:
+        """A local file is still as planned (for readers that open it by path themselves)."""
+        path = self.path_of(single, name)
+        st = os.stat(path)
+        _compare(expect, st.st_size, str(st.st_mtime_ns), path, None)
+
+
+def _compare(expect: FileInfo, size: int, stamp: str, shown: str, f: Any) -> None:
+    if size == expect.size and (stamp == expect.stamp or not expect.stamp):
+        return
+    if f is not None:
+        f.close()
+    raise Changed(f"{shown} changed since its rows were planned (size {size} and stamp {stamp}, planned "
+                  f"{expect.size} and {expect.stamp})")
 
 
 def _stamp(info: dict[str, Any]) -> str:
@@ -215,6 +255,23 @@ def _fixed_part(pattern: str) -> str:
     """The folder of a glob before its first wildcard."""
     head = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)]
     return head.rsplit("/", 1)[0] if "/" in head else ""
+
+
+def _bases(items: list[str], kinds: list[str]) -> list[str]:
+    """The folder each item's files lie under: a lone folder itself, a glob's fixed part, else
+    the item's folder (a list's folders keep their names in the files' names)."""
+    if len(items) == 1 and kinds[0] == "folder":
+        return items
+    return [_fixed_part(i) if k == "glob" else posixpath.dirname(i) for i, k in zip(items, kinds)]
+
+
+def _hidden(path: str, base: str) -> bool:
+    return any(is_hidden(part) for part in posixpath.relpath(path, base or ".").split("/"))
+
+
+def _root_of(items: list[str], kinds: list[str]) -> str:
+    bases = _bases(items, kinds)
+    return bases[0] if len(bases) == 1 else _common(bases)
 
 
 def _common(folders: list[str]) -> str:

@@ -135,12 +135,14 @@ class ParquetSource(FileSource):
     suffixes = (".parquet", ".pq")
 
     @contextmanager
-    def _parquet(self, single: bool, name: str) -> Iterator[pq.ParquetFile]:
+    def _parquet(self, single: bool, name: str, expect: FileInfo | None = None) -> Iterator[pq.ParquetFile]:
         local = self.place.local_path(single, name)
         if local is not None:
+            if expect is not None:
+                self.place.check(single, name, expect)
             yield pq.ParquetFile(local, buffer_size=_READ_BUFFER, pre_buffer=False)
             return
-        with self.place.open(single, name) as f:
+        with self.place.open(single, name, expect, exact=True) as f:
             yield pq.ParquetFile(f, buffer_size=_READ_BUFFER, pre_buffer=False)
 
     def plan_file(self, info: FileInfo, shard_rows: int, state: PlanState) -> tuple[FileInfo, list[Shard]]:
@@ -192,9 +194,10 @@ class ParquetSource(FileSource):
 
     @contextmanager
     def _reading(self, plan: Plan, shard: Shard) -> Iterator[pq.ParquetFile]:
-        name = plan.file_of(shard).name
+        info = plan.file_of(shard)
+        name = info.name
         try:
-            with self._parquet(plan.single, name) as pf:
+            with self._parquet(plan.single, name, info) as pf:
                 yield pf
         except pa.ArrowInvalid as exc:
             raise Unreadable(f"{self.shown(plan, name)} cannot be read as planned (has it changed?): {short(exc)}") from None

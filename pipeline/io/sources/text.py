@@ -149,7 +149,7 @@ class _TextSource(FileSource):
         info = plan.file_of(shard)
         shown = self.place.shown(plan.single, info.name)
         try:
-            with self.place.open(plan.single, info.name) as f:
+            with self.place.open(plan.single, info.name, info) as f:
                 body = read_range(f, shard.start, shard.end)
         except (OSError, JobError) as exc:
             raise Unreadable.of(shown, exc) from None

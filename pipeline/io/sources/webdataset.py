@@ -16,6 +16,12 @@ to disk: planning reads each tar once, counting samples, hashing each shard's me
 bytes) and noting where each shard's first member starts, so a shard is read by seeking there. A
 tar damaged part way (a bad header, cut short) keeps the samples before the damage, and one more
 row, `<tar>:@damaged`, an error row of kind "input" saying where and why.
+
+A tar whose members of one key are not neighbours (`tar cf` of a folder stores them in readdir
+order) is refused while planning, naming the key and the fix (`tar --sort=name`). WebDataset's own
+readers take such members for separate samples; merging them here would mean holding every
+sample's members until its last one is met (the whole tar, for a hash-ordered folder) or keeping
+each member's offset in the plan and reading members one range at a time from a bucket.
 """
 
 from __future__ import annotations
@@ -134,6 +140,7 @@ class WebDatasetSource(FileSource):
         shards: list[Shard] = []
         h = hashlib.blake2b(digest_size=12)
         count, first, start, note = 0, 0, 0, ""
+        seen: set[str] = set()  # this tar's keys: a key met again is a sample split in two
         column = self.cfg.id_column if state.ids is not None else None
         ids: list[str | None] = []  # checked with every file's, as a text manifest's are
         with self._open(state.single, info.name) as f:
@@ -145,6 +152,9 @@ class WebDatasetSource(FileSource):
                         h, first = hashlib.blake2b(digest_size=12), count
                     if count == first:
                         start = sample.offset
+                    if sample.key in seen:
+                        raise JobError(self._split_sample(state, info, sample))
+                    seen.add(sample.key)
                     _hash(h, sample)
                     if column is not None:
                         ids.append(_id(sample, column))
@@ -163,6 +173,13 @@ class WebDatasetSource(FileSource):
         if state.ids is not None:
             state.ids.add(pa.chunked_array([pa.array(ids, pa.string())]), np.arange(len(ids)) + state.ordinal)
         return FileInfo(info.name, info.size, info.stamp, count, note=note), shards
+
+    def _split_sample(self, state: PlanState, info: FileInfo, sample: _Sample) -> str:
+        shown = self.place.shown(state.single, info.name)
+        fields = ", ".join(f"{sample.key}.{f}" for f in sample.fields)
+        return (f"[input] path: {shown} holds the members of sample {sample.key!r} apart ({fields} at byte "
+                f"{sample.offset}, after other samples' members); WebDataset reads a sample from consecutive "
+                f"members: pack the tar sorted by name (tar --sort=name -cf {posixpath.basename(info.name)} ...)")
 
     def _open(self, single: bool, name: str) -> Any:
         try:
@@ -210,7 +227,7 @@ class WebDatasetSource(FileSource):
         done = 0
         shown = self.place.shown(plan.single, info.name)
         try:
-            with self.place.open(plan.single, info.name) as f:
+            with self.place.open(plan.single, info.name, info) as f:
                 f.seek(shard.start)
                 for sample in _samples(f) if wanted else ():
                     batch.append(sample)
