@@ -24,7 +24,8 @@ from pipeline.config import Api, load_job
 from pipeline.errors import JobError, RequestError
 from pipeline.net.events import ResponsesFold, to_events
 from pipeline.net.stream import StreamError, assemble
-from pipeline.rows.answer import parse_response
+from pipeline.rows.answer import parse_response, usage_of, withheld
+from pipeline.tools.serve.completion import REFUSAL
 
 SAME = ("id", "answer", "reasoning", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
         "reasoning_tokens", "model", "finish_reason", "status", "error_kind", "cost")
@@ -139,6 +140,55 @@ def test_a_broken_responses_stream_is_retried(tmp_path: Path, endpoint_factory: 
     assert all(r["status"] == "ok" for r in rows)
     assert by_id["row-00004"]["attempts"] == 2 and by_id["row-00003"]["attempts"] == 1
     assert ep.stats()["per_row"]["Describe picture row-00004"] == 2
+
+
+@pytest.mark.parametrize("api, stream", [("chat", False), ("chat", True), ("responses", False), ("responses", True)])
+def test_a_refusal_is_one_paid_final_row(tmp_path: Path, endpoint_factory: Any, api: str, stream: bool) -> None:
+    """Every row refused (chat's message.refusal, a Responses refusal part, streamed or not): each
+    bought once, its words kept in `error`, its cost counted in the row and the spend; a run of
+    refusals is a run of answers, so neither "the endpoint looks down" (breaker_failures 2) nor
+    "wrong job" (breaker_refusals) stops it. Before: each row bought max_attempts (4) times,
+    invalid_response, cost null, "spent 0.0000", and the breaker tripped."""
+    ep = endpoint_factory(record=True, row_faults={"Describe": "refusal"})
+    _manifest(tmp_path)
+    job = write_job(tmp_path / "r.toml", {**job_dict(
+        tmp_path / "m.csv", ep.base_url, tmp_path / "out-r", endpoint={"api": api}, pricing=PRICES,
+        request={"stream": stream}, limits={"breaker_failures": 2, "max_concurrency": 2}), "name": "r"})
+    r = run_cli("run", str(job))
+    assert r.returncode == 1, r.stderr  # 1: rows failed (not 3: nothing stopped the run)
+    rows = read_output(tmp_path / "out-r")
+    assert len(rows) == 9 and ep.stats()["requests"] == 9, ep.stats()["per_row"]
+    for row in rows:
+        assert (row["status"], row["error_kind"], row["answer"], row["attempts"]) == ("error", "refusal", None, 1), row
+        assert row["error"] == REFUSAL
+        assert row["cost"] == pytest.approx((row["prompt_tokens"] * 2.0 + row["completion_tokens"] * 6.0) / 1e6)
+        assert row["cost"] > 0
+    assert f"spent {sum(row['cost'] for row in rows):.4f}" in r.stderr, r.stderr
+    status = run_cli("status", str(job))
+    assert "refusal" in status.stdout, status.stdout + status.stderr
+    if api == "chat" and not stream:
+        message = json.loads(_post(ep, "/chat/completions", _bodies(ep, "chat")[0]))["choices"][0]["message"]
+        assert (message["content"], message["refusal"]) == (None, REFUSAL)  # as OpenAI documents a refusal
+    if api == "responses" and not stream:
+        answer = json.loads(_post(ep, "/responses", _bodies(ep, "responses")[0]))
+        assert_valid("Response", answer)  # the refusal the endpoint sends is OpenAI's shape
+        assert answer["output"][-1]["content"] == [{"type": "refusal", "refusal": REFUSAL}]
+    if api == "responses" and stream:
+        events = _events(_post(ep, "/responses", _bodies(ep, "responses")[0]))
+        for event in events:
+            assert_valid("ResponseStreamEvent", event)
+        assert "response.refusal.delta" in [e["type"] for e in events]
+
+
+def test_a_refusal_in_a_batch_is_a_final_row_with_its_cost(tmp_path: Path, endpoint_factory: Any) -> None:
+    ep = endpoint_factory(row_faults={"row-00003": "refusal"})
+    url_manifest(tmp_path / "m.csv", 6)
+    rows = {r["id"]: r for r in _run(tmp_path, ep, "b", "responses", expect=1, pricing=PRICES,
+                                      run={"mode": "batch", "poll_s": 0.3})}
+    refused = rows["row-00003"]
+    assert (refused["status"], refused["error_kind"], refused["error"], refused["answer"]) == ("error", "refusal", REFUSAL, None)
+    assert refused["cost"] > 0 and len(ep.stats()["batches"]) == 1  # not sent again in a second batch
+    assert sum(r["status"] == "ok" for r in rows.values()) == 5
 
 
 def test_labels_go_as_text_format_and_come_back_as_columns(tmp_path: Path, endpoint_factory: Any) -> None:
@@ -259,6 +309,31 @@ def test_parse_a_response() -> None:
     assert cut.answer is None and cut.truncated and cut.finish_reason == "max_output_tokens"
 
 
+def _chat(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
+    return {"object": "chat.completion", "model": "m", "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 12, "total_tokens": 1012}}
+
+
+@pytest.mark.parametrize("body, api, said", [
+    (_chat({"role": "assistant", "content": None, "refusal": "No."}), Api.CHAT, "No."),
+    (_chat({"role": "assistant", "content": "", "refusal": "No."}), Api.CHAT, "No."),  # a gateway's "" beside it
+    (_chat({"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}), Api.CHAT, "No."),
+    (_chat({"role": "assistant", "content": None}, "content_filter"), Api.CHAT, "content filter"),
+    (_response(output=[{"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                         "content": [{"type": "refusal", "refusal": "No."}]}]), Api.RESPONSES, "No."),
+    (_response(status="incomplete", incomplete_details={"reason": "content_filter"}, output=[]), Api.RESPONSES,
+     "content filter"),
+])
+def test_a_refusal_parses_as_a_final_answer_with_its_words(body: dict[str, Any], api: Api, said: str) -> None:
+    a = parse_response(body, api)
+    kind, error = withheld(a)
+    assert a.answer is None and a.refused and kind == "refusal" and said in error
+    assert a.prompt_tokens in (1000, 120)  # its usage is read: it is costed
+    assert usage_of(body, api).prompt_tokens == a.prompt_tokens
+    answered = parse_response(_chat({"role": "assistant", "content": "A cat.", "refusal": None}))
+    assert not answered.refused and withheld(answered) is None and answered.refusal is None
+
+
 @pytest.mark.parametrize("code, kind", [("server_error", "server"), ("rate_limit_exceeded", "rate_limit"),
                                         ("invalid_image", "bad_request"), (None, "bad_request")])
 def test_a_failed_response_is_an_error_by_its_code(code: str | None, kind: str) -> None:
@@ -299,3 +374,18 @@ def test_the_events_fold_into_the_response_they_came_from() -> None:
     with pytest.raises(StreamError) as e:
         _fold([*events[:3], error])
     assert (e.value.reason, e.value.code) == ("error_chunk", "server_error") and "boom" in str(e.value)
+
+
+def test_refusal_events_fold_into_a_refusal() -> None:
+    refused = _response(output=[{"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                                 "content": [{"type": "refusal", "refusal": "I can't help with that."}]}])
+    events = to_events(refused, piece_chars=4)
+    assert sum(b'"response.refusal.delta"' in e for e in events) > 1
+    for raw in events:  # the refusal's own events (this test's response lacks fields a whole one has)
+        if b'"response.refusal.' in raw or b'"response.content_part.' in raw:
+            assert_valid("ResponseStreamEvent", _events(raw)[0])
+    lean = [*events[:-1], b"event: response.completed\ndata: " + json.dumps(
+        {"type": "response.completed", "sequence_number": 99, "response": _response(output=[])}).encode() + b"\n\n"]
+    for stream in (events, lean):  # the terminal response's own output, or the deltas' sum
+        got = parse_response(_fold(stream), Api.RESPONSES)
+        assert got.refused and got.refusal == "I can't help with that." and got.total_tokens == 160

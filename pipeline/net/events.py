@@ -6,7 +6,8 @@
 
 A streamed response is a sequence of events named by their `type` (OpenAI's published
 description): `response.created` and `response.in_progress` (the response so far), the output
-items added and done, `response.reasoning_summary_text.delta`, `response.output_text.delta`, ...,
+items added and done, `response.reasoning_summary_text.delta`, `response.output_text.delta`,
+`response.refusal.delta` (a refusal's words, in a `refusal` content part), ...,
 and one terminal event carrying the whole response, usage included: `response.completed`,
 `response.incomplete` (cut by max_output_tokens: a truncated answer, as chat's "length") or
 `response.failed` (its `error` then decides the row, as for a plain answer). An `error` event,
@@ -46,6 +47,7 @@ class ResponsesFold:
         self._response: dict[str, Any] = {}  # the latest whole response an event carried
         self._texts: list[str] = []  # output_text deltas, in order
         self._thoughts: list[str] = []  # reasoning (summary) deltas, in order
+        self._refusals: list[str] = []  # refusal deltas, in order
 
     @property
     def complete(self) -> bool:
@@ -65,17 +67,22 @@ class ResponsesFold:
             self._texts.append(event["delta"])
         elif kind in _REASONING_DELTAS and isinstance(event.get("delta"), str):
             self._thoughts.append(event["delta"])
+        elif kind == "response.refusal.delta" and isinstance(event.get("delta"), str):
+            self._refusals.append(event["delta"])
 
     def result(self) -> dict[str, Any]:
         body = dict(self._response)
-        if not body.get("output") and (self._texts or self._thoughts):
+        if not body.get("output") and (self._texts or self._thoughts or self._refusals):
             output: list[dict[str, Any]] = []
             if self._thoughts:
                 output.append({"type": "reasoning", "id": "rs_stream", "summary": [
                     {"type": "summary_text", "text": "".join(self._thoughts)}]})
-            if self._texts:
+            content = [{"type": "output_text", "text": "".join(self._texts), "annotations": []}] if self._texts else []
+            if self._refusals:
+                content.append({"type": "refusal", "refusal": "".join(self._refusals)})
+            if content:
                 output.append({"type": "message", "id": "msg_stream", "role": "assistant", "status": "completed",
-                               "content": [{"type": "output_text", "text": "".join(self._texts), "annotations": []}]})
+                               "content": content})
             body["output"] = output
         return body
 
@@ -107,10 +114,12 @@ def to_events(response: dict[str, Any], *, piece_chars: int = 24, max_pieces: in
         elif item.get("type") == "message":
             event("response.output_item.added", output_index=index, item={**item, "content": [], "status": "in_progress"})
             for n, part in enumerate(item.get("content") or []):
-                event("response.content_part.added", **at, content_index=n, part={**part, "text": ""})
-                for piece in pieces(part["text"], piece_chars, max_pieces):
-                    event("response.output_text.delta", **at, content_index=n, delta=piece, logprobs=[])
-                event("response.output_text.done", **at, content_index=n, text=part["text"], logprobs=[])
+                key, name = ("refusal", "refusal") if part.get("type") == "refusal" else ("text", "output_text")
+                event("response.content_part.added", **at, content_index=n, part={**part, key: ""})
+                logprobs = {"logprobs": []} if key == "text" else {}
+                for piece in pieces(part[key], piece_chars, max_pieces):
+                    event(f"response.{name}.delta", **at, content_index=n, delta=piece, **logprobs)
+                event(f"response.{name}.done", **at, content_index=n, **{key: part[key]}, **logprobs)
                 event("response.content_part.done", **at, content_index=n, part=part)
         event("response.output_item.done", output_index=index, item=item)
     event(TERMINAL.get(str(response.get("status")), "response.completed"), response=response)

@@ -13,7 +13,7 @@ used, `usage`, `model`, `finish_reason`), so the output row is the same either w
 
 What the stream may hold (see ../shared/notes/api-facts.md):
 - `data: {chunk}` lines, `data: [DONE]` at the end, `:` comment lines (keep-alives) to skip;
-- deltas with `content` and `reasoning_content` or `reasoning`;
+- deltas with `content` and `reasoning_content` or `reasoning`, or `refusal` (a model declining);
 - with `stream_options: {"include_usage": true}` a last chunk whose `choices` is empty and which
   carries `usage`; a stream without it leaves the token counts unknown (None), never guessed;
 - an error in the middle: `{"error": {...}}` (OpenAI) or `{"object": "error", ...}` (vLLM).
@@ -187,6 +187,7 @@ class ChatFold:
     def __init__(self) -> None:
         self._content: list[str] | None = None  # None: no content delta at all
         self._reasoning: dict[str, list[str]] = {}
+        self._refusal: list[str] = []
         self._choice_seen = False
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -216,6 +217,8 @@ class ChatFold:
             content = delta.get("content")
             if isinstance(content, str):
                 (self._content if self._content is not None else self._start_content()).append(content)
+            if isinstance(delta.get("refusal"), str):  # a refusal's words, streamed as content is
+                self._refusal.append(delta["refusal"])
             for key in REASONING_KEYS:
                 if isinstance(delta.get(key), str):
                     self._reasoning.setdefault(key, []).append(delta[key])
@@ -235,6 +238,8 @@ class ChatFold:
             }
             for key, parts in self._reasoning.items():
                 message[key] = "".join(parts)
+            if self._refusal:
+                message["refusal"] = "".join(self._refusal)
             choices.append({"index": 0, "finish_reason": self._finish, "message": message})
         return {**self._meta, "object": "chat.completion", "choices": choices, "usage": self._usage}
 
@@ -310,9 +315,10 @@ def to_sse(
             text = message.get(key)
             if isinstance(text, str) and text:
                 out += [delta({key: p}) for p in pieces(text, piece_chars, max_pieces)]
-        content = message.get("content")
-        if isinstance(content, str):
-            out += [delta({"content": p}) for p in pieces(content, piece_chars, max_pieces)]
+        for key in ("content", "refusal"):
+            text = message.get(key)
+            if isinstance(text, str):
+                out += [delta({key: p}) for p in pieces(text, piece_chars, max_pieces)]
         out.append(delta({}, choice.get("finish_reason")))
     if include_usage and isinstance(response.get("usage"), dict):
         out.append(event([], usage=response["usage"]))
