@@ -376,6 +376,22 @@ def test_the_events_fold_into_the_response_they_came_from() -> None:
     assert (e.value.reason, e.value.code) == ("error_chunk", "server_error") and "boom" in str(e.value)
 
 
+def test_a_responses_stream_a_gateway_ends_with_done_but_no_terminal_event_is_cut() -> None:
+    """A gateway that sends only the deltas (no `response.created`/`in_progress` snapshot) and ends
+    with `data: [DONE]` but no `response.completed`: the text may stop anywhere and there is no
+    usage, so the stream is cut (retried), not written as a whole answer. With the terminal event
+    before its [DONE] it is whole."""
+    events = [e for e in to_events(_response(), piece_chars=2) if b'"response.output_text.delta"' in e]
+    done = [b"data: [DONE]\n\n"]
+    with pytest.raises(StreamError) as e:
+        _fold([*events[:3], *done])
+    assert e.value.reason == "cut" and "[DONE]" in str(e.value)
+    terminal = to_events(_response())[-1:]
+    assert parse_response(_fold([*events, *terminal, *done]), Api.RESPONSES).answer == "A cat on a mat."
+    chat = [b'data: {"choices": [{"index": 0, "delta": {"content": "A cat"}}]}\n\n', *done]
+    assert parse_response(assemble(b"".join(chat).split(b"\n"))).answer == "A cat"  # chat's own end is [DONE]
+
+
 def test_refusal_events_fold_into_a_refusal() -> None:
     refused = _response(output=[{"type": "message", "id": "m", "role": "assistant", "status": "completed",
                                  "content": [{"type": "refusal", "refusal": "I can't help with that."}]}])

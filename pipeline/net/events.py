@@ -12,7 +12,10 @@ and one terminal event carrying the whole response, usage included: `response.co
 `response.incomplete` (cut by max_output_tokens: a truncated answer, as chat's "length") or
 `response.failed` (its `error` then decides the row, as for a plain answer). An `error` event,
 or a chat-style `{"error": ...}` chunk from a gateway, raises StreamError; a stream that stops
-before a terminal event is cut (StreamError "cut"), retried like any transient failure.
+before a terminal event is cut (StreamError "cut"), retried like any transient failure. So is one
+a gateway ends with `data: [DONE]` but no terminal event (and, as some do, no `response.created`
+snapshot): OpenAI sends no [DONE] here, and without the terminal response there is no status (the
+text may stop anywhere) and no usage, so taking it as whole would write a cut answer as `ok`.
 
 The terminal event's response is the answer. A server whose terminal response lists no output
 (some gateways send only the deltas' sum) gets one assembled from the text and reasoning deltas.
@@ -41,6 +44,7 @@ class ResponsesFold:
     """Typed events into the response; complete once a terminal event arrived."""
 
     ending = "response.completed, response.incomplete or response.failed"
+    ends_at_done = False  # OpenAI sends no [DONE]: a gateway's, without a terminal event, ends a cut stream
 
     def __init__(self) -> None:
         self.ended = False
