@@ -25,6 +25,7 @@ from pipeline.errors import JobError, RequestError
 from pipeline.net.events import ResponsesFold, to_events
 from pipeline.net.stream import StreamError, assemble
 from pipeline.rows.answer import parse_response, usage_of, withheld
+from pipeline.rows.responses import ResponsesBody
 from pipeline.tools.serve.completion import REFUSAL
 
 SAME = ("id", "answer", "reasoning", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
@@ -102,6 +103,7 @@ def test_the_same_manifest_through_chat_and_responses_gives_the_same_rows(
         assert_valid("CreateResponse", body)
         assert body["instructions"] == "You label pictures." and body["max_output_tokens"] == 200
         assert body["reasoning"] == {"effort": "low", "summary": "auto"}  # passed through as written
+        assert body["store"] is False  # the Responses API stores by default: a bulk job asks it not to
         (item,) = body["input"]
         kinds = [part["type"] for part in item["content"]]
         assert kinds == ["input_text", "input_image"] and item["content"][1]["detail"] == "auto"
@@ -230,6 +232,7 @@ def test_a_batch_run_through_the_responses_api(tmp_path: Path, endpoint_factory:
     for line in map(json.loads, lines):
         assert line["url"] == "/v1/responses"
         assert_valid("CreateResponse", line["body"])
+        assert line["body"]["store"] is False
     output = urllib.request.urlopen(f"{ep.base_url}/files/{info['output_file_id']}/content", timeout=10).read()
     for line in map(json.loads, output.splitlines()):
         assert_valid("Response", line["response"]["body"])
@@ -277,6 +280,16 @@ def test_the_api_is_a_checked_choice(tmp_path: Path) -> None:
     with pytest.raises(JobError, match="video_column: the Responses API takes no video"):
         load_job({**base, "endpoint": {**base["endpoint"], "api": "responses"}, "input": {**base["input"], "video_column": "v"}})
     assert load_job(base).shape_digest() != job.shape_digest()  # answers of one API are not taken for the other's
+
+
+def test_responses_requests_are_not_stored_at_the_provider_unless_the_job_says(tmp_path: Path) -> None:
+    """CreateResponse's `store` defaults to true (chat's to false): without `store: false` every
+    row's prompt, image and answer stays at the provider. [request] store = true is the user's call."""
+    url_manifest(tmp_path / "m.csv", 1)
+    base = job_dict(tmp_path / "m.csv", "http://127.0.0.1:9/v1", tmp_path / "out", endpoint={"api": "responses"})
+    assert ResponsesBody(load_job(base), None).body("p", [])["store"] is False
+    kept = load_job({**base, "request": {**base["request"], "store": True}})
+    assert ResponsesBody(kept, None).body("p", [])["store"] is True
 
 
 # -- the answer and the stream, piece by piece -----------------------------------------------------

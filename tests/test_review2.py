@@ -157,23 +157,6 @@ def test_f5_a_clip_whose_samples_could_never_be_sent_is_refused_before_it_is_dec
     assert int(grew) < 50, f"a {int(size) // 1024} kB clip took {grew} MB to refuse ({said.strip()[:120]})"
 
 
-# -- F6: the Responses API keeps every request and answer at the provider unless told not to --------
-
-
-def test_f6_responses_requests_ask_the_provider_not_to_store_them(tmp_path: Path, endpoint, capsys) -> None:
-    """OpenAI's description: CreateResponse `store` defaults to true (chat's to false), so a job
-    switched to `api = "responses"` leaves every row's prompt, image and answer stored at the
-    provider (30 days, listed in the dashboard's logs) without the user asking. A bulk job sends
-    `store: false` unless [request] sets it."""
-    from test_sources import write_part
-
-    write_part(tmp_path / "m.csv", 2)
-    code, _, err = cli(capsys, "run", str(job_file(tmp_path, "m.csv", endpoint.base_url, endpoint={"api": "responses"})))
-    assert code == 0, err
-    bodies = [json.loads(r["body"]) for r in endpoint.requests() if r.get("body")]
-    assert bodies and all(b.get("store") is False for b in bodies), [b.get("store") for b in bodies]
-
-
 # -- F7: a shard's file failing while its image bytes stream stops the whole run ----------------------
 
 
