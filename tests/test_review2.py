@@ -115,48 +115,6 @@ def test_f4b_a_list_of_one_file_is_read(tmp_path: Path, endpoint, capsys) -> Non
     assert code == 0, err[-300:]
 
 
-# -- F5: audio with `convert` is decoded whole before any cap on its samples --------------------
-
-
-_DECODE = """
-import io, resource, sys
-import numpy as np, soundfile as sf
-from pipeline.config import AudioConfig, AudioFormat
-from pipeline.errors import InputError
-from pipeline.rows.audio import prepare_clip
-buf = io.BytesIO()
-with sf.SoundFile(buf, "w", samplerate=48000, channels=2, format="FLAC", subtype="PCM_16") as f:
-    for _ in range(27):  # 590 s of silence: a few hundred kB of FLAC
-        f.write(np.zeros((1 << 20, 2), dtype="int16"))
-data = buf.getvalue()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    prepare_clip(data, "clip.flac", AudioConfig(convert=AudioFormat.WAV))
-    said = "sent"
-except InputError as exc:
-    said = exc.message
-print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024, said)
-"""
-
-
-def test_f5_a_clip_whose_samples_could_never_be_sent_is_refused_before_it_is_decoded() -> None:
-    """README: caps are "checked before it is read or decoded". With `convert`, only the source's
-    bytes (max_source_mb) and the header's seconds (max_seconds) are checked; the clip is then
-    decoded whole into float32 (frames x channels x 4 bytes) and only the re-encoded result is held
-    to max_audio_mb. A ~200 kB FLAC of 590 s stereo at 48 kHz costs ~300 MB of worker memory before
-    its refusal; at 8 channels and 192 kHz (still under max_seconds) it is ~7 GB per clip, per
-    worker process: the run is OOM-killed. frames x channels is in the header soundfile.info reads."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    out = subprocess.run([sys.executable, "-c", _DECODE], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    size, grew, said = out.stdout.split(" ", 2)
-    assert "too large" in said or "max_audio_mb" in said, out.stdout + out.stderr
-    assert int(grew) < 50, f"a {int(size) // 1024} kB clip took {grew} MB to refuse ({said.strip()[:120]})"
-
-
 # -- F7: a shard's file failing while its image bytes stream stops the whole run ----------------------
 
 
