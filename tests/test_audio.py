@@ -13,7 +13,6 @@ import http.server
 import io
 import json
 import math
-import random
 import re
 import signal
 import subprocess
@@ -234,12 +233,14 @@ def test_kill_9_then_resume_every_audio_row_exactly_once(tmp_path: Path, endpoin
     rows = [{"id": f"row-{i:05d}", "clip": f"clips/t{i % 6}.wav", "prompt": f"Hear row-{i:05d}"} for i in range(n)]
     ep = endpoint_factory(latency_ms=60, latency_jitter_ms=40, seed=5)
     job = _job(tmp_path, ep, rows, run={"shard_rows": 40})
-    rng = random.Random(2)
     kills = 0
-    for _ in range(3):
+    for k in range(3):  # each run killed after the endpoint's 30th, 67th, 104th answer: mid-shard, whatever the speed
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 2.0))
+        target = (k + 1) * 30 + k * 7
+        deadline = time.monotonic() + 60
+        while ep.stats()["statuses"].get("200", 0) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
