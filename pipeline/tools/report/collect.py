@@ -37,7 +37,7 @@ from ...rows.images import MB, parse_data_uri
 from ...rows.values import Blob, image_values, kind_of
 from .figures import Figures
 
-__all__ = ["ReportData", "collect", "THUMB_PX", "TEXT_CHARS"]
+__all__ = ["ReportData", "collect", "cut_text", "images_of", "thumbnail", "THUMB_PX", "TEXT_CHARS"]
 
 THUMB_PX = 192  # the longer side of a thumbnail
 THUMB_BYTES = 9_000  # what a thumbnail is reckoned to take in the page, before it is made
@@ -198,7 +198,8 @@ def _nth(k: int) -> str:
     return {1: "", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
-def _text(value: Any) -> str | None:
+def cut_text(value: Any) -> str | None:
+    """A text as the page shows it: its first TEXT_CHARS characters, and how long it is when cut."""
     if value is None:
         return None
     text = str(value)
@@ -213,9 +214,9 @@ def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> l
     for rec in table.to_pylist():
         row = {
             "id": rec.get("id") if "id" in rec else rec.get(job.input.id_column or "", ""),
-            "prompt": _text(rec.get(prompt_col)) if prompt_col else job.request.prompt,
-            "answer": _text(rec.get("answer")), "reasoning": _text(rec.get("reasoning")),
-            "status": rec.get("status"), "error": _text(rec.get("error")), "kind": rec.get("error_kind"),
+            "prompt": cut_text(rec.get(prompt_col)) if prompt_col else job.request.prompt,
+            "answer": cut_text(rec.get("answer")), "reasoning": cut_text(rec.get("reasoning")),
+            "status": rec.get("status"), "error": cut_text(rec.get("error")), "kind": rec.get("error_kind"),
             "attempts": rec.get("attempts"), "latency": rec.get("latency_ms"), "tokens": rec.get("total_tokens"),
             "prompt_tokens": rec.get("prompt_tokens"), "completion_tokens": rec.get("completion_tokens"),
             "cost": rec.get("cost"), "finished": rec.get("finished_at"),
@@ -231,7 +232,7 @@ def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> l
         out.append(row)
         cells.append(rec.get(image_col) if image_col else None)
     with ThreadPoolExecutor(THUMB_WORKERS) as pool:
-        for row, images in zip(out, pool.map(lambda c: _images(c, files, job), cells)):
+        for row, images in zip(out, pool.map(lambda c: images_of(c, files, job), cells)):
             row["images"] = images
     return out
 
@@ -240,15 +241,15 @@ def _label(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 
 
-def _images(cell: Any, files: LocalFiles, job: Job) -> list[dict[str, str]]:
-    """Per value: a thumbnail (a local file, a data: URI), a link (a URL: the report never fetches),
-    or why there is none."""
+def images_of(cell: Any, files: LocalFiles, job: Job, most: int = IMAGES_PER_ROW) -> list[dict[str, str]]:
+    """Per value (the first `most`): a thumbnail (a local file, a data: URI, bytes), a link (a URL or
+    an object: the page never fetches), or why there is none. The report's and the comparison's."""
     try:
         values = image_values(cell)
     except PipelineError as exc:
         return [{"note": str(exc)}]
     shown: list[dict[str, str]] = []
-    for value in values[:IMAGES_PER_ROW]:
+    for value in values[:most]:
         try:
             kind = kind_of(value)
             if kind in ("url", "object"):
@@ -262,8 +263,8 @@ def _images(cell: Any, files: LocalFiles, job: Job) -> list[dict[str, str]]:
             shown.append({"thumb": thumbnail(data)})
         except (PipelineError, OSError, ValueError) as exc:
             shown.append({"note": f"no thumbnail: {exc}"})
-    if len(values) > IMAGES_PER_ROW:
-        shown.append({"note": f"and {len(values) - IMAGES_PER_ROW} more"})
+    if len(values) > most:
+        shown.append({"note": f"and {len(values) - most} more"})
     return shown
 
 
