@@ -31,11 +31,13 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 run: $(RUN_STAMP)
 	$(PY) -m pipeline run jobs/demo.toml
 
-# Two passes: most tests wait on sockets, processes and sleeps, so 4 workers (pytest-xdist, one
-# file per worker so a module's server or Ray cluster starts once) overlap them on 2 cores; then
-# the tests marked `serial`, whose wall-clock or rate bounds CPU contention could break, alone.
-# `$(PY) -m pytest -q` alone still runs everything, one test at a time.
+# First the type check (mypy, configured in pyproject.toml; its cache in .mypy_cache makes a second
+# run a few seconds). Then two passes: most tests wait on sockets, processes and sleeps, so 4
+# workers (pytest-xdist, one file per worker so a module's server or Ray cluster starts once)
+# overlap them on 2 cores; then the tests marked `serial`, whose wall-clock or rate bounds CPU
+# contention could break, alone. `$(PY) -m pytest -q` alone still runs everything, one at a time.
 test: $(TEST_STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q -n 4 --dist loadfile -m "not serial"
 	$(PY) -m pytest -q -m serial
 
@@ -43,4 +45,4 @@ bench: $(TEST_STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache

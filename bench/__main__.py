@@ -44,10 +44,11 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
         "sources": _optional("sources", "run_sources_bench"),
         "media": _optional("media", "run_media_bench"),
+        "redact": _optional("redact_cost", "run_redact_bench"),
     }
 
 
-TARGETS = {
+TARGETS: dict[str, Callable[[dict[str, Any]], str]] = {
     "instant": lambda r: (f"{r['rows_per_s']:.0f} rows/s, median of {r['runs']} runs {r['rows_per_s_all']} (target >= 3000); "
                           f"{r['cpu_ms_per_row']:.3f} ms CPU/row (target <= 0.3)"),
     "latency": lambda r: (f"{r['pct_of_ideal']:.1f}% of in-flight/latency = {r['ideal_rows_per_s']:.0f} rows/s end to end (target >= 97%); "
@@ -91,6 +92,8 @@ TARGETS = {
         f"{r['memory']['shard_rows_1000']['peak_rss_mb']} MB at 1,000 (target < 400); output "
         f"{r['memory']['shard_rows_10000']['output_mb']:.1f} MB, checkpoint {r['memory']['shard_rows_10000']['checkpoint_mb']:.1f} MB "
         f"for {r['memory']['images_gb']:.1f} GB of images"),
+    "redact": lambda r: "; ".join(f"{name}: {f['no_secret_us']:.2f} us ({f['with_key_us']:.2f} with the key)"
+                                  for name, f in r.items() if isinstance(f, dict)) + " per 1 KB text",
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

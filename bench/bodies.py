@@ -19,8 +19,6 @@ package comes from this tree.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from .common import module_at
+
 CHUNK = 64 * 1024
 
 __all__ = ["time_plain", "time_stream", "main"]
@@ -64,19 +63,6 @@ def time_stream(stream: ModuleType, size: int) -> float:
     return elapsed
 
 
-def _from_git(ref: str, name: str, folder: Path) -> ModuleType:
-    source = subprocess.run(["git", "show", f"{ref}:pipeline/net/{name}.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    path = folder / f"{name}_{ref}.py"
-    path.write_text(source, encoding="utf-8")
-    # named inside pipeline.net, so its relative imports resolve against this tree's package
-    spec = importlib.util.spec_from_file_location(f"pipeline.net._bench_{name}_{ref}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _report(label: str, modules: tuple[ModuleType, ModuleType], size: int) -> dict[str, Any]:
     plain, streamed = time_plain(modules[0], size), time_stream(modules[1], size)
     mb = size / (1 << 20)
@@ -97,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {"this tree": _report("this tree", (response, stream), size)}
     if args.ref:
         with tempfile.TemporaryDirectory() as tmp:
-            old = (_from_git(args.ref, "response", Path(tmp)), _from_git(args.ref, "stream", Path(tmp)))
+            old = (module_at(args.ref, "pipeline/net/response.py", Path(tmp)), module_at(args.ref, "pipeline/net/stream.py", Path(tmp)))
             results[args.ref] = _report(args.ref, old, size)
     return results
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ import urllib.request
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,3 +175,18 @@ def measure_command(args: list[str], page: Path, python_path: str | None = None)
         raise RuntimeError(f"pipeline {args[0]} failed: {r.stderr[-2000:]}")
     _, seconds, rss_kb, code = line.split()
     return round(float(seconds), 2), round(int(rss_kb) / 1024, 1), int(code), round(page.stat().st_size / 2**20, 2)
+
+
+def module_at(ref: str, path: str, folder: Path) -> ModuleType:
+    """The module `path` (e.g. "pipeline/net/stream.py") as it is at git commit `ref`, for a
+    before/after: written into `folder` and loaded as a sibling of this tree's module (named
+    inside its package), so its relative imports resolve against this tree."""
+    source = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    package, stem = path.removesuffix(".py").rsplit("/", 1)
+    copy = folder / f"{stem}_{ref}.py"
+    copy.write_text(source, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(f"{package.replace('/', '.')}._bench_{stem}_{ref}", copy)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

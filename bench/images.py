@@ -178,7 +178,7 @@ def _monitored_run(job_path: Path) -> tuple[int, float, dict[str, Any], _Monitor
     finally:
         asyncio.set_event_loop_policy(old_policy)
     elapsed = time.perf_counter() - started
-    summary_path = job.output.checkpoint / "last_run.json"  # the run's summary
+    summary_path = job.checkpoint / "last_run.json"  # the run's summary
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return code, elapsed, summary, monitor
 

@@ -21,15 +21,14 @@ import io
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from .common import ROOT, WORK, serving
+from .moto_s3 import start_moto_s3, stop_moto_s3
 
 HERE = WORK / "media"
 ROWS = 20_000
@@ -192,24 +191,6 @@ def memory(rows: int = ROWS, shard_sizes: tuple[int, ...] = (10_000, 1_000)) -> 
 # -- S3 vs local disk ------------------------------------------------------------------------
 
 
-def _moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.1)
-
-
 def _read_rate(read: Any, names: list[str], threads: int) -> float:
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -226,7 +207,7 @@ def s3_vs_local(n: int = S3_IMAGES, threads: int = 8) -> dict[str, Any]:
     images = [_base(i % DISTINCT) + i.to_bytes(8, "big") for i in range(n)]
     for i, data in enumerate(images):
         (folder / f"{i:05d}.jpg").write_bytes(data)
-    moto, s3_url = _moto()
+    moto, s3_url = start_moto_s3()
     env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
     try:
@@ -256,8 +237,7 @@ def s3_vs_local(n: int = S3_IMAGES, threads: int = 8) -> dict[str, Any]:
         }
         return out
     finally:
-        moto.terminate()
-        moto.wait(10)
+        stop_moto_s3(moto)
 
 
 def run_media_bench() -> dict[str, Any]:

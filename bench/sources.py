@@ -97,7 +97,7 @@ def run_sources_bench() -> dict[str, Any]:
     folder = _parts(WORK / "sources-10m")
     plan = _measure(f"""
         cfg = InputConfig(path=Path({str(folder)!r}))
-        t = time.perf_counter(); listing = __import__('pipeline.io.sources', fromlist=['x']).source_for(cfg).list()
+        t = time.perf_counter(); listing = __import__('pipeline.io.sources', fromlist=['x']).source_for(cfg).listing()
         listed = time.perf_counter() - t
         t = time.perf_counter(); plan = plan_manifest(cfg, 10_000); planned = time.perf_counter() - t
         t = time.perf_counter(); again, changed = current_plan(cfg, 10_000, plan); rerun = time.perf_counter() - t

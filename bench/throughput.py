@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -19,7 +20,7 @@ from .common import (
 ANSWER = {"answer_bytes": 300, "analyze_images": False}
 
 
-def _fresh(name: str):
+def _fresh(name: str) -> Path:
     folder = WORK / name
     shutil.rmtree(folder / "out", ignore_errors=True)
     shutil.rmtree(folder / ".pipeline", ignore_errors=True)

@@ -28,7 +28,7 @@ with contextlib.suppress(Exception):
         if child.is_alive():
             child.kill()
             child.join(5)
-    util._exit_function()
+    util._exit_function()  # type: ignore[attr-defined]  # the exit hook atexit runs; typeshed leaves private names out
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(code)

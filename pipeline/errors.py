@@ -45,6 +45,11 @@ class ErrorKind(str, Enum):
     whether it tells of the endpoint's health (the breaker counts those). The README's table of
     kinds is made from these docs."""
 
+    doc: str
+    retryable: bool
+    stops: bool
+    endpoint_fault: bool
+
     # value, what it means, retryable, stops the run, an endpoint fault
     INPUT = ("input", "the row cannot be sent: its image or prompt is missing, refused or broken")
     RATE_LIMIT = ("rate_limit", "HTTP 429 that clears by itself; the whole pool slows down", True)

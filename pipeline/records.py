@@ -82,14 +82,15 @@ class ResultRow:
     @classmethod
     def from_dict(cls, data: dict[str, Any], label_names: tuple[str, ...] | list[str] = ()) -> ResultRow:
         """Back from a journal line or a part file's row (other keys, the input columns, are left)."""
-        row = cls(**{name: data.get(name) for name in _NAMES if name in data})
+        values: dict[str, Any] = {name: data[name] for name in _NAMES if name in data}  # JSON's values, by name
+        row = cls(**values)
         if label_names:
             row.labels = {name: data.get(name) for name in label_names}
         return row
 
     def scrubbed(self, scrub: Callable[[str], str]) -> ResultRow:
         """A copy with `scrub` applied to every text (a secret a provider or a model echoed)."""
-        texts = {name: new for name in _TEXTS
+        texts: dict[str, Any] = {name: new for name in _TEXTS  # keywords by name: replace() cannot check them
                  if isinstance(value := getattr(self, name), str) and (new := scrub(value)) != value}
         labels = {k: scrub(v) if isinstance(v, str) else v for k, v in self.labels.items()} if self.labels else None
         if not texts and labels == self.labels:

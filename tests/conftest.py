@@ -184,7 +184,7 @@ class S3:
 
     url: str
     proc: subprocess.Popen
-    key: str = "AKIATESTKEY0000"  # moto accepts any credentials
+    key: str = "AKIATESTKEY0000"  # moto accepts any credentials (and any presigned signature: bench/moto_s3.py)
     secret: str = "secret-0123456789abcdef"
 
     def env(self) -> dict[str, str]:
@@ -216,31 +216,20 @@ class S3:
 
 
 def start_moto(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
-    """moto's S3 server in its own process on a free loopback port: (its URL, the process)."""
-    import socket
-    import time
+    """moto's S3 server in its own process on a free loopback port: (its URL, the process); `env`
+    adds to its environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT=0: it checks credentials)."""
+    from bench.moto_s3 import start_moto_s3  # shared with the benchmarks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            return url, proc
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
-            time.sleep(0.1)
+    proc, url = start_moto_s3(env=env)
+    return url, proc
 
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3]:
     pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
     pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
+    from bench.moto_s3 import stop_moto_s3
+
     url, proc = start_moto()
     yield S3(url, proc)
-    proc.terminate()
-    proc.wait(10)
+    stop_moto_s3(proc)

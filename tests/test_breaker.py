@@ -5,6 +5,7 @@ one verdict on Ray. Pure tables (the clock a parameter), then runs against the b
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,59 @@ def test_refusals_that_differ_between_workers_are_the_rows() -> None:
     assert not a.doubting
 
 
+def test_a_short_shard_refused_alike_votes_once_its_rows_are_all_back_and_the_cluster_trips() -> None:
+    """A shard with fewer rows to send than breaker_refusals (the manifest's short last shard, a
+    resumed shard's last rows) could never vote: the cluster could not trip while it ran, and its
+    task then wrote its held refusals as failed rows."""
+    async def main() -> None:
+        cluster = cluster_of(0, 1)
+        big, short = worker(), SharedBreaker(50, 120.0, 5, clock=lambda: 0.0, verdict_wait_s=60.0)
+        refuse_everywhere(big)
+        for at in (0.0, 0.34, 0.67):  # its three rows, refused alike as everywhere
+            short.done(short.sent())
+            assert not short.refusal(KEY, at)
+        assert cluster.hear(0, big.take_events()) is None
+        assert cluster.hear(1, short.take_events()) is None  # its rows may still be coming: no vote yet
+        waiting = asyncio.create_task(short.verdict())  # every row of its shard sent and back
+        await asyncio.sleep(0)
+        stop = cluster.hear(1, short.take_events())
+        assert stop is not None and stop[0] == "refused"
+        short.trip()  # the stop reaches it
+        assert await waiting is False and short.holds("bad_request")  # what it holds stays pending
+    asyncio.run(main())
+
+
+def short_shard(wait_s: float) -> SharedBreaker:
+    """A task's breaker whose three rows were all sent and refused alike."""
+    short = SharedBreaker(50, 120.0, 5, clock=lambda: 0.0, verdict_wait_s=wait_s)
+    for at in (0.0, 0.34, 0.67):
+        short.done(short.sent())
+        short.refusal(KEY, at)
+    return short
+
+
+def test_the_cluster_needs_breaker_refusals_alike_in_all_as_a_local_run_does() -> None:
+    async def main() -> None:
+        cluster = ClusterVerdict(50, 120.0, 5)
+        cluster.running([7], queued=0)  # a run with three rows in all: the last shard's, and nothing queued
+        short = short_shard(wait_s=60.0)
+        waiting = asyncio.create_task(short.verdict())
+        await asyncio.sleep(0)
+        assert cluster.hear(7, short.take_events()) is None  # 3 alike are not 5: no trip ...
+        short.hear(cluster.news())
+        assert await waiting is True  # ... but the rows' own, written as failed, as a local run would
+
+        cluster = ClusterVerdict(50, 120.0, 5)
+        cluster.running([7], queued=1)  # a shard still to start may settle it either way
+        short = short_shard(wait_s=0.05)
+        waiting = asyncio.create_task(short.verdict())
+        await asyncio.sleep(0)
+        assert cluster.hear(7, short.take_events()) is None and not cluster.news()["mixed"]
+        # no verdict within the wait: the cluster is still in doubt, and the rows stay pending
+        assert await waiting is False and short.doubting
+    asyncio.run(main())
+
+
 def test_the_endpoint_is_down_when_the_clusters_faults_add_up_and_up_when_any_worker_is_answered() -> None:
     cluster = cluster_of(0, 1, failures=6)
     a, b = worker(), worker()
@@ -343,3 +397,28 @@ def test_a_job_refused_alike_everywhere_still_stops_at_once_with_nothing_written
     again = run_cli("run", str(job))  # the rerun of a tripped job: still wrong, it stops the same way
     assert again.returncode == EXIT_STOPPED and "the job looks wrong" in again.stderr
     assert read_output(tmp_path / "out") == [] and status_of(job)["pending"] == 400
+
+
+def test_a_wrong_job_still_stops_early_when_a_probed_row_has_a_missing_image(tmp_path: Path,
+                                                                              endpoint_factory: Any) -> None:
+    """A probe's row that fails here (a missing image: an `input` error row, no request) tried
+    nothing: its part is probed again with its next row. Before, the part counted as probed for
+    good and the verdict waited for the producer to get there: 318 requests of 400."""
+    ep = endpoint_factory(faults={"400": 1.0})
+    n = 400
+    # the first row of each later part (80, 160, 240, 320: where probes look first) names a missing file
+    write_rows(tmp_path / "m.csv", [{"id": f"row-{i:05d}", "prompt": f"picture {i}",
+                                     "image": "missing.png" if i in (80, 160, 240, 320) else f"https://images.example/{i}.png"}
+                                    for i in range(n)], "csv")
+    job = write_job(tmp_path / "job.toml", job_dict(tmp_path / "m.csv", ep.base_url, tmp_path / "out",
+                                                    limits={"max_concurrency": 4}, run={"shard_rows": 1000}))
+    result = run_cli("run", str(job))
+    assert result.returncode == EXIT_STOPPED and "the job looks wrong" in result.stderr, result.stderr
+    rows = read_output(tmp_path / "out")  # the missing images are the rows' own failures, written
+    assert sorted(r["id"] for r in rows) == [f"row-{i:05d}" for i in (80, 160, 240, 320)]
+    assert all(r["error_kind"] == "input" for r in rows)
+    assert status_of(job)["pending"] == n - 4
+    # the first alike refusals, the rows then queued and in flight, a probe per part and one more for each
+    # missing image (about 20; the producer waits while the verdict waits for the probes), not the
+    # manifest row by row
+    assert ep.stats()["requests"] < 50, ep.stats()["requests"]

@@ -213,3 +213,29 @@ def test_compare_refuses_a_single_job(tmp_path: Path) -> None:
     assert r.returncode == 2 and "compare needs two jobs or more" in r.stderr
     r = run_cli("compare", str(job), str(job))
     assert r.returncode == 2 and "names repeat" in r.stderr
+
+
+def test_compare_shows_image_bytes_kept_in_the_outputs(tmp_path: Path, endpoint: Any) -> None:
+    """Outputs that keep the manifest's image bytes ([output] keep_media) are compared with those
+    images as thumbnails; the bytes were taken for a file path and compare stopped on an
+    AttributeError. Outputs that keep a reference instead say so."""
+    pictures = sorted((DATA / "images").iterdir())[:3]
+    rows = [{"id": f"r{i}", "image": p.read_bytes(), "prompt": f"Label picture r{i}"} for i, p in enumerate(pictures)]
+    write_rows(tmp_path / "m.parquet", rows, "parquet")
+    jobs = []
+    for name, keep in (("a", True), ("b", True), ("c", False)):
+        data = job_dict(tmp_path / "m.parquet", endpoint.base_url, tmp_path / f"out-{name}",
+                        output={"keep_media": keep})
+        jobs.append(write_job(tmp_path / f"{name}.toml", {**data, "name": name}))
+        r = run_cli("run", str(jobs[-1]))
+        assert r.returncode == 0, r.stderr
+    for pair, shown in (((0, 1), "thumb"), ((2, 0), "note")):
+        out = tmp_path / f"{pair}.html"
+        r = run_cli("compare", str(jobs[pair[0]]), str(jobs[pair[1]]), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        images = [row["images"] for row in _page_data(out.read_text())["rows"]]
+        assert [[next(iter(i)) for i in cell] for cell in images] == [[shown]] * 3, images
+        if shown == "thumb":
+            assert all(cell[0]["thumb"].startswith("data:image/") for cell in images)
+        else:
+            assert all("image bytes given in the manifest" in cell[0]["note"] for cell in images)

@@ -105,6 +105,37 @@ def test_checks_run_on_construction_from_code_too() -> None:
         ServeOptions(transfer="pigeon")
 
 
+def test_the_jobs_secrets_are_one_list_of_credentials_never_settings_or_notify_arguments(monkeypatch) -> None:
+    # Console, report, object store and endpoint client all hide Job.secrets(): what it holds is what
+    # no output shows, and what it leaves out can never be rewritten in an answer.
+    monkeypatch.setenv("PIPE_KEY", "sk-the-key-0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-aws-secret")
+    j = job(endpoint={"api_key_env": "PIPE_KEY", "proxy": "http://u:proxy-pw-77@proxy:3128",
+                      "headers": {"x-portkey-api-key": "pk-SECRET-123456", "x-litellm-tags": "captions"}},
+            input={"storage_options": {"key": "in-key-AKIA", "acl": "private"}},
+            output={"path": "s3://b/out", "storage_options": {"secret": "out-secret-x", "region_name": "eu-west-1"}},
+            notify={"command": ["/bin/page", "--team", "vision"], "webhook": "https://hooks.example/T0/B0/xyz"})
+    secrets = set(j.secrets())
+    assert {"sk-the-key-0001", "proxy-pw-77", "pk-SECRET-123456", "in-key-AKIA", "out-secret-x", "env-aws-secret",
+            "https://hooks.example/T0/B0/xyz"} <= secrets
+    assert not secrets & {"captions", "private", "eu-west-1", "--team", "vision", "/bin/page"}
+
+
+def test_no_secret_is_in_the_jobs_repr() -> None:
+    # A notebook cell showing the job (or a saved .ipynb) holds its repr: no secret header, no proxy
+    # password, no storage credential, no webhook.
+    j = job(endpoint={"proxy": "http://u:proxy-pw-77@proxy:3128",
+                      "headers": {"x-portkey-api-key": "pk-SECRET-123456", "x-litellm-tags": "captions"}},
+            input={"storage_options": {"key": "in-key-AKIA"}},
+            output={"path": "s3://AKIAOUT:out-secret-x@b/out", "storage_options": {"secret": "out-secret-y"}},
+            notify={"command": ["/bin/page", "--token", "notify-tok-1"], "webhook": "https://hooks.example/T0/B0/xyz"})
+    shown = repr(j)
+    for secret in ("pk-SECRET-123456", "proxy-pw-77", "in-key-AKIA", "out-secret-x", "out-secret-y", "notify-tok-1",
+                   "hooks.example"):
+        assert secret not in shown, secret
+    assert "x-portkey-api-key" in shown and "captions" in shown and "proxy:3128" in shown  # what is not secret stays
+
+
 def test_the_readme_lists_every_error_kind_as_the_enum_declares_it() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     listed = re.search(r"<!-- kinds:start -->\n(.*)<!-- kinds:end -->", readme, re.S)

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from conftest import S3, job_dict, read_output, run_cli, write_job
 from PIL import Image
@@ -117,6 +118,40 @@ def test_presigned_url_parameters_are_scrubbed_from_any_text() -> None:
     assert "sig=[signed]" in r.scrub("https://a.blob.core.windows.net/c/b.jpg?sv=2020&sig=abc%2Fdef&se=2026")
     plain = "The picture shows a cat; 2 + 2 = 4."
     assert r.scrub(plain) is plain
+
+
+@pytest.mark.parametrize("text", [
+    # HTML: a page or an answer in markdown/HTML holds the URL with &amp;
+    "<img src=\"https://b.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&amp;X-Amz-Credential=AKIAXX%2F2026"
+    "&amp;X-Amz-Signature=deadbeefdeadbeef\">",
+    # percent-encoded inside another URL's query (a proxy or image CDN link), once and twice
+    "fetch?url=https%3A%2F%2Fb.s3.amazonaws.com%2Fk.png%3FX-Amz-Credential%3DAKIAXX%252F2026%26X-Amz-Signature%3Ddeadbeefdeadbeef",
+    "r?u=https%253A%252F%252Fb%252Fk.png%253FX-Amz-Credential%253DAKIAXX%26X-Amz-Signature%253Ddeadbeefdeadbeef%2526x%253D1",
+    '{"url": "https://b/k.png?X-Amz-Credential=AKIAXX\\u0026X-Amz-Signature=deadbeefdeadbeef"}',  # JSON's \u0026
+])
+def test_signed_url_parameters_are_scrubbed_in_every_escaping(text: str) -> None:
+    out = Redactor().scrub(text)
+    assert "deadbeefdeadbeef" not in out and "AKIAXX" not in out, out
+    assert "[signed]" in out and "X-Amz-Signature" in out  # the name stays: a reader sees the URL was signed
+
+
+_ESCAPES = {
+    "plain": lambda u: u, "html": lambda u: u.replace("&", "&amp;"),
+    "json": lambda u: json.dumps(u)[1:-1].replace("&", "\\u0026"),
+    "percent": lambda u: urllib.parse.quote(u, safe=""), "percent twice": lambda u: urllib.parse.quote(urllib.parse.quote(u, safe=""), safe=""),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(sig=st.text("0123456789abcdef", min_size=16, max_size=64), name=st.sampled_from(
+           ["X-Amz-Signature", "x-amz-signature", "X-Goog-Signature", "Signature", "sig", "X-Amz-Security-Token"]),
+       escape=st.sampled_from(sorted(_ESCAPES)), before=st.text(max_size=40), after=st.text(max_size=40))
+def test_a_signature_never_survives_a_scrub_whatever_its_escaping(sig: str, name: str, escape: str, before: str,
+                                                                   after: str) -> None:
+    url = f"https://b.example/k.png?X-Amz-Date=20260101T000000Z&{name}={sig}&x=1"
+    text = f"{before} {_ESCAPES[escape](url)} {after}"
+    assume(sig not in before + after)
+    assert sig not in Redactor().scrub(text)
 
 
 # -- bytes in a Parquet manifest ---------------------------------------------------------------
@@ -288,6 +323,31 @@ def _signatures(endpoint: Any) -> list[str]:
     return found
 
 
+def sigv4_valid(url: str, key: str, secret: str) -> bool:
+    """Whether `url`'s X-Amz-Signature is the SigV4 query signature of that very URL (host, path,
+    expiry, scope) by `key`/`secret`, recomputed by botocore at the URL's own X-Amz-Date (botocore's
+    clock patched to it). moto's server cannot tell: it checks only an Authorization header's
+    signature, and serves a presigned URL whatever its X-Amz-Signature says."""
+    import datetime
+    from unittest import mock
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    parts = urllib.parse.urlsplit(url)
+    params = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    signed_at = datetime.datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+    region = params["X-Amz-Credential"].split("/")[2]
+    own = urllib.parse.urlencode({k: v for k, v in params.items() if not k.startswith("X-Amz-")})
+    request = AWSRequest(method="GET", url=urllib.parse.urlunsplit(parts._replace(query=own)))
+    auth = botocore.auth.S3SigV4QueryAuth(Credentials(key, secret), "s3", region, expires=int(params["X-Amz-Expires"]))
+    with mock.patch.object(botocore.auth, "get_current_datetime", lambda: signed_at):
+        auth.add_auth(request)
+    expected = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query))
+    return expected["X-Amz-Signature"] == params["X-Amz-Signature"] and expected["X-Amz-Credential"] == params["X-Amz-Credential"]
+
+
 def test_presigned_urls_let_the_provider_fetch_the_objects_and_leave_no_signature(tmp_path: Path, endpoint_factory,
                                                                                     s3: S3, bucket: str) -> None:
     ep = endpoint_factory(record=True, fetch_images=True)  # fetches image URLs as a provider does
@@ -310,6 +370,11 @@ def test_presigned_urls_let_the_provider_fetch_the_objects_and_leave_no_signatur
     assert refused.value.code == 403
     number = int(re.search(r"/img/(\d)\.png\?", urls[0]).group(1))
     assert urllib.request.urlopen(urls[0], timeout=10).read() == picture(number)  # signed: the object's bytes
+    # moto serves a presigned URL whatever its signature: the signature is checked here instead.
+    assert all(sigv4_valid(u, s3.key, s3.secret) for u in urls)
+    tampered = re.sub(r"X-Amz-Signature=[0-9a-f]+", "X-Amz-Signature=" + "0" * 64, urls[0])
+    assert not sigv4_valid(tampered, s3.key, s3.secret) and not sigv4_valid(urls[0], s3.key, "another-secret")
+    assert not sigv4_valid(urls[0].replace("/img/", "/img2/"), s3.key, s3.secret)  # signed for another object
     # No signature or credential in the output, the checkpoint, the cache or stderr.
     secrets = _signatures(ep) + [s3.secret]
     assert secrets and not any(s in files_text(tmp_path / "out", tmp_path / ".pipeline", cache) + r.stderr for s in secrets)

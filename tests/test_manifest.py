@@ -206,6 +206,23 @@ def test_a_64_mb_jsonl_cell_reads_whole(tmp_path: Path) -> None:
     assert rows[3]["image"] == cell
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_repeated_id_is_refused_when_a_row_is_longer_than_a_read_block(tmp_path: Path, fmt: str) -> None:
+    """Naming repeated ids reads their shards again, with the block size the longest record needs
+    (a 2 MiB inline image is more than pyarrow's 1 MiB default): read with the default, the shard
+    was unreadable, skipped, and the repeated id went through unnamed and unrefused."""
+    cell = "data:image/png;base64," + "A" * (2 << 20)
+    ids = ["r0", "r1", "r2", "r1", "r4"]  # the repeat in the long row's shard
+    path = tmp_path / f"m.{fmt}"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("id,image\n" if fmt == "csv" else "")
+        for i, id_ in enumerate(ids):
+            image = cell if i == 3 else f"https://x/{i}"
+            f.write(f'{id_},"{image}"\n' if fmt == "csv" else json.dumps({"id": id_, "image": image}) + "\n")
+    with pytest.raises(JobError, match=r"1 id appears more than once \(rows 1 and 3: 'r1'\)"):
+        plan_manifest(_cfg(path, id_column="id", image_column="image"), 2)
+
+
 def test_invalid_utf8_in_rows_longer_than_a_read_is_named_by_row(tmp_path: Path) -> None:
     """The planner reads a manifest a few MiB at a time: a bad byte deep in a long row, or at its
     end, names that row; a long valid row of 2-byte characters (cut anywhere) names none."""

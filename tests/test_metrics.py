@@ -205,7 +205,7 @@ def test_a_metrics_port_in_use_is_one_line_before_anything_is_sent(tmp_path: Pat
 
 
 def test_batch_mode_counts_its_batches_by_state(tmp_path: Path, endpoint_factory: Any) -> None:
-    ep = endpoint_factory(batch_in_progress_s=2.0)
+    ep = endpoint_factory(batch_in_progress_s=600.0)  # in progress until the batch clock is moved
     prom_file = tmp_path / "batch.prom"
     manifest = url_manifest(tmp_path / "m.csv", 6)
     job = write_job(tmp_path / "job.toml", job_dict(manifest, ep.base_url, tmp_path / "out",
@@ -216,9 +216,23 @@ def test_batch_mode_counts_its_batches_by_state(tmp_path: Path, endpoint_factory
     states = {dict(k[1])["state"]: v for k, v in running.items() if k[0] == "pipeline_batches"}
     assert sum(states.values()) == 1 and "collected" not in states, states
     assert sample(running, "pipeline_exit_code") == 5
-    time.sleep(2.5)
+    ep.advance_batches(601)  # the batch is done, on the endpoint's batch clock
     assert run_cli("run", str(job), "--no-wait").returncode == 0
     done = parse(prom_file)
     assert sample(done, "pipeline_batches", state="collected") == 1
     assert sample(done, "pipeline_rows_total", status="ok", error_kind="") == 6
     assert sample(done, "pipeline_last_success_timestamp_seconds") is not None
+
+
+def test_the_textfile_says_how_a_run_that_failed_to_start_ended(tmp_path: Path, endpoint: Any) -> None:
+    # A run that ends before its summary (exit 2: the manifest was edited; 4: a local failure) left
+    # the textfile saying pipeline_running 1, with no exit code, for as long as nothing ran again.
+    prom = tmp_path / "t.prom"
+    job = make_job(tmp_path, endpoint.base_url, 20, shard_rows=10, metrics_file=str(prom))
+    assert run_cli("run", str(job)).returncode == 0
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(manifest.read_text().replace("row-00003", "row-zzz03"))  # rows already sent changed: refused
+    r = run_cli("run", str(job))
+    assert r.returncode == 2, r.stderr
+    parsed = parse(prom)
+    assert sample(parsed, "pipeline_running") == 0 and sample(parsed, "pipeline_exit_code") == 2, prom.read_text()

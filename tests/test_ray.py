@@ -65,10 +65,17 @@ def assert_exactly_once(out: Path, n: int) -> list[dict]:
 
 
 def shard_workers() -> list[psutil.Process]:
+    """This module's Ray workers running a shard task: descendants of this process, whose
+    `ray.init` started the raylet that starts them. Never the machine's: another test session's
+    Ray (another checkout's suite, a parallel helper's) has workers titled the same, and killing
+    one of those failed a task there ("Task shard_task failed ... will be retried")."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if (p.info["cmdline"] or [""])[0] == TASK_TITLE:
-            found.append(p)
+    for p in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if (p.cmdline() or [""])[0] == TASK_TITLE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
     return found
 
 
@@ -230,6 +237,22 @@ def test_a_wrong_job_on_ray_stops_every_worker_with_nothing_written(
     assert sent and max(sent) < 100, sorted(sent)
     status = json.loads(run_cli("status", str(job), "--json").stdout)
     assert status["pending"] == 200 and status["failed"] == 0
+
+
+def test_a_wrong_job_on_ray_with_a_short_last_shard_writes_nothing(tmp_path: Path, endpoint_factory,
+                                                                   ray_address: str, capsys) -> None:
+    """Shards of 50 and 3 rows: the short one has fewer rows to send than breaker_refusals. Before,
+    its task could never vote "wrong job": the cluster could not trip while it ran, and after
+    VERDICT_WAIT_S it wrote its held refusals as failed rows (and the stop said they stayed pending).
+    Now a task whose rows are all sent, refused alike, votes so whatever their count."""
+    ep = endpoint_factory(faults={"400": 1.0}, latency_ms=20)
+    job = make_job(tmp_path, ep.base_url, 53, address=ray_address, run={"ray_workers": 2, "shard_rows": 50})
+    assert run(load_job(job)) == 3
+    err = capsys.readouterr().err
+    assert "the job looks wrong" in err and "every worker's shard" in err
+    assert read_output(tmp_path / "out-t") == [], "a wrong job writes nothing"
+    status = json.loads(run_cli("status", str(job), "--json").stdout)
+    assert status["pending"] == 53 and status["failed"] == 0, status
 
 
 def test_ray_engine_without_the_extra_is_a_clear_error(tmp_path: Path) -> None:

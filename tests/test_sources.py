@@ -301,6 +301,22 @@ def test_an_image_folder_sends_each_image_once_with_its_sidecar(tmp_path: Path, 
     assert code == 2 and "changed since its rows were planned" in err
 
 
+def test_an_image_folder_refuses_ids_that_repeat_or_may_be_missing(tmp_path: Path) -> None:
+    """Ids are checked before anything is sent, as a manifest's are: a file name repeated in two
+    folders, or a sidecar that one image lacks, made rows sharing an id or with none."""
+    imgs = tmp_path / "imgs"
+    for name in ("cats/001.jpg", "dogs/001.jpg", "dogs/002.jpg"):
+        _image(imgs / name, (1, 2, 3), 8)
+    (imgs / "cats" / "001.txt").write_text("a cat")
+    with pytest.raises(JobError, match=r"1 id appears more than once \(cats/001.jpg, dogs/001.jpg: '001.jpg'\)"):
+        plan_manifest(InputConfig(path=imgs, id_column="name"), 10)
+    with pytest.raises(JobError, match=r"'txt' is read from sidecars, which may be missing or repeat"):
+        plan_manifest(InputConfig(path=imgs, id_column="txt"), 10)
+    (imgs / "dogs" / "001.jpg").rename(imgs / "dogs" / "003.jpg")
+    plan = plan_manifest(InputConfig(path=imgs, id_column="name"), 10)
+    assert read_rows(InputConfig(path=imgs, id_column="name"), plan, plan.shards[0]).ids == ["001.jpg", "002.jpg", "003.jpg"]
+
+
 # -- WebDataset ----------------------------------------------------------------------------------
 
 
@@ -324,6 +340,25 @@ def webdataset(path: Path, samples: int, first: int = 0) -> dict[str, dict[str, 
                 _member(tar, f"{key}.{field}", data)
             out[key] = fields
     return out
+
+
+def test_webdataset_ids_that_repeat_or_are_missing_are_refused_while_planning(tmp_path: Path) -> None:
+    """As a manifest's: keys repeated in two tars, or a member the id column names missing from a
+    sample, were rows sharing an id or with the id "None"."""
+    webdataset(tmp_path / "a" / "shard-000.tar", 3)
+    webdataset(tmp_path / "a" / "shard-001.tar", 3, 2)  # starts at key 2 again
+    with pytest.raises(JobError, match=r"1 id appears more than once \(rows shard-000.tar:2 and shard-001.tar:0: '000000002'\)"):
+        plan_manifest(InputConfig(path=tmp_path / "a", id_column="key"), 2)
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        for key in ("k0", "k1", "k2"):
+            _member(tar, f"{key}.jpg", b"\xff\xd8\xff\xe0" + bytes(10))
+            if key != "k1":
+                _member(tar, f"{key}.txt", f"id-{key}".encode())
+    with pytest.raises(JobError, match=r"1 row has no 'txt' \(row 1\)"):
+        plan_manifest(InputConfig(path=tmp_path / "b.tar", id_column="txt"), 2)
+    plan = plan_manifest(InputConfig(path=tmp_path / "a" / "shard-000.tar", id_column="txt"), 2)
+    _, ids, _ = _all_rows(InputConfig(path=tmp_path / "a" / "shard-000.tar", id_column="txt"), plan)
+    assert ids == ["caption 0", "caption 1", "caption 2"]
 
 
 def _all_rows(cfg: InputConfig, plan: Plan) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:

@@ -27,6 +27,7 @@ from conftest import ROOT, S3, job_dict, read_output, run_cli, url_manifest, wri
 from pipeline.cli import main
 from pipeline.errors import JobError
 from pipeline.io.storage import OWNER_FILE, PartStore
+from pipeline.redact import Redactor, option_secrets
 
 CONCURRENCY = 4
 
@@ -191,6 +192,26 @@ def test_secrets_are_scrubbed_from_storage_messages() -> None:
     message = store.scrub("refused key AKIA1234 with secret s3cr3t-value at http://h:9")
     assert "AKIA1234" not in message and "s3cr3t-value" not in message
     assert "http://h:9" in message  # a place, not a secret: kept, it helps the fix
+
+
+def test_storage_option_settings_are_not_secrets_that_rewrite_text() -> None:
+    # Every journaled answer passes the job's redactor: a setting taken for a secret rewrites them
+    # all ("private" in an answer became "[key]" with acl = "private").
+    secrets = option_secrets({"key": "AKIAREALKEY123", "secret": "real/secret+value", "acl": "private",
+                              "default_cache_type": "none", "config_kwargs": {"signature_version": "s3v4"},
+                              "client_kwargs": {"region_name": "eu-west-1", "aws_session_token": "FQoGZXIvYXdz",
+                                                "headers": {"x-api-key": "hdr-secret-9", "user-agent": "anonymized"}}})
+    assert Redactor(secrets).scrub("An anonymous man in a private garden, none around, eu-west-1 anonymized") == \
+        "An anonymous man in a private garden, none around, eu-west-1 anonymized"
+    assert sorted(secrets) == sorted(["AKIAREALKEY123", "real/secret+value", "FQoGZXIvYXdz", "hdr-secret-9"])
+    # gcsfs: a token that names a way to authenticate is a setting; a token given as a dict holds keys
+    assert option_secrets({"token": "anon", "project": "vision"}) == []
+    assert option_secrets({"token": {"type": "service_account", "private_key": "-----BEGIN KEY-----x",
+                                     "client_email": "a@b.iam"}}) == ["-----BEGIN KEY-----x"]
+    # adlfs
+    assert sorted(option_secrets({"account_name": "photos", "account_key": "acct-KEY==", "sas_token": "sv=2020&sig=x",
+                                  "connection_string": "DefaultEndpointsProtocol=https;AccountKey=y"})) == \
+        sorted(["acct-KEY==", "sv=2020&sig=x", "DefaultEndpointsProtocol=https;AccountKey=y"])
 
 
 @pytest.mark.parametrize("output, expected", [

@@ -59,7 +59,7 @@ class AudioConfig(Table):
             key = "sample_rate" if self.sample_rate else "mono"
             raise JobError(f'[audio] {key}: applies when clips are re-encoded; set convert = "wav" (or "mp3") too')
 
-    def request_shape(self) -> dict[str, object] | None:
+    def request_shape(self) -> dict[str, str] | None:
         """What changes what the model hears; None when all is at its default."""
         d = AudioConfig()
         keys = ("part", "convert", "sample_rate", "mono")

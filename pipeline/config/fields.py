@@ -113,9 +113,11 @@ class Table:
     """Base of the job file's tables: the fields' checks run on construction, then `validate`."""
 
     TABLE: ClassVar[str] = ""
+    # Set by @dataclass on every table; declared so a type[Table] is one to dataclasses.fields.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):
             check = f.metadata.get("check")
             problem = check(getattr(self, f.name)) if check is not None else None
             if problem:
@@ -142,7 +144,7 @@ def read_table(cls: type[T], data: Any, *, source: str, base: Path, table: str |
     values: dict[str, Any] = dict(fixed)
     hints = typing.get_type_hints(cls)
     declared = set()
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         if not f.metadata.get("key", True) or f.name == rest:
             continue
         declared.add(f.name)
@@ -229,7 +231,7 @@ def keys_markdown(tables: list[type[Table]]) -> str:
     for cls in tables:
         out += [f"`[{cls.TABLE}]`" if cls.TABLE else "top level", "", "| key | type | default | |", "|---|---|---|---|"]
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls):
             if not f.metadata.get("key", True):  # e.g. [request] params: the keys no table declares
                 if f.metadata.get("doc") and f.default_factory is dict:
                     out.append(f"| any other key | any | | {f.metadata['doc']} |")
@@ -254,9 +256,12 @@ def _type_text(kind: Any) -> str:
 
 
 def _default_text(f: dataclasses.Field[Any]) -> str:
-    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
         return "required"
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     if value is None or value == {} or value == () or value == []:
         return "—"
     if isinstance(value, bool):

@@ -9,7 +9,7 @@ answer (those are part of the request cache's key).
 
 A header changes an answer unless it is one of NEUTRAL (billing, attribution, tracing), so the
 cache errs towards a miss (paid once more) over a hit from another route. A header whose name
-holds one of SECRET_WORDS is a secret: its value goes into the key only as a SHA-256 digest, and
+holds one of SECRET_WORDS (pipeline.redact, the one list) is a secret: its value goes into the key only as a SHA-256 digest, and
 every message, log and file of the run is scrubbed of it.
 """
 
@@ -19,7 +19,10 @@ import hashlib
 import re
 from typing import Mapping
 
-__all__ = ["NEUTRAL", "RESERVED", "SECRET_WORDS", "headers_problem", "secret_values", "cache_scope"]
+from ..redact import SECRET_WORDS, secret_name
+from .proxy import Proxy
+
+__all__ = ["NEUTRAL", "RESERVED", "SECRET_WORDS", "headers_problem", "secret_values", "endpoint_secrets", "cache_scope"]
 
 # Lower-case names that never change an answer: who pays, who is attributed, how it is traced.
 NEUTRAL = frozenset({"openai-organization", "openai-project", "user-agent", "x-request-id", "x-client-request-id",
@@ -27,7 +30,6 @@ NEUTRAL = frozenset({"openai-organization", "openai-project", "user-agent", "x-r
 # Set by the pipeline itself (the key comes from api_key_env, the proxy's from its URL).
 RESERVED = frozenset({"authorization", "proxy-authorization", "content-type", "content-length", "content-encoding",
                       "accept-encoding", "host", "connection", "transfer-encoding", "te", "upgrade", "keep-alive"})
-SECRET_WORDS = ("key", "token", "auth", "secret", "password", "cookie", "signature", "credential")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's field-name
 
 
@@ -43,13 +45,15 @@ def headers_problem(headers: Mapping[str, object]) -> str | None:
     return None
 
 
-def _secret(name: str) -> bool:
-    return any(word in name.lower() for word in SECRET_WORDS)
-
-
 def secret_values(headers: Mapping[str, str]) -> list[str]:
     """The values no output, message or cache may hold."""
-    return [value for name, value in headers.items() if _secret(name) and value]
+    return [value for name, value in headers.items() if secret_name(name) and value]
+
+
+def endpoint_secrets(api_key: str | None, proxy: Proxy | None, headers: Mapping[str, str]) -> list[str]:
+    """What every request to the endpoint carries that no output may show: the key, the proxy's
+    password, secret headers (Job.secrets() holds them; a Client used on its own hides these)."""
+    return [s for s in (api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(headers)) if s]
 
 
 def cache_scope(url: str, headers: Mapping[str, str]) -> str:
@@ -61,6 +65,6 @@ def cache_scope(url: str, headers: Mapping[str, str]) -> str:
         if low in NEUTRAL:
             continue
         value = headers[name]
-        shown = "sha256:" + hashlib.sha256(value.encode()).hexdigest() if _secret(name) else value
+        shown = "sha256:" + hashlib.sha256(value.encode()).hexdigest() if secret_name(name) else value
         lines.append(f"{low}: {shown}")
     return "\n".join(lines)

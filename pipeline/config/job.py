@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobError
+from ..redact import storage_secrets
 from .fields import Table, keys_markdown, read_table, setting
 from .apis import Api
+from .headers import endpoint_secrets
 from .sections import (
     EndpointConfig,
     ImagesConfig,
@@ -108,11 +110,26 @@ class Job:
         blob = json.dumps(self.request_shape(), sort_keys=True, ensure_ascii=False, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint's folder: `[output] checkpoint`, or its default, set when the job is loaded."""
+        if self.output.checkpoint is None:
+            raise JobError("[output] checkpoint: not set; build the job with load_job or parse_job")
+        return self.output.checkpoint
+
     def api_key(self) -> str | None:
         """The key from the environment; never stored anywhere by the pipeline."""
         if not self.endpoint.api_key_env:
             return None
         return os.environ.get(self.endpoint.api_key_env) or None
+
+    def secrets(self) -> list[str]:
+        """Everything no message, log, journaled row, cached answer, report or file of this job may
+        show: the key, the proxies' passwords, secret [endpoint] headers, the storage credentials
+        of input and output (and the backends' credential variables), the [notify] webhook."""
+        return [*endpoint_secrets(self.api_key(), None, self.endpoint.headers), *self.proxies().secrets(),
+                *storage_secrets({"input": self.input.storage_options, "output": self.output.storage_options}),
+                *(self.notify.secrets() if self.notify is not None else ())]
 
     def proxies(self) -> ProxyChoice:
         """Which proxy each request goes through: `[endpoint] proxy` and the environment when the job was loaded."""

@@ -6,14 +6,17 @@
     on = ["failure", "stopped"]                                    # the default: never on a clean 0
     timeout_s = 10
 
-The webhook URL and the command's arguments are secrets like the API key: `secrets()` hands them
-to every redactor (console, logs, errors), and this table's repr never shows them.
+The webhook URL is a secret like the API key: `secrets()` hands it, whole, to the job's redactor
+(console, logs, errors, files). The command's arguments are not handed on: the answers pass
+through that redactor, and an argument is often a plain word ("--team", "vision") that would be
+rewritten in every answer holding it. Only the notify code ever sees them (its messages name the
+program alone, and hide the arguments in what the program prints); this table's repr shows
+neither.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from ..errors import JobError
 from .fields import Table, positive, setting
@@ -24,7 +27,7 @@ __all__ = ["NotifyConfig", "NOTIFY_ON"]
 # a bad manifest, a local failure); stopped 3, 130, 143 (the provider, a signal); waiting 5 (batches
 # still running); locked 75 (the job was already running).
 NOTIFY_ON = ("success", "failure", "stopped", "waiting", "locked")
-MIN_SECRET = 4  # a shorter argument ("-v", "on") is no secret, and hiding it would garble every message
+MIN_SECRET = 4  # a shorter argument ("-v", "on") is no secret, and hiding it would garble the notify's messages
 
 
 def _events(value: tuple[str, ...]) -> str | None:
@@ -55,12 +58,13 @@ class NotifyConfig(Table):
             raise JobError("[notify]: set command, webhook or both (or remove the table)")
 
     def secrets(self) -> list[str]:
-        """What no output may show: the webhook URL (whole, and its path and query) and the arguments."""
-        found = [a for a in self.command[1:] if len(a) >= MIN_SECRET]
-        if self.webhook:
-            parts = urlsplit(self.webhook)
-            found += [self.webhook, parts.path + (f"?{parts.query}" if parts.query else "")]
-        return [s for s in found if len(s) >= MIN_SECRET]
+        """What no output of the job may show: the webhook URL, whole (a part of it, such as a
+        path "/hooks", could be an ordinary word of an answer)."""
+        return [self.webhook] if self.webhook else []
+
+    def own_secrets(self) -> list[str]:
+        """What the notify code's own messages hide besides: the webhook URL and the arguments."""
+        return [*self.secrets(), *(a for a in self.command[1:] if len(a) >= MIN_SECRET)]
 
     def __repr__(self) -> str:
         return f"NotifyConfig(command={self.command[:1]!r} + {len(self.command[1:])} arguments, " \

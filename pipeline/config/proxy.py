@@ -228,12 +228,12 @@ class ProxyChoice:
         if self.off:
             return None
         if self.setting is not None:
-            found: tuple[str, str] | None = ("[endpoint] proxy", self.setting)
+            source, text = "[endpoint] proxy", self.setting
         else:
             found = _first(self.environ, _variables(scheme, self.environ))
             if found is None or not found[1].strip():
                 return None
-        source, text = found
+            source, text = found
         try:
             self._parsed[source] = parse_proxy(text, source)
         except ProxyError as err:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..durations import parse_duration
 from ..errors import JobError
+from ..redact import secret_name
 from .fields import (
     AUTO,
     Auto,
@@ -34,7 +35,7 @@ from .headers import headers_problem
 from .inputs import MANIFEST_FORMATS, InputConfig
 from .labels import LabelsConfig, schema_problem
 from .proxy import ProxyError, parse_proxy
-from .urls import check_url, is_url, object_prefix
+from .urls import check_url, display, is_url, object_prefix
 
 __all__ = [
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig",
@@ -89,6 +90,12 @@ class EndpointConfig(Table):
                                       doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
                                           'part of the request cache\'s key unless billing or tracing only, a secret '
                                           '(its name says key, token, ...) hashed there and scrubbed from every output')
+
+    def __repr__(self) -> str:  # a secret header's value and the proxy's password never (a notebook saves its output)
+        headers = {name: "[secret]" if secret_name(name) else value for name, value in self.headers.items()}
+        proxy = display(self.proxy) if self.proxy else self.proxy
+        return (f"EndpointConfig(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r}, "
+                f"proxy={proxy!r}, headers={headers!r})")
 
     @property
     def url(self) -> str:
@@ -168,6 +175,14 @@ class LimitsConfig(Table):
     @property
     def auto_rate(self) -> bool:
         return isinstance(self.requests_per_minute, Auto) or isinstance(self.tokens_per_minute, Auto)
+
+    def fixed_rate(self) -> tuple[float, float]:
+        """Requests and tokens per minute as numbers: a Ray cluster's pace ("auto" is refused
+        for it when the job is loaded, as one process finds it)."""
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        if isinstance(rpm, Auto) or isinstance(tpm, Auto):
+            raise JobError('[limits]: "auto" limits are found by one process; give numbers')
+        return rpm, tpm
 
     @property
     def counts_tokens(self) -> bool:
@@ -276,7 +291,8 @@ class OutputConfig(Table):
             raise JobError("[output] storage_options: only used when [output] path is a URL (s3://...); remove it")
 
     def __repr__(self) -> str:  # storage_options may hold credentials
-        return f"OutputConfig(path={self.path!r}, checkpoint={self.checkpoint!r})"
+        path = display(self.path) if isinstance(self.path, str) else self.path  # a URL's user:password@ never
+        return f"OutputConfig(path={path!r}, checkpoint={self.checkpoint!r})"
 
 
 def default_cache_folder() -> Path:

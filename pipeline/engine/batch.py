@@ -128,7 +128,7 @@ class _BatchRun:
         wait_s = min(FIRST_POLL_S, job.run.poll_s)
         async with BatchAPI(job.endpoint.base_url or "", job.api_key(), timeout_s=job.limits.timeout_s,
                             max_attempts=job.limits.max_attempts, proxy=job.endpoint_proxy(),
-                            headers=job.endpoint.headers) as api:
+                            headers=job.endpoint.headers, redactor=self.console.redactor) as api:
             builder = RequestBuilder(job, self.ready.plan.columns, redactor=self.console.redactor, labels=self.labels)
             try:
                 while not self.stopping.is_set():

@@ -35,7 +35,7 @@ __all__ = ["export_batch", "import_batch"]
 
 def export_batch(job: Job, path: Path) -> int:
     console = Console.for_job(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
         count, skipped = asyncio.run(_export(job, ckpt, ready.plan, path, console))
@@ -80,7 +80,7 @@ async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: C
 
 def import_batch(job: Job, path: Path) -> int:
     console = Console.for_job(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     labels = make_labels(job)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
@@ -100,16 +100,16 @@ def import_batch(job: Job, path: Path) -> int:
                 except ValueError:
                     continue
                 got = result_of(line, job, labels, console.redactor)
-                shard = shard_of.get(got.row_id)
-                if shard is None:
+                index = shard_of.get(got.row_id)
+                if index is None:
                     unknown += 1
                     continue
-                row = got.row if got.row is not None else error_row(got.row_id, got.error, attempts=1)  # type: ignore[arg-type]
+                row = got.row if got.row is not None else error_row(got.row_id, got.error, attempts=1)  # type: ignore[arg-type]  # no row: an error says why
                 row.attempts = max(row.attempts, 1)
                 row.finished_at = time.time()
-                journal.append(shard, row.scrubbed(console.redactor.scrub))
+                journal.append(index, row.scrubbed(console.redactor.scrub))
                 ok, failed = (ok + 1, failed) if row.ok else (ok, failed + 1)
-                touched.add(shard)
+                touched.add(index)
         journal.sync()
         for index in sorted(touched):
             shard = ready.plan.shard(index)

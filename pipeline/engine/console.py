@@ -1,7 +1,7 @@
 """The console: the lines the person (or the log shipper) running a job reads, on stderr, never
 with a secret in them. Every line a run prints goes through here, as text or as JSON lines.
 
-    console = Console.for_job(job)                 # hides the key, storage and notify secrets
+    console = Console.for_job(job)                 # hides job.secrets(): key, proxy, headers, storage, webhook
     console = Console.for_job(job, "json")         # or PIPELINE_LOG_FORMAT=json: one JSON object a line
     console.say("note: ...")                       # level and event read from the prefix
     console.say(text, event="summary", **fields)   # fields: the JSON line's own keys (scrubbed too)
@@ -26,9 +26,8 @@ import warnings
 from typing import Any, TextIO
 
 from ..config import Job
-from ..config.headers import secret_values
 from ..errors import JobError
-from ..redact import Redactor, option_secrets
+from ..redact import Redactor
 
 __all__ = ["Console", "log_format", "LOG_FORMATS", "LOG_FORMAT_ENV"]
 
@@ -60,13 +59,7 @@ class Console:
     @classmethod
     def for_job(cls, job: Job, fmt: str | None = None) -> Console:
         """Every message, journal line, log and summary of this job's run is scrubbed of these."""
-        from ..io.storage import PartStore  # here: the CLI prints its errors without Arrow
-
-        secrets = [job.api_key(), *PartStore.for_output(job.output).secrets(), *job.proxies().secrets(),
-                   *option_secrets(job.input.storage_options), *secret_values(job.endpoint.headers)]
-        if job.notify is not None:
-            secrets += job.notify.secrets()
-        return cls(Redactor(secrets), json_lines=log_format(fmt) == "json", job=job.name)
+        return cls(Redactor(job.secrets()), json_lines=log_format(fmt) == "json", job=job.name)
 
     def say(self, message: str, *, event: str | None = None, level: str | None = None, text: bool = True,
             **fields: Any) -> None:
@@ -102,14 +95,15 @@ class Console:
         if not self.json:
             return
 
-        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any) -> None:
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
             self.say(f"warning: {category.__name__}: {message}", event="python_warning", where=f"{filename}:{lineno}")
 
         def crash(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
             self.say(f"error: {kind.__name__}: {exc}", event="crash",
                      traceback="".join(traceback.format_exception(kind, exc, tb)))
 
-        warnings.showwarning = show  # type: ignore[assignment]
+        warnings.showwarning = show
         sys.excepthook = crash
         threading.excepthook = lambda args: crash(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
         handler = _ConsoleHandler(self)

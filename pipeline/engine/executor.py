@@ -2,7 +2,8 @@
 
     code = LocalExecutor(job, options).run()      # this process (pipeline.engine.local)
     code = RayExecutor(job, options).run()        # Ray tasks over a cluster (pipeline.engine.ray)
-    executor.summary                              # what last_run.json says, once run() returned
+    executor.summary                              # what last_run.json says, once run() returned (or how
+                                                  # a run that ended before its summary ended)
 
 The base does what every executor shares, the datatrove way: lock the job and prepare it (plan,
 verified commits, shards to do), start the built-in endpoint for a job with `[serve]`, hand
@@ -56,16 +57,23 @@ class Executor:
         try:
             code = self._run()
         except (JobError, LockedError, LocalFailure) as exc:
-            code = EXIT_USAGE if isinstance(exc, JobError) else EXIT_LOCKED if isinstance(exc, LockedError) \
-                else EXIT_LOCAL_FAILURE
-            self._notify({"job": self.job.name, "exit_code": code, "ended": time.time(), "error": str(exc)})
+            self._notify(self._ended_early(exc))
             raise
         self._notify(self.summary)
         return code
 
+    def _ended_early(self, exc: JobError | LockedError | LocalFailure) -> dict[str, Any]:
+        """The summary of a run that ended before its own (a bad or edited manifest, a lock held
+        elsewhere, a full disk), made once: the metrics and [notify] both tell how it ended."""
+        if not self.summary:
+            code = EXIT_USAGE if isinstance(exc, JobError) else EXIT_LOCKED if isinstance(exc, LockedError) \
+                else EXIT_LOCAL_FAILURE
+            self.summary = {"job": self.job.name, "exit_code": code, "ended": time.time(), "error": str(exc)}
+        return self.summary
+
     def _run(self) -> int:
         job, console = self.job, self.console
-        ckpt = Checkpoint(job.output.checkpoint)
+        ckpt = Checkpoint(job.checkpoint)
         with ckpt.locked(job.name):
             if ckpt.took_over_from is not None:
                 console.say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running",
@@ -117,6 +125,9 @@ class Executor:
         metrics.start()
         try:
             yield metrics
+        except (JobError, LocalFailure) as exc:  # no summary of its own: else the textfile says "running" for good
+            metrics.finish(self._ended_early(exc))
+            raise
         finally:
             metrics.close()
 

@@ -16,7 +16,7 @@ held whole and turned into Python objects ROWS_PER_BATCH rows (and about BATCH_B
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 import pyarrow as pa
 
@@ -49,17 +49,17 @@ class Feed:
             async for batch in batches:
                 return batch[0][1]
         finally:
-            await batches.aclose()  # type: ignore[attr-defined]
+            await batches.aclose()
         raise AssertionError(f"row {i} of shard {shard.index} is not there")  # a plan's rows are
 
-    async def cells(self, shard: Shard, table: pa.Table, send: list[int]) -> AsyncIterator[list[tuple[int, dict[str, Any]]]]:
+    async def cells(self, shard: Shard, table: pa.Table, send: list[int]) -> AsyncGenerator[list[tuple[int, dict[str, Any]]], None]:
         """The cells of the rows at positions `send` (ascending), a batch at a time."""
         held = table.select(self.held)
         if not self.streamed:
             step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, held.num_rows) // max(1, held.nbytes)))
             for start in range(0, len(send), step):
-                batch = send[start : start + step]
-                yield list(zip(batch, held.take(pa.array(batch, pa.int64())).to_pylist()))
+                rows = send[start : start + step]
+                yield list(zip(rows, held.take(pa.array(rows, pa.int64())).to_pylist()))
             return
         if not send:
             return
@@ -81,4 +81,4 @@ class Feed:
                     yield [(i, {**a, **b}) for i, a, b in zip(mine, light, heavy)]
                 first = last
         finally:
-            await asyncio.to_thread(stream.close)  # type: ignore[attr-defined]
+            await asyncio.to_thread(stream.close)

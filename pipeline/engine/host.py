@@ -23,7 +23,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Any, Callable, Coroutine, Iterator
+from typing import Any, Callable, ContextManager, Coroutine, Iterator, TypeVar
 
 from ..config import Job
 from .console import Console
@@ -33,6 +33,7 @@ from .summary import cli_again
 __all__ = ["Host", "ProcessHost", "CallerHost"]
 
 Handler = Callable[[int], None]
+T = TypeVar("T")
 
 
 class Host:
@@ -47,10 +48,10 @@ class Host:
         """JSON logs: what else reaches stderr (warnings, library logs, a crash) as JSON lines too."""
         console.capture_process_output()
 
-    def run_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    def run_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         return event_loop_runner()(coro)
 
-    def signals(self, loop: asyncio.AbstractEventLoop, first: Handler, at_once: Handler | None) -> Any:
+    def signals(self, loop: asyncio.AbstractEventLoop, first: Handler, at_once: Handler | None) -> ContextManager[None]:
         return on_signals(loop, first, at_once)
 
     def expire(self, code: int) -> None:
@@ -88,12 +89,12 @@ class CallerHost(Host):
     def capture(self, console: Console) -> None:
         pass  # the caller's warnings, loggers and hooks are the caller's
 
-    def run_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    def run_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         """On a new loop in this (the run's) thread; the process-wide loop policy is left alone."""
         with asyncio.Runner(loop_factory=_new_loop()) as runner:
             return runner.run(self._owned(coro))
 
-    async def _owned(self, coro: Coroutine[Any, Any, Any]) -> Any:
+    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._lock:
             self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
         try:

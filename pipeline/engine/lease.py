@@ -239,7 +239,7 @@ class LeasedLimiter:
         except Exception as exc:  # the budget is gone (its actor died): sending on would be blind
             self.stop(StopJob(f"lost the cluster's rate limiter ({type(exc).__name__}); run again to continue",
                               kind="rate_limiter_lost"))
-            self._check_stop()
+            raise self._stop_error()  # the first reason given, this one or an earlier
         now = self.clock()
         self.leases += 1
         self.hear(grant["epoch"])
@@ -257,4 +257,9 @@ class LeasedLimiter:
 
     def _check_stop(self) -> None:
         if self.stop_reason is not None:
-            raise StopJob(str(self.stop_reason), kind=self.stop_reason.kind)
+            raise self._stop_error()
+
+    def _stop_error(self) -> StopJob:
+        """A StopJob of its own for each worker that meets the stop."""
+        assert self.stop_reason is not None
+        return StopJob(str(self.stop_reason), kind=self.stop_reason.kind)

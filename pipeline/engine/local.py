@@ -26,13 +26,14 @@ PAUSE_NOTE_EVERY_S = 5.0  # JSON logs: at most one "paused" line this often
 
 class LocalExecutor(Executor):
     engine: ShardEngine | None = None
+    limiter: Limiter | None = None  # the engine's Pacer, kept as what it is: its pace is shown live
 
     def live(self) -> Live:
-        engine, ready = self.engine, self.ready
-        if engine is None or ready is None:
+        engine, ready, limiter = self.engine, self.ready, self.limiter
+        if engine is None or ready is None or limiter is None:
             return super().live()
         c = Counts.merged([engine.counts.to_dict()])  # a copy: the loop's thread goes on counting
-        limiter, ctl = engine.limiter, engine.gate.controller
+        ctl = engine.gate.controller
         tokens = limiter.tokens.per_minute if limiter.tokens is not None else 0.0
         auto = {"requests_per_minute": limiter.auto_requests, "tokens_per_minute": limiter.auto_tokens,
                 "max_concurrency": ctl is not None}
@@ -54,12 +55,12 @@ class LocalExecutor(Executor):
         try:
             async with self.serving() as job:
                 limits = job.limits
-                limiter = Limiter(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
-                                  max_pause_s=limits.max_retry_after_s)
+                limiter = self.limiter = Limiter(limits.requests_per_minute, limits.tokens_per_minute, burst=limits.burst,
+                                                 max_pause_s=limits.max_retry_after_s)
                 engine = self.engine = ShardEngine(job, ckpt, ready.plan, limiter=limiter, console=self.console, options=self.options,
                                      committed_rows={i: c.rows for i, c in ready.commits.items()}, expire=self.host.expire)
                 with self.host.signals(asyncio.get_running_loop(), engine.interrupt, engine.sync_journal):
-                    stopped = await self._with_progress(engine, ready)
+                    stopped = await self._with_progress(engine, limiter, ready)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self.host.cancelled() or engine is None or task is None:
@@ -73,7 +74,7 @@ class LocalExecutor(Executor):
             self.console.say(f"error: {stopped}")
         return (engine.counts if engine is not None else Counts()), stopped
 
-    async def _with_progress(self, engine: ShardEngine, ready: Prepared) -> Stopped:
+    async def _with_progress(self, engine: ShardEngine, limiter: Limiter, ready: Prepared) -> Stopped:
         with Progress(self.progress, total=ready.plan.total_rows, auto=self.host.auto_progress) as bar:
             def show() -> None:
                 c = engine.counts
@@ -85,7 +86,7 @@ class LocalExecutor(Executor):
                 while True:
                     await asyncio.sleep(PROGRESS_EVERY_S)
                     show()
-                    noted = self._note_pause(engine, noted)
+                    noted = self._note_pause(engine, limiter, noted)
 
             ticker = asyncio.create_task(tick())
             try:
@@ -96,10 +97,9 @@ class LocalExecutor(Executor):
                     await ticker
                 show()
 
-    def _note_pause(self, engine: ShardEngine, noted: float) -> float:
+    def _note_pause(self, engine: ShardEngine, limiter: Limiter, noted: float) -> float:
         """JSON logs: a pause of the whole pool for the provider's 429s is a line (at most one per
         PAUSE_NOTE_EVERY_S); returns when the last line was said."""
-        limiter = engine.limiter
         now = limiter.clock()
         if limiter.paused_until <= now or now - noted < PAUSE_NOTE_EVERY_S:
             return noted

@@ -135,7 +135,7 @@ class RunMetrics:
         self.port, self.host, self.file = job.run.metrics_port, job.run.metrics_host, job.run.metrics_file
         self.collector = _Collector(job, live, started, last_success)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)  # type: ignore[arg-type]
+        self.registry.register(self.collector)
         self.server: Any = None
         self.stop_writing = threading.Event()
         self.writer: threading.Thread | None = None

@@ -2,11 +2,13 @@
 first refusals are all alike, so a verdict of "wrong job" is never drawn from one corner of the
 manifest (net.breaker: `probes`, `cover`).
 
-    probes = Probes(shards, breaker, open_shard=..., enqueue=..., tripped=...)
+    probes = Probes(shards, breaker, open_shard=..., enqueue=..., tripped=..., spawn=...)
     work = await probes.work_for(shard)   # the producer's (and the probes') one opening of a shard
     probes.at(shard, i)                   # the row's place in the run's rows, 0 <= at < 1
+    await probes.hold()                   # the producer waits while a verdict waits for the probes
     if not probes.taken(shard, i): probes.producing(shard, i)   # the producer takes row i now
-    probes.ask(tasks)                     # after an alike refusal: a row from each part not tried yet
+    probes.ask()                          # after an alike refusal: a row from each part not tried yet
+    probes.settled(shard, i, requested=row.attempts > 0)   # every row's result: one failed here is probed again
     await probes.drain()                  # before the producer says "no more rows"
 
 The run's rows are the shards given to the engine, in order; a part is a `1 / breaker.max_refusals`
@@ -15,13 +17,21 @@ has rows out whose refusals (or answers) will come; one it has not reached gets 
 row there still to send, queued at once and skipped by the producer when it gets there. A part with
 nothing left to send is covered as it is (`cover`): it has no row to settle the doubt with. A probe
 may open a shard ahead of the producer, which then holds its table until the producer gets there:
-at most one shard per part, and only in a run whose first refusals were alike.
+at most one shard per part, and only in a run whose first refusals were alike. A row that settles
+without a request (an input error such as a missing image; a cache hit) tried nothing: its part
+counts as untried again, and a probe there takes the part's next row. A shard is opened in the
+task that asks for it first (the producer's or a probe's, each owned by the engine's TaskGroup);
+any other asking meanwhile waits for that opening. While the verdict waits for probes (enough
+alike refusals, not from everywhere yet) the producer takes no more rows: they would only be
+refused alike too, and however slowly the probes' rows come back (a loaded machine, image work),
+a wrong job costs the first refusals, the requests then in flight and the probes.
 """
 
 from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from typing import Any, Awaitable, Callable, Coroutine, Generic, Protocol, TypeVar
 
 from ..io.manifest import Shard
@@ -39,9 +49,10 @@ W = TypeVar("W", bound=_Opened)
 
 class Probes(Generic[W]):
     def __init__(self, shards: list[Shard], breaker: Breaker, *, open_shard: Callable[[Shard], Awaitable[W]],
-                 enqueue: Callable[[W, int], Awaitable[None]], tripped: Callable[[], None]) -> None:
+                 enqueue: Callable[[W, int], Awaitable[None]], tripped: Callable[[], None],
+                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
         self.shards, self.breaker = shards, breaker
-        self.open_shard, self.enqueue, self.tripped = open_shard, enqueue, tripped
+        self.open_shard, self.enqueue, self.tripped, self.spawn = open_shard, enqueue, tripped, spawn  # spawn: an owned task
         self.offsets: dict[int, int] = {}
         total = 0
         for shard in shards:
@@ -51,17 +62,32 @@ class Probes(Generic[W]):
         self._starts = [self.offsets[s.index] for s in shards]
         self.cursor = 0  # every place before it the producer has taken (or skipped as done before)
         self.taken_rows: set[tuple[int, int]] = set()  # (shard index, position) a probe took
-        self.parts_sent: set[int] = set()  # parts some row was sent from while in doubt
+        self.out: Counter[int] = Counter()  # per part: rows taken while in doubt, less those settled without a request
         self.opening: dict[int, asyncio.Future[W]] = {}  # shards opened (or being opened), until produced
         self.running: set[asyncio.Task[None]] = set()
+        self.news = asyncio.Event()  # a row settled: the verdict the producer may be waiting for moved
 
     # -- the producer's side ---------------------------------------------------------------
 
     async def work_for(self, shard: Shard) -> W:
-        """The shard opened once, whether by the producer or by a probe ahead of it."""
-        if shard.index not in self.opening:
-            self.opening[shard.index] = asyncio.ensure_future(self.open_shard(shard))
-        return await self.opening[shard.index]
+        """The shard opened once, whether by the producer or by a probe ahead of it: in the task that
+        asks first (no task of its own, which nothing would own); the others wait for its result."""
+        opening = self.opening.get(shard.index)
+        if opening is not None:
+            return await opening
+        opening = self.opening[shard.index] = asyncio.get_running_loop().create_future()
+        try:
+            work = await self.open_shard(shard)
+        except BaseException as exc:
+            del self.opening[shard.index]  # the next to ask opens it again
+            if isinstance(exc, asyncio.CancelledError):
+                opening.cancel()
+            else:
+                opening.set_exception(exc)
+                opening.exception()  # retrieved: it is raised here; a task waiting on it gets it too
+            raise
+        opening.set_result(work)
+        return work
 
     def at(self, shard: Shard, i: int) -> float:
         return (self.offsets[shard.index] + i) / self.total
@@ -74,7 +100,14 @@ class Probes(Generic[W]):
         place = self.offsets[shard.index] + i
         self.cursor = place + 1
         if self.breaker.doubting:
-            self.parts_sent.add(self.breaker.part(place / self.total))
+            self.out[self.breaker.part(place / self.total)] += 1
+
+    async def hold(self) -> None:
+        """Until no verdict waits for probes: enough alike refusals are in, not from every part."""
+        breaker = self.breaker
+        while breaker.doubting and breaker.refusals >= breaker.max_refusals and breaker.missing and not breaker.tripped:
+            self.news.clear()
+            await self.news.wait()
 
     def passed(self, shard: Shard) -> None:
         """The producer is done with `shard`."""
@@ -85,17 +118,30 @@ class Probes(Generic[W]):
         while self.running:
             await asyncio.wait(self.running)
 
+    def settled(self, shard: Shard, i: int, *, requested: bool) -> None:
+        """Row `i` of `shard` has its result; `requested`: a request went out for it. One settled
+        without (a missing image: an input error row; a cache hit) told the breaker nothing: when
+        it was its part's last row out, the part is untried again, and probed again."""
+        self.news.set()
+        if requested or not self.breaker.doubting:
+            return
+        part = self.breaker.part(self.at(shard, i))
+        self.out[part] = max(0, self.out[part] - 1)
+        if not self.out[part] and part in self.breaker.missing:
+            self.breaker.reprobe(part)
+            self.ask()
+
     def cancel(self) -> None:
         for task in list(self.running):
             task.cancel()
 
     # -- probing ---------------------------------------------------------------------------
 
-    def ask(self, spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]]) -> None:
+    def ask(self) -> None:
         """Send a probe for each part the breaker asks for now (none: nothing to do)."""
         parts = self.breaker.probes()
         if parts:
-            task = spawn(self._send(parts))
+            task = self.spawn(self._send(parts))
             self.running.add(task)
             task.add_done_callback(self.running.discard)
 
@@ -106,7 +152,7 @@ class Probes(Generic[W]):
 
     async def _send_one(self, part: int) -> bool:
         """A probe of `part`; True when it has no row left to send (covered as it is)."""
-        if part in self.parts_sent:
+        if self.out[part]:
             return False  # rows of it are out already: their verdict will come
         low, high = self._bounds(part)
         low = max(low, self.cursor)
@@ -139,6 +185,6 @@ class Probes(Generic[W]):
                 break
             if place >= self.cursor and (shard.index, i) not in self.taken_rows:
                 self.taken_rows.add((shard.index, i))
-                self.parts_sent.add(self.breaker.part(place / self.total))
+                self.out[self.breaker.part(place / self.total)] += 1
                 return i
         return None

@@ -17,7 +17,7 @@ import functools
 import os
 import signal
 import threading
-from typing import Any, Callable, Coroutine, Iterator
+from typing import Any, Callable, Coroutine, Iterator, Protocol, TypeVar
 
 __all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "Deadline", "exit_process",
            "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL", "EXIT_WAITING"]
@@ -25,7 +25,7 @@ __all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports
 # The process's exit codes (pipeline.engine.summary says when each is given).
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_USAGE, EXIT_STOPPED, EXIT_LOCAL_FAILURE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 EXIT_WAITING = 5  # batch mode, not waiting: batches still running at the provider
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}  # keyed by the number a handler gets
 
 
 def tune_memory() -> None:
@@ -60,7 +60,16 @@ def give_back_memory() -> None:
         libc.malloc_trim(0)
 
 
-def event_loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
+T = TypeVar("T")
+
+
+class LoopRunner(Protocol):
+    """asyncio.run's shape: a coroutine run to its end on a new loop, its result returned."""
+
+    def __call__(self, main: Coroutine[Any, Any, T], /) -> T: ...
+
+
+def event_loop_runner() -> LoopRunner:
     """uvloop where installed: the benchmarks show it cuts the event loop's cost per request.
 
     Set as the event loop policy, and only over the default one: a policy the host process chose

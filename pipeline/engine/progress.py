@@ -8,7 +8,10 @@ terminal (or when asked), fed by whichever executor runs the job.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["Progress", "PROGRESS_EVERY_S"]
 
@@ -18,7 +21,7 @@ PROGRESS_EVERY_S = 0.25
 def _in_notebook() -> bool:
     """A Jupyter kernel runs this process (IPython is imported only where it is in use)."""
     ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None  # type: ignore[attr-defined]
+    shell = ipython.get_ipython() if ipython is not None else None
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
@@ -27,14 +30,17 @@ class Progress:
         """`auto`: tqdm.auto's bar (a widget in a notebook, shown there by default)."""
         if show is None:
             show = sys.stderr.isatty() or (auto and _in_notebook())
-        self._bar: Any = None
-        if show:
-            if auto:
-                from tqdm.auto import tqdm
-            else:
-                from tqdm import tqdm  # imported only for a bar
+        self._bar: tqdm[NoReturn] | None = None
+        options: dict[str, Any] = {"total": total, "initial": initial, "unit": "row", "dynamic_ncols": True,
+                                   "smoothing": 0.1, "file": sys.stderr}
+        if show and auto:
+            from tqdm.auto import tqdm as auto_bar  # imported only for a bar
 
-            self._bar = tqdm(total=total, initial=initial, unit="row", dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+            self._bar = auto_bar(**options)
+        elif show:
+            from tqdm import tqdm as bar
+
+            self._bar = bar(**options)
 
     def __enter__(self) -> Progress:
         return self
@@ -48,5 +54,7 @@ class Progress:
         if bar is None:
             return
         bar.update(done - bar.n)
-        extra = {"spent": f"{spent:.4f}"} if spent is not None else {}
-        bar.set_postfix(ok=ok, failed=failed, **extra, refresh=False)
+        postfix: dict[str, object] = {"failed": failed, "ok": ok}  # the order tqdm gave keyword arguments
+        if spent is not None:
+            postfix["spent"] = f"{spent:.4f}"
+        bar.set_postfix(postfix, refresh=False)

@@ -78,10 +78,10 @@ class RayExecutor(Executor):
         if driver is None:
             return super().live()
         c, limits = driver.counts, self.job.limits
+        rpm, tpm = limits.fixed_rate()
         return Live(Counts.merged([c.to_dict()]), in_flight=driver.in_flight,
                     remaining=driver.ready.plan.total_rows - driver.base_done - driver.done,
-                    requests_per_minute=float(limits.requests_per_minute),
-                    tokens_per_minute=float(limits.tokens_per_minute), concurrency=driver.workers * limits.workers)
+                    requests_per_minute=rpm, tokens_per_minute=tpm, concurrency=driver.workers * limits.workers)
 
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         connected_here = _connect(self.job, self.console)
@@ -98,11 +98,11 @@ def _connect(job: Job, console: Console) -> bool:
         return False
     address = job.run.ray_address
     # JSON logs: Ray's own lines while it starts are JSON too; after, they go through the console
-    json_logs = {"logging_config": ray.LoggingConfig(encoding="JSON", log_level="WARNING")} if console.json else {}
+    json_logs = ray.LoggingConfig(encoding="JSON", log_level="WARNING") if console.json else None
     try:
         # Workers' own output stays in Ray's session logs: the driver prints what a local run prints.
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 **json_logs)
+                 logging_config=json_logs)
         console.adopt_logger("ray")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray"
@@ -158,15 +158,15 @@ class _Driver:
         queue: deque[Shard] = deque(self.ready.todo)
         running: dict[asyncio.Future[Any], Shard] = {}
         rerun: Counter[int] = Counter()
-        voters: list[int] = []
+        voters: tuple[list[int], int] = ([], 0)
         while True:
             while queue and not self.stopping and len(running) < workers:
                 shard = queue.popleft()
                 ref = task.remote(job_ref, plan_ref, shard, worker_options, self.coordinator)
                 running[asyncio.wrap_future(ref.future())] = shard
-            if voters != (now := sorted(s.index for s in running.values())):
+            if voters != (now := (sorted(s.index for s in running.values()), len(queue))):
                 voters = now
-                self.coordinator.running.remote(voters)  # whose breakers vote on a wrong job
+                self.coordinator.running.remote(*voters)  # whose breakers vote on a wrong job, how many wait
             if not running:
                 break
             done, _ = await asyncio.wait(running, timeout=PROGRESS_EVERY_S, return_when=asyncio.FIRST_COMPLETED)

@@ -47,7 +47,7 @@ class Coordinator:
     time (a plain Ray actor), so its state needs no lock."""
 
     def __init__(self, limits: LimitsConfig) -> None:
-        self.budget = RateBudget(limits.requests_per_minute, limits.tokens_per_minute,
+        self.budget = RateBudget(*limits.fixed_rate(),
                                  burst=limits.burst, max_pause_s=limits.max_retry_after_s)
         self.reports: dict[str, dict[str, Any]] = {}  # attempt -> its latest counts
         self.stopped: tuple[str, str] | None = None  # (kind, message)
@@ -70,9 +70,9 @@ class Coordinator:
             self.stop(*stop)
         return {"epoch": self.budget.epoch, "stop": self.stopped, "breaker": self.verdict.news()}
 
-    def running(self, shards: list[int]) -> None:
-        """The driver's shards in flight: the tasks whose breakers vote on a wrong job."""
-        self.verdict.running(shards)
+    def running(self, shards: list[int], queued: int = 0) -> None:
+        """The driver's shards in flight (the tasks whose breakers vote on a wrong job), and how many wait."""
+        self.verdict.running(shards, queued)
 
     def stop(self, kind: str, message: str) -> None:
         if self.stopped is None:
@@ -124,7 +124,7 @@ def _sized_for_task(job: Job) -> Job:
 
 async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
     job = _sized_for_task(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard)
     async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)

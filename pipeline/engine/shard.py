@@ -122,7 +122,8 @@ class ShardEngine:
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
         self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, tripped=lambda: self.stop(self.breaker.stop()),
-                             enqueue=self._enqueue_one)
+                             enqueue=self._enqueue_one,
+                             spawn=lambda probe: self._spawn(probe, "reading the manifest"))
         try:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
@@ -136,7 +137,7 @@ class ShardEngine:
             self.cache = cache.cache if cache is not None else None
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy(),
-                              headers=self.job.endpoint.headers, api=self.job.endpoint.api) as client:
+                              headers=self.job.endpoint.headers, api=self.job.endpoint.api, redactor=self.console.redactor) as client:
                 sender = RowSender(job=self.job, builder=self.builder, client=client, limiter=self.limiter,
                                    spend=self.spend, breaker=self.breaker, counts=self.counts, labels=self.labels,
                                    stopping=self.stopping, before_send=self.journal.flush_before_send,
@@ -187,9 +188,8 @@ class ShardEngine:
             producer = tasks.create_task(self._guarded(self._produce(shards), "reading the manifest"))
             workers = [tasks.create_task(self._worker(sender)) for _ in range(self.limits.workers)]
             await self._until_done(producer, workers)
-            if self.held:
-                await self.breaker.verdict()  # a Ray worker's held refusals wait for the cluster's
-            if self.stop_reason is None and self.stop_signal is None and self.failure is None and not self.breaker.tripped:
+            theirs = await self.breaker.verdict() if self.held else True  # a Ray worker's wait for the cluster's
+            if self.stop_reason is None and self.stop_signal is None and self.failure is None and theirs:
                 self._release_held()  # the run ended with the endpoint up: those rows really failed
             syncer.cancel()
             if writer is not None:
@@ -275,13 +275,14 @@ class ShardEngine:
                 continue
             async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
                 for i, cells in batch:
+                    await probes.hold()  # while a verdict waits for the probes: no more rows refused alike
                     if not probes.taken(shard, i):  # else a probe sent it ahead
                         probes.producing(shard, i)
                         await self.queue.put((work, i, cells))
             probes.passed(shard)
             work.enqueued = True
             if work.pending == 0:
-                self._schedule_commit(work)
+                _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
         await probes.drain()  # a probe's row is queued before the workers hear "no more rows"
         for _ in range(self.limits.workers):
             await self.queue.put(None)  # one "no more rows" per worker
@@ -335,6 +336,7 @@ class ShardEngine:
             except Exception as exc:  # noqa: BLE001 - the journal or a commit failed: the run stops
                 self.stop(local_failure(exc, "journaling an answer"))
                 return
+            self.probes.settled(work.shard, index, requested=row.attempts > 0)  # failed here: its part is probed again
 
     async def _row(self, sender: RowSender, row_id: str, cells: dict[str, Any], at: float) -> ResultRow | None:
         """The row's result; None when a stop came first. Raises only CancelledError."""
@@ -367,8 +369,8 @@ class ShardEngine:
             # not the row's fault, perhaps. Hold the error until the breaker is settled; if it
             # trips instead, the row stays pending for the next run.
             self.held.append((work, row))
-            if row.error_kind in REFUSAL_KINDS and (tasks := self.tasks) is not None:
-                self.probes.ask(lambda probe: tasks.create_task(self._guarded(probe, "reading the manifest")))
+            if row.error_kind in REFUSAL_KINDS:
+                self.probes.ask()
             return
         self._deliver(work, row)
         self.release_settled()
@@ -379,7 +381,7 @@ class ShardEngine:
         self.counts.settle(row)
         work.pending -= 1
         if work.pending == 0 and work.enqueued:
-            self._schedule_commit(work)
+            _ = self._spawn(self._commit(work), f"committing shard {work.shard.index}")  # the TaskGroup owns it
 
     def _release_held(self) -> None:
         held, self.held = self.held, []
@@ -393,9 +395,9 @@ class ShardEngine:
 
     # -- commits -------------------------------------------------------------------------
 
-    def _schedule_commit(self, work: _ShardWork) -> None:
-        assert self.tasks is not None
-        self.tasks.create_task(self._guarded(self._commit(work), f"committing shard {work.shard.index}"))
+    def _spawn(self, work: Coroutine[Any, Any, None], doing: str) -> asyncio.Task[None]:
+        assert self.tasks is not None, "rows settle, and commits and probes start, only while the run's tasks run"
+        return self.tasks.create_task(self._guarded(work, doing))
 
     async def _commit(self, work: _ShardWork) -> None:
         async with self.finalize_lock:

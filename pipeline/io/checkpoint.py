@@ -267,7 +267,7 @@ class Checkpoint:
         self.store.append(HISTORY, json.dumps(summary, ensure_ascii=False, default=str).encode() + b"\n")
 
     def last_summary(self) -> dict[str, Any] | None:
-        return self._read_json(SUMMARY)  # type: ignore[no-any-return]
+        return self._read_json(SUMMARY)
 
     def history(self) -> list[dict[str, Any]]:
         """Every run's summary, oldest first (runs before the history was kept: the last one only)."""

@@ -222,9 +222,12 @@ class IdCheck:
             values, hashes, present = _hashed(found[0], self.problems.cfg)
             at = np.minimum(np.searchsorted(repeated, hashes), repeated.size - 1)
             for i in np.flatnonzero(present & (repeated[at] == hashes)):
-                entry = seen.get(values[i])
+                value = values[i]
+                if value is None:  # not present: never picked
+                    continue
+                entry = seen.get(value)
                 if entry is None and len(seen) < TRACK_IDS:
-                    entry = seen[values[i]] = [0]
+                    entry = seen[value] = [0]
                 if entry is not None:
                     entry[0] += 1
                     if len(entry) <= SHOW:

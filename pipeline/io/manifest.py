@@ -15,7 +15,7 @@ or files added" from "rows edited" (refused: answers would mismatch). The format
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pyarrow as pa
 
@@ -43,7 +43,7 @@ def current_plan(cfg: InputConfig, shard_rows: int, old: Plan | None) -> tuple[P
     listing is read when no file changed; else the files added or changed are planned (the
     others keep their shards), and rows already planned that changed, or files gone, are refused."""
     source = source_for(cfg, old.format if old is not None and cfg.format is None else None)
-    listing = source.list()
+    listing = source.listing()
     if old is not None and old.single != listing.single:  # the rows' ids would change: all sent again
         was, now = ("one file", "a set of files") if old.single else ("a set of files", "one file")
         raise JobError(f"[input] path: this job's checkpoint was made from {was} and the path now names {now}; its "
@@ -125,7 +125,7 @@ def read_shard(cfg: InputConfig, plan: Plan, shard: Shard) -> pa.Table:
     return read_rows(cfg, plan, shard).table
 
 
-def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+def shard_batches(cfg: InputConfig, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
     """The shard's `columns`, `rows` at a time: byte columns are never held for a whole shard."""
     return source_for(cfg, plan.format).batches(plan, shard, columns, rows)
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-__all__ = ["Layout", "scan", "is_utf8", "JSON_SPACE"]
+__all__ = ["Layout", "Readable", "scan", "is_utf8", "JSON_SPACE"]
 
 _PIECE = 4 << 20  # bytes scanned at a time: numpy's scratch arrays stay within tens of MB
 _BOM = b"\xef\xbb\xbf"
@@ -32,7 +32,15 @@ _QUOTE, _COMMA, _LF, _CR, _TAB, _SPACE = 34, 44, 10, 13, 9, 32
 JSON_SPACE = b" \t\r"  # JSON's blanks besides LF, which ends the line
 
 
-def _pieces(f: BinaryIO, start: int) -> Iterator[tuple[int, memoryview, bool]]:
+class Readable(Protocol):
+    """A binary file read into buffers: open(..., "rb")'s and fsspec's alike (typing.BinaryIO has no readinto)."""
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+    def read(self, size: int = -1, /) -> bytes: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def _pieces(f: Readable, start: int) -> Iterator[tuple[int, memoryview, bool]]:
     """The file from `start` as (offset, bytes, last) pieces of about _PIECE bytes, in one buffer
     reused (a piece is valid until the next is asked for). A piece never ends inside a UTF-8
     character, a run of quotes or a CR LF pair, so each is scanned and decoded alone. The last
@@ -203,7 +211,7 @@ class Layout:
     max_record: int  # bytes of the longest record, its line break included
 
 
-def scan(f: BinaryIO, csv: bool, shard_rows: int, bad_utf8: Callable[[int], None]) -> Layout:
+def scan(f: Readable, csv: bool, shard_rows: int, bad_utf8: Callable[[int], None]) -> Layout:
     """One pass over a CSV or JSONL manifest: shard boundaries and the longest record. Each record
     that is not valid UTF-8 is told to `bad_utf8` by its row number (-1: the CSV header), in order."""
     f.seek(0)

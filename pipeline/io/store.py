@@ -44,15 +44,11 @@ from typing import IO, Any, ContextManager, NamedTuple, Protocol, TypeVar
 
 from ..config.urls import check_url, display
 from ..errors import JobError
-from ..redact import Redactor, option_secrets
+from ..redact import Redactor, storage_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
-__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_secrets",
-           "storage_failure"]
+__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_failure"]
 
-# Credentials the backends read from the environment: scrubbed too, should a message echo one.
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
-              "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
 T = TypeVar("T")
 Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing them into a file
 
@@ -90,12 +86,6 @@ def open_store(location: Path | str, options: Mapping[str, Any] | None = None, l
     if isinstance(location, str):
         return FsspecStore(location, options, label)
     return LocalStore(location, options)
-
-
-def storage_secrets(options: Mapping[str, Any]) -> list[str]:
-    """Values that must never be shown: storage_options' credentials and the backends' env vars."""
-    found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)] + option_secrets(dict(options))
-    return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
 
 
 def storage_failure(label: str, what: str, place: str, exc: BaseException, options: Mapping[str, Any],
@@ -330,7 +320,7 @@ def _bytes_of(data: Data) -> bytes:
     import pyarrow as pa  # an in-memory sink pyarrow writes into without a Python file object
 
     sink = pa.BufferOutputStream()
-    data(sink)  # type: ignore[arg-type]
+    data(sink)
     return bytes(sink.getvalue().to_pybytes())
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
-from ..config.headers import secret_values
+from ..config.headers import endpoint_secrets
 from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
@@ -40,12 +40,13 @@ LIST_PAGES = 20  # pages of 100 batches looked through for one created before a 
 
 class BatchAPI:
     def __init__(self, base_url: str, api_key: str | None, *, timeout_s: float, max_attempts: int,
-                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None,
+                 redactor: Redactor | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.proxy = proxy
         self._via = aiohttp_proxy(proxy)
         extra = dict(headers or {})  # [endpoint] headers
-        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
+        self.redactor = redactor or Redactor(endpoint_secrets(api_key, proxy, extra))  # a run's: Job.secrets()
         self._headers = {**extra, "Authorization": f"Bearer {api_key}"} if api_key else extra
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = max_attempts

@@ -40,6 +40,7 @@ tests are tables. On a Ray cluster the verdicts are the cluster's (`SharedBreake
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from typing import Any, Callable, Hashable
@@ -51,7 +52,7 @@ __all__ = ["Breaker", "SharedBreaker", "ClusterVerdict", "refusal_key", "wrong_j
 
 ENDPOINT_FAULTS = frozenset(k.value for k in ErrorKind if k.endpoint_fault)
 REFUSAL_KINDS = frozenset({ErrorKind.BAD_REQUEST.value})  # the endpoint refused a request for good
-VERDICT_WAIT_S = 30.0  # a Ray worker done with its rows waits this long for the cluster's verdict on those it holds
+VERDICT_WAIT_S = 30.0  # a Ray worker done with its rows waits this long for the cluster's verdict; then they stay pending
 
 # What differs between two rows refused for the same reason: times, ids (request ids, model
 # versions, tool-call ids: any token with a digit), and plain numbers (sizes, lengths, indexes).
@@ -188,6 +189,11 @@ class Breaker:
         self._probed.update(asked)
         return asked
 
+    def reprobe(self, part: int) -> None:
+        """The row probing `part` settled without a request (it failed here: a missing image): the
+        part is asked for again, so its next row is tried."""
+        self._probed.discard(part)
+
     @property
     def doubting(self) -> bool:
         """Whether refusals may still mean a wrong job: nothing answered, none differing."""
@@ -205,9 +211,11 @@ class Breaker:
         """Nothing in doubt: rows held so far are the rows' own failures."""
         return self.streak == 0 and not self.doubting and not self.tripped
 
-    async def verdict(self) -> None:
-        """Wait for a verdict on the rows held at the end of the run: this breaker decides alone,
-        so there is none to wait for (the run ended: what it holds is the rows' own)."""
+    async def verdict(self) -> bool:
+        """At the end of the run, with rows held: whether they are written (True) or stay pending.
+        This breaker decides alone, so there is no verdict to wait for: unless it tripped, the run
+        ended and what it holds is the rows' own."""
+        return not self.tripped
 
 
 class SharedBreaker(Breaker):
@@ -217,8 +225,9 @@ class SharedBreaker(Breaker):
     that differ anywhere settle it, and the cluster's trip (`trip`) is this worker's too."""
 
     def __init__(self, max_failures: int, max_seconds: float, max_refusals: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, verdict_wait_s: float = VERDICT_WAIT_S) -> None:
         super().__init__(max_failures, max_seconds, max_refusals, clock)
+        self.verdict_wait_s = verdict_wait_s
         self._log: list[str] = []  # "ok", "paced" or a fault's kind, in order; repeats of "ok" once
         self._keys: list[Hashable] = []  # refusal keys not yet reported
         self._suspect: Hashable | None = None  # the key this worker's own evidence would trip on
@@ -285,12 +294,17 @@ class SharedBreaker(Breaker):
             self.tripped = True
         self._decided.set()
 
-    async def verdict(self) -> None:
+    async def verdict(self) -> bool:
+        """Every row of this task's shard was sent and is back: if all its refusals are alike (and
+        nothing answered), that is its vote, however few they are (a short last shard, a resumed
+        shard's last rows: fewer than max_refusals, they could never vote otherwise, and the
+        cluster could never trip). Then it waits for the cluster's verdict; none within
+        `verdict_wait_s`: the cluster is still in doubt, and what is held stays pending."""
         if self.doubting and self.refusals > 0:
-            try:
-                await asyncio.wait_for(self._decided.wait(), VERDICT_WAIT_S)
-            except asyncio.TimeoutError:
-                pass  # no verdict came: what is held is written, as a local run's end would
+            self._suspect = self._first_refusal
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._decided.wait(), self.verdict_wait_s)
+        return not self.tripped and not (self.doubting and self.refusals > 0)
 
 
 class ClusterVerdict:
@@ -298,23 +312,29 @@ class ClusterVerdict:
 
     Endpoint down: the workers' answers, faults and 429s replayed in report order into one Breaker.
     Wrong job: the task of every shard running (`running`, from the driver) suspects the same
-    refusal (its own rows refused alike from every part of its shard), none differs, and nothing
-    was answered anywhere: a task that has not reported yet (still starting), not refused yet, or
-    still waiting for answers holds the verdict back."""
+    refusal (its own rows refused alike from every part of its shard, or all of them sent and
+    refused alike however few), none differs, at least `max_refusals` alike over the cluster (as
+    a local run needs), and nothing was answered anywhere: a task that has not reported yet (still
+    starting), not refused yet, or still waiting for answers holds the verdict back. Every task
+    voting so on all its rows with fewer alike in all, and no shard left to start: the rows' own
+    (as at a local run's end), the doubt settled."""
 
     def __init__(self, max_failures: int, max_seconds: float, max_refusals: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.breaker = Breaker(max_failures, max_seconds, 0, clock)
         self.on = max_refusals > 0
+        self.max_refusals = max_refusals
         self.answers = 0
         self.mixed = False
         self.first: Hashable | None = None
         self.refusals = 0
         self.votes: dict[int, Hashable | None] = {}  # running shard -> the key its task suspects, or None
+        self.queued = 0  # shards not started yet
 
-    def running(self, shards: list[int]) -> None:
-        """The shards whose tasks are running now: theirs are the votes."""
+    def running(self, shards: list[int], queued: int = 0) -> None:
+        """The shards whose tasks are running now (theirs are the votes), and how many wait to start."""
         self.votes = {shard: self.votes.get(shard) for shard in shards}
+        self.queued = queued
 
     def hear(self, shard: int, events: dict[str, Any]) -> tuple[str, str] | None:
         """The events of the task running `shard`; (kind, message) of a stop when the cluster trips."""
@@ -336,11 +356,14 @@ class ClusterVerdict:
             self.votes[shard] = events["suspect"]
         if not self.on or self.mixed or self.answers or self.first is None:
             return None
-        if self.votes and all(key == self.first for key in self.votes.values()):
-            status, _, code, message = self.first if isinstance(self.first, tuple) else (None, None, None, self.first)
-            said = f"HTTP {status}" + (f" {code}" if code else "") + f": {message}"
-            return "refused", wrong_job_message(said, self.refusals, where="every worker's shard")
-        return None
+        if not self.votes or any(key != self.first for key in self.votes.values()):
+            return None
+        if self.refusals < self.max_refusals:  # every task voted on all its rows, and no shard is left:
+            self.mixed = not self.queued       # too few to call the job wrong; as a local run's end, the rows' own
+            return None
+        status, _, code, message = self.first if isinstance(self.first, tuple) else (None, None, None, self.first)
+        said = f"HTTP {status}" + (f" {code}" if code else "") + f": {message}"
+        return "refused", wrong_job_message(said, self.refusals, where="every worker's shard")
 
     def news(self) -> dict[str, Any]:
         return {"answers": self.answers, "up": self.answers > 0 and self.breaker.streak == 0, "mixed": self.mixed}
@@ -350,4 +373,4 @@ def wrong_job_message(said: str, count: int, *, where: str = "the run's rows") -
     """The stop's one line: `said` the refusal (the error as described), `count` how many were alike."""
     return (f"the endpoint refused {count} requests the same way, from every part of {where}, and answered none "
             f"({said}): the job looks wrong, not its rows (the key a gateway expects, the model name, base_url); "
-            f"fix it and run again, the rows stay pending (if these rows really are bad, set [limits] breaker_refusals = 0)")
+            f"fix it and run again (if these rows really are bad, set [limits] breaker_refusals = 0)")

@@ -37,12 +37,12 @@ import asyncio
 import functools
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, TypedDict
 
 import orjson
 
 from ..config import Api, LimitsConfig
-from ..config.headers import secret_values
+from ..config.headers import endpoint_secrets
 from ..config.proxy import Proxy
 from ..errors import RequestError
 from ..redact import Redactor
@@ -122,12 +122,12 @@ def _error_fields(raw: bytes) -> tuple[str, str | None]:
         fields = (body.get("code"), body.get("type"))
     else:
         return text, None
-    names = [f for f in fields if isinstance(f, (str, int)) and not isinstance(f, bool) and f != ""]
+    given = [f for f in fields if isinstance(f, (str, int)) and not isinstance(f, bool) and f != ""]
     # A gateway (LiteLLM) puts the HTTP status in `code` and the name in `type`: a name says more.
-    names = sorted((str(n) for n in names), key=str.isdigit)
+    names = sorted((str(n) for n in given), key=str.isdigit)
     # A quota may be named in `type` while `code` holds something generic: the telling one wins.
     telling = [n for n in names if n in QUOTA_CODES or n == DASHSCOPE_THROTTLE]
-    code = (telling or names or [None])[0]
+    code = (telling or names)[0] if telling or names else None
     return message if isinstance(message, str) else text, code
 
 
@@ -205,8 +205,12 @@ def _proxy_error(status: int, reason: str, proxy: Proxy | None, headers: dict[st
     return RequestError(hide.cut(message, _MESSAGE_CAP), kind=kind, status=status, headers=headers, code=PROXY_REFUSED)
 
 
+# aiohttp's per-request proxy arguments (none: directly)
+ProxyArgs = TypedDict("ProxyArgs", {"proxy": str, "proxy_auth": "aiohttp.BasicAuth | None"}, total=False)
+
+
 @functools.lru_cache(maxsize=16)
-def aiohttp_proxy(proxy: Proxy | None) -> dict[str, Any]:
+def aiohttp_proxy(proxy: Proxy | None) -> ProxyArgs:
     """The keyword arguments that send one aiohttp request through `proxy` (none: directly).
     Passed per request, so `[endpoint] proxy` and NO_PROXY decide on every path, not trust_env.
     Made once per proxy (a Proxy is frozen): a streamed row or a fetch hop asks for it each time.
@@ -273,7 +277,7 @@ class _Streamed:
     `answer` a 200's decoded JSON and warning, both within `max_bytes`."""
 
     def __init__(self, session: "aiohttp.ClientSession", url: str, headers: dict[str, str], body: bytes,
-                 max_bytes: int, redactor: Redactor, via: dict[str, Any], fold: Fold) -> None:
+                 max_bytes: int, redactor: Redactor, via: ProxyArgs, fold: Fold) -> None:
         self.body = body
         self.fold = fold  # what the stream's events mean (chat chunks or the Responses API's events)
         self.via = via  # aiohttp's proxy arguments (none: directly)
@@ -324,12 +328,13 @@ class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int,
-                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None, api: Api = Api.CHAT) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None, api: Api = Api.CHAT,
+                 redactor: Redactor | None = None) -> None:
         self.url = url
         self.api = api  # how a streamed answer is read
         self.proxy = proxy
         extra = dict(headers or {})  # [endpoint] headers
-        self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
+        self.redactor = redactor or Redactor(endpoint_secrets(api_key, proxy, extra))  # a run's: Job.secrets()
         self._headers = {**extra, "Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"

@@ -123,7 +123,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a stream's: asyncio.Protocol's signature says the base class
 
     def data_received(self, data: bytes) -> None:
         parser = self.parser
@@ -283,7 +283,7 @@ class ConnectionPool:
                 raise ProxyRefused(status, reason, self.proxy, f"{self.host}:{self.port}")
             conn = _Connection(loop)
             # start_tls hands the connection to `conn` without calling connection_made
-            conn.transport = await loop.start_tls(raw, conn, self._ssl, server_hostname=self.host)  # type: ignore[assignment]
+            conn.transport = await loop.start_tls(raw, conn, self._ssl, server_hostname=self.host)
         except BaseException:
             raw.abort()
             raise

@@ -120,7 +120,7 @@ def to_events(response: dict[str, Any], *, piece_chars: int = 24, max_pieces: in
             for n, part in enumerate(item.get("content") or []):
                 key, name = ("refusal", "refusal") if part.get("type") == "refusal" else ("text", "output_text")
                 event("response.content_part.added", **at, content_index=n, part={**part, key: ""})
-                logprobs = {"logprobs": []} if key == "text" else {}
+                logprobs: dict[str, Any] = {"logprobs": []} if key == "text" else {}
                 for piece in pieces(part[key], piece_chars, max_pieces):
                     event(f"response.{name}.delta", **at, content_index=n, delta=piece, **logprobs)
                 event(f"response.{name}.done", **at, content_index=n, **{key: part[key]}, **logprobs)

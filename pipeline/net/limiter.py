@@ -101,7 +101,9 @@ class TokenBucket:
 class Pacer(Protocol):
     """What the engine asks of a rate source, before and after each attempt."""
 
-    paused_s: float  # how long every request was held by pauses, in all (for the run's summary)
+    @property
+    def paused_s(self) -> float:
+        """How long every request was held by pauses, in all (for the run's summary)."""
 
     async def acquire(self, estimated_tokens: float = 0.0, *, stop: asyncio.Event | None = None) -> float | None:
         """Wait for a place to send; the time it was granted, or None when `stop` came first."""
@@ -188,12 +190,13 @@ class Limiter:
             self._recover(now)
             generation = self.generation
             slot = self._reserve(now)
-            cost = estimated_tokens if self.tokens is not None and estimated_tokens > 0 else 0.0
-            if cost:
-                slot = self.tokens.reserve(cost, slot)
+            # The bucket charged is the one given back to: "auto" may replace self.tokens meanwhile.
+            tokens = self.tokens if estimated_tokens > 0 else None
+            if tokens is not None:
+                slot = tokens.reserve(estimated_tokens, slot)
             if slot > now + SLACK_S and not await _sleep(slot - now, stop):
-                if cost:
-                    self.tokens.adjust(-cost)
+                if tokens is not None:
+                    tokens.adjust(-estimated_tokens)
                 return None
             now = self.clock()
             late = now - slot > LATE_S and not requeued
@@ -203,8 +206,8 @@ class Limiter:
             # the pause). Or the loop was blocked past it (LATE_S). Give its tokens back and queue
             # again at the current pace.
             requeued = requeued or late
-            if cost:
-                self.tokens.adjust(-cost)
+            if tokens is not None:
+                tokens.adjust(-estimated_tokens)
 
     async def _probe(self, stop: asyncio.Event | None) -> bool:
         """"auto": the first caller goes; the others wait for its answer's headers (False: a stop came)."""

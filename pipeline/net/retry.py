@@ -72,7 +72,8 @@ def server_delay(headers: dict[str, str], now: float, *, rate_limited: bool = Fa
             when = None
         if when is not None:
             return max(0.0, when.timestamp() - now)
-    spent, others = [], []
+    spent: list[float] = []
+    others: list[float] = []
     for kind in ("requests", "tokens"):
         reset = headers.get(f"x-ratelimit-reset-{kind}")
         wait = parse_duration(reset) if reset is not None else None

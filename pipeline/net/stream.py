@@ -70,13 +70,13 @@ class StreamAssembler:
         self.replaced = 0  # invalid UTF-8 bytes decoded as U+FFFD
         self.surrogates = 0  # escaped lone surrogates read as U+FFFD
         self._data: list[str] = []  # `data:` lines of the event being read (an event may span lines)
-        self._tail: list[bytes] = []  # the pieces of a line not yet ended, from feed_bytes
+        self._tail: list[bytes | bytearray] = []  # the pieces of a line not yet ended, from feed_bytes
         self._redactor = redactor or Redactor()
         self.fold: Fold = fold if fold is not None else ChatFold()
 
     # -- reading -------------------------------------------------------------------------
 
-    def feed_bytes(self, data: bytes) -> None:
+    def feed_bytes(self, data: bytes | bytearray) -> None:
         """Raw bytes as they arrive, lines split here; stops at [DONE]. Each byte is copied a
         bounded number of times (a line's pieces are joined once, when its end arrives)."""
         end = data.find(b"\n")
@@ -97,7 +97,7 @@ class StreamAssembler:
             self.feed(data[start:end])
             start = end + 1
 
-    def feed(self, line: bytes | str) -> None:
+    def feed(self, line: bytes | bytearray | str) -> None:
         if isinstance(line, (bytes, bytearray)):
             text, bad = decode_utf8(line)
             self.replaced += bad
@@ -220,7 +220,8 @@ class ChatFold:
             self._choice_seen = True
             delta = choice.get("delta")
             if not isinstance(delta, dict):
-                delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+                message = choice.get("message")
+                delta = message if isinstance(message, dict) else {}
             if isinstance(delta.get("role"), str):
                 self._role = delta["role"]
             content = delta.get("content")
@@ -308,7 +309,7 @@ def to_sse(
     Each element is one `data: ...` event with its blank line."""
     choice = (response.get("choices") or [{}])[0]
     message = choice.get("message") or {}
-    base = {k: response.get(k) for k in ("id", "created", "model", "system_fingerprint") if k in response}
+    base: dict[str, Any] = {k: response.get(k) for k in ("id", "created", "model", "system_fingerprint") if k in response}
     base["object"] = "chat.completion.chunk"
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:

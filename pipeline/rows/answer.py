@@ -187,7 +187,7 @@ def usage_of(body: Any, api: Api = Api.CHAT) -> Usage:
     if not isinstance(body, dict):
         return Usage()
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = _details(body, "usage")
     if api is Api.RESPONSES:
         inputs = _details(usage, "input_tokens_details")
         return Usage(model, _int(usage.get("input_tokens")), _int(usage.get("output_tokens")),

@@ -34,7 +34,6 @@ and the value: the row becomes an error row and the job goes on.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import os
@@ -45,7 +44,7 @@ from ..errors import InputError, JobError
 from .files import LocalFiles
 from .images import MB, b64_size, data_uri_size, parse_data_uri
 from .values import Blob, Value, image_values, kind_of, show
-from .workers import Workers
+from .workers import Workers, all_in_order
 
 if TYPE_CHECKING:
     from ..config import ImagesConfig
@@ -261,13 +260,7 @@ class AudioBuilder:
         values = image_values(row.get(self.column))
         if not values:
             raise InputError(f"row has no audio in {self.column!r}")
-        if len(values) == 1:
-            return [await self._clip(values[0])]
-        got = await asyncio.gather(*(self._clip(v) for v in values), return_exceptions=True)
-        for result in got:  # the first failure in the row's order: a stable message
-            if isinstance(result, BaseException):
-                raise result
-        return got  # type: ignore[return-value]
+        return await all_in_order([self._clip(v) for v in values])
 
     async def _clip(self, value: Value) -> tuple[dict[str, Any], int]:
         cfg, workers = self.cfg, self.media.workers

@@ -66,9 +66,9 @@ def result_of(line: dict[str, Any], job: Job, labels: Labels | None, redactor: R
     if answer.answer is None:
         reason = withheld(answer)  # truncated or refused: paid and final
         if reason is None:  # paid but unusable: kept with its cost if no later batch does better
-            err = RequestError("response has no answer content", kind="invalid_response")
-            row.status, row.error_kind, row.error = "error", str(err.kind), err.describe()
-            return LineResult(row_id, row, err)
+            unusable = RequestError("response has no answer content", kind="invalid_response")
+            row.status, row.error_kind, row.error = "error", str(unusable.kind), unusable.describe()
+            return LineResult(row_id, row, unusable)
         row.status, (row.error_kind, row.error) = "error", reason
         return LineResult(row_id, row, None)
     if labels is not None:

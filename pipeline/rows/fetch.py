@@ -33,6 +33,7 @@ decided here: the caller sniffs them (a Content-Type is only what the server cla
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import socket
@@ -47,7 +48,7 @@ from yarl import URL
 
 from ..config.proxy import ProxyChoice, ProxyError
 from ..errors import InputError, RequestError
-from ..net.client import aiohttp_proxy, translate
+from ..net.client import ProxyArgs, aiohttp_proxy, translate
 from ..net.retry import retry_delay, should_retry
 from ..redact import Redactor
 
@@ -150,7 +151,7 @@ class Fetcher:
         if task is None:
             task = asyncio.ensure_future(self._fetch(url))
             self._inflight[url] = task
-            task.add_done_callback(lambda t, url=url: self._settle(url, t))
+            task.add_done_callback(functools.partial(self._settle, url))
         try:
             # shield: a row that gives up (a stop) must not cancel the download others wait for
             return await asyncio.shield(task)
@@ -220,7 +221,7 @@ class Fetcher:
                     raise InputError(f"refused to fetch ({blocked.message}; block_private_addresses is on): {url}") from None
         raise InputError(f"fetch failed (more than {self.max_redirects} redirects): {url}")
 
-    async def _via(self, target: URL, original: str) -> dict[str, object]:
+    async def _via(self, target: URL, original: str) -> ProxyArgs:
         """aiohttp's proxy arguments for `target` (none: directly)."""
         if self.proxies is None:
             return {}

@@ -54,9 +54,15 @@ class LocalFiles:
     roots: tuple[Path, ...]
 
     @classmethod
-    def for_manifest(cls, manifest: Path, extra_roots: tuple[Path, ...] = (), base: Path | None = None) -> "LocalFiles":
-        """Relative paths resolve against `base` (default: the manifest's folder), a root too."""
-        base = Path(os.path.realpath(base)) if base is not None else Path(os.path.realpath(manifest)).parent
+    def for_manifest(cls, manifest: Path, extra_roots: tuple[Path, ...] = ()) -> "LocalFiles":
+        """Relative paths resolve against the manifest's folder, a root too."""
+        return cls.at(Path(os.path.realpath(manifest)).parent, extra_roots)
+
+    @classmethod
+    def at(cls, base: Path, extra_roots: tuple[Path, ...] = ()) -> "LocalFiles":
+        """Relative paths resolve against `base` (a job's: InputConfig.local_base, or the working
+        directory of an in-memory manifest), a root too."""
+        base = Path(os.path.realpath(base))
         return cls(base=base, roots=(base, *(Path(os.path.realpath(r)) for r in extra_roots)))
 
     def open(self, value: str, what: str = "image") -> int:

@@ -181,7 +181,7 @@ def prepare_image(
         said = f"; the server said Content-Type {declared}" if declared else ""
         raise InputError(f"not an image (PNG, JPEG, WEBP or GIF) by its content{said}: {show(value)}")
     try:
-        img = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[mime]])
+        img: Image.Image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[mime]])
         w, h = img.size
         if w < 1 or h < 1:
             raise InputError(f"image has no pixels ({w}x{h}): {show(value)}")

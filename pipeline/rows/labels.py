@@ -124,7 +124,8 @@ class Labels:
         path = list(error.absolute_path)
         if not path:
             return -1
-        return self.names.index(path[0]) if path[0] in self._types else len(self._types)
+        first = path[0]  # a key, or an index where the instance is an array
+        return self.names.index(first) if isinstance(first, str) and first in self._types else len(self._types)
 
     @property
     def names(self) -> list[str]:

@@ -27,9 +27,8 @@ Every refusal is an InputError (kind "input") naming the cause and the value.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable
 
 from ..config import AudioConfig, ImagesConfig, InputConfig
 from ..config.proxy import ProxyChoice
@@ -49,15 +48,13 @@ from .images import (
 )
 from .objects import ObjectStore, object_roots
 from .values import Blob, Value, image_values, is_list_cell, kind_of, show
-from .workers import Workers
+from .workers import Workers, all_in_order
 
 if TYPE_CHECKING:
     from ..redact import Redactor
     from .fetch import Fetcher  # aiohttp: imported only when a job fetches images
 
 __all__ = ["MediaBuilder"]
-
-T = TypeVar("T")
 
 
 class MediaBuilder:
@@ -72,7 +69,7 @@ class MediaBuilder:
         self.cfg = cfg
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
-        self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots, base=files_base or inp.local_base)
+        self.files = LocalFiles.at(files_base or inp.local_base, cfg.allowed_roots)
         self.workers = Workers(cfg)
         self.objects = ObjectStore(inp.storage_options, object_roots(cfg.allowed_buckets, inp.path),
                                    threads=cfg.fetch_concurrency, timeout_s=cfg.fetch_timeout_s, redactor=redactor)
@@ -121,7 +118,7 @@ class MediaBuilder:
         jobs: list[Awaitable[tuple[dict[str, Any], int]]] = [self._image(v) for v in images]
         if has_video:
             jobs.append(self._video(video_cell))
-        results = await _all_in_order(jobs) + audio
+        results = await all_in_order(jobs) + audio
         total = sum(size for _, size in results)
         if total > self.cfg.max_request_mb * MB:
             values = images + (image_values(video_cell) if has_video else [])
@@ -197,23 +194,12 @@ class MediaBuilder:
     async def _frames(self, values: list[Value]) -> tuple[dict[str, Any], int]:
         if self.cfg.video_frames_format == "dashscope":
             fetch = self.cfg.image_mode == "inline"
-            got = await _all_in_order([self._image_url(v, jpeg=False, fetch_urls=fetch) for v in values])
+            got = await all_in_order([self._image_url(v, jpeg=False, fetch_urls=fetch) for v in values])
             return {"type": "video", "video": [u for u, _ in got]}, sum(s for _, s in got)
         # vLLM takes frames only inline, as JPEG joined by commas: remote frames are fetched.
-        got = await _all_in_order([self._image_url(v, jpeg=True, fetch_urls=True) for v in values])
+        got = await all_in_order([self._image_url(v, jpeg=True, fetch_urls=True) for v in values])
         payload = ",".join(u.partition(",")[2] for u, _ in got)
         return _video_part("data:video/jpeg;base64," + payload), len(payload)
-
-
-async def _all_in_order(jobs: list[Awaitable[T]]) -> list[T]:
-    """Run concurrently; on failure raise the first one in the row's order (a stable message)."""
-    if len(jobs) == 1:  # the common row: no tasks to make
-        return [await jobs[0]]
-    results = await asyncio.gather(*jobs, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results  # type: ignore[return-value]
 
 
 def _video_part(url: str) -> dict[str, Any]:

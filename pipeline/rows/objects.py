@@ -36,7 +36,7 @@ from typing import Any, Callable, TypeVar
 
 from ..config.urls import OBJECT_SCHEMES, object_prefix
 from ..errors import InputError
-from ..redact import Redactor, option_secrets
+from ..redact import Redactor, storage_secrets
 from .values import show
 
 __all__ = ["ObjectStore", "Signed", "object_roots", "SIGV4_MAX_S"]
@@ -83,7 +83,7 @@ class ObjectStore:
         self.options = options
         self.roots = roots
         self.timeout_s = timeout_s
-        self.redactor = redactor or Redactor(option_secrets(options))
+        self.redactor = redactor or Redactor(storage_secrets(options))  # the job's (Job.secrets()) when run
         self._threads = threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._filesystems: dict[tuple[str, bool], Any] = {}

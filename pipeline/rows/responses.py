@@ -50,7 +50,7 @@ class ResponsesBody:
         self._tail.update(req.params)  # reasoning = {effort, summary} and the rest, as they are
         if labels is not None:
             chat = labels.response_format()["json_schema"]
-            text = self._tail.get("text") if isinstance(self._tail.get("text"), dict) else {}
+            text = t if isinstance(t := self._tail.get("text"), dict) else {}
             self._tail["text"] = {**text, "format": {"type": "json_schema", **chat}}
 
     def body(self, prompt: str, parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -32,14 +32,14 @@ from concurrent.futures import (
     ProcessPoolExecutor,
     ThreadPoolExecutor,
 )
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from ..config import ImagesConfig
 from ..errors import InputError
 from ..lifeline import start_worker
 from .values import Value, show
 
-__all__ = ["Workers", "WORKER_NICE"]
+__all__ = ["Workers", "WORKER_NICE", "all_in_order"]
 
 WORKER_NICE = 10  # image worker processes yield the CPU to the process that runs the requests
 
@@ -101,7 +101,7 @@ class _Processes(ProcessPoolExecutor):
 
     def _spawn_process(self) -> None:  # the one place the pool starts a process (CPython 3.9-3.14)
         with _main_hidden():
-            super()._spawn_process()  # type: ignore[misc]
+            super()._spawn_process()  # type: ignore[misc]  # private to CPython: typeshed leaves it out
 
 
 @contextlib.contextmanager
@@ -115,3 +115,16 @@ def _main_hidden() -> Iterator[None]:
     finally:
         if main is not None:
             sys.modules["__main__"] = main
+
+
+async def all_in_order(jobs: list[Awaitable[T]]) -> list[T]:
+    """A row's parts worked on side by side; on failure the first one in the row's order is
+    raised (a stable message)."""
+    if len(jobs) == 1:  # the common row: no tasks to make
+        return [await jobs[0]]
+    results: list[T] = []
+    for got in await asyncio.gather(*jobs, return_exceptions=True):
+        if isinstance(got, BaseException):
+            raise got
+        results.append(got)
+    return results

@@ -248,12 +248,12 @@ def image_problem(value: Value, images: LocalFiles, max_bytes: int,
         return err.problem, err.message
     try:
         size = os.fstat(fd).st_size
-        head = os.read(fd, 16)
+        start = os.read(fd, 16)
     except OSError as exc:
         return "unreadable_file", f"cannot read the image ({exc.strerror}): {shown}"
     finally:
         os.close(fd)
-    if sniff_mime(head) is None:
+    if sniff_mime(start) is None:
         return "not_an_image", f"not an image (PNG, JPEG, WEBP or GIF) by its content: {shown}"
     if size > max_bytes:
         return "too_large", f"image too large ({size} bytes, over {max_bytes}): {shown}"
@@ -261,7 +261,9 @@ def image_problem(value: Value, images: LocalFiles, max_bytes: int,
 
 
 def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
-    say = lambda line="": print(line, file=out)  # noqa: E731
+    def say(line: str = "") -> None:
+        print(line, file=out)
+
     say(f"dry run of {job.name} ({job.source}): nothing was sent")
     for problem in report.job_problems:
         say(f"job problem: {problem}")
@@ -276,7 +278,7 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
     say(f"manifest: {job.input.display}, {report.rows} rows in {len(plan.shards)} shard(s); "
         f"{good} ready, {report.bad_rows} would fail")
     _say_source(plan, report, say)
-    done = _rows_done(Checkpoint(job.output.checkpoint))
+    done = _rows_done(Checkpoint(job.checkpoint))
     if done:
         say(f"checkpoint: {done} rows already have a result; a run sends only the others (the estimates cover all rows)")
     if report.problems:

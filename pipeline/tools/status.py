@@ -20,7 +20,7 @@ _IDS = pa.schema([("id", pa.string())])
 
 
 def job_status(job: Job) -> dict[str, Any]:
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     plan = ckpt.load_plan()
     if plan is None:
         return {"job": job.name, "started": False, "checkpoint": str(ckpt.folder)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import bisect
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Iterator, NamedTuple
+from typing import ClassVar, Generator, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -116,7 +116,7 @@ class Source:
     def accept(self, name: str) -> bool:
         return name.lower().endswith(self.suffixes)
 
-    def list(self) -> Listing:
+    def listing(self) -> Listing:
         listing = self.place.listing(self.accept)
         if not listing.files:
             what = ", ".join(f"{n} {s}" for s, n in sorted(listing.skipped.items())) or "no files"
@@ -132,7 +132,7 @@ class Source:
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
         raise NotImplementedError
 
-    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
         """The shard's `columns`, `rows` at a time (formats whose rows hold bytes stream them)."""
         table = self.read(plan, shard, columns).table
         for start in range(0, table.num_rows, rows):
@@ -186,7 +186,7 @@ class FileSource(Source):
                     checked=True, single=listing.single)
 
     def plan(self, shard_rows: int, listing: Listing | None = None, previous: Plan | None = None) -> Plan:
-        listing = listing if listing is not None else self.list()
+        listing = listing if listing is not None else self.listing()
         keep = _keepable(previous, self.format, shard_rows, listing)
         state = PlanState(Problems(self.cfg, _name(self.cfg, listing)), None, listing.single)
         if self.cfg.id_column is not None:

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ...config.inputs import IMAGE_SUFFIXES
 from ...errors import JobError
-from ..checks import short
+from ..checks import SHOW, short
 from ..plan import FileInfo, Plan, Shard
 from .base import ShardRows, Source, check_columns, encode_schema
 from .location import Listing
@@ -50,16 +50,18 @@ class ImageSource(Source):
     format = "images"
     suffixes = IMAGE_SUFFIXES + SIDECARS
 
-    def list(self) -> Listing:
-        listing = super().list()
+    def listing(self) -> Listing:
+        listing = super().listing()
         if not any(_is_image(f.name) for f in listing.files):
             raise JobError(
                 f"[input] path: {self.cfg.display} holds no images (.jpg, .jpeg, .png, .webp or .gif); point path at them")
         return listing
 
     def plan(self, shard_rows: int, listing: Listing | None = None, previous: Plan | None = None) -> Plan:
-        listing = listing if listing is not None else self.list()
+        listing = listing if listing is not None else self.listing()
         images = [f for f in listing.files if _is_image(f.name)]
+        if self.cfg.id_column is not None:
+            _check_ids(self.cfg.id_column, images)
         stems = {_stem(f.name) for f in images}
         sidecars = {f.name: f for f in listing.files if not _is_image(f.name) and _stem(f.name) in stems}
         kept: dict[str, int] = {}
@@ -122,7 +124,7 @@ class ImageSource(Source):
                     if error is not None:
                         errors[at] = error
         table = pa.table({c: pa.array(v, pa.string()) for c, v in rows.items()})
-        ids = table.column(self.cfg.id_column or "path").to_pylist()
+        ids = [str(v) for v in table.column(self.cfg.id_column or "path").to_pylist()]  # checked at planning: none missing
         return ShardRows(table if columns is None else table.select(columns), ids, errors)
 
     def _sidecar(self, plan: Plan, name: str) -> tuple[str | None, str | None]:
@@ -141,6 +143,27 @@ class ImageSource(Source):
 
     def range_digest(self, plan: Plan, shard: Shard) -> str:
         return ""  # a shard's images never grow in number: a digest that differs is an image changed
+
+
+def _check_ids(column: str, images: list[FileInfo]) -> None:
+    """Ids are checked before anything is sent, from the listing alone: a sidecar's may be missing
+    or repeat, and a file name or folder may repeat (the image's place and path never do)."""
+    if column in (ext[1:] for ext in SIDECARS):
+        raise JobError(f'[input] id_column: {column!r} is read from sidecars, which may be missing or repeat; an image '
+                       f'folder\'s ids are "path" (the default), "name" or "folder", checked before anything is sent')
+    if column not in ("name", "folder"):
+        return  # "image" and "path" are unique; a column that is not there is named with the others
+    by_id: dict[str, list[str]] = defaultdict(list)
+    for f in images:
+        by_id[(posixpath.basename if column == "name" else posixpath.dirname)(f.name)].append(f.name)
+    repeated = [(value, paths) for value, paths in by_id.items() if len(paths) > 1]
+    if repeated:
+        shown = "; ".join(f"{', '.join(paths[:SHOW])}{' and more' if len(paths) > SHOW else ''}: {value!r}"
+                          for value, paths in repeated[:SHOW])
+        more = f"; and {len(repeated) - SHOW} more" if len(repeated) > SHOW else ""
+        many = "1 id appears" if len(repeated) == 1 else f"{len(repeated)} ids appear"
+        raise JobError(f'[input] id_column: {many} more than once ({shown}{more}); ids must be unique '
+                       f'("path", the default, always is)')
 
 
 def _is_image(name: str) -> bool:

@@ -22,7 +22,7 @@ import glob as globbing
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, NoReturn, TypeVar
 
 from ...config import InputConfig
 from ...config.inputs import has_glob, is_hidden
@@ -155,7 +155,7 @@ class Place:
             self._missing(item)
         return "folder" if info.get("type") == "directory" else "file"
 
-    def _missing(self, item: str) -> None:
+    def _missing(self, item: str) -> NoReturn:
         bucket = item.split("/", 1)[0]
         fs = self.fs
         if bucket != item and not self.call("look up", self._url(bucket), lambda: fs.exists(bucket)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -186,7 +186,7 @@ class ParquetSource(FileSource):
         ids = self.ids(plan, shard, table)
         return ShardRows(table if columns is None else table.select(columns), ids, {})
 
-    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
         with self._reading(plan, shard) as pf:
             yield from _windows(pf, shard.start, shard.end, rows, columns)
 

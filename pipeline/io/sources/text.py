@@ -122,12 +122,13 @@ class _TextSource(FileSource):
             rows = np.delete(rows, bad)
         else:
             try:
-                table = read_jsonl(body, state.schema, block)
+                read: pa.Table | None = read_jsonl(body, state.schema, block)
             except pa.ArrowInvalid:
-                table = None
-            if table is None or table.num_rows != shard.rows:
+                read = None
+            if read is None or read.num_rows != shard.rows:
                 diagnose_jsonl(body, state.schema, block, lambda i: state.row(name, shard.first_row + i), problems, budget)
                 return None
+            table = read
         if table.num_rows != rows.size:  # the scan and pyarrow disagree: a bug, never a guess
             found = table.num_rows + shard.rows - rows.size
             problems.add("unreadable", f"{where}: pyarrow reads {found} rows where the planner found {shard.rows}")
@@ -138,7 +139,7 @@ class _TextSource(FileSource):
         info = plan.file_of(shard)
         with self.place.open(plan.single, info.name) as f:
             body = read_range(f, shard.start, shard.end)
-        quiet = PlanState(Problems(self.cfg), None, plan.single, decode_schema(plan.schema), plan.max_record)
+        quiet = PlanState(Problems(self.cfg), None, plan.single, decode_schema(plan.schema), max_record=plan.max_record)
         return self._shard_ids(shard, base64.b64decode(info.header), body, quiet, [0])
 
     # -- reading ----------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, BinaryIO
 
+import numpy as np
 import pyarrow as pa
 
 from ...errors import JobError
@@ -55,6 +56,18 @@ def _split(name: str) -> tuple[str, str] | None:
 def _column(field: str) -> str | None:
     """The text column a field fills (None: not a text field)."""
     return field.replace(".", "_").lower() if field.rsplit(".", 1)[-1].lower() in TEXT_EXTENSIONS else None
+
+
+def _texts(sample: _Sample) -> dict[str, bytes]:
+    return {c: data for field, data in sample.fields.items() if (c := _column(field)) is not None}
+
+
+def _id(sample: _Sample, column: str) -> str | None:
+    """A sample's id as its row has it (None: no such member, or one over MAX_TEXT: an error row)."""
+    if column == "key":
+        return sample.key
+    data = _texts(sample).get(column)
+    return None if data is None or len(data) > MAX_TEXT else data.decode("utf-8", "replace").rstrip("\r\n")
 
 
 class _Sample:
@@ -121,6 +134,8 @@ class WebDatasetSource(FileSource):
         shards: list[Shard] = []
         h = hashlib.blake2b(digest_size=12)
         count, first, start, note = 0, 0, 0, ""
+        column = self.cfg.id_column if state.ids is not None else None
+        ids: list[str | None] = []  # checked with every file's, as a text manifest's are
         with self._open(state.single, info.name) as f:
             end: list[int] = []
             try:
@@ -131,6 +146,8 @@ class WebDatasetSource(FileSource):
                     if count == first:
                         start = sample.offset
                     _hash(h, sample)
+                    if column is not None:
+                        ids.append(_id(sample, column))
                     self.fields |= {c for field in sample.fields if (c := _column(field)) is not None}
                     count += 1
                 _check_tail(f, end[0])
@@ -143,6 +160,8 @@ class WebDatasetSource(FileSource):
                 count += 1
             if count > first:  # `end` is where reading stopped: informative, a shard is read by samples
                 shards.append(Shard(-1, first, count - first, start, f.tell(), h.hexdigest(), info.name))
+        if state.ids is not None:
+            state.ids.add(pa.chunked_array([pa.array(ids, pa.string())]), np.arange(len(ids)) + state.ordinal)
         return FileInfo(info.name, info.size, info.stamp, count, note=note), shards
 
     def _open(self, single: bool, name: str) -> Any:
@@ -153,7 +172,8 @@ class WebDatasetSource(FileSource):
 
     def finish(self, state: PlanState, shard_rows: int, listing: Listing, files: list[FileInfo],
                shards: list[Shard]) -> Plan:
-        schema = pa.schema([("key", pa.string()), ("image", pa.binary()), *((c, pa.string()) for c in sorted(self.fields))])
+        fields: list[tuple[str, pa.DataType]] = [("key", pa.string()), ("image", pa.binary())]
+        schema = pa.schema(fields + [(c, pa.string()) for c in sorted(self.fields)])
         check_columns(self.cfg, schema.names)
         state.schema = schema
         return super().finish(state, shard_rows, listing, files, shards)
@@ -161,7 +181,9 @@ class WebDatasetSource(FileSource):
     # -- reading ----------------------------------------------------------------------------
 
     def read(self, plan: Plan, shard: Shard, columns: list[str] | None = None) -> ShardRows:
-        tables, ids, errors = [], [], {}
+        tables: list[pa.Table] = []
+        ids: list[str] = []
+        errors: dict[int, str] = {}
         for table, batch_ids, batch_errors in self._stream(plan, shard, columns, shard.rows or 1):
             errors.update({len(ids) + i: e for i, e in batch_errors.items()})
             tables.append(table)
@@ -169,7 +191,7 @@ class WebDatasetSource(FileSource):
         schema = self._schema(plan, columns)
         return ShardRows(pa.concat_tables(tables) if tables else schema.empty_table(), ids, errors)
 
-    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    def batches(self, plan: Plan, shard: Shard, columns: list[str], rows: int) -> Generator[pa.Table, None, None]:
         for table, _, _ in self._stream(plan, shard, columns, rows):
             yield table
 
@@ -217,7 +239,7 @@ class WebDatasetSource(FileSource):
         errors: dict[int, str] = {}
         values: dict[str, list[Any]] = {f.name: [] for f in schema}
         for i, sample in enumerate(batch):
-            texts = {c: data for field, data in sample.fields.items() if (c := _column(field)) is not None}
+            texts = _texts(sample)
             for name in values:
                 if name == "key":
                     values[name].append(sample.key)
@@ -232,7 +254,7 @@ class WebDatasetSource(FileSource):
         table = pa.table({n: pa.array(v, schema.field(n).type) for n, v in values.items()}, schema=schema)
         ids = [f"{_tar(plan, info)}:{s.key}" for s in batch]
         if self.cfg.id_column is not None and self.cfg.id_column in values:
-            ids = [str(v) for v in values[self.cfg.id_column]]
+            ids = [str(v) for v in values[self.cfg.id_column]]  # checked at planning: none missing
         return table, ids, errors
 
     def known_ids(self, plan: Plan, shard: Shard) -> list[str] | None:

@@ -21,9 +21,7 @@ from pathlib import Path
 from ...config import Job
 from ...errors import JobError
 from ...io.durable import atomic_write
-from ...io.storage import PartStore
-from ...config.headers import secret_values
-from ...redact import Redactor, option_secrets
+from ...redact import Redactor
 from ...rows.images import MB
 
 __all__ = ["write_compare", "default_name", "MAX_MB"]
@@ -35,12 +33,6 @@ def default_name(jobs: list[Job]) -> str:
     return "compare-" + "-".join(job.name for job in jobs) + ".html"
 
 
-def _secrets(job: Job) -> list[str | None]:
-    """What the report keeps out of its page, and the endpoint's secret headers: none may show here."""
-    return [job.api_key(), *PartStore.for_output(job.output).secrets(), *option_secrets(job.input.storage_options),
-            *(job.notify.secrets() if job.notify is not None else ()), *secret_values(job.endpoint.headers)]
-
-
 def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = MAX_MB) -> str:
     """Write the page; returns its path."""
     if len(jobs) < 2:
@@ -50,6 +42,7 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
         raise JobError(f"compare: the jobs' names repeat ({', '.join(names)}); each job is told by its name")
     try:
         import jinja2
+        import markupsafe  # jinja2's own dependency
 
         from ..report import page_template, script_safe, vega_bundle
         from .charts import charts
@@ -57,15 +50,15 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
     except ImportError as exc:
         raise JobError(f"compare needs the report extra ({exc.name} is missing): pip install -e '.[report]' in the "
                        f"clone (or 'pipeline[report]')") from None
-    redactor = Redactor([s for job in jobs for s in _secrets(job)])
+    redactor = Redactor([s for job in jobs for s in job.secrets()])  # what every redactor of each job's runs hides
     bundle = script_safe(vega_bundle())
     data = collect(jobs, int(max_mb * MB) - len(bundle.encode()), redactor)
     page = {"jobs": data.jobs, "fields": data.fields, "labels": data.labels, "rows": data.rows, "total": data.total,
             "sampling": data.sampling, "charts": charts(data)}
     text = redactor.scrub(json.dumps(page, ensure_ascii=False, default=str))
     html = page_template(Path(__file__).parent).render(
-        title=" vs ".join(names), vega_bundle=jinja2.utils.markupsafe.Markup(bundle),
-        data_json=jinja2.utils.markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
+        title=" vs ".join(names), vega_bundle=markupsafe.Markup(bundle),
+        data_json=markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
     )
     path = Path(out) if out is not None else Path.cwd() / default_name(jobs)
     atomic_write(path, html.encode("utf-8"))

@@ -43,7 +43,7 @@ def _chart(title: str, note: str, chart: Any) -> dict[str, Any]:
     return {"title": title, "note": note, "spec": spec}
 
 
-def _matrix(counts: list[dict[str, Any]], a: str, b: str) -> alt.LayerChart:
+def _matrix(counts: list[dict[str, Any]], a: str, b: str) -> alt.LayerChart | alt.FacetChart:  # layer() hoists facets: none here
     rows = [{"a": str(c["a"]), "b": str(c["b"]), "rows": c["rows"], "same": c["a"] == c["b"]} for c in counts]
     order = sorted({r["a"] for r in rows} | {r["b"] for r in rows})
     base = alt.Chart(alt.Data(values=rows)).encode(

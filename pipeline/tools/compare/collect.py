@@ -36,7 +36,7 @@ from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.files import LocalFiles
 from ...rows.images import MB
-from ..report.collect import TEXT_CHARS, cut_text, images_of
+from ..report.collect import TEXT_CHARS, cut_text, image_cells
 from .agreement import tallied
 
 __all__ = ["Comparison", "collect", "ROW_BYTES"]
@@ -132,15 +132,15 @@ def collect(jobs: list[Job], max_bytes: int, redactor: Redactor) -> Comparison:
     aligned = [s.table.take(a) for s, a in zip(sides, at)]
     ok = np.stack([np.asarray(pc.fill_null(pc.equal(t.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
                    for t in aligned])
-    failed = np.stack([np.asarray(pc.fill_null(pc.not_equal(t.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
-                       for t in aligned]).any(axis=0)
+    failed = np.asarray(np.stack([np.asarray(pc.fill_null(pc.not_equal(t.column("status"), "ok"), False)
+                                             .to_numpy(zero_copy_only=False)) for t in aligned]).any(axis=0))
     fields, disagree = [], np.zeros((len(labels), len(union)), dtype=bool)
     for k, name in enumerate(labels):
         values = [t.column(f"label:{name}") for t in aligned]
         fields.append(_field(name, _numeric(jobs[0], name), values, ok, disagree[k]))
     categories = [k for k, f in enumerate(fields) if f["kind"] == "category"]  # numbers differ always: never "disagree"
-    missing = ~present.all(axis=0)
-    telling = missing | failed | disagree[categories].any(axis=0)
+    missing = np.asarray(~present.all(axis=0))
+    telling = np.asarray(missing | failed | disagree[categories].any(axis=0))
     sizes = _sizes(aligned, present, len(sides))
     chosen, sampling = _sample(telling, sizes, max_bytes)
     rows = _rows(sides, union, present, chosen, [labels[k] for k in categories], disagree[categories],
@@ -268,12 +268,12 @@ def _rows(sides: list[_Side], union: pa.Array, present: np.ndarray, chosen: np.n
 
 def _thumbnails(rows: list[dict[str, Any]], sides: list[_Side]) -> None:
     """Each shown row's image cell (from the first job that has the row) as thumbnails or links."""
-    files = [LocalFiles.for_manifest(s.job.input.path, s.job.images.allowed_roots, base=s.job.files_base or s.job.input.local_base)
+    files = [LocalFiles.at(s.job.files_base or s.job.input.local_base, s.job.images.allowed_roots)
              for s in sides]
 
     def images(row: dict[str, Any]) -> list[dict[str, str]]:
         k = row.pop("source")
-        return images_of(row.pop("image"), files[k], sides[k].job, IMAGES_SHOWN)
+        return image_cells(row.pop("image"), files[k], sides[k].job, IMAGES_SHOWN)
 
     with ThreadPoolExecutor(4) as pool:
         for row, got in zip(rows, list(pool.map(images, rows))):

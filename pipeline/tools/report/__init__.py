@@ -27,7 +27,7 @@ from ...config import Job
 from ...errors import JobError
 from ...io.durable import atomic_write
 from ...io.storage import PartStore
-from ...redact import Redactor, option_secrets
+from ...redact import Redactor
 from ...rows.images import MB
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     """Write the report; returns where it is (a path, or a URL for an object-store output)."""
     try:
         import jinja2
+        import markupsafe  # jinja2's own dependency
 
         from .charts import charts
         from .collect import collect
@@ -51,8 +52,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
         raise JobError(f"the report needs its extra ({exc.name} is missing): pip install -e '.[report]' in the clone "
                        f"(or 'pipeline[report]')") from None
     store = PartStore.for_output(job.output)
-    redactor = Redactor([job.api_key(), *store.secrets(), *option_secrets(job.input.storage_options),
-                         *(job.notify.secrets() if job.notify is not None else ())])
+    redactor = Redactor(job.secrets())
     bundle = script_safe(vega_bundle())
     data = collect(job, int(max_mb * MB), redactor, fixed_bytes=len(bundle.encode()))
     page = {
@@ -65,7 +65,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     text = redactor.scrub(text).replace("<", "\\u003c")  # no "</script>" inside
     html = page_template(Path(__file__).parent).render(
         job=data.job, output=data.output, generated=data.generated,
-        vega_bundle=jinja2.utils.markupsafe.Markup(bundle), data_json=jinja2.utils.markupsafe.Markup(_DATA),
+        vega_bundle=markupsafe.Markup(bundle), data_json=markupsafe.Markup(_DATA),
     )
     head, tail = html.split(_DATA, 1)
     body = [head.encode("utf-8"), text.encode("utf-8"), tail.encode("utf-8")]  # never one more copy of the whole page

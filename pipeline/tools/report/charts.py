@@ -73,7 +73,7 @@ def _throughput(f: Figures) -> alt.Chart:
     return alt.layer(rate, done).resolve_scale(y="independent")
 
 
-def _latency(f: Figures) -> alt.LayerChart | alt.Chart:
+def _latency(f: Figures) -> alt.Chart | alt.LayerChart | alt.FacetChart:  # layer() hoists facets: none here
     if f.histogram("latency_ms") is None:
         return _empty("no answered row")
     hist = _histogram(f, "latency_ms", "ms")
@@ -104,7 +104,7 @@ def _counts(f: Figures, column: str, title: str, horizontal: bool = False, empty
     kind = "Q" if f.integer(column) and not horizontal else "N"
     value = alt.X(f"value:{'O' if kind == 'Q' else 'N'}", title=title, sort="-y" if not horizontal else None)
     chart = alt.Chart(alt.Data(values=rows)).mark_bar(color="#4c78a8")
-    axis = _count_axis(max(r["rows"] for r in rows))
+    axis = _count_axis(max(n for _, n in counts))
     if horizontal:
         return chart.encode(y=alt.Y("value:N", title=None, sort="-x"), x=alt.X("rows:Q", title="rows", axis=axis),
                             tooltip=["value:N", "rows:Q"])
@@ -117,7 +117,7 @@ def _pauses(data: ReportData) -> alt.Chart | alt.LayerChart:
     if not runs:
         return _empty("no run recorded yet")
     base = alt.Chart(alt.Data(values=runs)).encode(x=alt.X("run:N", title="run", sort=None))
-    bars = base.mark_bar(color="#e45756", opacity=0.8).encode(y=alt.Y("429s:Q", title="429 answers", axis=_count_axis(max(r["429s"] for r in runs))),
+    bars = base.mark_bar(color="#e45756", opacity=0.8).encode(y=alt.Y("429s:Q", title="429 answers", axis=_count_axis(max(int(r["429s"]) for r in runs))),
                                                             tooltip=["run:N", "429s:Q", "paused_s:Q"])
     line = base.mark_line(point=True, color="#444").encode(y=alt.Y("paused_s:Q", title="paused, s"))
     return alt.layer(bars, line).resolve_scale(y="independent")

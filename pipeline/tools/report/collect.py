@@ -31,13 +31,13 @@ from ...errors import PipelineError
 from ...io.checkpoint import Checkpoint, dataset_state
 from ...io.references import DIGEST_PREFIX, holds_bytes
 from ...io.storage import PartStore
-from ...redact import Redactor
+from ...redact import Redactor, secret_name
 from ...rows.files import LocalFiles
 from ...rows.images import MB, parse_data_uri
 from ...rows.values import Blob, image_values, kind_of
 from .figures import Figures
 
-__all__ = ["ReportData", "collect", "cut_text", "images_of", "thumbnail", "THUMB_PX", "TEXT_CHARS"]
+__all__ = ["ReportData", "collect", "cut_text", "image_cells", "thumbnail", "THUMB_PX", "TEXT_CHARS"]
 
 THUMB_PX = 192  # the longer side of a thumbnail
 THUMB_BYTES = 9_000  # what a thumbnail is reckoned to take in the page, before it is made
@@ -71,7 +71,7 @@ def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) 
     figures' ranges, the second bins the figures and takes the rows the page holds."""
     store = PartStore.for_output(job.output)
     names = sorted(n for n in store.names() if n.startswith("part-") and n.endswith(".parquet"))
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = Checkpoint(job.checkpoint)
     plan = ckpt.load_plan()
     labels = list(job.labels.schema.get("properties", {})) if job.labels is not None else []
     figures = Figures(labels)
@@ -208,7 +208,7 @@ def cut_text(value: Any) -> str | None:
 
 def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> list[dict[str, Any]]:
     image_col, prompt_col = job.input.image_column, job.input.prompt_column
-    files = LocalFiles.for_manifest(job.input.path, job.images.allowed_roots, base=job.files_base or job.input.local_base)
+    files = LocalFiles.at(job.files_base or job.input.local_base, job.images.allowed_roots)
     out: list[dict[str, Any]] = []
     cells: list[Any] = []
     for rec in table.to_pylist():
@@ -232,7 +232,7 @@ def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> l
         out.append(row)
         cells.append(rec.get(image_col) if image_col else None)
     with ThreadPoolExecutor(THUMB_WORKERS) as pool:
-        for row, images in zip(out, pool.map(lambda c: images_of(c, files, job), cells)):
+        for row, images in zip(out, pool.map(lambda c: image_cells(c, files, job), cells)):
             row["images"] = images
     return out
 
@@ -241,9 +241,9 @@ def _label(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 
 
-def images_of(cell: Any, files: LocalFiles, job: Job, most: int = IMAGES_PER_ROW) -> list[dict[str, str]]:
-    """Per value (the first `most`): a thumbnail (a local file, a data: URI, bytes), a link (a URL or
-    an object: the page never fetches), or why there is none. The report's and the comparison's."""
+def image_cells(cell: Any, files: LocalFiles, job: Job, most: int = IMAGES_PER_ROW) -> list[dict[str, str]]:
+    """Per value (the first `most`): a thumbnail (bytes kept in the output, a local file, a data:
+    URI), a link (a URL: a page never fetches), or why there is none."""
     try:
         values = image_values(cell)
     except PipelineError as exc:
@@ -251,14 +251,17 @@ def images_of(cell: Any, files: LocalFiles, job: Job, most: int = IMAGES_PER_ROW
     shown: list[dict[str, str]] = []
     for value in values[:most]:
         try:
+            if isinstance(value, Blob):
+                shown.append({"thumb": thumbnail(value.data)})
+                continue
             kind = kind_of(value)
             if kind in ("url", "object"):
-                shown.append({"link": value})  # an object URI: shown, never read (the report fetches nothing)
+                shown.append({"link": value})  # an object URI: shown, never read (a page fetches nothing)
                 continue
-            if isinstance(value, str) and value.startswith(DIGEST_PREFIX):
+            if value.startswith(DIGEST_PREFIX):
                 shown.append({"note": f"image bytes given in the manifest ({value[:23]}...; [output] keep_media keeps them)"})
                 continue
-            data = value.data if isinstance(value, Blob) else parse_data_uri(value)[1] if kind == "data" else files.read(
+            data = parse_data_uri(value)[1] if kind == "data" else files.read(
                 value, int(job.images.max_source_mb * MB), "image", "over [images] max_source_mb")
             shown.append({"thumb": thumbnail(data)})
         except (PipelineError, OSError, ValueError) as exc:
@@ -276,14 +279,11 @@ def thumbnail(data: bytes) -> str:
         img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))  # a JPEG decodes at a fraction of its size: far faster
         img.thumbnail((THUMB_PX, THUMB_PX))
         alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
-        img = img.convert("RGBA" if alpha else "RGB")
+        small = img.convert("RGBA" if alpha else "RGB")
         buf = io.BytesIO()
-        img.save(buf, "PNG" if alpha else "JPEG", **({} if alpha else {"quality": 72, "optimize": True}))
+        small.save(buf, "PNG" if alpha else "JPEG", **({} if alpha else {"quality": 72, "optimize": True}))
     mime = "image/png" if alpha else "image/jpeg"
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 
 def settings(job: Job) -> dict[str, Any]:
@@ -299,8 +299,8 @@ def settings(job: Job) -> dict[str, Any]:
         "limits": {k: v for k, v in vars(job.limits).items()},
         "run": {k: v for k, v in vars(job.run).items()},
         "pricing": None if job.pricing is None else {k: v for k, v in vars(job.pricing).items()
-                                                       if not any(w in k for w in _SECRET_WORDS)},
-        "serve": None if job.serve is None else {k: v for k, v in job.serve.items() if not any(w in k for w in _SECRET_WORDS)},
+                                                       if not secret_name(k)},
+        "serve": None if job.serve is None else {k: v for k, v in job.serve.items() if not secret_name(k)},
     }
 
 

@@ -124,7 +124,7 @@ class Figures:
             values = _values(part, column, ok)
             if len(values):
                 self.hist[column] += np.histogram(values, bins=edges)[0]
-                if column == "latency_ms" and self.fine is not None:
+                if column == "latency_ms" and self.fine is not None and self.fine_edges is not None:
                     self.fine += np.histogram(values, bins=self.fine_edges)[0]
 
     # -- what the charts read ------------------------------------------------------------

@@ -170,6 +170,7 @@ async def _fetch_images(urls: list[Any]) -> list[Any] | web.Response:
             if not (isinstance(url, str) and url.startswith(("http://", "https://"))):
                 out.append(url)
                 continue
+            data = b""
             try:
                 async with session.get(url) as resp:
                     data = await resp.content.read(FETCH_MAX_BYTES + 1)

@@ -62,6 +62,10 @@ class Batch:
     final_counts: dict[str, int] | None = None  # once settled
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def settled(self) -> bool:
+        """Its files and final counts are made (a call, asked again under the lock: another task may have)."""
+        return self.final_counts is not None
+
     @property
     def custom_ids(self) -> list[str]:
         return [r.custom_id for r in self.requests]
@@ -176,10 +180,10 @@ class BatchStore:
 
     async def settle(self, batch: Batch, now: float) -> None:
         """Once it ended: its output and error files (none when empty, as OpenAI's), its final counts."""
-        if batch.status(now) not in ENDED or batch.final_counts is not None:
+        if batch.status(now) not in ENDED or batch.settled():
             return
         async with batch.lock:
-            if batch.final_counts is not None:
+            if batch.settled():
                 return
             done, expired = batch.done(), batch.status(now) == "expired"
             output, errors = await asyncio.to_thread(answer_lines, batch.requests, self.opts, batch.id,

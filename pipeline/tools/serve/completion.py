@@ -124,7 +124,7 @@ def describe_image(url: str, analyze: bool) -> str:
         w, h = img.size
         small = img.convert("RGB").resize((24, 24))
         colours = small.quantize(colors=3).convert("RGB").getcolors(24 * 24) or []
-        top = ", ".join("#%02x%02x%02x" % c for _, c in sorted(colours, reverse=True)[:3])
+        top = ", ".join("#" + bytes(c).hex() for _, c in sorted(colours, reverse=True)[:3] if isinstance(c, tuple))
         return f"a {img.format or mime} image, {w}x{h} pixels, main colours {top}"
     except Exception as exc:  # a broken image is an answer too: say so, as a model would
         return f"an inlined {mime} that could not be decoded ({type(exc).__name__})"

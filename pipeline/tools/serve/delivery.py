@@ -83,7 +83,7 @@ async def _stream(
         request.transport.close()
         return resp
     if fault == "stream_error":
-        error = {"error": {"message": "The server had an error while processing your request", "type": "server_error",
+        error: dict[str, object] = {"error": {"message": "The server had an error while processing your request", "type": "server_error",
                            "param": None, "code": "server_error"}}
         await resp.write(b"data: " + json.dumps(error).encode() + b"\n\n")
     elif fault == "stream_error_vllm":

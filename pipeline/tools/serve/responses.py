@@ -89,7 +89,7 @@ def as_response(payload: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]
         output.append({"type": "reasoning", "id": f"rs_{number}", "summary": [{"type": "summary_text", "text": reasoning}]})
     incomplete = bool(choices) and choices[0].get("finish_reason") == "length"
     refusal = message.get("refusal")
-    part = {"type": "refusal", "refusal": refusal} if isinstance(refusal, str) else \
+    part: dict[str, Any] = {"type": "refusal", "refusal": refusal} if isinstance(refusal, str) else \
         {"type": "output_text", "text": answer, "annotations": [], "logprobs": []}
     if answer is not None and choices:
         output.append({"type": "message", "id": f"msg_{number}", "role": "assistant",
