@@ -39,6 +39,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "ray": _optional("ray_bench", "run_ray_bench"),
         "report": _optional("report_bench", "run_report_bench"),
         "report_scale": _optional("report_scale", "run_report_scale_bench"),
+        "compare_scale": _optional("compare_scale", "run_compare_scale_bench"),
         "metrics": _optional("metrics_cost", "run_metrics_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
         "sources": _optional("sources", "run_sources_bench"),
@@ -65,6 +66,9 @@ TARGETS: dict[str, Callable[[dict[str, Any]], str]] = {
                          f"{r['page_turn_ms']:.0f} ms, search {r['search_ms_with_150ms_debounce']:.0f} ms (150 ms debounce)"),
     "report_scale": lambda r: "; ".join(
         f"{k.removeprefix('rows_')} rows: peak {v['peak_rss_mb']:.0f} MB (target < 300), {v['report_s']:.1f}s"
+        for k, v in r.items() if isinstance(v, dict)),
+    "compare_scale": lambda r: "; ".join(
+        f"{k.removeprefix('rows_')} rows: peak {v['peak_rss_mb']:.0f} MB, {v['compare_s']:.1f}s"
         for k, v in r.items() if isinstance(v, dict)),
     "metrics": lambda r: (f"CPU per row {r['cost_pct_of_cpu']:+.1f}% with metrics (target < 5%); {r['rows_per_s_on']} rows/s "
                           f"with vs {r['rows_per_s_off']} without ({r['cost_pct_of_throughput']:.1f}%, wall-clock); "

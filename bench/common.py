@@ -158,6 +158,25 @@ def machine() -> dict[str, Any]:
             "packages": pkgs}
 
 
+MEASURE = ("import resource, sys, time; from pipeline.cli import main; t = time.perf_counter(); "
+           "code = main(sys.argv[1:]); print('figures', time.perf_counter() - t, "
+           "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)")
+
+
+def measure_command(args: list[str], page: Path, python_path: str | None = None) -> tuple[float, float, int, float]:
+    """`pipeline ARGS` in a process of its own: (seconds, peak RSS MB, exit code, MB of `page`).
+    `python_path`: another checkout whose code runs instead (`python -c` puts its working folder
+    first on sys.path, ahead of PYTHONPATH: the other checkout's folder, so its code is imported)."""
+    env = {**os.environ, **({"PYTHONPATH": python_path} if python_path else {})}
+    r = subprocess.run([sys.executable, "-c", MEASURE, *args], cwd=python_path or ROOT, capture_output=True,
+                       text=True, env=env, check=False)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("figures ")), None)
+    if line is None:
+        raise RuntimeError(f"pipeline {args[0]} failed: {r.stderr[-2000:]}")
+    _, seconds, rss_kb, code = line.split()
+    return round(float(seconds), 2), round(int(rss_kb) / 1024, 1), int(code), round(page.stat().st_size / 2**20, 2)
+
+
 def module_at(ref: str, path: str, folder: Path) -> ModuleType:
     """The module `path` (e.g. "pipeline/net/stream.py") as it is at git commit `ref`, for a
     before/after: written into `folder` and loaded as a sibling of this tree's module (named

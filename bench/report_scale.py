@@ -18,13 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT, WORK, endpoint, url_manifest, write_job
+from .common import ROOT, WORK, endpoint, measure_command, url_manifest, write_job
 
 SHARD = 10_000
 SCALES = (1_000_000, 10_000_000)
-MEASURE = ("import resource, sys, time; from pipeline.cli import main; t = time.perf_counter(); "
-           "code = main(sys.argv[1:]); print('figures', time.perf_counter() - t, "
-           "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, code)")
 
 
 def _one_shard(work: Path) -> Path:
@@ -57,15 +54,8 @@ def _scaled(work: Path, job: Path, rows: int) -> Path:
 
 
 def _measure(job: Path, page: Path, python_path: str | None = None) -> dict[str, Any]:
-    env = {**os.environ, **({"PYTHONPATH": python_path} if python_path else {})}
-    r = subprocess.run([sys.executable, "-c", MEASURE, "report", str(job), "--out", str(page)], cwd=ROOT,
-                       capture_output=True, text=True, env=env, check=False)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("figures ")), None)
-    if line is None:
-        raise RuntimeError(f"the report failed: {r.stderr[-2000:]}")
-    _, seconds, rss_kb, code = line.split()
-    return {"report_s": round(float(seconds), 2), "peak_rss_mb": round(int(rss_kb) / 1024, 1), "exit_code": int(code),
-            "page_mb": round(page.stat().st_size / 2**20, 2)}
+    seconds, peak, code, size = measure_command(["report", str(job), "--out", str(page)], page, python_path)
+    return {"report_s": seconds, "peak_rss_mb": peak, "exit_code": code, "page_mb": size}
 
 
 def run_report_scale_bench(before: str | None = None) -> dict[str, Any]:

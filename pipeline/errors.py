@@ -62,6 +62,8 @@ class ErrorKind(str, Enum):
     INVALID_RESPONSE = ("invalid_response", "a 200 that is not a usable answer (not JSON, no choices, over max_response_mb)",
                         True, False, True)
     TRUNCATED = ("truncated", "cut off by max_tokens before the answer began (finish_reason length)")
+    REFUSAL = ("refusal", "the model refused (its words are the `error`), or a content filter withheld the answer: "
+               "paid, and final")
     INVALID_OUTPUT = ("invalid_output", "the answer did not follow the [labels] schema after max_invalid_retries")
     INTERNAL = ("internal", "an exception the pipeline did not plan for (a bug); traceback in the checkpoint's errors.log")
 

@@ -13,7 +13,6 @@ import http.server
 import io
 import json
 import math
-import random
 import re
 import signal
 import subprocess
@@ -234,12 +233,14 @@ def test_kill_9_then_resume_every_audio_row_exactly_once(tmp_path: Path, endpoin
     rows = [{"id": f"row-{i:05d}", "clip": f"clips/t{i % 6}.wav", "prompt": f"Hear row-{i:05d}"} for i in range(n)]
     ep = endpoint_factory(latency_ms=60, latency_jitter_ms=40, seed=5)
     job = _job(tmp_path, ep, rows, run={"shard_rows": 40})
-    rng = random.Random(2)
     kills = 0
-    for _ in range(3):
+    for k in range(3):  # each run killed after the endpoint's 30th, 67th, 104th answer: mid-shard, whatever the speed
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 2.0))
+        target = (k + 1) * 30 + k * 7
+        deadline = time.monotonic() + 60
+        while ep.stats()["statuses"].get("200", 0) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -284,6 +285,53 @@ def test_truncated_and_oversized_clips_are_input_errors(clips: dict[str, Path]) 
     assert mp3.format == "mp3" and sniff_audio(base64.b64decode(mp3.b64)) == "mp3"
     info = soundfile.info(io.BytesIO(base64.b64decode(mp3.b64)))
     assert (info.samplerate, info.channels, info.frames) == (16000, 1, 40000)
+
+
+_DECODE = """
+import io, resource, sys
+import numpy as np, soundfile as sf
+from pipeline.config import AudioConfig, AudioFormat
+from pipeline.errors import InputError
+from pipeline.rows.audio import prepare_clip
+seconds, convert, mb = float(sys.argv[1]), AudioFormat(sys.argv[2]), float(sys.argv[3])
+buf = io.BytesIO()
+with sf.SoundFile(buf, "w", samplerate=48000, channels=2, format="FLAC", subtype="PCM_16") as f:
+    for _ in range(int(seconds * 48000) >> 16):  # silence: a few hundred kB of FLAC
+        f.write(np.zeros((1 << 16, 2), dtype="int16"))
+data = buf.getvalue()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    clip = prepare_clip(data, "clip.flac", AudioConfig(convert=convert, mono=True, sample_rate=16000, max_audio_mb=mb))
+    said = f"sent {clip.seconds:.0f} s"
+except InputError as exc:
+    said = exc.message
+print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024, said)
+"""
+
+
+def _decode(seconds: float, convert: str, max_audio_mb: float) -> tuple[int, int, str]:
+    """(source bytes, MB the worker grew by, what prepare_clip said) for a stereo 48 kHz FLAC, in a
+    process of its own (its peak is its own)."""
+    out = subprocess.run([sys.executable, "-c", _DECODE, str(seconds), convert, str(max_audio_mb)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    size, grew, said = out.stdout.split(" ", 2)
+    return int(size), int(grew), said.strip() + out.stderr[-300:]
+
+
+@pytest.mark.parametrize("seconds, convert, max_audio_mb, says", [
+    (590, "wav", 20, "MB as base64 once re-encoded as wav"),  # too large, known from the header: nothing decoded
+    (240, "mp3", 20, "sent 239 s"),  # an mp3's size is not: decoded a block at a time, sent
+    (240, "mp3", 0.2, "too large"),  # ... and stopped once past the cap
+])
+def test_a_converted_clip_is_never_decoded_whole(seconds: float, convert: str, max_audio_mb: float, says: str) -> None:
+    """With `convert`, a clip was decoded whole as float32 (frames x channels x 4 bytes) before any
+    cap on its samples: a ~200 kB FLAC of 590 s stereo at 48 kHz took ~300 MB of worker memory to
+    refuse, 10 minutes of 8 channels at 192 kHz (under max_seconds) ~7 GB. Now a WAV re-encoding
+    that could not be sent is refused from the header, and any other is decoded, mixed, resampled
+    and encoded a block at a time."""
+    size, grew, said = _decode(seconds, convert, max_audio_mb)
+    assert grew < 50, f"a {size // 1024} kB clip of {seconds} s took {grew} MB ({said[:120]})"
+    assert says in said, said
 
 
 def test_the_audio_table_is_checked(tmp_path: Path) -> None:

@@ -67,6 +67,24 @@ def _budget_job(tmp_path: Path, base_url: str, manifest: Path, budget: float, co
     )
 
 
+def test_unusable_answers_that_report_usage_are_paid_for_in_the_rows_cost_and_the_spend(
+        tmp_path: Path, endpoint_factory: Any) -> None:
+    """A 200 with usage but no answer (here: no choices) was billed: every such attempt counts in
+    the row's cost and the spend, retried into an answer or failed after max_attempts (4)."""
+    ep = endpoint_factory(row_faults={"row-00000": "nochoices:2", "row-00001": "nochoices"})
+    manifest = url_manifest(tmp_path / "m.csv", 3)
+    job, out = _job(tmp_path, ep.base_url, manifest, pricing=PRICING)
+    result = run_cli("run", str(job))
+    assert result.returncode == 1, result.stderr
+    rows = {r["id"]: r for r in read_output(out)}
+    mended, failed, fine = rows["row-00000"], rows["row-00001"], rows["row-00002"]
+    one = (fine["prompt_tokens"] * 1000 + fine["completion_tokens"] * 4000) / 1e6  # the rows' prompts are alike
+    assert (mended["status"], mended["attempts"]) == ("ok", 3) and mended["cost"] == pytest.approx(3 * one)
+    assert (failed["error_kind"], failed["attempts"]) == ("invalid_response", 4) and failed["cost"] == pytest.approx(4 * one)
+    total = sum(r["cost"] for r in rows.values())
+    assert _summary(out)["spend"] == pytest.approx(total) and f"spent {total:.4f}" in result.stderr
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_the_budget_stops_the_run_before_it_can_pass_and_a_higher_one_resumes(
     tmp_path: Path, endpoint_factory: Any, concurrency: int

@@ -192,6 +192,19 @@ def test_compare_two_and_three_labeling_jobs(tmp_path: Path, endpoint_factory: A
     assert [(p["a"], p["b"]) for p in label3["pairs"]] == [(0, 1), (0, 2), (1, 2)]
     assert sum(c["title"].startswith("Confusion") for c in three["charts"]) == 3
 
+    # a page over its cap (read in two passes, a part at a time): every row where the jobs
+    # disagree, one is missing or one failed, then an even sample of the others; the figures count every row
+    from pipeline.tools.report import script_safe, vega_bundle
+
+    room = len(script_safe(vega_bundle()).encode()) + 200_000 + 60_000  # the page's share, then ~6 rows
+    small = _page_data(Path(pipeline.compare(jobs["a"], jobs["b"], out=tmp_path / "small.html",
+                                             max_mb=room / 2**20)).read_text())
+    ids = [row["id"] for row in small["rows"]]
+    assert ids == ["row-00000", "row-00004", "row-00008", "row-00011", "row-00012", "row-00013"], ids
+    assert small["sampling"].startswith("the page holds 6 of 14 rows") and small["total"] == 14
+    assert "then every 9th other row" in small["sampling"]  # each row reckoned by its own texts and thumbnail
+    assert small["fields"] == data["fields"] and small["jobs"] == data["jobs"]
+
 
 def test_compare_refuses_a_single_job(tmp_path: Path) -> None:
     write_rows(tmp_path / "m.csv", [{"id": "x", "image": "https://i.example/x.png", "prompt": "p"}], "csv")

@@ -24,7 +24,9 @@ from pipeline.config import Api, load_job
 from pipeline.errors import JobError, RequestError
 from pipeline.net.events import ResponsesFold, to_events
 from pipeline.net.stream import StreamError, assemble
-from pipeline.rows.answer import parse_response
+from pipeline.rows.answer import parse_response, usage_of, withheld
+from pipeline.rows.responses import ResponsesBody
+from pipeline.tools.serve.completion import REFUSAL
 
 SAME = ("id", "answer", "reasoning", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
         "reasoning_tokens", "model", "finish_reason", "status", "error_kind", "cost")
@@ -101,6 +103,7 @@ def test_the_same_manifest_through_chat_and_responses_gives_the_same_rows(
         assert_valid("CreateResponse", body)
         assert body["instructions"] == "You label pictures." and body["max_output_tokens"] == 200
         assert body["reasoning"] == {"effort": "low", "summary": "auto"}  # passed through as written
+        assert body["store"] is False  # the Responses API stores by default: a bulk job asks it not to
         (item,) = body["input"]
         kinds = [part["type"] for part in item["content"]]
         assert kinds == ["input_text", "input_image"] and item["content"][1]["detail"] == "auto"
@@ -139,6 +142,55 @@ def test_a_broken_responses_stream_is_retried(tmp_path: Path, endpoint_factory: 
     assert all(r["status"] == "ok" for r in rows)
     assert by_id["row-00004"]["attempts"] == 2 and by_id["row-00003"]["attempts"] == 1
     assert ep.stats()["per_row"]["Describe picture row-00004"] == 2
+
+
+@pytest.mark.parametrize("api, stream", [("chat", False), ("chat", True), ("responses", False), ("responses", True)])
+def test_a_refusal_is_one_paid_final_row(tmp_path: Path, endpoint_factory: Any, api: str, stream: bool) -> None:
+    """Every row refused (chat's message.refusal, a Responses refusal part, streamed or not): each
+    bought once, its words kept in `error`, its cost counted in the row and the spend; a run of
+    refusals is a run of answers, so neither "the endpoint looks down" (breaker_failures 2) nor
+    "wrong job" (breaker_refusals) stops it. Before: each row bought max_attempts (4) times,
+    invalid_response, cost null, "spent 0.0000", and the breaker tripped."""
+    ep = endpoint_factory(record=True, row_faults={"Describe": "refusal"})
+    _manifest(tmp_path)
+    job = write_job(tmp_path / "r.toml", {**job_dict(
+        tmp_path / "m.csv", ep.base_url, tmp_path / "out-r", endpoint={"api": api}, pricing=PRICES,
+        request={"stream": stream}, limits={"breaker_failures": 2, "max_concurrency": 2}), "name": "r"})
+    r = run_cli("run", str(job))
+    assert r.returncode == 1, r.stderr  # 1: rows failed (not 3: nothing stopped the run)
+    rows = read_output(tmp_path / "out-r")
+    assert len(rows) == 9 and ep.stats()["requests"] == 9, ep.stats()["per_row"]
+    for row in rows:
+        assert (row["status"], row["error_kind"], row["answer"], row["attempts"]) == ("error", "refusal", None, 1), row
+        assert row["error"] == REFUSAL
+        assert row["cost"] == pytest.approx((row["prompt_tokens"] * 2.0 + row["completion_tokens"] * 6.0) / 1e6)
+        assert row["cost"] > 0
+    assert f"spent {sum(row['cost'] for row in rows):.4f}" in r.stderr, r.stderr
+    status = run_cli("status", str(job))
+    assert "refusal" in status.stdout, status.stdout + status.stderr
+    if api == "chat" and not stream:
+        message = json.loads(_post(ep, "/chat/completions", _bodies(ep, "chat")[0]))["choices"][0]["message"]
+        assert (message["content"], message["refusal"]) == (None, REFUSAL)  # as OpenAI documents a refusal
+    if api == "responses" and not stream:
+        answer = json.loads(_post(ep, "/responses", _bodies(ep, "responses")[0]))
+        assert_valid("Response", answer)  # the refusal the endpoint sends is OpenAI's shape
+        assert answer["output"][-1]["content"] == [{"type": "refusal", "refusal": REFUSAL}]
+    if api == "responses" and stream:
+        events = _events(_post(ep, "/responses", _bodies(ep, "responses")[0]))
+        for event in events:
+            assert_valid("ResponseStreamEvent", event)
+        assert "response.refusal.delta" in [e["type"] for e in events]
+
+
+def test_a_refusal_in_a_batch_is_a_final_row_with_its_cost(tmp_path: Path, endpoint_factory: Any) -> None:
+    ep = endpoint_factory(row_faults={"row-00003": "refusal"})
+    url_manifest(tmp_path / "m.csv", 6)
+    rows = {r["id"]: r for r in _run(tmp_path, ep, "b", "responses", expect=1, pricing=PRICES,
+                                      run={"mode": "batch", "poll_s": 0.3})}
+    refused = rows["row-00003"]
+    assert (refused["status"], refused["error_kind"], refused["error"], refused["answer"]) == ("error", "refusal", REFUSAL, None)
+    assert refused["cost"] > 0 and len(ep.stats()["batches"]) == 1  # not sent again in a second batch
+    assert sum(r["status"] == "ok" for r in rows.values()) == 5
 
 
 def test_labels_go_as_text_format_and_come_back_as_columns(tmp_path: Path, endpoint_factory: Any) -> None:
@@ -180,6 +232,7 @@ def test_a_batch_run_through_the_responses_api(tmp_path: Path, endpoint_factory:
     for line in map(json.loads, lines):
         assert line["url"] == "/v1/responses"
         assert_valid("CreateResponse", line["body"])
+        assert line["body"]["store"] is False
     output = urllib.request.urlopen(f"{ep.base_url}/files/{info['output_file_id']}/content", timeout=10).read()
     for line in map(json.loads, output.splitlines()):
         assert_valid("Response", line["response"]["body"])
@@ -229,6 +282,16 @@ def test_the_api_is_a_checked_choice(tmp_path: Path) -> None:
     assert load_job(base).shape_digest() != job.shape_digest()  # answers of one API are not taken for the other's
 
 
+def test_responses_requests_are_not_stored_at_the_provider_unless_the_job_says(tmp_path: Path) -> None:
+    """CreateResponse's `store` defaults to true (chat's to false): without `store: false` every
+    row's prompt, image and answer stays at the provider. [request] store = true is the user's call."""
+    url_manifest(tmp_path / "m.csv", 1)
+    base = job_dict(tmp_path / "m.csv", "http://127.0.0.1:9/v1", tmp_path / "out", endpoint={"api": "responses"})
+    assert ResponsesBody(load_job(base), None).body("p", [])["store"] is False
+    kept = load_job({**base, "request": {**base["request"], "store": True}})
+    assert ResponsesBody(kept, None).body("p", [])["store"] is True
+
+
 # -- the answer and the stream, piece by piece -----------------------------------------------------
 
 def _response(**changes: Any) -> dict[str, Any]:
@@ -257,6 +320,31 @@ def test_parse_a_response() -> None:
     cut = parse_response(_response(status="incomplete", incomplete_details={"reason": "max_output_tokens"},
                                    output=_response()["output"][:1]), Api.RESPONSES)
     assert cut.answer is None and cut.truncated and cut.finish_reason == "max_output_tokens"
+
+
+def _chat(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
+    return {"object": "chat.completion", "model": "m", "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 12, "total_tokens": 1012}}
+
+
+@pytest.mark.parametrize("body, api, said", [
+    (_chat({"role": "assistant", "content": None, "refusal": "No."}), Api.CHAT, "No."),
+    (_chat({"role": "assistant", "content": "", "refusal": "No."}), Api.CHAT, "No."),  # a gateway's "" beside it
+    (_chat({"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}), Api.CHAT, "No."),
+    (_chat({"role": "assistant", "content": None}, "content_filter"), Api.CHAT, "content filter"),
+    (_response(output=[{"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                         "content": [{"type": "refusal", "refusal": "No."}]}]), Api.RESPONSES, "No."),
+    (_response(status="incomplete", incomplete_details={"reason": "content_filter"}, output=[]), Api.RESPONSES,
+     "content filter"),
+])
+def test_a_refusal_parses_as_a_final_answer_with_its_words(body: dict[str, Any], api: Api, said: str) -> None:
+    a = parse_response(body, api)
+    kind, error = withheld(a)
+    assert a.answer is None and a.refused and kind == "refusal" and said in error
+    assert a.prompt_tokens in (1000, 120)  # its usage is read: it is costed
+    assert usage_of(body, api).prompt_tokens == a.prompt_tokens
+    answered = parse_response(_chat({"role": "assistant", "content": "A cat.", "refusal": None}))
+    assert not answered.refused and withheld(answered) is None and answered.refusal is None
 
 
 @pytest.mark.parametrize("code, kind", [("server_error", "server"), ("rate_limit_exceeded", "rate_limit"),
@@ -299,3 +387,34 @@ def test_the_events_fold_into_the_response_they_came_from() -> None:
     with pytest.raises(StreamError) as e:
         _fold([*events[:3], error])
     assert (e.value.reason, e.value.code) == ("error_chunk", "server_error") and "boom" in str(e.value)
+
+
+def test_a_responses_stream_a_gateway_ends_with_done_but_no_terminal_event_is_cut() -> None:
+    """A gateway that sends only the deltas (no `response.created`/`in_progress` snapshot) and ends
+    with `data: [DONE]` but no `response.completed`: the text may stop anywhere and there is no
+    usage, so the stream is cut (retried), not written as a whole answer. With the terminal event
+    before its [DONE] it is whole."""
+    events = [e for e in to_events(_response(), piece_chars=2) if b'"response.output_text.delta"' in e]
+    done = [b"data: [DONE]\n\n"]
+    with pytest.raises(StreamError) as e:
+        _fold([*events[:3], *done])
+    assert e.value.reason == "cut" and "[DONE]" in str(e.value)
+    terminal = to_events(_response())[-1:]
+    assert parse_response(_fold([*events, *terminal, *done]), Api.RESPONSES).answer == "A cat on a mat."
+    chat = [b'data: {"choices": [{"index": 0, "delta": {"content": "A cat"}}]}\n\n', *done]
+    assert parse_response(assemble(b"".join(chat).split(b"\n"))).answer == "A cat"  # chat's own end is [DONE]
+
+
+def test_refusal_events_fold_into_a_refusal() -> None:
+    refused = _response(output=[{"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                                 "content": [{"type": "refusal", "refusal": "I can't help with that."}]}])
+    events = to_events(refused, piece_chars=4)
+    assert sum(b'"response.refusal.delta"' in e for e in events) > 1
+    for raw in events:  # the refusal's own events (this test's response lacks fields a whole one has)
+        if b'"response.refusal.' in raw or b'"response.content_part.' in raw:
+            assert_valid("ResponseStreamEvent", _events(raw)[0])
+    lean = [*events[:-1], b"event: response.completed\ndata: " + json.dumps(
+        {"type": "response.completed", "sequence_number": 99, "response": _response(output=[])}).encode() + b"\n\n"]
+    for stream in (events, lean):  # the terminal response's own output, or the deltas' sum
+        got = parse_response(_fold(stream), Api.RESPONSES)
+        assert got.refused and got.refusal == "I can't help with that." and got.total_tokens == 160

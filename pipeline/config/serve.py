@@ -27,7 +27,7 @@ FAULTS = (
     "400", "401", "500", "503", "429", "429ms", "429date", "429reset", "429bare", "quota", "throttle",
     "drop", "cut", "broken", "nochoices", "slow", "length",
     "stream_end", "stream_error", "stream_error_vllm", "no_usage", "invalid_json",
-    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "answer_echoes_key", "redirect",
+    "null_text", "gzip_bomb", "huge", "bad_utf8", "echo_key", "answer_echoes_key", "redirect", "refusal",
 )
 TRANSFERS = ("length", "chunked", "gzip")
 REASONING_FIELDS = ("content", "reasoning_content", "reasoning")

@@ -5,7 +5,10 @@
     row = await sender.send(RowState("r1"), {"image": ..., "prompt": ...})   # None: a stop came first
 
 Each attempt: wait for a place (the limiter paces requests and tokens), hold the attempt's worst
-case against the budget, send, parse. A failed attempt is retried as the pure policy says
+case against the budget, send, cost it by the usage it reports (before judging the answer: an
+unusable answer was paid for too, and counts in the row's cost and the spend), parse. A refusal
+(or a content filter's) is an answer: final, paid, an error row of kind "refusal", never retried
+and never an endpoint fault. A failed attempt is retried as the pure policy says
 (pipeline.net.retry), pausing the whole pool on a 429; quota and auth failures and a tripped
 breaker raise StopJob (they apply to every row). An answer that fails the `[labels]` schema is
 asked again up to max_invalid_retries, and the last one is kept (it was paid for). Its clocks and
@@ -40,7 +43,7 @@ from ..net.concurrency import Gate
 from ..net.limiter import Pacer
 from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from ..records import ResultRow
-from ..rows.answer import Answer, parse_response
+from ..rows.answer import Answer, parse_response, usage_of, withheld
 from ..rows.pricing import (
     SpendLimit,
     estimate_tokens,
@@ -247,20 +250,26 @@ class RowSender:
                 state.data = data
                 self.gate.answered(latency / 1000.0)
                 self.limiter.observe(headers)
+                cost = self._paid(state, data)  # before judging the answer: an unusable one was paid too
                 answer = parse_response(data, self.job.endpoint.api)
-                if answer.answer is None and not answer.truncated:
+                if answer.answer is None and withheld(answer) is None:
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
                 return self._failed(state, err, sent_at)
-            cost = row_cost(self.job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens,
-                            answer.cached_tokens)
-            state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
-            self.breaker.success()
+            self.breaker.success()  # a refusal too: the endpoint answered
             self.counts.answered()
             self.limiter.settle(tokens, answer.total_tokens)
             return _answer_row(state, answer, latency, warning)
         finally:
             self.spend.settle(held, cost)
+
+    def _paid(self, state: RowState, data: Any) -> float | None:
+        """What an answered attempt cost by the usage its body reports, added to the row's cost."""
+        use = usage_of(data, self.job.endpoint.api)
+        cost = row_cost(self.job, use.model, use.prompt_tokens, use.completion_tokens, use.total_tokens,
+                        use.cached_tokens)
+        state.spent = cost if state.spent is None else state.spent + (cost or 0.0)
+        return cost
 
     def _failed(self, state: RowState, err: RequestError, sent_at: float) -> ResultRow | float:
         self.counts.refused(err.status, err.kind)
@@ -316,9 +325,9 @@ def _answer_row(state: RowState, answer: Answer, latency: float | None, warning:
         None,  # finished_at: set as the row settles
         answer.cached_tokens, answer.reasoning_tokens, answer.image_tokens, answer.audio_tokens,
     )
-    if answer.answer is None:  # truncated ("length", "max_output_tokens") before the thinking ended
-        row.status, row.error_kind = "error", "truncated"
-        row.error = f"cut off by max_tokens before the answer began (finish_reason: {answer.finish_reason})"
+    reason = withheld(answer)  # truncated before the thinking ended, or refused: paid, final
+    if reason is not None:
+        row.status, (row.error_kind, row.error) = "error", reason
     return row
 
 

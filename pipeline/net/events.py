@@ -6,12 +6,16 @@
 
 A streamed response is a sequence of events named by their `type` (OpenAI's published
 description): `response.created` and `response.in_progress` (the response so far), the output
-items added and done, `response.reasoning_summary_text.delta`, `response.output_text.delta`, ...,
+items added and done, `response.reasoning_summary_text.delta`, `response.output_text.delta`,
+`response.refusal.delta` (a refusal's words, in a `refusal` content part), ...,
 and one terminal event carrying the whole response, usage included: `response.completed`,
 `response.incomplete` (cut by max_output_tokens: a truncated answer, as chat's "length") or
 `response.failed` (its `error` then decides the row, as for a plain answer). An `error` event,
 or a chat-style `{"error": ...}` chunk from a gateway, raises StreamError; a stream that stops
-before a terminal event is cut (StreamError "cut"), retried like any transient failure.
+before a terminal event is cut (StreamError "cut"), retried like any transient failure. So is one
+a gateway ends with `data: [DONE]` but no terminal event (and, as some do, no `response.created`
+snapshot): OpenAI sends no [DONE] here, and without the terminal response there is no status (the
+text may stop anywhere) and no usage, so taking it as whole would write a cut answer as `ok`.
 
 The terminal event's response is the answer. A server whose terminal response lists no output
 (some gateways send only the deltas' sum) gets one assembled from the text and reasoning deltas.
@@ -40,12 +44,14 @@ class ResponsesFold:
     """Typed events into the response; complete once a terminal event arrived."""
 
     ending = "response.completed, response.incomplete or response.failed"
+    ends_at_done = False  # OpenAI sends no [DONE]: a gateway's, without a terminal event, ends a cut stream
 
     def __init__(self) -> None:
         self.ended = False
         self._response: dict[str, Any] = {}  # the latest whole response an event carried
         self._texts: list[str] = []  # output_text deltas, in order
         self._thoughts: list[str] = []  # reasoning (summary) deltas, in order
+        self._refusals: list[str] = []  # refusal deltas, in order
 
     @property
     def complete(self) -> bool:
@@ -65,17 +71,22 @@ class ResponsesFold:
             self._texts.append(event["delta"])
         elif kind in _REASONING_DELTAS and isinstance(event.get("delta"), str):
             self._thoughts.append(event["delta"])
+        elif kind == "response.refusal.delta" and isinstance(event.get("delta"), str):
+            self._refusals.append(event["delta"])
 
     def result(self) -> dict[str, Any]:
         body = dict(self._response)
-        if not body.get("output") and (self._texts or self._thoughts):
+        if not body.get("output") and (self._texts or self._thoughts or self._refusals):
             output: list[dict[str, Any]] = []
             if self._thoughts:
                 output.append({"type": "reasoning", "id": "rs_stream", "summary": [
                     {"type": "summary_text", "text": "".join(self._thoughts)}]})
-            if self._texts:
+            content = [{"type": "output_text", "text": "".join(self._texts), "annotations": []}] if self._texts else []
+            if self._refusals:
+                content.append({"type": "refusal", "refusal": "".join(self._refusals)})
+            if content:
                 output.append({"type": "message", "id": "msg_stream", "role": "assistant", "status": "completed",
-                               "content": [{"type": "output_text", "text": "".join(self._texts), "annotations": []}]})
+                               "content": content})
             body["output"] = output
         return body
 
@@ -107,10 +118,12 @@ def to_events(response: dict[str, Any], *, piece_chars: int = 24, max_pieces: in
         elif item.get("type") == "message":
             event("response.output_item.added", output_index=index, item={**item, "content": [], "status": "in_progress"})
             for n, part in enumerate(item.get("content") or []):
-                event("response.content_part.added", **at, content_index=n, part={**part, "text": ""})
-                for piece in pieces(part["text"], piece_chars, max_pieces):
-                    event("response.output_text.delta", **at, content_index=n, delta=piece, logprobs=[])
-                event("response.output_text.done", **at, content_index=n, text=part["text"], logprobs=[])
+                key, name = ("refusal", "refusal") if part.get("type") == "refusal" else ("text", "output_text")
+                event("response.content_part.added", **at, content_index=n, part={**part, key: ""})
+                logprobs: dict[str, Any] = {"logprobs": []} if key == "text" else {}
+                for piece in pieces(part[key], piece_chars, max_pieces):
+                    event(f"response.{name}.delta", **at, content_index=n, delta=piece, **logprobs)
+                event(f"response.{name}.done", **at, content_index=n, **{key: part[key]}, **logprobs)
                 event("response.content_part.done", **at, content_index=n, part=part)
         event("response.output_item.done", output_index=index, item=item)
     event(TERMINAL.get(str(response.get("status")), "response.completed"), response=response)

@@ -13,12 +13,13 @@ used, `usage`, `model`, `finish_reason`), so the output row is the same either w
 
 What the stream may hold (see ../shared/notes/api-facts.md):
 - `data: {chunk}` lines, `data: [DONE]` at the end, `:` comment lines (keep-alives) to skip;
-- deltas with `content` and `reasoning_content` or `reasoning`;
+- deltas with `content` and `reasoning_content` or `reasoning`, or `refusal` (a model declining);
 - with `stream_options: {"include_usage": true}` a last chunk whose `choices` is empty and which
   carries `usage`; a stream without it leaves the token counts unknown (None), never guessed;
 - an error in the middle: `{"error": {...}}` (OpenAI) or `{"object": "error", ...}` (vLLM).
 
-A stream is complete when `[DONE]` or a `finish_reason` arrived. Anything else (cut before both, an
+A chat stream is complete when `[DONE]` or a `finish_reason` arrived (a Responses stream only with
+its terminal event: net/events.py). Anything else (cut before both, an
 error chunk, a chunk that is not JSON) raises StreamError; `pipeline.net.client.translate` turns it into
 a retryable RequestError like any other transient failure. What a StreamError quotes of the stream is
 scrubbed by the assembler's Redactor before it is cut (a provider may echo the key). Invalid UTF-8
@@ -65,6 +66,7 @@ class StreamAssembler:
 
     def __init__(self, redactor: Redactor | None = None, fold: Fold | None = None) -> None:
         self.done = False  # `data: [DONE]` (or the fold's own end) arrived: nothing more is read
+        self.marked = False  # `data: [DONE]` arrived
         self.replaced = 0  # invalid UTF-8 bytes decoded as U+FFFD
         self.surrogates = 0  # escaped lone surrogates read as U+FFFD
         self._data: list[str] = []  # `data:` lines of the event being read (an event may span lines)
@@ -124,7 +126,7 @@ class StreamAssembler:
         if self.done or not data:
             return
         if data == DONE:
-            self.done = True
+            self.done = self.marked = True
             return
         try:
             chunk, _, surrogates = loads_json(data)
@@ -152,8 +154,9 @@ class StreamAssembler:
             tail, self._tail = b"".join(self._tail), []
             self.feed(tail)
         self._dispatch()  # a last event without its blank line
-        if not self.done and not self.fold.complete:
-            raise StreamError(f"stream ended before {self.fold.ending} (cut off)", reason="cut")
+        if not self.fold.complete and not (self.marked and self.fold.ends_at_done):
+            how = "with [DONE] " if self.marked else ""
+            raise StreamError(f"stream ended {how}before {self.fold.ending} (cut off)", reason="cut")
         return self.fold.result()
 
 
@@ -173,6 +176,11 @@ class Fold(Protocol):
     def ending(self) -> str:
         """What a complete stream ends with, for the "cut off" message."""
 
+    @property
+    def ends_at_done(self) -> bool:
+        """Whether `data: [DONE]` alone makes the stream complete (chat), or only the fold's own
+        last event does (the Responses API: a gateway's [DONE] without it ends a cut stream)."""
+
     def take(self, chunk: dict[str, Any], redactor: Redactor) -> None: ...
 
     def result(self) -> dict[str, Any]: ...
@@ -182,11 +190,13 @@ class ChatFold:
     """Chat completion chunks assembled into the body a non-streamed answer has."""
 
     ended = False  # `data: [DONE]` ends a chat stream, read by the assembler
+    ends_at_done = True
     ending = "[DONE] or a finish_reason"
 
     def __init__(self) -> None:
         self._content: list[str] | None = None  # None: no content delta at all
         self._reasoning: dict[str, list[str]] = {}
+        self._refusal: list[str] = []
         self._choice_seen = False
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -217,6 +227,8 @@ class ChatFold:
             content = delta.get("content")
             if isinstance(content, str):
                 (self._content if self._content is not None else self._start_content()).append(content)
+            if isinstance(delta.get("refusal"), str):  # a refusal's words, streamed as content is
+                self._refusal.append(delta["refusal"])
             for key in REASONING_KEYS:
                 if isinstance(delta.get(key), str):
                     self._reasoning.setdefault(key, []).append(delta[key])
@@ -236,6 +248,8 @@ class ChatFold:
             }
             for key, parts in self._reasoning.items():
                 message[key] = "".join(parts)
+            if self._refusal:
+                message["refusal"] = "".join(self._refusal)
             choices.append({"index": 0, "finish_reason": self._finish, "message": message})
         return {**self._meta, "object": "chat.completion", "choices": choices, "usage": self._usage}
 
@@ -311,9 +325,10 @@ def to_sse(
             text = message.get(key)
             if isinstance(text, str) and text:
                 out += [delta({key: p}) for p in pieces(text, piece_chars, max_pieces)]
-        content = message.get("content")
-        if isinstance(content, str):
-            out += [delta({"content": p}) for p in pieces(content, piece_chars, max_pieces)]
+        for key in ("content", "refusal"):
+            text = message.get(key)
+            if isinstance(text, str):
+                out += [delta({key: p}) for p in pieces(text, piece_chars, max_pieces)]
         out.append(delta({}, choice.get("finish_reason")))
     if include_usage and isinstance(response.get("usage"), dict):
         out.append(event([], usage=response["usage"]))

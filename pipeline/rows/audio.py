@@ -22,6 +22,10 @@ its URLs are fetched here (fetch.py, the [images] fetch settings).
 Caps as images have them: a source is refused before it is read or decoded when it could never
 be sent (over `max_audio_mb` once in base64, or with `convert` over `[images] max_source_mb`), the
 clip is checked on its base64 text, and media.py counts it in the request's `max_request_mb`.
+With `convert`, a clip whose WAV re-encoding would be over `max_audio_mb` is refused from its
+header (frames, rate, channels) before a sample is decoded; the others are decoded, mixed,
+resampled and encoded a block at a time (never the whole clip as float32: 10 minutes of 8 channels
+at 192 kHz would be ~7 GB in a worker), the encoding stopped as soon as it is past the cap.
 Reading, decoding and encoding run in the job's worker pool (workers.py), never on the event
 loop: the pool jobs (`local_clip`, `data_uri_clip`, `bytes_clip`) are top-level functions the
 worker processes import by this module's path. Every refusal is an InputError naming the cause
@@ -54,6 +58,8 @@ __all__ = ["AudioBuilder", "Clip", "sniff_audio", "local_clip", "data_uri_clip",
 TAKES = {AudioPart.INPUT_AUDIO: ("wav", "mp3"), AudioPart.AUDIO_URL: ("wav", "mp3", "flac", "ogg")}
 MIME = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg"}
 _SF_FORMAT = {AudioFormat.WAV: ("WAV", "PCM_16"), AudioFormat.MP3: ("MP3", "MPEG_LAYER_III")}
+_WAV_HEADER = 44  # bytes before a PCM WAV's samples, as libsndfile writes it
+_BLOCK_FRAMES = 1 << 16  # decoded at a time: 2 MB of float32 at 8 channels
 # What a broken clip raises inside libsndfile's binding (LibsndfileError is a RuntimeError).
 _DECODE_ERRORS = (RuntimeError, ValueError, TypeError, EOFError, MemoryError, OSError)
 
@@ -114,39 +120,69 @@ def prepare_clip(data: bytes, value: Value, cfg: AudioConfig, declared: str | No
     import soundfile  # here: the worker processes import this module before they need it
 
     try:
-        seconds = float(soundfile.info(io.BytesIO(data)).duration)
+        info = soundfile.info(io.BytesIO(data))
     except _DECODE_ERRORS as exc:
         raise InputError(f"unreadable or truncated {fmt} audio ({type(exc).__name__}: {exc}): {show(value)}") from None
+    seconds = float(info.duration)
     if seconds > cfg.max_seconds:
         raise InputError(f"audio clip is {seconds:.1f} s long, over [audio] max_seconds = {cfg.max_seconds:g} "
                          f"(clips are not split: cut it into shorter clips, one row each): {show(value)}")
     if cfg.convert is not None:
+        _check_wav_size(info.frames, info.samplerate, info.channels, value, cfg)  # before any decoding
         data, fmt = _reencode(data, value, cfg), str(cfg.convert)
     elif fmt not in TAKES[cfg.part]:
         raise InputError(f"{fmt} audio is not taken by the {cfg.part} part ({' or '.join(TAKES[cfg.part])}); "
                          f'set [audio] convert = "wav" to re-encode it: {show(value)}')
-    size = b64_size(len(data))
-    if size > cfg.max_audio_mb * MB:
-        raise InputError(f"audio clip too large ({size / MB:.1f} MB as base64, over the {cfg.max_audio_mb:g} MB "
-                         f"per-clip limit [audio] max_audio_mb): {show(value)}")
+    _check_size(len(data), value, cfg)
     return Clip(fmt, base64.b64encode(data).decode("ascii"), seconds)
 
 
+def _check_size(size: int, value: Value, cfg: AudioConfig, how: str = "") -> None:
+    b64 = b64_size(size)
+    if b64 > cfg.max_audio_mb * MB:
+        raise InputError(f"audio clip too large ({b64 / MB:.1f} MB as base64{how}, over the {cfg.max_audio_mb:g} MB "
+                         f"per-clip limit [audio] max_audio_mb): {show(value)}")
+
+
+def _check_wav_size(frames: int, rate: int, channels: int, value: Value, cfg: AudioConfig) -> None:
+    """Refuse, from the header alone, a clip whose WAV re-encoding (16-bit PCM) could not be sent:
+    its size is known exactly before a sample is decoded (an MP3's is not: _reencode stops it)."""
+    if cfg.convert is not AudioFormat.WAV or rate <= 0:
+        return
+    out_frames = frames * (cfg.sample_rate or rate) // rate
+    _check_size(_WAV_HEADER + out_frames * (1 if cfg.mono else channels) * 2, value, cfg,
+                f" once re-encoded as wav, {channels} channel(s) at {cfg.sample_rate or rate} Hz")
+
+
 def _reencode(data: bytes, value: Value, cfg: AudioConfig) -> bytes:
+    """Decoded, mixed down, resampled and encoded a block at a time: a clip's whole samples (4
+    bytes per sample per channel as float32, ~7 GB for 10 minutes of 8 channels at 192 kHz) are
+    never held, and the encoding stops as soon as it is past [audio] max_audio_mb."""
+    import numpy as np
     import soundfile
 
     assert cfg.convert is not None
+    cap = int(cfg.max_audio_mb * MB) * 3 // 4  # bytes whose base64 fits max_audio_mb
+    out = io.BytesIO()
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        if cfg.mono and samples.shape[1] > 1:
-            samples = samples.mean(axis=1, keepdims=True)
-        if cfg.sample_rate and cfg.sample_rate != rate:
-            import soxr
+        with soundfile.SoundFile(io.BytesIO(data)) as src:
+            rate, channels = src.samplerate, 1 if cfg.mono else src.channels
+            target = cfg.sample_rate or rate
+            stream = None
+            if target != rate:
+                import soxr
 
-            samples, rate = soxr.resample(samples, rate, cfg.sample_rate), cfg.sample_rate
-        out = io.BytesIO()
-        container, subtype = _SF_FORMAT[cfg.convert]
-        soundfile.write(out, samples, rate, format=container, subtype=subtype)
+                stream = soxr.ResampleStream(rate, target, channels, dtype="float32")
+            container, subtype = _SF_FORMAT[cfg.convert]
+            with soundfile.SoundFile(out, "w", target, channels, format=container, subtype=subtype) as sink:
+                for block in src.blocks(_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                    if cfg.mono and block.shape[1] > 1:
+                        block = block.mean(axis=1, keepdims=True)
+                    sink.write(stream.resample_chunk(block) if stream is not None else block)
+                    if out.getbuffer().nbytes > cap:
+                        _check_size(out.getbuffer().nbytes, value, cfg, f" and more, re-encoding as {cfg.convert}")
+                if stream is not None:
+                    sink.write(stream.resample_chunk(np.zeros((0, channels), dtype="float32"), last=True))
     except _DECODE_ERRORS as exc:
         raise InputError(f"audio could not be re-encoded as {cfg.convert} ({type(exc).__name__}: {exc}; "
                          f"[audio] sample_rate may help): {show(value)}") from None

@@ -21,7 +21,7 @@ from ..errors import RequestError
 from ..net.client import translate
 from ..records import ResultRow
 from ..redact import Redactor
-from .answer import parse_response
+from .answer import parse_response, withheld
 from .pricing import row_cost
 
 if TYPE_CHECKING:
@@ -64,10 +64,12 @@ def result_of(line: dict[str, Any], job: Job, labels: Labels | None, redactor: R
                     cached_tokens=answer.cached_tokens, reasoning_tokens=answer.reasoning_tokens,
                     image_tokens=answer.image_tokens, audio_tokens=answer.audio_tokens)
     if answer.answer is None:
-        if not answer.truncated:
-            return LineResult(row_id, None, RequestError("response has no answer content", kind="invalid_response"))
-        row.status, row.error_kind = "error", "truncated"
-        row.error = f"cut off by max_tokens before the answer began (finish_reason: {answer.finish_reason})"
+        reason = withheld(answer)  # truncated or refused: paid and final
+        if reason is None:  # paid but unusable: kept with its cost if no later batch does better
+            unusable = RequestError("response has no answer content", kind="invalid_response")
+            row.status, row.error_kind, row.error = "error", str(unusable.kind), unusable.describe()
+            return LineResult(row_id, row, unusable)
+        row.status, (row.error_kind, row.error) = "error", reason
         return LineResult(row_id, row, None)
     if labels is not None:
         try:

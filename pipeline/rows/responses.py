@@ -8,7 +8,7 @@
                                             {"type": "input_image", "image_url": URL or data URI,
                                              "detail": "auto"}, ...]}],
      "max_output_tokens": ..., "text": {"format": {"type": "json_schema", ...}},   # with [labels]
-     "stream": true, **other [request] keys (reasoning = {effort, summary}, temperature, ...)}
+     "stream": true, "store": false, **other [request] keys (reasoning = {effort, summary}, store, ...)}
 
 The same rows as chat: media.py makes the image parts (files confined, images checked and
 resized as for chat) and they are restated as input items; `detail` is required by the
@@ -44,6 +44,9 @@ class ResponsesBody:
             self._tail["max_output_tokens"] = req.max_tokens
         if req.stream:  # usage arrives whole in the response.completed event: nothing to ask for
             self._tail["stream"] = True
+        # The Responses API keeps every request and answer at the provider unless told not to
+        # (store defaults to true; chat's to false): a bulk job asks it not to, unless [request] store says.
+        self._tail["store"] = False
         self._tail.update(req.params)  # reasoning = {effort, summary} and the rest, as they are
         if labels is not None:
             chat = labels.response_format()["json_schema"]

@@ -27,7 +27,7 @@ import binascii
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 from urllib.parse import urlsplit
 
 from ..config import DEFAULT_OUTPUT_TOKENS, Auto, Job
@@ -174,45 +174,39 @@ def _rows(job: Job, plan: Plan, shard: Shard, held: pa.Table, whole: bool) -> It
 def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report,
                   objects: ObjectStore | None = None) -> int:
     """The row's number of images, or -1 when its images would make it fail."""
-    try:
-        values = image_values(cell)
-    except InputError as err:
-        report.problem("bad_image_cell", where, err.message)
-        return -1
-    if not values:
-        report.problem("missing_image", where, f"no image in {column!r}")
-        return -1
-    bad = False
-    for value in values:
-        problem = image_problem(value, images, max_bytes, objects)
-        if problem is not None:
-            report.problem(problem[0], where, problem[1])
-            bad = True
-    return -1 if bad else len(values)
+    return _check_cell(cell, "image", column, where, report, lambda value: image_problem(value, images, max_bytes, objects))
 
 
 def _check_audio(job: Job, cell: Any, files: LocalFiles, where: str, report: Report, objects: ObjectStore) -> int:
     """The row's number of clips, or -1 when its audio would make it fail (the run's checks, on a few bytes)."""
-    column = job.input.audio_column
+    def problem(value: Value) -> tuple[str, str] | None:
+        try:
+            return clip_problem(value, files, job.audio, job.images.max_source_mb, objects)
+        except PathError as err:
+            return err.problem, err.message
+        except (InputError, OSError, ValueError) as err:
+            return "unreadable_file", f"cannot read the clip ({err}): {show(value)}"
+
+    return _check_cell(cell, "audio", job.input.audio_column or "", where, report, problem)
+
+
+def _check_cell(cell: Any, what: str, column: str, where: str, report: Report,
+                problem: Callable[[Value], tuple[str, str] | None]) -> int:
+    """The number of values (images, clips) in a media cell, or -1 when the row would fail for
+    them: a cell that is not one, an empty one, or a value `problem` finds fault with (every
+    value judged, each fault reported)."""
     try:
         values = image_values(cell)
     except InputError as err:
-        report.problem("bad_audio_cell", where, err.message)
+        report.problem(f"bad_{what}_cell", where, err.message)
         return -1
     if not values:
-        report.problem("missing_audio", where, f"no audio in {column!r}")
+        report.problem(f"missing_{what}", where, f"no {what} in {column!r}")
         return -1
-    problems = []
-    for value in values:
-        try:
-            problems.append(clip_problem(value, files, job.audio, job.images.max_source_mb, objects))
-        except PathError as err:
-            problems.append((err.problem, err.message))
-        except (InputError, OSError, ValueError) as err:
-            problems.append(("unreadable_file", f"cannot read the clip ({err}): {show(value)}"))
-    for found in filter(None, problems):
-        report.problem(found[0], where, found[1])
-    return -1 if any(problems) else len(values)
+    found = [p for p in map(problem, values) if p is not None]
+    for kind, message in found:
+        report.problem(kind, where, message)
+    return -1 if found else len(values)
 
 
 def image_problem(value: Value, images: LocalFiles, max_bytes: int,

@@ -4,6 +4,7 @@ of jobs, and for numbers the mean absolute difference. Pure functions over the v
 against hand-computed tables.
 
     field = agreement([["cat", "cat"], ["cat", "dog"], ...])   # one list per row: each job's value
+    field = tallied({("cat", "cat"): 1, ("cat", "dog"): 1})     # the same, from counts of value tuples
     field.rate, field.kappa, field.kappa_kind                    # 0.5, 0.0, "Cohen"
     confusion(["cat", "cat"], ["cat", "dog"])                   # {("cat", "cat"): 1, ("cat", "dog"): 1}
 
@@ -18,9 +19,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
-__all__ = ["Agreement", "agreement", "cohen_kappa", "fleiss_kappa", "confusion", "mean_abs_difference"]
+__all__ = ["Agreement", "agreement", "tallied", "cohen_kappa", "fleiss_kappa", "confusion", "mean_abs_difference"]
 
 
 @dataclass(frozen=True)
@@ -33,22 +34,37 @@ class Agreement:
 
 def agreement(ratings: Sequence[Sequence[Hashable]]) -> Agreement:
     """`ratings`: per row, every job's value (rows with a missing value already left out)."""
-    raters = len(ratings[0]) if ratings else 0
+    return tallied(Counter(tuple(row) for row in ratings))
+
+
+def tallied(tally: Mapping[tuple[Hashable, ...], int]) -> Agreement:
+    """The same figures from how many rows gave each tuple of values: what a comparison of a
+    million rows holds instead of the rows (a few distinct tuples of category values)."""
+    raters = len(next(iter(tally))) if tally else 0
     kind = "Cohen" if raters <= 2 else "Fleiss"
-    if not ratings:
+    n = sum(tally.values())
+    if not n:
         return Agreement(0, None, None, kind)
-    same = sum(1 for row in ratings if len(set(row)) == 1)
-    kappa = cohen_kappa([r[0] for r in ratings], [r[1] for r in ratings]) if raters == 2 else fleiss_kappa(ratings)
-    return Agreement(len(ratings), same / len(ratings), kappa, kind)
+    same = sum(c for row, c in tally.items() if len(set(row)) == 1)
+    kappa = _cohen(tally) if raters == 2 else _fleiss(tally)
+    return Agreement(n, same / n, kappa, kind)
 
 
 def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
     """(p_o - p_e) / (1 - p_e): observed agreement against the agreement the two marginals give by chance."""
-    n = len(a)
+    return _cohen(Counter(zip(a, b)))
+
+
+def _cohen(pairs: Mapping[tuple[Hashable, ...], int]) -> float | None:
+    n = sum(pairs.values())
     if n == 0:
         return None
-    observed = sum(1 for x, y in zip(a, b) if x == y) / n
-    ca, cb = Counter(a), Counter(b)
+    observed = sum(c for (x, y), c in pairs.items() if x == y) / n
+    ca: Counter[Hashable] = Counter()
+    cb: Counter[Hashable] = Counter()
+    for (x, y), c in pairs.items():
+        ca[x] += c
+        cb[y] += c
     chance = sum(ca[k] * cb[k] for k in ca) / (n * n)
     return None if math.isclose(chance, 1.0) else (observed - chance) / (1 - chance)
 
@@ -56,15 +72,20 @@ def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
 def fleiss_kappa(ratings: Sequence[Sequence[Hashable]]) -> float | None:
     """Fleiss' kappa for a fixed number of raters per row: (P - P_e) / (1 - P_e), P the mean share of
     agreeing rater pairs per row, P_e the chance of a pair agreeing from the overall value shares."""
-    n_rows, raters = len(ratings), len(ratings[0]) if ratings else 0
+    return _fleiss(Counter(tuple(row) for row in ratings))
+
+
+def _fleiss(tally: Mapping[tuple[Hashable, ...], int]) -> float | None:
+    n_rows, raters = sum(tally.values()), len(next(iter(tally))) if tally else 0
     if n_rows == 0 or raters < 2:
         return None
     totals: Counter[Hashable] = Counter()
     pairs = 0.0
-    for row in ratings:
+    for row, times in tally.items():
         counts = Counter(row)
-        totals.update(counts)
-        pairs += (sum(c * c for c in counts.values()) - raters) / (raters * (raters - 1))
+        for value, c in counts.items():
+            totals[value] += c * times
+        pairs += times * (sum(c * c for c in counts.values()) - raters) / (raters * (raters - 1))
     observed = pairs / n_rows
     chance = sum((c / (n_rows * raters)) ** 2 for c in totals.values())
     return None if math.isclose(chance, 1.0) else (observed - chance) / (1 - chance)

@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, TYPE_CHECKING, Callable
 
 from ...config import Job
 from ...errors import JobError
@@ -30,7 +30,10 @@ from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.images import MB
 
-__all__ = ["write_report", "vega_bundle", "script_safe", "REPORT_NAME", "MAX_MB"]
+if TYPE_CHECKING:
+    import jinja2
+
+__all__ = ["write_report", "vega_bundle", "script_safe", "page_template", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
@@ -60,8 +63,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     del page
     data.rows = []  # the rows as Python objects go before the page is put together (peak memory)
     text = redactor.scrub(text).replace("<", "\\u003c")  # no "</script>" inside
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True)
-    html = env.get_template("page.html").render(
+    html = page_template(Path(__file__).parent).render(
         job=data.job, output=data.output, generated=data.generated,
         vega_bundle=markupsafe.Markup(bundle), data_json=markupsafe.Markup(_DATA),
     )
@@ -87,6 +89,15 @@ def vega_bundle() -> str:
         raise JobError(f"the report could not make the chart library (vl-convert: "
                        f"{made.stderr.decode('utf-8', 'replace').strip().splitlines()[-1:]})")
     return made.stdout.decode("utf-8")
+
+
+def page_template(folder: Path) -> jinja2.Template:
+    """`folder`'s page.html, which may include the report's shared pieces (shared.js: the helpers,
+    the charts, the thumbnails and the pager that the report's and the comparison's pages share)."""
+    import jinja2
+
+    loader = jinja2.FileSystemLoader([folder, Path(__file__).parent])
+    return jinja2.Environment(loader=loader, autoescape=True).get_template("page.html")
 
 
 def script_safe(js: str) -> str:

@@ -37,7 +37,7 @@ from ...rows.images import MB, parse_data_uri
 from ...rows.values import Blob, image_values, kind_of
 from .figures import Figures
 
-__all__ = ["ReportData", "collect", "image_cells", "thumbnail", "THUMB_PX", "TEXT_CHARS"]
+__all__ = ["ReportData", "collect", "cut_text", "image_cells", "thumbnail", "THUMB_PX", "TEXT_CHARS"]
 
 THUMB_PX = 192  # the longer side of a thumbnail
 THUMB_BYTES = 9_000  # what a thumbnail is reckoned to take in the page, before it is made
@@ -198,7 +198,8 @@ def _nth(k: int) -> str:
     return {1: "", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
-def _text(value: Any) -> str | None:
+def cut_text(value: Any) -> str | None:
+    """A text as the page shows it: its first TEXT_CHARS characters, and how long it is when cut."""
     if value is None:
         return None
     text = str(value)
@@ -213,9 +214,9 @@ def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> l
     for rec in table.to_pylist():
         row = {
             "id": rec.get("id") if "id" in rec else rec.get(job.input.id_column or "", ""),
-            "prompt": _text(rec.get(prompt_col)) if prompt_col else job.request.prompt,
-            "answer": _text(rec.get("answer")), "reasoning": _text(rec.get("reasoning")),
-            "status": rec.get("status"), "error": _text(rec.get("error")), "kind": rec.get("error_kind"),
+            "prompt": cut_text(rec.get(prompt_col)) if prompt_col else job.request.prompt,
+            "answer": cut_text(rec.get("answer")), "reasoning": cut_text(rec.get("reasoning")),
+            "status": rec.get("status"), "error": cut_text(rec.get("error")), "kind": rec.get("error_kind"),
             "attempts": rec.get("attempts"), "latency": rec.get("latency_ms"), "tokens": rec.get("total_tokens"),
             "prompt_tokens": rec.get("prompt_tokens"), "completion_tokens": rec.get("completion_tokens"),
             "cost": rec.get("cost"), "finished": rec.get("finished_at"),

@@ -23,7 +23,8 @@ the Batch API). It can behave like a real provider under load or failing:
   Fault names: 400, 401, 500, 503, 429 (Retry-After seconds), 429ms, 429date, 429reset,
   429bare (no delay header at all), quota, throttle (DashScope's AllocationQuota), drop
   (connection closed, no answer), cut (body cut midway), broken (200, not JSON), nochoices, slow
-  (answer after `slow_ms`), length (thinking cut off by max_tokens). Injected 429s ask for
+  (answer after `slow_ms`), length (thinking cut off by max_tokens), refusal (the model declines:
+  chat's `message.refusal` with no content, a Responses `refusal` part, streamed as their deltas). Injected 429s ask for
   `fault_retry_after_s`; `x_should_retry = {"500": "false"}` adds that header to a fault's answers;
   `row_latency_ms = {"text in the prompt": 500}` answers those rows (any answer) that much later;
 - streaming (`"stream": true` in the request): the same answer as SSE with `:` comment lines and,
@@ -48,7 +49,8 @@ the Batch API). It can behave like a real provider under load or failing:
   `fence_json`; fault `invalid_json` answers values of the wrong kinds instead;
 - the Batch API (/v1/files, /v1/batches in OpenAI's shapes): a batch is validated, in progress,
   finalizing and completed at the pace of `batch_validating_s`, `batch_in_progress_s` and
-  `batch_finalizing_s`, its answers composed as online ones; `batch_line_faults`, `batch_outcome`
+  `batch_finalizing_s`, its answers composed as online ones (with the row faults `length`,
+  `refusal` and `invalid_json` that change an answer); `batch_line_faults`, `batch_outcome`
   ("failed", "expired"), `batch_shuffle_output` and cancels rehearse what a batch executor meets;
   POST /admin/batch_clock `{"advance_s": N}` ages every batch N seconds at once (tests);
 - usage as OpenAI reports it: `prompt_tokens` (85 per image or video, the text at four characters

@@ -19,7 +19,9 @@ from ...config.serve import ServeOptions
 from .completion import Media, completion, user_parts
 from .responses import as_response, chat_view
 
-__all__ = ["Request", "read_input", "answer_lines", "line_fault", "jsonl", "MAX_ERRORS"]
+__all__ = ["Request", "read_input", "answer_lines", "line_fault", "jsonl", "MAX_ERRORS", "ANSWER_FAULTS"]
+
+ANSWER_FAULTS = frozenset({"length", "refusal", "invalid_json"})  # row faults a batch's answer lines carry too
 
 MAX_ERRORS = 1000  # a file of broken lines reports this many, not one per line
 _DUPLICATE = ("The custom_id for this request is a duplicate of another request. The custom_id parameter must be "
@@ -127,6 +129,15 @@ def line_fault(prompt: str, opts: ServeOptions) -> int | None:
     return None
 
 
+def _answer_fault(prompt: str, opts: ServeOptions) -> str | None:
+    """A row fault that changes the answer itself (`length`, `refusal`, `invalid_json`), as online."""
+    for needle, spec in opts.row_faults.items():
+        name = spec.partition(":")[0]
+        if needle in prompt and name in ANSWER_FAULTS:
+            return name
+    return None
+
+
 def answer_lines(requests: list[Request], opts: ServeOptions, batch_id: str, *, done: int,
                  expired: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(output lines, error lines) once the first `done` requests were done: an answer or a line
@@ -142,7 +153,8 @@ def answer_lines(requests: list[Request], opts: ServeOptions, batch_id: str, *, 
             continue
         status = line_fault(r.prompt, opts)
         if status is None:
-            body = completion(r.chat or r.body, r.prompt, r.urls, opts, fault=None, number=i + 1, authorization="")
+            body = completion(r.chat or r.body, r.prompt, r.urls, opts, fault=_answer_fault(r.prompt, opts),
+                              number=i + 1, authorization="")
             body["id"] = f"chatcmpl-{batch_id.removeprefix('batch_')}-{i + 1}"
             if r.chat is not None:
                 body = as_response(body, r.body)

@@ -4,7 +4,7 @@ colours with Pillow; for URLs only the URL, or with `fetch_images` the bytes fet
 their sha256), a reasoning text (in a
 `<think>` block or in `reasoning_field`), a JSON object built from a labeling request's schema,
 and the chat.completion around it with its usage (and usage details: `_usage`). Faults that change the answer itself
-(`length`, `nochoices`, `invalid_json`, `answer_echoes_key`) are applied here.
+(`length`, `nochoices`, `invalid_json`, `answer_echoes_key`, `refusal`) are applied here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from typing import Any, NamedTuple
 from ...config.serve import ServeOptions
 from .audio import Audio
 
-__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Fetched", "Media"]
+__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Fetched", "Media", "REFUSAL"]
+
+REFUSAL = "I'm sorry, but I can't help with that."  # what the `refusal` fault's model says
 
 
 def completion(body: dict[str, Any], prompt: str, urls: list[Media], opts: ServeOptions, *,
@@ -31,8 +33,12 @@ def completion(body: dict[str, Any], prompt: str, urls: list[Media], opts: Serve
     if fault == "answer_echoes_key":  # a model that repeats what it was sent, headers included
         answer = f"Answer to {prompt!r}: your request said Authorization: {authorization}"
     content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length", answer=answer)
-    message: dict[str, Any] = {"content": content, "refusal": None, "role": "assistant", "annotations": None,
-                               "audio": None, "function_call": None, "tool_calls": None}
+    refused = fault == "refusal"  # a model declining: no content, its words in `refusal`, paid all the same
+    if refused:
+        content, reasoning = REFUSAL, ""
+    message: dict[str, Any] = {"content": None if refused else content, "refusal": content if refused else None,
+                               "role": "assistant", "annotations": None, "audio": None, "function_call": None,
+                               "tool_calls": None}
     if opts.reasoning_field != "content":
         message[opts.reasoning_field] = reasoning
     return {

@@ -10,7 +10,7 @@ reasoning and token counts through either API.
 The request's `input` (a string, or items with `input_text`/`input_image` content) and
 `instructions` become chat messages, `max_output_tokens` max_tokens, a `text.format` json_schema
 the response_format. The answer: a `reasoning` item whose summary is the reasoning text, a
-`message` item with one `output_text` part, usage in the Responses names (`input_tokens`,
+`message` item with one `output_text` part (a `refusal` part for the `refusal` fault), usage in the Responses names (`input_tokens`,
 `input_tokens_details.cached_tokens`, `output_tokens_details.reasoning_tokens`); a `length` cut is
 `status = "incomplete"` with `incomplete_details.reason = "max_output_tokens"`, its message
 missing when the thinking never ended. Sent plainly by delivery.py as chat's answers are (its
@@ -88,10 +88,12 @@ def as_response(payload: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]
     if reasoning:
         output.append({"type": "reasoning", "id": f"rs_{number}", "summary": [{"type": "summary_text", "text": reasoning}]})
     incomplete = bool(choices) and choices[0].get("finish_reason") == "length"
+    refusal = message.get("refusal")
+    part: dict[str, Any] = {"type": "refusal", "refusal": refusal} if isinstance(refusal, str) else \
+        {"type": "output_text", "text": answer, "annotations": [], "logprobs": []}
     if answer is not None and choices:
         output.append({"type": "message", "id": f"msg_{number}", "role": "assistant",
-                       "status": "incomplete" if incomplete else "completed",
-                       "content": [{"type": "output_text", "text": answer, "annotations": [], "logprobs": []}]})
+                       "status": "incomplete" if incomplete else "completed", "content": [part]})
     now = int(time.time())
     return {
         "id": f"resp_{number}", "object": "response", "created_at": payload.get("created", now),
