@@ -115,7 +115,7 @@ def test_planted_leftovers_are_cleaned_and_repaired(tmp_path: Path, endpoint) ->
     assert "rebuilt from the journal" in r.stderr and "temporary file" in r.stderr
     assert_exactly_once(tmp_path, 120)
     assert endpoint.stats()["requests"] == sent_before  # all repaired from the journal, nothing re-bought
-    assert journal.read_bytes().endswith(b"\n")
+    assert not journal.exists() or journal.read_bytes().endswith(b"\n")  # cut, then compacted after the commit
 
 
 def test_retry_failed_resends_only_failed_rows_and_replaces_them(tmp_path: Path, endpoint_factory) -> None:

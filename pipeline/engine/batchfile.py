@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import Job
 from ..errors import InputError
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.durable import atomic_file
 from ..io.manifest import Plan, read_shard, row_ids
 from ..net.text import loads_json
@@ -35,7 +35,7 @@ __all__ = ["export_batch", "import_batch"]
 
 def export_batch(job: Job, path: Path) -> int:
     console = Console.for_job(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = open_checkpoint(job.output)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
         count, skipped = asyncio.run(_export(job, ckpt, ready.plan, path, console))
@@ -77,7 +77,7 @@ async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: C
 
 def import_batch(job: Job, path: Path) -> int:
     console = Console.for_job(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = open_checkpoint(job.output)
     labels = make_labels(job)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)

@@ -5,13 +5,15 @@
 
 A commit reads the shard's journal (every result since the shard began, later lines winning),
 joins it to the shard's rows by id, writes the part file atomically (pipeline.io.writer) and only
-then appends the commit record: a crash at any point leaves either the old state or the new one.
+then records the commit: a crash at any point leaves either the old state or the new one. Then the
+journal is compacted (housekeeping: every line kept in one compressed file, pipeline.io.segments).
 Blocking; the engine runs these in threads.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -21,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..config import Job
 from ..crashpoints import fault_point
+from ..errors import JobError
 from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id
 from ..io.manifest import Plan, Shard
@@ -52,6 +55,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     if part.num_rows == 0:
         return None
     fault_point("commit")
+    ckpt.fence()  # a run that lost its job's lease writes no part
     written = write_part(PartStore.for_output(job.output), shard.index, part)
     status = part.column("status").to_pylist()
     kinds = Counter(k for k, s in zip(part.column("error_kind").to_pylist(), status) if s == "error")
@@ -64,6 +68,8 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
     )
     ckpt.record_commit(record)
+    with contextlib.suppress(OSError, JobError, pa.ArrowException):  # housekeeping: as it was, nothing lost
+        ckpt.compact(shard.index, journal_schema(extra))
     return record
 
 

@@ -27,7 +27,7 @@ import ray.exceptions
 
 from ..config import Job, LimitsConfig
 from ..errors import LocalFailure, StopJob
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.manifest import Plan, Shard
 from ..net.breaker import ClusterVerdict, SharedBreaker
 from .console import Console
@@ -124,7 +124,7 @@ def _sized_for_task(job: Job) -> Job:
 
 async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
     job = _sized_for_task(job)
-    ckpt = Checkpoint(job.output.checkpoint)
+    ckpt = open_checkpoint(job.output)
     reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard)
     async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from ..config import DEFAULT_OUTPUT_TOKENS, Auto, Job
 from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.checks import SHOW
 from ..io.manifest import Plan, plan_manifest, read_shard
 from ..io.storage import PartStore
@@ -216,7 +216,7 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
     good = report.rows - report.bad_rows
     say(f"manifest: {job.input.path}, {report.rows} rows in {len(plan.shards)} shard(s); "
         f"{good} ready, {report.bad_rows} would fail")
-    done = _rows_done(Checkpoint(job.output.checkpoint))
+    done = _rows_done(open_checkpoint(job.output))
     if done:
         say(f"checkpoint: {done} rows already have a result; a run sends only the others (the estimates cover all rows)")
     if report.problems:
