@@ -87,7 +87,8 @@ def test_kill_loop_every_row_exactly_once_and_no_answer_bought_twice(tmp_path: P
     assert sum(ep.stats()["per_row"].values()) >= N_ROWS
 
 
-@pytest.mark.parametrize("point", ["after_response:30", "mid_journal_line:30", "after_part_write:2", "after_rename:2"])
+@pytest.mark.parametrize("point", ["after_response:30", "mid_journal_line:30", "after_part_write:2", "after_rename:2",
+                                   "after_seal:2", "mid_compaction:2"])
 def test_crash_points_then_resume(tmp_path: Path, endpoint_factory, point: str) -> None:
     ep = endpoint_factory()
     job = make_job(tmp_path, ep.base_url)

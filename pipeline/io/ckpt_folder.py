@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ..crashpoints import crash_point
 from ..errors import LockedError, local_failure
 from ..records import CommitRecord
 from .ckpt_base import JOURNAL, Checkpoint, parse_commit_lines
@@ -169,6 +170,7 @@ class FolderCheckpoint(Checkpoint):
             os.rename(live, folder / pieces.segment_name("local"))
             fsync_dir(folder)
             fsync_dir(self.journal_dir)
+            crash_point("after_seal")
         pieces.compact(schema)
 
     # -- commits and logs ----------------------------------------------------------------

@@ -40,6 +40,7 @@ from typing import NoReturn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..crashpoints import crash_point
 from ..errors import JobError
 from ..records import ResultRow
 from .journal import parse_lines
@@ -131,6 +132,7 @@ class Pieces:
             table = table.replace_schema_metadata({ABSORBED: json.dumps(keep).encode()})
             name = f"compact-{top:08d}.parquet"
             self.store.write(name, lambda f: pq.write_table(table, f, compression="zstd"))
+            crash_point("mid_compaction")
             leftovers = keep + [c for c in [scan.compact, *scan.older] if c and c != name]
         self.store.remove_many(leftovers)
         return bool(fresh)
