@@ -158,7 +158,7 @@ class _Driver:
             num_cpus=min(1.0, cpus / workers) if cpus else 1.0, max_retries=TASK_RETRIES, retry_exceptions=False
         )
         job_ref, plan_ref = ray.put(job), ray.put(self.ready.plan)
-        await self.coordinator.lease.remote(self.ckpt.fence.left())  # before any task asks
+        await self.coordinator.job_lease.remote(self.ckpt.fence.left())  # before any task asks
         worker_options = replace(self.options, restart=False, progress=False)
         queue: deque[Shard] = deque(self.ready.todo)
         running: dict[asyncio.Future[Any], Shard] = {}
@@ -233,7 +233,7 @@ class _Driver:
             self.ckpt.fence()  # this run's lease on the job still holds ...
         except OSError as exc:
             self._failed(local_failure(exc, "keeping the job's lease"))
-        self.coordinator.lease.remote(self.ckpt.fence.left())  # ... and the workers write only within it
+        self.coordinator.job_lease.remote(self.ckpt.fence.left())  # ... and the workers write only within it
         state = await self.coordinator.state.remote()
         self.counts = Counts.merged([state["counts"]])
         self.in_flight = state.get("in_flight", 0)

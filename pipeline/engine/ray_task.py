@@ -57,11 +57,11 @@ class Coordinator:
         self.verdict = ClusterVerdict(limits.breaker_failures, limits.breaker_seconds, limits.breaker_refusals)
         self.lease_until = -math.inf  # the driver's lease on the job, on this process's clock
 
-    def lease(self, left: float) -> None:
-        """The driver's lease holds `left` seconds more (its checkpoint's fence)."""
+    def job_lease(self, left: float) -> None:
+        """The driver's lease on the job holds `left` seconds more (its checkpoint's fence)."""
         self.lease_until = time.monotonic() + left
 
-    def lease_left(self) -> float:
+    def job_lease_left(self) -> float:
         return self.lease_until - time.monotonic()
 
     def lease(self, want: int, tokens: float, token_debt: float) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class Coordinator:
         if breaker is not None and (stop := self.verdict.hear(counts["shard"], breaker)) is not None:
             self.stop(*stop)
         return {"epoch": self.budget.epoch, "stop": self.stopped, "breaker": self.verdict.news(),
-                "lease": self.lease_left()}
+                "lease": self.job_lease_left()}
 
     def running(self, shards: list[int]) -> None:
         """The driver's shards in flight: the tasks whose breakers vote on a wrong job."""
@@ -137,7 +137,7 @@ def _sized_for_task(job: Job) -> Job:
 async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
     job = _sized_for_task(job)
     ckpt = open_checkpoint(job.output)
-    ckpt.fence.hold_for(await coordinator.lease_left.remote())
+    ckpt.fence.hold_for(await coordinator.job_lease_left.remote())
     reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard, ckpt)
     async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)
