@@ -41,7 +41,7 @@ from ..rows.pricing import total_cost
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["commit_shard", "answers_so_far", "write_empty_dataset", "DONE_SCHEMA"]
+__all__ = ["commit_shard", "answers_so_far", "compact_loose", "write_empty_dataset", "DONE_SCHEMA"]
 
 DONE_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error_kind", pa.string())])
 
@@ -71,6 +71,18 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     with contextlib.suppress(OSError, JobError, pa.ArrowException):  # housekeeping: as it was, nothing lost
         ckpt.compact(shard.index, journal_schema(extra))
     return record
+
+
+def compact_loose(ckpt: Checkpoint, plan: Plan, commits: dict[int, CommitRecord], labels: Labels | None) -> int:
+    """Housekeeping a killed run left: the journals of shards committed whole but not compacted
+    (a kill between a commit and its compaction). One listing; how many were compacted."""
+    whole = {i for i, rec in commits.items() if i < len(plan.shards) and rec.rows == plan.shards[i].rows}
+    loose = sorted(ckpt.loose() & whole)
+    schema = journal_schema(labels.fields() if labels is not None else ())
+    for index in loose:
+        with contextlib.suppress(OSError, JobError, pa.ArrowException):  # as it was, nothing lost
+            ckpt.compact(index, schema)
+    return len(loose)
 
 
 def media_columns(job: Job) -> frozenset[str]:

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from ..config import Job
 from ..errors import JobError, LocalFailure, LockedError, local_failure
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from .commit import write_empty_dataset
+from .commit import compact_loose, write_empty_dataset
 from .console import Console
 from .counts import Counts, Live
 from .options import RunOptions
@@ -75,6 +75,7 @@ class Executor:
                     if self.stage is not None:
                         self.stage(ckpt)
                     ready = prepare(job, ckpt, self.options, console)
+                    compact_loose(ckpt, ready.plan, ready.commits, make_labels(job) if job.labels else None)
                     self._started(ready)
                     if ready.plan.total_rows == 0:
                         write_empty_dataset(job, ready.plan, make_labels(job))

@@ -110,6 +110,11 @@ class Checkpoint:
         """After the shard's commit: its journal into one compressed file (pipeline.io.segments)."""
         raise NotImplementedError
 
+    def loose(self) -> set[int]:
+        """Shards whose journal is not one compact file (in one listing): a run killed between a
+        commit and its compaction leaves one, which the next run compacts."""
+        raise NotImplementedError
+
     def commits(self) -> dict[int, CommitRecord]:
         """The latest commit record per shard (a folder's torn tail cut: under the job's lock)."""
         raise NotImplementedError

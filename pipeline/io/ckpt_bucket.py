@@ -105,6 +105,14 @@ class BucketCheckpoint(Checkpoint):
     def compact(self, shard: int, schema: pa.Schema) -> None:
         self.pieces(shard).compact(schema)
 
+    def loose(self) -> set[int]:
+        pieces: dict[int, list[str]] = {}
+        for name in self.bucket.child(JOURNAL).walk():  # one listing of every shard's pieces
+            folder, _, piece = name.rpartition("/")
+            if folder.startswith("shard-"):
+                pieces.setdefault(int(folder[6:12]), []).append(piece)
+        return {shard for shard, names in pieces.items() if len(names) > 1 or not names[0].startswith("compact-")}
+
     # -- commits -------------------------------------------------------------------------
 
     def commits(self) -> dict[int, CommitRecord]:

@@ -173,6 +173,21 @@ class FolderCheckpoint(Checkpoint):
             crash_point("after_seal")
         pieces.compact(schema)
 
+    def loose(self) -> set[int]:
+        found = set()
+        try:
+            entries = list(os.scandir(self.journal_dir))
+        except FileNotFoundError:
+            return found
+        for e in entries:
+            if e.name.startswith("shard-") and e.name.endswith(".jsonl"):
+                found.add(int(e.name[6:12]))
+            elif e.name.startswith("shard-") and e.is_dir():
+                inside = os.listdir(e.path)  # a sealed file not yet compacted, or beside the compact one
+                if len(inside) > 1 or inside and not inside[0].startswith("compact-"):
+                    found.add(int(e.name[6:12]))
+        return found
+
     # -- commits and logs ----------------------------------------------------------------
 
     def commits(self) -> dict[int, CommitRecord]:

@@ -8,7 +8,8 @@ Lines are written with one `write` straight to the file (in the OS's hands: a ki
 loses nothing written) and fsynced as a group every `SYNC_INTERVAL_S` (a power cut loses at most
 that much): the durable append of pipeline.io.durable, its descriptors kept open and its fsyncs
 gathered. The checkpoint (pipeline.io.checkpoint) says where the journal folder is. The journal is the source of truth for answers: part files are rebuilt from it, so it
-is kept after a shard is committed. A torn last line (a crash mid-write) is cut off on reading.
+is kept after a shard is committed, compacted (pipeline.io.segments). A torn last line (a crash
+mid-write) is cut off on reading.
 Later lines win: a retried row's new result replaces its old one.
 """
 

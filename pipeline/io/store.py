@@ -8,22 +8,19 @@
     store.listing()                             # {name: Entry(size, etag)} of the files in it
     with store.open("part-000003.parquet") as f: pq.read_table(f)    # FileNotFoundError: missing
     store.remove(name); store.remove_many(names); store.child("journal"); store.clear()
-    bucket.replace("lock", data, if_match=etag) # compare-and-swap (FsspecStore only): else Conflict
+    bucket.replace("lock", data, if_match=etag); bucket.stat(name); bucket.walk()   # FsspecStore only
 
 `LocalStore` is a POSIX folder (pipeline.io.durable: temporary name, fsync, rename, fsync of the
 folder; O_EXCL for a create). It alone can also append durably (`append`: O_APPEND of whole lines
 and fsync, under a flock where several processes append) and cut a torn tail (`read_lines`).
 
 `FsspecStore` is an fsspec URL (s3://, gs://, az://, memory://, ...). An object is visible whole
-or not at all, so a write is one put of the complete bytes and needs no temporary name. A create
-is a conditional put (`pipe_file(mode="create")`: S3 `If-None-Match: *`; a 412 is FileExistsError);
-`replace` a compare-and-swap (s3fs passes a single-part `pipe_file`'s extra keywords to
-`put_object`: `IfMatch=etag`; its 412 comes back as OSError(EINVAL), made a `Conflict` here, in
-one place). fsspec's generic create checks existence then writes, which is not atomic:
-`conditional` says whether the backend sends both conditions to its server (`SWAPS`). A bucket has
-no append, fsync, flock or rename: the checkpoint (pipeline.io.ckpt_bucket) uses immutable objects,
-create-only records and a lease instead. A `guard` runs before every change an FsspecStore makes
-(the checkpoint's lease fence: a run that lost its lease writes nothing more).
+or not at all: a write is one put of the complete bytes. A create is a conditional put (S3
+`If-None-Match: *`; a 412 is FileExistsError); `replace` a compare-and-swap (s3fs passes a
+single-part `pipe_file`'s extra keywords to `put_object`: `IfMatch=etag`; its 412 comes back as
+OSError(EINVAL), made a `Conflict` here, in one place). fsspec's generic create checks then writes,
+not atomic: `conditional` says whether the backend sends both conditions to its server (`SWAPS`).
+A `guard` runs before every change an FsspecStore makes (a bucket checkpoint's lease fence).
 
 fsspec and its backend are imported only for a URL. Credentials come from the backend's usual
 sources (AWS_*, ~/.aws, ...) or from `storage_options`; those values are scrubbed from every
@@ -124,9 +121,6 @@ class LocalStore(_Secrets):
 
     def __str__(self) -> str:
         return str(self.folder)
-
-    def path(self, name: str) -> Path:
-        return self.folder / name
 
     def where(self, name: str) -> str:
         return str(self.folder / name)
@@ -366,6 +360,12 @@ class FsspecStore(_Secrets):
         except FileNotFoundError:
             return None
         return Entry(int(info.get("size") or 0), _etag_of(info))
+
+    def walk(self) -> list[str]:
+        """Every object under it, child folders' too, relative to it, in one (paged) listing."""
+        fs, root = self._remote()
+        fs.invalidate_cache(root)  # another process (a Ray worker) may have written since
+        return sorted(p[len(root) + 1:] for p in self._call("list", lambda: fs.find(root)))
 
     def remove(self, name: str) -> None:
         fs, path = self._remote()[0], self._path(name)
