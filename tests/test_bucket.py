@@ -302,8 +302,11 @@ def test_retry_failed_restart_status_and_the_report_on_a_bucket_checkpoint(tmp_p
     assert [h["exit_code"] for h in history] == [0]  # --restart forgot the runs before it
 
 
-def test_the_python_api_and_batch_mode_on_a_bucket_checkpoint(tmp_path: Path, endpoint_factory, s3: S3) -> None:
+def test_the_python_api_and_batch_mode_on_a_bucket_checkpoint(tmp_path: Path, endpoint_factory, s3: S3,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # where a frame is stored beside a bucket checkpoint
 
     ep = endpoint_factory()
     bucket = s3.new_bucket()
@@ -315,6 +318,7 @@ def test_the_python_api_and_batch_mode_on_a_bucket_checkpoint(tmp_path: Path, en
     res = pipeline.run(job, manifest=rows)
     assert (res.exit_code, res.ok) == (0, 30)
     assert pipeline.run(job, manifest=rows).summary["this_run"]["requests_sent"] == 0
+    assert list((tmp_path / "xdg" / "pipeline" / "manifests").glob("*/manifest.parquet"))
     batch, out, _ = make_job(tmp_path, ep.base_url, s3, 30, name="batch", run={"mode": "batch", "poll_s": 0.2})
     r = run_cli("run", str(batch))
     assert r.returncode == 0, r.stderr

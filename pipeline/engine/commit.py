@@ -68,6 +68,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
     )
     ckpt.record_commit(record)
+    del part, lines  # the compaction reads the journal again: not both in memory at once
     with contextlib.suppress(OSError, JobError, pa.ArrowException):  # housekeeping: as it was, nothing lost
         ckpt.compact(shard.index, journal_schema(extra))
     return record
