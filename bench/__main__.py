@@ -41,6 +41,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "report_scale": _optional("report_scale", "run_report_scale_bench"),
         "metrics": _optional("metrics_cost", "run_metrics_bench"),
         "adaptive": _optional("adaptive", "run_adaptive_bench"),
+        "sources": _optional("sources", "run_sources_bench"),
         "media": _optional("media", "run_media_bench"),
         "bucket": _optional("bucket", "run_bucket_bench"),
     }
@@ -81,6 +82,7 @@ TARGETS = {
         f"(target >= 97%), {r['auto_rate']['429s']} x 429 (<= 2); 20k at 500 ms: {r['latency_20k']['pct_of_256']:.1f}% "
         f"of 256 rows/s (>= 97%); instant {r['instant_vs_bare']['pct_of_bare']:.1f}% of bare aiohttp end to end, "
         f"{r['instant_vs_bare'].get('sending_pct_of_bare', 0):.1f}% over the sending phase (>= 90%)"),
+    "sources": lambda r: __import__("bench.sources", fromlist=["target_line"]).target_line(r),
     "media": lambda r: (
         f"{r['s3_vs_local']['s3']['images_per_s']:.0f} images/s inlined from S3 (moto) vs "
         f"{r['s3_vs_local']['local']['images_per_s']:.0f} from local disk; 20,000 x 100 KB Parquet bytes: peak RSS "

@@ -4,6 +4,7 @@
     job = pipeline.load_job("jobs/demo.toml")          # or a dict shaped like the TOML file
     res = pipeline.run(job)                            # or run(job, manifest=df); await arun(...) in a loop
     res.exit_code, res.ok, res.failed, res.pending; res.to_pandas()
+    pipeline.compare(job_a, job_b)                     # several models' outputs side by side, one HTML page
 
 See ARCHITECTURE.md for how the modules fit together. Names are imported on first use, so
 `pipeline serve` and `pipeline status` start without loading the engine's dependencies.
@@ -19,6 +20,7 @@ __all__ = [
     "load_job",
     "run",
     "arun",
+    "compare",
     "RunResult",
     "PipelineError",
     "JobError",
@@ -33,7 +35,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
-    "Job": "config", "load_job": "api", "run": "api", "arun": "api", "RunResult": "api",
+    "Job": "config", "load_job": "api", "run": "api", "arun": "api", "compare": "api", "RunResult": "api",
     **{name: "errors" for name in ("PipelineError", "JobError", "LockedError", "RowError", "InputError", "RequestError", "StopJob", "LocalFailure", "ErrorKind")},
 }
 

@@ -7,6 +7,7 @@ cell or an async app.
     res = await pipeline.arun(job, manifest=df)         # inside a running event loop
     res.exit_code, res.ok, res.failed, res.pending, res.output
     res.to_pandas(); res.to_arrow(); res.to_dataset()
+    pipeline.compare(job_a, job_b, out="ab.html")       # several models' outputs side by side
 
 The semantics of `pipeline run`: the same checkpoint, resume, summary and exit codes (in
 `res.exit_code`). What differs, because the process is the caller's: the run has a thread and an
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["load_job", "run", "arun", "RunResult"]
+__all__ = ["load_job", "run", "arun", "compare", "RunResult"]
 
 T = TypeVar("T")
 JobLike = Job | str | os.PathLike[str] | dict[str, Any]
@@ -57,6 +58,16 @@ def load_job(job: JobLike, *, require_key: bool = True) -> Job:
     if isinstance(job, Job):
         return job
     return config.load_job(job, require_key=require_key, input_optional=True)
+
+
+def compare(*jobs: JobLike, out: str | os.PathLike[str] | None = None, max_mb: float | None = None) -> str:
+    """`pipeline compare`: one offline HTML page of these jobs' outputs side by side (a manifest
+    run through several models), rows joined by id; returns its path (default:
+    compare-<names>.html in the working folder). Sends nothing, locks nothing."""
+    from .tools.compare import MAX_MB, write_compare
+
+    loaded = [load_job(job, require_key=False) for job in jobs]
+    return write_compare(loaded, Path(out) if out is not None else None, max_mb=max_mb or MAX_MB)
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,8 @@ def run(job: JobLike, manifest: Any = None, *, retry_failed: bool | str | Iterab
     """Run the job (to its end or a stop) and say how it ended; resumes where the last run stopped.
 
     `manifest`: the rows in memory instead of `[input] path`; stored once in the checkpoint folder,
-    keyed by content, so the same call again sends nothing. `retry_failed`: True (every failed
+    keyed by content, so the same call again sends nothing. Or a path, folder, glob or URL (or a
+    list of them) as `[input] path` takes: read where it is. `retry_failed`: True (every failed
     kind), a kind or a list of kinds. `wait=False` / `cancel_batches=True`: batch mode's --no-wait
     and --cancel-batches. `no_cache=True`: --no-cache ([run] cache: send every row, store the fresh
     answers). Never raises for failed rows; raises JobError for a bad job, LockedError
@@ -153,7 +165,9 @@ def _work(job: JobLike, manifest: Any, options: RunOptions, dry_run: bool) -> tu
     """What the run's thread will do, checked here first: a bad job or manifest raises in the caller."""
     the_job = load_job(job)
     stage: Callable[[Checkpoint], None] | None = None
-    if manifest is not None:
+    if _is_location(manifest):  # a file, folder, glob or URL (or a list of them): read where it is
+        the_job = replace(the_job, input=the_job.input.at(manifest, Path.cwd()), in_memory=False)
+    elif manifest is not None:
         the_job, stage = _with_manifest(the_job, manifest)
     elif the_job.in_memory:
         raise JobError("[input] path: the job has no manifest file; pass manifest= (a DataFrame, a pyarrow Table, "
@@ -170,12 +184,17 @@ def _work(job: JobLike, manifest: Any, options: RunOptions, dry_run: bool) -> tu
     return work, host
 
 
+def _is_location(manifest: Any) -> bool:
+    places = manifest if isinstance(manifest, (list, tuple)) and manifest else [manifest]
+    return all(isinstance(p, (str, os.PathLike)) for p in places)
+
+
 def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint], None]]:
     # Image bytes (a binary column, HF's Image struct) are stored as they are, once: the run reads
     # them per shard like a Parquet manifest's, and the output holds references (io/references.py).
     frame = Frame.of(manifest)
     assert job.output.checkpoint is not None  # set by the loader
-    stored = replace(job.input, path=open_checkpoint(job.output).manifest_path)
+    stored = replace(job.input, path=open_checkpoint(job.output).manifest_path, format="parquet")
     base = job.files_base or Path.cwd()  # relative image paths in a frame: from where the caller is
     return replace(job, input=stored, in_memory=True, files_base=base), lambda ckpt: _store(frame, ckpt)
 

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=None, help="where to write it (default: <output>/_report.html)")
     g.add_argument("--max-mb", type=float, default=None, help="the page's size cap; beyond it, a stated sample of rows")
 
+    c = sub.add_parser("compare", help="one HTML page of several jobs' outputs side by side (one manifest, several models)")
+    c.add_argument("jobs", type=Path, nargs="+", metavar="JOB", help="two job files or more (TOML)")
+    c.add_argument("--out", type=Path, default=None, help="where to write it (default: ./compare-<names>.html)")
+    c.add_argument("--max-mb", type=float, default=None, help="the page's size cap; beyond it, a stated sample of rows")
+
     e = sub.add_parser("export-batch", help="write the rows still to do as a Batch JSONL file, send nothing")
     e.add_argument("job", type=Path, help="the job file (TOML)")
     e.add_argument("file", type=Path, help="where to write the Batch JSONL")
@@ -141,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             tune_memory()  # this process is the report's: Arrow on the system allocator gives each part back
 
             print(write_report(load_job(args.job, require_key=False), args.out, max_mb=args.max_mb or MAX_MB))
+            return 0
+        if args.command == "compare":
+            from .api import compare
+
+            print(compare(*args.jobs, out=args.out, max_mb=args.max_mb))
             return 0
         if args.command == "cache":
             from .tools.housekeeping import cache_command

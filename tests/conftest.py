@@ -160,6 +160,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     )
 
 
+def start_run(job: Path, first_commit: Path, timeout: float = 60) -> subprocess.Popen:
+    """`pipeline run JOB` in its own process, returned once its first shard is committed (or it
+    ended, or `timeout` passed): the moment a test kills it, or changes its input under it."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not (first_commit.exists() and first_commit.read_text().strip()) and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.02)
+    return proc
+
+
 def read_output(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if any(path.glob("*.parquet")) else []
 
@@ -201,10 +215,8 @@ class S3:
         return pq.read_table(prefix, filesystem=fs).to_pylist() if fs.exists(prefix) else []
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3]:
-    pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
+def start_moto(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """moto's S3 server in its own process on a free loopback port: (its URL, the process)."""
     import socket
     import time
 
@@ -212,16 +224,23 @@ def s3() -> Iterator[S3]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
         try:
             urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-            break
+            return url, proc
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "the moto S3 server did not start"
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed (pip install 'pipeline[s3]')")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pipeline[test]')")
+    url, proc = start_moto()
     yield S3(url, proc)
     proc.terminate()
     proc.wait(10)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,21 +53,45 @@ RUN_TIMEOUT_S = 180
 
 def run_measured(args: list[str], tmp_path: Path, env: dict[str, str] | None = None,
                  timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, str, float]:
-    """(exit code, stdout, stderr, peak RSS in MB) of `python -m pipeline ARGS`: wait4 gives this
-    process's own peak (RUSAGE_CHILDREN would mix in every child this test session ever reaped)."""
+    """(exit code, stdout, stderr, peak RSS in MB) of `python -m pipeline ARGS`: the peak is the
+    run's own memory's high-water mark (VmHWM, read while it runs). Not wait4's ru_maxrss: Linux
+    carries a process's maxrss across fork and exec, so it starts at this pytest worker's own peak
+    (a worker that held 500 MB made `python -c pass` report 513 MB)."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=o, stderr=e, cwd=ROOT,
                                 env={**os.environ, **(env or {})})
     killer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
     killer.start()
+    peak_kb = [0]
+    watcher = threading.Thread(target=_watch_peak, args=(proc.pid, peak_kb), daemon=True)
+    watcher.start()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
     finally:
         killer.cancel()
+    watcher.join(timeout=5)
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode != -signal.SIGKILL, f"the run did not end within {timeout} s"
-    return proc.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024
+    assert peak_kb[0] > 0, "the run's memory was never read"
+    return proc.returncode, out.read_text(), err.read_text(), peak_kb[0] / 1024
+
+
+def _watch_peak(pid: int, peak_kb: list[int]) -> None:
+    """VmHWM of `pid`'s memory (reset by its exec: a new address space) until it has exited;
+    a high-water mark, so a poll after the peak still sees it."""
+    path = f"/proc/{pid}/status"
+    while True:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return  # reaped
+        hwm = next((line.split()[1] for line in text.splitlines() if line.startswith("VmHWM:")), None)
+        if hwm is None:
+            return  # a zombie: its memory is gone, its peak was read before
+        peak_kb[0] = max(peak_kb[0], int(hwm))
+        time.sleep(0.02)
 
 
 def key_fragments(key: str, width: int = 8) -> list[str]:

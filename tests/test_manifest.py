@@ -163,7 +163,7 @@ def test_jsonl_shards_read_as_pyarrow_reads_the_whole_file(tmp_path: Path, data:
         return
     assert plan.total_rows == whole
     if plan.shards:  # the whole file read with the run's options: the first rows' columns and types
-        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.schema)))
         opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
         expected = pajson.read_json(pa.BufferReader(data), parse_options=opts, read_options=pajson.ReadOptions(**_block(plan)))
         assert _sharded(cfg, plan) == expected.to_pylist()

@@ -18,12 +18,14 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .apis import Api
+from .audio import AudioConfig, AudioFormat, AudioPart
 from .pricing import ModelPrice, PricingConfig
 from .serve import ServeOptions
 
 __all__ = [
-    "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
+    "Api", "Job", "load_job", "parse_job", "job_keys_markdown", "Table", "setting", "read_table", "keys_markdown",
     "InputConfig", "EndpointConfig", "RequestConfig", "LimitsConfig", "ImagesConfig", "OutputConfig", "RunConfig",
-    "LabelsConfig", "PricingConfig", "ModelPrice", "ServeOptions", "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS",
-    "Auto", "AUTO",
+    "LabelsConfig", "AudioConfig", "AudioPart", "AudioFormat", "PricingConfig", "ModelPrice", "ServeOptions",
+    "MANIFEST_FORMATS", "DEFAULT_OUTPUT_TOKENS", "Auto", "AUTO",
 ]

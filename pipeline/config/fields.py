@@ -23,6 +23,7 @@ import dataclasses
 import math
 import types
 import typing
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar, Union
 
@@ -30,10 +31,11 @@ from ..errors import JobError
 
 __all__ = [
     "Table", "setting", "read_table", "keys_markdown", "positive", "zero_or_more", "one_of", "between",
-    "at_least", "Check", "Auto", "AUTO",
+    "at_least", "Check", "choice", "Auto", "AUTO",
 ]
 
 T = TypeVar("T", bound="Table")
+E = TypeVar("E", bound=StrEnum)
 Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it ("must be ..."), or None
 _KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
          list: "a list", Path: "a path"}
@@ -56,10 +58,10 @@ AUTO = Auto()
 
 def setting(default: Any = dataclasses.MISSING, *, doc: str, check: Check | None = None,
             default_factory: Any = dataclasses.MISSING, parse: Callable[..., Any] | None = None,
-            key: bool = True) -> Any:
+            key: bool = True, kind: str | None = None) -> Any:
     """A field of a Table. `parse(value, where, base)` replaces the type-driven reading;
-    `key=False`: not read from the file (set by the loader)."""
-    meta = {"doc": doc, "check": check, "parse": parse, "key": key}
+    `key=False`: not read from the file (set by the loader); `kind`: its type as the README says it."""
+    meta = {"doc": doc, "check": check, "parse": parse, "key": key, "kind": kind}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -91,6 +93,18 @@ def one_of(*choices: str) -> Check:
     shown = " or ".join(f'"{c}"' for c in choices) if len(choices) <= 2 else \
         ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
     return lambda v: None if v is None or v in choices else f"must be {shown}, not {v!r}"
+
+
+def choice(kind: type[E]) -> Callable[[Any, str, Path], E]:
+    """Reads a key whose values are a StrEnum's: the job holds the typed value, never the string."""
+    shown = " or ".join(f'"{m.value}"' for m in kind)
+
+    def parse(value: Any, where: str, base: Path) -> E:
+        try:
+            return kind(value)
+        except ValueError:
+            raise JobError(f"{where} must be {shown}, not {value!r}") from None
+    return parse
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -220,7 +234,7 @@ def keys_markdown(tables: list[type[Table]]) -> str:
                 if f.metadata.get("doc") and f.default_factory is dict:
                     out.append(f"| any other key | any | | {f.metadata['doc']} |")
                 continue
-            out.append(f"| `{f.name}` | {_type_text(hints[f.name])} | {_default_text(f)} | {f.metadata['doc']} |")
+            out.append(f"| `{f.name}` | {f.metadata.get('kind') or _type_text(hints[f.name])} | {_default_text(f)} | {f.metadata['doc']} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -234,6 +248,8 @@ def _type_text(kind: Any) -> str:
         return "list of " + (item.replace("list", "lists", 1) if item.startswith("list of") else item + "s")
     if origin is dict:
         return "table"
+    if isinstance(kind, type) and issubclass(kind, StrEnum):
+        return "string"
     return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path", Auto: '`"auto"`'}.get(kind, "any")
 
 

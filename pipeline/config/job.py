@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import JobError
 from .fields import Table, keys_markdown, read_table, setting
+from .apis import Api
 from .sections import (
     EndpointConfig,
     ImagesConfig,
@@ -27,6 +28,7 @@ from .sections import (
     RequestConfig,
     RunConfig,
 )
+from .audio import AudioConfig
 from .notify import NotifyConfig
 from .pricing import ModelPrice, PricingConfig
 from .proxy import Proxy, ProxyChoice, ProxyError
@@ -62,6 +64,7 @@ class Job:
     labels: LabelsConfig | None = None
     pricing: PricingConfig | None = None
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     notify: NotifyConfig | None = None  # who is told when a run ends
     # A job whose manifest is given in memory (the Python API's manifest=): [input] path is where
     # it is stored, in the checkpoint folder, and relative local image paths resolve against
@@ -95,6 +98,10 @@ class Job:
             },
             "video_column": self.input.video_column,
             "images": self.images.request_shape(),
+            # Keys added later are there only when set, so checkpoints made before them stay valid.
+            **({"api": str(self.endpoint.api)} if self.endpoint.api is not Api.CHAT else {}),
+            **({"audio_column": self.input.audio_column, "audio": self.audio.request_shape()}
+               if self.input.audio_column else {}),
         }
 
     def shape_digest(self) -> str:
@@ -144,7 +151,8 @@ def load_job(path: str | os.PathLike[str] | dict[str, Any], *, require_key: bool
 
 
 IN_MEMORY_PATH = "manifest.parquet"  # [input] path of a job whose manifest comes in memory, until it is stored
-_TABLES = ("input", "endpoint", "request", "limits", "images", "output", "run", "labels", "pricing", "serve", "notify")
+_TABLES = ("input", "endpoint", "request", "limits", "images", "audio", "output", "run", "labels", "pricing", "serve",
+           "notify")
 
 
 def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, input_optional: bool = False) -> Job:
@@ -186,6 +194,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     limits = table(LimitsConfig)
     if run.engine == "ray" and (limits.auto_rate or limits.auto_concurrency):
         raise JobError(f'{src}: [limits]: "auto" limits are found by one process; with [run] engine = "ray" give numbers')
+    _api_fits(endpoint, input_cfg, request, src)
     if run.mode == "batch" and request.stream:
         raise JobError(f"{src}: [request] stream: a batch request is answered whole; remove stream for [run] mode = \"batch\"")
     if run.mode == "batch" and pricing is not None and pricing.budget is not None:
@@ -200,7 +209,7 @@ def parse_job(data: dict[str, Any], source: Path, *, require_key: bool = True, i
     return Job(
         name=top.name, source=source, input=input_cfg, endpoint=endpoint, request=request, limits=limits,
         output=_output(table(OutputConfig), base, top.name), run=run, serve=serve, labels=labels,
-        pricing=pricing, images=images, in_memory=in_memory, proxy_choice=proxies,
+        pricing=pricing, images=images, audio=table(AudioConfig), in_memory=in_memory, proxy_choice=proxies,
         notify=table(NotifyConfig) if "notify" in data else None,
     )
 
@@ -214,6 +223,18 @@ def _endpoint(endpoint: EndpointConfig, serve: Any, src: str, require_key: bool)
         raise JobError(f"{src}: [endpoint] api_key_env: the variable {endpoint.api_key_env} is not set; "
                        f"export {endpoint.api_key_env}=... before running")
     return endpoint
+
+
+def _api_fits(endpoint: EndpointConfig, inp: InputConfig, request: RequestConfig, src: str) -> None:
+    """What the Responses API cannot take is named now, not as a 400 on every row."""
+    if endpoint.api is not Api.RESPONSES:
+        return
+    for key, what in (("video_column", "video"), ("audio_column", "audio")):
+        if getattr(inp, key) is not None:
+            raise JobError(f'{src}: [input] {key}: the Responses API takes no {what}; use [endpoint] api = "chat"')
+    for reserved in ("input", "instructions"):
+        if reserved in request.params:
+            raise JobError(f'{src}: [request] {reserved}: set by the pipeline for [endpoint] api = "responses"; remove it')
 
 
 def _output(output: OutputConfig, base: Path, name: str) -> OutputConfig:
@@ -237,5 +258,5 @@ def _pricing(pricing: PricingConfig, endpoint: EndpointConfig, request: RequestC
 
 def job_keys_markdown() -> str:
     """The README's list of every job-file key (tests/test_config.py keeps the README in step)."""
-    return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, OutputConfig,
-                          RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions, NotifyConfig])
+    return keys_markdown([_TopLevel, InputConfig, EndpointConfig, RequestConfig, LimitsConfig, ImagesConfig, AudioConfig,
+                          OutputConfig, RunConfig, LabelsConfig, PricingConfig, ModelPrice, ServeOptions, NotifyConfig])

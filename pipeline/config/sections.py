@@ -22,13 +22,16 @@ from .fields import (
     Table,
     at_least,
     between,
+    choice,
     one_of,
     positive,
     read_value,
     setting,
     zero_or_more,
 )
+from .apis import Api
 from .headers import headers_problem
+from .inputs import MANIFEST_FORMATS, InputConfig
 from .labels import LabelsConfig, schema_problem
 from .proxy import ProxyError, parse_proxy
 from .urls import check_url, is_url, object_prefix
@@ -39,7 +42,6 @@ __all__ = [
     "schema_problem", "default_cache_folder",
 ]
 
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_OUTPUT_TOKENS = 1024  # a request's output, for estimates, when max_tokens is unset
 
 
@@ -57,31 +59,6 @@ def _number_or_auto(kind: type) -> Any:
             return AUTO
         return read_value(value, kind, where, base)
     return parse
-
-
-def _manifest_format(path: Path) -> str | None:
-    fmt = MANIFEST_FORMATS.get(path.suffix.lower())
-    return None if fmt is not None else f"unsupported manifest type {path.suffix!r}; use .csv, .jsonl or .parquet"
-
-
-@dataclass(frozen=True)
-class InputConfig(Table):
-    TABLE = "input"
-    path: Path = setting(doc="the manifest: .csv, .jsonl or .parquet", check=_manifest_format)
-    id_column: str | None = setting(None, doc="a row's id; without it, its row number (stable on append)")
-    image_column: str | None = setting(None, doc="an http(s) URL, data: URI or local path (relative to the manifest), or a list of them")
-    prompt_column: str | None = setting(None, doc="a row's own prompt")
-    video_column: str | None = setting(None, doc="a video (URL, data: URI, local file) or a list of frame images")
-    storage_options: dict[str, Any] = setting(default_factory=dict, doc="passed to fsspec to read s3://, gs://, az:// "
-                                              "paths and image URIs (may hold credentials: scrubbed everywhere)")
-
-    @property
-    def format(self) -> str:
-        return MANIFEST_FORMATS[self.path.suffix.lower()]
-
-    def __repr__(self) -> str:  # storage_options may hold credentials
-        return (f"InputConfig(path={self.path!r}, id_column={self.id_column!r}, image_column={self.image_column!r}, "
-                f"prompt_column={self.prompt_column!r}, video_column={self.video_column!r})")
 
 
 def _proxy_problem(value: str | None) -> str | None:
@@ -106,6 +83,8 @@ class EndpointConfig(Table):
                                 doc='"http://user:password@host:port": every request (endpoint, image fetches) goes '
                                     'through it, NO_PROXY still applies; "": none, whatever HTTPS_PROXY says; unset: '
                                     'HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY as curl reads them')
+    api: Api = setting(Api.CHAT, parse=choice(Api), check=lambda v: None if isinstance(v, Api) else f"must be an Api, not {v!r}",
+                       doc='"chat": POST /chat/completions; "responses": POST /responses (OpenAI\'s Responses API)')
     headers: dict[str, str] = setting(default_factory=dict, check=headers_problem,
                                       doc='extra headers sent with every request, e.g. {"OpenAI-Project" = "proj_..."}; '
                                           'part of the request cache\'s key unless billing or tracing only, a secret '
@@ -114,7 +93,7 @@ class EndpointConfig(Table):
     @property
     def url(self) -> str:
         assert self.base_url is not None, "a [serve] job's base_url is set when its endpoint starts"
-        return self.base_url.rstrip("/") + "/chat/completions"
+        return self.base_url.rstrip("/") + self.api.path
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,9 @@ class ServeOptions(Table):
                                              doc='fault name -> "true"/"false": the x-should-retry header on its answers')
     record: bool = setting(False, doc="keep every request (headers and body) for GET /requests: tests only")
     reasoning_only_stream: bool = setting(False, doc="refuse requests without `stream: true` (like DashScope's QVQ)")
+    row_answers: dict[str, str] = setting(default_factory=dict,
+                                          doc="prompt text -> the answer those rows get instead of the composed one (a "
+                                              "labeling job's JSON, say): known answers to rehearse `pipeline compare` with")
     fence_json: bool = setting(False, doc="JSON answers (labeling) inside a json code fence")
     vary_labels: bool = setting(False, doc="labeling answers vary with the prompt (an enum value, a number in range), "
                                            "so a rehearsal's labels have a distribution; off: an enum's first value, 0.5")

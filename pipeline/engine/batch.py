@@ -31,17 +31,17 @@ from typing import Any
 import pyarrow as pa
 
 from ..crashpoints import crash_point
-from ..errors import InputError, LocalFailure, RequestError, StopJob, local_failure
+from ..errors import InputError, LocalFailure, RequestError, RowError, StopJob, local_failure
 from ..io.checkpoint import Checkpoint
 from ..io.ledger import TERMINAL, Batch
-from ..io.manifest import Shard, read_shard, row_ids
+from ..io.manifest import Shard, read_rows
 from ..net.batchapi import BatchAPI
 from ..net.retry import STOP_KINDS, should_retry
 from ..net.text import loads_json
 from ..records import ResultRow
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
-from .commit import answers_so_far, commit_shard
+from .commit import answers_so_far, commit_shard, media_columns
 from .executor import Executor
 from .prepare import Prepared
 from .progress import Progress
@@ -102,6 +102,7 @@ class _BatchRun:
         self.tries: dict[str, int] = {}  # row id -> batches that held it (the row's attempts)
         self.committed_now: set[int] = set()  # shards this run committed whole: nothing left to send or commit
         self.columns = request_columns(executor.job, ready.plan.columns)
+        self.refer = media_columns(executor.job)  # held as references for a part file, not as bytes
         self.unanswered = 0  # rows of collected batches that got no result (they wait for another batch)
         self.sent_now: set[str] = set()  # rows put in a batch by this run (--retry-failed sends a row once)
         self.cancel = executor.options.cancel_batches
@@ -197,7 +198,7 @@ class _BatchRun:
     async def _create(self, api: BatchAPI, batch: Batch) -> None:
         found = await api.find(batch.name)  # created by a run that died before writing its id down
         if found is None:
-            found = await api.create(batch.file_id or "", self.job.run.batch_window,
+            found = await api.create(batch.file_id or "", self.job.endpoint.api.batch_url, self.job.run.batch_window,
                                      {"pipeline_job": self.job.name, "pipeline_batch": batch.name})
             crash_point("batch_after_create")
         batch.batch_id = str(found["id"])
@@ -273,9 +274,8 @@ class _BatchRun:
                                               self.labels)
             if len(done) >= shard.rows:
                 self.journal.close_shard(index)
-                table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
-                await asyncio.to_thread(commit_shard, self.job, self.ckpt, shard, table,
-                                        row_ids(self.job.input, table, shard), self.labels)
+                held = await asyncio.to_thread(read_rows, self.job.input, self.ready.plan, shard, None, self.refer)
+                await asyncio.to_thread(commit_shard, self.job, self.ckpt, shard, held.table, held.ids, self.labels)
                 self.committed_now.add(index)
 
     # -- planning and submitting new batches ------------------------------------------------
@@ -288,7 +288,7 @@ class _BatchRun:
         cap_bytes, cap_lines = int(self.job.run.batch_max_mb * 1024 * 1024), self.job.run.batch_max_requests
         touched: set[int] = set()
         for shard in self.ready.plan.shards:
-            for row_id, cells in await self._pending(shard, held):
+            for row_id, cells in await self._pending(shard, held, touched):
                 if self.stopping.is_set():
                     return
                 try:
@@ -297,7 +297,7 @@ class _BatchRun:
                     self._settle(shard.index, row_id, error_row(row_id, err, attempts=0), None)
                     touched.add(shard.index)
                     continue
-                line = request_line(row_id, built.body)
+                line = request_line(row_id, built.body, self.job.endpoint.api)
                 if rows and (len(rows) >= cap_lines or size + len(line) > cap_bytes):
                     await self._send(api, rows, lines)
                     lines, rows, size = [], [], 0
@@ -310,8 +310,9 @@ class _BatchRun:
             self.journal.sync()
             await self._commit_ready(touched)
 
-    async def _pending(self, shard: Shard, held: set[str]) -> list[tuple[str, dict[str, Any]]]:
-        """The shard's rows with no result and no batch, with the cells a request needs."""
+    async def _pending(self, shard: Shard, held: set[str], touched: set[int]) -> list[tuple[str, dict[str, Any]]]:
+        """The shard's rows with no result and no batch, with the cells a request needs (rows that
+        cannot be read are journaled as error rows, their shard added to `touched`)."""
         rec = self.ready.commits.get(shard.index)
         if shard.index in self.committed_now or (
                 rec is not None and rec.rows == shard.rows and self.options.retry_failed is None):
@@ -319,9 +320,13 @@ class _BatchRun:
         done, _ = await asyncio.to_thread(answers_so_far, self.job, self.ckpt, shard, self.committed.get(shard.index, 0),
                                           self.labels)
         retry = self.options.retry_failed
-        table = await asyncio.to_thread(read_shard, self.job.input, self.ready.plan, shard)
-        ids = row_ids(self.job.input, table, shard)
-        send = [i for i, row_id in enumerate(ids) if row_id not in held
+        rows = await asyncio.to_thread(read_rows, self.job.input, self.ready.plan, shard)
+        table, ids = rows.table, rows.ids
+        for i, error in rows.errors.items():  # unreadable: an error row of kind "input", never sent
+            if ids[i] not in done and ids[i] not in held:
+                self._settle(shard.index, ids[i], error_row(ids[i], RowError(error, kind="input"), attempts=0), None)
+                touched.add(shard.index)
+        send = [i for i, row_id in enumerate(ids) if row_id not in held and i not in rows.errors
                 and ((rec_done := done.get(row_id)) is None
                      or (retry is not None and rec_done[0] == "error" and (not retry or rec_done[1] in retry)
                          and row_id not in self.sent_now))]

@@ -19,11 +19,11 @@ from ..config import Job
 from ..errors import InputError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.durable import atomic_file
-from ..io.manifest import Plan, read_shard, row_ids
+from ..io.manifest import Plan, read_rows
 from ..net.text import loads_json
 from ..rows.batchlines import request_line, result_of
 from ..rows.request import RequestBuilder, request_columns
-from .commit import answers_so_far, commit_shard
+from .commit import answers_so_far, commit_shard, media_columns
 from .console import Console
 from .options import RunOptions
 from .prepare import prepare
@@ -58,17 +58,20 @@ async def _export(job: Job, ckpt: Checkpoint, plan: Plan, path: Path, console: C
         with atomic_file(path) as f:  # a file with every line, or none at all
             for shard in plan.shards:
                 done, _ = answers_so_far(job, ckpt, shard, 0, labels)
-                table = read_shard(job.input, plan, shard)
-                cells = table.select(columns).to_pylist()
-                for row_id, row in zip(row_ids(job.input, table, shard), cells):
+                rows = read_rows(job.input, plan, shard)
+                cells = rows.table.select(columns).to_pylist()
+                for i, (row_id, row) in enumerate(zip(rows.ids, cells)):
                     if row_id in done:
+                        continue
+                    if i in rows.errors:  # cannot be read: no request (a run writes its error row)
+                        skipped += 1
                         continue
                     try:
                         built = await builder.build(row)
                     except InputError:
                         skipped += 1
                         continue
-                    f.write(request_line(row_id, built.body))
+                    f.write(request_line(row_id, built.body, job.endpoint.api))
                     count += 1
     finally:
         await builder.aclose()
@@ -82,10 +85,10 @@ def import_batch(job: Job, path: Path) -> int:
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
         shard_of: dict[str, int] = {}
-        tables = {}
+        held = {}
         for shard in ready.plan.shards:
-            tables[shard.index] = read_shard(job.input, ready.plan, shard)
-            for row_id in row_ids(job.input, tables[shard.index], shard):
+            held[shard.index] = read_rows(job.input, ready.plan, shard, None, media_columns(job))
+            for row_id in held[shard.index].ids:
                 shard_of[row_id] = shard.index
         journal = ckpt.journal()
         ok = failed = unknown = 0
@@ -109,11 +112,11 @@ def import_batch(job: Job, path: Path) -> int:
                 touched.add(shard)
         journal.sync()
         for index in sorted(touched):
-            shard = ready.plan.shards[index]
+            shard = ready.plan.shard(index)
             done, _ = answers_so_far(job, ckpt, shard, 0, labels)
             if len(done) >= shard.rows:
                 journal.close_shard(index)
-                commit_shard(job, ckpt, shard, tables[index], row_ids(job.input, tables[index], shard), labels)
+                commit_shard(job, ckpt, shard, held[index].table, held[index].ids, labels)
         journal.close()
     note = f"; {unknown} lines name no row of this manifest (skipped)" if unknown else ""
     console.say(f"{job.name}: imported {ok} answers and {failed} failed requests from {path}{note}")

@@ -12,21 +12,19 @@ Blocking; the engine runs these in threads.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import Job
 from ..crashpoints import fault_point
 from ..errors import JobError
 from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id
-from ..io.manifest import Plan, Shard
+from ..io.manifest import Plan, Shard, plan_schema
 from ..io.storage import PartStore
 from ..io.writer import (
     build_part,
@@ -90,7 +88,7 @@ def media_columns(job: Job) -> frozenset[str]:
     """The input columns whose image bytes the output holds as references (none with keep_media)."""
     if job.output.keep_media:
         return frozenset()
-    return frozenset(c for c in (job.input.image_column, job.input.video_column) if c)
+    return frozenset(c for c in (job.input.image_column, job.input.video_column, job.input.audio_column) if c)
 
 
 def _token_sums(part: pa.Table) -> dict[str, int]:
@@ -128,16 +126,10 @@ def write_empty_dataset(job: Job, plan: Plan, labels: Labels | None) -> None:
     """A manifest with no rows: an empty dataset with every column, so a reader of the output
     finds a table (with no rows) rather than no folder."""
     extra = labels.fields() if labels is not None else ()
-    write_empty_part(PartStore.for_output(job.output), _empty_input(job, plan), job.input.id_column, extra,
+    write_empty_part(PartStore.for_output(job.output), _empty_input(plan), job.input.id_column, extra,
                      media_columns(job))
 
 
-def _empty_input(job: Job, plan: Plan) -> pa.Table:
+def _empty_input(plan: Plan) -> pa.Table:
     """The manifest's columns with no rows, typed as its shards would be read."""
-    if plan.format == "parquet":
-        schema = pq.ParquetFile(job.input.path).schema_arrow
-    elif plan.format == "jsonl" and plan.header:
-        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(plan.header)))
-    else:  # csv cells are read as text; an empty JSON Lines file has no columns at all
-        schema = pa.schema([(c, pa.string()) for c in plan.columns])
-    return pa.Table.from_batches([], schema=schema)
+    return pa.Table.from_batches([], schema=plan_schema(plan))

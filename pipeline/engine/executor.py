@@ -79,7 +79,7 @@ class Executor:
                     self._started(ready)
                     if ready.plan.total_rows == 0:
                         write_empty_dataset(job, ready.plan, make_labels(job))
-                        console.say(f"{job.name}: the manifest {job.input.path} has no rows; nothing to send", event="empty")
+                        console.say(f"{job.name}: the manifest {job.input.display} has no rows; nothing to send", event="empty")
                 except OSError as exc:
                     raise local_failure(exc, "preparing the run") from None
                 self.ready = ready

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from ..config import Job
 from ..errors import JobError
 from ..io.checkpoint import Checkpoint
-from ..io.manifest import Plan, Shard, plan_manifest, range_digest
+from ..io.manifest import Plan, Shard
+from ..io.manifest import current_plan as current_plan_of
 from ..io.storage import PartStore
 from ..io.writer import remove_leftovers
 from ..records import CommitRecord
@@ -50,29 +51,14 @@ def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -
 
 
 def current_plan(job: Job, ckpt: Checkpoint) -> Plan:
+    """The plan as the source is now: the saved one when no file changed (a finished job's rerun
+    lists the files and reads nothing); else planned again, only files added or changed read,
+    edited rows and removed files refused (pipeline.io.manifest)."""
     old = ckpt.load_plan()
-    if old is not None and old.checked and old.matches_file(job.input.path):
-        return old  # the fast path of a finished job's rerun: no manifest scan
-    # (a plan made before every row was checked while planning is made again, checks included)
-    plan = plan_manifest(job.input, job.run.shard_rows)
-    if old is not None:
-        _check_append_only(job, old, plan)
-    ckpt.save_plan(plan)
+    plan, changed = current_plan_of(job.input, job.run.shard_rows, old)
+    if changed:
+        ckpt.save_plan(plan)
     return plan
-
-
-def _check_append_only(job: Job, old: Plan, new: Plan) -> None:
-    """Rows already processed must be unchanged; rows may only be appended."""
-    for s in old.shards:
-        n = new.shards[s.index] if s.index < len(new.shards) else None
-        if n is not None and n.digest == s.digest:
-            continue
-        if n is not None and n.rows > s.rows and n.start == s.start and range_digest(job.input, s.start, s.end) == s.digest:
-            continue  # the last shard grew: rows were appended
-        raise JobError(
-            f"[input] path: manifest rows {s.first_row}-{s.first_row + s.rows - 1} changed since they were processed "
-            f"(only appending rows is allowed); run with --restart (in Python: restart=True) to start over"
-        )
 
 
 def verified_commits(store: PartStore, ckpt: Checkpoint, console: Console) -> dict[int, CommitRecord]:

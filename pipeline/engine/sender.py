@@ -186,7 +186,7 @@ class RowSender:
         if value is None:
             return None
         try:
-            answer = parse_response(orjson.loads(value))
+            answer = parse_response(orjson.loads(value), self.job.endpoint.api)
             if answer.answer is None:
                 return None
             labels = self.labels.check(answer.answer) if self.labels is not None else None
@@ -247,8 +247,8 @@ class RowSender:
                 state.data = data
                 self.gate.answered(latency / 1000.0)
                 self.limiter.observe(headers)
-                answer = parse_response(data)
-                if answer.answer is None and answer.finish_reason != "length":
+                answer = parse_response(data, self.job.endpoint.api)
+                if answer.answer is None and not answer.truncated:
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
                 return self._failed(state, err, sent_at)
@@ -316,9 +316,9 @@ def _answer_row(state: RowState, answer: Answer, latency: float | None, warning:
         None,  # finished_at: set as the row settles
         answer.cached_tokens, answer.reasoning_tokens, answer.image_tokens, answer.audio_tokens,
     )
-    if answer.answer is None:  # finish_reason "length" before the thinking ended
+    if answer.answer is None:  # truncated ("length", "max_output_tokens") before the thinking ended
         row.status, row.error_kind = "error", "truncated"
-        row.error = "cut off by max_tokens before the answer began (finish_reason: length)"
+        row.error = f"cut off by max_tokens before the answer began (finish_reason: {answer.finish_reason})"
     return row
 
 

@@ -37,7 +37,7 @@ from ..crashpoints import crash_point, fault_point
 from ..errors import LocalFailure, RowError, StopJob, local_failure
 from ..io.cache import Cache
 from ..io.checkpoint import Checkpoint
-from ..io.manifest import Plan, Shard, read_shard, row_ids
+from ..io.manifest import Plan, Shard, Unreadable
 from ..net.breaker import REFUSAL_KINDS, Breaker
 from ..net.client import Client
 from ..net.concurrency import Gate, Gradient
@@ -47,6 +47,7 @@ from ..rows.pricing import SpendLimit
 from ..rows.request import RequestBuilder, request_columns
 from .commit import answers_so_far, commit_shard
 from .console import Console
+from .feed import ROWS_PER_BATCH, Feed
 from .options import RunOptions
 from .probes import Probes
 from .process import EXIT_SIGNAL, Deadline, exit_process, give_back_memory, warm_imports
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["ShardEngine", "STOP_DEADLINE_S", "ROWS_PER_BATCH", "make_labels"]
 
 STOP_DEADLINE_S = 10.0  # after a stop: grace_s for requests in flight, then this for commits, then exit
-ROWS_PER_BATCH = 512  # manifest rows turned into Python objects at a time
-BATCH_BYTES = 8 << 20  # ... and at most about this much of their cells (image bytes in the manifest)
 
 
 def make_labels(job: Job) -> Labels | None:
@@ -114,7 +113,7 @@ class ShardEngine:
         self.expire = expire  # what a stop that does not end in time comes to: the process ends (CLI)
         self.internal_errors = 0
         self.spend = SpendLimit(job, 0.0)  # replaced in run() by one that knows the job's spend so far
-        self.columns = request_columns(job, plan.columns)
+        self.feed = Feed(job, plan, request_columns(job, plan.columns))
         self.gate = Gate(Gradient(cap=job.limits.workers) if job.limits.auto_concurrency else None)
         self.cache: Cache | None = None  # [run] cache, opened by run(); None: off or unusable
 
@@ -123,7 +122,7 @@ class ShardEngine:
     async def run(self, shards: list[Shard]) -> Stopped:
         """Send the shards' pending rows; returns why it stopped early (None: it did not)."""
         self.probes = Probes(shards, self.breaker, open_shard=self._open_shard, tripped=lambda: self.stop(self.breaker.stop()),
-                             enqueue=lambda work, i: self.queue.put((work, i, work.table.select(self.columns).slice(i, 1).to_pylist()[0])))
+                             enqueue=self._enqueue_one)
         try:
             commits = await asyncio.to_thread(self.ckpt.commits)
             if self.job.pricing is not None:
@@ -137,7 +136,7 @@ class ShardEngine:
             self.cache = cache.cache if cache is not None else None
             async with Client(self.job.endpoint.url, self.job.api_key(), timeout_s=self.limits.timeout_s,
                               max_connections=self.limits.workers, proxy=self.job.endpoint_proxy(),
-                              headers=self.job.endpoint.headers) as client:
+                              headers=self.job.endpoint.headers, api=self.job.endpoint.api) as client:
                 sender = RowSender(job=self.job, builder=self.builder, client=client, limiter=self.limiter,
                                    spend=self.spend, breaker=self.breaker, counts=self.counts, labels=self.labels,
                                    stopping=self.stopping, before_send=self.journal.flush_before_send,
@@ -269,13 +268,13 @@ class ShardEngine:
     async def _produce(self, shards: list[Shard]) -> None:
         probes = self.probes
         for shard in shards:
-            work = await probes.work_for(shard)
-            needed, send = work.table.select(self.columns), work.send
-            # Python rows only a batch at a time; fewer rows when cells hold image bytes (100 KB each)
-            step = max(1, min(ROWS_PER_BATCH, BATCH_BYTES * max(1, needed.num_rows) // max(1, needed.nbytes)))
-            for start in range(0, len(send), step):
-                batch = send[start : start + step]
-                for i, cells in zip(batch, needed.take(pa.array(batch, pa.int64())).to_pylist()):
+            try:
+                work = await probes.work_for(shard)
+            except Unreadable as exc:  # its rows stay pending (the run says so at its end); the others go on
+                self.console.say(f"note: shard {shard.index} is left for a later run: {exc}")
+                continue
+            async for batch in self.feed.cells(shard, work.table, work.send):  # Python rows a batch at a time
+                for i, cells in batch:
                     if not probes.taken(shard, i):  # else a probe sent it ahead
                         probes.producing(shard, i)
                         await self.queue.put((work, i, cells))
@@ -290,8 +289,8 @@ class ShardEngine:
     async def _open_shard(self, shard: Shard) -> _ShardWork:
         """The shard's rows, and which of them to send: those without an answer (and, with
         --retry-failed, those whose answer is an error of the kinds asked for)."""
-        table = await asyncio.to_thread(read_shard, self.job.input, self.plan, shard)
-        ids = row_ids(self.job.input, table, shard)
+        rows = await self.feed.open(shard)
+        ids = rows.ids
         done, restored = await asyncio.to_thread(
             answers_so_far, self.job, self.ckpt, shard, self.committed_rows.get(shard.index, 0), self.labels)
         fault_point("produce")
@@ -304,9 +303,15 @@ class ShardEngine:
         self.done_before += len(ids) - len(send)
         if self.breaker.doubting and any(rec[0] == "ok" for rec in done.values()):
             self.breaker.vouch()  # this job was answered before: refusals now are the rows' own
-        work = _ShardWork(shard, table, ids, send, pending=len(send))
+        work = _ShardWork(shard, rows.table, ids, [i for i in send if i not in rows.errors], pending=len(send))
         self.work[shard.index] = work
+        for i in [i for i in send if i in rows.errors]:  # unreadable: error rows of kind "input", never sent
+            self._settle_row(work, error_row(ids[i], RowError(rows.errors[i], kind="input"), attempts=0))
         return work
+
+    async def _enqueue_one(self, work: _ShardWork, i: int) -> None:
+        """A probe's row, ahead of the producer."""
+        await self.queue.put((work, i, await self.feed.one(work.shard, work.table, i)))
 
     # -- workers -------------------------------------------------------------------------
 

@@ -38,14 +38,15 @@ MESSAGE_CHARS = 160  # of a reader's message quoted in a problem
 class Problems:
     """Bad rows found while planning, by kind: a count and the first few; raised as one JobError."""
 
-    def __init__(self, cfg: InputConfig) -> None:
+    def __init__(self, cfg: InputConfig, name: str | None = None) -> None:
         self.cfg = cfg
+        self.name = name if name is not None else str(cfg.items[0]).rstrip("/").rsplit("/", 1)[-1]
         self.fields = 0  # the CSV header's number of fields
         self.count: Counter[str] = Counter()
         self.examples: dict[str, list[str | int]] = {}
 
     def add(self, kind: str, example: str | int) -> None:
-        """One bad row: its number, or a text that names it."""
+        """One bad row: its number (`file:row` for several files), or a text that names it."""
         self.count[kind] += 1
         shown = self.examples.setdefault(kind, [])
         if len(shown) < SHOW:
@@ -64,11 +65,11 @@ class Problems:
             raise JobError(" | ".join(self._clause(kind) for kind in _KINDS if self.count[kind]))
 
     def _clause(self, kind: str) -> str:
-        n, name = self.count[kind], self.cfg.path.name
+        n, name = self.count[kind], self.name
         shown = self.examples[kind]
         more = n - len(shown)
-        if all(isinstance(e, int) for e in shown):
-            listed = rows_text([int(e) for e in shown], more)
+        if all(isinstance(e, int) or " " not in e for e in shown):  # rows named alone: 7, or part-3.csv:7
+            listed = rows_text(list(shown), more)
         else:
             listed = "; ".join(rows_text([e]) if isinstance(e, int) else e for e in shown) + (f"; and {more} more" if more else "")
         rows = f"{n} row{'s' if n > 1 else ''}"
@@ -96,7 +97,7 @@ def short(exc: Exception) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + "..."
 
 
-def rows_text(rows: list[int], more: int = 0) -> str:
+def rows_text(rows: list[int] | list[int | str], more: int = 0) -> str:
     """How an error names rows: "row 7", "rows 7, 9 and 12 more"."""
     words = [str(r) for r in rows] + ([f"{more} more"] if more else [])
     head = "rows " if len(words) > 1 else "row "
@@ -114,8 +115,8 @@ def jsonl_schema(body: bytes, block: int, problems: Problems) -> pa.Schema:
         return read_jsonl(body, None, block).schema
     except pa.ArrowInvalid:
         pass
-    first = Problems(problems.cfg)  # named again when the shard is checked with the schema found
-    bad = diagnose_jsonl(body, None, block, 0, first, [DIAGNOSE_READS])
+    first = Problems(problems.cfg, problems.name)  # named again when the shard is checked with the schema found
+    bad = diagnose_jsonl(body, None, block, int, first, [DIAGNOSE_READS])
     good = [line for i, line in enumerate(_lines(body)) if i not in bad]
     try:
         if good:
@@ -132,11 +133,13 @@ def _lines(body: bytes) -> list[bytes]:
 
 
 def diagnose_jsonl(
-    body: bytes, schema: pa.Schema | None, block: int | None, first_row: int, problems: Problems, budget: list[int]
+    body: bytes, schema: pa.Schema | None, block: int | None, label: Callable[[int], int | str], problems: Problems,
+    budget: list[int],
 ) -> set[int]:
     """Name the lines of a JSON shard pyarrow could not read: lines that are not one JSON object
     (orjson tells why; a pyarrow read confirms while `budget` lasts), then, halving the others,
-    lines pyarrow refuses (a type that does not fit the first rows). Returns their indexes."""
+    lines pyarrow refuses (a type that does not fit the first rows). `label(i)` names the shard's
+    line i as errors do. Returns their indexes."""
     lines = _lines(body)
     before = sum(problems.count.values())
     bad: set[int] = set()
@@ -150,7 +153,7 @@ def diagnose_jsonl(
 
     def report(i: int, why: str) -> None:
         bad.add(i)
-        problems.add("json", f"{rows_text([first_row + i])}: {why}")
+        problems.add("json", f"{rows_text([label(i)])}: {why}")
 
     rest = []
     for i, line in enumerate(lines):
@@ -163,14 +166,14 @@ def diagnose_jsonl(
     while stack:
         part = stack.pop()
         if budget[0] <= 0:
-            problems.add("json", f"rows {first_row + part[0]}-{first_row + part[-1]}: some of these (not narrowed down)")
+            problems.add("json", f"rows {label(part[0])}-{label(part[-1])}: some of these (not narrowed down)")
         elif not readable(part):
             if len(part) == 1:
                 report(part[0], "does not fit the columns and types of the first rows")
             else:
                 stack += [part[len(part) // 2 :], part[: len(part) // 2]]
     if sum(problems.count.values()) == before:  # nothing found line by line: name the shard
-        problems.add("unreadable", f"rows {first_row}-{first_row + len(lines) - 1}: pyarrow cannot read them together")
+        problems.add("unreadable", f"rows {label(0)}-{label(len(lines) - 1)}: pyarrow cannot read them together")
     return bad
 
 
@@ -188,26 +191,26 @@ def _not_one_object(line: bytes) -> str | None:
 class IdCheck:
     """Rows without an id and ids that repeat anywhere in the manifest, in 8 bytes a row: a 64-bit
     hash of each id (Python's, for this process) is kept and sorted at the end. Only when hashes
-    repeat are the ids read again, to name the rows of the first few and to rule out collisions."""
+    repeat are the ids read again, to name the rows of the first few and to rule out collisions.
+    Rows are given as ordinals (0 for the first row of the first file); `label` names one."""
 
-    def __init__(self, rows: int, problems: Problems) -> None:
+    def __init__(self, problems: Problems, label: Callable[[int], int | str] = int) -> None:
         self.problems = problems
-        self.hashes = np.empty(rows, np.int64)
-        self.n = 0
+        self.parts: list[np.ndarray] = []
+        self.label = label
 
     def add(self, column: pa.ChunkedArray, rows: np.ndarray) -> None:
         values, hashes, present = _hashed(column, self.problems.cfg)
         for i in np.flatnonzero(~present):
-            self.problems.add("missing_id", int(rows[i]))
-        kept = hashes[present]
-        self.hashes[self.n : self.n + kept.size] = kept
-        self.n += kept.size
+            self.problems.add("missing_id", self.label(int(rows[i])))
+        self.parts.append(hashes[present])
 
     def finish(self, read_again: Callable[[], Iterator[tuple[pa.ChunkedArray, np.ndarray] | None]]) -> None:
-        h = self.hashes[: self.n]
+        h = np.concatenate(self.parts) if self.parts else np.empty(0, np.int64)
+        self.parts = []
         h.sort()
         repeated = np.unique(h[1:][h[1:] == h[:-1]])
-        del self.hashes, h
+        del h
         if repeated.size:
             self._name(repeated, read_again())
 
@@ -231,7 +234,7 @@ class IdCheck:
         # collision among 100M ids has odds of about 1 in 3,700).
         total = len(repeats) if len(seen) < TRACK_IDS else int(repeated.size)
         for value, entry in repeats[:SHOW]:
-            rows = rows_text(entry[1:], entry[0] - len(entry) + 1)
+            rows = rows_text([self.label(r) for r in entry[1:]], entry[0] - len(entry) + 1)
             self.problems.add("duplicate_id", f"{rows}: {value.decode('utf-8', 'replace')[:60]!r}")
         if repeats:
             self.problems.count["duplicate_id"] = max(total, self.problems.count["duplicate_id"])

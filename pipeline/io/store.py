@@ -22,10 +22,9 @@ OSError(EINVAL), made a `Conflict` here, in one place). fsspec's generic create 
 not atomic: `conditional` says whether the backend sends both conditions to its server (`SWAPS`).
 A `guard` runs before every change an FsspecStore makes (a bucket checkpoint's lease fence).
 
-fsspec and its backend are imported only for a URL. Credentials come from the backend's usual
-sources (AWS_*, ~/.aws, ...) or from `storage_options`; those values are scrubbed from every
-message, and a bucket's failures become a one-line JobError in ONE place, `FsspecStore._call`
-(a local folder's failures stay OSErrors: the engine words a full disk as a local failure).
+fsspec and its backend are imported only for a URL. Credentials (pipeline.io.credentials) are
+scrubbed from every message, and a bucket's failures become a one-line JobError in ONE place,
+`FsspecStore._call` (a local folder's failures stay OSErrors: the engine words a full disk).
 """
 
 from __future__ import annotations
@@ -40,14 +39,12 @@ from typing import IO, Any, ContextManager, NamedTuple, Protocol, TypeVar
 
 from ..config.urls import check_url, display
 from ..errors import JobError
-from ..redact import Redactor, option_secrets
+from .credentials import Secrets, storage_failure, storage_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
-__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "Conflict", "open_store", "storage_secrets"]
+__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "Conflict", "open_store", "storage_secrets",
+           "storage_failure"]
 
-# Credentials the backends read from the environment: scrubbed too, should a message echo one.
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY",
-              "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
 T = TypeVar("T")
 Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing them into a file
 # fsspec backends that send If-None-Match and If-Match to the server (a create and a compare-and-swap
@@ -96,23 +93,7 @@ def open_store(location: Path | str, options: Mapping[str, Any] | None = None, l
     return LocalStore(location, options)
 
 
-def storage_secrets(options: Mapping[str, Any]) -> list[str]:
-    """Values that must never be shown: storage_options' credentials and the backends' env vars."""
-    found = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)] + option_secrets(dict(options))
-    return sorted(set(found), key=len, reverse=True)  # a secret inside a longer one: the longer first
-
-
-class _Secrets:
-    _options: dict[str, Any]
-
-    def secrets(self) -> list[str]:
-        return storage_secrets(self._options)
-
-    def scrub(self, message: str) -> str:
-        return Redactor(self.secrets(), placeholder="[secret]").scrub(message)
-
-
-class LocalStore(_Secrets):
+class LocalStore(Secrets):
     """A POSIX folder, made on the first write."""
 
     def __init__(self, folder: Path, options: Mapping[str, Any] | None = None) -> None:
@@ -198,7 +179,7 @@ class LocalStore(_Secrets):
         return file_digest(self.folder / name)
 
 
-class FsspecStore(_Secrets):
+class FsspecStore(Secrets):
     """A folder in an fsspec filesystem (`s3://bucket/prefix`), reached on first use."""
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None, label: str = "[output] path",
@@ -257,13 +238,8 @@ class FsspecStore(_Secrets):
 
     def _translated(self, what: str, exc: Exception) -> JobError:
         """The one place a backend's failure becomes a one-line JobError, its secrets scrubbed."""
-        if isinstance(exc, JobError):
-            return exc
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        return JobError(
-            f"{self.label}: could not {what} {self}: {self.scrub(detail)} ({type(exc).__name__}); check the URL, "
-            f"the credentials and [output] storage_options, then run again (answers so far are kept in the checkpoint)"
-        )
+        return storage_failure(self.label, what, str(self), exc, self._options,
+                               "run again (answers so far are kept in the checkpoint)")
 
     def _path(self, name: str) -> str:
         return f"{self._remote()[1]}/{name}"

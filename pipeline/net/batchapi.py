@@ -2,7 +2,7 @@
 
     async with BatchAPI(base_url, key, timeout_s=60, max_attempts=5) as api:
         file_id = await api.upload("pipeline-captions-b000001.jsonl", data)
-        batch = await api.create(file_id, "24h", {"pipeline_batch": name})
+        batch = await api.create(file_id, "/v1/chat/completions", "24h", {"pipeline_batch": name})
         batch = await api.find(name)          # a batch created with that metadata, or None
         batch = await api.get(batch["id"]); await api.cancel(batch["id"])
         data = await api.content(batch["output_file_id"])
@@ -72,8 +72,9 @@ class BatchAPI:
         reply = await self._call("POST", "/files", form=form)
         return str(reply["id"])
 
-    async def create(self, file_id: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
-        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": window,
+    async def create(self, file_id: str, endpoint: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
+        """`endpoint`: the lines' `url` ("/v1/chat/completions", "/v1/responses")."""
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": window,
                 "metadata": metadata}
         return await self._call("POST", "/batches", json=body, retry=False)
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import orjson
 
-from ..config import LimitsConfig
+from ..config import Api, LimitsConfig
 from ..config.headers import secret_values
 from ..config.proxy import Proxy
 from ..errors import RequestError
@@ -56,7 +56,8 @@ from .response import (
     ResponseTooLarge,
 )
 from .retry import DASHSCOPE_THROTTLE
-from .stream import StreamAssembler, StreamError
+from .events import ResponsesFold
+from .stream import ChatFold, Fold, StreamAssembler, StreamError
 from .text import loads_json, text_warning
 
 if TYPE_CHECKING:
@@ -272,8 +273,9 @@ class _Streamed:
     `answer` a 200's decoded JSON and warning, both within `max_bytes`."""
 
     def __init__(self, session: "aiohttp.ClientSession", url: str, headers: dict[str, str], body: bytes,
-                 max_bytes: int, redactor: Redactor, via: dict[str, Any]) -> None:
+                 max_bytes: int, redactor: Redactor, via: dict[str, Any], fold: Fold) -> None:
         self.body = body
+        self.fold = fold  # what the stream's events mean (chat chunks or the Responses API's events)
         self.via = via  # aiohttp's proxy arguments (none: directly)
         self.max_bytes = max_bytes
         self.status: int | None = None  # until the head arrives
@@ -307,7 +309,7 @@ class _Streamed:
         decoder = self._decoder()
         if not self.headers.get("content-type", "").startswith("text/event-stream"):
             return _decode(await _read_body(self.resp, decoder))
-        assembler = StreamAssembler(self.redactor)
+        assembler = StreamAssembler(self.redactor, self.fold)
         async for data in self.resp.content.iter_any():
             for piece in decoder.decode(data):
                 assembler.feed_bytes(piece)
@@ -322,8 +324,9 @@ class Client:
     """POSTs bodies to the endpoint. Use as `async with Client(...) as c: await c.post(body)`."""
 
     def __init__(self, url: str, api_key: str | None, *, timeout_s: float, max_connections: int,
-                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 proxy: Proxy | None = None, headers: Mapping[str, str] | None = None, api: Api = Api.CHAT) -> None:
         self.url = url
+        self.api = api  # how a streamed answer is read
         self.proxy = proxy
         extra = dict(headers or {})  # [endpoint] headers
         self.redactor = Redactor([api_key, *(proxy.secrets() if proxy is not None else ()), *secret_values(extra)])
@@ -378,8 +381,9 @@ class Client:
         """Like `post` for a body with `stream: true`: the SSE answer is assembled into the
         response body a non-streamed answer has (see pipeline.net.stream); raises RequestError."""
         assert self._pool is not None, "use the client as an async context manager"
+        fold = ResponsesFold() if self.api is Api.RESPONSES else ChatFold()
         return await self._attempt(_Streamed(self._streaming_session(), self.url, self._headers, body, max_bytes,
-                                             self.redactor, aiohttp_proxy(self.proxy)))
+                                             self.redactor, aiohttp_proxy(self.proxy), fold))
 
     async def _attempt(self, exchange: _Streamed) -> Reply:
         """A streamed exchange: a non-200 is refused with its body, a 200 decoded, anything foreign

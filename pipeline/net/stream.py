@@ -1,6 +1,6 @@
-"""The stream: a chat-completion answered as server-sent events, assembled into one response.
+"""The stream: an answer sent as server-sent events, assembled into one response.
 
-    asm = StreamAssembler()
+    asm = StreamAssembler()       # chat chunks; StreamAssembler(fold=ResponsesFold()): net/events.py
     for line in lines:            # bytes or str, one SSE line each (as aiohttp's reader yields)
         asm.feed(line)
         if asm.done:
@@ -25,18 +25,22 @@ scrubbed by the assembler's Redactor before it is cut (a provider may echo the k
 in a line is decoded with U+FFFD and counted in `replaced` (the answer is kept, and flagged), and
 `feed_bytes` splits lines in linear time; the caller bounds how many bytes it feeds.
 
+The SSE framing is the assembler's; what the chunks mean is its `Fold`'s: `ChatFold` here, the
+Responses API's typed events in events.py.
+
 `to_sse` goes the other way, a full response into SSE lines: the built-in endpoint streams with it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from ..redact import Redactor
 from .text import decode_utf8, loads_json, text_warning
 
-__all__ = ["StreamAssembler", "StreamError", "assemble", "to_sse", "DONE"]
+__all__ = ["StreamAssembler", "StreamError", "Fold", "ChatFold", "assemble", "to_sse", "shown", "pieces",
+           "raise_if_error", "DONE"]
 
 DONE = "[DONE]"
 REASONING_KEYS = ("reasoning_content", "reasoning")
@@ -59,20 +63,14 @@ class StreamError(Exception):
 class StreamAssembler:
     """Feeds SSE lines one at a time; `result()` is the assembled response body."""
 
-    def __init__(self, redactor: Redactor | None = None) -> None:
-        self.done = False  # `data: [DONE]` arrived
+    def __init__(self, redactor: Redactor | None = None, fold: Fold | None = None) -> None:
+        self.done = False  # `data: [DONE]` (or the fold's own end) arrived: nothing more is read
         self.replaced = 0  # invalid UTF-8 bytes decoded as U+FFFD
         self.surrogates = 0  # escaped lone surrogates read as U+FFFD
         self._data: list[str] = []  # `data:` lines of the event being read (an event may span lines)
-        self._content: list[str] | None = None  # None: no content delta at all
-        self._reasoning: dict[str, list[str]] = {}
-        self._choice_seen = False
-        self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
-        self._meta: dict[str, Any] = {}
-        self._role = "assistant"
         self._tail: list[bytes] = []  # the pieces of a line not yet ended, from feed_bytes
         self._redactor = redactor or Redactor()
+        self.fold: Fold = fold if fold is not None else ChatFold()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -134,13 +132,73 @@ class StreamAssembler:
             snippet = self._redactor.cut(data, _SNIPPET_CHARS)
             raise StreamError(f"stream chunk is not JSON: {snippet!r}", reason="not_json") from None
         self.surrogates += surrogates
-        self._chunk(chunk)
-
-    def _chunk(self, chunk: Any) -> None:
         if not isinstance(chunk, dict):
-            snippet = self._redactor.cut(_shown(chunk), _SNIPPET_CHARS)
+            snippet = self._redactor.cut(shown(chunk), _SNIPPET_CHARS)
             raise StreamError(f"stream chunk is JSON but not an object: {snippet!r}", reason="not_json")
-        _raise_if_error(chunk, self._redactor)
+        self.fold.take(chunk, self._redactor)
+        if self.fold.ended:
+            self.done = True
+
+    # -- the result ----------------------------------------------------------------------
+
+    @property
+    def warning(self) -> str | None:
+        """What the row's `error` column says when the stream held bad text (None: it did not)."""
+        return text_warning(self.replaced, self.surrogates)
+
+    def result(self) -> dict[str, Any]:
+        """The assembled body; raises StreamError when the stream stopped before its end."""
+        if self._tail and not self.done:
+            tail, self._tail = b"".join(self._tail), []
+            self.feed(tail)
+        self._dispatch()  # a last event without its blank line
+        if not self.done and not self.fold.complete:
+            raise StreamError(f"stream ended before {self.fold.ending} (cut off)", reason="cut")
+        return self.fold.result()
+
+
+class Fold(Protocol):
+    """What a stream's chunks mean: chat completion chunks (ChatFold), or the Responses API's
+    typed events (pipeline.net.events)."""
+
+    @property
+    def ended(self) -> bool:
+        """The stream's own last event arrived: nothing more is read."""
+
+    @property
+    def complete(self) -> bool:
+        """What arrived makes a usable answer, even if the stream stops now."""
+
+    @property
+    def ending(self) -> str:
+        """What a complete stream ends with, for the "cut off" message."""
+
+    def take(self, chunk: dict[str, Any], redactor: Redactor) -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class ChatFold:
+    """Chat completion chunks assembled into the body a non-streamed answer has."""
+
+    ended = False  # `data: [DONE]` ends a chat stream, read by the assembler
+    ending = "[DONE] or a finish_reason"
+
+    def __init__(self) -> None:
+        self._content: list[str] | None = None  # None: no content delta at all
+        self._reasoning: dict[str, list[str]] = {}
+        self._choice_seen = False
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._meta: dict[str, Any] = {}
+        self._role = "assistant"
+
+    @property
+    def complete(self) -> bool:
+        return self._finish is not None
+
+    def take(self, chunk: dict[str, Any], redactor: Redactor) -> None:
+        raise_if_error(chunk, redactor)
         for key in ("id", "created", "model", "object", "system_fingerprint", "service_tier"):
             if chunk.get(key) is not None and key not in self._meta:
                 self._meta[key] = chunk[key]
@@ -168,21 +226,7 @@ class StreamAssembler:
         self._content = []
         return self._content
 
-    # -- the result ----------------------------------------------------------------------
-
-    @property
-    def warning(self) -> str | None:
-        """What the row's `error` column says when the stream held bad text (None: it did not)."""
-        return text_warning(self.replaced, self.surrogates)
-
     def result(self) -> dict[str, Any]:
-        """The assembled body; raises StreamError when the stream stopped before its end."""
-        if self._tail and not self.done:
-            tail, self._tail = b"".join(self._tail), []
-            self.feed(tail)
-        self._dispatch()  # a last event without its blank line
-        if not self.done and self._finish is None:
-            raise StreamError("stream ended before [DONE] or a finish_reason (cut off)", reason="cut")
         choices: list[dict[str, Any]] = []
         if self._choice_seen:
             message: dict[str, Any] = {
@@ -195,7 +239,7 @@ class StreamAssembler:
         return {**self._meta, "object": "chat.completion", "choices": choices, "usage": self._usage}
 
 
-def _raise_if_error(chunk: dict[str, Any], redactor: Redactor) -> None:
+def raise_if_error(chunk: dict[str, Any], redactor: Redactor) -> None:
     err = chunk.get("error")
     if chunk.get("object") == "error":  # vLLM: {"object": "error", "message": ..., "code": 500}
         err = chunk
@@ -206,11 +250,11 @@ def _raise_if_error(chunk: dict[str, Any], redactor: Redactor) -> None:
         code = err.get("code") if err.get("code") is not None else err.get("type")
     else:
         message, code = err, None
-    raise StreamError(f"error in the stream: {redactor.cut(_shown(message), _MESSAGE_CAP)}", reason="error_chunk",
-                      code=redactor.cut(_shown(code), _MESSAGE_CAP) if code is not None else None)
+    raise StreamError(f"error in the stream: {redactor.cut(shown(message), _MESSAGE_CAP)}", reason="error_chunk",
+                      code=redactor.cut(shown(code), _MESSAGE_CAP) if code is not None else None)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A JSON value as text for a message; str() of a hostile, deeply nested one would recurse too far."""
     if isinstance(value, str):
         return value
@@ -228,9 +272,9 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def assemble(lines: Iterable[bytes | str]) -> dict[str, Any]:
+def assemble(lines: Iterable[bytes | str], fold: Fold | None = None) -> dict[str, Any]:
     """A whole stream's lines into a response body (pure; raises StreamError)."""
-    asm = StreamAssembler()
+    asm = StreamAssembler(fold=fold)
     for line in lines:
         asm.feed(line)
         if asm.done:
@@ -265,10 +309,10 @@ def to_sse(
         for key in REASONING_KEYS:
             text = message.get(key)
             if isinstance(text, str) and text:
-                out += [delta({key: p}) for p in _pieces(text, piece_chars, max_pieces)]
+                out += [delta({key: p}) for p in pieces(text, piece_chars, max_pieces)]
         content = message.get("content")
         if isinstance(content, str):
-            out += [delta({"content": p}) for p in _pieces(content, piece_chars, max_pieces)]
+            out += [delta({"content": p}) for p in pieces(content, piece_chars, max_pieces)]
         out.append(delta({}, choice.get("finish_reason")))
     if include_usage and isinstance(response.get("usage"), dict):
         out.append(event([], usage=response["usage"]))
@@ -276,6 +320,6 @@ def to_sse(
     return out
 
 
-def _pieces(text: str, size: int, most: int) -> list[str]:
+def pieces(text: str, size: int, most: int) -> list[str]:
     size = max(size, -(-len(text) // most))  # a long answer: bigger pieces, not thousands of events
     return [text[i:i + size] for i in range(0, len(text), size)]

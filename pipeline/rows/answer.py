@@ -1,4 +1,8 @@
-"""The answer: a chat-completion response body turned into the row's result fields.
+"""The answer: a response body (a chat completion, or the Responses API's response) turned into
+the row's result fields.
+
+    answer = parse_response(body)                   # chat: choices[0].message
+    answer = parse_response(body, Api.RESPONSES)    # responses: the output items
 
 Reasoning arrives three ways (see ../shared/notes/api-facts.md): a `<think>...</think>` block in
 `content` (sometimes only the closing tag, when the template opened it), `reasoning_content`,
@@ -9,6 +13,14 @@ A body comes from a server that may be broken or hostile: `parse_response` raise
 RequestError(kind="invalid_response"), whatever JSON value it is given (a content part whose
 `text` is null is skipped; content parts without any text are no answer). A paid answer whose
 bytes are not valid UTF-8 is kept (pipeline.net.text reads it, bad bytes replaced and counted).
+
+The Responses API's answer is the `output_text` of its `message` items, its reasoning the
+`summary_text` of its `reasoning` items (or their `reasoning_text` content, as open models'
+servers send it; a reasoning item holding only `encrypted_content` has no readable text);
+`status` "completed" is finish_reason "stop", "incomplete" its `incomplete_details.reason`
+("max_output_tokens": truncated, like chat's "length"), "failed" a RequestError by its code.
+Usage: `input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`,
+`output_tokens_details.reasoning_tokens` (and image or audio token details where a server adds them).
 
 Usage details are kept as the provider reports them: `prompt_tokens_details.cached_tokens`,
 `.image_tokens`, `.audio_tokens` and `completion_tokens_details.reasoning_tokens`. A detail that
@@ -22,11 +34,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Api
 from ..errors import RequestError
 
-__all__ = ["Answer", "parse_response", "split_think"]
+__all__ = ["Answer", "parse_response", "split_think", "TRUNCATED"]
 
 _OPEN, _CLOSE = "<think>", "</think>"
+TRUNCATED = frozenset({"length", "max_output_tokens"})  # finish reasons of an answer cut by its token cap
+# A failed response's error code -> the kind of failure (anything else: the request is at fault).
+_FAILED_KINDS = {"server_error": "server", "rate_limit_exceeded": "rate_limit", "vector_store_timeout": "timeout"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -44,6 +60,11 @@ class Answer:
     reasoning_tokens: int | None = None
     image_tokens: int | None = None
     audio_tokens: int | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off by the token cap (chat's "length", the Responses API's "max_output_tokens")."""
+        return self.finish_reason in TRUNCATED
 
 
 def split_think(content: str) -> tuple[str | None, str | None]:
@@ -85,8 +106,10 @@ def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
     return details if isinstance(details, dict) else {}  # OpenAI-compatible servers often send null
 
 
-def parse_response(body: Any) -> Answer:
+def parse_response(body: Any, api: Api = Api.CHAT) -> Answer:
     """Parse a decoded response body; an unusable one raises RequestError(kind=invalid_response)."""
+    if api is Api.RESPONSES:
+        return _parse_responses(body)
     if not isinstance(body, dict):
         raise RequestError("response is JSON but not an object", kind="invalid_response")
     choices = body.get("choices")
@@ -119,3 +142,57 @@ def parse_response(body: Any) -> Answer:
         image_tokens=_count(prompt_details.get("image_tokens")),
         audio_tokens=_count(prompt_details.get("audio_tokens")),
     )
+
+
+def _parse_responses(body: Any) -> Answer:
+    if not isinstance(body, dict):
+        raise RequestError("response is JSON but not an object", kind="invalid_response")
+    status = body.get("status")
+    if status == "failed":
+        raise _failed(body.get("error"))
+    if status not in ("completed", "incomplete", None):  # None: a server that leaves status out
+        raise RequestError(f"response is not finished (status {str(status)[:40]!r})", kind="invalid_response")
+    output = body.get("output")
+    if not isinstance(output, list):
+        raise RequestError("response has no output", kind="invalid_response")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for item in output:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            texts += _typed_texts(item.get("content"), "output_text")
+        elif item.get("type") == "reasoning":
+            thoughts += _typed_texts(item.get("summary"), "summary_text") or _typed_texts(item.get("content"), "reasoning_text")
+    answer, reasoning = split_think("".join(texts)) if texts else (None, None)
+    if thoughts and "".join(thoughts).strip():
+        reasoning = "\n\n".join(t.strip() for t in thoughts if t.strip())
+    details = body.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    finish = "stop" if status != "incomplete" else reason if isinstance(reason, str) else "incomplete"
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    inputs = _details(usage, "input_tokens_details")
+    return Answer(
+        answer=answer, reasoning=reasoning, prompt_tokens=_int(usage.get("input_tokens")),
+        completion_tokens=_int(usage.get("output_tokens")), total_tokens=_int(usage.get("total_tokens")),
+        model=body.get("model") if isinstance(body.get("model"), str) else None, finish_reason=finish,
+        cached_tokens=_count(inputs.get("cached_tokens")),
+        reasoning_tokens=_count(_details(usage, "output_tokens_details").get("reasoning_tokens")),
+        image_tokens=_count(inputs.get("image_tokens")), audio_tokens=_count(inputs.get("audio_tokens")),
+    )
+
+
+def _typed_texts(parts: Any, kind: str) -> list[str]:
+    """The string `text`s of the parts of type `kind` in a list (anything else: none)."""
+    if not isinstance(parts, list):
+        return []
+    return [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == kind and isinstance(p.get("text"), str)]
+
+
+def _failed(error: Any) -> RequestError:
+    """A response whose status is "failed": its error, by code (a server error is retried)."""
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    message = error.get("message") if isinstance(error.get("message"), str) else "the response failed"
+    return RequestError(f"the response failed: {message[:500]}", kind=_FAILED_KINDS.get(code or "", "bad_request"),
+                        code=code)

@@ -1,7 +1,7 @@
 """Batch lines: a row's request as a line of a Batch JSONL file, and a line of a batch's output or
 error file back into the same result row an online answer makes.
 
-    data = request_line("r1", built.body)                  # {"custom_id", "method", "url", "body"}
+    data = request_line("r1", built.body, Api.CHAT)        # {"custom_id", "method", "url", "body"}
     got = result_of(line_dict, job, labels, redactor)       # LineResult(row_id, row, error)
 
 `result_of`: a 200 line is parsed as an online answer (answer, reasoning, tokens and their usage
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from ..config import Job
+from ..config import Api, Job
 from ..errors import RequestError
 from ..net.client import translate
 from ..records import ResultRow
@@ -27,16 +27,16 @@ from .pricing import row_cost
 if TYPE_CHECKING:
     from .labels import Labels
 
-__all__ = ["request_line", "result_of", "LineResult", "CHAT_URL"]
+__all__ = ["request_line", "result_of", "LineResult"]
 
-CHAT_URL = "/v1/chat/completions"
 NOT_RUN = {"batch_expired": "the batch expired before this request ran",
            "batch_cancelled": "the batch was cancelled before this request ran"}
 
 
-def request_line(row_id: str, body: bytes) -> bytes:
-    """One line of a Batch JSONL file; `body` is the JSON request body online mode sends."""
-    return b'{"custom_id":' + orjson.dumps(row_id) + b',"method":"POST","url":"' + CHAT_URL.encode() + b'","body":' + body + b"}\n"
+def request_line(row_id: str, body: bytes, api: Api) -> bytes:
+    """One line of a Batch JSONL file; `body` is the JSON request body online mode sends to `api`."""
+    url = api.batch_url.encode()
+    return b'{"custom_id":' + orjson.dumps(row_id) + b',"method":"POST","url":"' + url + b'","body":' + body + b"}\n"
 
 
 class LineResult(NamedTuple):
@@ -52,7 +52,7 @@ def result_of(line: dict[str, Any], job: Job, labels: Labels | None, redactor: R
     if status != 200:
         return LineResult(row_id, None, _failure(line, status, response, redactor))
     try:
-        answer = parse_response(response.get("body"))
+        answer = parse_response(response.get("body"), job.endpoint.api)
     except RequestError as err:
         return LineResult(row_id, None, err)
     cost = row_cost(job, answer.model, answer.prompt_tokens, answer.completion_tokens, answer.total_tokens,
@@ -64,10 +64,10 @@ def result_of(line: dict[str, Any], job: Job, labels: Labels | None, redactor: R
                     cached_tokens=answer.cached_tokens, reasoning_tokens=answer.reasoning_tokens,
                     image_tokens=answer.image_tokens, audio_tokens=answer.audio_tokens)
     if answer.answer is None:
-        if answer.finish_reason != "length":
+        if not answer.truncated:
             return LineResult(row_id, None, RequestError("response has no answer content", kind="invalid_response"))
         row.status, row.error_kind = "error", "truncated"
-        row.error = "cut off by max_tokens before the answer began (finish_reason: length)"
+        row.error = f"cut off by max_tokens before the answer began (finish_reason: {answer.finish_reason})"
         return LineResult(row_id, row, None)
     if labels is not None:
         try:

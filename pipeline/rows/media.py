@@ -31,9 +31,10 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, TypeVar
 
-from ..config import ImagesConfig, InputConfig
+from ..config import AudioConfig, ImagesConfig, InputConfig
 from ..config.proxy import ProxyChoice
 from ..errors import InputError
+from .audio import AudioBuilder
 from .files import LocalFiles
 from .images import (
     MB,
@@ -64,18 +65,20 @@ class MediaBuilder:
 
     def __init__(self, inp: InputConfig, cfg: ImagesConfig, *, detail: str | None = None,
                  redactor: Redactor | None = None, files_base: Path | None = None,
-                 proxies: ProxyChoice | None = None, presign_s: float | None = None) -> None:
+                 proxies: ProxyChoice | None = None, presign_s: float | None = None,
+                 audio: AudioConfig | None = None) -> None:
         self.inp = inp
         self.proxies = proxies  # which proxy each fetched URL goes through (none: all directly)
         self.cfg = cfg
         self.detail = detail
         self.redactor = redactor  # an image host's error text may echo a secret, too
-        self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots, base=files_base)
+        self.files = LocalFiles.for_manifest(inp.path, cfg.allowed_roots, base=files_base or inp.local_base)
         self.workers = Workers(cfg)
         self.objects = ObjectStore(inp.storage_options, object_roots(cfg.allowed_buckets, inp.path),
                                    threads=cfg.fetch_concurrency, timeout_s=cfg.fetch_timeout_s, redactor=redactor)
         self.presign_s = cfg.presign_expiry_s if presign_s is None else presign_s  # a presigned URL's validity
         self._fetcher: Fetcher | None = None
+        self.audio = AudioBuilder(inp.audio_column, audio or AudioConfig(), self, cfg.max_source_mb) if inp.audio_column else None
 
     @property
     def fetcher(self) -> Fetcher:
@@ -102,7 +105,8 @@ class MediaBuilder:
         self.workers.close()
 
     async def parts(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """The row's image parts in order, then its video part. Raises InputError."""
+        """The row's image parts in order, then its video part, then its audio (audio.py). Raises InputError."""
+        audio = await self.audio.parts(row) if self.audio is not None else []
         image_col, video_col = self.inp.image_column, self.inp.video_column
         images = image_values(row.get(image_col)) if image_col else []
         video_cell = row.get(video_col) if video_col else None
@@ -113,16 +117,16 @@ class MediaBuilder:
         if video_col and not image_col and not has_video:
             raise InputError(f"row has no video in {video_col!r}")
         if not has_video and self.cfg.image_mode != "inline" and all(kind_of(v) == "url" for v in images):
-            return [self._image_part(v) for v in images]  # sent as they are: nothing to read or wait for
+            return [self._image_part(v) for v in images] + [part for part, _ in audio]  # URLs: nothing to read
         jobs: list[Awaitable[tuple[dict[str, Any], int]]] = [self._image(v) for v in images]
         if has_video:
             jobs.append(self._video(video_cell))
-        results = await _all_in_order(jobs)
+        results = await _all_in_order(jobs) + audio
         total = sum(size for _, size in results)
         if total > self.cfg.max_request_mb * MB:
             values = images + (image_values(video_cell) if has_video else [])
             raise InputError(
-                f"request too large ({total / MB:.1f} MB of images/video as base64, over the "
+                f"request too large ({total / MB:.1f} MB of images/video/audio as base64, over the "
                 f"{self.cfg.max_request_mb:g} MB per-request limit [images] max_request_mb): "
                 + ", ".join(show(v) for v in values[:5]) + (" ..." if len(values) > 5 else "")
             )

@@ -1,4 +1,5 @@
-"""The request: a manifest row turned into the chat-completion body the seed shows.
+"""The request: a manifest row turned into the body the job's API takes: the chat completion the
+seed shows (here), or the Responses API's (responses.py, `[endpoint] api = "responses"`).
 
     {"model": ..., "messages": [{"role": "system", "content": ...},
         {"role": "user", "content": [{"type": "text", "text": prompt},
@@ -22,16 +23,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from ..config import Job
+from ..config import Api, Job
 from ..errors import InputError, JobError
 from ..redact import Redactor
 from .media import MediaBuilder
+from .responses import ResponsesBody
 from .objects import Signed
 
 if TYPE_CHECKING:
     from .labels import Labels
 
-__all__ = ["RequestBuilder", "Built", "placeholders", "request_columns"]
+__all__ = ["RequestBuilder", "Built", "ChatBody", "placeholders", "request_columns"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENCODE_OFF_LOOP_BYTES = 1 << 20  # bodies with more inlined media than this are JSON-encoded in a thread
@@ -39,7 +41,7 @@ ENCODE_OFF_LOOP_BYTES = 1 << 20  # bodies with more inlined media than this are 
 
 class Built(NamedTuple):
     prompt: str
-    media: int  # image and video parts, for the token estimate
+    media: int  # image, video and audio parts, for the token estimate
     body: bytes
     cache_body: bytes  # what the request cache keys on: `body` with presigned URLs as their object URIs
 
@@ -52,7 +54,7 @@ def request_columns(job: Job, columns: list[str]) -> list[str]:
     """The manifest columns a request is built from (media, prompt, the prompt's placeholders), in
     the manifest's order: the only cells read into Python per row."""
     inp = job.input
-    wanted = {c for c in (inp.image_column, inp.prompt_column, inp.video_column) if c}
+    wanted = {c for c in (inp.image_column, inp.prompt_column, inp.video_column, inp.audio_column) if c}
     wanted.update(placeholders(job.request.prompt or ""))
     return [c for c in columns if c in wanted]
 
@@ -64,7 +66,8 @@ class RequestBuilder:
         # A presigned URL outlives every attempt of its row (they share one body) by presign_expiry_s.
         presign_s = job.images.presign_expiry_s + job.limits.timeout_s * job.limits.max_attempts
         self.media = MediaBuilder(job.input, job.images, detail=job.request.image_detail, redactor=redactor,
-                                  files_base=job.files_base, proxies=job.proxies(), presign_s=presign_s)
+                                  files_base=job.files_base, proxies=job.proxies(), presign_s=presign_s,
+                                  audio=job.audio)
         req = job.request
         if req.prompt is not None:
             missing = [p for p in placeholders(req.prompt) if p not in columns]
@@ -73,22 +76,14 @@ class RequestBuilder:
                     f"{job.source}: [request] prompt: placeholder {{{missing[0]}}} is not a manifest column "
                     f"(columns: {', '.join(columns)})"
                 )
-        self._head: list[dict[str, Any]] = []
-        if req.system_prompt:
-            self._head.append({"role": "system", "content": req.system_prompt})
-        self._tail: dict[str, Any] = {}
-        if req.max_tokens is not None:
-            self._tail["max_tokens"] = req.max_tokens
-        if req.stream:  # usage comes only when asked for, in a last chunk (pipeline.net.stream)
-            self._tail["stream"] = True
-            self._tail["stream_options"] = {"include_usage": True}
+        sent_format: Labels | None = None  # the labels whose schema goes with each request
         if job.labels is not None and job.labels.send_response_format:
             if labels is None:  # a tool without the run's compiled checker (the dry run)
                 from .labels import Labels
 
                 labels = Labels(job.labels)
-            self._tail["response_format"] = labels.response_format()
-        self._tail.update(req.params)
+            sent_format = labels
+        self.shape = ResponsesBody(job, sent_format) if job.endpoint.api is Api.RESPONSES else ChatBody(job, sent_format)
 
     def prompt(self, row: dict[str, Any]) -> str:
         col = self.job.input.prompt_column
@@ -116,16 +111,35 @@ class RequestBuilder:
         await self.media.aclose()
 
     def body(self, prompt: str, media: list[dict[str, Any]]) -> dict[str, Any]:
-        """`media`: the row's image/video parts (from media.py), after the text, in order."""
-        parts: list[dict[str, Any]] = [{"type": "text", "text": prompt}, *media]
-        return {
-            "model": self.job.endpoint.model,
-            "messages": [*self._head, {"role": "user", "content": parts}],
-            **self._tail,
-        }
+        """`media`: the row's image/video/audio parts (from media.py), after the text, in order."""
+        return self.shape.body(prompt, media)
 
     def encode(self, body: dict[str, Any]) -> bytes:
         return orjson.dumps(body)  # compact UTF-8, as json.dumps(ensure_ascii=False) but ~10x faster
+
+
+class ChatBody:
+    """The body of one row's chat completion; everything but the row's own parts made once."""
+
+    def __init__(self, job: Job, labels: Labels | None) -> None:
+        req = job.request
+        self.model = job.endpoint.model
+        self._head: list[dict[str, Any]] = []
+        if req.system_prompt:
+            self._head.append({"role": "system", "content": req.system_prompt})
+        self._tail: dict[str, Any] = {}
+        if req.max_tokens is not None:
+            self._tail["max_tokens"] = req.max_tokens
+        if req.stream:  # usage comes only when asked for, in a last chunk (pipeline.net.stream)
+            self._tail["stream"] = True
+            self._tail["stream_options"] = {"include_usage": True}
+        if labels is not None:
+            self._tail["response_format"] = labels.response_format()
+        self._tail.update(req.params)
+
+    def body(self, prompt: str, media: list[dict[str, Any]]) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": prompt}, *media]
+        return {"model": self.model, "messages": [*self._head, {"role": "user", "content": parts}], **self._tail}
 
 
 def _unsigned(encoded: bytes, parts: list[dict[str, Any]]) -> bytes:

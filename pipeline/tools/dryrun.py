@@ -7,7 +7,8 @@ UTF-8, CSV rows with the wrong number of fields, broken JSON lines, missing or r
 pipeline.io.manifest). Then it reads the manifest one shard at a time (memory stays flat) and checks
 each row as the run would build it, without reading whole image files: prompts (empty, with no
 fallback), image cells (none, a bad JSON list), URLs (scheme, host), data URIs, local files
-(missing, unreadable, not an image by its first bytes, too large, outside the allowed folder). It
+(missing, unreadable, not an image by its first bytes, too large, outside the allowed folder), and
+audio cells alike (rows/audio.py's `clip_problem`: format by the first bytes, the part's formats, size). It
 counts the rows, estimates the tokens (text at ~4 characters a token, each image at
 `[limits] image_token_estimate`, output at most `max_tokens`), the cost from `[pricing]` and the
 time the rate limits imply, and lists the first few problems of each kind with their counts.
@@ -26,7 +27,7 @@ import binascii
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 from urllib.parse import urlsplit
 
 from ..config import DEFAULT_OUTPUT_TOKENS, Auto, Job
@@ -34,18 +35,33 @@ from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.checks import SHOW
-from ..io.manifest import Plan, plan_manifest, read_shard
+from ..io.manifest import (
+    Plan,
+    Shard,
+    Unreadable,
+    heavy_columns,
+    plan_manifest,
+    plan_schema,
+    read_rows,
+    shard_batches,
+)
 from ..io.storage import PartStore
+from ..rows.audio import clip_problem
 from ..rows.files import LocalFiles, PathError
 from ..rows.images import sniff_mime
 from ..rows.objects import ObjectStore
 from ..rows.pricing import estimate_tokens
 from ..rows.request import RequestBuilder
-from ..rows.values import Blob, Value, image_values, kind_of
+from ..rows.values import Blob, Value, image_values, kind_of, show
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["dry_run", "check_rows", "Report", "SHOW_PER_KIND"]
 
 SHOW_PER_KIND = SHOW  # examples printed per kind of problem, as the planner's errors name
+SHOW_FILES = 10  # files of a source listed with their rows and images
+MEDIA_ROWS = 64  # rows read at a time from a source whose rows hold bytes
 
 
 class Report:
@@ -59,6 +75,7 @@ class Report:
         self.problems: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = defaultdict(list)
         self.job_problems: list[str] = []
+        self.files: dict[str, list[int]] = {}  # a source's file -> [rows, images]
 
     def problem(self, kind: str, where: str, message: str) -> None:
         self.problems[kind] += 1
@@ -99,13 +116,24 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
     resizing = bool(job.images.max_side or job.images.max_pixels)
     max_bytes = int((job.images.max_source_mb if resizing else job.images.max_image_mb * 3 / 4) * 1024 * 1024)
     id_col, image_col = job.input.id_column, job.input.image_column
+    heavy = set(heavy_columns(plan_schema(plan)))
     for shard in plan.shards:
-        table = read_shard(job.input, plan, shard)
-        for i, row in enumerate(table.to_pylist()):
-            number = shard.first_row + i
+        try:
+            rows = read_rows(job.input, plan, shard, [c for c in plan.columns if c not in heavy] if heavy else None)
+        except Unreadable as exc:
+            raise JobError(f"[input] path: {exc}") from None
+        counts = report.files.setdefault(plan.file_of(shard).name, [0, 0])
+        for i, row in enumerate(_rows(job, plan, shard, rows.table, not heavy)):
             # Planning has refused missing and repeated ids: every row has its own here.
-            where = f"row {number}" if id_col is None else f"row {number} (id {row.get(id_col)})"
+            number = shard.first_row + i
+            where = f"row {rows.ids[i]}" if not plan.single else \
+                f"row {number}" if id_col is None else f"row {number} (id {row.get(id_col)})"
             report.rows += 1
+            counts[0] += 1
+            if i in rows.errors:
+                report.problem("unreadable", where, rows.errors[i])
+                report.bad_rows += 1
+                continue
             bad = False
             chars = 0
             try:
@@ -121,11 +149,24 @@ def check_rows(job: Job, plan: Plan, report: Report) -> None:
                 count = _check_images(row.get(image_col), images, max_bytes, image_col, where, report,
                                       builder.media.objects)
                 bad = bad or count < 0
+            if job.input.audio_column is not None:
+                clips = _check_audio(job, row.get(job.input.audio_column), images, where, report, builder.media.objects)
+                bad, count = bad or clips < 0, count + max(clips, 0)
             if bad:  # the estimates count only the rows that would be sent
                 report.bad_rows += 1
             else:
                 report.text_chars += chars
                 report.images += count
+                counts[1] += count
+
+
+def _rows(job: Job, plan: Plan, shard: Shard, held: pa.Table, whole: bool) -> Iterator[dict[str, Any]]:
+    """The shard's rows as dicts; with columns of bytes, a few rows at a time (never a shard of images)."""
+    if whole:
+        yield from held.to_pylist()
+        return
+    for batch in shard_batches(job.input, plan, shard, plan.columns, MEDIA_ROWS):
+        yield from batch.to_pylist()
 
 
 def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, where: str, report: Report,
@@ -146,6 +187,30 @@ def _check_images(cell: Any, images: LocalFiles, max_bytes: int, column: str, wh
             report.problem(problem[0], where, problem[1])
             bad = True
     return -1 if bad else len(values)
+
+
+def _check_audio(job: Job, cell: Any, files: LocalFiles, where: str, report: Report, objects: ObjectStore) -> int:
+    """The row's number of clips, or -1 when its audio would make it fail (the run's checks, on a few bytes)."""
+    column = job.input.audio_column
+    try:
+        values = image_values(cell)
+    except InputError as err:
+        report.problem("bad_audio_cell", where, err.message)
+        return -1
+    if not values:
+        report.problem("missing_audio", where, f"no audio in {column!r}")
+        return -1
+    problems = []
+    for value in values:
+        try:
+            problems.append(clip_problem(value, files, job.audio, job.images.max_source_mb, objects))
+        except PathError as err:
+            problems.append((err.problem, err.message))
+        except (InputError, OSError, ValueError) as err:
+            problems.append(("unreadable_file", f"cannot read the clip ({err}): {show(value)}"))
+    for found in filter(None, problems):
+        report.problem(found[0], where, found[1])
+    return -1 if any(problems) else len(values)
 
 
 def image_problem(value: Value, images: LocalFiles, max_bytes: int,
@@ -210,12 +275,13 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
         say("not ready: fix the job problem above")
         return
     if not plan.shards:
-        say(f"manifest: {job.input.path} has no rows; a run would send nothing")
+        say(f"manifest: {job.input.display} has no rows; a run would send nothing")
         say("not ready: fix the job problem(s) above" if report.job_problems else "nothing to do")
         return
     good = report.rows - report.bad_rows
-    say(f"manifest: {job.input.path}, {report.rows} rows in {len(plan.shards)} shard(s); "
+    say(f"manifest: {job.input.display}, {report.rows} rows in {len(plan.shards)} shard(s); "
         f"{good} ready, {report.bad_rows} would fail")
+    _say_source(plan, report, say)
     done = _rows_done(open_checkpoint(job.output))
     if done:
         say(f"checkpoint: {done} rows already have a result; a run sends only the others (the estimates cover all rows)")
@@ -251,6 +317,17 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
     if report.job_problems:
         reasons.append("fix the job problem(s) above")
     say(f"not ready: {'; '.join(reasons)}" if reasons else "ready")
+
+
+def _say_source(plan: Plan, report: Report, say: Any) -> None:
+    """The source: its format and files, and the rows and images of each (the first few)."""
+    files = len(plan.files)
+    say(f"source: {plan.format}, {files} file{'s' if files > 1 else ''}; {report.rows} rows, {report.images} image(s)")
+    if files > 1 and plan.format != "images":  # (an image folder's files are its rows)
+        for name, (rows, images) in list(report.files.items())[:SHOW_FILES]:
+            say(f"  {name}: {rows} rows, {images} image(s)")
+        if len(report.files) > SHOW_FILES:
+            say(f"  ... and {len(report.files) - SHOW_FILES} more files")
 
 
 def _rows_done(ckpt: Checkpoint) -> int:

@@ -30,7 +30,7 @@ from ...io.storage import PartStore
 from ...redact import Redactor, option_secrets
 from ...rows.images import MB
 
-__all__ = ["write_report", "REPORT_NAME", "MAX_MB"]
+__all__ = ["write_report", "vega_bundle", "script_safe", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
@@ -50,7 +50,7 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     store = PartStore.for_output(job.output)
     redactor = Redactor([job.api_key(), *store.secrets(), *option_secrets(job.input.storage_options),
                          *(job.notify.secrets() if job.notify is not None else ())])
-    bundle = _script_safe(_vega_bundle())
+    bundle = script_safe(vega_bundle())
     data = collect(job, int(max_mb * MB), redactor, fixed_bytes=len(bundle.encode()))
     page = {
         "rows": data.rows, "total": data.total, "sampling": data.sampling, "labels": data.labels,
@@ -79,7 +79,7 @@ _BUNDLE = ("import sys, vl_convert; from altair.utils._importers import vl_versi
            "sys.stdout.write(vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()))")
 
 
-def _vega_bundle() -> str:
+def vega_bundle() -> str:
     """The Vega bundle, made in a child process: vl-convert's JavaScript engine keeps ~150 MB
     that this process would hold to its end (bench: report_scale)."""
     made = subprocess.run([sys.executable, "-c", _BUNDLE], capture_output=True, check=False)
@@ -89,7 +89,8 @@ def _vega_bundle() -> str:
     return made.stdout.decode("utf-8")
 
 
-def _script_safe(js: str) -> str:
+def script_safe(js: str) -> str:
+    """Script text that cannot end its <script> element early."""
     return js.replace("</script", "<\\/script")
 
 

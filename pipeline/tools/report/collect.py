@@ -207,7 +207,7 @@ def _text(value: Any) -> str | None:
 
 def _rows(table: pa.Table, job: Job, labels: list[str], redactor: Redactor) -> list[dict[str, Any]]:
     image_col, prompt_col = job.input.image_column, job.input.prompt_column
-    files = LocalFiles.for_manifest(job.input.path, job.images.allowed_roots, base=job.files_base)
+    files = LocalFiles.for_manifest(job.input.path, job.images.allowed_roots, base=job.files_base or job.input.local_base)
     out: list[dict[str, Any]] = []
     cells: list[Any] = []
     for rec in table.to_pylist():
@@ -290,7 +290,7 @@ def settings(job: Job) -> dict[str, Any]:
     Never the key (only the name of its variable) nor storage options or the endpoint's own key."""
     shape = job.request_shape()
     return {
-        "name": job.name, "job file": str(job.source), "manifest": str(job.input.path), "output": display(job.output.path),
+        "name": job.name, "job file": str(job.source), "manifest": job.input.display, "output": display(job.output.path),
         "checkpoint": str(job.output.checkpoint), "endpoint": job.endpoint.base_url if job.serve is None else "built-in ([serve])",
         "model": job.endpoint.model, "key variable": job.endpoint.api_key_env,
         "request": {k: v for k, v in shape.items() if k not in ("model", "labels", "images")},

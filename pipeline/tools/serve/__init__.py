@@ -1,11 +1,15 @@
-"""The built-in endpoint: an OpenAI-compatible /v1/chat/completions to rehearse a job for free.
+"""The built-in endpoint: an OpenAI-compatible /v1/chat/completions (and /v1/responses) to rehearse a job for free.
 
     pipeline serve --port 8000 --latency-ms 200
     python -c "from pipeline.tools.serve import ServeOptions, make_app"   # or in-process: an aiohttp app
 
 It answers in the seed's response shape, a `<think>` block first, describing what it can really
 see: for inlined images their format, size and main colours (Pillow); for URLs only the URL, as
-it has no network; for video parts (`video_url`, DashScope's `video`) their kind and size. It can behave like a real provider under load or failing:
+it has no network; for video parts (`video_url`, DashScope's `video`) their kind and size; for audio
+parts (`input_audio`, vLLM's `audio_url`) what libsndfile decodes of them: format, length, sample
+rate, channels (`audio.py`; 10 prompt tokens a second, as `audio_tokens`). POST /v1/responses
+answers the same as the Responses API (`responses.py`: plain, streamed as typed events, and in
+the Batch API). It can behave like a real provider under load or failing:
 
 - `rate_limit` requests per `rate_window_s`, enforced over a sliding window: over it, a 429 whose
   delay is given in the `rate_headers` style, with x-ratelimit-* headers on every answer;
@@ -61,7 +65,8 @@ Its parts: `app.py` (the routes, and the order in which a request meets the key 
 window, the capacity gate, its fault and its latency), `rate.py` (the sliding window and its
 headers), `capacity.py` (places in service, the queue, the schedule), `state.py`
 (what the endpoint counts and keeps), `faults.py` (which fault a request gets, and the error
-answers), `completion.py` (the answer composed from what the request shows), `delivery.py` (how
+answers), `completion.py` (the answer composed from what the request shows), `audio.py` (what it hears),
+`responses.py` (/v1/responses), `delivery.py` (how
 it is sent: plain or streamed, cut or broken), `hostile.py` (the hostile 200s), `process.py`
 (serving forever, or as a run's child process), `batchroutes.py`, `batches.py` and `batchfile.py`
 (the Batch API's routes, its files and batches, their lines). Its options and fault names:

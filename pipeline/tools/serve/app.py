@@ -13,7 +13,8 @@ answer sent, refusals and drops included: a GPU server's time is spent on them t
 queue adds to what the client sees as latency; a client that gives up while queued frees its turn
 (a 499 in /stats, nothing served).
 
-    POST /v1/chat/completions   GET /v1/models   GET /stats[?brief]   POST /stats/reset
+    POST /v1/chat/completions   POST /v1/responses (responses.py)   GET /v1/models
+    GET /stats[?brief]   POST /stats/reset
     POST /admin/capacity {"capacity": N}   (now; requests in service finish)
     GET /requests (with `record`)   POST /redirected/... (where the redirect fault points)
     /v1/files and /v1/batches: the Batch API (`batchroutes.py`)
@@ -24,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, NamedTuple
 
 import aiohttp
 from aiohttp import web
 
+from ...config import Api
 from ...config.serve import ServeOptions
 from .completion import Fetched, completion, user_parts
 from .delivery import deliver
@@ -36,6 +38,7 @@ from .batchroutes import add_batch_routes
 from .capacity import follow_schedule
 from .faults import error_response, key_refusal, pick_fault, refusal
 from .rate import retry_headers
+from .responses import as_response, chat_view
 from .state import STATE, ServeState
 
 __all__ = ["make_app", "STATE", "ONLY_STREAM_MESSAGE", "OVERLOADED_MESSAGE"]
@@ -48,6 +51,7 @@ def make_app(opts: ServeOptions) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE] = ServeState(opts)
     app.router.add_post("/v1/chat/completions", _completions)
+    app.router.add_post("/v1/responses", _responses)
     app.router.add_post("/redirected/{tail:.*}", _followed)
     app.router.add_get("/stats", _stats)
     app.router.add_post("/stats/reset", _reset)
@@ -70,6 +74,14 @@ async def _scheduled(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _handled(request, Api.CHAT)
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    return await _handled(request, Api.RESPONSES)
+
+
+async def _handled(request: web.Request, api: Api) -> web.StreamResponse:
     state = request.app[STATE]
     state.requests += 1
     state.in_flight += 1
@@ -80,7 +92,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     if state.opts.record:
         state.recorded.append(entry)
     try:
-        resp = await _answer(request, state, entry)
+        resp = await _answer(request, state, entry, api)
     finally:
         state.in_flight -= 1
     state.statuses[str(resp.status)] += 1
@@ -88,14 +100,14 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]) -> web.StreamResponse:
+async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any], api: Api) -> web.StreamResponse:
     opts = state.opts
     if opts.record:
-        entry.update(headers=dict(request.headers), body=await request.text())
-    body = await _admitted_body(request, opts)
+        entry.update(headers=dict(request.headers), body=await request.text(), api=str(api))
+    body = await _admitted_body(request, opts, api)
     if isinstance(body, web.StreamResponse):
         return body
-    prompt, urls = user_parts(body["messages"])
+    prompt, urls = user_parts(body.chat["messages"])
     key = entry["row"] = prompt
     state.per_row[key] += 1
     stream = body.get("stream") is True
@@ -115,7 +127,7 @@ async def _answer(request: web.Request, state: ServeState, entry: dict[str, Any]
         gate.leave()
 
 
-async def _served(request: web.Request, state: ServeState, body: dict[str, Any], parts: tuple[str, list[Any]],
+async def _served(request: web.Request, state: ServeState, body: _Body, parts: tuple[str, list[Any]],
                   rate_headers: dict[str, str]) -> web.StreamResponse:
     """Holding a place: the fault, the latency, then the refusal or the completion sent. A client
     gone while its request waited is not served (as vLLM aborts it): a 499 in /stats, nginx's
@@ -139,9 +151,10 @@ async def _served(request: web.Request, state: ServeState, body: dict[str, Any],
     refused = refusal(request, opts, fault, stream=stream, rate_headers=rate_headers)
     if refused is not None:
         return refused
-    payload = completion(body, prompt, urls, opts, fault=fault, number=state.requests,
+    payload = completion(body.chat, prompt, urls, opts, fault=fault, number=state.requests,
                          authorization=request.headers.get("Authorization", ""))
-    return await deliver(request, state, payload, body, fault, rate_headers)
+    response = as_response(payload, body.sent) if body.api is Api.RESPONSES else None
+    return await deliver(request, state, payload, body.sent, fault, rate_headers, response)
 
 
 FETCH_TIMEOUT_S = 10.0
@@ -176,7 +189,18 @@ def _overloaded(state: ServeState) -> web.Response:
     return error_response(503, OVERLOADED_MESSAGE, "server_error", retry_headers(style, state.capacity.retry_in()))
 
 
-async def _admitted_body(request: web.Request, opts: ServeOptions) -> dict[str, Any] | web.Response:
+class _Body(NamedTuple):
+    """A request's body as sent, and as the chat body it amounts to (the same for chat)."""
+
+    api: Api
+    sent: dict[str, Any]
+    chat: dict[str, Any]
+
+    def get(self, key: str) -> Any:
+        return self.sent.get(key)
+
+
+async def _admitted_body(request: web.Request, opts: ServeOptions, api: Api) -> _Body | web.Response:
     """The request's body, or the 401 or 400 refusing it."""
     unauthorized = key_refusal(request, opts)
     if unauthorized is not None:
@@ -185,9 +209,14 @@ async def _admitted_body(request: web.Request, opts: ServeOptions) -> dict[str, 
         body = await request.json()
     except (ValueError, TypeError):
         body = None
+    if api is Api.RESPONSES:
+        chat = chat_view(body)
+        if chat is None:
+            return error_response(400, "body must be JSON with model and input", "invalid_request_error")
+        return _Body(api, body, chat)
     if not isinstance(body, dict) or "messages" not in body or "model" not in body:
         return error_response(400, "body must be JSON with model and messages", "invalid_request_error")
-    return body
+    return _Body(api, body, body)
 
 
 def _latency_ms(state: ServeState, fault: str | None, key: str) -> float:

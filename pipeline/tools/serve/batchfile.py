@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config.serve import ServeOptions
-from .completion import Video, completion, user_parts
+from .completion import Media, completion, user_parts
+from .responses import as_response, chat_view
 
 __all__ = ["Request", "read_input", "answer_lines", "line_fault", "jsonl", "MAX_ERRORS"]
 
@@ -35,13 +36,15 @@ _LINE_ERRORS = {
 
 @dataclass(frozen=True)
 class Request:
-    """One valid line of an input file: its line number (from 1), custom_id and chat body."""
+    """One valid line of an input file: its line number (from 1), custom_id and body (for
+    /v1/responses, `chat` is the chat body it amounts to; else None)."""
 
     line: int
     custom_id: str
     body: dict[str, Any]
     prompt: str
-    urls: list[str | Video]
+    urls: list[Media]
+    chat: dict[str, Any] | None = None
 
 
 def _error(code: str, message: str, line: int | None = None, param: str | None = None) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def read_input(data: bytes, endpoint: str, opts: ServeOptions) -> tuple[list[Req
         if isinstance(problem, dict):
             errors.append(problem | {"line": n})
             continue
-        custom_id, body = problem
+        custom_id, body, chat = problem
         model = body["model"] if model is None else model
         if custom_id in seen:
             errors.append(_error("duplicate_custom_id", _DUPLICATE, n, "custom_id"))
@@ -76,14 +79,14 @@ def read_input(data: bytes, endpoint: str, opts: ServeOptions) -> tuple[list[Req
             errors.append(_error("model_mismatch", f"The model {body['model']!r} differs from the model of the file's "
                                                    f"other requests ({model!r}): a batch has one model.", n, "body.model"))
         else:
-            prompt, urls = user_parts(body["messages"])
-            requests.append(Request(n, custom_id, body, prompt, urls))
+            prompt, urls = user_parts((chat or body)["messages"])
+            requests.append(Request(n, custom_id, body, prompt, urls, chat))
         seen.add(custom_id)
     return requests, errors[:MAX_ERRORS]
 
 
-def _check_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any]] | dict[str, Any]:
-    """(custom_id, body) of a valid line, or its error (without the line number)."""
+def _check_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any], dict[str, Any] | None] | dict[str, Any]:
+    """(custom_id, body, its chat view for /v1/responses) of a valid line, or its error (without the line number)."""
     try:
         item = json.loads(raw)
     except ValueError:  # UnicodeDecodeError is one
@@ -105,10 +108,15 @@ def _check_line(raw: bytes, endpoint: str) -> tuple[str, dict[str, Any]] | dict[
         return _error("invalid_body", "The body must be a JSON object.", param="body")
     if not isinstance(body.get("model"), str):
         return _error("missing_required_parameter", "Missing required parameter: 'body.model'.", param="body.model")
+    if endpoint == "/v1/responses":
+        chat = chat_view(body)
+        if chat is None:
+            return _error("missing_required_parameter", "Missing required parameter: 'body.input'.", param="body.input")
+        return item["custom_id"], body, chat
     if not isinstance(body.get("messages"), list) or not all(isinstance(m, dict) for m in body["messages"]):
         return _error("missing_required_parameter", "Missing required parameter: 'body.messages' (a list of messages).",
                       param="body.messages")
-    return item["custom_id"], body
+    return item["custom_id"], body, None
 
 
 def line_fault(prompt: str, opts: ServeOptions) -> int | None:
@@ -134,8 +142,10 @@ def answer_lines(requests: list[Request], opts: ServeOptions, batch_id: str, *, 
             continue
         status = line_fault(r.prompt, opts)
         if status is None:
-            body = completion(r.body, r.prompt, r.urls, opts, fault=None, number=i + 1, authorization="")
+            body = completion(r.chat or r.body, r.prompt, r.urls, opts, fault=None, number=i + 1, authorization="")
             body["id"] = f"chatcmpl-{batch_id.removeprefix('batch_')}-{i + 1}"
+            if r.chat is not None:
+                body = as_response(body, r.body)
             output.append(_response_line(line_id, r.custom_id, 200, body))
         else:
             message, kind, code = _LINE_ERRORS.get(status, (f"The request failed with status {status}",

@@ -22,7 +22,7 @@ from .state import STATE
 __all__ = ["add_batch_routes", "MAX_UPLOAD_BYTES", "ENDPOINTS"]
 
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024  # OpenAI's cap on any file; a batch's own cap is batch_max_bytes
-ENDPOINTS = ("/v1/chat/completions",)  # what this endpoint can answer
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses")  # what this endpoint can answer
 Handler = Callable[[web.Request, BatchStore], Awaitable[web.Response]]
 
 

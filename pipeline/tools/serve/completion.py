@@ -18,14 +18,16 @@ import time
 from typing import Any, NamedTuple
 
 from ...config.serve import ServeOptions
+from .audio import Audio
 
-__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Fetched"]
+__all__ = ["completion", "user_parts", "describe_image", "describe_video", "Video", "Fetched", "Media"]
 
 
-def completion(body: dict[str, Any], prompt: str, urls: list[str | Video | Fetched], opts: ServeOptions, *,
+def completion(body: dict[str, Any], prompt: str, urls: list[Media], opts: ServeOptions, *,
                fault: str | None, number: int, authorization: str) -> dict[str, Any]:
     """The chat.completion answering `body` (request number `number`), in the seed's shape."""
     answer = _json_answer(body, prompt, opts, valid=fault != "invalid_json")
+    answer = next((text for needle, text in opts.row_answers.items() if needle in prompt), answer)
     if fault == "answer_echoes_key":  # a model that repeats what it was sent, headers included
         answer = f"Answer to {prompt!r}: your request said Authorization: {authorization}"
     content, reasoning = _compose(prompt, urls, opts, length_cut=fault == "length", answer=answer)
@@ -47,13 +49,15 @@ def completion(body: dict[str, Any], prompt: str, urls: list[str | Video | Fetch
     }
 
 
-def _usage(body: dict[str, Any], prompt: str, urls: list[str | Video | Fetched], content: str, reasoning: str,
+def _usage(body: dict[str, Any], prompt: str, urls: list[Media], content: str, reasoning: str,
            opts: ServeOptions, fault: str | None) -> dict[str, Any]:
-    """Tokens estimated at four characters each (85 per image or video); a `length` cut used all of
-    max_tokens. The details (unless `usage_details` is off): `image_tokens` 85 per image,
-    `cached_tokens` the fixed `cached_prompt_tokens` (at most the prompt), `reasoning_tokens` the
-    reasoning text's (at most the completion): deterministic, so tests can compute every figure."""
-    prompt_tokens = len(prompt) // 4 + 8 + 85 * len(urls)
+    """Tokens estimated at four characters each (85 per image or video, 10 per second of audio); a
+    `length` cut used all of max_tokens. The details (unless `usage_details` is off): `image_tokens`
+    85 per image, `audio_tokens` (when there is audio), `cached_tokens` the fixed
+    `cached_prompt_tokens` (at most the prompt), `reasoning_tokens` the reasoning text's (at most the
+    completion): deterministic, so tests can compute every figure."""
+    audio = sum(u.tokens() for u in urls if isinstance(u, Audio))
+    prompt_tokens = len(prompt) // 4 + 8 + 85 * sum(1 for u in urls if not isinstance(u, Audio)) + audio
     completion_tokens = max(1, (len(content) + len(reasoning if opts.reasoning_field != "content" else "")) // 4)
     max_tokens = body.get("max_tokens")
     if fault == "length" and isinstance(max_tokens, int):
@@ -66,16 +70,18 @@ def _usage(body: dict[str, Any], prompt: str, urls: list[str | Video | Fetched],
         "prompt_tokens_details": None,
     }
     if opts.usage_details:
-        images = sum(1 for u in urls if not isinstance(u, Video))
+        images = sum(1 for u in urls if not isinstance(u, (Video, Audio)))
         usage["prompt_tokens_details"] = {"cached_tokens": min(opts.cached_prompt_tokens, prompt_tokens),
-                                          "image_tokens": 85 * images}
+                                          "image_tokens": 85 * images,
+                                          **({"audio_tokens": audio} if any(isinstance(u, Audio) for u in urls) else {})}
         usage["completion_tokens_details"] = {"reasoning_tokens": min(len(reasoning) // 4, completion_tokens)}
     return usage
 
 
-def user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str | Video]]:
-    """The user messages' text, joined, and their image URLs and video parts in order."""
-    texts, urls = [], []
+def user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[Media]]:
+    """The user messages' text, joined, and their image URLs, video and audio parts in order."""
+    texts: list[str] = []
+    urls: list[Media] = []
     for m in messages:
         if m.get("role") != "user":
             continue
@@ -92,6 +98,8 @@ def user_parts(messages: list[dict[str, Any]]) -> tuple[str, list[str | Video]]:
                 urls.append(Video((part.get("video_url") or {}).get("url", "")))
             elif part.get("type") == "video":
                 urls.append(Video([str(f) for f in part.get("video") or []]))
+            elif (clip := Audio.of_part(part)) is not None:
+                urls.append(clip)
     return "\n".join(texts), urls
 
 
@@ -134,6 +142,9 @@ class Video(NamedTuple):
     value: str | list[str]
 
 
+Media = str | Video | Fetched | Audio  # an image URL, a video part, a fetched image, an audio part
+
+
 def describe_video(video: Video, analyze: bool) -> str:
     """What the endpoint can say of a video: its kind and size (vLLM's JPEG frames: the first one)."""
     v = video.value
@@ -150,13 +161,22 @@ def describe_video(video: Video, analyze: bool) -> str:
     return f"an inlined {mime} video of {len(payload) * 3 // 4} bytes"
 
 
+def _describe(media: Media, analyze: bool) -> str:
+    if isinstance(media, Video):
+        return describe_video(media, analyze)
+    if isinstance(media, Fetched):
+        return describe_fetched(media, analyze)
+    if isinstance(media, Audio):
+        return media.heard()[0]
+    return describe_image(media, analyze)
+
+
 def _compose(
-    prompt: str, urls: list[str | Video | Fetched], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
+    prompt: str, urls: list[Media], opts: ServeOptions, *, length_cut: bool, answer: str | None = None
 ) -> tuple[str, str]:
     """(content, reasoning): the answer given, or one describing each part; cut in the middle of
     thinking for `length_cut`."""
-    seen = [describe_video(u, opts.analyze_images) if isinstance(u, Video) else describe_fetched(u, opts.analyze_images)
-            if isinstance(u, Fetched) else describe_image(u, opts.analyze_images) for u in urls]
+    seen = [_describe(u, opts.analyze_images) for u in urls]
     reasoning = f"The user asks: {prompt!r}. I am shown {len(urls)} image(s); I describe each briefly."
     if length_cut:
         content = f"<think>\n{reasoning} Let me look more closely at" if opts.reasoning_field == "content" else ""

@@ -14,16 +14,22 @@ from aiohttp import web
 
 from ...net.stream import to_sse
 from .hostile import HOSTILE_ANSWERS, hostile_answer
+from .responses import stream_response
 from .state import ServeState
 
 __all__ = ["deliver"]
 
 
 async def deliver(request: web.Request, state: ServeState, payload: dict[str, Any], body: dict[str, Any],
-                  fault: str | None, rate_headers: dict[str, str]) -> web.StreamResponse:
-    """Send `payload`, the completion answering `body`, as its fault says."""
-    if fault in HOSTILE_ANSWERS:
+                  fault: str | None, rate_headers: dict[str, str], response: dict[str, Any] | None = None) -> web.StreamResponse:
+    """Send `payload`, the completion answering `body`, as its fault says; with `response` (the
+    same answer as a /v1/responses request gets it), that instead."""
+    if fault in HOSTILE_ANSWERS:  # chat-shaped bytes either way: what they test is the client's caps
         return await hostile_answer(request, state, fault, payload, body.get("stream") is True)
+    if response is not None:
+        if body.get("stream") is True and fault != "broken":
+            return await stream_response(request, response, fault, rate_headers)
+        payload = response
     if body.get("stream") is True and fault != "broken":
         options = body.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True and fault != "no_usage"
