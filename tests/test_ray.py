@@ -301,6 +301,7 @@ sys.exit(run(load_job(sys.argv[2])))
 """
 
 
+@pytest.mark.serial  # the bound's window is wall-clock: a starved flush thread would look like a lost answer
 def test_ray_on_a_bucket_checkpoint_without_a_shared_disk_killed_six_times(
         tmp_path: Path, endpoint_factory, ray_address: str, s3) -> None:
     """Workers write their own segments, parts and commit records to the bucket. Three rounds,
