@@ -135,7 +135,7 @@ class Lease:
                 raise LockedError(
                     f"job {job_name!r} is already running ({held.get('holder', 'unknown')}, its lease on {self.store} "
                     f"renewed {max(0.0, ago):.0f}s ago); this run exits without sending (a lease whose run is gone "
-                    f"can be taken over in {-late:.0f}s)")
+                    f"can be taken over in {math.ceil(-late)}s)")
             sent = self.clock()
             try:
                 self._held(self.store.replace(self.name, self._body(), if_match=entry.etag).etag, sent)

@@ -49,7 +49,7 @@ from .store import Store
 __all__ = ["Pieces", "SegmentJournal", "ObjectLog", "SEGMENT", "StoreWriteError"]
 
 SEGMENT = re.compile(r"^(\d{8})-([0-9a-z]+)\.jsonl$")
-RECORD = re.compile(r"^(\d{8})-([0-9a-z]+)\.json$")
+RECORD = re.compile(r"^(\d{8})\.json$")
 COMPACT = re.compile(r"^compact-(\d{8})\.parquet$")
 ABSORBED = b"pipeline.absorbed"  # the compact file's metadata key: the pieces it holds
 
@@ -191,29 +191,29 @@ class SegmentJournal:
             except OSError as exc:
                 self._failed(exc)
 
-    def _take(self, shards: list[int] | None = None) -> tuple[int, list[tuple[Pieces, str, bytes]]]:
+    def _take(self, shards: list[int] | None = None) -> tuple[int, list[tuple[Pieces, bytes]]]:
         batch = []
         for shard in list(self._pending) if shards is None else [s for s in shards if s in self._pending]:
             lines = self._pending.pop(shard)
             self._rows -= len(lines)
-            pieces = self.pieces(shard)
-            batch.append((pieces, pieces.segment_name(self.writer), b"".join(lines)))
+            batch.append((self.pieces(shard), b"".join(lines)))
         self._tickets += 1
         return self._tickets - 1, batch
 
-    def _put(self, taken: tuple[int, list[tuple[Pieces, str, bytes]]]) -> None:
-        """In any thread: waits for the batches taken before it, then puts its segments."""
+    def _put(self, taken: tuple[int, list[tuple[Pieces, bytes]]]) -> None:
+        """In any thread: waits for the batches taken before it, then names (in that order: the
+        later lines' segment sorts later) and puts its segments."""
         ticket, batch = taken
         with self._turn:
             self._turn.wait_for(lambda: self._done >= ticket)
         try:
             if self.failure is not None:
                 raise self.failure
-            for pieces, name, data in batch:
+            for pieces, data in batch:
                 if self.fence is not None:
                     self.fence()
                 try:
-                    pieces.store.create(name, data)
+                    pieces.store.create(pieces.segment_name(self.writer), data)
                 except (JobError, FileExistsError) as exc:
                     raise StoreWriteError(errno.EIO, str(exc)) from None
                 self.puts += 1
@@ -233,7 +233,7 @@ class SegmentJournal:
             self.on_failure(self.failure)
         raise self.failure
 
-    def _write(self, taken: tuple[int, list[tuple[Pieces, str, bytes]]]) -> None:
+    def _write(self, taken: tuple[int, list[tuple[Pieces, bytes]]]) -> None:
         try:
             self._put(taken)
         except OSError as exc:
@@ -276,23 +276,29 @@ class SegmentJournal:
 
 class ObjectLog:
     """An append-only log in a bucket folder (the run history, the batch ledger, tracebacks): one
-    object per record, created only if absent and numbered after every one there, read in order."""
+    object per record, `00000042.json`, created only if absent: a writer whose number another took
+    meanwhile lists again and takes the next, so every record has its place in one order."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.writer = os.urandom(4).hex()
         self.top: int | None = None
 
     def _names(self) -> list[str]:
-        names = sorted((n for n in self.store.names() if RECORD.match(n)), key=lambda n: (int(n[:8]), n))
+        names = sorted(n for n in self.store.names() if RECORD.match(n))
         self.top = max([self.top or 0] + [int(n[:8]) for n in names])
         return names
 
     def append(self, data: bytes) -> None:
         if self.top is None:
             self._names()
-        self.top = (self.top or 0) + 1
-        self.store.create(f"{self.top:08d}-{self.writer}.json", data)
+        for _ in range(100):
+            self.top = (self.top or 0) + 1
+            try:
+                self.store.create(f"{self.top:08d}.json", data)
+                return
+            except FileExistsError:
+                self._names()  # another writer's: after every one there
+        raise StoreWriteError(errno.EIO, f"{self.store}: could not find a free record number in 100 tries")
 
     def entries(self) -> list[bytes]:
         names = self._names()
