@@ -92,7 +92,9 @@ TARGETS = {
         f"for {r['memory']['images_gb']:.1f} GB of images"),
     "bucket": lambda r: (
         f"{r['bucket_rows_per_s']} rows/s with the checkpoint in S3 (moto) vs {r['local_rows_per_s']} in a folder = "
-        f"{r['bucket_pct_of_local']:.1f}% (target >= 90%); {r['requests_per_10k_rows']:.0f} S3 requests per 10,000 rows "
+        f"{r['bucket_pct_of_local']:.1f}% end to end (target >= 90%): first request after {r['bucket_first_request_s']:.2f}s vs "
+        f"{r['local_first_request_s']:.2f}s, then {r['bucket_sending_rows_per_s']} vs {r['local_sending_rows_per_s']} rows/s "
+        f"({r['bucket_sending_pct_of_local']:.1f}%); {r['requests_per_10k_rows']:.0f} S3 requests per 10,000 rows "
         f"({', '.join(f'{k} {v:g}' for k, v in r['requests_per_10k_by_kind'].items())}); finished checkpoint "
         f"{r['bucket_checkpoint_per_output']:.2f}x the output in S3, {r['local_checkpoint_per_output']:.2f}x in a folder "
         f"(target < 1)"),

@@ -4,7 +4,8 @@
 
 The same 20,000-row job against the instant endpoint (output in a local folder both times), its
 checkpoint in a local folder, then at an s3:// URL: rows/s end to end (median of three runs each),
-the S3 requests one bucket run makes (moto's recorder), by kind, per 10,000 rows, and what each
+its two parts (start-up to the first request; rows/s from the first request to the last), the S3
+requests one bucket run makes (moto's recorder), by kind, per 10,000 rows, and what each
 checkpoint holds once the job is finished (its journals compacted) beside the output's own bytes.
 moto is one Python process on the same two cores: a real S3 answers faster and costs no CPU here.
 """
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .common import WORK, endpoint, run_pipeline, url_manifest, write_job
+from .common import WORK, recorded_times, run_pipeline, serving, url_manifest, write_job
 from .throughput import ANSWER
 
 KEY, SECRET = "AKIABENCH0000000", "bench-secret"
@@ -61,6 +62,11 @@ def _moto(url: str, action: str) -> bytes:
         return bytes(r.read())
 
 
+def _reset(url: str) -> None:
+    req = urllib.request.Request(url.removesuffix("/v1") + "/stats/reset", method="POST", data=b"")
+    urllib.request.urlopen(req, timeout=30).read()
+
+
 def _kinds(recording: bytes) -> Counter[str]:
     kinds: Counter[str] = Counter()
     for line in recording.splitlines():
@@ -82,11 +88,12 @@ def run_bucket_bench(rows: int = 20_000, concurrency: int = 64, repeats: int = 3
     folder = WORK / "bucket"
     shutil.rmtree(folder, ignore_errors=True)
     manifest = url_manifest(WORK / f"urls-{rows}.csv", rows)
-    with moto_server(folder / "moto") as s3_url, endpoint(**ANSWER) as url:
+    with moto_server(folder / "moto") as s3_url, serving(record=True, **ANSWER) as (url, _pid):
         fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=s3_url, skip_instance_cache=True)
         fs.mkdir("bench")
         options = f'{{ key = "{KEY}", secret = "{SECRET}", endpoint_url = "{s3_url}" }}'
-        local, bucket = [], []
+        local: list[tuple[float, float, float]] = []
+        bucket: list[tuple[float, float, float]] = []
         for i in range(repeats):
             for kind, rates in (("local", local), ("bucket", bucket)):
                 run = folder / f"{kind}-{i}"
@@ -97,22 +104,27 @@ def run_bucket_bench(rows: int = 20_000, concurrency: int = 64, repeats: int = 3
                         "[output]\n", f'[output]\ncheckpoint = "s3://bench/ckpt-{i}"\nstorage_options = {options}\n'))
                     if i == repeats - 1:
                         _moto(s3_url, "start-recording")
+                _reset(url)
                 r = run_pipeline(job)
                 assert r["exit_code"] == 0, r["stderr"]
-                rates.append(rows / r["wall_s"])
+                times = recorded_times(url)
+                rates.append((rows / r["wall_s"], times[0] - r["started_at"], rows / max(1e-9, times[-1] - times[0])))
         _moto(s3_url, "stop-recording")
         requests = _kinds(_moto(s3_url, "download-recording"))
         last = folder / f"bucket-{repeats - 1}"
         bucket_bytes = sum(info["size"] for info in fs.find(f"bench/ckpt-{repeats - 1}", detail=True).values())
         output_bytes = _size(last / "out")
         local_bytes = _size(folder / f"local-{repeats - 1}" / ".pipeline")
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = lambda xs, k: sorted(x[k] for x in xs)[len(xs) // 2]  # noqa: E731
     per_10k = {k: round(v * 10_000 / rows, 1) for k, v in sorted(requests.items())}
     return {
         "rows": rows, "in_flight": concurrency, "runs": repeats,
-        "local_rows_per_s": round(med(local)), "bucket_rows_per_s": round(med(bucket)),
-        "local_rows_per_s_all": [round(x) for x in local], "bucket_rows_per_s_all": [round(x) for x in bucket],
-        "bucket_pct_of_local": round(100 * med(bucket) / med(local), 1),
+        "local_rows_per_s": round(med(local, 0)), "bucket_rows_per_s": round(med(bucket, 0)),
+        "local_rows_per_s_all": [round(x[0]) for x in local], "bucket_rows_per_s_all": [round(x[0]) for x in bucket],
+        "bucket_pct_of_local": round(100 * med(bucket, 0) / med(local, 0), 1),
+        "local_first_request_s": round(med(local, 1), 2), "bucket_first_request_s": round(med(bucket, 1), 2),
+        "local_sending_rows_per_s": round(med(local, 2)), "bucket_sending_rows_per_s": round(med(bucket, 2)),
+        "bucket_sending_pct_of_local": round(100 * med(bucket, 2) / med(local, 2), 1),
         "requests_per_10k_rows": round(sum(requests.values()) * 10_000 / rows, 1), "requests_per_10k_by_kind": per_10k,
         "output_bytes": output_bytes, "bucket_checkpoint_bytes": bucket_bytes, "local_checkpoint_bytes": local_bytes,
         "bucket_checkpoint_per_output": round(bucket_bytes / output_bytes, 3),

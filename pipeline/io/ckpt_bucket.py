@@ -145,10 +145,11 @@ class BucketCheckpoint(Checkpoint):
         name = f"{record.shard:06d}-{(_gen(have[-1]) if have else 0) + 1:06d}.json"
         folder = self.bucket.child(COMMITS)
         try:
-            folder.create(name, record.to_json())
+            made = folder.create(name, record.to_json())
         except FileExistsError:
             raise StoreWriteError(errno.EEXIST, f"{folder.where(name)} was made by another writer meanwhile; this run "
                                                 f"stops (the next run checks every part against its newest record)") from None
+        _RECORDS[f"{folder.where(name)}#{made.etag}"] = record  # read back by this run's summary: no GET
         old, have[:] = list(have), [name]
         with contextlib.suppress(JobError, OSError):  # housekeeping: superseded records
             folder.remove_many(old)

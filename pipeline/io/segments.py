@@ -72,6 +72,9 @@ class Pieces:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.top: int | None = None
+        # the last read, kept for a compaction right after it (the commit's): pieces never change,
+        # so the same names listed mean the same lines, and the compaction reads nothing again
+        self._memo: tuple[pa.Schema, tuple[str, ...], tuple[pa.Table, _Scan, set[str], list[str]]] | None = None
 
     def scan(self) -> _Scan:
         scan = _Scan()
@@ -100,9 +103,12 @@ class Pieces:
         """Every line, the compact file's first; superseded lines included."""
         return self._read(schema)[0]
 
-    def _read(self, schema: pa.Schema) -> tuple[pa.Table, _Scan, set[str], list[str]]:
+    def _read(self, schema: pa.Schema, scan: _Scan | None = None) -> tuple[pa.Table, _Scan, set[str], list[str]]:
         for attempt in range(3):  # a piece removed between the listing and the read: a compaction meanwhile
-            scan = self.scan()
+            scan = scan if scan is not None and attempt == 0 else self.scan()
+            listed = (scan.compact or "", *scan.older, *scan.segments)
+            if self._memo is not None and self._memo[0] == schema and self._memo[1] == listed:
+                return self._memo[2]
             compact, absorbed = self._compact(scan.compact, schema)
             fresh = [n for n in scan.segments if n not in absorbed]
             data = self.store.read_many(fresh)
@@ -110,7 +116,8 @@ class Pieces:
                 # whole lines of each (a sealed local file may end torn: a crash mid-append)
                 lines = parse_lines(b"".join(d[: d.rfind(b"\n") + 1] for n in fresh if (d := data.get(n))), schema)
                 table = pa.concat_tables([compact, lines]) if compact is not None else lines
-                return table, scan, absorbed, fresh
+                self._memo = (schema, listed, (table, scan, absorbed, fresh))
+                return self._memo[2]
         raise AssertionError("unreachable")
 
     def _compact(self, name: str | None, schema: pa.Schema) -> tuple[pa.Table | None, set[str]]:
@@ -125,6 +132,7 @@ class Pieces:
         """Every line into one Parquet file, then the pieces it absorbed removed. True when a file
         was written. `schema`: the journal's whole schema (every column is kept)."""
         table, scan, absorbed, fresh = self._read(schema)
+        self._memo = None  # what follows changes the pieces
         leftovers = [n for n in scan.segments if n in absorbed] + scan.older
         if fresh:
             top = max([int(n[:8]) for n in fresh] + ([int(scan.compact[8:16])] if scan.compact else []))
@@ -282,6 +290,9 @@ class ObjectLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.top: int | None = None
+        # the last read, kept for a compaction right after it (the commit's): pieces never change,
+        # so the same names listed mean the same lines, and the compaction reads nothing again
+        self._memo: tuple[pa.Schema, tuple[str, ...], tuple[pa.Table, _Scan, set[str], list[str]]] | None = None
 
     def _names(self) -> list[str]:
         names = sorted(n for n in self.store.names() if RECORD.match(n))

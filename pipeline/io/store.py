@@ -50,6 +50,7 @@ Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing
 # fsspec backends that send If-None-Match and If-Match to the server (a create and a compare-and-swap
 # another machine can rely on), by their filesystem class
 SWAPS = ("s3fs.core.S3FileSystem",)
+_SEEN: set[str] = set()  # buckets found to exist
 
 
 class Conflict(Exception):
@@ -255,9 +256,10 @@ class FsspecStore(Secrets):
                 entries = fs.ls(root, detail=True, refresh=True)
             except FileNotFoundError:
                 bucket = root.split("/")[0]
-                if bucket and bucket != root and not fs.exists(bucket):
+                if bucket and bucket != root and bucket not in _SEEN and not fs.exists(bucket):
                     raise JobError(f"{self.label}: {bucket} does not exist at {self}; create it (or fix the URL), "
                                    f"then run again") from None
+                _SEEN.add(bucket)  # asked once per process (a checkpoint lists many folders not made yet)
                 return {}  # the folder is made by the first write
             found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: Entry(int(e.get("size") or 0), _etag_of(e))
                      for e in entries if e.get("type") == "file"}
