@@ -293,14 +293,14 @@ def test_a_finished_jobs_journal_is_compacted_and_still_rebuilds_and_retries(tmp
     assert run_cli("run", str(job)).returncode == 1
     journal = tmp_path / ".pipeline" / "t" / "journal"
     kept = sorted(str(p.relative_to(journal)) for p in journal.rglob("*") if p.is_file() and p.suffix != ".lock")
-    assert kept == [f"shard-{i:06d}/compact-00000001.parquet" for i in range(3)]  # no appended file left
+    assert kept == [f"shard-{i:06d}/compact-00000001.jsonl.zst" for i in range(3)]  # no appended file left
     (tmp_path / "out" / "part-000001.parquet").unlink()  # someone deleted a part
     r = run_cli("run", str(job))
     assert r.returncode == 1 and ep.stats()["requests"] == 120  # rebuilt from the compacted journal, nothing bought
     r = run_cli("run", str(job), "--retry-failed")
     assert r.returncode == 0 and ep.stats()["requests"] == 121  # the failed row found in it, sent alone
     assert_exactly_once(tmp_path, 120)
-    assert [p.name for p in (journal / "shard-000000").iterdir()] == ["compact-00000002.parquet"]
+    assert [p.name for p in (journal / "shard-000000").iterdir()] == ["compact-00000002.jsonl.zst"]
 
 
 @pytest.mark.parametrize("point", ["after_seal:1", "mid_compaction:1"])

@@ -46,8 +46,8 @@ def test_later_segments_win_and_a_compaction_keeps_every_line_in_order(place: Ca
     pieces.store.create(second, line("r1", "retried") + line("r2", "b"))
     pieces.store.create(first, line("r1", "failed") + line("r3", "c"))
     assert rows(Pieces(place()).read(SCHEMA)) == [("r1", "failed"), ("r3", "c"), ("r1", "retried"), ("r2", "b")]
-    assert Pieces(place()).compact(SCHEMA)
-    assert place().names() == ["compact-00000002.parquet"]
+    assert Pieces(place()).compact()
+    assert place().names() == ["compact-00000002.jsonl.zst"]
     after = Pieces(place())
     assert rows(after.read(SCHEMA)) == [("r1", "failed"), ("r3", "c"), ("r1", "retried"), ("r2", "b")]
     assert after.segment_name("bbbb").startswith("00000003-")  # numbered after what the compact file holds
@@ -57,24 +57,24 @@ def test_later_segments_win_and_a_compaction_keeps_every_line_in_order(place: Ca
 def test_a_compaction_killed_before_its_removals_counts_nothing_twice(place: Callable[[], Store]) -> None:
     store = place()
     store.create(Pieces(store).segment_name("aaaa"), line("r1", "a") + line("r2", "b"))
-    Pieces(place()).compact(SCHEMA)
+    Pieces(place()).compact()
     old = store.names()[0]
     old_bytes = store.read(old) or b""
     second = Pieces(place()).segment_name("aaaa")
     store.create(second, line("r3", "c"))
-    Pieces(place()).compact(SCHEMA)
-    assert store.names() == ["compact-00000002.parquet"]
+    Pieces(place()).compact()
+    assert store.names() == ["compact-00000002.jsonl.zst"]
     store.write(old, old_bytes)  # as if killed between the new file and the removals: all put back
     store.create(second, line("r3", "c"))
     assert rows(Pieces(place()).read(SCHEMA)) == [("r1", "a"), ("r2", "b"), ("r3", "c")]  # each once
-    Pieces(place()).compact(SCHEMA)
-    assert store.names() == ["compact-00000002.parquet"]
+    Pieces(place()).compact()
+    assert store.names() == ["compact-00000002.jsonl.zst"]
 
 
 def test_a_new_column_missing_from_an_old_compact_file_reads_as_null(place: Callable[[], Store]) -> None:
     pieces = Pieces(place())
     pieces.store.create(pieces.segment_name("aaaa"), line("r1", "a"))
-    pieces.compact(pa.schema([("id", pa.string()), ("answer", pa.string())]))
+    pieces.compact()
     wider = Pieces(place()).read(pa.schema([("id", pa.string()), ("answer", pa.string()), ("from_cache", pa.bool_())]))
     assert wider.to_pylist() == [{"id": "r1", "answer": "a", "from_cache": None}]
 

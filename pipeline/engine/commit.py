@@ -66,21 +66,20 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         spend=total_cost(lines) if job.pricing is not None else None,  # every attempt paid for, superseded ones too
     )
     ckpt.record_commit(record)
-    del part, lines  # the compaction reads the journal again: not both in memory at once
+    del part, lines  # not kept while the journal is compacted
     with contextlib.suppress(OSError, JobError, pa.ArrowException):  # housekeeping: as it was, nothing lost
-        ckpt.compact(shard.index, journal_schema(extra))
+        ckpt.compact(shard.index)
     return record
 
 
-def compact_loose(ckpt: Checkpoint, plan: Plan, commits: dict[int, CommitRecord], labels: Labels | None) -> int:
+def compact_loose(ckpt: Checkpoint, plan: Plan, commits: dict[int, CommitRecord]) -> int:
     """Housekeeping a killed run left: the journals of shards committed whole but not compacted
     (a kill between a commit and its compaction). One listing; how many were compacted."""
     whole = {i for i, rec in commits.items() if i < len(plan.shards) and rec.rows == plan.shards[i].rows}
     loose = sorted(ckpt.loose() & whole)
-    schema = journal_schema(labels.fields() if labels is not None else ())
     for index in loose:
         with contextlib.suppress(OSError, JobError, pa.ArrowException):  # as it was, nothing lost
-            ckpt.compact(index, schema)
+            ckpt.compact(index)
     return len(loose)
 
 

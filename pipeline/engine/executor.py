@@ -75,7 +75,7 @@ class Executor:
                     if self.stage is not None:
                         self.stage(ckpt)
                     ready = prepare(job, ckpt, self.options, console)
-                    compact_loose(ckpt, ready.plan, ready.commits, make_labels(job) if job.labels else None)
+                    compact_loose(ckpt, ready.plan, ready.commits)
                     self._started(ready)
                     if ready.plan.total_rows == 0:
                         write_empty_dataset(job, ready.plan, make_labels(job))

@@ -8,7 +8,7 @@ backends fill the interface (pipeline.io.checkpoint picks one):
   `shard_lock` (Ray)        flock per shard                     the lease's fence in every worker
   `journal`                 appended JSON lines per shard       one segment object per shard per flush
   `journal_lines`           sealed pieces + the appended file   compact file + segments (pipeline.io.segments)
-  `compact`                 after a commit: one Parquet file    the same
+  `compact`                 after a commit: one zstd file       the same
   `record_commit`           a line of commits.jsonl (flock)     a create-only object per shard and generation
   history, errors, ledger   lines appended to a file            one create-only object per record
 
@@ -106,7 +106,7 @@ class Checkpoint:
         tail first (a folder's, only while holding the job's lock)."""
         raise NotImplementedError
 
-    def compact(self, shard: int, schema: pa.Schema) -> None:
+    def compact(self, shard: int) -> None:
         """After the shard's commit: its journal into one compressed file (pipeline.io.segments)."""
         raise NotImplementedError
 

@@ -102,8 +102,8 @@ class BucketCheckpoint(Checkpoint):
     def journal_lines(self, shard: int, schema: pa.Schema, *, repair: bool = False) -> pa.Table:
         return self.pieces(shard).read(schema)  # segments are whole: nothing to repair
 
-    def compact(self, shard: int, schema: pa.Schema) -> None:
-        self.pieces(shard).compact(schema)
+    def compact(self, shard: int) -> None:
+        self.pieces(shard).compact()
 
     def loose(self) -> set[int]:
         pieces: dict[int, list[str]] = {}

@@ -154,7 +154,7 @@ class FolderCheckpoint(Checkpoint):
         live = read_journal_table(self.journal_dir, shard, schema, repair=repair)
         return pa.concat_tables([sealed, live]) if sealed.num_rows else live
 
-    def compact(self, shard: int, schema: pa.Schema) -> None:
+    def compact(self, shard: int) -> None:
         """The appended file is sealed into the shard's folder (renamed: the journal has closed
         it), then the folder compacted."""
         pieces, live = self._pieces(shard), journal_path(self.journal_dir, shard)
@@ -171,7 +171,7 @@ class FolderCheckpoint(Checkpoint):
             fsync_dir(folder)
             fsync_dir(self.journal_dir)
             crash_point("after_seal")
-        pieces.compact(schema)
+        pieces.compact()
 
     def loose(self) -> set[int]:
         found = set()

@@ -3,12 +3,12 @@
     pieces = Pieces(store)                 # <checkpoint>/journal/shard-000003/
     table = pieces.read(schema)            # the compact file's lines, then every segment it has not absorbed
     name = pieces.segment_name(writer)     # 00000008-3f9a1c2b.jsonl: numbered after every piece there
-    pieces.compact(schema)                 # every line into one zstd Parquet file; the segments go
+    pieces.compact()                       # every line into one zstd file; the segments go
     journal = SegmentJournal(pieces_of, flush_s=2, flush_rows=2000)   # the bucket's Journal
 
-    <shard folder>/00000007-3f9a1c2b.jsonl    a segment: whole JSON lines, written once, never changed
-    <shard folder>/compact-00000012.parquet   every line of the pieces up to 12 (the names it absorbed
-                                              in its metadata), superseded lines included
+    <shard folder>/00000007-3f9a1c2b.jsonl     a segment: whole JSON lines, written once, never changed
+    <shard folder>/compact-00000012.jsonl.zst  every line of the pieces up to 12, zstd-compressed, after
+                                               a first line naming the pieces it absorbed
 
 An object store has no append: a bucket checkpoint's journal is one segment object per shard per
 flush (every `checkpoint_flush_s`, or `flush_rows` rows, whichever first). A writer numbers its
@@ -16,12 +16,13 @@ segments after every piece it found, so reading them in order (number, then writ
 line win exactly as the local journal's appends do. A folder checkpoint seals its appended file into
 this folder when it compacts (pipeline.io.ckpt_folder), so both are read the same way.
 
-Compaction (after the shard's part is committed) writes the lines into one compressed Parquet file
-and then removes what it absorbed. Nothing is dropped: a later `--retry-failed` needs the failed
-rows, a damaged or deleted part is rebuilt from these lines, and every attempt's cost stays counted.
-A kill at any point loses nothing: before the new file is whole, the old pieces are all there;
-after, a reader skips the pieces the newest compact file names as absorbed, and the next compaction
-removes them.
+Compaction (after the shard's part is committed) writes the lines, as they are, into one zstd file
+(a tenth of a millisecond per row, no parsing; every column kept, labels included) and then
+removes what it absorbed. Nothing is dropped: a later `--retry-failed` needs the failed rows, a
+damaged or deleted part is rebuilt from these lines, and every attempt's cost stays counted. A kill
+at any point loses nothing: before the new file is whole, the old pieces are all there; after, a
+reader skips the pieces the newest compact file names as absorbed, and the next compaction removes
+them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..crashpoints import crash_point
 from ..errors import JobError
@@ -50,8 +50,8 @@ __all__ = ["Pieces", "SegmentJournal", "ObjectLog", "SEGMENT", "StoreWriteError"
 
 SEGMENT = re.compile(r"^(\d{8})-([0-9a-z]+)\.jsonl$")
 RECORD = re.compile(r"^(\d{8})\.json$")
-COMPACT = re.compile(r"^compact-(\d{8})\.parquet$")
-ABSORBED = b"pipeline.absorbed"  # the compact file's metadata key: the pieces it holds
+COMPACT = re.compile(r"^compact-(\d{8})\.jsonl\.zst$")
+ZSTD_LEVEL = 3  # 7.7 MB of journal (10,000 rows) in ~5 ms, to 2.3% of it; level 9 saves 7% more at 10x the time
 
 
 class StoreWriteError(OSError):
@@ -66,6 +66,14 @@ class _Scan:
     top: int = 0  # the highest number seen
 
 
+@dataclass
+class _Lines:
+    data: bytes  # every whole line, in order
+    scan: _Scan
+    absorbed: set[str]  # pieces the compact file holds (skipped where still listed)
+    fresh: list[str]  # the segments read beside it
+
+
 class Pieces:
     """One shard's pieces. `top` is the highest number this object has seen or given out."""
 
@@ -74,7 +82,7 @@ class Pieces:
         self.top: int | None = None
         # the last read, kept for a compaction right after it (the commit's): pieces never change,
         # so the same names listed mean the same lines, and the compaction reads nothing again
-        self._memo: tuple[pa.Schema, tuple[str, ...], tuple[pa.Table, _Scan, set[str], list[str]]] | None = None
+        self._memo: tuple[tuple[str, ...], _Lines] | None = None
 
     def scan(self) -> _Scan:
         scan = _Scan()
@@ -100,57 +108,50 @@ class Pieces:
         return f"{self.top:08d}-{writer}.jsonl"
 
     def read(self, schema: pa.Schema) -> pa.Table:
-        """Every line, the compact file's first; superseded lines included."""
-        return self._read(schema)[0]
+        """Every line, the compact file's first, as a table of `schema`; superseded lines included."""
+        return parse_lines(self._lines().data, schema)
 
-    def _read(self, schema: pa.Schema, scan: _Scan | None = None) -> tuple[pa.Table, _Scan, set[str], list[str]]:
+    def _lines(self) -> _Lines:
         for attempt in range(3):  # a piece removed between the listing and the read: a compaction meanwhile
-            scan = scan if scan is not None and attempt == 0 else self.scan()
+            scan = self.scan()
             listed = (scan.compact or "", *scan.older, *scan.segments)
-            if self._memo is not None and self._memo[0] == schema and self._memo[1] == listed:
-                return self._memo[2]
-            compact, absorbed = self._compact(scan.compact, schema)
+            if self._memo is not None and self._memo[0] == listed:
+                return self._memo[1]
+            compact, absorbed = self._compact(scan.compact)
             fresh = [n for n in scan.segments if n not in absorbed]
             data = self.store.read_many(fresh)
             if len(data) == len(fresh) or attempt == 2:
                 # whole lines of each (a sealed local file may end torn: a crash mid-append)
-                lines = parse_lines(b"".join(d[: d.rfind(b"\n") + 1] for n in fresh if (d := data.get(n))), schema)
-                table = pa.concat_tables([compact, lines]) if compact is not None else lines
-                self._memo = (schema, listed, (table, scan, absorbed, fresh))
-                return self._memo[2]
+                lines = _Lines(compact + b"".join(d[: d.rfind(b"\n") + 1] for n in fresh if (d := data.get(n))),
+                               scan, absorbed, fresh)
+                self._memo = (listed, lines)
+                return lines
         raise AssertionError("unreachable")
 
-    def _compact(self, name: str | None, schema: pa.Schema) -> tuple[pa.Table | None, set[str]]:
+    def _compact(self, name: str | None) -> tuple[bytes, set[str]]:
         raw = self.store.read(name) if name is not None else None
         if raw is None:
-            return None, set()
-        table = pq.read_table(pa.BufferReader(raw))
-        absorbed = set(json.loads((table.schema.metadata or {}).get(ABSORBED, b"[]")))
-        return _conform(table, schema), absorbed
+            return b"", set()
+        head, _, lines = pa.CompressedInputStream(pa.BufferReader(raw), "zstd").read().partition(b"\n")
+        return lines, set(json.loads(head).get("absorbed", []))
 
-    def compact(self, schema: pa.Schema) -> bool:
-        """Every line into one Parquet file, then the pieces it absorbed removed. True when a file
-        was written. `schema`: the journal's whole schema (every column is kept)."""
-        table, scan, absorbed, fresh = self._read(schema)
+    def compact(self) -> bool:
+        """Every line into one zstd file, then the pieces it absorbed removed. True when a file was
+        written."""
+        got = self._lines()
         self._memo = None  # what follows changes the pieces
+        scan, absorbed, fresh = got.scan, got.absorbed, got.fresh
         leftovers = [n for n in scan.segments if n in absorbed] + scan.older
         if fresh:
             top = max([int(n[:8]) for n in fresh] + ([int(scan.compact[8:16])] if scan.compact else []))
             keep = sorted((absorbed & set(scan.segments)) | set(fresh))  # a leftover the old file absorbed stays skipped
-            table = table.replace_schema_metadata({ABSORBED: json.dumps(keep).encode()})
-            name = f"compact-{top:08d}.parquet"
-            self.store.write(name, lambda f: pq.write_table(table, f, compression="zstd"))
+            head = json.dumps({"absorbed": keep}).encode() + b"\n"
+            name = f"compact-{top:08d}.jsonl.zst"
+            self.store.write(name, pa.Codec("zstd", ZSTD_LEVEL).compress(head + got.data, asbytes=True))
             crash_point("mid_compaction")
             leftovers = keep + [c for c in [scan.compact, *scan.older] if c and c != name]
         self.store.remove_many(leftovers)
         return bool(fresh)
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """The columns of `schema`, in its order and types; one the file lacks (newer than it) as nulls."""
-    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 class SegmentJournal:
