@@ -91,8 +91,9 @@ class BucketCheckpoint(Checkpoint):
     # -- answers -------------------------------------------------------------------------
 
     def pieces(self, shard: int) -> Pieces:
+        """One object per shard (it numbers the shard's segments), whichever thread asks first."""
         if shard not in self._pieces:
-            self._pieces[shard] = Pieces(self.bucket.child(JOURNAL).child(f"shard-{shard:06d}"))
+            self._pieces.setdefault(shard, Pieces(self.bucket.child(JOURNAL).child(f"shard-{shard:06d}")))
         return self._pieces[shard]
 
     def journal(self, on_failure: Callable[[OSError], None] | None = None) -> SegmentJournal:

@@ -80,6 +80,7 @@ class Pieces:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.top: int | None = None
+        self._numbers = threading.Lock()  # a put's thread names a segment while another may list
         # the last read, kept for a compaction right after it (the commit's): pieces never change,
         # so the same names listed mean the same lines, and the compaction reads nothing again
         self._memo: tuple[tuple[str, ...], _Lines] | None = None
@@ -98,14 +99,16 @@ class Pieces:
         if compacts:
             compacts.sort()
             scan.compact, scan.older = compacts[-1], compacts[:-1]
-        self.top = max(self.top or 0, scan.top)
+        with self._numbers:
+            self.top = max(self.top or 0, scan.top)
         return scan
 
     def segment_name(self, writer: str) -> str:
         if self.top is None:
             self.scan()
-        self.top = (self.top or 0) + 1
-        return f"{self.top:08d}-{writer}.jsonl"
+        with self._numbers:
+            self.top = (self.top or 0) + 1
+            return f"{self.top:08d}-{writer}.jsonl"
 
     def read(self, schema: pa.Schema) -> pa.Table:
         """Every line, the compact file's first, as a table of `schema`; superseded lines included."""
@@ -291,6 +294,7 @@ class ObjectLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.top: int | None = None
+        self._numbers = threading.Lock()  # a put's thread names a segment while another may list
         # the last read, kept for a compaction right after it (the commit's): pieces never change,
         # so the same names listed mean the same lines, and the compaction reads nothing again
         self._memo: tuple[pa.Schema, tuple[str, ...], tuple[pa.Table, _Scan, set[str], list[str]]] | None = None
