@@ -45,6 +45,7 @@ def scenarios() -> dict[str, Callable[[], dict[str, Any]] | None]:
         "sources": _optional("sources", "run_sources_bench"),
         "media": _optional("media", "run_media_bench"),
         "redact": _optional("redact_cost", "run_redact_bench"),
+        "bucket": _optional("bucket", "run_bucket_bench"),
     }
 
 
@@ -58,7 +59,9 @@ TARGETS: dict[str, Callable[[dict[str, Any]], str]] = {
     "rate": lambda r: f"{r.get('pct_of_limit', 0):.1f}% of the limit, {r.get('429s', r.get('rate_limited', '?'))} x 429 (target >= 97%, 0)",
     "million": lambda r: (f"peak RSS {r['peak_rss_mb']:.0f} MB (target <= 200); RSS {r['rss_at_10pct_mb']:.0f} MB at 10% vs "
                           f"{r['rss_at_end_mb']:.0f} MB at the end (target within 20%); {r['rows_per_s']:.0f} rows/s; rerun "
-                          f"{r['rerun_s']:.2f}s, {r['rerun_requests']} requests (target <= 2 s, 0)"),
+                          f"{r['rerun_s']:.2f}s, {r['rerun_requests']} requests (target <= 2 s, 0); checkpoint "
+                          f"{r.get('checkpoint_mb', 0):.0f} MB beside {r.get('output_mb', 0):.0f} MB of output = "
+                          f"{r.get('checkpoint_per_output', 0):.2f}x (target < 1)"),
     "images": lambda r: (f"{r['images_per_s']:.1f} images/s; worst event-loop stall {r['loop_stall']['worst_ms']:.0f} ms "
                          f"over {r['loop_stall']['samples']} ticks (target < 100)"),
     "report": lambda r: (f"{r['rows']:,} rows: report {r['report_s']:.1f}s, {r['page_mb']:.1f} MB; in chromium: load "
@@ -94,6 +97,14 @@ TARGETS: dict[str, Callable[[dict[str, Any]], str]] = {
         f"for {r['memory']['images_gb']:.1f} GB of images"),
     "redact": lambda r: "; ".join(f"{name}: {f['no_secret_us']:.2f} us ({f['with_key_us']:.2f} with the key)"
                                   for name, f in r.items() if isinstance(f, dict)) + " per 1 KB text",
+    "bucket": lambda r: (
+        f"{r['bucket_rows_per_s']} rows/s with the checkpoint in S3 (moto) vs {r['local_rows_per_s']} in a folder = "
+        f"{r['bucket_pct_of_local']:.1f}% end to end (target >= 90%): first request after {r['bucket_first_request_s']:.2f}s vs "
+        f"{r['local_first_request_s']:.2f}s, then {r['bucket_sending_rows_per_s']} vs {r['local_sending_rows_per_s']} rows/s "
+        f"({r['bucket_sending_pct_of_local']:.1f}%); {r['requests_per_10k_rows']:.0f} S3 requests per 10,000 rows "
+        f"({', '.join(f'{k} {v:g}' for k, v in r['requests_per_10k_by_kind'].items())}); finished checkpoint "
+        f"{r['bucket_checkpoint_per_output']:.2f}x the output in S3, {r['local_checkpoint_per_output']:.2f}x in a folder "
+        f"(target < 1)"),
     "ray": lambda r: ", ".join(f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items() if "rows_per_s" in k),
 }
 

@@ -167,6 +167,7 @@ analyze_images = false
 def _monitored_run(job_path: Path) -> tuple[int, float, dict[str, Any], _Monitor]:
     from pipeline.config import load_job
     from pipeline.engine import RunOptions, run
+    from pipeline.io.checkpoint import open_checkpoint
 
     job = load_job(job_path)
     monitor = _Monitor()
@@ -178,8 +179,7 @@ def _monitored_run(job_path: Path) -> tuple[int, float, dict[str, Any], _Monitor
     finally:
         asyncio.set_event_loop_policy(old_policy)
     elapsed = time.perf_counter() - started
-    summary_path = job.checkpoint / "last_run.json"  # the run's summary
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = open_checkpoint(job.output).last_summary() or {}  # the run's summary
     return code, elapsed, summary, monitor
 
 

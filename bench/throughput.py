@@ -87,7 +87,11 @@ def million(rows: int = 1_000_000, concurrency: int = 64) -> dict[str, Any]:
         at_end = _median([rss for done, rss in r["samples"] if done >= rows * 9 // 10])
         again = run_pipeline(job)
         sent_again = stats(url)["requests"] - rows
+    # What a finished job keeps (issue 25: its journals compacted): the checkpoint beside the output.
+    checkpoint, output = (sum(p.stat().st_size for p in (folder / f).rglob("*") if p.is_file())
+                          for f in (".pipeline", "out"))
     return {
+        "checkpoint_mb": checkpoint / 1e6, "output_mb": output / 1e6, "checkpoint_per_output": checkpoint / output,
         "rows": rows, "rows_per_s": rows / r["wall_s"], "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
         "rss_at_10pct_mb": at_100k / 1024, "rss_at_end_mb": at_end / 1024,
         "rss_growth_pct": 100 * (at_end - at_100k) / at_100k if at_100k else None,

@@ -38,7 +38,7 @@ from .engine.host import CallerHost
 from .engine.options import retry_kinds
 from .engine.shard import STOP_DEADLINE_S
 from .errors import JobError, LocalFailure
-from .io.checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.frames import Frame
 
 if TYPE_CHECKING:
@@ -193,7 +193,8 @@ def _with_manifest(job: Job, manifest: Any) -> tuple[Job, Callable[[Checkpoint],
     # Image bytes (a binary column, HF's Image struct) are stored as they are, once: the run reads
     # them per shard like a Parquet manifest's, and the output holds references (io/references.py).
     frame = Frame.of(manifest)
-    stored = replace(job.input, path=Checkpoint(job.checkpoint).manifest_path, format="parquet")
+    assert job.output.checkpoint is not None  # set by the loader
+    stored = replace(job.input, path=open_checkpoint(job.output).manifest_path, format="parquet")
     base = job.files_base or Path.cwd()  # relative image paths in a frame: from where the caller is
     return replace(job, input=stored, in_memory=True, files_base=base), lambda ckpt: _store(frame, ckpt)
 
@@ -212,7 +213,7 @@ def _dry_run(job: Job, stage: Callable[[Checkpoint], None] | None) -> RunResult:
     from .tools.status import job_status
 
     if stage is not None:
-        ckpt = Checkpoint(job.checkpoint)
+        ckpt = open_checkpoint(job.output)
         with ckpt.locked(job.name):
             stage(ckpt)
     code = dry_run(job)

@@ -8,7 +8,8 @@ of crash safety and of supervision. Off (one string compare) unless a variable i
 Crash points: after_response (answer in hand, not journaled), mid_journal_line (half a line
 written), after_part_write (part file written and fsynced, not renamed), after_rename (renamed, no
 commit record yet), after_upgrade (an older part rewritten in the current columns, its new
-commit record not yet written); batch mode: batch_after_upload (a file uploaded, its id not written down),
+commit record not yet written), after_seal (a folder's journal file sealed into its shard's folder, not yet
+compacted), mid_compaction (a compact file written, the pieces it absorbed not yet removed); batch mode: batch_after_upload (a file uploaded, its id not written down),
 batch_after_create (a batch created, its id not written down), batch_after_poll (a status written
 down), batch_after_download (an ended batch's lines downloaded, nothing journaled). Fault points stand for a bug: row (inside one row's processing, after its
 request is built), commit (a shard commit, before its part file is written), produce (the
@@ -22,7 +23,8 @@ from typing import Callable
 
 __all__ = ["crash_point", "fault_point", "InjectedFault", "POINTS", "FAULT_POINTS"]
 
-POINTS = ("after_response", "mid_journal_line", "after_part_write", "after_rename", "after_upgrade",
+POINTS = ("after_response", "mid_journal_line", "after_part_write", "after_rename", "after_upgrade", "after_seal",
+          "mid_compaction",
           "batch_after_upload", "batch_after_create", "batch_after_poll", "batch_after_download")
 FAULT_POINTS = ("row", "commit", "produce")
 EXIT_CODE = 99

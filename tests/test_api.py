@@ -25,7 +25,7 @@ import pytest
 
 import pipeline
 from pipeline import JobError, LockedError, RunResult
-from pipeline.io.checkpoint import Checkpoint
+from pipeline.io.checkpoint import open_checkpoint
 
 from conftest import DATA, ROOT, job_dict, read_output, run_cli, url_manifest, write_job
 
@@ -83,7 +83,7 @@ def test_each_manifest_type_runs_and_a_rerun_sends_nothing(tmp_path: Path, endpo
     again = pipeline.run(job, manifest=manifest())  # the same cell run again, the frame rebuilt
     assert (again.exit_code, again.ok, again.summary["this_run"]["requests_sent"]) == (0, 12, 0)
     assert _sent(endpoint) == sent
-    stored = Checkpoint(job.output.checkpoint).folder / "manifest.parquet"
+    stored = open_checkpoint(job.output).manifest_path
     assert stored.exists()
     if kind == "datasets":
         assert again.to_dataset().num_rows == 12
@@ -150,7 +150,7 @@ async def test_cancelling_arun_stops_the_run_cleanly_and_a_rerun_finishes(tmp_pa
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    last = json.loads((Checkpoint(pipeline.load_job(job).output.checkpoint).summary_path).read_text())
+    last = json.loads(Path(open_checkpoint(pipeline.load_job(job).output).summary_where).read_text())
     assert last["exit_code"] == 130 and 0 < last["ok"] < 40 and last["pending"] > 0
     res = pipeline.run(job, manifest=_rows(40))
     assert (res.exit_code, res.ok) == (0, 40)
@@ -179,7 +179,7 @@ def test_errors_are_exceptions_from_the_tree_never_systemexit(tmp_path: Path, en
         pipeline.run(job, manifest=_rows(2), retry_failed="nope")
     with pytest.raises(JobError, match="job file not found"):
         pipeline.load_job(tmp_path / "missing.toml")
-    ckpt = Checkpoint(pipeline.load_job(job).output.checkpoint)
+    ckpt = open_checkpoint(pipeline.load_job(job).output)
     with ckpt.locked("t"):  # another process's run of the job holds the lock: same flock
         with pytest.raises(LockedError, match="already running"):
             _run_in_child(job)

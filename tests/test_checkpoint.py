@@ -87,7 +87,8 @@ def test_kill_loop_every_row_exactly_once_and_no_answer_bought_twice(tmp_path: P
     assert sum(ep.stats()["per_row"].values()) >= N_ROWS
 
 
-@pytest.mark.parametrize("point", ["after_response:30", "mid_journal_line:30", "after_part_write:2", "after_rename:2"])
+@pytest.mark.parametrize("point", ["after_response:30", "mid_journal_line:30", "after_part_write:2", "after_rename:2",
+                                   "after_seal:2", "mid_compaction:2"])
 def test_crash_points_then_resume(tmp_path: Path, endpoint_factory, point: str) -> None:
     ep = endpoint_factory()
     job = make_job(tmp_path, ep.base_url)
@@ -115,7 +116,7 @@ def test_planted_leftovers_are_cleaned_and_repaired(tmp_path: Path, endpoint) ->
     assert "rebuilt from the journal" in r.stderr and "temporary file" in r.stderr
     assert_exactly_once(tmp_path, 120)
     assert endpoint.stats()["requests"] == sent_before  # all repaired from the journal, nothing re-bought
-    assert journal.read_bytes().endswith(b"\n")
+    assert not journal.exists() or journal.read_bytes().endswith(b"\n")  # cut, then compacted after the commit
 
 
 def test_retry_failed_resends_only_failed_rows_and_replaces_them(tmp_path: Path, endpoint_factory) -> None:
@@ -266,3 +267,59 @@ def test_lost_journal_falls_back_to_part_files(tmp_path: Path, endpoint_factory)
     assert r.returncode == 0, r.stderr
     assert ep.stats()["requests"] == 61  # only the failed row was bought again
     assert_exactly_once(tmp_path, 60)
+
+
+def test_status_takes_no_lock_and_repairs_nothing(tmp_path: Path, endpoint) -> None:
+    """Beside a run that holds commits.jsonl's flock (a Ray worker appending), status reads at once,
+    and a torn tail (a writer mid-append) is left for the run holding the job's lock to cut."""
+    import fcntl
+
+    job = make_job(tmp_path, endpoint.base_url, n=100)
+    assert run_cli("run", str(job)).returncode == 0
+    commits = tmp_path / ".pipeline" / "t" / "commits.jsonl"
+    with open(commits, "ab") as f:
+        f.write(b'{"shard": 1, "fi')  # an append under way
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        status = subprocess.run([sys.executable, "-m", "pipeline", "status", str(job)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+    assert status.returncode == 0 and "100 ok, 0 failed" in status.stdout, status.stderr
+    assert commits.read_bytes().endswith(b'{"shard": 1, "fi')
+
+
+def test_a_finished_jobs_journal_is_compacted_and_still_rebuilds_and_retries(tmp_path: Path, endpoint_factory) -> None:
+    ep = endpoint_factory(row_faults={"picture row-00007": "400:1"})
+    job = make_job(tmp_path, ep.base_url, n=120)
+    assert run_cli("run", str(job)).returncode == 1
+    journal = tmp_path / ".pipeline" / "t" / "journal"
+    kept = sorted(str(p.relative_to(journal)) for p in journal.rglob("*") if p.is_file() and p.suffix != ".lock")
+    assert kept == [f"shard-{i:06d}/compact-00000001.jsonl.zst" for i in range(3)]  # no appended file left
+    (tmp_path / "out" / "part-000001.parquet").unlink()  # someone deleted a part
+    r = run_cli("run", str(job))
+    assert r.returncode == 1 and ep.stats()["requests"] == 120  # rebuilt from the compacted journal, nothing bought
+    r = run_cli("run", str(job), "--retry-failed")
+    assert r.returncode == 0 and ep.stats()["requests"] == 121  # the failed row found in it, sent alone
+    assert_exactly_once(tmp_path, 120)
+    assert [p.name for p in (journal / "shard-000000").iterdir()] == ["compact-00000002.jsonl.zst"]
+
+
+@pytest.mark.parametrize("point", ["after_seal:1", "mid_compaction:1"])
+def test_a_kill_while_compacting_loses_nothing_and_counts_nothing_twice(tmp_path: Path, endpoint, point: str) -> None:
+    import pyarrow as pa
+
+    from pipeline.config import load_job
+    from pipeline.io.checkpoint import open_checkpoint
+
+    job = make_job(tmp_path, endpoint.base_url, n=120, run={"shard_rows": 40})
+    crashed = run_cli("run", str(job), env={"PIPELINE_CRASH_AT": point})
+    assert crashed.returncode == 99, crashed.stderr
+    r = run_cli("run", str(job))
+    assert r.returncode == 0, r.stderr
+    assert_exactly_once(tmp_path, 120)
+    resends(endpoint, 1)
+    journal = tmp_path / ".pipeline" / "t" / "journal"
+    assert not [p for p in journal.rglob("*.jsonl")]  # what the killed run left was compacted as the next started
+    ckpt = open_checkpoint(load_job(job).output)
+    for shard in range(3):
+        ids = ckpt.journal_lines(shard, pa.schema([("id", pa.string())])).column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == 40

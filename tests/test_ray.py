@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -306,3 +307,85 @@ def test_metrics_are_one_series_set_for_the_cluster(tmp_path: Path, endpoint_fac
     assert value[("pipeline_rows_remaining", (("job_name", "t"),))] == 0
     assert value[("pipeline_exit_code", (("job_name", "t"),))] == 1
     assert value[("pipeline_answer_latency_seconds_count", (("job_name", "t"),))] == ok
+
+
+# A driver of its own (a Ray job), whose workers start in their own empty working directory (Ray's
+# runtime_env: a copy in Ray's session folder, not the driver's): they rely on nothing of the
+# driver's disk but what the job carries, and the job names only URLs for output and checkpoint.
+# (HOME stays: this Ray keeps its auth token there.)
+DRIVER = """
+import logging, sys
+import ray
+from pipeline.config import load_job
+from pipeline.engine import run
+ray.init(address=sys.argv[1], runtime_env={"working_dir": sys.argv[3]}, logging_level=logging.WARNING,
+         log_to_driver=False)
+sys.exit(run(load_job(sys.argv[2])))
+"""
+
+
+@pytest.mark.serial  # the bound's window is wall-clock: a starved flush thread would look like a lost answer
+def test_ray_on_a_bucket_checkpoint_without_a_shared_disk_killed_six_times(
+        tmp_path: Path, endpoint_factory, ray_address: str, s3) -> None:
+    """Workers write their own segments, parts and commit records to the bucket. Three rounds,
+    each killing a worker mid-shard and then the driver (six kills), then a run to the end: every
+    row once with its own answer, and every row re-paid was in flight or answered within the
+    last flush interval before a kill (a killed driver's workers may go on for a moment)."""
+    flush_s, lease_s, slack_s, linger_s = 0.5, 3.0, 1.0, 3.0
+    ep = endpoint_factory(latency_ms=150, record=True)
+    n, bucket = 600, s3.new_bucket()
+    out, ckpt = f"s3://{bucket}/out", f"s3://{bucket}/pipeline/t"
+    job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 2})
+    options = ", ".join(f"{k} = {json.dumps(v)}" for k, v in s3.options().items())
+    job.write_text(job.read_text().replace(
+        f'path = "{tmp_path / "out-t"}"',
+        f'path = "{out}"\ncheckpoint = "{ckpt}"\ncheckpoint_flush_s = {flush_s}\ncheckpoint_lease_s = {lease_s}\n'
+        f'storage_options = {{ {options} }}'))
+    workdir = tmp_path / "worker-home"
+    workdir.mkdir()
+    (workdir / "README").write_text("a Ray worker's own working directory\n")
+    fs = s3.fs()
+
+    def drive() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", DRIVER, ray_address, str(job), str(workdir)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_work(sent_before: int) -> None:
+        deadline = time.monotonic() + 60
+        while not (shard_workers() and ep.stats()["requests"] > sent_before + 20):
+            assert time.monotonic() < deadline, "no worker got going"
+            time.sleep(0.05)
+
+    windows: list[tuple[float, float]] = []
+    rng = random.Random(5)
+    for _ in range(3):
+        driver = drive()
+        wait_for_work(ep.stats()["requests"])
+        time.sleep(rng.uniform(0.1, 0.8))
+        worker = shard_workers()[0]
+        at = time.time()
+        worker.send_signal(signal.SIGKILL)  # Ray runs its shard again elsewhere
+        windows.append((at - flush_s - slack_s - 0.2, at))
+        time.sleep(rng.uniform(0.5, 1.5))
+        assert driver.poll() is None, driver.communicate()[1]
+        at = time.time()
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        windows.append((at - flush_s - slack_s - 0.2, at + linger_s))
+        held = json.loads(fs.cat_file(f"{bucket}/pipeline/t/lock"))
+        time.sleep(max(0.0, held["expires"] + lease_s / 4 - time.time()) + 0.2)  # the killed driver's lease
+    last = drive()
+    assert last.wait(timeout=180) == 0, last.communicate()[1]
+    assert "took over the lock left by pid" in last.communicate()[1]
+    rows = s3.read(f"{bucket}/out")
+    assert Counter(r["id"] for r in rows) == Counter(f"row-{i:05d}" for i in range(n)), "every id exactly once"
+    assert all(r["status"] == "ok" and r["answer"].startswith(f"Answer to 'Describe picture {r['id']}'") for r in rows)
+    first: dict[str, list[float]] = {}
+    for req in ep.requests():
+        first.setdefault(req["row"], []).append(req["t"])
+    repaid = {row: min(ts) for row, ts in first.items() if len(ts) > 1}
+    outside = {row: t for row, t in repaid.items() if not any(a <= t <= b for a, b in windows)}
+    assert not outside, f"{len(outside)} of {len(repaid)} re-paid rows were answered long before any kill"
+    assert repaid  # the kills landed mid-shard
+    assert not list(tmp_path.rglob(".pipeline")) and sorted(p.name for p in workdir.iterdir()) == ["README"]
+    assert any(k.startswith(f"{bucket}/pipeline/t/commits/") for k in fs.find(f"{bucket}/pipeline/t"))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, job_dict, url_manifest, write_job
 
-from pipeline.io.checkpoint import Checkpoint
+from pipeline.io.checkpoint import FolderCheckpoint
 
 
 def load_example() -> Any:
@@ -38,7 +38,7 @@ def test_the_task_succeeds_retries_transient_failures_and_skips_a_running_job(tm
     summary = task.caption_nightly(job)
     assert summary["exit_code"] == 0 and summary["ok"] == 40  # the transient failure was sent once more
 
-    ckpt = Checkpoint(tmp_path / ".pipeline" / "ok")
+    ckpt = FolderCheckpoint(tmp_path / ".pipeline" / "ok")
     with ckpt.locked("ok"):  # another run holds the job
         assert "skipped" in task.caption_nightly(job)
 

@@ -217,10 +217,11 @@ def test_storage_option_settings_are_not_secrets_that_rewrite_text() -> None:
 @pytest.mark.parametrize("output, expected", [
     ({"path": "gcs://bucket/out"}, "[output] path: gcs:// URLs need their fsspec backend: pip install gcsfs"),
     ({"path": "nosuchproto://bucket/out"}, "[output] path: no fsspec backend knows nosuchproto:// URLs"),
-    ({"path": "s3://bucket/out", "checkpoint": "s3://bucket/ckpt"},
-     "[output] checkpoint: must be a folder, not a URL (it needs appends, fsync and flock); put the checkpoint on a "
-     "local disk or a filesystem every worker mounts, e.g. NFS"),
-    ({"path": "out", "storage_options": {"anon": True}}, "[output] storage_options: only used when [output] path is a URL"),
+    ({"path": "s3://bucket/out", "checkpoint": "memory://ckpt"},
+     "[output] checkpoint: memory:// cannot hold a checkpoint yet (it needs a create-if-absent and a compare-and-swap "
+     "write the server checks, wired here for S3 only); use an s3:// URL or a folder"),
+    ({"path": "out", "storage_options": {"anon": True}},
+     "[output] storage_options: only used when [output] path or checkpoint is a URL"),
 ])
 def test_output_url_problems_are_one_line_naming_the_fix(tmp_path: Path, output: dict, expected: str, capsys) -> None:
     job = make_job(tmp_path, "http://127.0.0.1:9/v1", "out", 5, output=output)

@@ -111,8 +111,9 @@ class Job:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
-    def checkpoint(self) -> Path:
-        """The checkpoint's folder: `[output] checkpoint`, or its default, set when the job is loaded."""
+    def checkpoint(self) -> Path | str:
+        """Where the checkpoint lives: `[output] checkpoint` (a folder, or a bucket URL), or its
+        default, set when the job is loaded (pipeline.io.checkpoint.open_checkpoint opens it)."""
         if self.output.checkpoint is None:
             raise JobError("[output] checkpoint: not set; build the job with load_job or parse_job")
         return self.output.checkpoint

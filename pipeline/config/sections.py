@@ -265,30 +265,45 @@ def _output_path(value: Any, where: str, base: Path) -> Path | str:
     return (base / value).resolve()
 
 
-def _checkpoint_path(value: Any, where: str, base: Path) -> Path:
-    if isinstance(value, str) and is_url(value):
-        raise JobError(f"{where}: must be a folder, not a URL (it needs appends, fsync and flock); "
-                       f"put the checkpoint on a local disk or a filesystem every worker mounts, e.g. NFS")
+def _checkpoint_path(value: Any, where: str, base: Path) -> Path | str:
+    """A folder, or a URL whose fsspec backend sends conditional writes to the server (s3://)."""
     if not isinstance(value, str) or not value:
-        raise JobError(f"{where} must be a folder path, not {value!r}")
-    return (base / value).resolve()
+        raise JobError(f"{where} must be a folder path or a URL, not {value!r}")
+    value = value.removeprefix("file://")
+    if not is_url(value):
+        return (base / value).resolve()
+    check_url(value, where)
+    if value.split("://", 1)[0].lower() not in ("s3", "s3a"):
+        raise JobError(f"{where}: {value.split('://', 1)[0]}:// cannot hold a checkpoint yet (it needs a create-if-absent "
+                       f"and a compare-and-swap write the server checks, wired here for S3 only); use an s3:// URL or "
+                       f"a folder")
+    return value.rstrip("/")
 
 
 @dataclass(frozen=True)
 class OutputConfig(Table):
     TABLE = "output"
     path: Path | str = setting(doc="a folder of Parquet part files, or an fsspec URL (s3://bucket/prefix)", parse=_output_path)
-    checkpoint: Path | None = setting(None, parse=_checkpoint_path,
-                                      doc="a folder (never a URL); none: <output's parent>/.pipeline/<name>, or "
-                                          "<job file's folder>/.pipeline/<name> for a URL output")
-    storage_options: dict[str, Any] = setting(default_factory=dict, doc="a URL output only: passed to fsspec (may hold credentials)")
+    checkpoint: Path | str | None = setting(
+        None, parse=_checkpoint_path,
+        doc="a folder, or an s3:// URL (a Ray cluster without a shared disk); none: <output's parent>/.pipeline/<name>, "
+            "or <job file's folder>/.pipeline/<name> for a URL output")
+    checkpoint_flush_s: float = setting(2.0, check=positive,
+                                        doc="a URL checkpoint: how often answers reach it (a kill -9 costs the rows "
+                                            "answered within this interval, beside those in flight)")
+    checkpoint_lease_s: float = setting(60.0, check=at_least(1.0),
+                                        doc="a URL checkpoint: the run's lease on the job, renewed every quarter of it; "
+                                            "a killed run's is taken over 1.25x this after its last renewal")
+    storage_options: dict[str, Any] = setting(default_factory=dict, doc="a URL output or checkpoint only: passed to "
+                                              "fsspec (may hold credentials)")
     report: bool = setting(False, doc="write <output>/_report.html at the end of every run (needs the report extra)")
     keep_media: bool = setting(False, doc="copy image bytes held in the manifest into the output; false: a reference "
                                           "instead (the HF Image's path, else sha256:<hex> of the bytes)")
 
     def validate(self) -> None:
-        if self.storage_options and not isinstance(self.path, str):
-            raise JobError("[output] storage_options: only used when [output] path is a URL (s3://...); remove it")
+        if self.storage_options and not isinstance(self.path, str) and not isinstance(self.checkpoint, str):
+            raise JobError("[output] storage_options: only used when [output] path or checkpoint is a URL (s3://...); "
+                           "remove it")
 
     def __repr__(self) -> str:  # storage_options may hold credentials
         path = display(self.path) if isinstance(self.path, str) else self.path  # a URL's user:password@ never

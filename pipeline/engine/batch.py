@@ -189,8 +189,7 @@ class _BatchRun:
                 await self._collect(api, batch, state)
 
     async def _upload(self, api: BatchAPI, batch: Batch) -> None:
-        with open(batch.path, "rb") as f:
-            data = f.read()
+        data = await asyncio.to_thread(self.ledger.read_file, batch.path)
         batch.file_id = await api.upload(f"pipeline-{self.job.name}-{batch.name}.jsonl", data)
         crash_point("batch_after_upload")
         self.ledger.uploaded(batch.name, batch.file_id)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from ..config import Job
 from ..errors import InputError
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.durable import atomic_file
 from ..io.manifest import read_rows
 from ..net.text import loads_json
@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 def _prepared(job: Job, console: Console, work: Callable[[Checkpoint, Prepared], Coroutine[Any, Any, T]]) -> T:
     """`work` under the job's lock, the job prepared as for a run, on an event loop of its own."""
-    ckpt = Checkpoint(job.checkpoint)
+    ckpt = open_checkpoint(job.output)
     with ckpt.locked(job.name):
         ready = prepare(job, ckpt, RunOptions(), console)
         return asyncio.run(work(ckpt, ready))

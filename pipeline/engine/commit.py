@@ -4,13 +4,15 @@
 
 A commit reads the shard's journal (every result since the shard began, later lines winning),
 joins it to the shard's rows by id, writes the part file atomically (pipeline.io.writer) and only
-then appends the commit record: a crash at any point leaves either the old state or the new one.
+then records the commit: a crash at any point leaves either the old state or the new one. Then the
+journal is compacted (housekeeping: every line kept in one compressed file, pipeline.io.segments).
 Blocking; the engine runs these in threads. Which shards are complete, and what a shard has
 already, is the book's (pipeline.engine.book).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, NamedTuple
@@ -19,6 +21,7 @@ import pyarrow as pa
 
 from ..config import Job
 from ..crashpoints import fault_point
+from ..errors import JobError
 from ..io.checkpoint import Checkpoint
 from ..io.journal import latest_per_id
 from ..io.manifest import Plan, Shard, plan_schema
@@ -30,7 +33,7 @@ from ..rows.pricing import total_cost
 if TYPE_CHECKING:
     from ..rows.labels import Labels
 
-__all__ = ["commit_shard", "write_empty_dataset", "media_columns", "Layout", "part_layout"]
+__all__ = ["commit_shard", "compact_loose", "write_empty_dataset", "media_columns", "Layout", "part_layout"]
 
 
 class Layout(NamedTuple):
@@ -51,6 +54,7 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
     if part.num_rows == 0:
         return None
     fault_point("commit")
+    ckpt.fence()  # a run that lost its job's lease writes no part
     written = write_part(PartStore.for_output(job.output), shard.index, part)
     status = part.column("status").to_pylist()
     kinds = Counter(k for k, s in zip(part.column("error_kind").to_pylist(), status) if s == "error")
@@ -64,7 +68,21 @@ def commit_shard(job: Job, ckpt: Checkpoint, shard: Shard, table: pa.Table, ids:
         layout=layout_key(part.schema, _free(job, table.column_names, extra)),
     )
     ckpt.record_commit(record)
+    del part, lines  # not kept while the journal is compacted
+    with contextlib.suppress(OSError, JobError, pa.ArrowException):  # housekeeping: as it was, nothing lost
+        ckpt.compact(shard.index)
     return record
+
+
+def compact_loose(ckpt: Checkpoint, plan: Plan, commits: dict[int, CommitRecord]) -> int:
+    """Housekeeping a killed run left: the journals of shards committed whole but not compacted
+    (a kill between a commit and its compaction). One listing; how many were compacted."""
+    whole = {i for i, rec in commits.items() if i < len(plan.shards) and rec.rows == plan.shards[i].rows}
+    loose = sorted(ckpt.loose() & whole)
+    for index in loose:
+        with contextlib.suppress(OSError, JobError, pa.ArrowException):  # as it was, nothing lost
+            ckpt.compact(index)
+    return len(loose)
 
 
 def media_columns(job: Job) -> frozenset[str]:

@@ -22,8 +22,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from ..config import Job
 from ..errors import JobError, LocalFailure, LockedError, local_failure
-from ..io.checkpoint import Checkpoint
-from .commit import write_empty_dataset
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from .commit import compact_loose, write_empty_dataset
 from .console import Console
 from .counts import Counts, Live
 from .options import RunOptions
@@ -73,17 +73,17 @@ class Executor:
 
     def _run(self) -> int:
         job, console = self.job, self.console
-        ckpt = Checkpoint(job.checkpoint)
+        ckpt = open_checkpoint(job.output)
         with ckpt.locked(job.name):
-            if ckpt.took_over_from is not None:
-                console.say(f"note: took over the lock left by pid {ckpt.took_over_from}, which is no longer running",
-                            event="took_over")
+            if ckpt.took_over is not None:
+                console.say(f"note: took over the lock left by {ckpt.took_over}", event="took_over")
             started = time.time()
             with self._metrics(ckpt, started) as metrics:
                 try:  # a full or read-only disk is one line and exit 4, before anything is sent
                     if self.stage is not None:
                         self.stage(ckpt)
                     ready = prepare(job, ckpt, self.options, console)
+                    compact_loose(ckpt, ready.plan, ready.commits)
                     self._started(ready)
                     if ready.plan.total_rows == 0:
                         write_empty_dataset(job, ready.plan, make_labels(job))

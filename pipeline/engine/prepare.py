@@ -37,7 +37,7 @@ class Prepared:
 def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -> Prepared:
     store = PartStore.for_output(job.output)
     first = not ckpt.has_job()
-    claimed = store.claim(job.name, ckpt.folder)  # before --restart may remove anything there
+    claimed = store.claim(job.name, str(ckpt))  # before --restart may remove anything there
     try:
         if options.restart:
             ckpt.reset(store)

@@ -18,7 +18,8 @@ so the local engine's guarantees carry over:
     shard's journal; only the rows that worker had in flight are sent twice;
   - the driver killed: Ray ends its tasks; the next run plans, verifies and runs what is left;
   - one process per shard at a time (a flock per shard), even while a task of a killed driver
-    is still being torn down.
+    is still being torn down; with a bucket checkpoint, no writer outside the driver's lease
+    (each worker's fence, renewed through the coordinator).
 
 One small actor, the `Coordinator`, holds what the workers share: the cluster's one rate budget
 (`lease.RateBudget`: leases of a few request slots and tokens; a 429 anywhere slows everyone),
@@ -26,10 +27,13 @@ the workers' counts (the driver's one progress bar and the run summary) and the 
 provider's quota/auth stop, a failed shard or Ctrl-C on the driver reaches every worker within
 REPORT_EVERY_S; each commits what arrived, as the local engine does on a stop).
 
-Storage: the output and checkpoint folders must be the same path on every node: one machine, or
-a shared POSIX filesystem (NFS, ...) with flock and O_APPEND; object stores (s3://) are not
-supported for the checkpoint (the part files may go to s3://). `max_concurrency` is per worker: up to ray_workers * max_concurrency requests are in
-flight, all paced by the one rate limit. `pipeline` must be installed on every node.
+Storage: with a bucket checkpoint (`[output] checkpoint = "s3://..."`, pipeline.io.ckpt_bucket)
+and output, nothing needs a path every machine sees: each worker writes its shard's journal
+segments, part and commit record to the bucket. A folder checkpoint must be the same path on
+every node: one machine, or a shared POSIX filesystem (NFS, ...) with flock and O_APPEND. The
+manifest is read by every worker. `max_concurrency` is per worker: up to ray_workers *
+max_concurrency requests are in flight, all paced by the one rate limit. `pipeline` must be
+installed on every node.
 
 Planning: rows/s = min(requests_per_minute / 60, workers x rows/s per worker core, what the
 endpoint serves); `python -m bench.ray_bench` measures the middle term. A shard is the unit of
@@ -86,7 +90,7 @@ class RayExecutor(Executor):
     def execute(self, ckpt: Checkpoint, ready: Prepared) -> tuple[Counts, Stopped]:
         connected_here = _connect(self.job, self.console)
         try:
-            self.driver = _Driver(self, ready)
+            self.driver = _Driver(self, ready, ckpt)
             return self.host.run_loop(self.driver.run())
         finally:
             if connected_here:
@@ -115,8 +119,8 @@ def _connect(job: Job, console: Console) -> bool:
 class _Driver:
     """One run's driver loop: submits shard tasks, settles their results, polls the coordinator."""
 
-    def __init__(self, executor: RayExecutor, ready: Prepared) -> None:
-        self.executor, self.ready = executor, ready
+    def __init__(self, executor: RayExecutor, ready: Prepared, ckpt: Checkpoint) -> None:
+        self.executor, self.ready, self.ckpt = executor, ready, ckpt
         self.job, self.options, self.console = executor.job, executor.options, executor.console
         self.stopping = False
         self.stop_reason: StopJob | None = None
@@ -154,6 +158,7 @@ class _Driver:
             num_cpus=min(1.0, cpus / workers) if cpus else 1.0, max_retries=TASK_RETRIES, retry_exceptions=False
         )
         job_ref, plan_ref = ray.put(job), ray.put(self.ready.plan)
+        await self.coordinator.job_lease.remote(self.ckpt.fence.left())  # before any task asks
         worker_options = replace(self.options, restart=False, progress=False)
         queue: deque[Shard] = deque(self.ready.todo)
         running: dict[asyncio.Future[Any], Shard] = {}
@@ -224,6 +229,11 @@ class _Driver:
         self.console.say("stopping now; everything journaled so far is kept")
 
     async def _poll(self, bar: Progress) -> None:
+        try:
+            self.ckpt.fence()  # this run's lease on the job still holds ...
+        except OSError as exc:
+            self._failed(local_failure(exc, "keeping the job's lease"))
+        self.coordinator.job_lease.remote(self.ckpt.fence.left())  # ... and the workers write only within it
         state = await self.coordinator.state.remote()
         self.counts = Counts.merged([state["counts"]])
         self.in_flight = state.get("in_flight", 0)

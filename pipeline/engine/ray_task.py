@@ -9,6 +9,9 @@ reports its counts every REPORT_EVERY_S and hears back the budget's epoch (a 429
 everyone) and the run's stop flag (a provider's stop, a failed shard, Ctrl-C on the driver). Its
 breaker never trips on its own: its events go with each report to the coordinator's one
 ClusterVerdict (endpoint down, wrong job), whose news (an answer anywhere) come back with the reply.
+With a bucket checkpoint the reply also says how long the driver's lease on the job still holds:
+the task writes (segments, its part, its commit record) only within it (its checkpoint's fence), so
+a worker cut off from its driver stops writing before another run may take the job over.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import ray.exceptions
 
 from ..config import Job, LimitsConfig
 from ..errors import LocalFailure, StopJob
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.manifest import Plan, Shard
 from ..net.breaker import ClusterVerdict, SharedBreaker
 from .console import Console
@@ -52,6 +55,14 @@ class Coordinator:
         self.reports: dict[str, dict[str, Any]] = {}  # attempt -> its latest counts
         self.stopped: tuple[str, str] | None = None  # (kind, message)
         self.verdict = ClusterVerdict(limits.breaker_failures, limits.breaker_seconds, limits.breaker_refusals)
+        self.lease_until = -math.inf  # the driver's lease on the job, on this process's clock
+
+    def job_lease(self, left: float) -> None:
+        """The driver's lease on the job holds `left` seconds more (its checkpoint's fence)."""
+        self.lease_until = time.monotonic() + left
+
+    def job_lease_left(self) -> float:
+        return self.lease_until - time.monotonic()
 
     def lease(self, want: int, tokens: float, token_debt: float) -> dict[str, Any]:
         return self.budget.lease(want, tokens, token_debt)
@@ -68,7 +79,8 @@ class Coordinator:
         self.budget.correct(token_debt)
         if breaker is not None and (stop := self.verdict.hear(counts["shard"], breaker)) is not None:
             self.stop(*stop)
-        return {"epoch": self.budget.epoch, "stop": self.stopped, "breaker": self.verdict.news()}
+        return {"epoch": self.budget.epoch, "stop": self.stopped, "breaker": self.verdict.news(),
+                "lease": self.job_lease_left()}
 
     def running(self, shards: list[int], queued: int = 0) -> None:
         """The driver's shards in flight (the tasks whose breakers vote on a wrong job), and how many wait."""
@@ -124,8 +136,9 @@ def _sized_for_task(job: Job) -> Job:
 
 async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, coordinator: Any) -> dict[str, Any]:
     job = _sized_for_task(job)
-    ckpt = Checkpoint(job.checkpoint)
-    reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard)
+    ckpt = open_checkpoint(job.output)
+    ckpt.fence.hold_for(await coordinator.job_lease_left.remote())
+    reporter = _Reporter(coordinator, f"{shard.index}:{os.getpid()}:{uuid.uuid4().hex[:8]}", shard, ckpt)
     async with ckpt.shard_lock(shard.index):
         limiter = LeasedLimiter(ActorBudget(coordinator), job.limits)
         committed = ckpt.commits().get(shard.index)  # lets a lost journal fall back to the part file
@@ -152,8 +165,8 @@ async def _run_shard(job: Job, plan: Plan, shard: Shard, options: RunOptions, co
 class _Reporter:
     """A task's counts to the coordinator; back come the budget's epoch and the stop flag."""
 
-    def __init__(self, coordinator: Any, attempt: str, shard: Shard) -> None:
-        self.coordinator, self.attempt, self.shard = coordinator, attempt, shard
+    def __init__(self, coordinator: Any, attempt: str, shard: Shard, ckpt: Checkpoint) -> None:
+        self.coordinator, self.attempt, self.shard, self.ckpt = coordinator, attempt, shard, ckpt
 
     async def forever(self, engine: ShardEngine, limiter: LeasedLimiter) -> None:
         while True:
@@ -178,6 +191,7 @@ class _Reporter:
                                  kind="coordinator_lost"))
             return
         limiter.hear(reply["epoch"])
+        self.ckpt.fence.hold_for(reply["lease"])  # heard back: the driver's lease still holds this long
         if reply["stop"] is not None:
             breaker.trip()  # what it holds stays pending
             limiter.stop(StopJob(reply["stop"][1], kind=reply["stop"][0]))

@@ -350,7 +350,7 @@ class ShardEngine:
             self.ckpt.log_error(f"{time.strftime('%Y-%m-%d %H:%M:%S')} row {state.row_id}:\n{text}\n")
         if self.internal_errors == 1:
             self.console.say(f"note: row {state.row_id} met an internal error ({type(exc).__name__}: {exc}); it is "
-                             f"written as error_kind \"internal\" and the run goes on; traceback in {self.ckpt.errors_path}")
+                             f"written as error_kind \"internal\" and the run goes on; traceback in {self.ckpt.errors_where}")
         err = RowError(f"internal error ({type(exc).__name__}: {exc})", kind="internal")
         return error_row(state.row_id, err, attempts=state.attempts, cost=state.spent)
 

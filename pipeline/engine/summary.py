@@ -21,7 +21,7 @@ from typing import Any, Callable, Union
 
 from ..config import Job
 from ..config.urls import display
-from ..errors import LocalFailure, StopJob, local_failure
+from ..errors import JobError, LocalFailure, StopJob, local_failure
 from ..io.checkpoint import Checkpoint, dataset_state
 from ..io.manifest import Plan
 from ..tools.status import token_detail
@@ -78,7 +78,7 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
     the run is run again (a command, or a Python call)."""
     try:
         state = dataset_state(plan, ckpt.commits())
-    except OSError as exc:
+    except (OSError, JobError) as exc:
         stopped = local_failure(exc, "reading the commit records")
         state = dataset_state(plan, {})
     if stopped is None and state["pending"]:  # never 0 (or 1) while a row has no result
@@ -91,8 +91,9 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
                               "local": isinstance(stopped, LocalFailure)}
     try:
         ckpt.write_summary(summary)  # last_run.json, and a line of runs.jsonl (the history a report shows)
-    except OSError as exc:
-        console.say(f"error: could not write {ckpt.summary_path} ({exc.strerror}); the summary is only printed below")
+    except (OSError, JobError) as exc:  # a full disk, a bucket that refuses the write
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        console.say(f"error: could not write {ckpt.summary_where} ({reason}); the summary is only printed below")
         code = EXIT_LOCAL_FAILURE if code in (EXIT_OK, EXIT_FAILED_ROWS) else code
     _say_summary(job, state, counts, ended - started, stopped, code, console, again, summary)
     return code, summary

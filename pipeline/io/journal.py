@@ -1,10 +1,15 @@
 """The journal: every result appended as it arrives, one JSON line per row, per shard.
 
+`Journal` is what the engine writes answers through; a folder checkpoint's is `FileJournal`
+(here), a bucket checkpoint's `SegmentJournal` (pipeline.io.segments: one object per shard per
+flush). Both are read back as JSON lines by `parse_lines`, later lines winning.
+
 Lines are written with one `write` straight to the file (in the OS's hands: a killed process
 loses nothing written) and fsynced as a group every `SYNC_INTERVAL_S` (a power cut loses at most
 that much): the durable append of pipeline.io.durable, its descriptors kept open and its fsyncs
 gathered. The checkpoint (pipeline.io.checkpoint) says where the journal folder is. The journal is the source of truth for answers: part files are rebuilt from it, so it
-is kept after a shard is committed. A torn last line (a crash mid-write) is cut off on reading.
+is kept after a shard is committed, compacted (pipeline.io.segments). A torn last line (a crash
+mid-write) is cut off on reading.
 Later lines win: a retried row's new result replaces its old one.
 """
 
@@ -14,8 +19,9 @@ import asyncio
 import contextlib
 import errno
 import os
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn, Protocol
 
 import orjson
 import pyarrow as pa
@@ -25,9 +31,25 @@ from ..crashpoints import crash_point
 from ..records import ResultRow
 from .durable import open_append, read_lines, write_all
 
-__all__ = ["Journal", "read_journal_table", "latest_per_id", "journal_path", "SYNC_INTERVAL_S"]
+__all__ = ["Journal", "FileJournal", "read_journal_table", "parse_lines", "latest_per_id", "journal_path",
+           "SYNC_INTERVAL_S"]
 
 SYNC_INTERVAL_S = 0.2
+
+
+class Journal(Protocol):
+    """Where answers go as they arrive. Failure contract (both kinds): the first failure is kept
+    in `failure` (an OSError naming where) and handed to `on_failure`; every later call raises it."""
+
+    failure: OSError | None
+
+    def append(self, shard: int, row: ResultRow) -> None: ...
+    def flush_before_send(self) -> None: ...  # before each request: what must be stored before one leaves
+    def flush(self) -> None: ...
+    def sync(self) -> None: ...  # everything appended is durable when it returns
+    def sync_forever(self) -> Coroutine[Any, Any, None]: ...  # the run's background task
+    def close_shard(self, shard: int) -> None: ...  # the shard's lines durable, before its commit
+    def close(self) -> None: ...
 
 
 def journal_path(folder: Path, shard: int) -> Path:
@@ -35,13 +57,17 @@ def journal_path(folder: Path, shard: int) -> Path:
 
 
 def read_journal_table(folder: Path, shard: int, schema: pa.Schema, *, repair: bool = False) -> pa.Table:
-    """Every whole line of a shard's journal as an Arrow table (superseded lines included);
-    `repair`: the torn tail a crash left is cut from the file too (by its one writer only).
+    """Every whole line of a shard's journal file as an Arrow table (superseded lines included);
+    `repair`: the torn tail a crash left is cut from the file too (by its one writer only)."""
+    return parse_lines(read_lines(journal_path(folder, shard), repair=repair), schema)
+
+
+def parse_lines(data: bytes | None, schema: pa.Schema) -> pa.Table:
+    """Whole JSON lines as an Arrow table of `schema` (other keys ignored, missing ones null).
 
     Parsed by Arrow in C++: a 10,000-row shard costs no Python object per row, which is what
     keeps a long run's memory flat. Falls back to line-by-line parsing if a line is damaged.
     """
-    data = read_lines(journal_path(folder, shard), repair=repair)
     if not data:
         return pa.Table.from_batches([], schema=schema)  # not empty_table(): it imports pandas (~40 MB)
     try:
@@ -73,7 +99,7 @@ def latest_per_id(lines: pa.Table) -> pa.Table:
     return lines.take(pa.array(sorted(last.values()), pa.int64()))
 
 
-class Journal:
+class FileJournal:
     """Appends for many shards; one open file per shard in progress.
 
     Lines arriving in one turn of the event loop are gathered and written with one `write` per

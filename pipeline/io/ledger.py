@@ -2,6 +2,7 @@
 
     ledger = ckpt.ledger()
     path = ledger.write_file(name, data)    # the batch file, atomically, in the checkpoint
+    data = ledger.read_file(path)           # ... and back, to upload it
     ledger.planned(name, rows, path)        # the batch file is written; its rows are spoken for
     ledger.uploaded(name, file_id)          # after POST /v1/files
     ledger.created(name, batch_id)          # after POST /v1/batches
@@ -9,9 +10,10 @@
     ledger.collected(name)                  # its answers are journaled: it is over
     batches = ledger.batches()              # every batch, folded from the records, in order
 
-One JSON line per event in `<checkpoint>/batches.jsonl`, appended and fsynced (the durable append
-of pipeline.io.durable) before the step it records is built upon; the checkpoint names the file and
-the folder of batch files. A crash between a provider call and its record is what resume must
+One JSON record per event, durable before the step it records is built upon: in a folder
+checkpoint a line of `<checkpoint>/batches.jsonl` (appended and fsynced), in a bucket one object
+each (`<checkpoint>/ledger/`, numbered in order); the checkpoint gives the `Events` and the folder
+of batch files. A crash between a provider call and its record is what resume must
 allow for: a file uploaded but not recorded is uploaded again (files cost nothing), and a batch
 created but not recorded is found again by its name in the batch's metadata, never created twice
 (pipeline.engine.batch). A torn last line (a crash mid-append) is cut when the ledger is next read
@@ -22,11 +24,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from .store import LocalStore
+from .store import Store
 
-__all__ = ["Ledger", "Batch", "TERMINAL"]
+__all__ = ["Ledger", "Batch", "Events", "TERMINAL"]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")  # a batch in these states does no more work
 
@@ -48,15 +50,21 @@ class Batch:
         return not self.collected
 
 
+class Events(Protocol):
+    """An append-only log of records, durable when `append` returns, read back in order."""
+
+    def append(self, data: bytes) -> None: ...
+    def entries(self) -> list[bytes]: ...
+
+
 class Ledger:
-    def __init__(self, store: LocalStore, name: str, files: str) -> None:
-        self.store = store  # the checkpoint's, which names the ledger and its folder of batch files
-        self.name = name
-        self.files = store.child(files)
+    def __init__(self, events: Events, files: Store) -> None:
+        self.events = events  # the checkpoint's, as are its folder of batch files
+        self.files = files
         self._folded: dict[str, Batch] | None = None  # read once; each append is folded in as written
 
     def _append(self, record: dict[str, Any]) -> None:
-        self.store.append(self.name, (json.dumps(record, ensure_ascii=False) + "\n").encode(), exclusive=True)
+        self.events.append(json.dumps(record, ensure_ascii=False).encode())
         if self._folded is not None:
             _fold(self._folded, record)
 
@@ -64,6 +72,13 @@ class Ledger:
         """A batch file, written atomically before `planned` records it; returns its path."""
         self.files.write(name, data)
         return self.files.where(name)
+
+    def read_file(self, path: str) -> bytes:
+        """A batch file written by `write_file` (FileNotFoundError when it is gone)."""
+        data = self.files.read(path.rsplit("/", 1)[-1])
+        if data is None:
+            raise FileNotFoundError(path)
+        return data
 
     def planned(self, name: str, rows: list[tuple[int, str]], path: str) -> None:
         self._append({"event": "planned", "name": name, "rows": rows, "path": str(path)})
@@ -88,8 +103,7 @@ class Ledger:
         once; the ledger's own appends keep the fold current (one run holds the job's lock)."""
         if self._folded is None:
             self._folded = {}
-            lines = (self.store.read_lines(self.name, repair=True, exclusive=True) or b"").splitlines()
-            for line in lines:
+            for line in self.events.entries():
                 try:
                     _fold(self._folded, json.loads(line))
                 except ValueError:

@@ -4,38 +4,33 @@
     store.write("part-000003.parquet", data)    # whole or not at all: Written(size, digest, etag)
     store.create("_pipeline_job.json", data)    # only if absent, else FileExistsError
     store.read("plan.json")                     # bytes, None when missing
+    store.read_many(names)                      # {name: bytes} of those there (a bucket: at once)
     store.listing()                             # {name: Entry(size, etag)} of the files in it
     with store.open("part-000003.parquet") as f: pq.read_table(f)    # FileNotFoundError: missing
-    store.remove(name); store.child("journal"); store.clear()
+    store.remove(name); store.remove_many(names); store.child("journal"); store.clear()
+    bucket.replace("lock", data, if_match=etag); bucket.stat(name); bucket.walk()   # FsspecStore only
 
 `LocalStore` is a POSIX folder (pipeline.io.durable: temporary name, fsync, rename, fsync of the
 folder; O_EXCL for a create). It alone can also append durably (`append`: O_APPEND of whole lines
 and fsync, under a flock where several processes append) and cut a torn tail (`read_lines`).
 
 `FsspecStore` is an fsspec URL (s3://, gs://, az://, memory://, ...). An object is visible whole
-or not at all, so a write is one put of the complete bytes (a multipart upload above 100 MB is
-still whole-or-nothing) and needs no temporary name. A create is a conditional put
-(`pipe_file(mode="create")`: S3 `If-None-Match: *`, GCS generation-match 0, Azure
-`If-None-Match`); a failed condition (HTTP 412) is FileExistsError. What a bucket cannot do: there
-is no append (a log becomes immutable objects, one per flush, read back by listing them), no fsync
-(a put that returned is durable; nothing is durable before), no flock and no rename (a lock becomes
-a lease object: created conditionally, renewed by compare-and-swap on its ETag). fsspec's
-generic `pipe_file(mode="create")` checks existence then writes, which is not atomic: only
-backends that send the condition to the server (s3fs, gcsfs, adlfs 2024.12+) make a create safe
-between two machines. Listings carry the ETag, and a write returns it, so a compare-and-swap
-replace (S3 `If-Match`, GCS `ifGenerationMatch`) has what it needs: s3fs passes a single-part
-`pipe_file`'s extra keywords to `put_object` (`IfMatch=etag`), and its 412 then comes back as an
-OSError(EINVAL), not FileExistsError (s3fs maps only the If-None-Match condition).
+or not at all: a write is one put of the complete bytes. A create is a conditional put (S3
+`If-None-Match: *`; a 412 is FileExistsError); `replace` a compare-and-swap (s3fs passes a
+single-part `pipe_file`'s extra keywords to `put_object`: `IfMatch=etag`; its 412 comes back as
+OSError(EINVAL), made a `Conflict` here, in one place). fsspec's generic create checks then writes,
+not atomic: `conditional` says whether the backend sends both conditions to its server (`SWAPS`).
+A `guard` runs before every change an FsspecStore makes (a bucket checkpoint's lease fence).
 
-fsspec and its backend are imported only for a URL. Credentials come from the backend's usual
-sources (AWS_*, ~/.aws, ...) or from `storage_options`; those values are scrubbed from every
-message, and a bucket's failures become a one-line JobError in ONE place, `FsspecStore._call`
-(a local folder's failures stay OSErrors: the engine words a full disk as a local failure).
+fsspec and its backend are imported only for a URL. Credentials (pipeline.io.credentials) are
+scrubbed from every message, and a bucket's failures become a one-line JobError in ONE place,
+`FsspecStore._call` (a local folder's failures stay OSErrors: the engine words a full disk).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -44,13 +39,22 @@ from typing import IO, Any, ContextManager, NamedTuple, Protocol, TypeVar
 
 from ..config.urls import check_url, display
 from ..errors import JobError
-from ..redact import Redactor, storage_secrets
+from .credentials import Secrets, storage_failure, storage_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
-__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "open_store", "storage_failure"]
+__all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "Conflict", "open_store", "storage_secrets",
+           "storage_failure"]
 
 T = TypeVar("T")
 Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing them into a file
+# fsspec backends that send If-None-Match and If-Match to the server (a create and a compare-and-swap
+# another machine can rely on), by their filesystem class
+SWAPS = ("s3fs.core.S3FileSystem",)
+_SEEN: set[str] = set()  # buckets found to exist
+
+
+class Conflict(Exception):
+    """A compare-and-swap found the object changed (or gone) since its ETag was read: HTTP 412."""
 
 
 class Entry(NamedTuple):
@@ -73,8 +77,10 @@ class Store(Protocol):
     def open(self, name: str) -> ContextManager[Any]: ...  # a binary file pyarrow reads
     def write(self, name: str, data: Data, *, digest: bool = False,
               before_replace: Callable[[], None] | None = None) -> Written: ...  # whole or not at all
-    def create(self, name: str, data: bytes) -> None: ...  # whole, only if absent: else FileExistsError
+    def create(self, name: str, data: bytes) -> Written: ...  # whole, only if absent: else FileExistsError
+    def read_many(self, names: list[str]) -> dict[str, bytes]: ...  # those there; a bucket fetches them at once
     def remove(self, name: str) -> None: ...
+    def remove_many(self, names: list[str]) -> None: ...
     def clear(self) -> None: ...  # every object in it (a child's too, locally)
     def digest(self, name: str) -> str | None: ...  # of its bytes where reading them is cheap; None in a bucket
     def secrets(self) -> list[str]: ...
@@ -88,30 +94,7 @@ def open_store(location: Path | str, options: Mapping[str, Any] | None = None, l
     return LocalStore(location, options)
 
 
-def storage_failure(label: str, what: str, place: str, exc: BaseException, options: Mapping[str, Any],
-                    then: str) -> JobError:
-    """The one shape of a backend's failure: one line naming the setting, what was done where, the
-    backend's own words with every secret scrubbed, and what to check (the output's store and the
-    input's sources both say it so)."""
-    if isinstance(exc, JobError):
-        return exc
-    detail = " ".join(str(exc).split()) or type(exc).__name__
-    scrubbed = Redactor(storage_secrets(options), placeholder="[secret]").scrub(detail)
-    return JobError(f"{label}: could not {what} {place}: {scrubbed} ({type(exc).__name__}); check the URL, the "
-                    f"credentials and {label.split()[0]} storage_options, then {then}")
-
-
-class _Secrets:
-    _options: dict[str, Any]
-
-    def secrets(self) -> list[str]:
-        return storage_secrets(self._options)
-
-    def scrub(self, message: str) -> str:
-        return Redactor(self.secrets(), placeholder="[secret]").scrub(message)
-
-
-class LocalStore(_Secrets):
+class LocalStore(Secrets):
     """A POSIX folder, made on the first write."""
 
     def __init__(self, folder: Path, options: Mapping[str, Any] | None = None) -> None:
@@ -120,9 +103,6 @@ class LocalStore(_Secrets):
 
     def __str__(self) -> str:
         return str(self.folder)
-
-    def path(self, name: str) -> Path:
-        return self.folder / name
 
     def where(self, name: str) -> str:
         return str(self.folder / name)
@@ -172,8 +152,12 @@ class LocalStore(_Secrets):
               before_replace: Callable[[], None] | None = None) -> Written:
         return atomic_write(self.folder / name, data, digest=digest, before_replace=before_replace)
 
-    def create(self, name: str, data: bytes) -> None:
+    def create(self, name: str, data: bytes) -> Written:
         create_exclusive(self.folder / name, data)
+        return Written(len(data))
+
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        return {name: data for name in names if (data := self.read(name)) is not None}
 
     def append(self, name: str, data: bytes, *, exclusive: bool = False, sync: bool = True) -> None:
         """Whole lines, durable when it returns (pipeline.io.durable.durable_append)."""
@@ -185,6 +169,10 @@ class LocalStore(_Secrets):
     def remove(self, name: str) -> None:
         (self.folder / name).unlink(missing_ok=True)
 
+    def remove_many(self, names: list[str]) -> None:
+        for name in names:
+            self.remove(name)
+
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -192,15 +180,17 @@ class LocalStore(_Secrets):
         return file_digest(self.folder / name)
 
 
-class FsspecStore(_Secrets):
+class FsspecStore(Secrets):
     """A folder in an fsspec filesystem (`s3://bucket/prefix`), reached on first use."""
 
-    def __init__(self, url: str, options: Mapping[str, Any] | None = None, label: str = "[output] path") -> None:
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None, label: str = "[output] path",
+                 guard: Callable[[], None] | None = None) -> None:
         self.url = url.rstrip("/")
         self.label = label  # which setting the messages name
         self._options = dict(options or {})
         self._fs: Any = None
         self._root = ""
+        self.guard = guard  # runs before every change (raises to refuse it)
 
     def __str__(self) -> str:
         return display(self.url)
@@ -209,7 +199,17 @@ class FsspecStore(_Secrets):
         return f"{self}/{name}"
 
     def child(self, name: str) -> FsspecStore:
-        return FsspecStore(f"{self.url}/{name}", self._options, self.label)
+        return FsspecStore(f"{self.url}/{name}", self._options, self.label, self.guard)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether its backend sends If-None-Match and If-Match to the server (see SWAPS)."""
+        cls = type(self._remote()[0])
+        return f"{cls.__module__}.{cls.__qualname__}" in SWAPS
+
+    def _change(self) -> None:
+        if self.guard is not None:
+            self.guard()
 
     def make(self) -> bool:
         return False  # a bucket has no folders: the first object makes the prefix
@@ -256,9 +256,10 @@ class FsspecStore(_Secrets):
                 entries = fs.ls(root, detail=True, refresh=True)
             except FileNotFoundError:
                 bucket = root.split("/")[0]
-                if bucket and bucket != root and not fs.exists(bucket):
+                if bucket and bucket != root and bucket not in _SEEN and not fs.exists(bucket):
                     raise JobError(f"{self.label}: {bucket} does not exist at {self}; create it (or fix the URL), "
                                    f"then run again") from None
+                _SEEN.add(bucket)  # asked once per process (a checkpoint lists many folders not made yet)
                 return {}  # the folder is made by the first write
             found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: Entry(int(e.get("size") or 0), _etag_of(e))
                      for e in entries if e.get("type") == "file"}
@@ -285,30 +286,87 @@ class FsspecStore(_Secrets):
         except Exception as exc:  # noqa: BLE001 - every backend's failure type is foreign here
             raise self._translated(f"read {name} in", exc) from None
 
+    def read_many(self, names: list[str]) -> dict[str, bytes]:
+        """Fetched side by side (fsspec's `cat` of a list); those missing are left out."""
+        fs, root = self._remote()
+        got = self._call("read", lambda: fs.cat([f"{root}/{n}" for n in names], on_error="return")) if names else {}
+        out = {path.rsplit("/", 1)[-1]: data for path, data in got.items() if not isinstance(data, FileNotFoundError)}
+        if (bad := next((d for d in out.values() if isinstance(d, Exception)), None)) is not None:
+            raise self._translated("read objects in", bad)
+        return out
+
     def write(self, name: str, data: Data, *, digest: bool = False,
               before_replace: Callable[[], None] | None = None) -> Written:
         """One put of the whole object; `before_replace` never runs (a put has no moment between
         written and visible)."""
         body = _bytes_of(data)
         fs, path = self._remote()[0], self._path(name)
+        self._change()
         reply = self._call(f"write {name} in", lambda: fs.pipe_file(path, body))
-        etag = _etag_of(reply) if isinstance(reply, Mapping) else None
-        if etag is None:  # a multipart upload (or a backend) that does not say: ask
-            etag = _etag_of(self._call(f"look up {name} in", lambda: fs.info(path, refresh=True)))
+        return self._written(name, path, body, reply, digest)
+
+    def _written(self, name: str, path: str, body: bytes, reply: Any, digest: bool = False) -> Written:
+        etag = _etag_of(reply) if isinstance(reply, Mapping) else None  # else (a multipart upload): ask
+        etag = etag or _etag_of(self._call(f"look up {name} in", lambda: self._remote()[0].info(path, refresh=True)))
         return Written(len(body), bytes_digest(body) if digest else None, etag)
 
-    def create(self, name: str, data: bytes) -> None:
+    def create(self, name: str, data: bytes) -> Written:
         fs, path = self._remote()[0], self._path(name)
-        self._call(f"create {name} in", lambda: fs.pipe_file(path, data, mode="create"), (FileExistsError,))
+        self._change()
+        reply = self._call(f"create {name} in", lambda: fs.pipe_file(path, data, mode="create"), (FileExistsError,))
+        return self._written(name, path, data, reply)
+
+    def replace(self, name: str, data: bytes, *, if_match: str) -> Written:
+        """Write `name` only if its ETag is still `if_match` (S3 If-Match on one put), else Conflict."""
+        fs, path = self._remote()[0], self._path(name)
+        self._change()
+        try:
+            reply = fs.pipe_file(path, data, IfMatch=f'"{if_match}"')
+        except Exception as exc:  # noqa: BLE001 - every backend's failure type is foreign here
+            if _precondition_failed(exc):
+                raise Conflict(f"{self.where(name)} changed since it was read") from None
+            if isinstance(exc, FileNotFoundError):  # gone: no ETag can match
+                raise Conflict(f"{self.where(name)} is gone") from None
+            raise self._translated(f"replace {name} in", exc) from None
+        return self._written(name, path, data, reply)
+
+    def stat(self, name: str) -> Entry | None:
+        """Its size and ETag, asked of the server now (None when missing)."""
+        fs, path = self._remote()[0], self._path(name)
+        try:
+            info = self._call(f"look up {name} in", lambda: fs.info(path, refresh=True), (FileNotFoundError,))
+        except FileNotFoundError:
+            return None
+        return Entry(int(info.get("size") or 0), _etag_of(info))
+
+    def walk(self) -> list[str]:
+        """Every object under it, child folders' too, relative to it, in one (paged) listing."""
+        fs, root = self._remote()
+        fs.invalidate_cache(root)  # another process (a Ray worker) may have written since
+        return sorted(p[len(root) + 1:] for p in self._call("list", lambda: fs.find(root)))
 
     def remove(self, name: str) -> None:
         fs, path = self._remote()[0], self._path(name)
+        self._change()
         with contextlib.suppress(FileNotFoundError):
             self._call(f"remove {name} from", lambda: fs.rm_file(path), (FileNotFoundError,))
 
+    def remove_many(self, names: list[str]) -> None:
+        """One request per thousand names where the backend can (S3 DeleteObjects)."""
+        fs, root = self._remote()
+        if not names:
+            return
+        self._change()
+        with contextlib.suppress(FileNotFoundError):
+            self._call("remove objects from", lambda: fs.rm([f"{root}/{n}" for n in names]), (FileNotFoundError,))
+
     def clear(self) -> None:
-        for name in self.names():
-            self.remove(name)
+        """Every object under it, child folders' too."""
+        fs, root = self._remote()
+        self._change()
+        fs.invalidate_cache(root)  # another process (a Ray worker) may have written since
+        with contextlib.suppress(FileNotFoundError):
+            self._call("clear", lambda: fs.rm(root, recursive=True), (FileNotFoundError,))
 
     def digest(self, name: str) -> str | None:
         return None  # reading every object back would cost a download each; an ETag stands in
@@ -322,6 +380,14 @@ def _bytes_of(data: Data) -> bytes:
     sink = pa.BufferOutputStream()
     data(sink)
     return bytes(sink.getvalue().to_pybytes())
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A failed If-Match, as s3fs raises it: OSError(EINVAL) caused by a PreconditionFailed (412)."""
+    response = getattr(exc.__cause__, "response", None)
+    if isinstance(response, Mapping):
+        return (response.get("Error") or {}).get("Code") == "PreconditionFailed"
+    return isinstance(exc, OSError) and exc.errno == errno.EINVAL and "pre-condition" in str(exc).lower()
 
 
 def _etag_of(info: Mapping[str, Any]) -> str | None:

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from ..config import DEFAULT_OUTPUT_TOKENS, Auto, Job
 from ..errors import InputError, JobError
 from ..net.limiter import AUTO_START_RPM
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.checks import SHOW
 from ..io.manifest import (
     Plan,
@@ -280,7 +280,7 @@ def _print(job: Job, plan: Plan | None, report: Report, out: TextIO) -> None:
     say(f"manifest: {job.input.display}, {report.rows} rows in {len(plan.shards)} shard(s); "
         f"{good} ready, {report.bad_rows} would fail")
     _say_source(plan, report, say)
-    done = _rows_done(Checkpoint(job.checkpoint))
+    done = _rows_done(open_checkpoint(job.output))
     if done:
         say(f"checkpoint: {done} rows already have a result; a run sends only the others (the estimates cover all rows)")
     if report.problems:

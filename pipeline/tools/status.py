@@ -1,4 +1,5 @@
-"""Status: a job's progress read from its checkpoint alone; nothing is sent, nothing is locked."""
+"""Status: a job's progress read from its checkpoint alone; nothing is sent, locked or repaired
+(a run may be going on: a folder's torn tail is left for the run to cut, a bucket's lease untouched)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow as pa
 from ..config import Job
 from ..config.urls import display
 from ..errors import ErrorKind
-from ..io.checkpoint import Checkpoint, dataset_state
+from ..io.checkpoint import Checkpoint, dataset_state, open_checkpoint
 from ..io.journal import latest_per_id
 from ..io.ledger import TERMINAL
 
@@ -20,11 +21,11 @@ _IDS = pa.schema([("id", pa.string())])
 
 
 def job_status(job: Job) -> dict[str, Any]:
-    ckpt = Checkpoint(job.checkpoint)
+    ckpt = open_checkpoint(job.output)
     plan = ckpt.load_plan()
     if plan is None:
-        return {"job": job.name, "started": False, "checkpoint": str(ckpt.folder)}
-    commits = ckpt.commits()
+        return {"job": job.name, "started": False, "checkpoint": str(ckpt)}
+    commits = ckpt.peek_commits()
     state = dataset_state(plan, commits)
     # Answers journaled but not yet in a part file (a killed run): count them as done-uncommitted.
     journaled = 0
@@ -36,7 +37,8 @@ def job_status(job: Job) -> dict[str, Any]:
     return {
         "job": job.name,
         "started": True,
-        "checkpoint": str(ckpt.folder),
+        "checkpoint": str(ckpt),
+        "resume_bound": ckpt.bound,
         "output": display(job.output.path),
         **state,
         "journaled_uncommitted": journaled,
@@ -60,6 +62,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"spent: {report['spend']:.4f} (from [pricing])")
     if report["journaled_uncommitted"]:
         lines.append(f"answers kept but not yet written to the output: {report['journaled_uncommitted']} (the next run writes them)")
+    if report.get("resume_bound"):
+        lines.append(f"checkpoint: {report['checkpoint']}; after a kill -9, a run sends again {report['resume_bound']}")
     last = report.get("last_run")
     if last:
         fmt = "%Y-%m-%d %H:%M:%S"

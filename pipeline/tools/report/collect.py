@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from ...config import Job
 from ...config.urls import display
 from ...errors import PipelineError
-from ...io.checkpoint import Checkpoint, dataset_state
+from ...io.checkpoint import Checkpoint, dataset_state, open_checkpoint
 from ...io.references import DIGEST_PREFIX, holds_bytes
 from ...io.storage import PartStore
 from ...redact import Redactor, secret_name
@@ -71,7 +71,7 @@ def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) 
     figures' ranges, the second bins the figures and takes the rows the page holds."""
     store = PartStore.for_output(job.output)
     names = sorted(n for n in store.names() if n.startswith("part-") and n.endswith(".parquet"))
-    ckpt = Checkpoint(job.checkpoint)
+    ckpt = open_checkpoint(job.output)
     plan = ckpt.load_plan()
     labels = list(job.labels.schema.get("properties", {})) if job.labels is not None else []
     figures = Figures(labels)
@@ -91,7 +91,7 @@ def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) 
         job=job.name, output=display(job.output.path), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"), rows=rows,
         total=sizes.n, sampling=pick.sampling, labels=[name for name in labels if name in figures.present],
         image_column=job.input.image_column, prompt_column=job.input.prompt_column, figures=figures,
-        state=dataset_state(plan, ckpt.commits()) if plan is not None else {},
+        state=dataset_state(plan, ckpt.peek_commits()) if plan is not None else {},
         settings=settings(job), history=[_run(r) for r in ckpt.history()],
     )
 
