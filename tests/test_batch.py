@@ -227,16 +227,14 @@ def test_retry_failed_sends_only_the_failed_rows_in_a_new_batch(tmp_path: Path, 
 def test_a_ledger_record_after_a_torn_one_is_kept(tmp_path: Path) -> None:
     """A crash mid-append leaves a torn last line in batches.jsonl. The next run's record must not
     be glued onto it (and lost with it): a lost `planned` record re-buys that batch's rows."""
-    from pipeline.io.ledger import Ledger
-    from pipeline.io.store import LocalStore
+    from pipeline.io.checkpoint import FolderCheckpoint
 
-    store = LocalStore(tmp_path / "ckpt")
-    first = Ledger(store, "batches.jsonl", "batch-files")
+    first = FolderCheckpoint(tmp_path / "ckpt").ledger()
     first.planned("b1", [(0, "r0")], "p1")
     with open(tmp_path / "ckpt" / "batches.jsonl", "ab") as f:
         f.write(b'{"event": "uploaded", "name": "b1", "fi')  # killed mid-append
-    second = Ledger(store, "batches.jsonl", "batch-files")  # the next run
+    second = FolderCheckpoint(tmp_path / "ckpt").ledger()  # the next run
     assert [b.name for b in second.batches()] == ["b1"]
     second.planned("b2", [(0, "r1")], "p2")
-    third = Ledger(store, "batches.jsonl", "batch-files")
+    third = FolderCheckpoint(tmp_path / "ckpt").ledger()
     assert [(b.name, b.rows) for b in third.batches()] == [("b1", [(0, "r0")]), ("b2", [(0, "r1")])]

@@ -414,7 +414,7 @@ def test_a_large_image_folder_plan_is_packed_and_reads_each_shard_from_an_index(
     """An image folder's plan has one file a row: past PACK_FILES files plan.json holds them packed
     (a million images: 9.4 MB, not 106 MB), and a shard's images come from an index made once
     (not a scan of every file of the plan for each shard)."""
-    from pipeline.io.checkpoint import _json
+    from pipeline.io.ckpt_base import dumps as _json
     from pipeline.io.plan import PACK_FILES, load_plan_dict
 
     n = PACK_FILES + 300

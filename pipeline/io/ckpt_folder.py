@@ -38,7 +38,7 @@ from ..crashpoints import crash_point
 from ..errors import LockedError, local_failure
 from ..records import CommitRecord
 from .ckpt_base import JOURNAL, Checkpoint, parse_commit_lines
-from .durable import fsync_dir
+from .durable import durable_move
 from .journal import FileJournal, journal_path, read_journal_table
 from .segments import Pieces
 from .store import LocalStore
@@ -171,9 +171,7 @@ class FolderCheckpoint(Checkpoint):
         elif size is not None:
             folder = self.journal_dir / f"shard-{shard:06d}"
             folder.mkdir(exist_ok=True)
-            os.rename(live, folder / pieces.segment_name("local"))
-            fsync_dir(folder)
-            fsync_dir(self.journal_dir)
+            durable_move(live, folder / pieces.segment_name("local"))
             crash_point("after_seal")
         pieces.compact()
 

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, NamedTuple
 
-__all__ = ["Written", "atomic_file", "atomic_write", "durable_append", "open_append", "write_all",
+__all__ = ["Written", "durable_move", "atomic_file", "atomic_write", "durable_append", "open_append", "write_all",
            "read_lines", "create_exclusive", "fsync_dir", "file_digest", "bytes_digest", "named", "DIGEST_BYTES"]
 
 DIGEST_BYTES = 16
@@ -72,6 +72,14 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def durable_move(source: Path, target: Path) -> None:
+    """A whole file given another name (in the same filesystem), durable in both folders."""
+    os.rename(source, target)
+    fsync_dir(target.parent)
+    if source.parent != target.parent:
+        fsync_dir(source.parent)
 
 
 @contextmanager
