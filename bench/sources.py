@@ -139,7 +139,7 @@ def run_sources_bench() -> dict[str, Any]:
     """)
     image_folder = _measure("""
         from pipeline.config import InputConfig
-        from pipeline.io.checkpoint import _json
+        from pipeline.io.ckpt_base import dumps as _json
         from pipeline.io.plan import FileInfo, load_plan_dict
         from pipeline.io.sources.images import ImageSource
         from pipeline.io.sources.location import Listing
