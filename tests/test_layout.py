@@ -90,7 +90,7 @@ def test_no_import_circles() -> None:
 # Each layer may import the layers before it, never one after: the folders read bottom-up.
 LAYERS = [
     {"pipeline.errors", "pipeline.records", "pipeline.redact", "pipeline.lifeline", "pipeline.crashpoints",
-     "pipeline.durations"},
+     "pipeline.durations", "pipeline.waits"},
     {"pipeline.config"},
     {"pipeline.io"},
     {"pipeline.net"},

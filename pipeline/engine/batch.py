@@ -48,6 +48,7 @@ from .sender import error_row
 from .shard import make_labels
 from .counts import Counts, Live
 from .summary import Stopped, Waiting
+from ..waits import wait_event
 
 __all__ = ["BatchExecutor"]
 
@@ -146,10 +147,7 @@ class _BatchRun:
                     if not self.wait:
                         self.stopped = Waiting(len(running), sum(len(b.rows) for b in running))
                         return
-                    try:
-                        await asyncio.wait_for(self.stopping.wait(), wait_s)
-                    except asyncio.TimeoutError:
-                        pass
+                    await wait_event(self.stopping, wait_s)
                     wait_s = min(job.run.poll_s, wait_s * POLL_GROWTH)
             finally:
                 await builder.aclose()

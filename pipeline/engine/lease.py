@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from ..config import LimitsConfig
 from ..errors import StopJob
 from ..net.limiter import LATE_S, Limiter
+from ..waits import wait_event
 
 __all__ = ["RateBudget", "LeasedLimiter", "RateBudgetHandle", "LEASE_S", "SLOT_EXPIRY_S"]
 
@@ -249,10 +250,7 @@ class LeasedLimiter:
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
-            try:
-                await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._stopped, seconds)
         self._check_stop()
 
     def _check_stop(self) -> None:

@@ -113,7 +113,8 @@ async def _command(cfg: NotifyConfig, body: bytes) -> None:
         *cfg.command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         start_new_session=True)  # its own group: a timeout kills what it started too
     try:
-        out = await asyncio.wait_for(_talk(proc, body), cfg.timeout_s)
+        async with asyncio.timeout(cfg.timeout_s):  # not wait_for: pipeline.waits
+            out = await _talk(proc, body)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -23,7 +23,6 @@ A final ok answer (the `[labels]` check passed) is stored, its secrets scrubbed;
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -53,6 +52,7 @@ from ..rows.pricing import (
 )
 from ..rows.request import Built, RequestBuilder
 from .summary import Counts
+from ..waits import wait_event
 
 if TYPE_CHECKING:
     from ..rows.labels import Labels
@@ -223,8 +223,7 @@ class RowSender:
                 outcome = await self._attempt(state, built.body, held, sent_at, tokens)
             if not isinstance(outcome, float):
                 return outcome
-            with contextlib.suppress(asyncio.TimeoutError):  # a stop ends the wait at once
-                await asyncio.wait_for(self.stopping.wait(), outcome)
+            await wait_event(self.stopping, outcome)  # a stop ends the wait at once
         return None
 
     async def _attempt(self, state: RowState, body: bytes, held: float, sent_at: float,

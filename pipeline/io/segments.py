@@ -45,6 +45,7 @@ from ..errors import JobError
 from ..records import ResultRow
 from .journal import parse_lines
 from .store import Store
+from ..waits import wait_event
 
 __all__ = ["Pieces", "SegmentJournal", "ObjectLog", "SEGMENT", "StoreWriteError"]
 
@@ -271,8 +272,7 @@ class SegmentJournal:
         self._wake = wake = asyncio.Event()
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.flush_s)
+                await wait_event(wake, self.flush_s)
                 wake.clear()
                 if not self._pending:
                     continue

@@ -40,12 +40,12 @@ tests are tables. On a Ray cluster the verdicts are the cluster's (`SharedBreake
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from typing import Any, Callable, Hashable
 
 from ..errors import ErrorKind, RequestError, StopJob
+from ..waits import wait_event
 
 __all__ = ["Breaker", "SharedBreaker", "ClusterVerdict", "refusal_key", "wrong_job_message", "ENDPOINT_FAULTS",
            "REFUSAL_KINDS", "VERDICT_WAIT_S"]
@@ -302,8 +302,7 @@ class SharedBreaker(Breaker):
         `verdict_wait_s`: the cluster is still in doubt, and what is held stays pending."""
         if self.doubting and self.refusals > 0:
             self._suspect = self._first_refusal
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._decided.wait(), self.verdict_wait_s)
+            await wait_event(self._decided, self.verdict_wait_s)
         return not self.tripped and not (self.doubting and self.refusals > 0)
 
 

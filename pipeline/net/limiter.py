@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol
 
 from ..config.fields import Auto
 from ..durations import parse_duration
+from ..waits import wait_event
 
 __all__ = ["Limiter", "Pacer", "TokenBucket", "LATE_S", "SAFETY", "SLOWDOWN_FACTOR", "MIN_FACTOR", "RECOVER_STEP", "RECOVER_EVERY_S",
            "AUTO_START_RPM", "AUTO_MARGIN", "AUTO_PROBE_S"]
@@ -326,11 +327,7 @@ async def _sleep(seconds: float, stop: asyncio.Event | None) -> bool:
     if stop is None:
         await asyncio.sleep(seconds)
         return True
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        return True
-    return False
+    return not await wait_event(stop, seconds)
 
 
 def _loop_clock() -> float:

@@ -51,7 +51,8 @@ async def start_subprocess(options: dict[str, Any]) -> AsyncIterator[str]:
     )
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        async with asyncio.timeout(30):  # not wait_for: pipeline.waits
+            line = (await proc.stdout.readline()).decode().strip()
         if not line.startswith("serving on "):
             raise JobError(f"[serve] the built-in endpoint did not start ({line or 'no output'})")
         yield line.removeprefix("serving on ")
