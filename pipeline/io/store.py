@@ -50,6 +50,10 @@ Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing
 # fsspec backends that send If-None-Match and If-Match to the server (a create and a compare-and-swap
 # another machine can rely on), by their filesystem class
 SWAPS = ("s3fs.core.S3FileSystem",)
+# Read arguments that make a whole-object read one GET: s3fs otherwise asks the size first (a HEAD,
+# and for a missing object a listing too) to decide whether to read in parallel ranges, which our
+# objects (records, segments, JSON) are never large enough for.
+ONE_GET: dict[str, dict[str, Any]] = {"s3fs.core.S3FileSystem": {"max_concurrency": 1}}
 _SEEN: set[str] = set()  # buckets found to exist
 
 
@@ -207,6 +211,10 @@ class FsspecStore(Secrets):
         cls = type(self._remote()[0])
         return f"{cls.__module__}.{cls.__qualname__}" in SWAPS
 
+    def _one_get(self) -> dict[str, Any]:
+        cls = type(self._remote()[0])
+        return ONE_GET.get(f"{cls.__module__}.{cls.__qualname__}", {})
+
     def _change(self) -> None:
         if self.guard is not None:
             self.guard()
@@ -270,7 +278,7 @@ class FsspecStore(Secrets):
     def read(self, name: str) -> bytes | None:
         fs, path = self._remote()[0], self._path(name)
         try:
-            return self._call(f"read {name} in", lambda: fs.cat_file(path), (FileNotFoundError,))
+            return self._call(f"read {name} in", lambda: fs.cat_file(path, **self._one_get()), (FileNotFoundError,))
         except FileNotFoundError:
             return None
 
@@ -289,7 +297,8 @@ class FsspecStore(Secrets):
     def read_many(self, names: list[str]) -> dict[str, bytes]:
         """Fetched side by side (fsspec's `cat` of a list); those missing are left out."""
         fs, root = self._remote()
-        got = self._call("read", lambda: fs.cat([f"{root}/{n}" for n in names], on_error="return")) if names else {}
+        got = self._call("read", lambda: fs.cat([f"{root}/{n}" for n in names], on_error="return",
+                                                **self._one_get())) if names else {}
         out = {path.rsplit("/", 1)[-1]: data for path, data in got.items() if not isinstance(data, FileNotFoundError)}
         if (bad := next((d for d in out.values() if isinstance(d, Exception)), None)) is not None:
             raise self._translated("read objects in", bad)
