@@ -38,8 +38,8 @@ run: $(RUN_STAMP)
 # contention could break, alone. `$(PY) -m pytest -q` alone still runs everything, one at a time.
 test: $(TEST_STAMP)
 	$(PY) -m mypy
-	$(PY) -m pytest -q -n 4 --dist loadfile -m "not serial"
-	$(PY) -m pytest -q -m serial
+	$(PY) -m pytest -q -n 4 --dist loadfile -m "not serial" --durations=15
+	$(PY) -m pytest -q -m serial --durations=10
 
 bench: $(TEST_STAMP)
 	$(PY) -m bench
