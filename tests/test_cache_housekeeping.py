@@ -91,7 +91,9 @@ def test_prune_and_clear_while_another_process_runs_on_the_same_cache(tmp_path: 
     while proc.poll() is None and time.monotonic() < deadline:
         cache_cli(str(folder), "prune", "--max-gb", "0.004", "--older-than", "1d")
         cleared = cache_cli(str(folder), "clear")
-        assert cleared["file_bytes_after"] < full / 5 and file_bytes(folder) < full / 5  # the space was given back
+        # the space was given back, as `clear` measured it on its way out; measured again here, the
+        # files may already hold the running job's next batches (CI saw 3.1 MB of its WAL, 20 KB after)
+        assert cleared["file_bytes_after"] < full / 5
         rounds += 1
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
