@@ -207,10 +207,17 @@ def test_a_run_whose_lease_is_taken_stops_at_once_and_writes_nothing_more(tmp_pa
     fs = s3.fs()
     path = f"{ckpt.removeprefix('s3://')}/lock"
     wait_for(lambda: any(k.startswith("journal/") for k in keys(s3, ckpt)))
-    etag = fs.info(path, refresh=True)["ETag"]
     taken = {"holder": "a run elsewhere", "renewed": time.time(), "expires": time.time() + 600, "lease_s": 600,
              "released": False}
-    fs.pipe_file(path, json.dumps(taken).encode(), IfMatch=etag)
+    deadline = time.monotonic() + 30
+    while True:  # the holder renews every half second: a renewal between our read and our swap wins
+        etag = fs.info(path, refresh=True)["ETag"]
+        try:
+            fs.pipe_file(path, json.dumps(taken).encode(), IfMatch=etag)
+            break
+        except OSError as exc:
+            if "pre-conditions" not in str(exc) or time.monotonic() > deadline:
+                raise
     code = holder.wait(timeout=30)
     err = holder.communicate()[1]
     assert code == 4, err
