@@ -196,3 +196,42 @@ def test_a_store_without_conditional_writes_is_refused(tmp_path: Path) -> None:
     lease = Lease(FsspecStore(f"memory://leases/{uuid.uuid4().hex}"), "lock", 60.0, Fence())
     with pytest.raises(JobError, match="does not send conditional writes"):
         lease.probe()
+
+
+def test_a_flush_cancelled_before_its_thread_starts_still_puts_its_lines(tmp_path: Path) -> None:
+    """The run ends (its flusher cancelled) in the step a segment filled: the flusher had taken the
+    lines and its put waited for a thread. A cancelled executor job never runs, its ticket was never
+    done, and the commit's own put waited for it for ever (a bucket run answered every row and hung;
+    on resume its last 2,000 rows were bought again)."""
+    import concurrent.futures
+    import threading
+
+    folder = LocalStore(tmp_path / "journal")
+    journal = SegmentJournal(lambda shard: Pieces(folder.child(f"shard-{shard:06d}")), flush_s=60, flush_rows=3)
+    busy = threading.Event()
+
+    async def run() -> None:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        asyncio.get_running_loop().set_default_executor(pool)
+        blocker = asyncio.get_running_loop().run_in_executor(None, busy.wait, 10)  # the one thread is taken
+        flusher = asyncio.create_task(journal.sync_forever())
+        await asyncio.sleep(0)
+        for i in range(3):
+            journal.append(0, ResultRow(id=f"r{i}", answer="x"))  # the third wakes the flusher
+        await asyncio.sleep(0)  # it takes the lines and asks for a thread
+        await asyncio.sleep(0)
+        flusher.cancel()  # the run ends
+        busy.set()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(10):
+                await flusher
+        await blocker
+
+    asyncio.run(run())
+    journal.append(0, ResultRow(id="r3", answer="x"))
+    commit = threading.Thread(target=journal.close_shard, args=(0,), daemon=True)  # the commit's put
+    commit.start()
+    commit.join(10)
+    assert not commit.is_alive(), "the commit's put waits for a put that will never run"
+    assert sorted(Pieces(folder.child("shard-000000")).read(SCHEMA).column("id").to_pylist()) == \
+        ["r0", "r1", "r2", "r3"]

@@ -276,8 +276,20 @@ class SegmentJournal:
                 wake.clear()
                 if not self._pending:
                     continue
+                # The lines taken hold a ticket every later put waits for, and an executor job
+                # cancelled before it starts never runs: a run ending (the flusher cancelled) just
+                # as a segment filled lost those lines and hung its commit. Once taken, the put is
+                # shielded from the cancellation and waited for before the flusher ends.
+                put = asyncio.ensure_future(asyncio.to_thread(self._put, self._take()))
                 try:
-                    await asyncio.to_thread(self._put, self._take())
+                    await asyncio.shield(put)
+                except asyncio.CancelledError:
+                    while not put.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.wait([put])
+                    if not put.cancelled():
+                        put.exception()  # seen: a failure is in self.failure, the journal's next call raises it
+                    raise
                 except OSError as exc:
                     with contextlib.suppress(OSError):
                         self._failed(exc)
