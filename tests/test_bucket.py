@@ -368,14 +368,17 @@ def test_a_checkpoint_url_without_conditional_writes_is_refused_in_one_line(tmp_
     assert "memory:// cannot hold a checkpoint yet" in r.stderr and os.path.exists(tmp_path / "m.csv")
 
 
-def test_a_shard_whose_last_row_fills_a_segment_ends(tmp_path: Path, endpoint_factory, s3: S3) -> None:
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_shard_whose_last_row_fills_a_segment_ends(tmp_path: Path, endpoint_factory, s3: S3, shards: int) -> None:
     """The last row of a run filling a segment (SEGMENT_ROWS rows waiting) woke the journal's
-    flusher in the step the run cancelled it; asyncio.wait_for on 3.11 swallowed that cancellation
-    and the finished run never exited (pipeline.waits)."""
+    flusher in the step the run cancelled it. One shard: asyncio.wait_for on 3.11 swallowed that
+    cancellation and the finished run never exited (pipeline.waits). Two: the flusher's put, its
+    lines taken, was cancelled before its thread started and the commit waited for it for ever."""
     from pipeline.io.ckpt_bucket import SEGMENT_ROWS
 
     ep = endpoint_factory()
-    job, out, _ = make_job(tmp_path, ep.base_url, s3, SEGMENT_ROWS, run={"shard_rows": SEGMENT_ROWS},
+    n = SEGMENT_ROWS * shards
+    job, out, _ = make_job(tmp_path, ep.base_url, s3, n, run={"shard_rows": SEGMENT_ROWS},
                            limits={"max_concurrency": 64}, output={"checkpoint_flush_s": 30})
     proc = start_run(job)
     try:
@@ -383,6 +386,7 @@ def test_a_shard_whose_last_row_fills_a_segment_ends(tmp_path: Path, endpoint_fa
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise AssertionError(f"a finished run of {SEGMENT_ROWS} rows did not exit") from None
+        raise AssertionError(f"a finished run of {n} rows did not exit") from None
     assert proc.returncode == 0, err
-    assert_each_row_once_with_its_answer(s3, out, SEGMENT_ROWS)
+    assert_each_row_once_with_its_answer(s3, out, n)
+    assert ep.stats()["requests"] == n
