@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,7 +21,6 @@ from conftest import DATA, ROOT, job_dict, run_cli, write_job, write_rows
 from pipeline.tools.compare.agreement import agreement, cohen_kappa, confusion, fleiss_kappa, mean_abs_difference
 
 pytest.importorskip("altair", reason="the report extra is not installed")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts"
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["cat", "dog", "bird"]},
                                            "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
@@ -85,19 +84,6 @@ def _page_data(html: str) -> dict[str, Any]:
     m = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S)
     assert m is not None
     return json.loads(m.group(1))
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        yield b
-        b.close()
 
 
 def test_compare_two_and_three_labeling_jobs(tmp_path: Path, endpoint_factory: Any, browser: Any) -> None:

@@ -11,14 +11,13 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from conftest import DATA, ROOT, job_dict, read_output, run_cli, write_job, write_rows
 
 pytest.importorskip("altair", reason="the report extra is not installed")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts"
 
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["cat", "person", "thing"]},
@@ -41,19 +40,6 @@ def _labeled_run(tmp_path: Path, endpoint_factory: Any, *, extra_args: tuple[str
     r = run_cli("run", str(job), *extra_args, env=env)
     assert r.returncode == 1, r.stderr  # two rows failed, the rest answered
     return job, ep, r
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the test extra) is not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
-        yield b
-        b.close()
 
 
 def _page_data(html: str) -> dict[str, Any]:

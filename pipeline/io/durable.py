@@ -132,18 +132,13 @@ def create_exclusive(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(tmp, data)
         try:
             os.link(tmp, path)
         except OSError as exc:  # a filesystem without hard links: O_EXCL, written in place
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
-            _create_in_place(path, data)
+            _write_new(path, data)
     except FileExistsError:
         raise
     except OSError as exc:
@@ -153,7 +148,8 @@ def create_exclusive(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _create_in_place(path: Path, data: bytes) -> None:
+def _write_new(path: Path, data: bytes) -> None:
+    """A new file (FileExistsError if one has that name) holding `data`, fsynced."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         write_all(fd, data)
