@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections import Counter
 from contextlib import contextmanager
@@ -25,34 +21,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .common import WORK, recorded_times, run_pipeline, serving, url_manifest, write_job
+from .moto_s3 import start_moto_s3, stop_moto_s3
 from .throughput import ANSWER
 
 KEY, SECRET = "AKIABENCH0000000", "bench-secret"
 
 
 @contextmanager
-def moto_server(folder: Path) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=folder,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+def moto_server() -> Iterator[str]:
+    proc, url = start_moto_s3()
     try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto's server did not start (pip install 'moto[server]')") from None
-                time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_moto_s3(proc)
 
 
 def _moto(url: str, action: str) -> bytes:
@@ -88,7 +69,7 @@ def run_bucket_bench(rows: int = 20_000, concurrency: int = 64, repeats: int = 3
     folder = WORK / "bucket"
     shutil.rmtree(folder, ignore_errors=True)
     manifest = url_manifest(WORK / f"urls-{rows}.csv", rows)
-    with moto_server(folder / "moto") as s3_url, serving(record=True, **ANSWER) as (url, _pid):
+    with moto_server() as s3_url, serving(record=True, **ANSWER) as (url, _pid):
         fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, endpoint_url=s3_url, skip_instance_cache=True)
         fs.mkdir("bench")
         options = f'{{ key = "{KEY}", secret = "{SECRET}", endpoint_url = "{s3_url}" }}'

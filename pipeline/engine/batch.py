@@ -186,8 +186,10 @@ class _BatchRun:
             if status in TERMINAL:
                 await self._collect(api, batch, state)
 
-    async def _upload(self, api: BatchAPI, batch: Batch) -> None:
-        data = await asyncio.to_thread(self.ledger.read_file, batch.path)
+    async def _upload(self, api: BatchAPI, batch: Batch, data: bytes | None = None) -> None:
+        """`data`: the file's bytes as just written; else (a resumed batch) read back."""
+        if data is None:
+            data = await asyncio.to_thread(self.ledger.read_file, batch.path)
         batch.file_id = await api.upload(f"pipeline-{self.job.name}-{batch.name}.jsonl", data)
         crash_point("batch_after_upload")
         self.ledger.uploaded(batch.name, batch.file_id)
@@ -353,5 +355,5 @@ class _BatchRun:
         for _, row_id in rows:
             self.tries[row_id] = self.tries.get(row_id, 0) + 1
         batch = Batch(name, rows, str(path))
-        await self._upload(api, batch)
+        await self._upload(api, batch, data)
         await self._create(api, batch)

@@ -66,7 +66,8 @@ class Feed:
             return table
         if made is None:
             try:
-                made = {c: read_rows(self.job.input, self.plan, shard, [c], self.refer).table.column(c) for c in self.refer}
+                read = read_rows(self.job.input, self.plan, shard, sorted(self.refer), self.refer).table  # one pass
+                made = {c: read.column(c) for c in self.refer}
             except Unreadable:  # gone since it was sent: the answers are kept, their references left null
                 return table
         for c, column in made.items():

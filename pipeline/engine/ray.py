@@ -130,7 +130,7 @@ class _Driver:
         self.in_flight = 0  # requests out over the cluster, as last heard
         self.done = 0  # rows of the shards to do that have a result, as last heard
         self.workers = 1
-        self.base_done = ready.plan.total_rows - sum(s.rows for s in ready.todo)  # shards committed before
+        self.base_done = Executor._done_before(ready)  # shards committed before
         self.coordinator: Any = None
 
     async def run(self) -> tuple[Counts, Stopped]:

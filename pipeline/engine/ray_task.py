@@ -99,7 +99,7 @@ class Coordinator:
         total = Counts.merged(self.reports.values())  # one set of counts for the cluster (the metrics')
         recent = time.monotonic() - 4 * REPORT_EVERY_S  # a dead worker's last report holds no request now
         in_flight = sum(r.get("in_flight", 0) for r in self.reports.values() if r["heard"] >= recent)
-        return {"counts": total.to_dict(), "by_kind": dict(total.by_kind), "done": sum(done.values()),
+        return {"counts": total.to_dict(), "done": sum(done.values()),
                 "stop": self.stopped, "in_flight": in_flight}
 
 

@@ -44,7 +44,7 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
         import jinja2
         import markupsafe  # jinja2's own dependency
 
-        from ..report import page_template, script_safe, vega_bundle
+        from ..report import page_writer, script_safe, vega_bundle
         from .charts import charts
         from .collect import collect
     except ImportError as exc:
@@ -56,10 +56,8 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
     page = {"jobs": data.jobs, "fields": data.fields, "labels": data.labels, "rows": data.rows, "total": data.total,
             "sampling": data.sampling, "charts": charts(data)}
     text = redactor.scrub(json.dumps(page, ensure_ascii=False, default=str))
-    html = page_template(Path(__file__).parent).render(
-        title=" vs ".join(names), vega_bundle=markupsafe.Markup(bundle),
-        data_json=markupsafe.Markup(text.replace("<", "\\u003c")),  # no "</script>" inside
-    )
+    page_data = page_writer(Path(__file__).parent, text, title=" vs ".join(names), vega_bundle=markupsafe.Markup(bundle))
+    del text
     path = Path(out) if out is not None else Path.cwd() / default_name(jobs)
-    atomic_write(path, html.encode("utf-8"))
+    atomic_write(path, page_data)
     return str(path)

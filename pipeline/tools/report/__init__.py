@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from ...config import Job
 from ...errors import JobError
@@ -33,7 +33,7 @@ from ...rows.images import MB
 if TYPE_CHECKING:
     import jinja2
 
-__all__ = ["write_report", "vega_bundle", "script_safe", "page_template", "REPORT_NAME", "MAX_MB"]
+__all__ = ["write_report", "vega_bundle", "script_safe", "page_template", "page_writer", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
@@ -62,18 +62,14 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     text = json.dumps(page, ensure_ascii=False, default=str)
     del page
     data.rows = []  # the rows as Python objects go before the page is put together (peak memory)
-    text = redactor.scrub(text).replace("<", "\\u003c")  # no "</script>" inside
-    html = page_template(Path(__file__).parent).render(
-        job=data.job, output=data.output, generated=data.generated,
-        vega_bundle=markupsafe.Markup(bundle), data_json=markupsafe.Markup(_DATA),
-    )
-    head, tail = html.split(_DATA, 1)
-    body = [head.encode("utf-8"), text.encode("utf-8"), tail.encode("utf-8")]  # never one more copy of the whole page
+    text = redactor.scrub(text)
+    page_data = page_writer(Path(__file__).parent, text, job=data.job, output=data.output, generated=data.generated,
+                            vega_bundle=markupsafe.Markup(bundle))
     del text
     if out is not None:
-        atomic_write(Path(out), _pieces(body))
+        atomic_write(Path(out), page_data)
         return str(out)
-    store.write(REPORT_NAME, _pieces(body))
+    store.write(REPORT_NAME, page_data)
     return store.where(REPORT_NAME)
 
 
@@ -105,6 +101,14 @@ def script_safe(js: str) -> str:
     return js.replace("</script", "<\\/script")
 
 
-def _pieces(body: list[bytes]) -> Callable[[IO[bytes]], object]:
-    """The page written piece by piece: never one more copy of the whole page."""
+def page_writer(folder: Path, text: str, **context: Any) -> Callable[[IO[bytes]], object]:
+    """`folder`'s page rendered with `context`, the page's data (`text`, scrubbed JSON) placed in
+    it as is rather than rendered in, and written piece by piece: never one more copy of the
+    whole page (the report's and the comparison's)."""
+    import markupsafe
+
+    html = page_template(folder).render(**context, data_json=markupsafe.Markup(_DATA))
+    head, tail = html.split(_DATA, 1)
+    del html
+    body = [head.encode("utf-8"), text.replace("<", "\\u003c").encode("utf-8"), tail.encode("utf-8")]  # no "</script>" inside
     return lambda f: [f.write(piece) for piece in body]
