@@ -72,6 +72,12 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+def _busy(exc: sqlite3.Error) -> bool:
+    """Another connection holds the file a moment. The primary result code is the low byte:
+    SQLITE_BUSY_SNAPSHOT is a kind of SQLITE_BUSY."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY
+
+
 def request_key(url: str, body: bytes) -> bytes:
     """The cache key: the endpoint and the request body exactly as sent (images included, as their
     data: URIs' or URLs' bytes). A format version leads, so a changed encoding never matches."""
@@ -143,7 +149,7 @@ class Cache:
                 conn.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as exc:
-                if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _BUSY or time.monotonic() > deadline:
+                if not _busy(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
 
@@ -161,8 +167,7 @@ class Cache:
         try:
             found = self._reader.execute("SELECT value, created, used FROM entries WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
-            # the primary result code (the low byte): SQLITE_BUSY_SNAPSHOT is a kind of SQLITE_BUSY
-            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY:
+            if _busy(exc):
                 return None  # another process holds it a moment: a miss costs one request
             self._fail(exc)
             return None
@@ -222,7 +227,7 @@ class Cache:
                 if self._size is None or self._size + self._written_since_sum > self.max_bytes:
                     self._evict_if_over()
             except sqlite3.OperationalError as exc:
-                if closing or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _BUSY:
+                if closing or not _busy(exc):
                     self._fail(exc)
                     return
                 self._pending = {**pending, **self._pending}  # not written: the next batch tries again

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,7 @@ from .writer import remove_parts
 if TYPE_CHECKING:
     from .frames import Frame
 
-__all__ = ["Checkpoint", "parse_commit_lines", "dumps", "no_lock", "JOB", "PLAN", "SUMMARY", "MANIFEST", "JOURNAL",
+__all__ = ["Checkpoint", "parse_commit_lines", "dumps", "JOB", "PLAN", "SUMMARY", "MANIFEST", "JOURNAL",
            "BATCH_FILES"]
 
 JOB, PLAN, SUMMARY, MANIFEST = "job.json", "plan.json", "last_run.json", "manifest.parquet"
@@ -222,8 +222,3 @@ class Checkpoint:
         """Batch mode's record of its files and batches."""
         return Ledger(self.events("ledger"), self.store.child(BATCH_FILES))
 
-
-@contextlib.asynccontextmanager
-async def no_lock() -> AsyncIterator[None]:
-    """A shard lock where the lease's fence stands in for it."""
-    yield

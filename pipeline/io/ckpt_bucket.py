@@ -35,7 +35,7 @@ import pyarrow as pa
 from ..config.sections import default_cache_folder
 from ..errors import JobError
 from ..records import CommitRecord
-from .ckpt_base import BATCH_FILES, JOURNAL, Checkpoint, no_lock
+from .ckpt_base import BATCH_FILES, JOURNAL, Checkpoint
 from .ownership import Fence, Lease
 from .segments import ObjectLog, Pieces, SegmentJournal, StoreWriteError
 from .storage import PartStore
@@ -77,7 +77,6 @@ class BucketCheckpoint(Checkpoint):
     def locked(self, job_name: str) -> Iterator[None]:
         lease = Lease(self.root, LOCK, self.lease_s, self.fence)
         lease.probe()
-        self.fence.lost = False  # a checkpoint object locked again (the Python API's dry run, then a run)
         self.took_over = lease.acquire(job_name)
         lease.start()
         try:
@@ -86,7 +85,7 @@ class BucketCheckpoint(Checkpoint):
             lease.release()
 
     def shard_lock(self, shard: int) -> contextlib.AbstractAsyncContextManager[None]:
-        return no_lock()  # one run writes, its workers within its lease's fence; a commit is create-only
+        return contextlib.nullcontext()  # one run writes, its workers within its lease's fence; a commit is create-only
 
     # -- answers -------------------------------------------------------------------------
 

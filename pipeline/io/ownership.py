@@ -117,6 +117,7 @@ class Lease:
     def acquire(self, job_name: str) -> str | None:
         """Create the lease, or take over one that expired; what it took over (None: nothing, or
         a lease its holder released). LockedError while another run holds it."""
+        self.fence.lost = False  # a fence a released lease closed opens again (the Python API's dry run, then a run)
         for _ in range(5):
             sent = self.clock()
             try:

@@ -306,10 +306,6 @@ class ObjectLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.top: int | None = None
-        self._numbers = threading.Lock()  # a put's thread names a segment while another may list
-        # the last read, kept for a compaction right after it (the commit's): pieces never change,
-        # so the same names listed mean the same lines, and the compaction reads nothing again
-        self._memo: tuple[pa.Schema, tuple[str, ...], tuple[pa.Table, _Scan, set[str], list[str]]] | None = None
 
     def _names(self) -> list[str]:
         names = sorted(n for n in self.store.names() if RECORD.match(n))
