@@ -29,7 +29,10 @@ KEY, SECRET = "AKIABENCH0000000", "bench-secret"
 
 @contextmanager
 def moto_server() -> Iterator[str]:
-    proc, url = start_moto_s3()
+    WORK.mkdir(parents=True, exist_ok=True)
+    recording = WORK / "moto_recording"  # moto's default is a file in the current folder (the checkout)
+    recording.unlink(missing_ok=True)  # else a recording of an earlier bench is counted too
+    proc, url = start_moto_s3(env={"MOTO_RECORDER_FILEPATH": str(recording)})
     try:
         yield url
     finally:

@@ -6,11 +6,13 @@ writes real Parquet, and process tests start and kill real processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,13 +217,37 @@ class S3:
         fs = self.fs()
         return pq.read_table(prefix, filesystem=fs).to_pylist() if fs.exists(prefix) else []
 
+    def _recorder(self, action: str) -> bytes:
+        method = "GET" if action == "download-recording" else "POST"
+        req = urllib.request.Request(f"{self.url}/moto-api/recorder/{action}", method=method,
+                                     data=None if method == "GET" else b"")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return bytes(r.read())
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[tuple[str, str]]]:
+        """The requests the server answered meanwhile, as (method, path and query), in order: moto's
+        own recorder (its file is this server's alone: start_moto)."""
+        asked: list[tuple[str, str]] = []
+        self._recorder("reset-recording")
+        self._recorder("start-recording")
+        try:
+            yield asked
+        finally:
+            self._recorder("stop-recording")
+            for line in self._recorder("download-recording").splitlines():
+                rec = json.loads(line)
+                asked.append((rec["method"], rec["url"].split("://", 1)[-1].partition("/")[2]))
+
 
 def start_moto(env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
     """moto's S3 server in its own process on a free loopback port: (its URL, the process); `env`
     adds to its environment (e.g. INITIAL_NO_AUTH_ACTION_COUNT=0: it checks credentials)."""
     from bench.moto_s3 import start_moto_s3  # shared with the benchmarks
 
-    proc, url = start_moto_s3(env=env)
+    # moto records into ./moto_recording by default: one file per server, outside the checkout
+    recording = Path(tempfile.mkdtemp(prefix="moto-")) / "recording"
+    proc, url = start_moto_s3(env={"MOTO_RECORDER_FILEPATH": str(recording), **(env or {})})
     return url, proc
 
 

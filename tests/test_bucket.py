@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
@@ -391,3 +392,23 @@ def test_a_shard_whose_last_row_fills_a_segment_ends(tmp_path: Path, endpoint_fa
     assert proc.returncode == 0, err
     assert_each_row_once_with_its_answer(s3, out, n)
     assert ep.stats()["requests"] == n
+
+
+def test_a_first_run_reaches_its_first_row_in_a_dozen_requests(tmp_path: Path, endpoint_factory, s3: S3) -> None:
+    """Each request before the first row is a round trip to S3 (10-50 ms) on every run. The
+    checkpoint's: the probe of conditional writes (3), the lease, job.json read once and written,
+    plan.json read and written, one LIST per folder (commits twice, the journal, the shard's), no
+    HEAD. The output's: its listing (the claim, then the parts in place) and its owner marker."""
+    ep = endpoint_factory()
+    job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 20)
+    with s3.recording() as asked:
+        r = run_cli("run", str(job))
+    assert r.returncode == 0, r.stderr
+    bucket, _, prefix = ckpt.removeprefix("s3://").partition("/")
+    first = next(i for i, (m, path) in enumerate(asked) if m == "PUT" and f"{prefix}/journal/" in path)
+    before = asked[:first]
+    assert sum(1 for m, path in before if m == "GET" and path.endswith("/job.json")) == 1, before
+    assert not any(m == "HEAD" for m, _ in before), before
+    mine = [(m, path) for m, path in before if path.startswith(f"{bucket}/{prefix}/") or f"prefix={quote(prefix, safe='')}%2F" in path]
+    assert len(mine) <= 12 and len(before) <= 15, "\n".join(map(str, before))
+    assert_each_row_once_with_its_answer(s3, out, 20)

@@ -177,6 +177,31 @@ def test_a_bucket_that_refuses_is_one_line_without_secrets(s3: S3) -> None:
     assert "\n" not in message and "a-secret-that-must-not-show" not in message
 
 
+def test_walk_lists_every_object_under_it(place: Callable[[], Store]) -> None:
+    store = place()
+    if not isinstance(store, FsspecStore):
+        pytest.skip("walk is a bucket's (a checkpoint's one listing of every shard's journal)")
+    assert store.walk() == []  # not made yet
+    store.write("job.json", b"{}")
+    store.child("journal").child("shard-000001").write("00000001-a.jsonl", b"x\n")
+    store.child("journal").child("shard-000000").write("00000001-a.jsonl", b"y\n")
+    assert store.walk() == ["job.json", "journal/shard-000000/00000001-a.jsonl", "journal/shard-000001/00000001-a.jsonl"]
+    assert store.child("journal").walk() == ["shard-000000/00000001-a.jsonl", "shard-000001/00000001-a.jsonl"]
+    assert store.child("jour").walk() == []  # a prefix of a folder's name is no folder
+
+
+def test_a_folder_not_made_yet_costs_one_request(s3: S3) -> None:
+    """On S3 each request is a round trip (10-50 ms), and a checkpoint lists folders not made yet
+    at every start (a first run's commits, each new shard's journal): one LIST each, no HEAD, no
+    listing of the parent to ask whether the name is a file."""
+    store = FsspecStore(f"s3://{s3.new_bucket()}/ckpt", s3.options())
+    store.write("job.json", b"{}")  # the client made, the bucket known
+    with s3.recording() as asked:
+        assert store.child("commits").listing() == {}
+        assert store.child("journal").walk() == []
+    assert len(asked) == 2 and all(method == "GET" and "list-type=2" in path for method, path in asked), asked
+
+
 # -- the local folder's own operations: durable appends and torn tails --------------------
 
 def test_read_lines_leaves_out_a_torn_tail_and_repair_cuts_it(tmp_path: Path) -> None:

@@ -36,12 +36,14 @@ class Prepared:
 
 def prepare(job: Job, ckpt: Checkpoint, options: RunOptions, console: Console) -> Prepared:
     store = PartStore.for_output(job.output)
-    first = not ckpt.has_job()
+    saved = ckpt.saved_job()
+    first = saved is None
     claimed = store.claim(job.name, str(ckpt))  # before --restart may remove anything there
     try:
         if options.restart:
             ckpt.reset(store)
-        ckpt.check_job(job.request_shape(), job.run.shard_rows)
+            saved = None
+        ckpt.check_job(job.request_shape(), job.run.shard_rows, saved)
         plan = current_plan(job, ckpt)
     except JobError:
         if first:  # refused before anything was sent (a bad manifest): leave nothing behind

@@ -140,17 +140,18 @@ class Checkpoint:
 
     # -- the job's identity --------------------------------------------------------------
 
-    def has_job(self) -> bool:
-        """Whether a run got as far as recording the job (see `forget_job`)."""
-        return self.store.read(JOB) is not None
+    def saved_job(self) -> bytes | None:
+        """The job's record, as a run got as far as recording it (None: none did; see `forget_job`)."""
+        return self.store.read(JOB)
 
     def forget_job(self) -> None:
         """A first run refused before anything was sent leaves no record of the job."""
         self.store.remove(JOB)
 
-    def check_job(self, shape: dict[str, Any], shard_rows: int) -> None:
-        """Refuse to mix answers made with a different request shape (exit 2 unless --restart)."""
-        saved = self._read_json(JOB)
+    def check_job(self, shape: dict[str, Any], shard_rows: int, raw: bytes | None) -> None:
+        """Refuse to mix answers made with a different request shape (exit 2 unless --restart).
+        `raw`: the record `saved_job` read (read once: in a bucket each read is a request)."""
+        saved = self._parsed(JOB, raw)
         record = {"shape": shape, "shard_rows": shard_rows}
         if saved is None:
             self.store.write(JOB, dumps(record))
@@ -187,7 +188,9 @@ class Checkpoint:
         self.store.write(PLAN, dumps(plan.to_dict()))
 
     def _read_json(self, name: str) -> Any:
-        raw = self.store.read(name)
+        return self._parsed(name, self.store.read(name))
+
+    def _parsed(self, name: str, raw: bytes | None) -> Any:
         try:
             return None if raw is None else json.loads(raw)
         except ValueError:

@@ -54,6 +54,10 @@ SWAPS = ("s3fs.core.S3FileSystem",)
 # and for a missing object a listing too) to decide whether to read in parallel ranges, which our
 # objects (records, segments, JSON) are never large enough for.
 ONE_GET: dict[str, dict[str, Any]] = {"s3fs.core.S3FileSystem": {"max_concurrency": 1}}
+# Backends whose `ls` of an empty folder lists its parent too (is the name a file?) and whose `find`
+# of one asks a HEAD and a listing more: their one-listing call (s3fs's `_lsdir`) is used instead,
+# so a folder not made yet (a first run's commits, a new shard's journal) costs one LIST, not two to four.
+ONE_LIST = ("s3fs.core.S3FileSystem",)
 _SEEN: set[str] = set()  # buckets found to exist
 
 
@@ -208,12 +212,28 @@ class FsspecStore(Secrets):
     @property
     def conditional(self) -> bool:
         """Whether its backend sends If-None-Match and If-Match to the server (see SWAPS)."""
+        return self._kind() in SWAPS
+
+    def _kind(self) -> str:
         cls = type(self._remote()[0])
-        return f"{cls.__module__}.{cls.__qualname__}" in SWAPS
+        return f"{cls.__module__}.{cls.__qualname__}"
 
     def _one_get(self) -> dict[str, Any]:
-        cls = type(self._remote()[0])
-        return ONE_GET.get(f"{cls.__module__}.{cls.__qualname__}", {})
+        return ONE_GET.get(self._kind(), {})
+
+    def _entries(self, *, below: bool = False) -> list[dict[str, Any]]:
+        """The folder's entries (`below`: every object under it, child folders' too), asked of the
+        server now (another process, a Ray worker, may have written since). FileNotFoundError: the
+        folder (a bucket: the bucket itself) is not there."""
+        fs, root = self._remote()
+        if self._kind() in ONE_LIST:
+            from fsspec.asyn import sync
+
+            return list(sync(fs.loop, fs._lsdir, root, refresh=True, delimiter="" if below else "/"))
+        if below:
+            fs.invalidate_cache(root)
+            return list(fs.find(root, detail=True).values())
+        return list(fs.ls(root, detail=True, refresh=True))
 
     def _change(self) -> None:
         if self.guard is not None:
@@ -260,8 +280,8 @@ class FsspecStore(Secrets):
         fs, root = self._remote()
 
         def listing() -> dict[str, Entry]:
-            try:  # refresh: another process (a Ray worker) may have written since the last listing
-                entries = fs.ls(root, detail=True, refresh=True)
+            try:
+                entries = self._entries()
             except FileNotFoundError:
                 bucket = root.split("/")[0]
                 if bucket and bucket != root and bucket not in _SEEN and not fs.exists(bucket):
@@ -350,9 +370,12 @@ class FsspecStore(Secrets):
 
     def walk(self) -> list[str]:
         """Every object under it, child folders' too, relative to it, in one (paged) listing."""
-        fs, root = self._remote()
-        fs.invalidate_cache(root)  # another process (a Ray worker) may have written since
-        return sorted(p[len(root) + 1:] for p in self._call("list", lambda: fs.find(root)))
+        root = self._remote()[1]
+        try:
+            entries = self._call("list", lambda: self._entries(below=True), (FileNotFoundError,))
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"][len(root) + 1:] for e in entries if e.get("type") == "file")
 
     def remove(self, name: str) -> None:
         fs, path = self._remote()[0], self._path(name)
