@@ -90,7 +90,7 @@ def test_the_segment_journal_puts_one_object_per_shard_per_flush(s3: S3) -> None
         journal.append(1, ResultRow(id=f"b{i}", answer="y"))  # the 5th row waiting: both shards put
     assert journal.puts == 2
     journal.append(1, ResultRow(id="b9", answer="z"))
-    journal.close_shard(1)
+    asyncio.run(journal.close_shard(1))
     assert journal.puts == 3 and folder.child("shard-000000").names() == ["00000001-" + journal.writer + ".jsonl"]
     assert Pieces(folder.child("shard-000001")).read(SCHEMA).column("id").to_pylist() == \
         ["b0", "b1", "b2", "b3", "b9"]
@@ -229,9 +229,39 @@ def test_a_flush_cancelled_before_its_thread_starts_still_puts_its_lines(tmp_pat
 
     asyncio.run(run())
     journal.append(0, ResultRow(id="r3", answer="x"))
-    commit = threading.Thread(target=journal.close_shard, args=(0,), daemon=True)  # the commit's put
+    commit = threading.Thread(target=asyncio.run, args=(journal.close_shard(0),), daemon=True)  # the commit's put
     commit.start()
     commit.join(10)
     assert not commit.is_alive(), "the commit's put waits for a put that will never run"
     assert sorted(Pieces(folder.child("shard-000000")).read(SCHEMA).column("id").to_pylist()) == \
         ["r0", "r1", "r2", "r3"]
+
+
+def test_a_shards_closing_put_leaves_the_loop_answering() -> None:
+    """A commit's put is a round trip (10-100 ms on S3): made on the loop's thread, no answer is
+    read and no request sent meanwhile. Here the put waits until the loop has run something else."""
+    import threading
+
+    folder = FsspecStore(f"memory://segments-{uuid.uuid4().hex}")
+    ticked = threading.Event()
+
+    def fence() -> None:  # before each put, in the put's thread
+        if threading.current_thread() is not threading.main_thread():
+            assert ticked.wait(10), "the loop stood still while the shard's lines were put"
+
+    journal = SegmentJournal(lambda shard: Pieces(folder.child(f"shard-{shard:06d}")), flush_s=60, flush_rows=100,
+                             fence=fence)
+
+    async def run() -> None:
+        journal.append(0, ResultRow(id="r0", answer="x"))
+
+        async def other_work() -> None:
+            await asyncio.sleep(0.01)
+            ticked.set()
+
+        other = asyncio.create_task(other_work())
+        await journal.close_shard(0)
+        await other
+
+    asyncio.run(run())
+    assert Pieces(folder.child("shard-000000")).read(SCHEMA).column("id").to_pylist() == ["r0"]

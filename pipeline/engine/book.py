@@ -179,7 +179,7 @@ class Book:
         else read again (image bytes as the references the part holds)."""
         assert self.journal is not None
         if self.journal.failure is None:
-            self.journal.close_shard(shard.index)
+            await self.journal.close_shard(shard.index)
         # else: the journal file holds what could be written; the part is made from that
         if rows is None:
             rows = await asyncio.to_thread(read_rows, self.job.input, self.plan, shard, None, media_columns(self.job))

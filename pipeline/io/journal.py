@@ -48,7 +48,7 @@ class Journal(Protocol):
     def flush(self) -> None: ...
     def sync(self) -> None: ...  # everything appended is durable when it returns
     def sync_forever(self) -> Coroutine[Any, Any, None]: ...  # the run's background task
-    def close_shard(self, shard: int) -> None: ...  # the shard's lines durable, before its commit
+    async def close_shard(self, shard: int) -> None: ...  # the shard's lines durable, before its commit
     def close(self) -> None: ...
 
 
@@ -207,7 +207,10 @@ class FileJournal:
                         self._failed(failed[1], self._path_of(failed[0]))
                     return
 
-    def close_shard(self, shard: int) -> None:
+    async def close_shard(self, shard: int) -> None:
+        self._close_shard(shard)  # one file's fsync: on the loop, as every sync of a shard's file
+
+    def _close_shard(self, shard: int) -> None:
         self.flush()
         fd = self._fds.get(shard)
         if fd is not None:
@@ -221,7 +224,7 @@ class FileJournal:
         try:
             self.sync()
             for shard in list(self._fds):
-                self.close_shard(shard)
+                self._close_shard(shard)
         finally:
             for fd in self._fds.values():
                 with contextlib.suppress(OSError):

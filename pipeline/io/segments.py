@@ -161,7 +161,7 @@ class Pieces:
 class SegmentJournal:
     """The Journal of a bucket checkpoint: lines gathered per shard, written as one segment per
     shard every `flush_s` (the run's `sync_forever`) or once `flush_rows` rows wait, whichever
-    first; a shard's own lines at its commit (`close_shard`). The puts run in a thread, in the
+    first; a shard's own lines at its commit (`close_shard`). The puts run in threads, in the
     order their lines were taken (a ticket each), so a commit reads every line taken before it.
 
     A kill -9 loses the lines not yet put: the rows answered within the last flush interval are
@@ -260,10 +260,15 @@ class SegmentJournal:
     def sync(self) -> None:
         self.flush()  # a put that returned is durable
 
-    def close_shard(self, shard: int) -> None:
+    async def close_shard(self, shard: int) -> None:
+        """The shard's lines put before its commit reads them; not on the loop's thread: a put is a
+        round trip (10-100 ms on S3) in which no answer would be read and no request sent."""
         if self.failure is not None:
             raise self.failure
-        self._write(self._take([shard]))
+        try:
+            await self._put_in_thread(self._take([shard]))
+        except OSError as exc:
+            self._failed(exc)
 
     def close(self) -> None:
         self.flush()
@@ -276,26 +281,31 @@ class SegmentJournal:
                 wake.clear()
                 if not self._pending:
                     continue
-                # The lines taken hold a ticket every later put waits for, and an executor job
-                # cancelled before it starts never runs: a run ending (the flusher cancelled) just
-                # as a segment filled lost those lines and hung its commit. Once taken, the put is
-                # shielded from the cancellation and waited for before the flusher ends.
-                put = asyncio.ensure_future(asyncio.to_thread(self._put, self._take()))
                 try:
-                    await asyncio.shield(put)
-                except asyncio.CancelledError:
-                    while not put.done():
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await asyncio.wait([put])
-                    if not put.cancelled():
-                        put.exception()  # seen: a failure is in self.failure, the journal's next call raises it
-                    raise
+                    await self._put_in_thread(self._take())
                 except OSError as exc:
                     with contextlib.suppress(OSError):
                         self._failed(exc)
                     return
         finally:
             self._wake = None
+
+    async def _put_in_thread(self, taken: tuple[int, list[tuple[Pieces, bytes]]]) -> None:
+        """`_put` in a thread, the loop answering meanwhile. The lines taken hold a ticket every
+        later put waits for, and an executor job cancelled before it starts never runs: a run
+        ending (the flusher cancelled) just as a segment filled lost those lines and hung its
+        commit. Once taken, the put is shielded from a cancellation and waited for before the
+        cancellation goes on."""
+        put = asyncio.ensure_future(asyncio.to_thread(self._put, taken))
+        try:
+            await asyncio.shield(put)
+        except asyncio.CancelledError:
+            while not put.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([put])
+            if not put.cancelled():
+                put.exception()  # seen: a failure is in self.failure, the journal's next call raises it
+            raise
 
 
 class ObjectLog:
