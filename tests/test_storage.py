@@ -26,6 +26,7 @@ from conftest import ROOT, S3, job_dict, read_output, run_cli, url_manifest, wri
 
 from pipeline.cli import main
 from pipeline.errors import JobError
+from pipeline.io.store import storage_failure
 from pipeline.io.storage import OWNER_FILE, PartStore
 from pipeline.redact import Redactor, option_secrets
 
@@ -188,9 +189,11 @@ def test_storage_options_reach_s3_and_never_its_secret(tmp_path: Path, endpoint,
 
 def test_secrets_are_scrubbed_from_storage_messages() -> None:
     # Whatever a backend's failure says, storage_options' credentials never reach the user's screen.
-    store = PartStore("s3://bucket/out", {"key": "AKIA1234", "secret": "s3cr3t-value", "client_kwargs": {"endpoint_url": "http://h:9"}})
-    message = store.scrub("refused key AKIA1234 with secret s3cr3t-value at http://h:9")
-    assert "AKIA1234" not in message and "s3cr3t-value" not in message
+    options = {"key": "AKIA1234", "secret": "s3cr3t-value", "client_kwargs": {"endpoint_url": "http://h:9"}}
+    failed = OSError("refused key AKIA1234 with secret s3cr3t-value at http://h:9")
+    message = str(storage_failure("[output] path", "write part-000000.parquet in", "s3://bucket/out", failed, options,
+                                  "run again"))
+    assert "AKIA1234" not in message and "s3cr3t-value" not in message and "[secret]" in message
     assert "http://h:9" in message  # a place, not a secret: kept, it helps the fix
 
 

@@ -16,7 +16,8 @@ from typing import Any
 from ..errors import JobError
 from ..redact import Redactor, storage_secrets
 
-__all__ = ["storage_secrets", "storage_failure", "Secrets"]
+__all__ = ["storage_secrets", "storage_failure"]
+
 
 def storage_failure(label: str, what: str, place: str, exc: BaseException, options: Mapping[str, Any],
                     then: str) -> JobError:
@@ -30,14 +31,3 @@ def storage_failure(label: str, what: str, place: str, exc: BaseException, optio
     return JobError(f"{label}: could not {what} {place}: {scrubbed} ({type(exc).__name__}); check the URL, the "
                     f"credentials and {label.split()[0]} storage_options, then {then}")
 
-
-class Secrets:
-    """A store's `secrets` and `scrub`, from its storage_options."""
-
-    _options: dict[str, Any]
-
-    def secrets(self) -> list[str]:
-        return storage_secrets(self._options)
-
-    def scrub(self, message: str) -> str:
-        return Redactor(self.secrets(), placeholder="[secret]").scrub(message)

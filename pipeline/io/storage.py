@@ -36,7 +36,6 @@ class PartStore:
     """A folder of part files and the marker of the job that owns it."""
 
     def __init__(self, location: Path | str, options: Mapping[str, Any] | None = None) -> None:
-        self.location = location
         self.store: Store = open_store(location, options)
         self._made_folder = False  # by this claim: an unclaim takes it back
 
@@ -61,12 +60,6 @@ class PartStore:
 
     def remove(self, name: str) -> None:
         self.store.remove(name)
-
-    def secrets(self) -> list[str]:
-        return self.store.secrets()
-
-    def scrub(self, message: str) -> str:
-        return self.store.scrub(message)
 
     def in_place(self, expected: Mapping[str, CommitRecord]) -> set[str]:
         """Names of the parts that are as their commit records say: {name: record}.

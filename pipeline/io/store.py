@@ -39,7 +39,7 @@ from typing import IO, Any, ContextManager, NamedTuple, Protocol, TypeVar
 
 from ..config.urls import check_url, display
 from ..errors import JobError
-from .credentials import Secrets, storage_failure, storage_secrets
+from .credentials import storage_failure, storage_secrets
 from .durable import Written, atomic_write, bytes_digest, create_exclusive, durable_append, file_digest, read_lines
 
 __all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "Conflict", "open_store", "storage_secrets",
@@ -47,17 +47,15 @@ __all__ = ["Store", "LocalStore", "FsspecStore", "Entry", "Written", "Data", "Co
 
 T = TypeVar("T")
 Data = bytes | Callable[[IO[bytes]], object]  # the bytes, or a function writing them into a file
-# fsspec backends that send If-None-Match and If-Match to the server (a create and a compare-and-swap
-# another machine can rely on), by their filesystem class
-SWAPS = ("s3fs.core.S3FileSystem",)
-# Read arguments that make a whole-object read one GET: s3fs otherwise asks the size first (a HEAD,
-# and for a missing object a listing too) to decide whether to read in parallel ranges, which our
-# objects (records, segments, JSON) are never large enough for.
-ONE_GET: dict[str, dict[str, Any]] = {"s3fs.core.S3FileSystem": {"max_concurrency": 1}}
-# Backends whose `ls` of an empty folder lists its parent too (is the name a file?) and whose `find`
-# of one asks a HEAD and a listing more: their one-listing call (s3fs's `_lsdir`) is used instead,
-# so a folder not made yet (a first run's commits, a new shard's journal) costs one LIST, not two to four.
-ONE_LIST = ("s3fs.core.S3FileSystem",)
+# What an fsspec backend can be asked, by its filesystem class. SWAPS: it sends If-None-Match and
+# If-Match to the server (a create and a compare-and-swap another machine can rely on). ONE_GET: the
+# read arguments that make a whole-object read one GET (s3fs asks the size first otherwise: a HEAD,
+# and for a missing object a listing too). ONE_LIST: a folder is listed by its one-listing call
+# (s3fs's `_lsdir`), as its `ls` of an empty folder lists the parent too and `find` adds a HEAD and a
+# listing: a folder not made yet (a first run's commits, a new shard's journal) costs one LIST.
+S3FS = "s3fs.core.S3FileSystem"
+SWAPS, ONE_LIST = (S3FS,), (S3FS,)
+ONE_GET: dict[str, dict[str, Any]] = {S3FS: {"max_concurrency": 1}}
 _SEEN: set[str] = set()  # buckets found to exist
 
 
@@ -91,23 +89,20 @@ class Store(Protocol):
     def remove_many(self, names: list[str]) -> None: ...
     def clear(self) -> None: ...  # every object in it (a child's too, locally)
     def digest(self, name: str) -> str | None: ...  # of its bytes where reading them is cheap; None in a bucket
-    def secrets(self) -> list[str]: ...
-    def scrub(self, message: str) -> str: ...
 
 
-def open_store(location: Path | str, options: Mapping[str, Any] | None = None, label: str = "[output] path") -> Store:
+def open_store(location: Path | str, options: Mapping[str, Any] | None = None) -> Store:
     """A Path is a local folder, a str an fsspec URL (the job loader told them apart)."""
     if isinstance(location, str):
-        return FsspecStore(location, options, label)
-    return LocalStore(location, options)
+        return FsspecStore(location, options)
+    return LocalStore(location)
 
 
-class LocalStore(Secrets):
+class LocalStore:
     """A POSIX folder, made on the first write."""
 
-    def __init__(self, folder: Path, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._options = dict(options or {})
 
     def __str__(self) -> str:
         return str(self.folder)
@@ -116,7 +111,7 @@ class LocalStore(Secrets):
         return str(self.folder / name)
 
     def child(self, name: str) -> LocalStore:
-        return LocalStore(self.folder / name, self._options)
+        return LocalStore(self.folder / name)
 
     def make(self) -> bool:
         made = not self.folder.exists()
@@ -188,7 +183,7 @@ class LocalStore(Secrets):
         return file_digest(self.folder / name)
 
 
-class FsspecStore(Secrets):
+class FsspecStore:
     """A folder in an fsspec filesystem (`s3://bucket/prefix`), reached on first use."""
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None, label: str = "[output] path",
@@ -197,7 +192,7 @@ class FsspecStore(Secrets):
         self.label = label  # which setting the messages name
         self._options = dict(options or {})
         self._fs: Any = None
-        self._root = ""
+        self._root = self._kind = ""
         self.guard = guard  # runs before every change (raises to refuse it)
 
     def __str__(self) -> str:
@@ -212,21 +207,14 @@ class FsspecStore(Secrets):
     @property
     def conditional(self) -> bool:
         """Whether its backend sends If-None-Match and If-Match to the server (see SWAPS)."""
-        return self._kind() in SWAPS
-
-    def _kind(self) -> str:
-        cls = type(self._remote()[0])
-        return f"{cls.__module__}.{cls.__qualname__}"
-
-    def _one_get(self) -> dict[str, Any]:
-        return ONE_GET.get(self._kind(), {})
+        return self._remote()[2] in SWAPS
 
     def _entries(self, *, below: bool = False) -> list[dict[str, Any]]:
         """The folder's entries (`below`: every object under it, child folders' too), asked of the
         server now (another process, a Ray worker, may have written since). FileNotFoundError: the
         folder (a bucket: the bucket itself) is not there."""
-        fs, root = self._remote()
-        if self._kind() in ONE_LIST:
+        fs, root, kind = self._remote()
+        if kind in ONE_LIST:
             from fsspec.asyn import sync
 
             return list(sync(fs.loop, fs._lsdir, root, refresh=True, delimiter="" if below else "/"))
@@ -245,15 +233,15 @@ class FsspecStore(Secrets):
     def unmake(self) -> None:
         pass
 
-    def _remote(self) -> tuple[Any, str]:
-        """(fsspec filesystem, folder path in it), made on first use."""
+    def _remote(self) -> tuple[Any, str, str]:
+        """(fsspec filesystem, folder path in it, its class: see SWAPS), made on first use."""
         if self._fs is None:
             check_url(self.url, self.label)
             import fsspec
 
             self._fs, root = self._call("reach", lambda: fsspec.core.url_to_fs(self.url, **self._options))
-            self._root = root.rstrip("/")
-        return self._fs, self._root
+            self._root, self._kind = root.rstrip("/"), f"{type(self._fs).__module__}.{type(self._fs).__qualname__}"
+        return self._fs, self._root, self._kind
 
     def _call(self, what: str, op: Callable[[], T], answers: tuple[type[Exception], ...] = ()) -> T:
         """Every backend call goes through here (or `open`), and so through `_translated`.
@@ -277,7 +265,7 @@ class FsspecStore(Secrets):
         return list(self.listing())
 
     def listing(self) -> dict[str, Entry]:
-        fs, root = self._remote()
+        fs, root, _ = self._remote()
 
         def listing() -> dict[str, Entry]:
             try:
@@ -296,9 +284,9 @@ class FsspecStore(Secrets):
         return self._call("list", listing)
 
     def read(self, name: str) -> bytes | None:
-        fs, path = self._remote()[0], self._path(name)
+        fs, path, one_get = self._remote()[0], self._path(name), ONE_GET.get(self._remote()[2], {})
         try:
-            return self._call(f"read {name} in", lambda: fs.cat_file(path, **self._one_get()), (FileNotFoundError,))
+            return self._call(f"read {name} in", lambda: fs.cat_file(path, **one_get), (FileNotFoundError,))
         except FileNotFoundError:
             return None
 
@@ -316,9 +304,9 @@ class FsspecStore(Secrets):
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
         """Fetched side by side (fsspec's `cat` of a list); those missing are left out."""
-        fs, root = self._remote()
+        fs, root, _ = self._remote()
         got = self._call("read", lambda: fs.cat([f"{root}/{n}" for n in names], on_error="return",
-                                                **self._one_get())) if names else {}
+                                                **ONE_GET.get(self._remote()[2], {}))) if names else {}
         out = {path.rsplit("/", 1)[-1]: data for path, data in got.items() if not isinstance(data, FileNotFoundError)}
         if (bad := next((d for d in out.values() if isinstance(d, Exception)), None)) is not None:
             raise self._translated("read objects in", bad)
@@ -385,7 +373,7 @@ class FsspecStore(Secrets):
 
     def remove_many(self, names: list[str]) -> None:
         """One request per thousand names where the backend can (S3 DeleteObjects)."""
-        fs, root = self._remote()
+        fs, root, _ = self._remote()
         if not names:
             return
         self._change()
@@ -394,7 +382,7 @@ class FsspecStore(Secrets):
 
     def clear(self) -> None:
         """Every object under it, child folders' too."""
-        fs, root = self._remote()
+        fs, root, _ = self._remote()
         self._change()
         fs.invalidate_cache(root)  # another process (a Ray worker) may have written since
         with contextlib.suppress(FileNotFoundError):
