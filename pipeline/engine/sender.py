@@ -42,7 +42,7 @@ from ..net.concurrency import Gate
 from ..net.limiter import Pacer
 from ..net.retry import STOP_KINDS, retry_delay, server_delay, should_retry
 from ..records import ResultRow
-from ..rows.answer import Answer, parse_response, usage_of, withheld
+from ..rows.answer import Answer, Usage, parse_response, usage_of, withheld
 from ..rows.pricing import (
     SpendLimit,
     estimate_tokens,
@@ -249,8 +249,9 @@ class RowSender:
                 state.data = data
                 self.gate.answered(latency / 1000.0)
                 self.limiter.observe(headers)
-                cost = self._paid(state, data)  # before judging the answer: an unusable one was paid too
-                answer = parse_response(data, self.job.endpoint.api)
+                use = usage_of(data, self.job.endpoint.api)
+                cost = self._paid(state, use)  # before judging the answer: an unusable one was paid too
+                answer = parse_response(data, self.job.endpoint.api, use)
                 if answer.answer is None and withheld(answer) is None:
                     raise RequestError("response has no answer content", kind="invalid_response")
             except RequestError as err:
@@ -262,9 +263,8 @@ class RowSender:
         finally:
             self.spend.settle(held, cost)
 
-    def _paid(self, state: RowState, data: Any) -> float | None:
+    def _paid(self, state: RowState, use: Usage) -> float | None:
         """What an answered attempt cost by the usage its body reports, added to the row's cost."""
-        use = usage_of(data, self.job.endpoint.api)
         cost = row_cost(self.job, use.model, use.prompt_tokens, use.completion_tokens, use.total_tokens,
                         use.cached_tokens)
         state.spent = cost if state.spent is None else state.spent + (cost or 0.0)

@@ -156,10 +156,12 @@ def _details(usage: dict[str, Any], key: str) -> dict[str, Any]:
     return details if isinstance(details, dict) else {}  # OpenAI-compatible servers often send null
 
 
-def parse_response(body: Any, api: Api = Api.CHAT) -> Answer:
-    """Parse a decoded response body; an unusable one raises RequestError(kind=invalid_response)."""
+def parse_response(body: Any, api: Api = Api.CHAT, usage: Usage | None = None) -> Answer:
+    """Parse a decoded response body; an unusable one raises RequestError(kind=invalid_response).
+    `usage`: the body's, where the caller read it already (`usage_of`: it costs the attempt first)."""
+    usage = usage or usage_of(body, api)
     if api is Api.RESPONSES:
-        return _parse_responses(body)
+        return _parse_responses(body, usage)
     if not isinstance(body, dict):
         raise RequestError("response is JSON but not an object", kind="invalid_response")
     choices = body.get("choices")
@@ -179,7 +181,7 @@ def parse_response(body: Any, api: Api = Api.CHAT) -> Answer:
     finish = choice.get("finish_reason")
     refusal = _refusal(message) if not answer else None  # a gateway may send content "" beside it
     return Answer(None if refusal is not None else answer, reasoning, finish_reason=finish if isinstance(finish, str) else None,
-                  refusal=refusal, **usage_of(body)._asdict())
+                  refusal=refusal, **usage._asdict())
 
 
 def usage_of(body: Any, api: Api = Api.CHAT) -> Usage:
@@ -201,7 +203,7 @@ def usage_of(body: Any, api: Api = Api.CHAT) -> Usage:
                  _count(prompt_details.get("image_tokens")), _count(prompt_details.get("audio_tokens")))
 
 
-def _parse_responses(body: Any) -> Answer:
+def _parse_responses(body: Any, usage: Usage) -> Answer:
     if not isinstance(body, dict):
         raise RequestError("response is JSON but not an object", kind="invalid_response")
     status = body.get("status")
@@ -231,7 +233,7 @@ def _parse_responses(body: Any) -> Answer:
     finish = "stop" if status != "incomplete" else reason if isinstance(reason, str) else "incomplete"
     refusal = "".join(refusals) if refusals and not answer else None
     return Answer(None if refusal is not None else answer, reasoning, finish_reason=finish, refusal=refusal,
-                  **usage_of(body, Api.RESPONSES)._asdict())
+                  **usage._asdict())
 
 
 def _typed_texts(parts: Any, kind: str, key: str = "text") -> list[str]:
