@@ -323,3 +323,27 @@ def test_a_kill_while_compacting_loses_nothing_and_counts_nothing_twice(tmp_path
     for shard in range(3):
         ids = ckpt.journal_lines(shard, pa.schema([("id", pa.string())])).column("id").to_pylist()
         assert len(ids) == len(set(ids)) == 40
+
+
+def test_a_stop_signal_after_every_row_had_its_result_ends_complete(tmp_path: Path, endpoint, capsys) -> None:
+    """A Ctrl-C or SIGTERM that lands while the last shard commits (a scheduler's stop at the very
+    end): the job is complete, so the exit code is 0, not 130/143 with "to continue" (a scheduler
+    would run it again for nothing). The summary is what a finished run of that signal computes."""
+    from pipeline.config import load_job
+    from pipeline.engine.console import Console
+    from pipeline.engine.counts import Counts
+    from pipeline.engine.summary import finish
+    from pipeline.io.checkpoint import open_checkpoint
+
+    job_path = make_job(tmp_path, endpoint.base_url, n=20)
+    assert run_cli("run", str(job_path)).returncode == 0
+    job = load_job(job_path)
+    ckpt = open_checkpoint(job.output)
+    plan = ckpt.load_plan()
+    assert plan is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        code, summary = finish(job, ckpt, plan, time.time(), Counts(), int(sig), Console.for_job(job))
+        assert code == 0 and summary["exit_code"] == 0 and summary["pending"] == 0
+        err = capsys.readouterr().err
+        assert "the run is complete" in err and "to continue" not in err
+    # a signal while rows are still pending stays a stop (test_signal_stops_commits_what_arrived_and_resumes)

@@ -83,6 +83,11 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
         state = dataset_state(plan, {})
     if stopped is None and state["pending"]:  # never 0 (or 1) while a row has no result
         stopped = LocalFailure(f"{state['pending']} rows have no result although the run ended; run again to send them")
+    if isinstance(stopped, int) and not state["pending"]:
+        # Ctrl-C or SIGTERM once every row had its result (the last commit under way): the job is
+        # done; 130/143 and "to continue" would have a scheduler run it again for nothing
+        console.say("note: the stop signal came after every row had its result; the run is complete", event="late_signal")
+        stopped = None
     code = exit_code(stopped, state)
     ended = time.time()
     summary = _summary(job, state, counts, started, ended, code)
