@@ -37,7 +37,8 @@ from ..errors import JobError
 from ..records import CommitRecord
 from .ckpt_base import BATCH_FILES, JOURNAL, Checkpoint
 from .ownership import Fence, Lease
-from .segments import ObjectLog, Pieces, SegmentJournal, StoreWriteError
+from .journal import shard_name
+from .segments import ObjectLog, Pieces, SegmentJournal, StoreWriteError, wants_compaction
 from .storage import PartStore
 from .store import FsspecStore
 
@@ -92,7 +93,7 @@ class BucketCheckpoint(Checkpoint):
     def pieces(self, shard: int) -> Pieces:
         """One object per shard (it numbers the shard's segments), whichever thread asks first."""
         if shard not in self._pieces:
-            self._pieces.setdefault(shard, Pieces(self.bucket.child(JOURNAL).child(f"shard-{shard:06d}")))
+            self._pieces.setdefault(shard, Pieces(self.bucket.child(JOURNAL).child(shard_name(shard))))
         return self._pieces[shard]
 
     def journal(self, on_failure: Callable[[OSError], None] | None = None) -> SegmentJournal:
@@ -111,7 +112,7 @@ class BucketCheckpoint(Checkpoint):
             folder, _, piece = name.rpartition("/")
             if folder.startswith("shard-"):
                 pieces.setdefault(int(folder[6:12]), []).append(piece)
-        return {shard for shard, names in pieces.items() if len(names) > 1 or not names[0].startswith("compact-")}
+        return {shard for shard, names in pieces.items() if wants_compaction(names)}
 
     # -- commits -------------------------------------------------------------------------
 

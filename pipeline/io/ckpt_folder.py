@@ -39,8 +39,8 @@ from ..errors import LockedError, local_failure
 from ..records import CommitRecord
 from .ckpt_base import JOURNAL, Checkpoint, parse_commit_lines
 from .durable import durable_move
-from .journal import FileJournal, journal_path, read_journal_table
-from .segments import Pieces
+from .journal import FileJournal, journal_path, read_journal_table, shard_name
+from .segments import Pieces, wants_compaction
 from .store import LocalStore
 
 __all__ = ["FolderCheckpoint", "LineLog"]
@@ -135,7 +135,7 @@ class FolderCheckpoint(Checkpoint):
     @contextlib.asynccontextmanager
     async def shard_lock(self, shard: int) -> AsyncIterator[None]:
         """Waits (in a thread) until a process still holding the shard (a killed driver's task) is gone."""
-        path = self.journal_dir / f"shard-{shard:06d}.lock"
+        path = self.journal_dir / f"{shard_name(shard)}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -150,7 +150,7 @@ class FolderCheckpoint(Checkpoint):
         return FileJournal(self.journal_dir, on_failure=on_failure)
 
     def _pieces(self, shard: int) -> Pieces:
-        return Pieces(self.local.child(JOURNAL).child(f"shard-{shard:06d}"))
+        return Pieces(self.local.child(JOURNAL).child(shard_name(shard)))
 
     def journal_lines(self, shard: int, schema: pa.Schema, *, repair: bool = False) -> pa.Table:
         """The shard's compacted and sealed pieces, then its appended file's whole lines."""
@@ -169,7 +169,7 @@ class FolderCheckpoint(Checkpoint):
         if size == 0:
             live.unlink()
         elif size is not None:
-            folder = self.journal_dir / f"shard-{shard:06d}"
+            folder = self.journal_dir / shard_name(shard)
             folder.mkdir(exist_ok=True)
             durable_move(live, folder / pieces.segment_name("local"))
             crash_point("after_seal")
@@ -184,10 +184,8 @@ class FolderCheckpoint(Checkpoint):
         for e in entries:
             if e.name.startswith("shard-") and e.name.endswith(".jsonl"):
                 found.add(int(e.name[6:12]))
-            elif e.name.startswith("shard-") and e.is_dir():
-                inside = os.listdir(e.path)  # a sealed file not yet compacted, or beside the compact one
-                if len(inside) > 1 or inside and not inside[0].startswith("compact-"):
-                    found.add(int(e.name[6:12]))
+            elif e.name.startswith("shard-") and e.is_dir() and wants_compaction(os.listdir(e.path)):
+                found.add(int(e.name[6:12]))  # a sealed file not yet compacted, or beside the compact one
         return found
 
     # -- commits and logs ----------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..crashpoints import crash_point
 from ..records import ResultRow
 from .durable import open_append, read_lines, write_all
 
-__all__ = ["Journal", "FileJournal", "read_journal_table", "parse_lines", "latest_per_id", "journal_path",
+__all__ = ["Journal", "FileJournal", "read_journal_table", "parse_lines", "latest_per_id", "journal_path", "shard_name",
            "SYNC_INTERVAL_S"]
 
 SYNC_INTERVAL_S = 0.2
@@ -52,8 +52,13 @@ class Journal(Protocol):
     def close(self) -> None: ...
 
 
+def shard_name(shard: int) -> str:
+    """A shard's name in a checkpoint (its journal file, its folder of pieces, its lock), in both backends."""
+    return f"shard-{shard:06d}"
+
+
 def journal_path(folder: Path, shard: int) -> Path:
-    return folder / f"shard-{shard:06d}.jsonl"
+    return folder / f"{shard_name(shard)}.jsonl"
 
 
 def read_journal_table(folder: Path, shard: int, schema: pa.Schema, *, repair: bool = False) -> pa.Table:

@@ -47,12 +47,17 @@ from .journal import parse_lines
 from .store import Store
 from ..waits import wait_event
 
-__all__ = ["Pieces", "SegmentJournal", "ObjectLog", "SEGMENT", "StoreWriteError"]
+__all__ = ["Pieces", "SegmentJournal", "ObjectLog", "SEGMENT", "StoreWriteError", "wants_compaction"]
 
 SEGMENT = re.compile(r"^(\d{8})-([0-9a-z]+)\.jsonl$")
 RECORD = re.compile(r"^(\d{8})\.json$")
 COMPACT = re.compile(r"^compact-(\d{8})\.jsonl\.zst$")
 ZSTD_LEVEL = 3  # 7.7 MB of journal (10,000 rows) in ~5 ms, to 2.3% of it; level 9 saves 7% more at 10x the time
+
+
+def wants_compaction(pieces: list[str]) -> bool:
+    """Whether a shard's pieces still want a compaction: more than one, or one not compact."""
+    return len(pieces) > 1 or bool(pieces) and not COMPACT.match(pieces[0])
 
 
 class StoreWriteError(OSError):
