@@ -7,7 +7,6 @@ kept out, and the ways to ask for a report.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DATA, ROOT, job_dict, read_output, run_cli, write_job, write_rows
+from conftest import DATA, ROOT, job_dict, page_data, read_output, run_cli, write_job, write_rows
 
 pytest.importorskip("altair", reason="the report extra is not installed")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -40,12 +39,6 @@ def _labeled_run(tmp_path: Path, endpoint_factory: Any, *, extra_args: tuple[str
     r = run_cli("run", str(job), *extra_args, env=env)
     assert r.returncode == 1, r.stderr  # two rows failed, the rest answered
     return job, ep, r
-
-
-def _page_data(html: str) -> dict[str, Any]:
-    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S)
-    assert m is not None
-    return json.loads(m.group(1))
 
 
 def test_the_report_in_a_real_browser(tmp_path: Path, endpoint_factory: Any, browser: Any) -> None:
@@ -122,7 +115,7 @@ def test_the_size_cap_keeps_every_failed_row_then_an_even_sample(tmp_path: Path,
     assert run_cli("run", str(job)).returncode == 1
     path = Path(write_report(load_job(job), tmp_path / "r.html", max_mb=1.6))
     assert path.stat().st_size <= 1.6 * 1024 * 1024
-    data = _page_data(path.read_text())
+    data = page_data(path.read_text())
     ids = [row["id"] for row in data["rows"]]
     failed = {f"row-{i:05d}" for i in range(0, 400, 25)}
     assert failed <= set(ids) and len(ids) < 400
@@ -133,7 +126,7 @@ def test_the_size_cap_keeps_every_failed_row_then_an_even_sample(tmp_path: Path,
     assert "all 16 failed rows, then every" in data["sampling"]
     assert sum(c["title"] == "Errors by kind" for c in data["charts"]) == 1
     whole = Path(write_report(load_job(job), tmp_path / "all.html"))  # the default cap holds them all
-    assert len(_page_data(whole.read_text())["rows"]) == 400 and _page_data(whole.read_text())["sampling"] is None
+    assert len(page_data(whole.read_text())["rows"]) == 400 and page_data(whole.read_text())["sampling"] is None
 
 
 def test_the_report_holds_no_key(tmp_path: Path, endpoint_factory: Any) -> None:

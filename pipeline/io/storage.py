@@ -5,6 +5,7 @@
     parts.write("part-000003.parquet", data)    # whole or not at all (pipeline.io.writer)
     parts.in_place({name: record})              # the parts that are as their commit records say
     parts.read_table("part-000003.parquet", ["id", "status"])  # None when it is not there
+    for part in parts.parts(): ...              # each part with rows, one at a time, in shard order
 
 Nothing here knows whether the folder is local or in a bucket: that is the store's.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +156,22 @@ class PartStore:
         except FileNotFoundError:
             return None
 
+    def part_names(self) -> list[str]:
+        """The part files, in shard order (the manifest's)."""
+        return sorted(n for n in self.names() if n.startswith("part-") and n.endswith(".parquet"))
+
+    def parts(self, names: list[str] | None = None) -> Iterator[pa.Table]:
+        """The part files (`names`, else all) with rows, one at a time, in shard order; what decoding
+        one took goes back to the pool before the next: memory stays flat in the parts read."""
+        pool = pa.default_memory_pool()
+        for name in self.part_names() if names is None else names:
+            part = self.read_table(name)
+            if part is not None and part.num_rows:
+                yield part
+            del part
+            pool.release_unused()
+
     def read_all(self) -> pa.Table:
-        """Every part file's rows, in shard order (the manifest's): the output dataset read back."""
-        names = sorted(n for n in self.names() if n.startswith("part-") and n.endswith(".parquet"))
-        parts = [t for name in names if (t := self.read_table(name)) is not None]
+        """Every part file's rows, in shard order: the output dataset read back."""
+        parts = [t for name in self.part_names() if (t := self.read_table(name)) is not None]
         return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})

@@ -1,12 +1,11 @@
 """How far models agree on a label: the share of rows where they give the same value, chance-
-corrected by Cohen's kappa (two jobs) or Fleiss' kappa (three or more), confusion counts per pair
-of jobs, and for numbers the mean absolute difference. Pure functions over the values, tested
-against hand-computed tables.
+corrected by Cohen's kappa (two jobs) or Fleiss' kappa (three or more). Pure functions over the
+values, tested against hand-computed tables (the confusion counts and the numbers' mean absolute
+difference are the comparison's own, pipeline.tools.compare.collect).
 
     field = agreement([["cat", "cat"], ["cat", "dog"], ...])   # one list per row: each job's value
     field = tallied({("cat", "cat"): 1, ("cat", "dog"): 1})     # the same, from counts of value tuples
     field.rate, field.kappa, field.kappa_kind                    # 0.5, 0.0, "Cohen"
-    confusion(["cat", "cat"], ["cat", "dog"])                   # {("cat", "cat"): 1, ("cat", "dog"): 1}
 
 Rows where a job has no value (missing, failed, or the label left out) are not counted: every
 figure says over how many rows it was taken. A kappa is None when it is undefined: no rows, or
@@ -18,10 +17,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from itertools import combinations
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
-__all__ = ["Agreement", "agreement", "tallied", "cohen_kappa", "fleiss_kappa", "confusion", "mean_abs_difference"]
+__all__ = ["Agreement", "agreement", "tallied", "cohen_kappa", "fleiss_kappa"]
 
 
 @dataclass(frozen=True)
@@ -90,13 +88,3 @@ def _fleiss(tally: Mapping[tuple[Hashable, ...], int]) -> float | None:
     chance = sum((c / (n_rows * raters)) ** 2 for c in totals.values())
     return None if math.isclose(chance, 1.0) else (observed - chance) / (1 - chance)
 
-
-def confusion(a: Sequence[Any], b: Sequence[Any]) -> dict[tuple[Any, Any], int]:
-    """How often job A's value (first) met job B's (second), over rows where both have one."""
-    return dict(Counter(zip(a, b)))
-
-
-def mean_abs_difference(ratings: Sequence[Sequence[float]]) -> float | None:
-    """For numbers: the mean, over rows and pairs of jobs, of |a - b|."""
-    diffs = [abs(x - y) for row in ratings for x, y in combinations(row, 2)]
-    return sum(diffs) / len(diffs) if diffs else None

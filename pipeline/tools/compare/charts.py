@@ -11,7 +11,7 @@ from typing import Any
 
 import altair as alt
 
-from ..report.charts import WIDTH
+from ..report.charts import card
 from .collect import Comparison
 
 __all__ = ["charts"]
@@ -29,18 +29,13 @@ def charts(data: Comparison) -> list[dict[str, Any]]:
             if not pair["counts"] or len(values) > MAX_VALUES:
                 continue
             a, b = names[pair["a"]], names[pair["b"]]
-            out.append(_chart(f"Confusion: {f['name']}, {a} vs {b}",
-                              f"rows by {a}'s value (down) and {b}'s (across); the diagonal agrees",
-                              _matrix(pair["counts"], a, b)))
-    out.append(_chart("Tokens per answered row", "mean total tokens (prompt + completion)",
-                      _bars(data.jobs, "tokens_per_row", "tokens")))
-    out.append(_chart("Latency", "median (p50) and p90 of answered rows, ms", _latency(data.jobs)))
+            out.append(card(f"Confusion: {f['name']}, {a} vs {b}",
+                            f"rows by {a}'s value (down) and {b}'s (across); the diagonal agrees",
+                            _matrix(pair["counts"], a, b), HEIGHT))
+    out.append(card("Tokens per answered row", "mean total tokens (prompt + completion)",
+                    _bars(data.jobs, "tokens_per_row", "tokens"), HEIGHT))
+    out.append(card("Latency", "median (p50) and p90 of answered rows, ms", _latency(data.jobs), HEIGHT))
     return out
-
-
-def _chart(title: str, note: str, chart: Any) -> dict[str, Any]:
-    spec = chart.properties(width=WIDTH, height=HEIGHT).configure_view(stroke=None).to_dict()
-    return {"title": title, "note": note, "spec": spec}
 
 
 def _matrix(counts: list[dict[str, Any]], a: str, b: str) -> alt.LayerChart | alt.FacetChart:  # layer() hoists facets: none here

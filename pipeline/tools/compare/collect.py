@@ -36,13 +36,12 @@ from ...io.storage import PartStore
 from ...redact import Redactor
 from ...rows.files import LocalFiles
 from ...rows.images import MB
-from ..report.collect import TEXT_CHARS, cut_text, image_cells
+from ..report.collect import TEXT_CHARS, THUMB_BYTES, cut_text, image_cells
 from .agreement import tallied
 
 __all__ = ["Comparison", "collect", "ROW_BYTES"]
 
 ROW_BYTES = 300  # a row's JSON besides its texts and thumbnails, per job
-THUMB_BYTES = 9_000
 IMAGES_SHOWN = 2
 BATCH = 8192  # rows whose label values are made Python values at a time
 _CUT = TEXT_CHARS + 60  # a cut text's length in the page, its note included
@@ -66,7 +65,7 @@ class _Side:
     def __init__(self, job: Job, labels: list[str]) -> None:
         self.job, self.labels = job, labels
         self.store = PartStore.for_output(job.output)
-        self.names = sorted(n for n in self.store.names() if n.startswith("part-") and n.endswith(".parquet"))
+        self.names = self.store.part_names()
         narrow = [self._narrow(part) for part in self.parts()]
         table = pa.concat_tables(narrow, promote_options="permissive") if narrow else self._narrow(pa.table({}))
         ids = table.column("id")
@@ -77,14 +76,7 @@ class _Side:
         self.ids = table.column("id").combine_chunks()
 
     def parts(self) -> Iterator[pa.Table]:
-        """The part files, one at a time, in shard order."""
-        pool = pa.default_memory_pool()
-        for name in self.names:
-            part = self.store.read_table(name)
-            if part is not None and part.num_rows:
-                yield part
-            del part
-            pool.release_unused()
+        return self.store.parts(self.names)
 
     def row_ids(self, part: pa.Table) -> pa.ChunkedArray:
         id_column = self.job.input.id_column

@@ -16,7 +16,7 @@ import numpy as np
 from .collect import ReportData
 from .figures import Figures
 
-__all__ = ["charts", "WIDTH"]
+__all__ = ["charts", "card", "WIDTH"]
 
 WIDTH = 380
 HEIGHT = 180
@@ -25,20 +25,20 @@ HEIGHT = 180
 def charts(data: ReportData) -> list[dict[str, Any]]:
     f = data.figures
     out = [
-        _chart("Rows done over time", "rows answered per minute (every row with a time)", _throughput(f)),
-        _chart("Latency", "per answered row, ms: p50, p90 and p99 marked", _latency(f)),
-        _chart("Attempts per row", "requests a row took", _counts(f, "attempts", "attempts")),
-        _chart("Errors by kind", "failed rows", _counts(f, "error_kind", "kind", horizontal=True, empty="no failed rows")),
-        _chart("429s and pauses per run", "rate-limit answers and the time they paused every request", _pauses(data)),
-        _chart("Tokens per row", "total tokens (prompt + completion)", _histogram(f, "total_tokens", "tokens")),
+        card("Rows done over time", "rows answered per minute (every row with a time)", _throughput(f)),
+        card("Latency", "per answered row, ms: p50, p90 and p99 marked", _latency(f)),
+        card("Attempts per row", "requests a row took", _counts(f, "attempts", "attempts")),
+        card("Errors by kind", "failed rows", _counts(f, "error_kind", "kind", horizontal=True, empty="no failed rows")),
+        card("429s and pauses per run", "rate-limit answers and the time they paused every request", _pauses(data)),
+        card("Tokens per row", "total tokens (prompt + completion)", _histogram(f, "total_tokens", "tokens")),
     ]
     if f.histogram("cost") is not None:
-        out.append(_chart("Cost per row", "from [pricing], every attempt of the row", _histogram(f, "cost", "cost")))
+        out.append(card("Cost per row", "from [pricing], every attempt of the row", _histogram(f, "cost", "cost")))
     for name in data.labels:
         if name in f.floats:
-            out.append(_chart(f"Label: {name}", "distribution of the label's values", _histogram(f, name, name)))
+            out.append(card(f"Label: {name}", "distribution of the label's values", _histogram(f, name, name)))
         elif f.counts(name) is not None:
-            out.append(_chart(f"Label: {name}", "rows per value", _counts(f, name, name, horizontal=True)))
+            out.append(card(f"Label: {name}", "rows per value", _counts(f, name, name, horizontal=True)))
     return out
 
 
@@ -47,8 +47,9 @@ def _count_axis(most: int) -> alt.Axis:
     return alt.Axis(values=list(range(0, most + 1))) if most <= 8 else alt.Axis(tickMinStep=1, format="~s")
 
 
-def _chart(title: str, note: str, chart: alt.TopLevelMixin) -> dict[str, Any]:
-    spec = chart.properties(width=WIDTH, height=HEIGHT).configure_view(stroke=None).to_dict()
+def card(title: str, note: str, chart: alt.TopLevelMixin, height: int = HEIGHT) -> dict[str, Any]:
+    """A chart as the pages hold it (the report's and the comparison's): its title, note and spec."""
+    spec = chart.properties(width=WIDTH, height=height).configure_view(stroke=None).to_dict()
     return {"title": title, "note": note, "spec": spec}
 
 

@@ -19,7 +19,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ from ...rows.images import MB, parse_data_uri
 from ...rows.values import Blob, image_values, kind_of
 from .figures import Figures
 
-__all__ = ["ReportData", "collect", "cut_text", "image_cells", "thumbnail", "THUMB_PX", "TEXT_CHARS"]
+__all__ = ["ReportData", "collect", "cut_text", "image_cells", "thumbnail", "THUMB_PX", "THUMB_BYTES", "TEXT_CHARS"]
 
 THUMB_PX = 192  # the longer side of a thumbnail
 THUMB_BYTES = 9_000  # what a thumbnail is reckoned to take in the page, before it is made
@@ -70,19 +70,19 @@ def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) 
     Two streaming passes over the part files, one at a time: the first sizes the rows and finds the
     figures' ranges, the second bins the figures and takes the rows the page holds."""
     store = PartStore.for_output(job.output)
-    names = sorted(n for n in store.names() if n.startswith("part-") and n.endswith(".parquet"))
+    names = store.part_names()
     ckpt = open_checkpoint(job.output)
     plan = ckpt.load_plan()
     labels = list(job.labels.schema.get("properties", {})) if job.labels is not None else []
     figures = Figures(labels)
     sizes = _Sizes()
-    for part in _parts(store, names):
+    for part in store.parts(names):
         figures.first(part)
         sizes.add(part, job)
     figures.settle()
     pick = sizes.rule(max(0, max_bytes - fixed_bytes - PAGE_BYTES), max_bytes)
     rows: list[dict[str, Any]] = []
-    for part in _parts(store, names):
+    for part in store.parts(names):
         figures.second(part)
         chosen = pick.take(part)
         if chosen:
@@ -94,17 +94,6 @@ def collect(job: Job, max_bytes: int, redactor: Redactor, fixed_bytes: int = 0) 
         state=dataset_state(plan, ckpt.peek_commits()) if plan is not None else {},
         settings=settings(job), history=[_run(r) for r in ckpt.history()],
     )
-
-
-def _parts(store: PartStore, names: list[str]) -> Iterator[pa.Table]:
-    """The output's part files, one at a time, in shard (manifest) order."""
-    pool = pa.default_memory_pool()
-    for name in names:
-        part = store.read_table(name)
-        if part is not None and part.num_rows:
-            yield part
-        del part
-        pool.release_unused()  # what decoding a part took goes back: memory flat in parts read
 
 
 def _lengths(table: pa.Table, name: str) -> Any:
