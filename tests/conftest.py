@@ -163,6 +163,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     )
 
 
+def run_process(job: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`pipeline run JOB ARGS` in its own process, its output piped: the run a test kills, races or watches."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def page_data(html: str) -> dict[str, Any]:
+    """The data a report or comparison page holds (its JSON script element)."""
+    import re
+
+    m = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
 def start_run(job: Path, first_commit: Path, timeout: float = 60) -> subprocess.Popen:
     """`pipeline run JOB` in its own process, returned once its first shard is committed (or it
     ended, or `timeout` passed): the moment a test kills it, or changes its input under it."""

@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
-from conftest import ROOT, S3, job_dict, run_cli, url_manifest, write_job
+from conftest import S3, job_dict, run_cli, run_process, url_manifest, write_job
 
 from pipeline.config import load_job
 from pipeline.io.checkpoint import open_checkpoint
@@ -53,11 +52,6 @@ def make_job(tmp_path: Path, base_url: str, s3: S3, n: int, *, name: str = "t", 
                    limits={"max_concurrency": 8, **over.pop("limits", {})},
                    run={"shard_rows": 200, **over.pop("run", {})}, output=output, **over)
     return write_job(tmp_path / f"{name}.toml", job), out, ckpt
-
-
-def start_run(job: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def keys(s3: S3, url: str) -> list[str]:
@@ -143,7 +137,7 @@ def test_kill_loop_every_row_once_re_paid_within_the_bound(tmp_path: Path, endpo
     windows: list[tuple[float, float]] = []
     while len(windows) < 6:
         sent = ep.stats()["requests"]
-        proc = start_run(job)
+        proc = run_process(job)
         wait_for(lambda: ep.stats()["requests"] > sent or proc.poll() is not None)  # however long start-up takes
         time.sleep(rng.uniform(0.1, 0.9))
         assert proc.poll() is None, proc.communicate()[1]
@@ -166,7 +160,7 @@ def test_kill_loop_every_row_once_re_paid_within_the_bound(tmp_path: Path, endpo
 def test_two_runs_racing_for_the_lease_exactly_one_runs(tmp_path: Path, endpoint_factory, s3: S3) -> None:
     ep = endpoint_factory(latency_ms=50)
     job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 200)
-    procs = [start_run(job), start_run(job)]
+    procs = [run_process(job), run_process(job)]
     results = [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 75], results
@@ -180,7 +174,7 @@ def test_a_killed_holders_lease_is_taken_over_after_expiry_never_before(tmp_path
                                                                          s3: S3) -> None:
     ep = endpoint_factory(latency_ms=300)
     job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 120, output={"checkpoint_lease_s": 6.0})
-    holder = start_run(job)
+    holder = run_process(job)
     wait_for(lambda: any(k.startswith("journal/") for k in keys(s3, ckpt)))  # answers reached the bucket
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -205,7 +199,7 @@ def test_a_run_whose_lease_is_taken_stops_at_once_and_writes_nothing_more(tmp_pa
     would): the holder's next renewal fails its If-Match, and it stops without another write."""
     ep = endpoint_factory(latency_ms=300)
     job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 400)
-    holder = start_run(job)
+    holder = run_process(job)
     fs = s3.fs()
     path = f"{ckpt.removeprefix('s3://')}/lock"
     wait_for(lambda: any(k.startswith("journal/") for k in keys(s3, ckpt)))
@@ -249,7 +243,7 @@ def test_a_bucket_that_refuses_writes_mid_run_exit_4_nothing_lost(tmp_path: Path
     job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 400, bucket=bucket)
     client = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.key, aws_secret_access_key=s3.secret,
                           region_name="us-east-1")
-    proc = start_run(job)
+    proc = run_process(job)
     wait_for(lambda: any(k.startswith("journal/") for k in keys(s3, ckpt)))
     denied = time.time()
     deny(client, bucket)
@@ -343,7 +337,7 @@ def test_status_reads_a_bucket_checkpoint_without_the_lease_and_changes_nothing(
                                                                                s3: S3) -> None:
     ep = endpoint_factory(latency_ms=300)
     job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 400)
-    proc = start_run(job)
+    proc = run_process(job)
     wait_for(lambda: any(k.startswith("journal/") for k in keys(s3, ckpt)))
     live = run_cli("status", str(job))  # beside a running job: no lease needed
     assert live.returncode == 0 and "pending of 400 rows" in live.stdout, live.stderr
@@ -382,7 +376,7 @@ def test_a_shard_whose_last_row_fills_a_segment_ends(tmp_path: Path, endpoint_fa
     n = SEGMENT_ROWS * shards
     job, out, _ = make_job(tmp_path, ep.base_url, s3, n, run={"shard_rows": SEGMENT_ROWS},
                            limits={"max_concurrency": 64}, output={"checkpoint_flush_s": 30})
-    proc = start_run(job)
+    proc = run_process(job)
     try:
         _, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:

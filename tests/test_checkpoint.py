@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,29 +11,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from conftest import (
     ROOT,
     job_dict,
     read_output,
     run_cli,
+    run_process,
     url_manifest,
     write_job,
-    write_rows,
 )
 
 from pipeline.io.storage import OWNER_FILE
 
 N_ROWS = 400
 CONCURRENCY = 8
-
-
-def start_run(job: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(job)],
-        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
 
 
 def make_job(tmp_path: Path, base_url: str, n: int = N_ROWS, **over) -> Path:
@@ -73,7 +64,7 @@ def test_kill_loop_every_row_exactly_once_and_no_answer_bought_twice(tmp_path: P
     rng = random.Random(1)
     kills = 0
     for _ in range(5):
-        proc = start_run(job)
+        proc = run_process(job)
         time.sleep(rng.uniform(0.4, 1.2))  # includes start-up: some kills land early, some mid-shard
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -149,7 +140,7 @@ def test_retry_failed_resends_only_failed_rows_and_replaces_them(tmp_path: Path,
 def test_second_run_is_locked_out_and_stale_lock_is_taken_over(tmp_path: Path, endpoint_factory) -> None:
     ep = endpoint_factory(latency_ms=100)
     job = make_job(tmp_path, ep.base_url, n=200, limits={"max_concurrency": 2})
-    first = start_run(job)
+    first = run_process(job)
     time.sleep(1.0)
     second = run_cli("run", str(job))
     assert second.returncode == 75
@@ -166,7 +157,7 @@ def test_second_run_is_locked_out_and_stale_lock_is_taken_over(tmp_path: Path, e
 def test_signal_stops_commits_what_arrived_and_resumes(tmp_path: Path, endpoint_factory, sig: int, code: int) -> None:
     ep = endpoint_factory(latency_ms=50)
     job = make_job(tmp_path, ep.base_url, n=300, limits={"max_concurrency": 4, "grace_s": 5})
-    proc = start_run(job)
+    proc = run_process(job)
     deadline = time.monotonic() + 60
     while ep.stats()["requests"] < 30 and time.monotonic() < deadline:  # mid-run, whatever the load
         time.sleep(0.05)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, job_dict, read_output, run_cli, url_manifest, write_job
+from conftest import ROOT, job_dict, read_output, run_cli, run_process, url_manifest, write_job
 
 from pipeline.config import load_job
 from pipeline.engine import RunOptions, run
@@ -52,11 +52,6 @@ def make_job(tmp_path: Path, base_url: str, n: int, *, name: str = "t", engine: 
         manifest, base_url, tmp_path / f"out-{name}", name=name,
         limits={"max_concurrency": 4, **(limits or {})}, run=run_table,
     ))
-
-
-def start_run(job: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def assert_exactly_once(out: Path, n: int) -> list[dict]:
@@ -171,7 +166,7 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path, endpoint_factory, ray
     n = 200
     job = make_job(tmp_path, ep.base_url, n, address=ray_address, run={"ray_workers": 2})
     checkpoint = tmp_path / ".pipeline" / "t"
-    proc = start_run(job)
+    proc = run_process(job)
     deadline = time.monotonic() + 60
     while not committed(checkpoint) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
