@@ -7,13 +7,16 @@ export-batch / import-batch round trip.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import job_dict, read_output, run_cli, url_manifest, write_job
+from conftest import job_dict, read_output, run_cli, run_process, url_manifest, write_job
 
 COMPARED = ("id", "answer", "reasoning", "prompt_tokens", "completion_tokens", "total_tokens", "model", "status")
 PRICES = {"input_per_million": 2.0, "output_per_million": 6.0}
@@ -238,3 +241,33 @@ def test_a_ledger_record_after_a_torn_one_is_kept(tmp_path: Path) -> None:
     second.planned("b2", [(0, "r1")], "p2")
     third = FolderCheckpoint(tmp_path / "ckpt").ledger()
     assert [(b.name, b.rows) for b in third.batches()] == [("b1", [(0, "r0")]), ("b2", [(0, "r1")])]
+
+
+def test_ctrl_c_while_waiting_leaves_the_batch_at_the_provider_and_a_rerun_collects_it(tmp_path: Path,
+                                                                                      endpoint_factory: Any) -> None:
+    """Ctrl-C while a run waits for its batch: it exits 130 at once (not after the batch), saying
+    the batch goes on; nothing is cancelled, nothing created twice; the rerun collects it."""
+    ep = endpoint_factory(batch_in_progress_s=3600.0)  # an hour at the provider, passed on its batch clock
+    job = _job(tmp_path, ep.base_url, 6)
+    proc = run_process(job)
+    deadline = time.monotonic() + 60
+    while not _batches(ep):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # a polling round or two
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("Ctrl-C did not stop a run waiting for its batch") from None
+    assert proc.returncode == 130, err
+    assert "the batches go on at the provider" in err and "to continue: pipeline run" in err
+    (b,) = _batches(ep)
+    assert b["status"] == "in_progress"  # not cancelled by the stop
+    assert "running" in run_cli("status", str(job)).stdout
+    ep.advance_batches(3600 + 60)
+    again = run_cli("run", str(job))
+    assert again.returncode == 0, again.stderr
+    assert len(_batches(ep)) == 1 and ep.stats()["requests"] == 0  # collected: no second batch, nothing online
+    _exactly_once(tmp_path / "out-b", 6)
