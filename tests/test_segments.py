@@ -265,3 +265,30 @@ def test_a_shards_closing_put_leaves_the_loop_answering() -> None:
 
     asyncio.run(run())
     assert Pieces(folder.child("shard-000000")).read(SCHEMA).column("id").to_pylist() == ["r0"]
+
+
+def test_a_sync_in_the_turn_a_shard_closes_does_not_wait_for_ever() -> None:
+    """A shard's closing put takes its ticket at once; a sync on the loop's thread in the same
+    turn (a second Ctrl-C's) waits for that ticket's put, which must already be in a thread's hands
+    (found by a review: the run hung to its stop deadline and lost the lines the sync had taken)."""
+    import threading
+
+    folder = FsspecStore(f"memory://segments-{uuid.uuid4().hex}")
+    journal = SegmentJournal(lambda shard: Pieces(folder.child(f"shard-{shard:06d}")), flush_s=60, flush_rows=100)
+    finished = threading.Event()
+
+    def run() -> None:
+        async def main() -> None:
+            journal.append(0, ResultRow(id="a", answer="x"))
+            journal.append(1, ResultRow(id="b", answer="y"))
+            commit = asyncio.create_task(journal.close_shard(0))  # a shard's commit begins ...
+            asyncio.get_running_loop().call_soon(journal.sync)  # ... and in the same turn the journal is synced
+            await commit
+
+        asyncio.run(main())
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert finished.wait(10), "the sync waited for a put that was never handed to a thread"
+    assert journal.puts == 2
+    assert [Pieces(folder.child(f"shard-{s:06d}")).read(SCHEMA).column("id").to_pylist() for s in (0, 1)] == [["a"], ["b"]]

@@ -300,8 +300,9 @@ class SegmentJournal:
         later put waits for, and an executor job cancelled before it starts never runs: a run
         ending (the flusher cancelled) just as a segment filled lost those lines and hung its
         commit. Once taken, the put is shielded from a cancellation and waited for before the
-        cancellation goes on."""
-        put = asyncio.ensure_future(asyncio.to_thread(self._put, taken))
+        cancellation goes on. It is handed to a thread now, not when a task first runs: a `sync()`
+        on the loop in between (a second Ctrl-C's) waits for this ticket, and would wait for ever."""
+        put = asyncio.get_running_loop().run_in_executor(None, self._put, taken)
         try:
             await asyncio.shield(put)
         except asyncio.CancelledError:
