@@ -271,3 +271,33 @@ def test_ctrl_c_while_waiting_leaves_the_batch_at_the_provider_and_a_rerun_colle
     assert again.returncode == 0, again.stderr
     assert len(_batches(ep)) == 1 and ep.stats()["requests"] == 0  # collected: no second batch, nothing online
     _exactly_once(tmp_path / "out-b", 6)
+
+
+def test_ctrl_c_while_a_retry_failed_batch_waits_is_a_stop_not_a_finished_run(tmp_path: Path,
+                                                                             endpoint_factory: Any) -> None:
+    """In a --retry-failed run every row has a result (the failed ones) before it sends anything:
+    a Ctrl-C while its batch is out is a stop (130, "to continue"), not a complete run, else the
+    paid batch is left uncollected (found by a review)."""
+    ep = endpoint_factory(batch_line_faults={"picture row-00002": 400}, batch_in_progress_s=3600.0)
+    job = _job(tmp_path, ep.base_url, 5)
+    first = run_process(job)
+    deadline = time.monotonic() + 60
+    while not _batches(ep):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    ep.advance_batches(3600 + 60)
+    assert first.wait(timeout=60) == 1, first.communicate()  # one row refused
+    retry = run_process(job, "--retry-failed")
+    deadline = time.monotonic() + 60
+    while len(_batches(ep)) < 2:
+        assert retry.poll() is None and time.monotonic() < deadline, retry.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    retry.send_signal(signal.SIGINT)
+    try:
+        _, err = retry.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        retry.kill()
+        raise AssertionError("Ctrl-C did not stop a --retry-failed run waiting for its batch") from None
+    assert retry.returncode == 130, err
+    assert "the run is complete" not in err and "to continue: pipeline run" in err

@@ -92,7 +92,8 @@ class Executor:
                     raise local_failure(exc, "preparing the run") from None
                 self.ready = ready
                 counts, stopped = self.execute(ckpt, ready) if ready.todo else (Counts(), None)
-                code, self.summary = finish(job, ckpt, ready.plan, started, counts, stopped, console, again=self.host.again)
+                code, self.summary = finish(job, ckpt, ready.plan, started, counts, stopped, console, again=self.host.again,
+                                            retrying=self.options.retry_failed is not None)
                 if metrics is not None:
                     metrics.finish(self.summary)
         if self.options.report or job.output.report:

@@ -73,9 +73,11 @@ def cli_again(job: Job, retry_failed: bool = False) -> str:
 
 
 def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Counts, stopped: Stopped,
-           console: Console, again: Callable[[Job, bool], str] = cli_again) -> tuple[int, dict[str, Any]]:
+           console: Console, again: Callable[[Job, bool], str] = cli_again, *, retrying: bool = False
+           ) -> tuple[int, dict[str, Any]]:
     """Write last_run.json, print the summary; the exit code and the summary. `again` says how
-    the run is run again (a command, or a Python call)."""
+    the run is run again (a command, or a Python call); `retrying`: a --retry-failed run, whose
+    rows all have a result (the failed ones) while it still sends them again."""
     try:
         state = dataset_state(plan, ckpt.commits())
     except (OSError, JobError) as exc:
@@ -83,9 +85,10 @@ def finish(job: Job, ckpt: Checkpoint, plan: Plan, started: float, counts: Count
         state = dataset_state(plan, {})
     if stopped is None and state["pending"]:  # never 0 (or 1) while a row has no result
         stopped = LocalFailure(f"{state['pending']} rows have no result although the run ended; run again to send them")
-    if isinstance(stopped, int) and not state["pending"]:
+    if isinstance(stopped, int) and not state["pending"] and not retrying:
         # Ctrl-C or SIGTERM once every row had its result (the last commit under way): the job is
-        # done; 130/143 and "to continue" would have a scheduler run it again for nothing
+        # done; 130/143 and "to continue" would have a scheduler run it again for nothing. Not so
+        # in a --retry-failed run: its rows had results before it began (its batch may be out)
         console.say("note: the stop signal came after every row had its result; the run is complete", event="late_signal")
         stopped = None
     code = exit_code(stopped, state)
