@@ -202,6 +202,23 @@ def test_a_folder_not_made_yet_costs_one_request(s3: S3) -> None:
     assert len(asked) == 2 and all(method == "GET" and "list-type=2" in path for method, path in asked), asked
 
 
+def test_a_consoles_folder_placeholders_are_no_objects(s3: S3) -> None:
+    """A bucket browsed in a console may hold zero-byte "folder/" keys: neither a listing nor a
+    walk takes one for an object (a shard's journal with one would want a compaction every run)."""
+    import boto3
+
+    bucket = s3.new_bucket()
+    client = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.key, aws_secret_access_key=s3.secret,
+                          region_name="us-east-1")
+    for key in ("ckpt/", "ckpt/journal/", "ckpt/journal/shard-000003/"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+    store = FsspecStore(f"s3://{bucket}/ckpt", s3.options())
+    store.child("journal").child("shard-000003").write("compact-00000001.jsonl.zst", b"z")
+    assert store.walk() == ["journal/shard-000003/compact-00000001.jsonl.zst"]
+    assert store.child("journal").listing() == {}
+    assert list(store.child("journal").child("shard-000003").listing()) == ["compact-00000001.jsonl.zst"]
+
+
 # -- the local folder's own operations: durable appends and torn tails --------------------
 
 def test_read_lines_leaves_out_a_torn_tail_and_repair_cuts_it(tmp_path: Path) -> None:

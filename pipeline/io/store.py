@@ -14,13 +14,12 @@
 folder; O_EXCL for a create). It alone can also append durably (`append`: O_APPEND of whole lines
 and fsync, under a flock where several processes append) and cut a torn tail (`read_lines`).
 
-`FsspecStore` is an fsspec URL (s3://, gs://, az://, memory://, ...). An object is visible whole
-or not at all: a write is one put of the complete bytes. A create is a conditional put (S3
-`If-None-Match: *`; a 412 is FileExistsError); `replace` a compare-and-swap (s3fs passes a
-single-part `pipe_file`'s extra keywords to `put_object`: `IfMatch=etag`; its 412 comes back as
-OSError(EINVAL), made a `Conflict` here, in one place). fsspec's generic create checks then writes,
-not atomic: `conditional` says whether the backend sends both conditions to its server (`SWAPS`).
-A `guard` runs before every change an FsspecStore makes (a bucket checkpoint's lease fence).
+`FsspecStore` is an fsspec URL (s3://, gs://, az://, memory://, ...). A write is one put of the
+whole bytes, visible whole or not at all; a create a conditional put (S3 `If-None-Match: *`, a 412
+is FileExistsError); `replace` a compare-and-swap (s3fs hands `pipe_file`'s extra keywords to
+`put_object`: `IfMatch=etag`; its 412, an OSError(EINVAL), is made a `Conflict` here). fsspec's
+generic create checks then writes: `conditional` says whether the backend sends both conditions to
+its server (`SWAPS`). A `guard` runs before every change (a bucket checkpoint's lease fence).
 
 fsspec and its backend are imported only for a URL. Credentials (pipeline.io.credentials) are
 scrubbed from every message, and a bucket's failures become a one-line JobError in ONE place,
@@ -210,18 +209,21 @@ class FsspecStore:
         return self._remote()[2] in SWAPS
 
     def _entries(self, *, below: bool = False) -> list[dict[str, Any]]:
-        """The folder's entries (`below`: every object under it, child folders' too), asked of the
-        server now (another process, a Ray worker, may have written since). FileNotFoundError: the
-        folder (a bucket: the bucket itself) is not there."""
+        """The objects in the folder (`below`: under it, child folders' too), asked of the server
+        now (another process, a Ray worker, may have written since); not a child folder, nor a key
+        ending in "/" (a console's folder placeholder). FileNotFoundError: the folder (a bucket: the
+        bucket itself) is not there."""
         fs, root, kind = self._remote()
         if kind in ONE_LIST:
             from fsspec.asyn import sync
 
-            return list(sync(fs.loop, fs._lsdir, root, refresh=True, delimiter="" if below else "/"))
-        if below:
+            found = sync(fs.loop, fs._lsdir, root, refresh=True, delimiter="" if below else "/")
+        elif below:
             fs.invalidate_cache(root)
-            return list(fs.find(root, detail=True).values())
-        return list(fs.ls(root, detail=True, refresh=True))
+            found = fs.find(root, detail=True).values()
+        else:
+            found = fs.ls(root, detail=True, refresh=True)
+        return [e for e in found if e.get("type") == "file" and not e["name"].endswith("/")]
 
     def _change(self) -> None:
         if self.guard is not None:
@@ -277,8 +279,7 @@ class FsspecStore:
                                    f"then run again") from None
                 _SEEN.add(bucket)  # asked once per process (a checkpoint lists many folders not made yet)
                 return {}  # the folder is made by the first write
-            found = {e["name"].rstrip("/").rsplit("/", 1)[-1]: Entry(int(e.get("size") or 0), _etag_of(e))
-                     for e in entries if e.get("type") == "file"}
+            found = {e["name"].rsplit("/", 1)[-1]: Entry(int(e.get("size") or 0), _etag_of(e)) for e in entries}
             return dict(sorted(found.items()))
 
         return self._call("list", listing)
@@ -363,7 +364,7 @@ class FsspecStore:
             entries = self._call("list", lambda: self._entries(below=True), (FileNotFoundError,))
         except FileNotFoundError:
             return []
-        return sorted(e["name"][len(root) + 1:] for e in entries if e.get("type") == "file")
+        return sorted(e["name"][len(root) + 1:] for e in entries)
 
     def remove(self, name: str) -> None:
         fs, path = self._remote()[0], self._path(name)
