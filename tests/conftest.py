@@ -114,7 +114,7 @@ def write_job(path: Path, sections: dict[str, Any]) -> Path:
     return path
 
 
-def job_dict(manifest: Path, base_url: str, out: Path, **overrides: dict[str, Any]) -> dict[str, Any]:
+def job_dict(manifest: Path, base_url: str, out: Path, **overrides: Any) -> dict[str, Any]:  # a table, or a top-level value (name)
     job: dict[str, Any] = {
         "name": "t",
         "input": {"path": str(manifest), "id_column": "id", "image_column": "image", "prompt_column": "prompt"},

@@ -153,9 +153,11 @@ def test_convert_mono_and_sample_rate_as_audio_url_parts(tmp_path: Path, endpoin
 @pytest.fixture
 def static(tmp_path: Path) -> Iterator[str]:
     """A plain HTTP server of the clips folder, on loopback."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "clips"))
-    handler.log_message = lambda *a: None  # type: ignore[method-assign]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "clips")))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

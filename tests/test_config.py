@@ -91,11 +91,11 @@ def test_auto_limits_are_read_as_a_typed_value_not_a_string() -> None:
     assert j.limits.auto_rate and j.limits.auto_concurrency and j.limits.counts_tokens
     assert j.limits.workers == j.limits.max_concurrency_cap
     # built in code with the job file's word: the same typed value
-    assert LimitsConfig(max_concurrency="auto").max_concurrency is AUTO
+    assert LimitsConfig(max_concurrency="auto").max_concurrency is AUTO  # type: ignore[arg-type]  # the file's word
     plain = job(limits={"requests_per_minute": 90})
     assert not plain.limits.auto_rate and not plain.limits.counts_tokens and plain.limits.workers == 8
     with pytest.raises(JobError, match=r'\[limits\] tokens_per_minute must be a number or "auto"'):
-        LimitsConfig(tokens_per_minute="lots")
+        LimitsConfig(tokens_per_minute="lots")  # type: ignore[arg-type]  # what a job file may say
 
 
 def test_checks_run_on_construction_from_code_too() -> None:

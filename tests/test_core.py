@@ -171,7 +171,9 @@ def test_many_rows_each_answer_matched_to_its_own_row(tmp_path: Path, endpoint_f
     # readable by the three readers users use
     assert len(pd.read_parquet(tmp_path / "out")) == 300
     assert ds.dataset(tmp_path / "out").count_rows() == 300
-    n = duckdb.sql(f"select count(distinct id) from read_parquet('{tmp_path / 'out'}/*.parquet')").fetchall()[0][0]
+    query = duckdb.sql(f"select count(distinct id) from read_parquet('{tmp_path / 'out'}/*.parquet')")
+    assert query is not None
+    n = query.fetchall()[0][0]
     assert n == 300
 
 

@@ -26,7 +26,6 @@ import pytest
 from conftest import Endpoint, job_dict, read_output, run_cli, start_endpoint, url_manifest, write_job, write_rows
 
 from pipeline.engine import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED
-from pipeline.errors import RequestError
 from pipeline.net.breaker import Breaker
 from pipeline.net.client import translate
 from pipeline.net.headers import observed, unrenamed
@@ -84,7 +83,7 @@ def test_the_first_refusals_all_alike_with_nothing_answered_trip_the_breaker() -
     assert b.holds("bad_request") and not b.settled
     assert [_refused(b) for _ in range(3)] == [False, False, True]
     b.success()  # an answer in flight when it tripped, arriving during the stop: the trip is final
-    assert b.holds("bad_request") and not b.settled and _refused(b, (400, "bad_request", None, "other"))
+    assert (b.holds("bad_request"), b.settled, _refused(b, (400, "bad_request", None, "other"))) == (True, False, True)
 
 
 def test_fast_refusals_wait_for_the_requests_sent_before_them() -> None:
@@ -116,6 +115,7 @@ def test_alike_refusals_trip_once_the_older_requests_came_back_refused_too() -> 
 
     b = Breaker(50, 120.0, max_refusals=3, clock=lambda: 0.0)
     first = [b.sent() for _ in range(3)]
+    tripped = False
     for ticket in first:
         b.done(ticket)
         tripped = b.refusal(WRONG_KEY, _spread(b))
@@ -272,7 +272,7 @@ def test_retrying_and_re_running_rows_that_really_are_bad_is_no_wrong_job(tmp_pa
 
 def test_bad_requests_are_refused_with_the_providers_error(tmp_path: Path) -> None:
     err = translate(status=400, body=b'{"error":{"message":"No connected db.","type":"no_db_connection","code":"400"}}')
-    assert isinstance(err, RequestError) and err.kind == "bad_request" and err.code == "no_db_connection"
+    assert err.kind == "bad_request" and err.code == "no_db_connection"
 
 
 # -- through a real LiteLLM proxy -------------------------------------------------------------

@@ -363,12 +363,16 @@ def test_presigned_urls_let_the_provider_fetch_the_objects_and_leave_no_signatur
     bodies = [json.loads(e["body"]) for e in ep.requests()]
     urls = [p["image_url"]["url"] for b in bodies for p in b["messages"][-1]["content"] if p["type"] == "image_url"]
     assert len(urls) == 4 and all("X-Amz-Signature=" in u and "X-Amz-Expires=" in u for u in urls)
-    expires = int(re.search(r"X-Amz-Expires=(\d+)", urls[0]).group(1))
+    expires_at = re.search(r"X-Amz-Expires=(\d+)", urls[0])
+    assert expires_at is not None
+    expires = int(expires_at.group(1))
     assert expires == 3600 + 10 * 4  # presign_expiry_s + timeout_s x max_attempts (job_dict: 10 s, 4 attempts)
     with pytest.raises(urllib.error.HTTPError) as refused:  # the same object without the signature: refused
         urllib.request.urlopen(urls[0].split("?")[0], timeout=10)
     assert refused.value.code == 403
-    number = int(re.search(r"/img/(\d)\.png\?", urls[0]).group(1))
+    named = re.search(r"/img/(\d)\.png\?", urls[0])
+    assert named is not None
+    number = int(named.group(1))
     assert urllib.request.urlopen(urls[0], timeout=10).read() == picture(number)  # signed: the object's bytes
     # moto serves a presigned URL whatever its signature: the signature is checked here instead.
     assert all(sigv4_valid(u, s3.key, s3.secret) for u in urls)

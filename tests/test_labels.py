@@ -156,7 +156,7 @@ def test_changing_the_schema_of_a_started_job_is_refused(tmp_path: Path, endpoin
 
 def test_bad_labels_sections_are_one_line_errors(tmp_path: Path) -> None:
     manifest = url_manifest(tmp_path / "m.csv", 1)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"schema": "missing.json"}, "[labels] schema: cannot read"),
         ({"schema": SCHEMA, "max_retries": 1}, "[labels] max_retries: unknown key"),
         ({"schema": {"type": "object", "properties": {"x": {"type": "wat"}}}}, "not a valid JSON Schema"),

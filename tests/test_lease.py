@@ -195,7 +195,9 @@ async def test_worker_leases_tokens_for_the_waiting_requests_and_gives_back_what
     shared = LocalBudget(RateBudget(60_000, tokens_per_minute=600_000, clock=clock))  # 10 000 tokens/s
     limiter = LeasedLimiter(shared, limits(requests_per_minute=60_000, tokens_per_minute=600_000), clock=clock)
     await asyncio.gather(*(limiter.acquire(1000) for _ in range(4)))
-    free_at = shared.budget.tokens.free_at
+    tokens = shared.budget.tokens
+    assert tokens is not None
+    free_at = tokens.free_at
     limiter.settle(1000, 400)  # a request used 600 fewer tokens than estimated
     limiter.release()  # and the worker ends with tokens leased but unspent
     # One token lease served all four (a slice of 5000: 4000 spent, 1000 left over).
@@ -203,7 +205,7 @@ async def test_worker_leases_tokens_for_the_waiting_requests_and_gives_back_what
     debt = limiter.take_token_debt()
     assert debt == -600 - 1000
     shared.budget.correct(debt)
-    assert shared.budget.tokens.free_at == pytest.approx(free_at - 0.16, abs=0.005)  # got them back (at the bucket's safety-trimmed rate)
+    assert tokens.free_at == pytest.approx(free_at - 0.16, abs=0.005)  # got them back (at the bucket's safety-trimmed rate)
 
 
 def test_the_lease_and_the_local_limiter_fill_the_one_pacer_interface() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 import pytest
 
@@ -22,7 +22,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self._now = 1000.0
-        real_select = self._selector.select
+        selector = self._selector  # type: ignore[attr-defined]  # the selector loop's own, unnamed in typeshed
+        real_select = selector.select
 
         def select(timeout: float | None = None) -> list[Any]:
             events = real_select(0)
@@ -33,13 +34,13 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             self._now += timeout
             return events
 
-        self._selector.select = select  # type: ignore[method-assign]
+        selector.select = select
 
     def time(self) -> float:
         return self._now
 
 
-def run_virtual(main: Callable[[], Awaitable[Any]]) -> Any:
+def run_virtual(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         return runner.run(main())
 

@@ -116,15 +116,21 @@ async def error_of(b: MediaBuilder, row: dict[str, Any]) -> str:
 # -- preprocessing ---------------------------------------------------------------------------
 
 
+def _rgb(img: Image.Image, at: tuple[int, int]) -> tuple[int, ...]:
+    pixel = img.convert("RGB").getpixel(at)
+    assert isinstance(pixel, tuple)
+    return pixel
+
+
 def test_exif_orientation_turns_the_image_upright_and_is_not_applied_twice() -> None:
     raw = jpeg(200, 100, orientation=6)  # stored sideways: must be turned 90 degrees clockwise
     mime, out = prepare_image(raw, "x.jpg", cfg(max_side=1000))
     img = Image.open(io.BytesIO(out))
     assert (mime, img.size) == ("image/jpeg", (100, 200))
     # the stored left half (red) is on top once upright; the stored right half (blue) below
-    r, g, b = img.convert("RGB").getpixel((50, 30))
+    r, g, b = _rgb(img, (50, 30))
     assert r > 200 and b < 60
-    r, g, b = img.convert("RGB").getpixel((50, 170))
+    r, g, b = _rgb(img, (50, 170))
     assert b > 200 and r < 60
     assert img.getexif().get(0x0112) is None  # no tag left to make a viewer rotate again
 
@@ -164,7 +170,8 @@ def test_transparency_keeps_png_and_opaque_images_become_jpeg() -> None:
     mime, out = prepare_image(png(800, 400, alpha=True), "a.png", cfg(max_side=200))
     img = Image.open(io.BytesIO(out))
     assert (mime, img.format, img.mode, img.size) == ("image/png", "PNG", "RGBA", (200, 100))
-    assert img.getpixel((10, 50))[3] == 0 and img.getpixel((190, 50))[3] == 255
+    left, right = img.getpixel((10, 50)), img.getpixel((190, 50))
+    assert isinstance(left, tuple) and isinstance(right, tuple) and (left[3], right[3]) == (0, 255)
     mime, out = prepare_image(png(800, 400), "b.png", cfg(max_side=200, jpeg_quality=70))
     assert (mime, Image.open(io.BytesIO(out)).format) == ("image/jpeg", "JPEG")
 
@@ -821,7 +828,7 @@ def test_video_request_bodies(tmp_path: Path, endpoint_factory: Any) -> None:
     for i in range(3):
         (tmp_path / f"f{i}.png").write_bytes(png(80, 60))
     (tmp_path / "still.jpg").write_bytes(jpeg(64, 48))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": "file", "image": None, "video": "clip.mp4", "prompt": "A local video"},
         {"id": "url", "image": None, "video": "https://v.example/clip.mp4", "prompt": "A remote video"},
         # a JSONL column holds one type: a list of frames goes as a JSON array in the string

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -33,7 +34,7 @@ TASK_TITLE = "ray::shard_task"  # Ray titles a worker process after the task it 
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> str:
+def ray_address() -> Iterator[str]:
     ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'pipeline[ray]')")
     ctx = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ctx.address_info["gcs_address"]

@@ -44,14 +44,18 @@ def test_figures_and_sample_over_many_parts(tmp_path: Path, endpoint_factory: An
     f = data.figures
     assert data.total == N and f.rows == N
     ok_latency = np.array([ms for ms, s in zip(whole["latency_ms"], whole["status"]) if s == "ok"], dtype=float)
-    counts, edges = f.histogram("latency_ms")
+    latency, tokens_hist, errors, attempts = (f.histogram("latency_ms"), f.histogram("total_tokens"), f.counts("error_kind"),
+                                              f.counts("attempts"))
+    assert latency is not None and tokens_hist is not None and errors is not None and attempts is not None
+    counts, edges = latency
     assert counts.sum() == len(ok_latency) == N - len(failed_ids)
     assert np.array_equal(counts, np.histogram(ok_latency, bins=len(edges) - 1)[0])  # as one pass would bin them
-    tokens, _ = f.histogram("total_tokens")
+    tokens, _ = tokens_hist
     assert tokens.sum() == sum(1 for t in whole["total_tokens"] if t is not None)
-    assert f.histogram("finished_at")[0].sum() == N
-    assert dict(f.counts("error_kind")) == {"bad_request": len(failed_ids)}
-    assert sum(n for _, n in f.counts("attempts")) == N
+    finished = f.histogram("finished_at")
+    assert finished is not None and finished[0].sum() == N
+    assert dict(errors) == {"bad_request": len(failed_ids)}
+    assert sum(n for _, n in attempts) == N
     span = ok_latency.max() - ok_latency.min()
     for q, found in zip((50, 90, 99), f.percentiles("latency_ms", (50, 90, 99))):
         assert abs(found - np.percentile(ok_latency, q)) <= max(1.0, 2 * span / FINE) + 1, q
@@ -63,4 +67,5 @@ def test_figures_and_sample_over_many_parts(tmp_path: Path, endpoint_factory: An
     kept = [r for r in shown if r not in failed_ids]
     step = others.index(kept[1]) - others.index(kept[0])
     assert kept == others[::step] and step > 1  # every k-th other row, counted across the parts
+    assert data.sampling is not None
     assert f"all {len(failed_ids)} failed rows, then every" in data.sampling and f"{len(shown):,} of {N}" in data.sampling

@@ -38,7 +38,7 @@ ANSWERS = {
 
 def _feed(data: bytes, cuts: list[int]) -> tuple[ResponseParser, list[object]]:
     """Every non-None result of feeding `data` split at `cuts`."""
-    parser, results = ResponseParser(CAP), []
+    parser, results = ResponseParser(CAP), list[object]()
     edges = [0, *sorted(set(cuts)), len(data)]
     for start, end in pairwise(edges):
         if (result := parser.feed(data[start:end])) is not None:

@@ -339,7 +339,9 @@ def _chat(message: dict[str, Any], finish: str = "stop") -> dict[str, Any]:
 ])
 def test_a_refusal_parses_as_a_final_answer_with_its_words(body: dict[str, Any], api: Api, said: str) -> None:
     a = parse_response(body, api)
-    kind, error = withheld(a)
+    got = withheld(a)
+    assert got is not None
+    kind, error = got
     assert a.answer is None and a.refused and kind == "refusal" and said in error
     assert a.prompt_tokens in (1000, 120)  # its usage is read: it is costed
     assert usage_of(body, api).prompt_tokens == a.prompt_tokens

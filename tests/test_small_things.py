@@ -26,7 +26,8 @@ def test_a_labels_schema_given_as_a_json_string_is_read_as_json(tmp_path: Path) 
     with pytest.raises(JobError, match=r"\[labels\] schema: not valid JSON"):
         parse_job(_data(tmp_path, '{"type": "object",'), tmp_path / "j.toml")
     (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
-    assert parse_job(_data(tmp_path, "s.json"), tmp_path / "j.toml").labels.schema == SCHEMA  # a path still works
+    labels = parse_job(_data(tmp_path, "s.json"), tmp_path / "j.toml").labels
+    assert labels is not None and labels.schema == SCHEMA  # a path still works
 
 
 def test_serve_help_explains_every_option() -> None:

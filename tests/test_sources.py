@@ -433,7 +433,7 @@ def test_a_large_image_folder_plan_is_packed_and_reads_each_shard_from_an_index(
     assert set(d["files"]) == {"packed"} and len(data) < 40 * n, len(data)
     again = load_plan_dict(d)
     assert again == plan and again.files == plan.files
-    seen = {}
+    seen: dict[Any, Any] = {}
     for shard in again.shards:
         rows = read_rows(cfg, again, shard)
         assert rows.ids == [f.name for f in again.files_of(shard.index) if f.rows == 1] and len(rows.ids) == shard.rows

@@ -266,7 +266,7 @@ class _CountingS3:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=30)
                 conn.request(self.command, self.path, body, {k: v for k, v in self.headers.items()})
                 resp = conn.getresponse()
                 data = resp.read()
@@ -332,8 +332,9 @@ def test_a_run_reads_a_bucket_shards_image_bytes_once(tmp_path: Path, endpoint, 
         options = {"endpoint_url": proxy.url}
         plan_manifest(InputConfig(path=f"s3://{bucket}/ds/", storage_options=options, **{**over, "image_column": "image"}), 12)
         planning, proxy.bytes, proxy.gets = proxy.bytes, 0, 0
+        extra: dict[str, Any] = {"request": request} if request else {}
         job = job_file(tmp_path, f"s3://{bucket}/ds/", endpoint.base_url, run={"shard_rows": 12},
-                       input={**over, "storage_options": options}, **({"request": request} if request else {}))
+                       input={**over, "storage_options": options}, **extra)
         code, _, err = cli(capsys, "run", str(job))
     finally:
         proxy.close()

@@ -93,7 +93,9 @@ def _read_every_way(folder: str, fs: Any, tmp_path: Path) -> dict[str, tuple[lis
         fs.get(folder + "/", str(local), recursive=True)
         folder, fs = str(local), None
     frame = pd.read_parquet(folder)
-    duck = duckdb.sql(f"SELECT * FROM read_parquet('{folder}/*.parquet')").arrow().read_all()
+    query = duckdb.sql(f"SELECT * FROM read_parquet('{folder}/*.parquet')")
+    assert query is not None
+    duck = query.arrow().read_all()
     data = ds.dataset(folder, format="parquet").to_table()
     return {"pandas": (list(frame.columns), len(frame)), "duckdb": (duck.column_names, duck.num_rows),
             "pyarrow.dataset": (data.column_names, data.num_rows)}
