@@ -43,61 +43,6 @@ run: $(RUN_STAMP)
 # they leave idle, at the lowest priority; its verdict is printed after theirs and fails the target
 # as a test would. `$(PY) -m pytest -q` alone still runs everything, one at a time.
 test: $(TEST_STAMP)
-
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-
-$(RUN_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
-	touch $@
-
-# '.[test]' holds the runtime too, so the run stamp is renewed with it (touched first: older).
-$(TEST_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(RUN_STAMP) $@
-
-run: $(RUN_STAMP)
-	$(PY) -m pipeline run jobs/demo.toml
-
-# First the bytecode: where PYTHONDONTWRITEBYTECODE is set (this machine sets it) no process writes
-# it, so each of the suite's hundreds of `pipeline` processes would compile ~150 modules again
-# (~0.1 s of CPU each); compiled once here (up-to-date files are skipped), they load. Then the type
-# check (mypy, configured in pyproject.toml; its cache in .mypy_cache makes a second run a few
-# seconds): pipeline/ and bench/ strict, then tests/ for the annotations they have (a fixture or
-# helper may go unannotated, a generic type unparameterized). Then two passes: most tests wait on
-# sockets, processes and sleeps, so 4 workers (pytest-xdist, one file per worker so a module's
-# server or Ray cluster starts once) overlap them on 2 cores; then the tests marked `serial`, whose
-# wall-clock or rate bounds CPU contention could break, alone. `$(PY) -m pytest -q` alone still
-# runs everything, one at a time.
-test: $(TEST_STAMP)
-
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-
-$(RUN_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e .
-	touch $@
-
-# '.[test]' holds the runtime too, so the run stamp is renewed with it (touched first: older).
-$(TEST_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(RUN_STAMP) $@
-
-run: $(RUN_STAMP)
-	$(PY) -m pipeline run jobs/demo.toml
-
-# First the type check (mypy, configured in pyproject.toml; its cache in .mypy_cache makes a second
-# run a few seconds): pipeline/ and bench/ strict, then tests/ for the annotations they have (a
-# fixture or helper may go unannotated; generic types may go unparameterized). Then two passes: most tests wait on sockets, processes and sleeps, so 4
-# workers (pytest-xdist, one file per worker so a module's server or Ray cluster starts once)
-# overlap them on 2 cores; then the tests marked `serial`, whose wall-clock or rate bounds CPU
-# contention could break, alone. `$(PY) -m pytest -q` alone still runs everything, one at a time.
-# compileall first: where PYTHONDONTWRITEBYTECODE is set (this machine sets it), no process writes
-# the package's bytecode, so each of the suite's hundreds of `pipeline` processes would compile ~150
-# modules again (~0.1 s of CPU each); compiled once here (up-to-date files are skipped), they load.
-test: $(TEST_STAMP)
 	$(PY) -m compileall -q pipeline bench
 	$(PY) -m pytest -q -n 4 --dist loadfile -m "not serial" --durations=15
 	@typed=$$(mktemp); \
