@@ -41,6 +41,25 @@ def _exactly_once(out: Path, n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _when_batches(ep: Any, proc: subprocess.Popen, n: int) -> None:
+    """Until the endpoint holds `n` batches (the run `proc` created them), within a deadline."""
+    deadline = time.monotonic() + 60
+    while len(_batches(ep)) < n:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def _ctrl_c(proc: subprocess.Popen) -> str:
+    """SIGINT to a run waiting for its batch, a polling round or two in; its stderr once it ended."""
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("Ctrl-C did not stop a run waiting for its batch") from None
+
+
 def test_a_batch_run_gives_the_online_rows_at_the_batch_price(tmp_path: Path, endpoint_factory: Any) -> None:
     ep = endpoint_factory(model="qvq-max-2025-03-25")
     online = write_job(tmp_path / "online.toml", {**job_dict(url_manifest(tmp_path / "m.csv", 12), ep.base_url,
@@ -250,17 +269,8 @@ def test_ctrl_c_while_waiting_leaves_the_batch_at_the_provider_and_a_rerun_colle
     ep = endpoint_factory(batch_in_progress_s=3600.0)  # an hour at the provider, passed on its batch clock
     job = _job(tmp_path, ep.base_url, 6)
     proc = run_process(job)
-    deadline = time.monotonic() + 60
-    while not _batches(ep):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(0.5)  # a polling round or two
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError("Ctrl-C did not stop a run waiting for its batch") from None
+    _when_batches(ep, proc, 1)
+    err = _ctrl_c(proc)
     assert proc.returncode == 130, err
     assert "the batches go on at the provider" in err and "to continue: pipeline run" in err
     (b,) = _batches(ep)
@@ -281,23 +291,11 @@ def test_ctrl_c_while_a_retry_failed_batch_waits_is_a_stop_not_a_finished_run(tm
     ep = endpoint_factory(batch_line_faults={"picture row-00002": 400}, batch_in_progress_s=3600.0)
     job = _job(tmp_path, ep.base_url, 5)
     first = run_process(job)
-    deadline = time.monotonic() + 60
-    while not _batches(ep):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.05)
+    _when_batches(ep, first, 1)
     ep.advance_batches(3600 + 60)
     assert first.wait(timeout=60) == 1, first.communicate()  # one row refused
     retry = run_process(job, "--retry-failed")
-    deadline = time.monotonic() + 60
-    while len(_batches(ep)) < 2:
-        assert retry.poll() is None and time.monotonic() < deadline, retry.communicate()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    retry.send_signal(signal.SIGINT)
-    try:
-        _, err = retry.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        retry.kill()
-        raise AssertionError("Ctrl-C did not stop a --retry-failed run waiting for its batch") from None
+    _when_batches(ep, retry, 2)
+    err = _ctrl_c(retry)
     assert retry.returncode == 130, err
     assert "the run is complete" not in err and "to continue: pipeline run" in err
