@@ -1,5 +1,6 @@
 import contextlib
 import os
+import signal
 import sys
 
 try:
@@ -9,6 +10,10 @@ try:
 except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (start-up, planning)
     print("interrupted before sending began; nothing was lost", file=sys.stderr)
     code = 130
+# The command is over and its exit code known: a stop signal now could only replace that code
+# (a finished run's 0 by 143) while the process ends.
+for _sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_sig, signal.SIG_IGN)
 # Everything the run wrote is already fsynced; skip interpreter teardown, where Arrow's thread
 # pool has been seen to abort (SIGABRT, "terminate called without an active exception") and
 # turn a clean exit code into -6.

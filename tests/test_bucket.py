@@ -407,3 +407,29 @@ def test_a_first_run_reaches_its_first_row_in_a_dozen_requests(tmp_path: Path, e
     mine = [(m, path) for m, path in before if path.startswith(f"{bucket}/{prefix}/") or f"prefix={quote(prefix, safe='')}%2F" in path]
     assert len(mine) <= 12 and len(before) <= 15, "\n".join(map(str, before))
     assert_each_row_once_with_its_answer(s3, out, 20)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_after_the_summary_leaves_the_run_finished_and_its_lease_released(
+        tmp_path: Path, endpoint_factory, s3: S3, sig: int) -> None:
+    """A scheduler's stop that lands after the last request, while the summary is written and the
+    lease released (a put to the bucket): the run ends as it was, 0 and the lease released, not
+    killed by the signal's default (-15, a lease held for its full time) nor 130 with "interrupted
+    before sending began" (found by a hostile probe: 6 of 6)."""
+    import threading
+
+    ep = endpoint_factory(latency_ms=20)
+    job, out, ckpt = make_job(tmp_path, ep.base_url, s3, 200)
+    proc = run_process(job)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    wait_for(lambda: any("pending of 200 rows" in line for line in lines) or proc.poll() is not None, every=0.001)
+    proc.send_signal(sig)  # the summary is out: the lease's release is under way (or done)
+    assert proc.wait(timeout=30) == 0, "".join(lines)
+    reader.join(10)
+    held = lease(s3, ckpt)
+    assert held is not None and held["released"], held
+    assert "interrupted before sending began" not in "".join(lines)
+    assert_each_row_once_with_its_answer(s3, out, 200)

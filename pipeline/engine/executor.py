@@ -74,7 +74,8 @@ class Executor:
     def _run(self) -> int:
         job, console = self.job, self.console
         ckpt = open_checkpoint(job.output)
-        with ckpt.locked(job.name):
+        late: list[int] = []
+        with contextlib.ExitStack() as ending, ckpt.locked(job.name):
             if ckpt.took_over is not None:
                 console.say(f"note: took over the lock left by {ckpt.took_over}", event="took_over")
             started = time.time()
@@ -92,10 +93,13 @@ class Executor:
                     raise local_failure(exc, "preparing the run") from None
                 self.ready = ready
                 counts, stopped = self.execute(ckpt, ready) if ready.todo else (Counts(), None)
+                late = ending.enter_context(self.host.ending())  # until the lock is released
                 code, self.summary = finish(job, ckpt, ready.plan, started, counts, stopped, console, again=self.host.again,
                                             retrying=self.options.retry_failed is not None)
                 if metrics is not None:
                     metrics.finish(self.summary)
+        if late:
+            console.say("note: a stop signal came as the run was ending; it ended as it was", event="late_signal")
         if self.options.report or job.output.report:
             self._report()
         return code

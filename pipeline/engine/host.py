@@ -27,7 +27,7 @@ from typing import Any, Callable, ContextManager, Coroutine, Iterator, TypeVar
 
 from ..config import Job
 from .console import Console
-from .process import event_loop_runner, exit_process, on_signals, tune_memory
+from .process import event_loop_runner, exit_process, held_signals, on_signals, tune_memory
 from .summary import cli_again
 
 __all__ = ["Host", "ProcessHost", "CallerHost"]
@@ -53,6 +53,11 @@ class Host:
 
     def signals(self, loop: asyncio.AbstractEventLoop, first: Handler, at_once: Handler | None) -> ContextManager[None]:
         return on_signals(loop, first, at_once)
+
+    def ending(self) -> ContextManager[list[int]]:
+        """While a run that sent its last request ends (summary, lock released): the stop signals
+        that came, noted instead of acted on."""
+        return held_signals()
 
     def expire(self, code: int) -> None:
         exit_process(code)
@@ -115,6 +120,9 @@ class CallerHost(Host):
         finally:
             with self._lock:
                 self._handlers = None
+
+    def ending(self) -> ContextManager[list[int]]:
+        return contextlib.nullcontext([])  # the caller's process signals are the caller's
 
     def interrupt(self, sig: int = signal.SIGINT) -> None:
         """A Ctrl-C for the run, from any thread: the first finishes what is in flight and commits;

@@ -19,7 +19,8 @@ import signal
 import threading
 from typing import Any, Callable, Coroutine, Iterator, Protocol, TypeVar
 
-__all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "Deadline", "exit_process",
+__all__ = ["tune_memory", "give_back_memory", "event_loop_runner", "warm_imports", "on_signals", "held_signals", "Deadline",
+           "exit_process",
            "EXIT_OK", "EXIT_FAILED_ROWS", "EXIT_USAGE", "EXIT_STOPPED", "EXIT_LOCAL_FAILURE", "EXIT_LOCKED", "EXIT_SIGNAL", "EXIT_WAITING"]
 
 # The process's exit codes (pipeline.engine.summary says when each is given).
@@ -119,6 +120,23 @@ def on_signals(loop: asyncio.AbstractEventLoop, first: Callable[[int], None],
     finally:
         for sig in EXIT_SIGNAL:
             loop.remove_signal_handler(sig)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM noted, not acted on, while a run that has sent its last request ends:
+    its summary written, its lock released. A stop there could only spoil the end (a lease left
+    held, a finished job's exit code 143); the signals that came are in the list."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came  # signal handlers are the main thread's to set
+        return
+    before = {sig: signal.signal(sig, lambda sig, _frame: came.append(sig)) for sig in EXIT_SIGNAL}
+    try:
+        yield came
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def exit_process(code: int) -> None:
