@@ -43,9 +43,9 @@ import pyarrow as pa
 from ..crashpoints import crash_point
 from ..errors import JobError
 from ..records import ResultRow
+from ..waits import wait_event
 from .journal import parse_lines
 from .store import Store
-from ..waits import wait_event
 
 __all__ = ["Pieces", "SegmentJournal", "ObjectLog", "SEGMENT", "StoreWriteError", "wants_compaction"]
 

@@ -285,9 +285,10 @@ class FsspecStore:
         return self._call("list", listing)
 
     def read(self, name: str) -> bytes | None:
-        fs, path, one_get = self._remote()[0], self._path(name), ONE_GET.get(self._remote()[2], {})
+        fs, root, kind = self._remote()
         try:
-            return self._call(f"read {name} in", lambda: fs.cat_file(path, **one_get), (FileNotFoundError,))
+            return self._call(f"read {name} in", lambda: fs.cat_file(f"{root}/{name}", **ONE_GET.get(kind, {})),
+                              (FileNotFoundError,))
         except FileNotFoundError:
             return None
 
@@ -305,9 +306,9 @@ class FsspecStore:
 
     def read_many(self, names: list[str]) -> dict[str, bytes]:
         """Fetched side by side (fsspec's `cat` of a list); those missing are left out."""
-        fs, root, _ = self._remote()
+        fs, root, kind = self._remote()
         got = self._call("read", lambda: fs.cat([f"{root}/{n}" for n in names], on_error="return",
-                                                **ONE_GET.get(self._remote()[2], {}))) if names else {}
+                                                **ONE_GET.get(kind, {}))) if names else {}
         out = {path.rsplit("/", 1)[-1]: data for path, data in got.items() if not isinstance(data, FileNotFoundError)}
         if (bad := next((d for d in out.values() if isinstance(d, Exception)), None)) is not None:
             raise self._translated("read objects in", bad)

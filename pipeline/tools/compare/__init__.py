@@ -41,8 +41,7 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
     if len(set(names)) < len(names):
         raise JobError(f"compare: the jobs' names repeat ({', '.join(names)}); each job is told by its name")
     try:
-        import jinja2
-        import markupsafe  # jinja2's own dependency
+        import jinja2  # noqa: F401 - here for the message below: page_writer renders with it
 
         from ..report import page_writer, script_safe, vega_bundle
         from .charts import charts
@@ -56,7 +55,7 @@ def write_compare(jobs: list[Job], out: Path | None = None, *, max_mb: float = M
     page = {"jobs": data.jobs, "fields": data.fields, "labels": data.labels, "rows": data.rows, "total": data.total,
             "sampling": data.sampling, "charts": charts(data)}
     text = redactor.scrub(json.dumps(page, ensure_ascii=False, default=str))
-    page_data = page_writer(Path(__file__).parent, text, title=" vs ".join(names), vega_bundle=markupsafe.Markup(bundle))
+    page_data = page_writer(Path(__file__).parent, text, bundle, title=" vs ".join(names))
     del text
     path = Path(out) if out is not None else Path.cwd() / default_name(jobs)
     atomic_write(path, page_data)

@@ -33,7 +33,7 @@ from ...rows.images import MB
 if TYPE_CHECKING:
     import jinja2
 
-__all__ = ["write_report", "vega_bundle", "script_safe", "page_template", "page_writer", "REPORT_NAME", "MAX_MB"]
+__all__ = ["write_report", "vega_bundle", "script_safe", "page_writer", "REPORT_NAME", "MAX_MB"]
 
 REPORT_NAME = "_report.html"
 MAX_MB = 20.0
@@ -43,8 +43,7 @@ _DATA = "/*pipeline-page-data*/"  # where the page's data goes, written in place
 def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -> str:
     """Write the report; returns where it is (a path, or a URL for an object-store output)."""
     try:
-        import jinja2
-        import markupsafe  # jinja2's own dependency
+        import jinja2  # noqa: F401 - here for the message below: page_writer renders with it
 
         from .charts import charts
         from .collect import collect
@@ -63,8 +62,8 @@ def write_report(job: Job, out: Path | None = None, *, max_mb: float = MAX_MB) -
     del page
     data.rows = []  # the rows as Python objects go before the page is put together (peak memory)
     text = redactor.scrub(text)
-    page_data = page_writer(Path(__file__).parent, text, job=data.job, output=data.output, generated=data.generated,
-                            vega_bundle=markupsafe.Markup(bundle))
+    page_data = page_writer(Path(__file__).parent, text, bundle, job=data.job, output=data.output,
+                            generated=data.generated)
     del text
     if out is not None:
         atomic_write(Path(out), page_data)
@@ -87,7 +86,7 @@ def vega_bundle() -> str:
     return made.stdout.decode("utf-8")
 
 
-def page_template(folder: Path) -> jinja2.Template:
+def _page_template(folder: Path) -> jinja2.Template:
     """`folder`'s page.html, which may include the report's shared pieces (shared.js: the helpers,
     the charts, the thumbnails and the pager that the report's and the comparison's pages share)."""
     import jinja2
@@ -101,13 +100,14 @@ def script_safe(js: str) -> str:
     return js.replace("</script", "<\\/script")
 
 
-def page_writer(folder: Path, text: str, **context: Any) -> Callable[[IO[bytes]], object]:
-    """`folder`'s page rendered with `context`, the page's data (`text`, scrubbed JSON) placed in
-    it as is rather than rendered in, and written piece by piece: never one more copy of the
-    whole page (the report's and the comparison's)."""
-    import markupsafe
+def page_writer(folder: Path, text: str, bundle: str, **context: Any) -> Callable[[IO[bytes]], object]:
+    """`folder`'s page rendered with `context` and the chart library (`bundle`, script-safe), the
+    page's data (`text`, scrubbed JSON) placed in it as is rather than rendered in, and written piece
+    by piece: never one more copy of the whole page (the report's and the comparison's)."""
+    import markupsafe  # jinja2's own dependency
 
-    html = page_template(folder).render(**context, data_json=markupsafe.Markup(_DATA))
+    html = _page_template(folder).render(**context, vega_bundle=markupsafe.Markup(bundle),
+                                         data_json=markupsafe.Markup(_DATA))
     head, tail = html.split(_DATA, 1)
     del html
     body = [head.encode("utf-8"), text.replace("<", "\\u003c").encode("utf-8"), tail.encode("utf-8")]  # no "</script>" inside
